@@ -1,0 +1,211 @@
+"""The public op ``chunk_gdn2``: argument checks, then the two-stage forward (intra stage, state stage).
+
+    inputs ─► intra_fwd (kernels/intra.py) ─► Y, U, Q_γ, K_tail, A_qk, γ_C ─► state_fwd (kernels/state.py) ─► o, S_T
+
+The launch configuration comes from ``config`` when given, else from the dispatcher (``profiles.dispatch``),
+which reads the shipped table for this GPU and never tunes at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, fit_to_shape, infeasibility
+from kernels.intra import intra_fwd
+from kernels.state import state_fwd
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> int:
+    """Raise ``TypeError``/``ValueError`` naming the argument for anything the kernels cannot take.
+
+    Returns the number of sequences N.
+    """
+    named = {"q": q, "k": k, "v": v, "g": g, "b": b, "w": w}
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, received {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims [B, T, H, D], received shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected dtype bf16, fp16 or fp32, received {x.dtype}")
+    for name, x in named.items():
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (that of q), received {x.device}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if T < 1:
+        raise ValueError(f"q: expected T >= 1, received T={T}")
+    for name in ("k", "g", "b"):
+        if tuple(named[name].shape) != (B, T, H, K):
+            raise ValueError(f"{name}: expected shape {(B, T, H, K)} (that of q), received {tuple(named[name].shape)}")
+    if tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v: expected shape {(B, T, H, 'V')} matching q's [B, T, H], received {tuple(v.shape)}")
+    if tuple(w.shape) != tuple(v.shape):
+        raise ValueError(f"w: expected shape {tuple(v.shape)} (that of v), received {tuple(w.shape)}")
+    for name in ("k", "v", "b", "w"):
+        if named[name].dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), received {named[name].dtype}")
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        raise ValueError(f"q/v: expected K and V <= {MAX_HEAD_DIM}, received K={K}, V={V}")
+
+    if cu_seqlens is None:
+        n = B
+    else:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens: expected a torch.Tensor, received {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens: expected dtype int32 or int64, received {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, received {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens: expected device {q.device} (that of q), received {cu_seqlens.device}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens: expected B == 1 for a packed batch, received B={B}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0:
+            raise ValueError(f"cu_seqlens: expected to start at 0, received {cu[0]}")
+        if any(b_ < a_ for a_, b_ in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, received {cu}")
+        if cu[-1] != T:
+            raise ValueError(f"cu_seqlens: expected to end at T={T}, received {cu[-1]}")
+        n = len(cu) - 1
+
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"initial_state: expected a torch.Tensor, received {type(initial_state).__name__}")
+        if tuple(initial_state.shape) != (n, H, K, V):
+            raise ValueError(f"initial_state: expected shape {(n, H, K, V)} [N, H, K, V], "
+                             f"received {tuple(initial_state.shape)}")
+        if initial_state.dtype != torch.float32:
+            raise TypeError(f"initial_state: expected dtype torch.float32, received {initial_state.dtype}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state: expected device {q.device} (that of q), received {initial_state.device}")
+    return n
+
+
+def _chunk_index(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For a packed batch: (sequence, chunk-in-sequence) per global chunk, each sequence's first chunk, total."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    counts = (lens + chunk - 1) // chunk
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64, device=cu_seqlens.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    total = int(offsets[-1])
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts)
+    local = torch.arange(total, device=cu_seqlens.device) - offsets[seq]
+    return torch.stack([seq, local], 1).to(torch.int32).contiguous(), offsets[:-1].contiguous(), total
+
+
+def shape_of(q: torch.Tensor, v: torch.Tensor, num_seqs: int | None = None) -> Shape:
+    B, T, H, K = q.shape
+    return Shape(B, T, H, K, v.shape[-1], _DTYPE_NAMES[q.dtype], num_seqs)
+
+
+def chunk_gdn2_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    config: FwdConfig,
+    num_seqs: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The two launches on checked, contiguous inputs with an admissible ``config``."""
+    B, T, H, _ = q.shape
+    if cu_seqlens is not None:
+        chunk_indices, chunk_offsets, num_chunks = _chunk_index(cu_seqlens, config.chunk)
+    else:
+        chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, config.chunk)
+    inter = intra_fwd(
+        q, k, v, g, b, w,
+        scale=scale, chunk=config.chunk, cfg=config.intra,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, num_chunks=num_chunks,
+        use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=q.dtype,
+    )
+    return state_fwd(
+        inter,
+        out_dtype=q.dtype, v_shape=v.shape, chunk=config.chunk, cfg=config.state,
+        initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, num_seqs=num_seqs,
+    )
+
+
+def chunk_gdn2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    config: FwdConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated Delta Rule-2 over whole sequences, chunkwise (forward only).
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys; ``v``: ``[B, T, H, V]`` values.
+        g: ``[B, T, H, K]`` natural-log decay (≤ 0), read in fp32 whatever its dtype.
+        b: ``[B, T, H, K]`` erase gate; w: ``[B, T, H, V]`` write gate.
+        scale: multiplies q; defaults to ``K ** -0.5``.
+        initial_state: fp32 ``[N, H, K, V]``; N is B, or the number of sequences in ``cu_seqlens``.
+        output_final_state: return the fp32 final state ``[N, H, K, V]`` instead of None.
+        cu_seqlens: int32/int64 ``[N+1]`` offsets of a packed batch (B must be 1); the state resets at each start.
+        use_qk_l2norm_in_kernel: L2-normalise q and k per head before the recurrence.
+        config: an explicit :class:`~kernels.config.FwdConfig`; None asks the dispatcher.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state or None.
+    """
+    n = _check_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, b, w)):
+        raise NotImplementedError(
+            "chunk_gdn2: the backward pass is not implemented yet; call it under torch.no_grad() "
+            "or with inputs that do not require grad"
+        )
+    shape = shape_of(q, v, n if cu_seqlens is not None else None)
+    if config is None:
+        from profiles.dispatch import select_config
+
+        config = select_config(shape)
+    else:
+        if not isinstance(config, FwdConfig):
+            raise TypeError(f"config: expected a kernels.FwdConfig, received {type(config).__name__}")
+        reason = infeasibility(config, shape)
+        if reason is not None:
+            raise ValueError(f"config: {config.label()} is not supported at {shape.label()}: {reason}")
+    K = q.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    return chunk_gdn2_fwd(
+        q, k, v, g, b, w,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        config=config, num_seqs=n,
+    )
+

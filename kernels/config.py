@@ -1,0 +1,265 @@
+"""Launch configurations of the GDN-2 chunk forward and the space the tuner searches.
+
+The forward is a pipeline of two stages (see ``kernels/chunk_fwd.py``):
+
+- ``intra`` (``kernels/intra.py``): one program per (chunk, head). Cumulative decay, the C×C matrices
+  T and A_qk, the triangular solve A = (I + T)^-1 and the WY auxiliaries Y = A Ē, U = A Z.
+- ``state`` (``kernels/state.py``): one program per (sequence, head, V tile). The sequential chunk-to-chunk
+  state pass, fused with the output O = Q_γ S0 + A_qk R.
+
+The chunk length couples both stages (the intra stage writes what the state stage reads, chunk by chunk), so
+it sits at the top of :class:`FwdConfig`. Every tunable is declared once, as data, in :data:`SPACE`; the
+constraints a point must satisfy are the named functions in :data:`CONSTRAINTS`. The tuner, the dispatcher and
+the tests all read these two tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Triton's tl.dot needs every operand dimension to be at least 16 (the smallest MMA tile).
+MIN_DOT_DIM = 16
+# Hopper (sm_90) gives one block at most 227 KiB of shared memory (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_MEMORY_LIMIT_BYTES = 227 * 1024
+# 65536 32-bit registers per SM; one block may use them all, and a thread at most 255. We budget the live
+# fp32 tensors of a program against this so that the tuner skips configs that would spill heavily.
+REGISTERS_PER_SM = 65536
+MAX_REGISTERS_PER_THREAD = 255
+THREADS_PER_WARP = 32
+# K and V above this need tiles the intra stage cannot hold (the issue caps the op at 256).
+MAX_HEAD_DIM = 256
+
+SOLVE_PRECISIONS = ("tf32", "tf32x3", "ieee")
+STATE_PRECISIONS = ("input", "tf32")
+
+
+@dataclass(frozen=True)
+class IntraConfig:
+    """Tiles and launch parameters of the intra-chunk stage."""
+
+    BC: int = 16  # sub-block of the chunk: diagonal blocks are solved exactly, off-diagonal ones by dots
+    BK: int = 64  # K slice for the T / A_qk accumulation and for Y = A Ē
+    BV: int = 64  # V slice for U = A Z
+    num_warps: int = 4
+    num_stages: int = 1
+    solve: str = "tf32x3"  # input precision of the dots that assemble A from its diagonal blocks
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Tiles and launch parameters of the state-pass + output stage."""
+
+    BV: int = 32  # V tile of the state each program owns; more tiles = more parallel programs
+    num_warps: int = 4
+    num_stages: int = 2
+    precision: str = "input"  # state dots in the input dtype (bf16/fp16) or in tf32 from fp32 operands
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """The whole forward launch: what ``chunk_gdn2(config=...)`` takes and the tuner searches."""
+
+    chunk: int = 64
+    intra: IntraConfig = IntraConfig()
+    state: StateConfig = StateConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> FwdConfig:
+        """Build from a nested dict (a table entry). Unknown or missing keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a dict, received {type(data).__name__}")
+        expected = {"chunk", "intra", "state"}
+        if set(data) != expected:
+            raise ValueError(f"config: expected keys {sorted(expected)}, received {sorted(data)}")
+        parts = {}
+        for name, cls in (("intra", IntraConfig), ("state", StateConfig)):
+            sub = data[name]
+            fields = {f.name for f in dataclasses.fields(cls)}
+            if not isinstance(sub, dict) or set(sub) != fields:
+                got = sorted(sub) if isinstance(sub, dict) else type(sub).__name__
+                raise ValueError(f"config.{name}: expected keys {sorted(fields)}, received {got}")
+            parts[name] = cls(**sub)
+        return FwdConfig(chunk=data["chunk"], **parts)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"chunk": 64, "intra.BC": 16, ...}``: the names the search space uses."""
+        out: dict[str, Any] = {"chunk": self.chunk}
+        for stage in ("intra", "state"):
+            for key, value in dataclasses.asdict(getattr(self, stage)).items():
+                out[f"{stage}.{key}"] = value
+        return out
+
+    @staticmethod
+    def from_flat(params: dict[str, Any]) -> FwdConfig:
+        nested: dict[str, Any] = {"chunk": params["chunk"], "intra": {}, "state": {}}
+        for key, value in params.items():
+            if "." in key:
+                stage, name = key.split(".", 1)
+                nested[stage][name] = value
+        return FwdConfig.from_dict(nested)
+
+    def label(self) -> str:
+        i, s = self.intra, self.state
+        return (
+            f"C{self.chunk}/intra:BC{i.BC}-BK{i.BK}-BV{i.BV}-w{i.num_warps}-s{i.num_stages}-{i.solve}"
+            f"/state:BV{s.BV}-w{s.num_warps}-s{s.num_stages}-{s.precision}"
+        )
+
+
+DEFAULT_CONFIG = FwdConfig()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A problem size. ``T`` is the padded length per sequence (or the packed total when varlen)."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    dtype: str = "bf16"
+    num_seqs: int | None = None  # set for a packed (cu_seqlens) batch: B == 1 and T is the total
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def label(self) -> str:
+        tail = f"-N{self.num_seqs}" if self.num_seqs else ""
+        return f"B{self.B}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-{self.dtype}{tail}"
+
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable: its flat name, its legal values (the order is the grid order) and why it matters."""
+
+    name: str
+    values: tuple[Any, ...]
+    doc: str
+
+
+SPACE: tuple[Param, ...] = (
+    Param("chunk", (32, 64, 128), "chunk length C: longer chunks mean fewer sequential steps, more C×C work"),
+    Param("intra.BC", (16, 32, 64), "diagonal sub-block; exact per-pair exponentials only inside it"),
+    Param("intra.BK", (16, 32, 64, 128), "K slice of the intra stage"),
+    Param("intra.BV", (16, 32, 64, 128), "V slice of U = A Z"),
+    Param("intra.num_warps", (2, 4, 8), "warps of an intra program"),
+    Param("intra.num_stages", (1, 2, 3), "software pipelining depth of the intra K/V loops"),
+    Param("intra.solve", SOLVE_PRECISIONS, "precision of the dots that assemble (I + T)^-1"),
+    Param("state.BV", (16, 32, 64, 128), "V tile of the state pass"),
+    Param("state.num_warps", (2, 4, 8), "warps of a state program"),
+    Param("state.num_stages", (1, 2, 3, 4), "software pipelining depth of the chunk loop"),
+    Param("state.precision", STATE_PRECISIONS, "operand precision of the state dots"),
+)
+
+
+def _padded(n: int) -> int:
+    return max(MIN_DOT_DIM, 1 << (n - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Constraints: each returns None when the point is admissible, else a reason a person can read.
+
+
+def sub_block_divides_chunk(cfg: FwdConfig, shape: Shape) -> str | None:
+    if cfg.intra.BC > cfg.chunk or cfg.chunk % cfg.intra.BC:
+        return f"intra.BC={cfg.intra.BC} must divide chunk={cfg.chunk}"
+    return None
+
+
+def tiles_within_head_dims(cfg: FwdConfig, shape: Shape) -> str | None:
+    kp, vp = _padded(shape.K), _padded(shape.V)
+    if cfg.intra.BK > kp:
+        return f"intra.BK={cfg.intra.BK} exceeds the padded K={kp}"
+    if cfg.intra.BV > vp:
+        return f"intra.BV={cfg.intra.BV} exceeds the padded V={vp}"
+    if cfg.state.BV > vp:
+        return f"state.BV={cfg.state.BV} exceeds the padded V={vp}"
+    return None
+
+
+def intra_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
+    """Live fp32 elements of an intra program (see intra.py) against the registers its warps can hold."""
+    c, bk, nb = cfg.chunk, cfg.intra.BK, cfg.chunk // cfg.intra.BC
+    live = (
+        2 * c * c  # T and A_qk accumulators
+        + nb * c * bk  # the per-row-block column factors k_s exp(ref_I - G_s)
+        + 5 * c * bk  # g, G, k, b, q slices
+        + 2 * c * c  # the solve's temporaries
+    )
+    threads = cfg.intra.num_warps * THREADS_PER_WARP
+    per_thread = live / threads
+    if per_thread > MAX_REGISTERS_PER_THREAD:
+        return f"intra stage holds ~{per_thread:.0f} fp32 values per thread (> {MAX_REGISTERS_PER_THREAD})"
+    return None
+
+
+def state_shared_memory(cfg: FwdConfig, shape: Shape) -> str | None:
+    """Pipelined loads of one chunk step: Y, Q_γ, K_tail [C, K], U [C, BV], A_qk [C, C], per stage."""
+    esize = 4 if shape.dtype == "fp32" else 2
+    c, kp = cfg.chunk, _padded(shape.K)
+    per_stage = esize * (3 * c * kp + c * cfg.state.BV + c * c)
+    total = max(1, cfg.state.num_stages) * per_stage
+    if total > SHARED_MEMORY_LIMIT_BYTES:
+        return f"state stage needs ~{total // 1024} KiB of shared memory (> {SHARED_MEMORY_LIMIT_BYTES // 1024})"
+    return None
+
+
+def state_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
+    live = _padded(shape.K) * cfg.state.BV + 2 * cfg.chunk * cfg.state.BV  # state + R + O accumulators
+    per_thread = live / (cfg.state.num_warps * THREADS_PER_WARP)
+    if per_thread > MAX_REGISTERS_PER_THREAD:
+        return f"state stage holds ~{per_thread:.0f} fp32 values per thread (> {MAX_REGISTERS_PER_THREAD})"
+    return None
+
+
+def legal_values(cfg: FwdConfig, shape: Shape) -> str | None:
+    for p in SPACE:
+        value = cfg.flat()[p.name]
+        if value not in p.values:
+            return f"{p.name}={value!r} is not one of {list(p.values)}"
+    return None
+
+
+CONSTRAINTS: tuple[Callable[[FwdConfig, Shape], str | None], ...] = (
+    legal_values,
+    sub_block_divides_chunk,
+    tiles_within_head_dims,
+    intra_register_budget,
+    state_register_budget,
+    state_shared_memory,
+)
+
+
+def infeasibility(cfg: FwdConfig, shape: Shape) -> str | None:
+    """The first constraint ``cfg`` violates at ``shape``, or None when it may be launched."""
+    for rule in CONSTRAINTS:
+        reason = rule(cfg, shape)
+        if reason is not None:
+            return reason
+    return None
+
+
+def fit_to_shape(cfg: FwdConfig, shape: Shape) -> FwdConfig:
+    """Shrink tiles that exceed the padded head dims; the built-in default must work at every shape."""
+    kp, vp = _padded(shape.K), _padded(shape.V)
+    intra = dataclasses.replace(cfg.intra, BK=min(cfg.intra.BK, kp), BV=min(cfg.intra.BV, vp))
+    state = dataclasses.replace(cfg.state, BV=min(cfg.state.BV, vp))
+    return dataclasses.replace(cfg, intra=intra, state=state)
+
+
+def default_config(shape: Shape) -> FwdConfig:
+    """The built-in configuration fitted to ``shape``: what the dispatcher falls back to."""
+    return fit_to_shape(DEFAULT_CONFIG, shape)

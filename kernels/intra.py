@@ -1,0 +1,253 @@
+"""Intra-chunk stage: everything of a chunk that does not depend on the state entering it.
+
+One program per (chunk, head), chunk length C, split into NB = C / BC sub-blocks of BC rows. In the symbols of
+../shared/GDN2.md, with G the within-chunk cumulative sum of g:
+
+    T    = strictly_lower(Ē K̄ᵀ),       T_rs    = Σ_c b_rc k_rc k_sc exp(G_rc − G_sc)        (s < r)
+    A_qk = lower(scale Q_γ K̄ᵀ),        A_qk_rs = Σ_c scale q_rc k_sc exp(G_rc − G_sc)       (s ≤ r)
+    A    = (I + T)^-1,   Y = A Ē,   U = A Z,   Q_γ = scale γ ⊙ Q,   K_tail = (γ_C / γ) ⊙ K,   γ_C
+
+Numerics: exp(−G) is never formed. For row block I with reference ref_I = G at the row before it, a pair
+(r in I, s before I) factors as [b k exp(G_r − ref_I)]_r · [k exp(ref_I − G_s)]_s, both exponents ≤ 0, so
+every off-diagonal block is a tensor-core product. Inside a diagonal block the same factoring has a positive
+exponent on the column side, bounded by the block's decay span; it is used when that span is below
+SAFE_SPAN (no overflow, no underflow of the partner factor) and replaced by an exact per-pair loop of
+exp(G_r − G_s), r ≥ s, when a K slice decays harder than that inside one sub-block.
+
+The solve inverts the NB diagonal BC×BC blocks of (I + T) by forward substitution in fp32, then assembles the
+full inverse as (I + N)^-1 D = (I − N)(I + N²)(I + N⁴)… D with D the block-diagonal inverse and N = D L
+(L the block-strictly-lower part of T, so N is nilpotent of index NB).
+
+Writes Y, Q_γ, K_tail [B, T, H, K], U [B, T, H, V], A_qk [B, T, H, C] and γ_C [chunks, H, K];
+the state stage (kernels/state.py) reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.config import IntraConfig
+
+# exp(80) ≈ 5.5e34 and exp(-80) ≈ 1.8e-35 are both normal fp32 (and bf16) numbers with room for a sum of
+# 128 products, so a diagonal block whose per-channel decay span is below this factors safely.
+SAFE_SPAN = 80.0
+L2NORM_EPS = 1e-6
+_DOT_PRECISION = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
+
+
+@triton.jit
+def _intra_kernel(
+    q, k, v, g, b, w,
+    y, u, qg, kt, aqk, gam,
+    cu_seqlens, chunk_indices,
+    scale,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+    SOLVE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_tc = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        i_h = i_bh
+        i_chunk = i_t
+    else:
+        i_b = i_bh // H
+        i_h = i_bh % H
+        bos = (i_b * T).to(tl.int64)
+        T_seq = T
+        i_tc = i_t
+        i_chunk = i_b * NT + i_t
+
+    o_c = tl.arange(0, C)
+    m_c = i_tc * C + o_c < T_seq
+    row = bos + i_tc * C + o_c  # token index of each row, int64
+    o_nb = tl.arange(0, NB)
+    o_bc = tl.arange(0, BC)
+
+    # L2 norms of q and k rows when asked: one pass over K before anything uses them.
+    r_q = tl.full([C], 1.0, tl.float32)
+    r_k = tl.full([C], 1.0, tl.float32)
+    if USE_L2NORM:
+        s_q = tl.zeros([C], tl.float32)
+        s_k = tl.zeros([C], tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_ck = m_c[:, None] & (o_k < K)[None, :]
+            p_k = (row[:, None] * H + i_h) * K + o_k[None, :]
+            b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32)
+            s_q += tl.sum(b_q * b_q, 1)
+            s_k += tl.sum(b_k * b_k, 1)
+        r_q = 1.0 / tl.sqrt(s_q + L2NORM_EPS)
+        r_k = 1.0 / tl.sqrt(s_k + L2NORM_EPS)
+    r_q = r_q * scale
+
+    # Row r of block I is global row I*BC + r; columns s run over the whole chunk.
+    r_glob = o_nb[:, None, None] * BC + o_bc[None, :, None]  # [NB, BC, 1]
+    s_glob = o_c[None, None, :]  # [1, 1, C]
+    n_blk = o_nb[:, None, None] * BC  # first row of each block, [NB, 1, 1]
+    s_cf = o_c[None, :, None]  # column index laid out as the column factor [NB, C, BK]
+
+    acc_t = tl.zeros([NB, BC, C], tl.float32)
+    acc_a = tl.zeros([NB, BC, C], tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_ck = m_c[:, None] & (o_k < K)[None, :]
+        p_k = (row[:, None] * H + i_h) * K + o_k[None, :]
+        b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_G = tl.cumsum(b_g, 0)
+        b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]
+        b_b = tl.load(b + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_q[:, None]
+
+        b_G3 = tl.reshape(b_G, (NB, BC, BK))
+        b_gsum = tl.sum(tl.reshape(b_g, (NB, BC, BK)), 1)  # decay accumulated inside each block, [NB, BK]
+        b_end = tl.sum(tl.where(o_bc[None, :, None] == BC - 1, b_G3, 0.0), 1)  # G at each block's last row
+        b_ref = b_end - b_gsum  # G at the row before each block (0 for the first)
+        span = tl.max(tl.max(-b_gsum, 1), 0)
+
+        b_kb3 = tl.reshape(b_k * b_b, (NB, BC, BK))
+        b_q3 = tl.reshape(b_q, (NB, BC, BK))
+        e_row = tl.exp(b_G3 - b_ref[:, None, :])  # ≤ 1
+        # Columns the factored product covers: those before each block, and the block itself when safe.
+        n_lim = n_blk + tl.where(span < SAFE_SPAN, BC, 0)
+        # Column factor per row block: exponent ≤ 0 before the block, ≤ span inside it.
+        expo = b_ref[:, None, :] - b_G[None, :, :]  # [NB, C, BK]
+        expo = tl.where(s_cf < n_blk, tl.minimum(expo, 0.0), tl.where(s_cf < n_lim, expo, 0.0))
+        b_cf = tl.permute(b_k[None, :, :] * tl.exp(expo), (0, 2, 1))  # [NB, BK, C]
+        keep = s_glob < n_lim
+        acc_t += tl.where(keep, tl.dot(b_kb3 * e_row, b_cf), 0.0)
+        acc_a += tl.where(keep, tl.dot(b_q3 * e_row, b_cf), 0.0)
+
+        if span >= SAFE_SPAN:
+            # Exact diagonal blocks: one column j of every block per step, exp(G_r − G_j) with r ≥ j only.
+            b_k3 = tl.reshape(b_k, (NB, BC, BK))
+            for j in range(BC):
+                sel = o_bc[None, :, None] == j
+                b_Gj = tl.sum(tl.where(sel, b_G3, 0.0), 1)  # [NB, BK]
+                b_kj = tl.sum(tl.where(sel, b_k3, 0.0), 1)
+                b_e = tl.exp(tl.minimum(b_G3 - b_Gj[:, None, :], 0.0)) * b_kj[:, None, :]
+                at_col = s_glob == n_blk + j  # [NB, 1, C]
+                acc_t += tl.where(at_col, tl.sum(b_kb3 * b_e, 2)[:, :, None], 0.0)
+                acc_a += tl.where(at_col, tl.sum(b_q3 * b_e, 2)[:, :, None], 0.0)
+
+    b_t3 = tl.where(r_glob > s_glob, acc_t, 0.0)
+    b_a3 = tl.where(r_glob >= s_glob, acc_a, 0.0)
+    b_aqk = tl.reshape(b_a3, (C, C))
+    p_a = (row[:, None] * H + i_h) * C + o_c[None, :]
+    tl.store(aqk + p_a, b_aqk.to(aqk.dtype.element_ty), mask=m_c[:, None])
+
+    # Diagonal blocks of I + T, inverted together by forward substitution (row j of every block per step).
+    b_td = tl.sum(tl.where((o_nb[:, None] == o_nb[None, :])[:, None, :, None],
+                           tl.reshape(b_t3, (NB, BC, NB, BC)), 0.0), 2)  # [NB, BC, BC]
+    eye_bc = (o_bc[:, None] == o_bc[None, :]).to(tl.float32)
+    b_ad = tl.broadcast_to(eye_bc[None, :, :], (NB, BC, BC))
+    for j in range(1, BC):
+        sel = o_bc[None, :, None] == j
+        t_j = tl.sum(tl.where(sel, b_td, 0.0), 1)  # row j of each diagonal block, [NB, BC]
+        a_j = tl.where(o_bc[None, :] == j, 1.0, 0.0) - tl.sum(t_j[:, :, None] * b_ad, 1)
+        b_ad = tl.where(sel, a_j[:, None, :], b_ad)
+
+    same_blk = (o_nb[:, None] == o_nb[None, :])[:, None, :, None]
+    b_d = tl.reshape(tl.where(same_blk, b_ad[:, :, None, :], 0.0), (C, C))
+    b_A = b_d
+    if NB > 1:
+        b_t = tl.reshape(b_t3, (C, C))
+        b_l = tl.where((o_c[:, None] // BC) > (o_c[None, :] // BC), b_t, 0.0)
+        eye_c = (o_c[:, None] == o_c[None, :]).to(tl.float32)
+        b_n = tl.dot(b_d, b_l, input_precision=SOLVE)
+        b_m = eye_c - b_n
+        b_p = b_n
+        for _ in tl.static_range(LOG2_NB - 1):
+            b_p = tl.dot(b_p, b_p, input_precision=SOLVE)
+            b_m = tl.dot(b_m, eye_c + b_p, input_precision=SOLVE)
+        b_A = tl.dot(b_m, b_d, input_precision=SOLVE)
+
+    # Y = A Ē, Q_γ, K_tail and γ_C, one K slice at a time.
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_ck = m_c[:, None] & m_k[None, :]
+        p_k = (row[:, None] * H + i_h) * K + o_k[None, :]
+        b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_G = tl.cumsum(b_g, 0)
+        b_last = tl.sum(b_g, 0)  # G at the chunk's last row (padding rows carry g = 0)
+        b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]
+        b_b = tl.load(b + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_q[:, None]
+        b_gamma = tl.exp(b_G)
+        b_y = tl.dot(b_A, b_gamma * b_b * b_k, input_precision=SOLVE)
+        tl.store(y + p_k, b_y.to(y.dtype.element_ty), mask=m_ck)
+        tl.store(qg + p_k, (b_gamma * b_q).to(qg.dtype.element_ty), mask=m_ck)
+        b_kt = tl.exp(b_last[None, :] - b_G) * b_k
+        tl.store(kt + p_k, b_kt.to(kt.dtype.element_ty), mask=m_ck)
+        tl.store(gam + (i_chunk * H + i_h).to(tl.int64) * K + o_k, tl.exp(b_last), mask=m_k)
+
+    # U = A Z, one V slice at a time.
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_cv = m_c[:, None] & (o_v < V)[None, :]
+        p_v = (row[:, None] * H + i_h) * V + o_v[None, :]
+        b_z = tl.load(w + p_v, mask=m_cv, other=0.0).to(tl.float32) * tl.load(v + p_v, mask=m_cv, other=0.0).to(
+            tl.float32
+        )
+        b_u = tl.dot(b_A, b_z, input_precision=SOLVE)
+        tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m_cv)
+
+
+def intra_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    scale: float,
+    chunk: int,
+    cfg: IntraConfig,
+    cu_seqlens: torch.Tensor | None,
+    chunk_indices: torch.Tensor | None,
+    num_chunks: int,
+    use_qk_l2norm: bool,
+    out_dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Launch the intra stage. Inputs are contiguous ``[B, T, H, *]``; returns the state stage's inputs.
+
+    ``num_chunks`` is the total number of chunks (over all sequences); outputs are allocated with NaN so that a
+    row the kernel fails to write cannot pass for data.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    nb = chunk // cfg.BC
+    y = torch.full_like(k, float("nan"), dtype=out_dtype)
+    qg = torch.full_like(k, float("nan"), dtype=out_dtype)
+    kt = torch.full_like(k, float("nan"), dtype=out_dtype)
+    u = torch.full((B, T, H, V), float("nan"), dtype=out_dtype, device=k.device)
+    aqk = torch.full((B, T, H, chunk), float("nan"), dtype=out_dtype, device=k.device)
+    gam = torch.full((num_chunks, H, K), float("nan"), dtype=torch.float32, device=k.device)
+    varlen = cu_seqlens is not None
+    nt = triton.cdiv(T, chunk)
+    grid = (num_chunks, H) if varlen else (nt, B * H)
+    _intra_kernel[grid](
+        q, k, v, g, b, w,
+        y, u, qg, kt, aqk, gam,
+        cu_seqlens, chunk_indices,
+        scale,
+        T, nt,
+        H=H, K=K, V=V,
+        C=chunk, BC=cfg.BC, NB=nb, LOG2_NB=nb.bit_length() - 1,
+        BK=cfg.BK, BV=cfg.BV,
+        SOLVE=_DOT_PRECISION[cfg.solve],
+        IS_VARLEN=varlen, USE_L2NORM=use_qk_l2norm,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return {"y": y, "u": u, "qg": qg, "kt": kt, "aqk": aqk, "gamma": gam}

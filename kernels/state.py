@@ -1,0 +1,144 @@
+"""State stage: the sequential chunk-to-chunk pass, fused with the output.
+
+One program per (sequence, head, V tile of BV columns); it walks the chunks of its sequence in order with the
+state tile S ∈ R^{K×BV} in fp32 registers. Per chunk, from the intra stage's Y, U, Q_γ, K_tail, A_qk, γ_C
+(kernels/intra.py), in the symbols of ../shared/GDN2.md:
+
+    R   = U − Y S0                      ("new values")
+    O   = Q_γ S0 + A_qk R               (Q_γ already carries the scale)
+    S_C = Diag(γ_C) S0 + K_tailᵀ R
+
+O is written once, straight to the output; the state never leaves the chip between chunks, and only the
+final state is stored (when asked for).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.config import StateConfig
+
+# Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits (seen with triton 3.9: errors of 1e10),
+# so under TRITON_INTERPRET=1 the state dots round their operands to the input dtype and then multiply in fp32.
+# The product of two bf16/fp16 numbers is exact in fp32, so this is the same arithmetic as the tensor cores do.
+UPCAST_DOTS_WHEN_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _mma(a, b, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _state_kernel(
+    y, u, qg, kt, aqk, gam,
+    o, h0, ht,
+    cu_seqlens, chunk_offsets,
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
+    C: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    INPUT_PRECISION_DOTS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        n_chunks = tl.cdiv(T_seq, C)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = (i_n * T).to(tl.int64)
+        T_seq = T
+        n_chunks = NT
+        c0 = (i_n * NT).to(tl.int64)
+
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    dt = y.dtype.element_ty
+
+    p_s = ((i_n * H + i_h).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    b_s = tl.zeros([KP, BV], tl.float32)
+    if USE_INITIAL_STATE:
+        b_s += tl.load(h0 + p_s, mask=m_s, other=0.0).to(tl.float32)
+
+    for i_t in range(n_chunks):
+        m_c = i_t * C + o_c < T_seq
+        row = bos + i_t * C + o_c
+        m_ck = m_c[:, None] & m_k[None, :]
+        m_cv = m_c[:, None] & m_v[None, :]
+        p_k = (row[:, None] * H + i_h) * K + o_k[None, :]
+        p_v = (row[:, None] * H + i_h) * V + o_v[None, :]
+        b_y = tl.load(y + p_k, mask=m_ck, other=0.0)
+        b_u = tl.load(u + p_v, mask=m_cv, other=0.0).to(tl.float32)
+        b_q = tl.load(qg + p_k, mask=m_ck, other=0.0)
+        b_a = tl.load(aqk + (row[:, None] * H + i_h) * C + o_c[None, :], mask=m_c[:, None], other=0.0)
+        b_kt = tl.load(kt + p_k, mask=m_ck, other=0.0)
+        b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
+        if INPUT_PRECISION_DOTS:
+            b_sd = b_s.to(dt)
+        else:
+            b_sd = b_s
+            b_y = b_y.to(tl.float32)
+            b_q = b_q.to(tl.float32)
+            b_a = b_a.to(tl.float32)
+            b_kt = b_kt.to(tl.float32)
+        b_r = b_u - _mma(b_y, b_sd, UPCAST)
+        b_rd = b_r.to(b_y.dtype)
+        b_o = _mma(b_q, b_sd, UPCAST) + _mma(b_a, b_rd, UPCAST)
+        tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
+        b_s = b_s * b_gc[:, None] + _mma(tl.trans(b_kt), b_rd, UPCAST)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + p_s, b_s, mask=m_s)
+
+
+def state_fwd(
+    inter: dict[str, torch.Tensor],
+    *,
+    out_dtype: torch.dtype,
+    v_shape: torch.Size,
+    chunk: int,
+    cfg: StateConfig,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None,
+    num_seqs: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the state stage on the intra stage's outputs; returns ``(o, final_state or None)``."""
+    y = inter["y"]
+    B, T, H, K = y.shape
+    V = v_shape[-1]
+    o = torch.full(tuple(v_shape), float("nan"), dtype=out_dtype, device=y.device)
+    ht = (
+        torch.full((num_seqs, H, K, V), float("nan"), dtype=torch.float32, device=y.device)
+        if output_final_state
+        else None
+    )
+    varlen = cu_seqlens is not None
+    nt = triton.cdiv(T, chunk)
+    grid = (triton.cdiv(V, cfg.BV), num_seqs * H)
+    _state_kernel[grid](
+        y, inter["u"], inter["qg"], inter["kt"], inter["aqk"], inter["gamma"],
+        o, initial_state, ht,
+        cu_seqlens, chunk_offsets,
+        T, nt,
+        H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
+        C=chunk, BV=cfg.BV,
+        IS_VARLEN=varlen, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        INPUT_PRECISION_DOTS=cfg.precision == "input", UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, ht
