@@ -44,7 +44,7 @@ def _intra_kernel(
     cu_seqlens, chunk_indices,
     scale,
     T, NT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    H, K, V,
     C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     SOLVE: tl.constexpr,

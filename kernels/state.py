@@ -41,7 +41,7 @@ def _state_kernel(
     o, h0, ht,
     cu_seqlens, chunk_offsets,
     T, NT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
+    H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     INPUT_PRECISION_DOTS: tl.constexpr, UPCAST: tl.constexpr,
