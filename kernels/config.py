@@ -43,7 +43,7 @@ class IntraConfig:
     """Tiles and launch parameters of the intra-chunk stage."""
 
     BC: int = 16  # sub-block of the chunk: diagonal blocks are solved exactly, off-diagonal ones by dots
-    BK: int = 64  # K slice for the T / A_qk accumulation and for Y = A Ē
+    BK: int = 32  # K slice for the T / A_qk accumulation and for Y = A Ē
     BV: int = 64  # V slice for U = A Z
     num_warps: int = 4
     num_stages: int = 1
@@ -193,11 +193,11 @@ def tiles_within_head_dims(cfg: FwdConfig, shape: Shape) -> str | None:
 def intra_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
     """Live fp32 elements of an intra program (see intra.py) against the registers its warps can hold."""
     c, bk, nb = cfg.chunk, cfg.intra.BK, cfg.chunk // cfg.intra.BC
+    # Peak inside the K loop; the solve's C×C temporaries reuse the registers of the column factors.
     live = (
         2 * c * c  # T and A_qk accumulators
         + nb * c * bk  # the per-row-block column factors k_s exp(ref_I - G_s)
-        + 5 * c * bk  # g, G, k, b, q slices
-        + 2 * c * c  # the solve's temporaries
+        + 3 * c * bk  # G, k·b and q slices
     )
     threads = cfg.intra.num_warps * THREADS_PER_WARP
     per_thread = live / threads

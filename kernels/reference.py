@@ -32,9 +32,13 @@ def gdn2_reference(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(o, final_state)`` in float64 on the CPU; shapes as in ``chunk_gdn2``."""
-    q, k, v, g, b, w = (x.detach().to("cpu", torch.float64) for x in (q, k, v, g, b, w))
+    """Return ``(o, final_state)`` in float64 on ``device``; shapes as in ``chunk_gdn2``.
+
+    A GPU runs the same float64 arithmetic much faster for long sequences (thousands of steps).
+    """
+    q, k, v, g, b, w = (x.detach().to(device, torch.float64) for x in (q, k, v, g, b, w))
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     B, T, H, K = q.shape
@@ -45,13 +49,13 @@ def gdn2_reference(
     else:
         cu = [int(x) for x in cu_seqlens.tolist()]
         bounds = [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
-    o = torch.zeros(B, T, H, V, dtype=torch.float64)
-    final = torch.zeros(len(bounds), H, K, V, dtype=torch.float64)
+    o = torch.zeros(B, T, H, V, dtype=torch.float64, device=device)
+    final = torch.zeros(len(bounds), H, K, V, dtype=torch.float64, device=device)
     for n, (i_b, bos, eos) in enumerate(bounds):
         if initial_state is not None:
-            S = initial_state[n].detach().to("cpu", torch.float64).clone()
+            S = initial_state[n].detach().to(device, torch.float64).clone()
         else:
-            S = torch.zeros(H, K, V, dtype=torch.float64)
+            S = torch.zeros(H, K, V, dtype=torch.float64, device=device)
         for t in range(bos, eos):
             S = S * torch.exp(g[i_b, t])[:, :, None]
             r = torch.einsum("hkv,hk->hv", S, b[i_b, t] * k[i_b, t])
