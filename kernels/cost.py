@@ -74,7 +74,7 @@ class Cost:
     def from_dict(data: dict[str, object]) -> Cost:
         mix = data.get("dot_mix") or {}
         if not isinstance(mix, dict):
-            raise ValueError(f"cost.dot_mix: expected a dict of precision -> FLOPs, received {type(mix).__name__}")
+            raise TypeError(f"cost.dot_mix: expected a dict of precision -> FLOPs, received {type(mix).__name__}")
         return Cost(
             float(data["flops_tc"]),  # type: ignore[arg-type]
             float(data["flops_cuda"]),  # type: ignore[arg-type]
