@@ -1,9 +1,326 @@
-"""Placeholder dispatcher: the built-in default until the table reader lands."""
+"""Pick the launch config of the GDN-2 chunk forward for a shape, from the tuned tables, without tuning.
+
+Lookup order (first that yields a config wins; see :func:`_resolve`):
+
+1. ``GDN2_CONFIG``: one config forced for every shape, as the JSON of ``FwdConfig.to_dict()``. Ignored, with
+   a warning, where it is invalid or cannot run at the shape.
+2. ``GDN2_PROFILE``: the path of a user table, consulted before the shipped one.
+3. The shipped table of the running GPU (``profiles/<device id>.json``); none on the CPU or the interpreter.
+4. Shipped tables of other GPUs of the same architecture family (e.g. sm90).
+5. ``kernels.config.default_config(shape)``.
+
+Within a table: the exact key, else the nearest shape bucket of the same stage, K, V and dtype.
+
+A table that is missing, corrupt, hand-mangled or stale (other Triton version or kernel sources) warns once,
+naming the file and the field, and is skipped: its configs may be illegal for the kernels that run now. Every
+config returned passes ``kernels.config.infeasibility`` at the shape. Tables are read once per process and the
+answer is memoised per shape, so a repeated lookup is one dict access. The environment variables and the GPU
+are read at the first lookup; :func:`clear_cache` forgets all of it (tests, or after changing them).
+"""
 
 from __future__ import annotations
 
-from kernels.config import FwdConfig, Shape, default_config
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernels.config import FwdConfig, Shape, default_config, infeasibility
+from profiles.table import (
+    PROFILES_DIR,
+    Entry,
+    Profile,
+    TableFieldError,
+    device_id_from_name,
+    entry_key,
+    family_from_capability,
+    kernel_source_hash,
+    load_profile,
+    parse_config,
+    profile_path,
+)
+
+ENV_CONFIG = "GDN2_CONFIG"
+ENV_PROFILE = "GDN2_PROFILE"
+# The forward is tuned as one stage (its chunk length couples intra and state); backward and decode add theirs.
+STAGE = "fwd"
+# Where shipped tables live; a module attribute so that tests can point it at a temporary directory.
+SHIPPED_DIR = PROFILES_DIR
+# A packed batch and a padded one of the same sequences run the same programs but index them differently, so a
+# bucket of the other kind counts as one doubling of T further away: it wins only when clearly closer.
+OTHER_KIND_PENALTY = 1.0
+_TRUTHY = ("1", "true", "yes", "on")
+
+
+class TableWarning(UserWarning):
+    """A config table (or GDN2_CONFIG) could not be used as it is; the dispatcher fell back."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """The GPU kernels launch on: which shipped table is its own and which ones share its architecture."""
+
+    device_id: str
+    family: str
+
+
+@dataclass(frozen=True)
+class _Table:
+    path: Path
+    profile: Profile
+    by_key: dict[str, Entry]
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What the first lookup read from the environment; fixed until clear_cache()."""
+
+    forced: FwdConfig | None
+    user_table: Path | None
+    device: Device | None
+
+
+_MEMO: dict[Shape, FwdConfig] = {}
+_TABLES: dict[Path, _Table | None] = {}
+_FAMILY: dict[str, tuple[_Table, ...]] = {}
+_WARNED: set[tuple[str, str]] = set()
+_SESSION: list[_Session] = []  # zero or one element: a mutable cell without a `global` statement
 
 
 def select_config(shape: Shape) -> FwdConfig:
+    """The config to launch the forward with at ``shape``; never tunes, never raises on table content."""
+    config = _MEMO.get(shape)
+    if config is None:
+        config = _MEMO[shape] = _resolve(shape)
+    return config
+
+
+def clear_cache() -> None:
+    """Forget memoised answers, loaded tables, the environment snapshot and which warnings were shown."""
+    _MEMO.clear()
+    _TABLES.clear()
+    _FAMILY.clear()
+    _WARNED.clear()
+    _SESSION.clear()
+
+
+def _resolve(shape: Shape) -> FwdConfig:
+    session = _session()
+    # (1) A forced config is the user's explicit choice; it still must be launchable at this shape.
+    if session.forced is not None:
+        reason = infeasibility(session.forced, shape)
+        if reason is None:
+            return session.forced
+        _warn(
+            ENV_CONFIG,
+            reason,
+            f"{ENV_CONFIG}: {session.forced.label()} cannot run at {shape.label()}: {reason}; ignored for this "
+            "shape (set a config that fits, or unset the variable)",
+        )
+    # (2) The user's table, then (3) the shipped table of this GPU.
+    for table in (_user_table(session), _own_table(session.device)):
+        config = _lookup(table, shape) if table is not None else None
+        if config is not None:
+            return config
+    # (4) Tables of other GPUs of the same architecture: tuned for different clocks and SM counts, but their
+    # configs are legal here and usually closer than the default.
+    if session.device is not None:
+        for table in _family_tables(session.device):
+            config = _lookup(table, shape)
+            if config is not None:
+                return config
+    # (5)
     return default_config(shape)
+
+
+def _lookup(table: _Table, shape: Shape) -> FwdConfig | None:
+    """The exact key's config, else the nearest bucket's of the same stage, K, V and dtype; None if none fits."""
+    exact = table.by_key.get(entry_key(STAGE, shape))
+    candidates = [
+        e
+        for e in table.profile.entries
+        if e.stage == STAGE and (e.shape.K, e.shape.V, e.shape.dtype) == (shape.K, shape.V, shape.dtype)
+    ]
+    candidates.sort(key=lambda e: (e is not exact, bucket_distance(e.shape, shape), e.key))
+    for entry in candidates:
+        reason = infeasibility(entry.config, shape)
+        if reason is None:
+            return entry.config
+        # Today the constraints depend only on K, V and dtype, which every candidate shares; a future constraint
+        # on T could make a validated entry illegal at a neighbouring shape.
+        _warn(
+            str(table.path),
+            f"{entry.key}:{shape}",
+            f"{table.path}: {entry.key}: config {entry.config.label()} cannot run at {shape.label()} ({reason}); "
+            "trying the next bucket",
+        )
+    return None
+
+
+def _coordinates(shape: Shape) -> tuple[float, float]:
+    """Tokens per sequence and (sequence, head) pairs: the sequential length and the parallelism of a launch.
+
+    For a padded batch these are the key's T and B·H. A packed batch's key holds the total tokens and H; dividing
+    by the number of sequences makes it comparable with the padded batch of the same sequences.
+    """
+    if shape.num_seqs:
+        return shape.T / shape.num_seqs, float(shape.num_seqs * shape.H)
+    return float(shape.T), float(shape.B * shape.H)
+
+
+def bucket_distance(a: Shape, b: Shape) -> float:
+    """Distance between two shape buckets in log2 of T and of B·H (L1), plus a penalty across packed/padded."""
+    (t_a, bh_a), (t_b, bh_b) = _coordinates(a), _coordinates(b)
+    distance = abs(math.log2(t_a / t_b)) + abs(math.log2(bh_a / bh_b))
+    if (a.num_seqs is None) != (b.num_seqs is None):
+        distance += OTHER_KIND_PENALTY
+    return distance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _session() -> _Session:
+    if not _SESSION:
+        user = os.environ.get(ENV_PROFILE, "").strip()
+        _SESSION.append(
+            _Session(forced=_forced_config(), user_table=Path(user) if user else None, device=_running_device())
+        )
+    return _SESSION[0]
+
+
+def _forced_config() -> FwdConfig | None:
+    text = os.environ.get(ENV_CONFIG, "").strip()
+    if not text:
+        return None
+    try:
+        return parse_config(json.loads(text), ENV_CONFIG)
+    except json.JSONDecodeError as err:
+        problem = f"expected the JSON of FwdConfig.to_dict(), received invalid JSON ({err.msg} at column {err.colno})"
+    except TableFieldError as err:
+        problem = f"{err.field}: {err.problem}"
+    except RecursionError:
+        problem = "JSON nested too deeply"
+    _warn(ENV_CONFIG, "parse", f"{ENV_CONFIG}: {problem}; ignored (fix or unset the variable)")
+    return None
+
+
+def _running_device() -> Device | None:
+    """The GPU kernels launch on, or None on the CPU and under the Triton interpreter (no shipped table applies)."""
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY:
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        index = torch.cuda.current_device()
+        name = torch.cuda.get_device_name(index)
+        return Device(device_id_from_name(name), family_from_capability(torch.cuda.get_device_capability(index)))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        # A broken driver should cost the tuned configs, not the caller's run.
+        _warn("device", "detect", f"could not identify the GPU ({err}); using the built-in default config")
+        return None
+
+
+def _user_table(session: _Session) -> _Table | None:
+    if session.user_table is None:
+        return None
+    table = _load(session.user_table)
+    if table is not None and session.device is not None and table.profile.device.device_id != session.device.device_id:
+        # Still used: the user asked for it, and every config is checked for feasibility before it is returned.
+        _warn(
+            str(table.path),
+            "device",
+            f"{table.path}: device.device_id: tuned on {table.profile.device.device_id!r}, running on "
+            f"{session.device.device_id!r}; using it as {ENV_PROFILE} asks, but its timings may not carry over",
+        )
+    return table
+
+
+def _own_table(device: Device | None) -> _Table | None:
+    if device is None:
+        return None
+    path = profile_path(device.device_id, SHIPPED_DIR)
+    if not path.is_file():
+        _warn(
+            str(path),
+            "missing",
+            f"{path}: no tuned table for this GPU ({device.device_id}); falling back to {device.family} tables or "
+            f"the built-in default (run `python tune.py tune` to tune it)",
+        )
+        return None
+    table = _load(path)
+    if table is not None and table.profile.device.device_id != device.device_id:
+        _warn(
+            str(path),
+            "device",
+            f"{path}: device.device_id: expected {device.device_id!r} (the file name), received "
+            f"{table.profile.device.device_id!r}; table not used (regenerate it with `python tune.py tune`)",
+        )
+        return None
+    return table
+
+
+def _family_tables(device: Device) -> tuple[_Table, ...]:
+    if device.family not in _FAMILY:
+        own = profile_path(device.device_id, SHIPPED_DIR)
+        tables = []
+        for path in sorted(Path(SHIPPED_DIR).glob("*.json")):
+            if path == own:
+                continue
+            table = _load(path)
+            if table is not None and table.profile.device.family == device.family:
+                tables.append(table)
+        _FAMILY[device.family] = tuple(tables)
+    return _FAMILY[device.family]
+
+
+def _load(path: Path) -> _Table | None:
+    """Read, validate and index a table once per process; None (after warnings) where it is unusable."""
+    if path in _TABLES:
+        return _TABLES[path]
+    table = None
+    profile, problems = load_profile(path)
+    for problem in problems:
+        _warn(str(path), problem, problem)
+    if profile is not None:
+        stale = _staleness(profile)
+        if stale is None:
+            table = _Table(path, profile, {e.key: e for e in profile.entries})
+        else:
+            field, problem = stale
+            _warn(
+                str(path),
+                field,
+                f"{path}: {field}: {problem}; table not used, its configs may be illegal for these kernels "
+                "(re-tune with `python tune.py tune`)",
+            )
+    _TABLES[path] = table
+    return table
+
+
+def _staleness(profile: Profile) -> tuple[str, str] | None:
+    """(field, problem) when the table was tuned against other software than what runs now."""
+    import triton
+
+    if profile.triton_version != triton.__version__:
+        return "triton_version", f"tuned with Triton {profile.triton_version}, running {triton.__version__}"
+    try:
+        running = kernel_source_hash()
+    except OSError as err:
+        return "kernel_hash", f"cannot hash the running kernel sources ({err})"
+    if profile.kernel_hash != running:
+        return "kernel_hash", f"tuned against kernel sources {profile.kernel_hash}, running {running}"
+    return None
+
+
+def _warn(source: str, problem: str, message: str) -> None:
+    """Warn once per (source, problem) and process, however many shapes hit it."""
+    if (source, problem) in _WARNED:
+        return
+    _WARNED.add((source, problem))
+    warnings.warn(message, TableWarning, stacklevel=3)
