@@ -120,7 +120,10 @@ def _resolve(shape: Shape) -> FwdConfig:
             "shape (set a config that fits, or unset the variable)",
         )
     # (2) The user's table, then (3) the shipped table of this GPU.
-    for table in (_user_table(session), _own_table(session.device)):
+    # Each source is opened only when the ones before it gave nothing, so an answering user table spares the
+    # shipped one (and its warnings).
+    for source in (lambda: _user_table(session), lambda: _own_table(session.device)):
+        table = source()
         config = _lookup(table, shape) if table is not None else None
         if config is not None:
             return config
