@@ -1,0 +1,1 @@
+"""Roofline reports in the terminal, rendered from stored profiles (no kernel launches here)."""

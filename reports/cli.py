@@ -1,0 +1,189 @@
+"""``python tune.py report`` (tune.py wires ``add_arguments`` and ``run``) and ``python -m reports``.
+
+Profile lookup, in order: ``--profile PATH``; the shipped table of the GPU this runs on
+(``profiles/<device_id>.json``); the shipped H100 table (so a fresh clone on a laptop renders something real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from profiles.table import PROFILES_DIR, Profile, device_id_from_name, load_profile, profile_path
+from reports import render
+from reports.roofline import Report, build_report
+
+VIEWS = ("suite", "shape", "convergence", "coverage")
+# The table a machine with no GPU (or a GPU with no table) falls back to: the one every release ships.
+SHIPPED_FALLBACK = "h100-80gb-hbm3"
+JSON_SCHEMA = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="table to report on (default: this GPU's shipped table, else the shipped H100 one)")
+    parser.add_argument("--view", choices=VIEWS, default="suite",
+                        help="suite: every shape at a glance; shape: one shape by stage (needs --shape); "
+                             "convergence: best time against trial number; coverage: keys, configs, dates")
+    parser.add_argument("--shape", default=None,
+                        help="entry key (fwd/K128-V128-bf16/T4096-BH128) or shape label (B8-T4096-H16-K128-V128-bf16)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    parser.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"), default=None,
+                        help="also write the rendered view as html or svg")
+    parser.add_argument("--no-chart", action="store_true", help="tables only")
+    parser.add_argument("--width", type=int, default=None, help="terminal width to render for")
+    parser.add_argument("--measure", action="store_true",
+                        help="(GPU) time the table's configs on this GPU now, instead of the stored times")
+    return parser
+
+
+def default_profile() -> tuple[Path | None, str]:
+    """(path, why this one). The running GPU's table if it ships one, else the shipped H100 table."""
+    why = "no GPU here"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            path = profile_path(device_id_from_name(name))
+            if path.exists():
+                return path, f"shipped table of this GPU ({name})"
+            why = f"no shipped table for {name}"
+    except Exception as err:  # noqa: BLE001 - a broken CUDA setup must not stop an offline report
+        why = f"CUDA unavailable ({err})"
+    fallback = profile_path(SHIPPED_FALLBACK)
+    if fallback.exists():
+        return fallback, f"shipped H100 table ({why})"
+    candidates = sorted(PROFILES_DIR.glob("h100*.json"))
+    if candidates:
+        return candidates[0], f"shipped H100 table ({why})"
+    return None, why
+
+
+def measure_profile(profile: Profile) -> Profile:
+    """Re-time every entry of ``profile`` on this GPU through the tuner's timing functions.
+
+    Expects ``tuner.measure.remeasure_profile(profile) -> Profile`` (entries with fresh timing, default_timing,
+    stage_ms, default_stage_ms, baseline_ms). reports/ never launches kernels itself.
+    """
+    try:
+        import torch
+    except ImportError as err:
+        raise RuntimeError(f"--measure needs torch with CUDA: {err}") from None
+    if not torch.cuda.is_available():
+        raise RuntimeError("--measure needs a CUDA GPU and found none; drop --measure to render the stored times")
+    try:
+        from tuner.measure import remeasure_profile  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise RuntimeError(
+            f"--measure needs tuner.measure.remeasure_profile, which this checkout does not provide ({err}); "
+            "drop --measure to render the stored times"
+        ) from None
+    return remeasure_profile(profile)
+
+
+def payload(view: str, report: Report, profile: Profile, source: str, entry: str | None) -> dict[str, Any]:
+    """The ``--json`` document: the whole model (``report``, loadable with Report.from_dict) plus the view's rows."""
+    out: dict[str, Any] = {"schema": JSON_SCHEMA, "view": view, "profile": source, "report": report.to_dict()}
+    if view == "convergence":
+        keys = [entry] if entry else sorted({t.key for t in profile.trials})
+        out["convergence"] = [render.convergence(profile.trials, k).to_dict() for k in keys]
+    elif view == "coverage":
+        out["coverage"] = {
+            "created": profile.created,
+            "kernel_hash": profile.kernel_hash,
+            "torch_version": profile.torch_version,
+            "triton_version": profile.triton_version,
+            "sampler": profile.sampler,
+            "budget": dict(profile.budget),
+            "keys": [{"key": e.key, "shape": dataclasses.asdict(e.shape), "config": e.config} for e in report.entries],
+        }
+    elif view == "shape" and entry:
+        out["shape"] = entry
+    return out
+
+
+def run(args: argparse.Namespace, console: Console | None = None) -> int:
+    err = Console(stderr=True)
+    path: Path | None = args.profile
+    if path is None:
+        path, why = default_profile()
+        if path is None:
+            err.print(f"[red]report:[/] no profile to show ({why}) and no shipped H100 table in {PROFILES_DIR}; "
+                      "pass --profile PATH")
+            return 2
+        source = f"{path} ({why})"
+    else:
+        source = str(path)
+    profile, warnings = load_profile(path)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if profile is None:
+        err.print(f"[red]report:[/] cannot use {path}", highlight=False)
+        return 2
+    if args.measure:
+        try:
+            profile = measure_profile(profile)
+        except RuntimeError as e:
+            err.print(f"[red]report:[/] {e}", highlight=False)
+            return 2
+        source += " (re-measured now)"
+
+    report = build_report(profile)
+    entry = None
+    if args.view == "shape" and not args.shape:
+        err.print("[red]report:[/] --view shape needs --shape KEY_OR_LABEL; keys: "
+                  + ", ".join(e.key for e in report.entries), highlight=False)
+        return 2
+    if args.shape:
+        try:
+            entry = report.entry(args.shape)
+        except ValueError as e:
+            err.print(f"[red]report:[/] {e}", highlight=False)
+            return 2
+
+    if args.json:
+        text = json.dumps(payload(args.view, report, profile, source, entry.key if entry else None), indent=2)
+        print(text)
+        return 0
+
+    if args.export and args.export[0] not in ("html", "svg"):
+        err.print(f"[red]report:[/] --export: expected html or svg, received {args.export[0]!r}", highlight=False)
+        return 2
+    console = console or Console(record=bool(args.export), width=args.width)
+    width = args.width or console.width
+    chart = not args.no_chart
+    if args.view == "suite":
+        views = render.view_suite(report, profile, source, width, chart)
+    elif args.view == "shape":
+        assert entry is not None
+        views = render.view_shape(report, profile, source, width, chart, entry)
+    elif args.view == "convergence":
+        views = render.view_convergence(report, profile, source, width, chart, entry)
+    else:
+        views = render.view_coverage(report, profile, source)
+    for v in views:
+        console.print(v)
+    if args.export:
+        kind, out = args.export
+        if kind == "html":
+            console.save_html(out)
+        else:
+            console.save_svg(out, title=f"gdn2-tune report: {args.view}")
+        err.print(f"wrote {out}", highlight=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m reports", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""Rich renderables for the report views; plotext draws the roofline chart. No kernel launches, no GPU.
+
+Each view is a function ``Report (+ Profile) -> list of rich renderables``, so the CLI can print them, record
+them for ``--export`` and tests can render them into a string and read what they say.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from profiles.table import Profile, TrialRecord, kernel_source_hash
+from reports.roofline import TOTAL, EntryModel, Report, RoofSet, StagePoint
+
+UNKNOWN = "unknown architecture"
+NA = "—"
+CHART_HEIGHT = 22
+CHART_MAX_WIDTH = 110
+# Markers of the chart: upper case for the tuned config, lower case for the default, B for the baseline.
+MARKERS = {("tuned", "intra"): "I", ("tuned", "state"): "S", ("tuned", TOTAL): "T",
+           ("default", "intra"): "i", ("default", "state"): "s", ("default", TOTAL): "t"}
+BASELINE_MARKER = "B"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def ms(value: float | None) -> str:
+    return NA if value is None else f"{value:.3f}"
+
+
+def ratio(value: float | None) -> str:
+    return NA if value is None else f"{value:.2f}×"
+
+
+def pct(value: float | None, report: Report) -> str:
+    if value is not None:
+        return f"{value:.0f}%"
+    return UNKNOWN if _roofs_unknown(report) else NA
+
+
+def si(value: float | None, unit: str) -> str:
+    """3 significant digits with a G/T prefix: 1.07 GB, 112 GFLOP."""
+    if value is None:
+        return NA
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _roofs_unknown(report: Report) -> bool:
+    """No compute roof at all: neither measured nor from the per-SM table."""
+    return report.roofs.bf16_tflops is None and report.roofs.tf32_tflops is None
+
+
+def _roof_cell(value: float | None, unit: str, report: Report, theoretical: bool) -> str:
+    if value is not None:
+        return f"{value:,.0f} {unit}"
+    if theoretical and unit != "GB/s" and report.peaks.reason:
+        return UNKNOWN
+    return NA
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Header: the device and its roofs
+
+
+def header(report: Report, profile: Profile, source: str) -> RenderableType:
+    roofs = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+    roofs.add_column("roof")
+    roofs.add_column("measured", justify="right")
+    roofs.add_column("theoretical", justify="right")
+    measured = report.measured
+    rows = (
+        ("memory (copy, read + write)", "memory_gbps", "GB/s"),
+        ("bf16 tensor core", "bf16_tflops", "TFLOP/s"),
+        ("tf32 tensor core", "tf32_tflops", "TFLOP/s"),
+        ("fp32 FMA", "fp32_tflops", "TFLOP/s"),
+    )
+    for label, name, unit in rows:
+        roofs.add_row(
+            label,
+            _roof_cell(getattr(measured, name) if measured else None, unit, report, theoretical=False),
+            _roof_cell(getattr(report.theoretical, name), unit, report, theoretical=True),
+        )
+    lines = [
+        Text.assemble(("device ", "dim"), (f"{report.device} ({report.family})", "bold")),
+        Text.assemble(("profile ", "dim"), source, ("  created ", "dim"), profile.created,
+                      ("  torch ", "dim"), profile.torch_version, ("  triton ", "dim"), profile.triton_version),
+        Text.assemble(("roofs used ", "dim"), report.roofs.source, ("  peaks ", "dim"), report.peaks.source),
+    ]
+    if profile.interpret:
+        lines.append(Text("tuned through the Triton interpreter: its times mean nothing", style="bold red"))
+    if report.note:
+        lines.append(Text(report.note, style="yellow"))
+    return Panel(Group(*lines, roofs), title="gdn2-tune report", expand=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Suite view
+
+
+def suite_table(report: Report) -> Table:
+    table = Table(title="suite: forward per shape (medians, ms)", header_style="bold")
+    for name, justify in (("shape", "left"), ("tuned", "right"), ("default", "right"), ("fla", "right"),
+                          ("vs default", "right"), ("vs fla", "right"), ("% of roof", "right"),
+                          ("binding roof", "left"), ("op floor", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for e in report.entries:
+        tuned, default = e.point(TOTAL), e.point(TOTAL, "default")
+        table.add_row(
+            e.shape.label(),
+            ms(tuned.time_ms if tuned else None),
+            ms(default.time_ms if default else None),
+            ms(e.baseline.time_ms if e.baseline else None),
+            ratio(e.speedup),
+            ratio(e.speedup_baseline),
+            pct(tuned.pct_roof if tuned else None, report),
+            (tuned.bound if tuned and tuned.bound else (UNKNOWN if _roofs_unknown(report) else NA)),
+            ms(e.op_floor_ms),
+        )
+    table.caption = ("vs = speedup of the tuned config; % of roof = the binding roof's floor time / measured time "
+                     "for the whole call; op floor = inputs read once + output written once at the memory roof")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shape view
+
+
+def _short_bound(bound: str | None, report: Report) -> str:
+    if bound is None:
+        return UNKNOWN if _roofs_unknown(report) else NA
+    return bound.replace(" tensor core", " TC").replace(" CUDA cores", " CUDA")
+
+
+def shape_table(report: Report, e: EntryModel) -> Table:
+    table = Table(title=f"{e.shape.label()}  ({e.key})", header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  collapse_padding=True, pad_edge=False)
+    # Two-line headers keep the table inside 100 columns.
+    cols = ("", "stage", "ms", "share", "GB", "GB/s", "TC\nGFLOP", "TFLOP\n/s", "CUDA\nGFLOP", "FLOP\n/B",
+            "binding\nroof", "%\nroof", "%\ntheor", "floor\nms")
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("", "stage", "binding\nroof") else "right", no_wrap=True)
+
+    def row(label: str, p: StagePoint, total: float | None, *, end: bool = False) -> None:
+        share = f"{100 * p.time_ms / total:.0f}%" if p.time_ms is not None and total else NA
+        table.add_row(
+            label, p.stage, ms(p.time_ms), share, f"{p.cost.bytes_min / 1e9:.3g}",
+            f"{p.gbps:,.0f}" if p.gbps is not None else NA, f"{p.cost.flops_tc / 1e9:.3g}",
+            f"{p.tflops:.1f}" if p.tflops is not None else NA,
+            f"{p.cost.flops_cuda / 1e9:.3g}" if label != "fla" else NA, f"{p.intensity:.1f}",
+            _short_bound(p.bound, report), pct(p.pct_roof, report), pct(p.pct_theoretical, report), ms(p.floor_ms),
+            end_section=end,
+        )
+
+    for which in ("tuned", "default"):
+        points: Sequence[StagePoint] = getattr(e, which)
+        total = next((p.time_ms for p in points if p.stage == TOTAL), None)
+        for p in points:
+            row(which if p.stage == "intra" else "", p, total, end=p.stage == TOTAL)
+    if e.baseline is not None:
+        row("fla", e.baseline, None)
+    table.caption = (f"tuned   {e.config}\ndefault {e.default_config}\n"
+                     f"speedup {ratio(e.speedup)} over default, {ratio(e.speedup_baseline)} over fla; "
+                     f"op floor {ms(e.op_floor_ms)} ms. GB = each tensor a stage touches, once; fla is placed at the "
+                     "tuned call's work")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Roofline chart
+
+
+@dataclass(frozen=True)
+class ChartPoint:
+    marker: str
+    label: str
+    intensity: float
+    tflops: float
+
+
+def chart_points(entries: Sequence[EntryModel], stages: Sequence[str]) -> list[ChartPoint]:
+    out: list[ChartPoint] = []
+    for e in entries:
+        for which in ("tuned", "default"):
+            for p in getattr(e, which):
+                if p.stage in stages and p.tflops and p.intensity > 0:
+                    out.append(ChartPoint(MARKERS[(which, p.stage)], f"{which} {p.stage}", p.intensity, p.tflops))
+        if e.baseline is not None and e.baseline.tflops and TOTAL in stages:
+            out.append(ChartPoint(BASELINE_MARKER, "fla baseline", e.baseline.intensity, e.baseline.tflops))
+    return out
+
+
+def _roof_lines(report: Report) -> list[tuple[str, str, float, float]]:
+    """(label, marker, memory GB/s, compute TFLOP/s) of each roof to draw: measured first, theoretical beside."""
+    lines = []
+    # Theoretical first so that the measured roofs, drawn later, sit on top where the two overlap.
+    for roofs, marker in ((report.theoretical, "·"), (report.measured, "braille")):
+        if roofs is None or roofs.memory_gbps is None:
+            continue
+        for unit in ("bf16", "tf32"):
+            peak = roofs.tflops(unit)
+            if peak:
+                lines.append((f"{unit} roof ({roofs.source})", marker, roofs.memory_gbps, peak))
+    return lines
+
+
+def roofline_chart(report: Report, points: Sequence[ChartPoint], width: int, title: str) -> RenderableType:
+    """A log-log roofline (FLOP/byte against TFLOP/s) drawn by plotext, in log10 space with decade ticks."""
+    import plotext as plt  # imported here: only the views with a chart need it
+
+    if not points:
+        return Text("roofline: no timed points to draw", style="dim")
+    lines = _roof_lines(report)
+    xs = [p.intensity for p in points]
+    ys = [p.tflops for p in points]
+    tops = [peak for _, _, _, peak in lines] + ys
+    # Limits in log10 space, a little margin around the data and the highest roof; ticks on whole decades.
+    x_lo, x_hi = math.log10(min(xs)) - 0.6, math.log10(max(xs)) + 0.6
+    y_lo, y_hi = math.log10(min(ys)) - 0.5, math.log10(max(tops)) + 0.15
+
+    plt.terminal.limit(False, False)  # the rich console decides the width, not the size of a (possibly absent) tty
+    fig = plt.figure
+    fig.clear()
+    fig.plot_size(max(40, min(width, CHART_MAX_WIDTH)), CHART_HEIGHT)
+    fig.theme("simple")
+    steps = 100
+    grid = [x_lo + (x_hi - x_lo) * i / steps for i in range(steps + 1)]
+    for label, marker, gbps, peak in lines:
+        # attainable TFLOP/s = min(bandwidth × intensity, peak); GB/s × FLOP/B = GFLOP/s, hence the 1e-3
+        roof = [math.log10(min(gbps * 1e-3 * 10**x, peak)) for x in grid]
+        sig = fig.signal(grid, roof, marker=marker)
+        sig.lines()
+        fig.draw(sig)
+    for label, _marker, _gbps, peak in lines:
+        if report.measured is None or "theoretical" not in label:
+            # name the plateau at its right end (the measured roofs, or the theoretical ones when nothing was measured)
+            fig.draw(fig.text(x_hi, math.log10(peak), label.split()[0], alignment="right"))
+    for marker in dict.fromkeys(p.marker for p in points):
+        chosen = [p for p in points if p.marker == marker]
+        fig.draw(fig.signal([math.log10(p.intensity) for p in chosen], [math.log10(p.tflops) for p in chosen],
+                            marker=marker))
+    x_ticks = list(range(math.ceil(x_lo), math.floor(x_hi) + 1))
+    y_ticks = list(range(math.ceil(y_lo), math.floor(y_hi) + 1))
+    fig.ruler("x").ticks(x_ticks, [_decade(d) for d in x_ticks])
+    fig.ruler("y").ticks(y_ticks, [_decade(d) for d in y_ticks])
+    fig.ruler("x").lim(x_lo, x_hi)
+    fig.ruler("y").lim(y_lo, y_hi)
+    fig.legend(active=False)  # plotext places its legend over the data; ours goes underneath
+    fig.title(title)
+    fig.label("FLOP/byte", axis="x")
+    fig.label("TFLOP/s", axis="y")
+    drawing = Text.from_ansi(fig.build().string())
+    legend = Text("  ".join(f"{m} {label}" for m, label in dict.fromkeys((p.marker, p.label) for p in points)))
+    roof_legend = Text("  ".join(
+        f"{'⢕' if marker == 'braille' else marker} {label}" for label, marker, _, _ in dict.fromkeys(lines)
+    ) or "no roofs known for this device", style="dim")
+    return Group(drawing, legend, roof_legend)
+
+
+def _decade(d: int) -> str:
+    value = 10.0**d
+    if value >= 1000:
+        return f"{value / 1000:g}k"
+    return f"{value:g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convergence view
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """A study's history: running best against trial number, and where failed and pruned trials fell."""
+
+    key: str
+    numbers: tuple[int, ...]
+    best_ms: tuple[float | None, ...]  # running best after each trial
+    best: float | None
+    best_at: int | None
+    within_5pct_at: int | None  # first trial whose running best was within 5% of the final best
+    failed: tuple[int, ...]
+    pruned: tuple[int, ...]
+    reasons: tuple[tuple[str, int], ...]  # distinct failure/prune reasons with their counts
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "key": self.key, "numbers": list(self.numbers), "best_ms": list(self.best_ms), "best": self.best,
+            "best_at": self.best_at, "within_5pct_at": self.within_5pct_at, "failed": list(self.failed),
+            "pruned": list(self.pruned), "reasons": [list(r) for r in self.reasons],
+        }
+
+
+def convergence(trials: Sequence[TrialRecord], key: str) -> Convergence:
+    mine = sorted((t for t in trials if t.key == key), key=lambda t: t.number)
+    best: float | None = None
+    best_at = None
+    running: list[float | None] = []
+    for t in mine:
+        if t.state == "COMPLETE" and t.value_ms is not None and (best is None or t.value_ms < best):
+            best, best_at = t.value_ms, t.number
+        running.append(best)
+    within = None
+    if best is not None:
+        within = next(t.number for t, b in zip(mine, running, strict=True) if b is not None and b <= 1.05 * best)
+    reasons = Counter(f"{t.state.lower()}: {t.reason}" for t in mine if t.state in ("FAIL", "PRUNED") and t.reason)
+    return Convergence(
+        key=key,
+        numbers=tuple(t.number for t in mine),
+        best_ms=tuple(running),
+        best=best,
+        best_at=best_at,
+        within_5pct_at=within,
+        failed=tuple(t.number for t in mine if t.state == "FAIL"),
+        pruned=tuple(t.number for t in mine if t.state == "PRUNED"),
+        reasons=tuple(reasons.most_common()),
+    )
+
+
+def outcome_strip(trials: Sequence[TrialRecord], key: str) -> Text:
+    """One character per trial in order: ▼ a new best, · completed, p pruned, x failed."""
+    text = Text()
+    best = None
+    for t in sorted((t for t in trials if t.key == key), key=lambda t: t.number):
+        if t.state == "FAIL":
+            text.append("x", style="red")
+        elif t.state == "PRUNED":
+            text.append("p", style="yellow")
+        elif t.value_ms is not None and (best is None or t.value_ms < best):
+            best = t.value_ms
+            text.append("▼", style="green")
+        else:
+            text.append("·")
+    return text
+
+
+def convergence_table(profile: Profile, keys: Sequence[str]) -> Table:
+    table = Table(title="convergence: studies (▼ new best, · completed, p pruned, x failed)", header_style="bold")
+    for c in ("key", "trials", "best ms", "best at", "within 5% at", "failed", "pruned", "trial outcomes"):
+        table.add_column(c, justify="left" if c in ("key", "trial outcomes") else "right")
+    for key in keys:
+        c = convergence(profile.trials, key)
+        table.add_row(key, str(len(c.numbers)), ms(c.best), _num(c.best_at), _num(c.within_5pct_at),
+                      str(len(c.failed)), str(len(c.pruned)), outcome_strip(profile.trials, key))
+    return table
+
+
+def _num(value: int | None) -> str:
+    return NA if value is None else f"#{value}"
+
+
+def convergence_chart(c: Convergence, trials: Sequence[TrialRecord], width: int) -> RenderableType:
+    """Running best (line) and each completed trial (·) against trial number; failed (x) and pruned (p) trials
+    sit on the top edge, where they fell in the study."""
+    import plotext as plt
+
+    done = [(t.number, t.value_ms) for t in trials if t.key == c.key and t.state == "COMPLETE" and t.value_ms]
+    if not done:
+        return Text(f"{c.key}: no completed trials to draw", style="dim")
+    top = max(v for _, v in done) * 1.05
+    plt.terminal.limit(False, False)
+    fig = plt.figure
+    fig.clear()
+    fig.plot_size(max(40, min(width, CHART_MAX_WIDTH)), 16)
+    fig.theme("simple")
+    run = [(n, b) for n, b in zip(c.numbers, c.best_ms, strict=True) if b is not None]
+    line = fig.signal([n for n, _ in run], [b for _, b in run], marker="braille")
+    line.lines()
+    fig.draw(line)
+    fig.draw(fig.signal([n for n, _ in done], [v for _, v in done], marker="·"))
+    if c.failed:
+        fig.draw(fig.signal(list(c.failed), [top] * len(c.failed), marker="x"))
+    if c.pruned:
+        fig.draw(fig.signal(list(c.pruned), [top] * len(c.pruned), marker="p"))
+    fig.legend(active=False)
+    fig.title(f"{c.key}: best ms against trial number")
+    fig.label("trial", axis="x")
+    fig.label("ms", axis="y")
+    reasons = Table(box=None, show_header=False, pad_edge=False)
+    reasons.add_column(justify="right")
+    reasons.add_column()
+    for reason, count in c.reasons:
+        reasons.add_row(f"{count}×", reason)
+    return Group(Text.from_ansi(fig.build().string()),
+                 Text("⢕ running best  · completed  x failed  p pruned (on the top edge)", style="dim"), reasons)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Coverage view
+
+
+def coverage_table(report: Report, profile: Profile) -> Table:
+    stale = profile.kernel_hash != kernel_source_hash()
+    title = (f"coverage: {len(profile.entries)} keys on {report.device}, tuned {profile.created} "
+             f"({profile.sampler}, budget {profile.budget})")
+    table = Table(title=title, header_style="bold")
+    for c in ("key", "shape", "tuned config", "trials", "failed", "pruned", "fla timed"):
+        table.add_column(c, justify="right" if c in ("trials", "failed", "pruned") else "left")
+    for e in report.entries:
+        table.add_row(e.key, e.shape.label(), e.config, str(e.trials), str(e.failed), str(e.pruned),
+                      "yes" if e.baseline is not None else "no")
+    table.caption = (f"kernel sources {profile.kernel_hash}"
+                     + (f" — STALE: the kernels are now {kernel_source_hash()}; re-tune" if stale else " (current)")
+                     + f"; torch {profile.torch_version}, triton {profile.triton_version}")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Views
+
+
+def view_suite(report: Report, profile: Profile, source: str, width: int, chart: bool) -> list[RenderableType]:
+    out: list[RenderableType] = [header(report, profile, source), suite_table(report)]
+    if chart:
+        out.append(roofline_chart(report, chart_points(report.entries, (TOTAL,)), width,
+                                  "roofline: whole forward per shape"))
+    return out
+
+
+def view_shape(report: Report, profile: Profile, source: str, width: int, chart: bool,
+               e: EntryModel) -> list[RenderableType]:
+    out: list[RenderableType] = [header(report, profile, source), shape_table(report, e)]
+    if chart:
+        out.append(roofline_chart(report, chart_points([e], ("intra", "state", TOTAL)), width,
+                                  f"roofline: {e.shape.label()} by stage"))
+    return out
+
+
+def view_convergence(report: Report, profile: Profile, source: str, width: int, chart: bool,
+                     e: EntryModel | None) -> list[RenderableType]:
+    keys = [e.key] if e is not None else sorted({t.key for t in profile.trials})
+    out: list[RenderableType] = [header(report, profile, source)]
+    if not profile.trials:
+        out.append(Text("this profile holds no trial history", style="yellow"))
+        return out
+    out.append(convergence_table(profile, keys))
+    if chart:
+        out += [convergence_chart(convergence(profile.trials, k), profile.trials, width) for k in keys]
+    return out
+
+
+def view_coverage(report: Report, profile: Profile, source: str) -> list[RenderableType]:
+    return [header(report, profile, source), coverage_table(report, profile)]
