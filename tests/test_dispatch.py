@@ -283,6 +283,25 @@ def test_nearest_bucket(shape: Shape, bucket: str | None, world: World) -> None:
     assert lookup(shape) == (expected, [])
 
 
+@pytest.mark.parametrize(
+    ("shape", "same_kind"),
+    [
+        pytest.param(Shape(B=1, T=32768, H=16, K=128, V=128, num_seqs=8), 0, id="varlen-query"),
+        pytest.param(Shape(B=8, T=4096, H=16, K=128, V=128), 1, id="dense-query"),
+    ],
+)
+def test_same_kind_wins_at_equal_distance(shape: Shape, same_kind: int, world: World) -> None:
+    # Both buckets are one doubling of T away from 4096 tokens per sequence and 128 sequence-heads; the keys sort
+    # the other way, so only the preference for the same kind (packed or padded) picks the right one.
+    varlen = Shape(B=1, T=65536, H=16, K=128, V=128, num_seqs=8)
+    dense = Shape(B=8, T=2048, H=16, K=128, V=128)
+    if same_kind:
+        varlen, dense = Shape(B=1, T=16384, H=16, K=128, V=128, num_seqs=8), Shape(B=8, T=8192, H=16, K=128, V=128)
+    world.on_device(None)
+    world.user_table(make_profile([make_entry(varlen, _flavour(0)), make_entry(dense, _flavour(1))]))
+    assert lookup(shape)[0] == _flavour(same_kind)
+
+
 def test_nearest_bucket_ignores_other_stages(world: World) -> None:
     other = make_entry(Shape(B=8, T=4096, H=16, K=128, V=128), USER)
     other = Entry(**{**other.__dict__, "stage": "bwd", "key": entry_key("bwd", other.shape)})
