@@ -24,6 +24,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,23 +120,30 @@ def _resolve(shape: Shape) -> FwdConfig:
             f"{ENV_CONFIG}: {session.forced.label()} cannot run at {shape.label()}: {reason}; ignored for this "
             "shape (set a config that fits, or unset the variable)",
         )
-    # (2) The user's table, then (3) the shipped table of this GPU.
-    # Each source is opened only when the ones before it gave nothing, so an answering user table spares the
-    # shipped one (and its warnings).
-    for source in (lambda: _user_table(session), lambda: _own_table(session.device)):
-        table = source()
-        config = _lookup(table, shape) if table is not None else None
+    # (2) to (4): the tables, in order; within each, the exact key, else the nearest bucket.
+    for table in _tables(session):
+        config = _lookup(table, shape)
         if config is not None:
             return config
-    # (4) Tables of other GPUs of the same architecture: tuned for different clocks and SM counts, but their
-    # configs are legal here and usually closer than the default.
-    if session.device is not None:
-        for table in _family_tables(session.device):
-            config = _lookup(table, shape)
-            if config is not None:
-                return config
     # (5)
     return default_config(shape)
+
+
+def _tables(session: _Session) -> Iterator[_Table]:
+    """The usable tables in lookup order, each opened only when the ones before it gave no config."""
+    # (2) The user's table comes before the shipped one: it is how a user overrides what we ship.
+    user = _user_table(session)
+    if user is not None:
+        yield user
+    if session.device is None:
+        return
+    # (3) The shipped table of this GPU.
+    own = _own_table(session.device)
+    if own is not None:
+        yield own
+    # (4) Tables of other GPUs of the same architecture: tuned for other clocks and SM counts, but their configs
+    # are legal here and usually closer to the best than the default.
+    yield from _family_tables(session.device)
 
 
 def _lookup(table: _Table, shape: Shape) -> FwdConfig | None:
@@ -155,7 +163,7 @@ def _lookup(table: _Table, shape: Shape) -> FwdConfig | None:
         # on T could make a validated entry illegal at a neighbouring shape.
         _warn(
             str(table.path),
-            f"{entry.key}:{shape}",
+            f"{entry.key}: {reason}",
             f"{table.path}: {entry.key}: config {entry.config.label()} cannot run at {shape.label()} ({reason}); "
             "trying the next bucket",
         )
