@@ -71,14 +71,14 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _field(data: dict[str, Any], name: str, path: str) -> Any:
-    if name not in data:
-        raise TableFieldError(f"{path}.{name}" if path else name, "missing")
-    return data[name]
-
-
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def _field(data: dict[str, Any], name: str, path: str) -> Any:
+    if name not in data:
+        raise TableFieldError(_join(path, name), "missing")
+    return data[name]
 
 
 def _object(value: Any, path: str) -> dict[str, Any]:
@@ -504,7 +504,8 @@ class Profile:
         data = _object(data, "top level")
         # The version comes first: a future layout may differ in every other field.
         version = _field(data, "schema_version", "")
-        if version != SCHEMA_VERSION or isinstance(version, bool):
+        # `type is int`: true and 1.0 compare equal to 1 but are not what any writer of this format produces.
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise TableFieldError(
                 "schema_version",
                 f"expected {SCHEMA_VERSION}, received {_echo(version)} (a table from another gdn2-tune version)",

@@ -317,6 +317,7 @@ HEADER_PROBLEMS = [
     pytest.param(_set("schema_version", 2), "schema_version", id="unknown-schema-version"),
     pytest.param(_set("schema_version", "1"), "schema_version", id="string-schema-version"),
     pytest.param(_set("schema_version", True), "schema_version", id="bool-schema-version"),
+    pytest.param(_set("schema_version", 1.0), "schema_version", id="float-schema-version"),
     pytest.param(_delete("schema_version"), "schema_version", id="missing-schema-version"),
     pytest.param(_set("device.device_id", "../../etc/passwd"), "device.device_id", id="device-id-with-dotdot"),
     pytest.param(_set("device.device_id", "H100 80GB"), "device.device_id", id="device-id-not-normalised"),
