@@ -11,13 +11,21 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import chunk_gdn2, gdn2_reference  # noqa: E402
-from kernels.config import Shape, default_config  # noqa: E402
+from kernels.config import Shape, default_config, fit_to_shape, infeasibility  # noqa: E402
 from kernels.inputs import make_inputs  # noqa: E402
 
 
 def err(x, r):
     x = x.double()
     return float((x - r).norm() / r.norm()) if torch.isfinite(x).all() else float("inf")
+
+
+def for_chunk(shape, chunk):
+    cfg = dataclasses.replace(default_config(shape), chunk=chunk)
+    if chunk == 128:
+        cfg = dataclasses.replace(cfg, intra=dataclasses.replace(cfg.intra, BC=32, num_warps=8),
+                                  state=dataclasses.replace(cfg.state, num_stages=1))
+    return cfg
 
 
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -27,7 +35,9 @@ with torch.no_grad():
                           (Shape(2, 2048, 4, 128, 128, "bf16"), False), (Shape(2, 2048, 4, 128, 128, "fp32"), False),
                           (Shape(2, 2048, 4, 128, 128, "bf16"), True)]:
         for chunk in (32, 64, 128):
-            cfg = dataclasses.replace(default_config(shape), chunk=chunk)
+            cfg = for_chunk(shape, chunk)
+            if infeasibility(cfg, shape):
+                cfg = fit_to_shape(cfg, shape)
             inp = make_inputs(shape, "cuda", seed=3, strong_decay=strong)
             t0 = time.time()
             o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True, config=cfg)
@@ -45,7 +55,7 @@ with torch.no_grad():
     shape = Shape(8, 4096, 16, 128, 128, "bf16")
     inp = make_inputs(shape, "cuda", seed=0)
     for chunk in (32, 64, 128):
-        cfg = dataclasses.replace(default_config(shape), chunk=chunk)
+        cfg = for_chunk(shape, chunk)
         f = lambda: chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True, config=cfg)  # noqa: E731
         t0 = time.time(); f(); torch.cuda.synchronize(); c = time.time() - t0
         ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")

@@ -207,11 +207,16 @@ def intra_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
 
 
 def state_shared_memory(cfg: FwdConfig, shape: Shape) -> str | None:
-    """Pipelined loads of one chunk step: Y, Q_γ, K_tail [C, K], U [C, BV], A_qk [C, C], per stage."""
+    """Dot operands of one chunk step staged in shared memory: Y, Q_γ, K_tail [C, K], U [C, BV], A_qk [C, C].
+
+    Triton 3.6 on an H100 multi-buffers the chunk loop num_stages deep (C=128, K=128, BV=32, bf16, 2 stages
+    asked for 286720 bytes, this formula gives 278528); triton 3.9 compiled for sm_90 buffers it once. The
+    bound follows the deeper of the two so that no admitted config fails to launch.
+    """
     esize = 4 if shape.dtype == "fp32" else 2
     c, kp = cfg.chunk, _padded(shape.K)
     per_stage = esize * (3 * c * kp + c * cfg.state.BV + c * c)
-    total = max(1, cfg.state.num_stages) * per_stage
+    total = int(1.1 * max(1, cfg.state.num_stages) * per_stage)
     if total > SHARED_MEMORY_LIMIT_BYTES:
         return f"state stage needs ~{total // 1024} KiB of shared memory (> {SHARED_MEMORY_LIMIT_BYTES // 1024})"
     return None
@@ -253,11 +258,21 @@ def infeasibility(cfg: FwdConfig, shape: Shape) -> str | None:
 
 
 def fit_to_shape(cfg: FwdConfig, shape: Shape) -> FwdConfig:
-    """Shrink tiles that exceed the padded head dims; the built-in default must work at every shape."""
+    """The nearest admissible config: tiles clipped to the padded head dims, then, while a constraint fails,
+    one stage less of pipelining, then a shorter chunk. The built-in default must work at every shape."""
     kp, vp = _padded(shape.K), _padded(shape.V)
     intra = dataclasses.replace(cfg.intra, BK=min(cfg.intra.BK, kp), BV=min(cfg.intra.BV, vp))
     state = dataclasses.replace(cfg.state, BV=min(cfg.state.BV, vp))
-    return dataclasses.replace(cfg, intra=intra, state=state)
+    cfg = dataclasses.replace(cfg, intra=intra, state=state)
+    while infeasibility(cfg, shape) is not None:
+        if cfg.state.num_stages > 1:
+            cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, num_stages=cfg.state.num_stages - 1))
+        elif cfg.chunk > min(SPACE[0].values):
+            chunk = cfg.chunk // 2
+            cfg = dataclasses.replace(cfg, chunk=chunk, intra=dataclasses.replace(cfg.intra, BC=min(cfg.intra.BC, chunk)))
+        else:
+            raise AssertionError(f"no admissible config near {cfg.label()} at {shape.label()}")
+    return cfg
 
 
 def default_config(shape: Shape) -> FwdConfig:

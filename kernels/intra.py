@@ -32,8 +32,8 @@ from kernels.config import IntraConfig
 
 # exp(80) ≈ 5.5e34 and exp(-80) ≈ 1.8e-35 are both normal fp32 (and bf16) numbers with room for a sum of
 # 128 products, so a diagonal block whose per-channel decay span is below this factors safely.
-SAFE_SPAN = 80.0
-L2NORM_EPS = 1e-6
+SAFE_SPAN = tl.constexpr(80.0)
+L2NORM_EPS = tl.constexpr(1e-6)
 _DOT_PRECISION = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
 
 

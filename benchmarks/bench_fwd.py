@@ -1,0 +1,269 @@
+"""Forward benchmark and accuracy check against flash-linear-attention's chunk_gdn2 (GPU only, not a test).
+
+    python benchmarks/bench_fwd.py accuracy --out DIR        # errors vs the float64 recurrence, ours and fla's
+    python benchmarks/bench_fwd.py sweep --out DIR           # per-stage config sweep at the anchor shape
+    python benchmarks/bench_fwd.py suite --out DIR [--config-json FILE]   # the suite, ours vs fla, same run
+
+Every figure is a median of triton.testing.do_bench (which flushes L2 between repetitions), warm-up excluded,
+with the baseline timed in the same process on the same card. Results go to DIR/*.json; `render` turns them
+into the tables of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.chunk import chunk_gdn2_fwd  # noqa: E402
+from kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility  # noqa: E402
+from kernels.cost import minimum_bytes  # noqa: E402
+from kernels.inputs import Inputs, make_inputs  # noqa: E402
+from kernels.intra import intra_fwd  # noqa: E402
+from kernels.reference import gdn2_reference  # noqa: E402
+from kernels.state import state_fwd  # noqa: E402
+from tuner.suite import SUITE  # noqa: E402
+
+ANCHOR = SUITE[0]
+QUANTILES = [0.2, 0.5, 0.8]
+
+
+def environment() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    try:
+        import fla
+
+        fla_version = getattr(fla, "__version__", "?")
+    except ImportError:
+        fla_version = None
+    return {
+        "gpu": props.name,
+        "sms": props.multi_processor_count,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fla": fla_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+
+
+def ours(inp: Inputs, cfg: FwdConfig, shape: Shape):
+    n = shape.num_seqs or shape.B
+    return lambda: chunk_gdn2_fwd(
+        *inp.args(), scale=shape.K**-0.5, initial_state=inp.initial_state, output_final_state=True,
+        cu_seqlens=inp.cu_seqlens, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=n,
+    )
+
+
+def baseline(inp: Inputs):
+    from fla.ops.gdn2 import chunk_gdn2 as fla_chunk_gdn2
+
+    return lambda: fla_chunk_gdn2(
+        *inp.args(), initial_state=inp.initial_state, output_final_state=True, cu_seqlens=inp.cu_seqlens
+    )
+
+
+def bench(fn) -> list[float]:
+    return list(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=QUANTILES))
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x = x.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return float((x - ref).norm() / ref.norm())
+
+
+# --- accuracy ---------------------------------------------------------------------------------------------------
+
+
+def accuracy(out: Path, cfg_for) -> None:
+    rows = []
+    cases = [(Shape(2, 2048, 4, 128, 128, dt), strong) for dt in ("fp32", "bf16") for strong in (False, True)]
+    cases.append((Shape(1, 32768, 2, 128, 128, "bf16"), False))
+    for shape, strong in cases:
+        inp = make_inputs(shape, "cuda", seed=1, strong_decay=strong)
+        t0 = time.time()
+        ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, device="cuda")
+        cfg = cfg_for(shape)
+        o, s = ours(inp, cfg, shape)()
+        row = {"shape": shape.label(), "strong_decay": strong, "config": cfg.label(),
+               "ours_o": rel_err(o, ref_o), "ours_state": rel_err(s, ref_s)}
+        try:
+            fo, fs = baseline(inp)()
+            row.update(fla_o=rel_err(fo, ref_o), fla_state=rel_err(fs, ref_s))
+        except Exception as exc:  # the baseline is optional
+            row.update(fla_error=repr(exc)[:200])
+        row["seconds"] = round(time.time() - t0, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    (out / "accuracy.json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+
+
+# --- sweep ------------------------------------------------------------------------------------------------------
+
+
+def _compile_one(args: tuple[dict, dict]) -> str | None:
+    cfg_d, shape_d = args
+    cfg, shape = FwdConfig.from_dict(cfg_d), Shape(**shape_d)
+    try:
+        inp = make_inputs(shape, "cuda", seed=0)
+        ours(inp, cfg, shape)()
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:
+        return repr(exc)[:300]
+
+
+def precompile(configs: list[FwdConfig], shape: Shape, workers: int = 12) -> dict[str, str]:
+    """Compile every config in parallel subprocesses (the Triton cache is shared); returns failures by label."""
+    ctx = mp.get_context("spawn")
+    jobs = [(c.to_dict(), dataclasses.asdict(shape)) for c in configs]
+    failed = {}
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for cfg, err in zip(configs, pool.map(_compile_one, jobs)):
+            if err:
+                failed[cfg.label()] = err
+    return failed
+
+
+def stage_fns(inp: Inputs, cfg: FwdConfig, shape: Shape):
+    """Separate launches of the two stages, so each can be timed on its own."""
+    B, T, H, _ = inp.q.shape
+    nchunks = B * triton.cdiv(T, cfg.chunk)
+
+    def run_intra():
+        return intra_fwd(*inp.args(), scale=shape.K**-0.5, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=None,
+                         chunk_indices=None, num_chunks=nchunks, use_qk_l2norm=False, out_dtype=inp.q.dtype)
+
+    inter = run_intra()
+
+    def run_state():
+        return state_fwd(inter, out_dtype=inp.q.dtype, v_shape=inp.v.shape, chunk=cfg.chunk, cfg=cfg.state,
+                         initial_state=inp.initial_state, output_final_state=True, cu_seqlens=None,
+                         chunk_offsets=None, num_seqs=B)
+
+    return run_intra, run_state
+
+
+def sweep(out: Path, shape: Shape) -> None:
+    intra_space = [
+        IntraConfig(BC=bc, BK=bk, BV=bv, num_warps=nw, num_stages=ns, solve=sv)
+        for bc in (16, 32) for bk in (32, 64) for bv in (64,) for nw in (4, 8) for ns in (1, 2) for sv in ("tf32",)
+    ]
+    state_space = [
+        StateConfig(BV=bv, num_warps=nw, num_stages=ns, precision="input")
+        for bv in (16, 32, 64) for nw in (4, 8) for ns in (1, 2, 3)
+    ]
+    base = default_config(shape)
+    configs: list[FwdConfig] = []
+    for chunk in (32, 64, 128):
+        for ic in intra_space:
+            configs.append(dataclasses.replace(base, chunk=chunk, intra=ic))
+        for sc in state_space:
+            configs.append(dataclasses.replace(base, chunk=chunk, state=sc))
+    configs = [c for c in dict.fromkeys(configs) if infeasibility(c, shape) is None]
+    t0 = time.time()
+    failed = precompile(configs, shape)
+    print(f"precompiled {len(configs)} configs in {time.time() - t0:.0f}s, {len(failed)} failed", flush=True)
+    inp = make_inputs(shape, "cuda", seed=0)
+    rows = []
+    for cfg in configs:
+        if cfg.label() in failed:
+            rows.append({"config": cfg.to_dict(), "label": cfg.label(), "error": failed[cfg.label()]})
+            continue
+        run_intra, run_state = stage_fns(inp, cfg, shape)
+        rows.append({"config": cfg.to_dict(), "label": cfg.label(), "intra": bench(run_intra),
+                     "state": bench(run_state), "total": bench(ours(inp, cfg, shape))})
+    # Best stage configs per chunk, combined, then re-timed whole.
+    best = {}
+    for chunk in (32, 64, 128):
+        ok = [r for r in rows if "error" not in r and r["config"]["chunk"] == chunk]
+        if not ok:
+            continue
+        bi = min(ok, key=lambda r: r["intra"][1])["config"]["intra"]
+        bs = min(ok, key=lambda r: r["state"][1])["config"]["state"]
+        cfg = FwdConfig.from_dict({"chunk": chunk, "intra": bi, "state": bs})
+        best[chunk] = {"config": cfg.to_dict(), "label": cfg.label(), "total": bench(ours(inp, cfg, shape))}
+        print(f"best C{chunk}: {best[chunk]['total'][1]:.3f} ms  {cfg.label()}", flush=True)
+    fla_ms = bench(baseline(inp))
+    print(f"fla: {fla_ms[1]:.3f} ms", flush=True)
+    (out / f"sweep-{shape.label()}.json").write_text(
+        json.dumps({"env": environment(), "shape": dataclasses.asdict(shape), "rows": rows, "best": best,
+                    "fla": fla_ms, "failed": failed}, indent=1)
+    )
+
+
+# --- suite ------------------------------------------------------------------------------------------------------
+
+
+def suite(out: Path, cfg_for) -> None:
+    rows = []
+    bw = None
+    for shape in SUITE:
+        inp = make_inputs(shape, "cuda", seed=0)
+        cfg = cfg_for(shape)
+        row = {"shape": shape.label(), "config": cfg.label(), "ours": bench(ours(inp, cfg, shape)),
+               "bytes_min": minimum_bytes(shape)}
+        try:
+            row["fla"] = bench(baseline(inp))
+        except Exception as exc:
+            row["fla_error"] = repr(exc)[:200]
+        if "fla" in row:
+            row["speedup"] = row["fla"][1] / row["ours"][1]
+        print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+        rows.append(row)
+        del inp
+        torch.cuda.empty_cache()
+    src = torch.randn(512 * 2**20 // 4, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    bw = 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9
+    (out / "suite.json").write_text(json.dumps({"env": environment(), "copy_gbps": bw, "rows": rows}, indent=1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["accuracy", "sweep", "suite"])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--config-json", type=Path, help="JSON {shape label: FwdConfig dict} to use per shape")
+    parser.add_argument("--use-dispatcher", action="store_true", help="configs from profiles.dispatch")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = json.loads(args.config_json.read_text()) if args.config_json else {}
+
+    def cfg_for(shape: Shape) -> FwdConfig:
+        if shape.label() in table:
+            return FwdConfig.from_dict(table[shape.label()])
+        if args.use_dispatcher:
+            from profiles.dispatch import select_config
+
+            return select_config(shape)
+        return default_config(shape)
+
+    with torch.no_grad():
+        if args.what == "accuracy":
+            accuracy(args.out, cfg_for)
+        elif args.what == "sweep":
+            sweep(args.out, ANCHOR)
+        else:
+            suite(args.out, cfg_for)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
