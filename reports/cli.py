@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def default_profile() -> tuple[Path | None, str]:
+def default_profile(root: Path = PROFILES_DIR) -> tuple[Path | None, str]:
     """(path, why this one). The running GPU's table if it ships one, else the shipped H100 table."""
     why = "no GPU here"
     try:
@@ -51,16 +51,16 @@ def default_profile() -> tuple[Path | None, str]:
 
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name()
-            path = profile_path(device_id_from_name(name))
+            path = profile_path(device_id_from_name(name), root)
             if path.exists():
                 return path, f"shipped table of this GPU ({name})"
             why = f"no shipped table for {name}"
     except Exception as err:  # noqa: BLE001 - a broken CUDA setup must not stop an offline report
         why = f"CUDA unavailable ({err})"
-    fallback = profile_path(SHIPPED_FALLBACK)
+    fallback = profile_path(SHIPPED_FALLBACK, root)
     if fallback.exists():
         return fallback, f"shipped H100 table ({why})"
-    candidates = sorted(PROFILES_DIR.glob("h100*.json"))
+    candidates = sorted(Path(root).glob("h100*.json"))
     if candidates:
         return candidates[0], f"shipped H100 table ({why})"
     return None, why

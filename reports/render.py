@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from profiles.table import Profile, TrialRecord, kernel_source_hash
-from reports.roofline import TOTAL, EntryModel, Report, RoofSet, StagePoint
+from reports.roofline import TOTAL, EntryModel, Report, StagePoint
 
 UNKNOWN = "unknown architecture"
 NA = "—"
@@ -346,13 +346,18 @@ def outcome_strip(trials: Sequence[TrialRecord], key: str) -> Text:
 
 
 def convergence_table(profile: Profile, keys: Sequence[str]) -> Table:
-    table = Table(title="convergence: studies (▼ new best, · completed, p pruned, x failed)", header_style="bold")
-    for c in ("key", "trials", "best ms", "best at", "within 5% at", "failed", "pruned", "trial outcomes"):
-        table.add_column(c, justify="left" if c in ("key", "trial outcomes") else "right")
+    table = Table(title="convergence: studies (▼ new best, · completed, p pruned, x failed)", header_style="bold",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+    # The outcome strip sits under the key and folds onto more lines for long studies.
+    table.add_column("key / trial outcomes", overflow="fold", min_width=30)
+    for c in ("trials", "best ms", "best at", "≤5% at", "fail", "pruned"):
+        table.add_column(c, justify="right", no_wrap=True)
     for key in keys:
         c = convergence(profile.trials, key)
-        table.add_row(key, str(len(c.numbers)), ms(c.best), _num(c.best_at), _num(c.within_5pct_at),
-                      str(len(c.failed)), str(len(c.pruned)), outcome_strip(profile.trials, key))
+        table.add_row(Text(key + "\n") + outcome_strip(profile.trials, key), str(len(c.numbers)), ms(c.best),
+                      _num(c.best_at), _num(c.within_5pct_at), str(len(c.failed)), str(len(c.pruned)),
+                      end_section=True)
+    table.caption = "≤5% at: the first trial after which the best found was within 5% of the final best"
     return table
 
 
@@ -405,11 +410,13 @@ def coverage_table(report: Report, profile: Profile) -> Table:
     title = (f"coverage: {len(profile.entries)} keys on {report.device}, tuned {profile.created} "
              f"({profile.sampler}, budget {profile.budget})")
     table = Table(title=title, header_style="bold")
-    for c in ("key", "shape", "tuned config", "trials", "failed", "pruned", "fla timed"):
-        table.add_column(c, justify="right" if c in ("trials", "failed", "pruned") else "left")
+    for c in ("key / shape", "tuned config", "trials", "failed", "pruned", "fla timed"):
+        table.add_column(c, justify="right" if c in ("trials", "failed", "pruned") else "left", overflow="fold",
+                         min_width=30 if c == "key / shape" else None)
     for e in report.entries:
-        table.add_row(e.key, e.shape.label(), e.config, str(e.trials), str(e.failed), str(e.pruned),
-                      "yes" if e.baseline is not None else "no")
+        # A config label is "C64/intra:.../state:..."; one part per line keeps the column narrow.
+        table.add_row(f"{e.key}\n{e.shape.label()}", e.config.replace("/", "\n"), str(e.trials), str(e.failed),
+                      str(e.pruned), "yes" if e.baseline is not None else "no", end_section=True)
     table.caption = (f"kernel sources {profile.kernel_hash}"
                      + (f" — STALE: the kernels are now {kernel_source_hash()}; re-tune" if stale else " (current)")
                      + f"; torch {profile.torch_version}, triton {profile.triton_version}")
