@@ -66,26 +66,64 @@ def default_profile(root: Path = PROFILES_DIR) -> tuple[Path | None, str]:
     return None, why
 
 
-def measure_profile(profile: Profile) -> Profile:
-    """Re-time every entry of ``profile`` on this GPU through the tuner's timing functions.
+def measure_profile(profile: Profile, err: Console | None = None) -> Profile:
+    """Re-time every entry of ``profile`` (tuned and default config, whole call and each stage) and the roofs on
+    this GPU, through the tuner's timing functions (tuner.measure, tuner.roofs); reports/ launches nothing itself.
 
-    Expects ``tuner.measure.remeasure_profile(profile) -> Profile`` (entries with fresh timing, default_timing,
-    stage_ms, default_stage_ms, baseline_ms). reports/ never launches kernels itself.
+    Stored fla times are dropped: a baseline from another run or card is not a comparison (BASELINE.md).
     """
     try:
         import torch
-    except ImportError as err:
-        raise RuntimeError(f"--measure needs torch with CUDA: {err}") from None
+    except ImportError as e:
+        raise RuntimeError(f"--measure needs torch with CUDA: {e}") from None
     if not torch.cuda.is_available():
         raise RuntimeError("--measure needs a CUDA GPU and found none; drop --measure to render the stored times")
     try:
-        from tuner.measure import remeasure_profile  # type: ignore[import-not-found]
-    except ImportError as err:
+        from tuner.device import detect_device
+        from tuner.measure import Bench, retime, stage_times
+        from tuner.roofs import measure_roofs
+    except ImportError as e:
         raise RuntimeError(
-            f"--measure needs tuner.measure.remeasure_profile, which this checkout does not provide ({err}); "
+            f"--measure needs the tuner's timing functions (tuner.measure, tuner.device, tuner.roofs): {e}; "
             "drop --measure to render the stored times"
         ) from None
-    return remeasure_profile(profile)
+    from datetime import UTC, datetime
+
+    from kernels.config import default_config
+    from profiles.table import Timing
+
+    try:
+        device = detect_device()
+    except Exception as e:  # noqa: BLE001 - NVML missing or refusing: the stored device record still names the GPU
+        if err:
+            err.print(f"[yellow]warning:[/] NVML unavailable ({e}); keeping the profile's device record")
+        device = profile.device
+
+    def timing(t: dict[str, Any]) -> Timing:
+        return Timing(t["p20_ms"], t["p50_ms"], t["p80_ms"], t["spread"])
+
+    entries = []
+    for e in profile.entries:
+        try:
+            bench = Bench(e.shape, "cuda")
+            cfgs = [e.config, default_config(e.shape)]
+            tuned, default = (timing(t) for t in retime(bench, cfgs, rounds=3)["timings"])
+            stages = stage_times(bench, cfgs)["stages"]
+        except Exception as exc:  # noqa: BLE001 - one entry that no longer runs must not stop the report
+            if err:
+                err.print(f"[yellow]warning:[/] {e.key}: could not be re-measured ({exc}); left out", highlight=False)
+            continue
+        finally:
+            bench = None
+            torch.cuda.empty_cache()
+        entries.append(dataclasses.replace(
+            e, timing=tuned, default_timing=default, speedup=default.p50_ms / tuned.p50_ms,
+            stage_ms=stages[0], default_stage_ms=stages[1], baseline_ms=None,
+        ))
+    return dataclasses.replace(
+        profile, device=device, roofs=measure_roofs(device), entries=tuple(entries),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
 def payload(view: str, report: Report, profile: Profile, source: str, entry: str | None) -> dict[str, Any]:
@@ -129,7 +167,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         return 2
     if args.measure:
         try:
-            profile = measure_profile(profile)
+            profile = measure_profile(profile, err)
         except RuntimeError as e:
             err.print(f"[red]report:[/] {e}", highlight=False)
             return 2

@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from kernels.config import Shape, default_config
+from kernels.config import FwdConfig, Shape, default_config
 from kernels.cost import STAGES, Cost, minimum_bytes, stage_costs
 from profiles.table import DeviceInfo, Entry, Profile, Roofs
 from reports.hardware import Peaks, theoretical_peaks
@@ -268,10 +268,17 @@ def _points(
     return tuple(points)
 
 
+def _costs(shape: Shape, config: FwdConfig) -> dict[str, Cost]:
+    """Costs as the tuner times them (tuner/measure.py): the state stage alone writes the final state, the whole
+    call returns o only; both read an initial state."""
+    staged = stage_costs(shape, config, final_state=True)
+    return {**staged, TOTAL: stage_costs(shape, config, final_state=False)[TOTAL]}
+
+
 def model_entry(entry: Entry, roofs: RoofSet, theory: RoofSet) -> EntryModel:
-    tuned_costs = stage_costs(entry.shape, entry.config)
+    tuned_costs = _costs(entry.shape, entry.config)
     default = default_config(entry.shape)  # what the tuner times as the default (kernels.config)
-    default_costs = stage_costs(entry.shape, default)
+    default_costs = _costs(entry.shape, default)
     tuned_ms = entry.timing.p50_ms
     baseline = None
     if entry.baseline_ms is not None:
