@@ -1,0 +1,262 @@
+"""What a worker process does with a config: gate it on correctness, then time it. Runs inside the worker.
+
+Kept apart from the study logic so that a CUDA fault, which poisons the process it happens in, costs one worker
+and never the study. Everything here takes and returns plain data that crosses a pipe as JSON.
+
+Correctness gate: the forward at a small shape (``tuner.suite.gate_shape``: same K, V, dtype and layout, T not a
+multiple of the chunk, strong decay, a random initial state) against the float64 reference, on outputs the
+launchers pre-fill with NaN. Thresholds on the relative Frobenius error of ``o`` and of the final state:
+
+- fp32 inputs: 2e-3. The dots run in tf32 (10-bit mantissa, unit roundoff 4.9e-4); the reference baseline
+  measures 1.4e-3 for fp32 inputs, so 2e-3 passes a correct kernel and fails any indexing or masking bug, which
+  shows up as O(1) error.
+- bf16/fp16 inputs: 1e-2. The intermediates the intra stage hands to the state stage (Y, U, Q_γ, A_qk) are stored
+  in the input dtype, each rounded at bf16's unit roundoff 3.9e-3; the baseline measures 3.8e-3, and 1e-2 leaves
+  room for the chunk length's accumulation order while still failing a wrong answer.
+- any NaN or Inf fails, whatever the error.
+
+Timing: each repetition first overwrites a buffer larger than L2 (so no config is timed on inputs another left in
+cache), then records CUDA events around the launches; p20/p50/p80 over repetitions, ranked on the median.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+
+from kernels.chunk import _chunk_index, chunk_gdn2_fwd
+from kernels.config import FwdConfig, Shape
+from kernels.inputs import Inputs, make_inputs
+from kernels.intra import intra_fwd
+from kernels.state import state_fwd
+
+GATE_TOLERANCE = {"fp32": 2e-3, "bf16": 1e-2, "fp16": 1e-2}
+# L2 is 50 MB on H100 and 60 MB on H200; twice the reported size (256 MiB when unknown) leaves no line of the
+# previous repetition resident.
+FLUSH_MIN_BYTES = 256 * 1024 * 1024
+# Repetitions: enough for stable quantiles of a ~1 ms kernel without spending the study's budget on one trial.
+TARGET_MS_PER_TRIAL = 150.0
+MIN_REPS = 10
+MAX_REPS = 200
+INTERPRET_REPS = 2
+
+
+class Fault(RuntimeError):
+    """An error after which the CUDA context of this process cannot be trusted; the worker must exit."""
+
+
+@dataclass(frozen=True)
+class Quantiles:
+    p20_ms: float
+    p50_ms: float
+    p80_ms: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"p20_ms": self.p20_ms, "p50_ms": self.p50_ms, "p80_ms": self.p80_ms}
+
+
+def quantiles(samples: Sequence[float]) -> Quantiles:
+    """Linear-interpolated p20/p50/p80 (numpy's default method) of a non-empty sample."""
+    xs = sorted(samples)
+    assert xs, "quantiles of an empty sample"
+
+    def q(p: float) -> float:
+        pos = p * (len(xs) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return Quantiles(q(0.2), q(0.5), q(0.8))
+
+
+def classify(err: BaseException) -> tuple[str, str]:
+    """(status, reason) for an exception raised while compiling or running a config."""
+    text = f"{type(err).__name__}: {err}".strip()
+    first = text.splitlines()[0][:500] if text else type(err).__name__
+    name = type(err).__name__
+    if name == "OutOfResources" or "out of resource" in text.lower():
+        return "out_of_resources", first
+    if name in ("CompilationError", "CompileTimeAssertionFailure") or "compil" in name.lower():
+        return "compile_error", first
+    lowered = text.lower()
+    if "cuda error" in lowered or "illegal" in lowered or "misaligned" in lowered or "unspecified launch" in lowered:
+        return "fault", first
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "out_of_memory", first
+    return "error", first
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of ``x`` against float64 ``ref``; inf when x holds a NaN or Inf."""
+    x = x.detach().to("cpu", torch.float64)
+    if not torch.isfinite(x).all():
+        return math.inf
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+class Bench:
+    """Inputs and scratch for one shape on one device: built once, reused for every config of a study."""
+
+    def __init__(self, shape: Shape, device: str, *, seed: int = 0, strong_decay: bool = False) -> None:
+        self.shape = shape
+        self.device = device
+        self.inputs: Inputs = make_inputs(shape, device, seed, strong_decay=strong_decay)
+        self.scale = shape.K**-0.5
+        self.num_seqs = shape.num_seqs or shape.B
+        self.cuda = device.startswith("cuda")
+        flush_bytes = FLUSH_MIN_BYTES
+        if self.cuda:
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+            flush_bytes = max(FLUSH_MIN_BYTES, 2 * l2)
+            self.flush_buffer = torch.empty(flush_bytes // 4, dtype=torch.int32, device=device)
+        else:
+            self.flush_buffer = None
+
+    def forward(self, cfg: FwdConfig, output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.inputs
+        return chunk_gdn2_fwd(
+            *x.args(),
+            scale=self.scale, initial_state=x.initial_state, output_final_state=output_final_state,
+            cu_seqlens=x.cu_seqlens, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=self.num_seqs,
+        )
+
+    def stage_fns(self, cfg: FwdConfig) -> dict[str, Callable[[], object]]:
+        """Each stage's launch alone, on the same inputs; the state stage reads one precomputed intra output."""
+        x = self.inputs
+        B, T = self.shape.B, self.shape.T
+        if x.cu_seqlens is not None:
+            chunk_indices, chunk_offsets, num_chunks = _chunk_index(x.cu_seqlens, cfg.chunk)
+        else:
+            chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, cfg.chunk)
+
+        def intra() -> dict[str, torch.Tensor]:
+            return intra_fwd(
+                *x.args(), scale=self.scale, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=x.cu_seqlens,
+                chunk_indices=chunk_indices, num_chunks=num_chunks, use_qk_l2norm=False, out_dtype=x.q.dtype,
+            )
+
+        inter = intra()
+
+        def state() -> object:
+            return state_fwd(
+                inter, out_dtype=x.q.dtype, v_shape=x.v.shape, chunk=cfg.chunk, cfg=cfg.state,
+                initial_state=x.initial_state, output_final_state=True, cu_seqlens=x.cu_seqlens,
+                chunk_offsets=chunk_offsets, num_seqs=self.num_seqs,
+            )
+
+        return {"intra": intra, "state": state}
+
+    def _flush(self) -> None:
+        if self.flush_buffer is not None:
+            self.flush_buffer.zero_()
+
+    def sample(self, fn: Callable[[], object], reps: int) -> list[float]:
+        """``reps`` times (flush L2, run ``fn``), each timed alone; milliseconds."""
+        out: list[float] = []
+        if self.cuda:
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            for start, end in zip(starts, ends):
+                self._flush()
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            out = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        else:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def reps_for(self, fn: Callable[[], object], target_ms: float = TARGET_MS_PER_TRIAL) -> int:
+        """Repetitions that fill ``target_ms``, from a short estimate (after one untimed call that compiles)."""
+        if not self.cuda:
+            return INTERPRET_REPS
+        fn()
+        torch.cuda.synchronize()
+        est = statistics.median(self.sample(fn, 3))
+        return max(MIN_REPS, min(MAX_REPS, int(target_ms / max(est, 1e-3))))
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gate(bench: Bench, reference: tuple[torch.Tensor, torch.Tensor], cfg: FwdConfig) -> dict[str, Any]:
+    """Compare the forward at the gate shape with the reference; a dict with status "ok" or "wrong_answer"."""
+    o, ht = bench.forward(cfg)
+    synchronize(bench.device)
+    assert ht is not None
+    err_o, err_s = rel_error(o, reference[0]), rel_error(ht, reference[1])
+    tol = GATE_TOLERANCE[bench.shape.dtype]
+    result = {"err_o": err_o, "err_state": err_s, "tolerance": tol}
+    if not (err_o <= tol and err_s <= tol):
+        what = "NaN/Inf in the output" if math.isinf(max(err_o, err_s)) else "error above tolerance"
+        reason = f"{what}: rel. error o {err_o:.3g}, final state {err_s:.3g} (tolerance {tol:g}) at {bench.shape.label()}"
+        return {"status": "wrong_answer", "reason": reason, **result}
+    return {"status": "ok", "reason": None, **result}
+
+
+def warm(bench: Bench, cfg: FwdConfig) -> dict[str, Any]:
+    """One forward at the tuned shape: compiles the exact specialization the timing worker will load from Triton's
+    cache, and checks that no element is left unwritten (NaN) where the gate shape could not tell."""
+    o, ht = bench.forward(cfg)
+    synchronize(bench.device)
+    if not bool(torch.isfinite(o).all()) or (ht is not None and not bool(torch.isfinite(ht).all())):
+        return {"status": "wrong_answer", "reason": f"NaN/Inf in the output at {bench.shape.label()}"}
+    return {"status": "ok", "reason": None}
+
+
+def time_config(bench: Bench, cfg: FwdConfig) -> dict[str, Any]:
+    fn = lambda: bench.forward(cfg, output_final_state=False)
+    reps = bench.reps_for(fn)
+    q = quantiles(bench.sample(fn, reps))
+    return {"status": "ok", "reason": None, "reps": reps, **q.to_dict()}
+
+
+def retime(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, Any]:
+    """Round robin over ``cfgs``: in each round every config gets a block of repetitions, so drifts in clocks or
+    temperature hit all of them alike. Returns per config p20/p50/p80 over all samples and the spread
+    (max - min) / median of its per-round medians."""
+    fns = [lambda c=c: bench.forward(c, output_final_state=False) for c in cfgs]
+    reps = [max(1, bench.reps_for(fn) // max(1, rounds // 2)) for fn in fns]
+    samples: list[list[float]] = [[] for _ in cfgs]
+    medians: list[list[float]] = [[] for _ in cfgs]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            s = bench.sample(fn, reps[i])
+            samples[i].extend(s)
+            medians[i].append(statistics.median(s))
+    out = []
+    for s, m in zip(samples, medians):
+        q = quantiles(s)
+        mid = statistics.median(m)
+        out.append({**q.to_dict(), "spread": (max(m) - min(m)) / mid if mid > 0 else 0.0, "reps": len(s)})
+    return {"status": "ok", "reason": None, "timings": out}
+
+
+def stage_times(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int = 3) -> dict[str, Any]:
+    """Median ms of each stage's launch alone, per config, interleaved like :func:`retime`."""
+    fns = [bench.stage_fns(c) for c in cfgs]
+    samples: list[dict[str, list[float]]] = [{name: [] for name in f} for f in fns]
+    reps = [{name: bench.reps_for(fn) for name, fn in f.items()} for f in fns]
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            for name, fn in f.items():
+                samples[i][name].extend(bench.sample(fn, max(1, reps[i][name] // rounds)))
+    return {
+        "status": "ok",
+        "reason": None,
+        "stages": [{name: statistics.median(s) for name, s in per.items()} for per in samples],
+    }

@@ -1,0 +1,495 @@
+"""``tune.py tune``: every study of a run, then the table.
+
+    detect device ─► per shape: study (tuner.study) ─► finalize: re-time the best few with the default config
+        interleaved, time each stage's launch ─► Entry ─► profiles.table.save_profile (merged with the existing file)
+
+The study process never launches a kernel: gate workers (one per spare CPU core) compile and gate candidates in
+parallel, one timing worker per GPU measures them one at a time (tuner.worker). With ``gpus=(0, 1, ...)`` one child
+process per GPU searches every study on shared storage; the parent then finalizes on the first GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from kernels.config import FwdConfig, Shape, default_config, infeasibility
+from profiles import table
+from tuner import study as study_mod
+from tuner.device import detect_device, telemetry
+from tuner.progress import ProgressView
+from tuner.space import SearchSpace
+from tuner.suite import SUITE, format_shape, gate_shape
+from tuner.worker import WorkerPool, WorkerProcess
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGE = "fwd"
+RUNS_DIR = REPO_ROOT / "runs"
+# Seconds kept back from --budget-minutes per shape for the final interleaved re-time and stage timing, and once
+# for the roofs: measured ~5-10 s per shape on a GPU (a few hundred launches of ~1 ms plus input allocation).
+FINALIZE_RESERVE_S = 15.0
+ROOFS_RESERVE_S = 30.0
+INTERPRET_FINALIZE_RESERVE_S = 20.0
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """Everything a tuning run depends on; JSON-able so that per-GPU children get exactly the parent's view."""
+
+    shapes: tuple[Shape, ...] = SUITE
+    sampler: str = "tpe"
+    seed: int = 0
+    trials: int = 30
+    timeout_s: float | None = 90.0  # per study
+    budget_minutes: float | None = 8.0  # the whole run
+    storage: str | None = None
+    run_dir: Path = RUNS_DIR / "default"
+    gpus: tuple[int, ...] | None = None
+    interpret: bool = False
+    output: Path | None = None
+    param_choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    parallel: int | None = None  # gate workers; default: CPU cores - 2 (GPU), 1 (interpreter)
+    gate_timeout_s: float = 240.0
+    time_timeout_s: float = 120.0
+    top_k: int = 3
+    retime_rounds: int = 5
+    progress: bool = True
+    search_only: bool = False  # a per-GPU child: search, do not finalize or write the table
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["shapes"] = [format_shape(s) for s in self.shapes]
+        d["run_dir"] = str(self.run_dir)
+        d["output"] = None if self.output is None else str(self.output)
+        d["param_choices"] = {k: list(v) for k, v in self.param_choices.items()}
+        return json.dumps(d)
+
+    @staticmethod
+    def from_json(text: str) -> TuneOptions:
+        from tuner.suite import parse_shape
+
+        d = json.loads(text)
+        d["shapes"] = tuple(parse_shape(s) for s in d["shapes"])
+        d["run_dir"] = Path(d["run_dir"])
+        d["output"] = None if d["output"] is None else Path(d["output"])
+        d["gpus"] = None if d["gpus"] is None else tuple(d["gpus"])
+        d["param_choices"] = {k: tuple(v) for k, v in d["param_choices"].items()}
+        return TuneOptions(**d)
+
+    def space(self) -> SearchSpace:
+        return SearchSpace().narrowed({k: list(v) for k, v in self.param_choices.items()})
+
+    def gate_workers(self) -> int:
+        if self.parallel is not None:
+            return max(1, self.parallel)
+        if self.interpret:
+            return 1
+        # Compiles are CPU-bound; keep one core for the study process and one for the timing worker's launches.
+        per_gpu = max(1, (os.cpu_count() or 4) - 2) // max(1, len(self.gpus or (0,)))
+        return max(1, per_gpu)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    profile_path: Path | None
+    entries: tuple[table.Entry, ...]
+    notes: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers
+
+
+def worker_env(gpu: int | None, interpret: bool) -> dict[str, str]:
+    from tuner.device import NVML_INDEX_ENV
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env.pop("TRITON_INTERPRET", None)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            env[NVML_INDEX_ENV] = str(gpu)
+    return env
+
+
+class WorkerEvaluator:
+    """The :class:`tuner.study.Evaluator` of a real run: a pool of gate workers and one timing worker."""
+
+    def __init__(self, options: TuneOptions, gpu: int | None, log_dir: Path) -> None:
+        env = worker_env(gpu, options.interpret)
+        self.options = options
+        tag = "cpu" if gpu is None else f"gpu{gpu}"
+        self.gates = WorkerPool(options.gate_workers(), lambda i: WorkerProcess(f"{tag}-gate{i}", env, log_dir))
+        self.timer = WorkerPool(1, lambda i: WorkerProcess(f"{tag}-time", env, log_dir))
+        self.parallel = self.gates.size
+
+    def gate(self, shape: Shape, gate_shape_: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        req = {"op": "gate", "shape": dataclasses.asdict(shape), "gate_shape": dataclasses.asdict(gate_shape_),
+               "params": dict(params)}
+        return self.gates.submit(req, self.options.gate_timeout_s)
+
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        req = {"op": "time", "shape": dataclasses.asdict(shape), "params": dict(params)}
+        return self.timer.submit(req, self.options.time_timeout_s)
+
+    def call_timer(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        return self.timer.call(req, timeout)
+
+    def abandon(self) -> None:
+        for w in [*self.gates.workers, *self.timer.workers]:
+            w.kill()
+
+    def close(self) -> None:
+        self.gates.close()
+        self.timer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specs, budget
+
+
+def existing_profile(path: Path) -> tuple[table.Profile | None, list[str]]:
+    if not path.exists():
+        return None, []
+    return table.load_profile(path)
+
+
+def build_specs(options: TuneOptions, existing: table.Profile | None) -> list[study_mod.StudySpec]:
+    space = options.space()
+    if options.sampler not in study_mod.SAMPLERS:
+        raise ValueError(f"--sampler: expected one of {list(study_mod.SAMPLERS)}, received {options.sampler!r}")
+    known = {e.key: e.config for e in existing.entries} if existing is not None else {}
+    specs = []
+    for shape in options.shapes:
+        key = table.entry_key(STAGE, shape)
+        warm = [default_config(shape).flat()]
+        if key in known:
+            warm.append(known[key].flat())
+        trials = options.trials
+        if options.sampler == "grid":
+            grid = list(space.grid(shape))
+            if len(grid) > study_mod.GRID_MAX_POINTS:
+                raise ValueError(
+                    f"--sampler grid: {len(grid)} feasible points at {shape.label()}, expected at most "
+                    f"{study_mod.GRID_MAX_POINTS}; narrow the space with --param NAME=V1,V2"
+                )
+            warm = warm + grid
+            trials = len(grid)
+        specs.append(
+            study_mod.StudySpec(
+                key=key, stage=STAGE, shape=shape, gate_shape=gate_shape(shape), space=space,
+                sampler=options.sampler, seed=options.seed, trials=trials, timeout_s=options.timeout_s,
+                warm_start=tuple(warm),
+            )
+        )
+    return specs
+
+
+def study_timeout(options: TuneOptions, started: float, remaining_studies: int, total_studies: int) -> float | None:
+    """This study's share of what is left of --budget-minutes (unused time of earlier studies flows on), after
+    keeping back the time the final re-time of every study and the roofs need (done by the parent process)."""
+    per_study = options.timeout_s
+    if options.budget_minutes is None:
+        return per_study
+    reserve_each = INTERPRET_FINALIZE_RESERVE_S if options.interpret else FINALIZE_RESERVE_S
+    reserve = reserve_each * total_studies + (0 if options.interpret else ROOFS_RESERVE_S)
+    left = options.budget_minutes * 60 - (time.monotonic() - started) - reserve
+    share = max(1.0, left / max(1, remaining_studies))
+    return share if per_study is None else min(per_study, share)
+
+
+def load_study(spec: study_mod.StudySpec, storage: optuna.storages.BaseStorage, worker_index: int) -> optuna.Study:
+    name = study_mod.study_name(spec.key, table.kernel_source_hash(), spec.space)
+    n_startup = min(10, max(3, spec.trials // 3))
+    # Each process sharing a study gets its own seed: identical seeds would propose identical points.
+    sampler = study_mod.make_sampler(spec.sampler, spec.seed + 1000 * worker_index, n_startup)
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize",
+                               load_if_exists=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finalize: the entry of one study
+
+
+def _params_key(p: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(p.items()))
+
+
+def finalize_entry(
+    study: optuna.Study, spec: study_mod.StudySpec, evaluator: WorkerEvaluator, notes: list[str]
+) -> table.Entry | None:
+    """Re-time the best ``top_k`` points and the default config interleaved, pick the winner, time its stages."""
+    options = evaluator.options
+    trials = study.get_trials(deepcopy=False)
+    complete = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and t.user_attrs.get("status") != "duplicate"),
+        key=lambda t: t.value,  # type: ignore[arg-type, return-value]
+    )
+    default = default_config(spec.shape)
+    if infeasibility(default, spec.shape) is not None:
+        notes.append(f"{spec.key}: the built-in default is infeasible here; entry skipped")
+        return None
+    dflat = default.flat()
+    default_ok = any(_params_key(t.params) == _params_key(dflat) for t in complete)
+    if not default_ok:
+        tried = [t for t in trials if _params_key(t.params) == _params_key(dflat) and t.state.is_finished()]
+        if tried and tried[-1].state != TrialState.COMPLETE and tried[-1].user_attrs.get("status") in study_mod.CONFIG_OUTCOMES:
+            notes.append(f"{spec.key}: the built-in default failed its gate ({tried[-1].user_attrs.get('reason')}); "
+                         "entry skipped: the kernels need fixing")
+            return None
+        out = evaluator.gates.call(
+            {"op": "gate", "shape": dataclasses.asdict(spec.shape), "gate_shape": dataclasses.asdict(spec.gate_shape),
+             "params": dflat}, options.gate_timeout_s)
+        if out.get("status") != "ok":
+            notes.append(f"{spec.key}: the built-in default failed its gate ({out.get('reason')}); entry skipped")
+            return None
+    if not complete:
+        notes.append(f"{spec.key}: no trial passed the gate; entry skipped")
+        return None
+    seen: set[tuple[tuple[str, Any], ...]] = set()
+    candidates: list[dict[str, Any]] = []
+    for t in complete:
+        k = _params_key(t.params)
+        if k not in seen and len(candidates) < options.top_k:
+            seen.add(k)
+            candidates.append(dict(t.params))
+    if _params_key(dflat) not in seen:
+        candidates.append(dflat)
+    shape_d = dataclasses.asdict(spec.shape)
+    # The re-time does top_k+1 configs × rounds blocks of the per-trial repetitions: allow it several trial timeouts.
+    out = evaluator.call_timer({"op": "retime", "shape": shape_d, "configs": candidates, "rounds": options.retime_rounds},
+                               options.time_timeout_s * (len(candidates) + 1))
+    if out.get("status") != "ok":
+        notes.append(f"{spec.key}: the final re-time failed ({out.get('status')}: {out.get('reason')}); entry skipped")
+        return None
+    timings = [table.Timing(**{k: t[k] for k in ("p20_ms", "p50_ms", "p80_ms", "spread")}) for t in out["timings"]]
+    best = min(range(len(candidates)), key=lambda i: timings[i].p50_ms)
+    i_def = next(i for i, c in enumerate(candidates) if _params_key(c) == _params_key(dflat))
+    winner = FwdConfig.from_flat(candidates[best])
+    stages = evaluator.call_timer({"op": "stages", "shape": shape_d, "configs": [candidates[best], dflat]},
+                                  options.time_timeout_s * 3)
+    if stages.get("status") != "ok":
+        notes.append(f"{spec.key}: stage timing failed ({stages.get('status')}: {stages.get('reason')}); entry skipped")
+        return None
+    c = study_mod.count(trials)
+    if best != 0:
+        notes.append(f"{spec.key}: the interleaved re-time picked candidate #{best + 1} over the search's best")
+    return table.Entry(
+        key=spec.key, stage=spec.stage, shape=spec.shape, config=winner,
+        timing=timings[best], default_timing=timings[i_def],
+        speedup=timings[i_def].p50_ms / timings[best].p50_ms,
+        stage_ms=dict(stages["stages"][0]), default_stage_ms=dict(stages["stages"][1]),
+        baseline_ms=None, trials=c.evaluated, failed=c.failed, pruned=c.pruned,
+    )
+
+
+def trial_records(study: optuna.Study, key: str) -> list[table.TrialRecord]:
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        out.append(table.TrialRecord(
+            key=key, number=t.number, state=t.state.name,
+            value_ms=t.value if t.state == TrialState.COMPLETE else None,
+            params=dict(t.params), reason=t.user_attrs.get("reason"),
+        ))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def output_path(options: TuneOptions, device: table.DeviceInfo) -> Path:
+    if options.output is not None:
+        return Path(options.output)
+    if options.interpret:
+        # An interpreter table must never land among the shipped ones.
+        return options.run_dir / f"{device.device_id}.json"
+    return table.profile_path(device.device_id)
+
+
+def _measure_roofs(evaluator: WorkerEvaluator, device: table.DeviceInfo, notes: list[str]) -> table.Roofs | None:
+    if evaluator.options.interpret:
+        return None
+    try:
+        import tuner.roofs  # noqa: F401 - written by the reports work; optional here
+    except ImportError as err:
+        notes.append(f"roofs not measured: tuner.roofs unavailable ({err})")
+        return None
+    out = evaluator.call_timer({"op": "roofs", "device": device.to_dict()}, ROOFS_RESERVE_S * 4)
+    if out.get("status") != "ok":
+        notes.append(f"roofs not measured: {out.get('status')}: {out.get('reason')}")
+        return None
+    return table.Roofs.from_dict(out["roofs"])
+
+
+def _spawn_children(options: TuneOptions, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+    assert options.gpus is not None
+    procs = []
+    for i, gpu in enumerate(options.gpus):
+        child = dataclasses.replace(options, gpus=(gpu,), search_only=True, progress=False,
+                                    parallel=options.gate_workers())
+        path = log_dir / f"options-gpu{gpu}.json"
+        path.write_text(child.to_json())
+        log = open(log_dir / f"search-gpu{gpu}.log", "ab")  # noqa: SIM115 - owned by the child
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tuner.run", str(path), str(i)], stdout=log, stderr=subprocess.STDOUT,
+            env=worker_env(None, options.interpret), cwd=str(REPO_ROOT),
+        ))
+        log.close()
+    return procs
+
+
+def _watch_children(
+    children: Sequence[subprocess.Popen[bytes]],
+    specs: Sequence[study_mod.StudySpec],
+    progresses: Sequence[study_mod.StudyProgress],
+    storage: optuna.storages.BaseStorage,
+    view: ProgressView,
+) -> None:
+    """Until every per-GPU search process exits, show each study's progress as read back from the storage."""
+    names = {s.key: study_mod.study_name(s.key, table.kernel_source_hash(), s.space) for s in specs}
+    while any(p.poll() is None for p in children):
+        time.sleep(2.0)
+        existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+        for spec, prog in zip(specs, progresses):
+            if names[spec.key] not in existing:
+                continue
+            st = optuna.load_study(study_name=names[spec.key], storage=storage)
+            c = study_mod.count(st.get_trials(deepcopy=False))
+            prog.phase = "search" if c.evaluated < spec.trials else "searched"
+            prog.done, prog.pruned, prog.failed, prog.best_ms = c.evaluated, c.pruned, c.failed, c.best_ms
+        view.update(force=True)
+
+
+def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.monotonic()
+    run_dir = Path(options.run_dir)
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    multi = options.gpus is not None and len(options.gpus) > 1
+    gpu = None if options.interpret else (options.gpus[0] if options.gpus else None)
+    device = detect_device(gpu, interpret=options.interpret)
+    out_path = output_path(options, device)
+    existing, warnings = existing_profile(out_path)
+    notes: list[str] = [*warnings]
+    specs = build_specs(options, existing)
+    storage = study_mod.open_storage(options.storage, run_dir)
+    evaluator = WorkerEvaluator(options, gpu, log_dir)
+    progresses = [study_mod.StudyProgress(s.key, s.trials, phase="waiting") for s in specs]
+    title = f"gdn2-tune on {device.name} ({options.sampler}, {evaluator.parallel} gate workers)"
+    entries: list[table.Entry] = []
+    records: list[table.TrialRecord] = []
+    view = ProgressView(progresses, title=title, enabled=options.progress)
+    try:
+        with view:
+            children = []
+            if multi:
+                # Create the studies and their warm starts before the children start, so that they do not race
+                # to create the same study or enqueue the same points.
+                for spec in specs:
+                    study_mod.enqueue_points(load_study(spec, storage, worker_index), spec.warm_start,
+                                             {"warm_start": True})
+                children = _spawn_children(options, log_dir)
+            for i, (spec, prog) in enumerate(zip(specs, progresses)):
+                if not multi:
+                    study = load_study(spec, storage, worker_index)
+                    timeout = study_timeout(options, started, len(specs) - i, len(specs))
+                    spec = dataclasses.replace(spec, timeout_s=timeout)
+                    prog.started, prog.phase = time.monotonic(), "search"
+                    prog.clocks = telemetry(gpu, interpret=options.interpret).short()
+                    study_mod.run_study(study, spec, evaluator, progress=prog, on_update=view.update)
+            if multi:
+                _watch_children(children, specs, progresses, storage, view)
+                for p in children:
+                    if p.returncode:
+                        notes.append(f"a per-GPU search process exited with code {p.returncode} (see {log_dir})")
+            if options.search_only:
+                return RunResult(None, (), tuple(notes))
+            for spec, prog in zip(specs, progresses):
+                study = load_study(spec, storage, worker_index)
+                prog.phase = "finalize"
+                view.update(force=True)
+                entry = finalize_entry(study, spec, evaluator, notes)
+                prog.phase = "done" if entry is not None else "no entry"
+                records.extend(trial_records(study, spec.key))
+                if entry is not None:
+                    entries.append(entry)
+                    prog.best_ms = entry.timing.p50_ms
+                view.update(force=True)
+            roofs = _measure_roofs(evaluator, device, notes)
+    finally:
+        evaluator.close()
+    profile = table.Profile(
+        schema_version=table.SCHEMA_VERSION, device=device, torch_version=_version("torch"),
+        triton_version=_version("triton"), kernel_hash=table.kernel_source_hash(),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), sampler=options.sampler,
+        budget={"trials": options.trials, "timeout_s": options.timeout_s, "budget_minutes": options.budget_minutes,
+                "seed": options.seed, "gpus": ",".join(map(str, options.gpus or ())) or None,
+                "gate_workers": evaluator.parallel, "top_k": options.top_k,
+                "wall_s": round(time.monotonic() - started, 1)},
+        interpret=options.interpret, roofs=roofs, entries=tuple(entries), trials=tuple(records),
+    )
+    profile = merge_with_existing(profile, existing, out_path, notes)
+    table.save_profile(profile, out_path)
+    for e in entries:
+        view.log(f"{e.key}: {e.config.label()}  {e.timing.p50_ms:.4f} ms (default {e.default_timing.p50_ms:.4f} ms, "
+                 f"x{e.speedup:.2f}, spread {e.timing.spread:.1%})")
+    for n in notes:
+        view.log(f"note: {n}")
+    view.log(f"wrote {out_path}" + (" (interpreter run: timings mean nothing)" if options.interpret else ""))
+    return RunResult(out_path, tuple(entries), tuple(notes))
+
+
+def merge_with_existing(
+    new: table.Profile, existing: table.Profile | None, path: Path, notes: list[str]
+) -> table.Profile:
+    """Keep the faster entry per key; the new run's study history replaces the old one for the keys it tuned."""
+    if existing is None:
+        return new
+    keys = {t.key for t in new.trials} | {e.key for e in new.entries}
+    old = dataclasses.replace(existing, trials=tuple(t for t in existing.trials if t.key not in keys))
+    try:
+        merged, merge_notes = table.merge_profiles([old, new], names=[f"existing {path.name}", "this run"])
+    except ValueError as err:
+        notes.append(f"replaced {path} instead of merging: {err}")
+        return new
+    notes.extend(merge_notes)
+    return merged
+
+
+def _version(module: str) -> str:
+    try:
+        return str(__import__(module).__version__)
+    except ImportError:
+        return "missing"
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """``python -m tuner.run OPTIONS.json INDEX``: a per-GPU search process of a multi-GPU run."""
+    options = TuneOptions.from_json(Path(argv[0]).read_text())
+    tune(options, worker_index=int(argv[1]) + 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,440 @@
+"""One Optuna study per (stage, shape bucket): the search loop, its storage, and resuming it after a kill.
+
+The loop asks the sampler for points, rejects infeasible ones at once (pruned, with the constraint's reason),
+sends the others to an :class:`Evaluator` (worker processes that gate and compile in parallel, then time one at
+a time on the GPU) and tells the study each outcome. Everything a trial learns is stored as user attributes:
+``status`` (ok, infeasible, duplicate, wrong_answer, compile_error, out_of_resources, timeout, crash, fault,
+interrupted, ...), ``reason``, the timing quantiles and the NVML telemetry of its measurement.
+
+Budget: ``trials`` counts evaluated trials (those that reached a worker), summed over every process working on
+the study, so a resumed or shared study stops at the same total. Infeasible and duplicate points cost nothing and
+do not count; a cap on asks keeps a tiny or exhausted space from looping.
+
+Outcome → Optuna state: ok → COMPLETE (value: median ms). A property of the config (infeasible, compile error,
+out of resources, wrong answer) → PRUNED, which TPE reads as "bad region". An event (timeout, crash, fault,
+interruption) → FAIL, which samplers ignore.
+
+Resume: a trial left RUNNING by a process that no longer exists (killed, machine lost) is failed with status
+"interrupted" and its point enqueued again, so it is measured exactly once more and never counted twice.
+A trial's ``owner`` is ``host:pid:start-time`` of its process; on this host a dead pid identifies it at once,
+on another host a heartbeat older than :data:`STALE_AFTER_S` does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from kernels.config import Shape
+from tuner.space import SearchSpace
+
+STALE_AFTER_S = 600.0  # no heartbeat for this long: the owner on another host is gone
+HEARTBEAT_EVERY_S = 60.0
+# Outcomes that describe the config (deterministic: measuring again gives the same answer).
+CONFIG_OUTCOMES = ("infeasible", "compile_error", "out_of_resources", "wrong_answer", "out_of_memory", "error")
+# Asks per evaluated trial before the loop concludes the sampler only proposes infeasible or known points.
+MAX_ASKS_PER_TRIAL = 40
+# After the study's deadline, in-flight evaluations get this long to finish before they are abandoned.
+DRAIN_S = 15.0
+SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
+GRID_MAX_POINTS = 20000  # beyond this an exhaustive study does not fit any budget: narrow it with --param
+
+
+class Evaluator(Protocol):
+    """Where points are measured: gate (compile + correctness) in parallel, time serially."""
+
+    parallel: int
+
+    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]: ...
+
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]: ...
+
+    def abandon(self) -> None:
+        """Stop whatever is in flight (kill the workers); their futures may then resolve to anything."""
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    key: str  # profiles.table.entry_key(stage, shape)
+    stage: str
+    shape: Shape
+    gate_shape: Shape
+    space: SearchSpace
+    sampler: str
+    seed: int
+    trials: int  # evaluated trials the study should reach, over all processes
+    timeout_s: float | None  # for this process's search on this study
+    warm_start: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass
+class StudyProgress:
+    """What the progress display shows for one study; mutated by the loop, read by the display."""
+
+    key: str
+    target: int
+    done: int = 0
+    pruned: int = 0
+    failed: int = 0
+    best_ms: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+    clocks: str = "-"
+    phase: str = "search"
+
+    def eta_s(self) -> float | None:
+        if self.done <= 0:
+            return None
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * max(0, self.target - self.done)
+        if self.deadline is not None:
+            eta = min(eta, max(0.0, self.deadline - time.monotonic()))
+        return eta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storage and samplers
+
+
+def study_name(spec_key: str, kernel_hash: str, space: SearchSpace) -> str:
+    """Trials of other kernel sources or another (narrowed) space are not comparable: they get another study."""
+    from kernels.config import SPACE
+
+    name = f"{spec_key}@{kernel_hash}"
+    if space.params != SPACE:
+        narrowed = ";".join(f"{p.name}={','.join(map(str, p.values))}" for p in space.params)
+        name += f"#{narrowed}"
+    return name
+
+
+def open_storage(url: str | None, run_dir: Path) -> optuna.storages.BaseStorage:
+    """``None`` → a journal file under ``run_dir``; ``postgresql://...``/``sqlite:///...`` → RDB storage.
+
+    The journal backend appends one record per storage operation under a file lock, so a ``kill -9`` loses at
+    most the operation in progress and a rerun replays the rest.
+    """
+    if url is None or url.startswith("journal:") or url.endswith(".log"):
+        path = Path(url.removeprefix("journal:")) if url else Path(run_dir) / "studies.journal.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A lock file left by a killed process is broken after grace_period seconds (Optuna's default is 30).
+        lock = optuna.storages.journal.JournalFileOpenLock(str(path), grace_period=10)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock))
+    if "://" not in url:
+        raise ValueError(
+            f"--storage: expected postgresql://user@host/db, sqlite:///path or journal:PATH, received {url!r}"
+        )
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def make_sampler(name: str, seed: int, n_startup: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        # multivariate: tiles, warps and stages interact (a tile that is good with 8 warps is bad with 2);
+        # constant_liar: several points are in flight at once, and each should avoid the others.
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, constant_liar=True, n_startup_trials=n_startup,
+        )
+    if name == "gp":
+        try:
+            import scipy  # noqa: F401 - GPSampler's acquisition optimiser needs it
+        except ImportError as err:
+            raise ValueError("--sampler gp: needs scipy (pip install scipy); use --sampler tpe without it") from err
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup)
+    if name == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError as err:
+            raise ValueError("--sampler cmaes: needs the cmaes package (pip install cmaes)") from err
+        # Every parameter here is categorical, which CMA-ES cannot model: Optuna samples those with the
+        # independent sampler given here, so this is TPE per parameter in practice.
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=n_startup, independent_sampler=optuna.samplers.TPESampler(seed=seed),
+        )
+    if name in ("random", "grid"):
+        # grid: every feasible point is enqueued; the sampler only runs if the queue is somehow empty.
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"--sampler: expected one of {list(SAMPLERS)}, received {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trial ownership and staleness
+
+
+def _proc_start(pid: int) -> str:
+    """The start time of a process in clock ticks since boot: with the pid, it names a process uniquely."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def owner_token() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_proc_start(pid)}"
+
+
+def owner_alive(token: str) -> bool | None:
+    """True/False for an owner on this host; None when it is on another host (only the heartbeat can tell)."""
+    try:
+        host, pid_s, start = token.rsplit(":", 2)
+        pid = int(pid_s)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    return Path(f"/proc/{pid}").exists() and _proc_start(pid) == start
+
+
+def is_stale(trial: FrozenTrial, now: float | None = None) -> bool:
+    if trial.state != TrialState.RUNNING:
+        return False
+    alive = owner_alive(str(trial.user_attrs.get("owner", "")))
+    if alive is not None:
+        return not alive
+    beat = trial.user_attrs.get("heartbeat")
+    if beat is None:
+        beat = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return (now or time.time()) - float(beat) > STALE_AFTER_S
+
+
+def recover_stale(study: optuna.Study) -> list[int]:
+    """Fail every stale RUNNING trial (status "interrupted") and enqueue its point again. Returns their numbers."""
+    recovered = []
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t):
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+            storage.set_trial_user_attr(t._trial_id, "reason", "its process ended before the trial finished")
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process recovered it first; it also re-enqueued it
+        if t.params:
+            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+        recovered.append(t.number)
+    return recovered
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting
+
+
+def is_evaluated(t: FrozenTrial) -> bool:
+    """Reached a worker and finished with a verdict: what ``--trials`` counts."""
+    return t.state.is_finished() and bool(t.user_attrs.get("evaluated")) and t.user_attrs.get("status") != "interrupted"
+
+
+@dataclass(frozen=True)
+class Counts:
+    evaluated: int
+    running: int
+    pruned: int
+    failed: int
+    best_ms: float | None
+
+
+def count(trials: Sequence[FrozenTrial]) -> Counts:
+    evaluated = [t for t in trials if is_evaluated(t)]
+    complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return Counts(
+        evaluated=len(evaluated),
+        running=sum(1 for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("evaluated")),
+        pruned=sum(1 for t in trials if t.state == TrialState.PRUNED),
+        failed=sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("status") != "interrupted"),
+        best_ms=min(complete) if complete else None,
+    )
+
+
+def _freeze(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def enqueue_points(study: optuna.Study, points: Sequence[Mapping[str, Any]], attrs: Mapping[str, Any]) -> int:
+    """Enqueue the points no trial of the study has yet (of any state). Returns how many were enqueued."""
+    known = {_freeze(t.params) for t in study.get_trials(deepcopy=False)}
+    known |= {_freeze(t.system_attrs.get("fixed_params", {})) for t in study.get_trials(deepcopy=False)}
+    n = 0
+    for p in points:
+        if _freeze(p) not in known:
+            study.enqueue_trial(dict(p), user_attrs=dict(attrs))
+            known.add(_freeze(p))
+            n += 1
+    return n
+
+
+def run_study(
+    study: optuna.Study,
+    spec: StudySpec,
+    evaluator: Evaluator,
+    *,
+    progress: StudyProgress | None = None,
+    on_update: Callable[[], None] | None = None,
+    timeouts: tuple[float, float] = (300.0, 120.0),
+) -> Counts:
+    """Search until ``spec.trials`` evaluated trials exist, the deadline passes or the space is exhausted.
+
+    ``timeouts`` = (gate, time) seconds are enforced by the evaluator's workers; they are passed here only so
+    that the deadline drain knows what "stuck" means.
+    """
+    del timeouts
+    token = owner_token()
+    progress = progress or StudyProgress(spec.key, spec.trials)
+    t_start = time.monotonic()
+    deadline = None if spec.timeout_s is None else t_start + spec.timeout_s
+    progress.deadline = deadline
+    recover_stale(study)
+    space = spec.space.for_shape(spec.shape)
+    if spec.warm_start:
+        enqueue_points(study, [p for p in spec.warm_start if space.contains(p)], {"warm_start": True})
+    dists = space.distributions()
+
+    finished: dict[tuple[tuple[str, Any], ...], FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished() and t.user_attrs.get("status") not in ("interrupted", "duplicate"):
+            finished.setdefault(_freeze(t.params), t)
+
+    gating: dict[Future[dict[str, Any]], optuna.trial.Trial] = {}
+    queued: list[optuna.trial.Trial] = []  # passed the gate, waiting for the (single) timing worker
+    timing: dict[Future[dict[str, Any]], optuna.trial.Trial] = {}
+    inflight_params: set[tuple[tuple[str, Any], ...]] = set()
+    asks = 0
+    last_beat = time.time()
+
+    def refresh() -> Counts:
+        c = count(study.get_trials(deepcopy=False))
+        progress.done, progress.pruned, progress.failed, progress.best_ms = c.evaluated, c.pruned, c.failed, c.best_ms
+        if on_update is not None:
+            on_update()
+        return c
+
+    def finish(trial: optuna.trial.Trial, out: Mapping[str, Any], evaluated: bool = True) -> None:
+        status = str(out.get("status", "error"))
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("reason", out.get("reason"))
+        trial.set_user_attr("evaluated", evaluated)
+        for name in ("p20_ms", "p80_ms", "reps", "err_o", "err_state", "telemetry", "elapsed_s", "wall_s"):
+            if name in out and out[name] is not None:
+                value = out[name]
+                trial.set_user_attr(name, None if isinstance(value, float) and not math.isfinite(value) else value)
+        if out.get("telemetry"):
+            from tuner.device import Telemetry
+
+            progress.clocks = Telemetry.from_dict(out["telemetry"]).short()
+        if status == "ok":
+            frozen = study.tell(trial, float(out["p50_ms"]))
+        elif status in CONFIG_OUTCOMES:
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        else:
+            frozen = study.tell(trial, state=TrialState.FAIL)
+        inflight_params.discard(_freeze(trial.params))
+        if status != "duplicate":
+            finished.setdefault(_freeze(frozen.params), frozen)
+
+    def duplicate(trial: optuna.trial.Trial, of: FrozenTrial | None) -> None:
+        trial.set_user_attr("duplicate_of", None if of is None else of.number)
+        trial.set_user_attr("status", "duplicate")
+        trial.set_user_attr("evaluated", False)
+        if of is None:  # the same point is in flight right now: no value yet, and FAIL keeps it out of the model
+            trial.set_user_attr("reason", "duplicate of a point being measured")
+            study.tell(trial, state=TrialState.FAIL)
+        elif of.state == TrialState.COMPLETE:
+            trial.set_user_attr("reason", None)
+            study.tell(trial, of.value)
+        else:
+            trial.set_user_attr("reason", f"duplicate of trial {of.number}: {of.user_attrs.get('reason')}")
+            study.tell(trial, state=of.state)
+
+    c = refresh()
+    while True:
+        now = time.monotonic()
+        past_deadline = deadline is not None and now >= deadline
+        in_flight = len(gating) + len(queued) + len(timing)
+        # Ask ahead: keep every gate worker busy, but no more than that queued for timing, so that the sampler
+        # hears back about points before proposing many more.
+        while (
+            not past_deadline
+            and len(gating) < evaluator.parallel
+            and len(queued) < max(1, evaluator.parallel // 2)
+            and c.evaluated + c.running < spec.trials
+            and asks < MAX_ASKS_PER_TRIAL * max(1, spec.trials)
+        ):
+            asks += 1
+            trial = study.ask(dists)
+            trial.set_user_attr("owner", token)
+            params = dict(trial.params)
+            key = _freeze(params)
+            if key in finished:
+                duplicate(trial, finished[key])
+                continue
+            if key in inflight_params:
+                duplicate(trial, None)
+                continue
+            cfg, reason = spec.space.check(params, spec.shape)
+            if cfg is None:
+                finish(trial, {"status": "infeasible", "reason": reason}, evaluated=False)
+                continue
+            trial.set_user_attr("evaluated", True)  # counted as running by other processes sharing the study
+            trial.set_user_attr("heartbeat", time.time())
+            inflight_params.add(key)
+            gating[evaluator.gate(spec.shape, spec.gate_shape, params)] = trial
+            c = Counts(c.evaluated, c.running + 1, c.pruned, c.failed, c.best_ms)
+        if not timing and queued:
+            trial = queued.pop(0)
+            timing[evaluator.time(spec.shape, trial.params)] = trial
+        in_flight = len(gating) + len(queued) + len(timing)
+        if in_flight == 0:
+            c = refresh()
+            # Done, or nothing left to ask (budget met by running trials of other processes: wait for them).
+            if past_deadline or c.evaluated >= spec.trials or asks >= MAX_ASKS_PER_TRIAL * max(1, spec.trials):
+                break
+            if c.evaluated + c.running >= spec.trials:
+                time.sleep(0.5)
+                recover_stale(study)
+                c = refresh()
+                continue
+            continue
+        if past_deadline and now >= deadline + DRAIN_S:  # type: ignore[operator]
+            evaluator.abandon()
+            for trial in [*gating.values(), *queued, *timing.values()]:
+                # Not the config's fault: mark it interrupted (not counted) and enqueue it for the next run.
+                finish(trial, {"status": "interrupted", "reason": "study deadline passed while it was measured"}, False)
+                study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+            gating.clear(), queued.clear(), timing.clear()
+            break
+        done, _ = wait([*gating, *timing], timeout=1.0, return_when=FIRST_COMPLETED)
+        for fut in done:
+            out = fut.result()
+            if fut in gating:
+                trial = gating.pop(fut)
+                if out.get("status") == "ok":
+                    for name in ("err_o", "err_state"):
+                        if name in out:
+                            trial.set_user_attr(name, out[name])
+                    queued.append(trial)
+                else:
+                    finish(trial, out)
+            else:
+                finish(timing.pop(fut), out)
+        if time.time() - last_beat > HEARTBEAT_EVERY_S:
+            last_beat = time.time()
+            for trial in [*gating.values(), *queued, *timing.values()]:
+                trial.set_user_attr("heartbeat", last_beat)
+            recover_stale(study)
+        c = refresh()
+    return refresh()

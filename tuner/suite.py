@@ -1,0 +1,76 @@
+"""The benchmark suite: the shapes the tuner tunes by default and the benchmark script measures.
+
+One place, so that the shipped table covers exactly what BENCHMARKS.md reports.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kernels.config import DTYPES, MAX_HEAD_DIM, Shape
+
+# Sequences in the packed (varlen) member of the suite: uneven lengths from kernels.inputs.packed_lengths,
+# enough of them that some are shorter than a chunk and some span many chunks.
+PACKED_NUM_SEQS = 12
+
+SUITE: tuple[Shape, ...] = (
+    Shape(8, 4096, 16, 128, 128, "bf16"),  # the anchor
+    Shape(1, 32768, 16, 128, 128, "bf16"),
+    Shape(32, 1024, 16, 128, 128, "bf16"),
+    Shape(4, 4096, 32, 64, 64, "bf16"),
+    Shape(2, 8192, 16, 128, 256, "bf16"),
+    Shape(1, 2048, 16, 128, 128, "bf16"),
+    Shape(16, 2048, 8, 256, 256, "bf16"),
+    Shape(1, 32768, 16, 128, 128, "bf16", num_seqs=PACKED_NUM_SEQS),
+)
+ANCHOR = SUITE[0]
+
+# What --interpret tunes: the Triton interpreter runs every program instance in Python, so only a toy fits.
+# T = 40 leaves a partial chunk at chunk 32 and a single partial chunk at 64.
+INTERPRET_SHAPE = Shape(1, 40, 1, 32, 32, "fp32")
+
+_SHAPE_RE = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+)x(\d+)(?::([a-z0-9]+))?(?::varlen(\d+))?")
+SHAPE_SYNTAX = "BxTxHxKxV[:dtype][:varlenN], e.g. 8x4096x16x128x128:bf16 or 1x32768x16x128x128:bf16:varlen12"
+
+
+def parse_shape(text: str) -> Shape:
+    """``"8x4096x16x128x128:bf16"`` -> Shape; ``":varlen12"`` makes a packed batch of 12 sequences (B must be 1)."""
+    m = _SHAPE_RE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"--shapes: expected {SHAPE_SYNTAX}, received {text!r}")
+    B, T, H, K, V = (int(m.group(i)) for i in range(1, 6))
+    dtype = m.group(6) or "bf16"
+    if dtype not in DTYPES:
+        raise ValueError(f"--shapes: expected dtype one of {sorted(DTYPES)}, received {dtype!r} in {text!r}")
+    if min(B, T, H, K, V) < 1:
+        raise ValueError(f"--shapes: expected every size >= 1, received {text!r}")
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        raise ValueError(f"--shapes: expected K and V <= {MAX_HEAD_DIM}, received K={K}, V={V} in {text!r}")
+    num_seqs = int(m.group(7)) if m.group(7) else None
+    if num_seqs is not None:
+        if B != 1:
+            raise ValueError(f"--shapes: a packed batch (:varlenN) needs B == 1, received B={B} in {text!r}")
+        if not 1 <= num_seqs <= T:
+            raise ValueError(f"--shapes: expected 1 <= N <= T in :varlenN, received N={num_seqs}, T={T}")
+    return Shape(B, T, H, K, V, dtype, num_seqs)
+
+
+def format_shape(shape: Shape) -> str:
+    """The inverse of :func:`parse_shape`."""
+    tail = f":varlen{shape.num_seqs}" if shape.num_seqs else ""
+    return f"{shape.B}x{shape.T}x{shape.H}x{shape.K}x{shape.V}:{shape.dtype}{tail}"
+
+
+def gate_shape(shape: Shape) -> Shape:
+    """The small shape the correctness gate compares with the float64 reference.
+
+    Same K, V, dtype and layout (dense or packed) as ``shape``, so the gate runs the same kernel variants; T is
+    not a multiple of any chunk length (a partial last chunk), B > 1 (batch indexing), H > 1 (head indexing).
+    The reference loops over tokens in Python, so T stays small. Tuned shapes already this small are gated
+    as they are.
+    """
+    if shape.B * shape.T * shape.H <= 2 * 100 * 2:
+        return shape
+    if shape.num_seqs is not None:
+        return Shape(1, 200, 2, shape.K, shape.V, shape.dtype, num_seqs=3)
+    return Shape(2, 100, 2, shape.K, shape.V, shape.dtype)

@@ -1,0 +1,289 @@
+"""Worker processes: each config is compiled, gated and timed in a child process that the tuner can kill.
+
+A CUDA fault poisons the context of the process it happens in, and a hung kernel never returns, so the study
+process never launches a kernel itself. It talks to long-lived children over pipes, one JSON object per line:
+
+    parent ─► {"op": "gate", "shape": ..., "gate_shape": ..., "params": ...}   ─► child
+    parent ◄─ {"status": "ok" | "wrong_answer" | "compile_error" | ..., "reason": ..., ...} ◄─ child
+
+A child that faults answers once and exits; one that does not answer within the timeout is killed. Either way
+:class:`WorkerProcess` restarts it for the next request and the request is reported as an outcome ("fault",
+"timeout", "crash"), never raised. Children stay alive between requests so that torch, the CUDA context, the
+inputs of the current shape and the float64 reference are paid for once per study, not once per trial.
+
+Run as ``python -m tuner.worker``; ``--interpret`` children are started with TRITON_INTERPRET=1 by the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TextIO
+
+# Outcomes after which the child process must not be reused.
+FATAL = ("fault",)
+STDERR_TAIL_CHARS = 2000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The child side
+
+
+class _Child:
+    """State of one worker process: the device, and the inputs/reference of the shape it last served."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+        self.interpret = self.device == "cpu"
+        self._benches: dict[tuple[Any, bool], Any] = {}
+        self._references: dict[Any, Any] = {}
+
+    def bench(self, shape_d: Mapping[str, Any], strong_decay: bool = False) -> Any:
+        from kernels.config import Shape
+        from tuner.measure import Bench
+
+        shape = Shape(**shape_d)
+        key = (shape, strong_decay)
+        if key not in self._benches:
+            # One tuned shape at a time (plus its gate shape): the inputs of a suite shape are ~1 GB on the GPU.
+            if len(self._benches) >= 2:
+                self._benches.clear()
+                self._references.clear()
+                if not self.interpret:
+                    import torch
+
+                    torch.cuda.empty_cache()
+            self._benches[key] = Bench(shape, self.device, strong_decay=strong_decay)
+        return self._benches[key]
+
+    def reference(self, bench: Any) -> Any:
+        from kernels.reference import gdn2_reference
+
+        if bench.shape not in self._references:
+            x = bench.inputs
+            self._references[bench.shape] = gdn2_reference(
+                *x.args(), scale=bench.scale, initial_state=x.initial_state, cu_seqlens=x.cu_seqlens
+            )
+        return self._references[bench.shape]
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        from kernels.config import FwdConfig
+        from tuner import measure
+
+        op = req.get("op")
+        if op == "ping":
+            return {"status": "ok", "reason": None, "pid": os.getpid(), "device": self.device}
+        if op == "telemetry":
+            from tuner.device import telemetry
+
+            return {"status": "ok", "reason": None, "telemetry": telemetry(interpret=self.interpret).to_dict()}
+        if op == "roofs":
+            from profiles.table import DeviceInfo
+            from tuner.roofs import measure_roofs
+
+            return {"status": "ok", "reason": None, "roofs": measure_roofs(DeviceInfo.from_dict(req["device"])).to_dict()}
+
+        t0 = time.perf_counter()
+        if op == "gate":
+            cfg = FwdConfig.from_flat(req["params"])
+            gb = self.bench(req["gate_shape"], strong_decay=True)
+            out = measure.gate(gb, self.reference(gb), cfg)
+            if out["status"] == "ok" and req["gate_shape"] != req["shape"]:
+                out = {**out, **measure.warm(self.bench(req["shape"]), cfg)}
+        elif op == "time":
+            out = measure.time_config(self.bench(req["shape"]), FwdConfig.from_flat(req["params"]))
+        elif op == "retime":
+            cfgs = [FwdConfig.from_flat(p) for p in req["configs"]]
+            out = measure.retime(self.bench(req["shape"]), cfgs, int(req.get("rounds", 5)))
+        elif op == "stages":
+            cfgs = [FwdConfig.from_flat(p) for p in req["configs"]]
+            out = measure.stage_times(self.bench(req["shape"]), cfgs)
+        else:
+            return {"status": "error", "reason": f"unknown op {op!r}"}
+        out["elapsed_s"] = time.perf_counter() - t0
+        if op in ("time", "retime"):
+            from tuner.device import telemetry
+
+            out["telemetry"] = telemetry(interpret=self.interpret).to_dict()
+        return out
+
+
+def child_main(stdin: TextIO, reply: TextIO) -> int:
+    child: _Child | None = None
+    for line in stdin:
+        if not line.strip():
+            continue
+        fatal = False
+        try:
+            req = json.loads(line)
+            if child is None:
+                child = _Child()
+            out = child.handle(req)
+        except Exception as err:  # noqa: BLE001 - every failure becomes an answer; see the module docstring
+            from tuner.measure import classify
+
+            status, reason = classify(err)
+            traceback.print_exc(file=sys.stderr)
+            out = {"status": status, "reason": reason}
+            fatal = status in FATAL
+        reply.write(json.dumps(out, default=float) + "\n")
+        reply.flush()
+        if fatal:
+            return 3
+    return 0
+
+
+def main() -> int:
+    # Replies go to the original stdout; anything else that prints (Triton, torch, C libraries writing to fd 1)
+    # goes to stderr, so that it can never corrupt the reply stream.
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return child_main(sys.stdin, reply)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent side
+
+
+def worker_argv() -> list[str]:
+    return [sys.executable, "-m", "tuner.worker"]
+
+
+class WorkerProcess:
+    """One child, restarted on demand. :meth:`call` blocks and always returns a dict with "status" and "reason"."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log_dir: Path, argv: Sequence[str] | None = None) -> None:
+        self.name = name
+        self.env = dict(env)
+        self.argv = list(argv) if argv is not None else worker_argv()
+        self.log_path = Path(log_dir) / f"worker-{name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._proc: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.restarts = 0
+
+    def _start(self) -> None:
+        log = open(self.log_path, "a")  # noqa: SIM115 - owned by the child for its lifetime
+        log.write(f"--- start {time.strftime('%H:%M:%S')} ---\n")
+        log.flush()
+        self._proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+            env=self.env, cwd=os.getcwd(), start_new_session=True,  # own process group: kill takes its children
+        )
+        log.close()
+        self._lines = queue.Queue()
+        proc, lines = self._proc, self._lines
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True, name=f"pump-{self.name}").start()
+
+    def _stderr_tail(self) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        text = text[text.rfind("--- start") :]
+        return " | ".join(line.strip() for line in text.splitlines()[-6:] if line.strip())[-STDERR_TAIL_CHARS:]
+
+    def kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+
+    def call(self, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        if self._proc is None or self._proc.poll() is not None:
+            if self._proc is not None:
+                self.kill()
+                self.restarts += 1
+            self._start()
+        assert self._proc is not None and self._proc.stdin is not None
+        t0 = time.monotonic()
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.kill()
+            return {"status": "crash", "reason": f"worker {self.name} exited before the request: {self._stderr_tail()}"}
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            return {"status": "timeout", "reason": f"no answer within {timeout:.0f} s (hang or very slow compile)"}
+        if line is None:
+            code = self._proc.wait() if self._proc is not None else None
+            tail = self._stderr_tail()
+            self.kill()
+            return {"status": "crash", "reason": f"worker {self.name} died (exit code {code}): {tail}"}
+        try:
+            out = json.loads(line)
+        except json.JSONDecodeError:
+            self.kill()
+            return {"status": "crash", "reason": f"worker {self.name} sent an unreadable answer: {line[:200]!r}"}
+        out.setdefault("wall_s", time.monotonic() - t0)
+        if out.get("status") in FATAL:
+            self.kill()  # it exits by itself; make sure, and start a fresh one next time
+        return out
+
+
+class WorkerPool:
+    """``size`` workers behind a thread pool: :meth:`submit` runs a request on the next free one."""
+
+    def __init__(self, size: int, make: Callable[[int], WorkerProcess]) -> None:
+        self.workers = [make(i) for i in range(size)]
+        self._free: queue.Queue[WorkerProcess] = queue.Queue()
+        for w in self.workers:
+            self._free.put(w)
+        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="worker")
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+    def call(self, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        worker = self._free.get()
+        try:
+            return worker.call(request, timeout)
+        finally:
+            self._free.put(worker)
+
+    def submit(self, request: Mapping[str, Any], timeout: float) -> Future[dict[str, Any]]:
+        return self._executor.submit(self.call, request, timeout)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for w in self.workers:
+            w.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
