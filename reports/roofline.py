@@ -323,3 +323,14 @@ def build_report(profile: Profile) -> Report:
         entries=tuple(model_entry(e, roofs, theory) for e in sorted(profile.entries, key=lambda e: e.key)),
         note="; ".join(notes) or None,
     )
+
+
+def percent_of_roof(
+    shape: Shape, config: FwdConfig, stage: str, time_ms: float, device: DeviceInfo, roofs: Roofs | None = None
+) -> tuple[float | None, str | None]:
+    """(percent of the binding roof, its name) of one stage ("intra", "state") or the whole call ("total") timed
+    at ``time_ms``: what ``tune.py tune``'s live view can show as each stage finishes. (None, None) when the
+    device's roofs are unknown."""
+    theory = theoretical_roofs(theoretical_peaks(device))
+    point = stage_point(stage, time_ms, _costs(shape, config)[stage], combine(measured_roofs(roofs), theory), theory)
+    return point.pct_roof, point.bound

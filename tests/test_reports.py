@@ -145,3 +145,27 @@ def test_measured_roofs_on_an_unknown_gpu_still_classify() -> None:
     total = report.entries[0].point("total")
     assert total is not None and total.bound is not None and total.pct_roof is not None
     assert total.pct_theoretical is None
+
+
+def test_percent_of_roof_for_the_live_view() -> None:
+    from kernels.config import FwdConfig, Shape
+    from kernels.cost import stage_costs
+    from reports.roofline import percent_of_roof
+
+    shape = Shape(8, 4096, 16, 128, 128)
+    intra = stage_costs(shape, FwdConfig())["intra"]
+    floor_ms = intra.bytes_min / 3000e9 * 1e3  # memory-bound at the measured 3000 GB/s
+    pct, bound = percent_of_roof(shape, FwdConfig(), "intra", 2 * floor_ms, H100, Roofs(3000.0, 700.0, 400.0, 60.0))
+    assert bound == "memory" and pct == pytest.approx(50.0)
+    t4 = DeviceInfo("tesla-t4", "Tesla T4", "sm75", (7, 5), 40, 1590, 5001, 256, None)
+    assert percent_of_roof(shape, FwdConfig(), "intra", 1.0, t4) == (None, None)
+
+
+def test_measure_roofs_needs_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from tuner.roofs import measure_roofs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="expected a CUDA device"):
+        measure_roofs()
