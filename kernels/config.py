@@ -34,6 +34,13 @@ THREADS_PER_WARP = 32
 # K and V above this need tiles the intra stage cannot hold (the issue caps the op at 256).
 MAX_HEAD_DIM = 256
 
+# Triton 3.6 on an H100 faults (illegal memory access at launch) in the state kernel when its chunk loop is not
+# pipelined (num_stages=1) at chunk >= 64 with 16-bit operands: every such config of a 36-config matrix on
+# 2026-11-26 faulted, every other passed (benchmarks/fault_matrix.py). Known Triton bug class: triton-lang/triton
+# #10573 and #10486 (illegal memory access from kernels with several tl.dot on sm_90).
+STATE_MIN_STAGES_AT_LONG_CHUNKS = 2
+LONG_CHUNK = 64
+
 SOLVE_PRECISIONS = ("tf32", "tf32x3", "ieee")
 STATE_PRECISIONS = ("input", "tf32")
 
@@ -230,6 +237,13 @@ def state_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
     return None
 
 
+def state_pipelining_avoids_fault(cfg: FwdConfig, shape: Shape) -> str | None:
+    if shape.dtype != "fp32" and cfg.chunk >= LONG_CHUNK and cfg.state.num_stages < STATE_MIN_STAGES_AT_LONG_CHUNKS:
+        return (f"state.num_stages={cfg.state.num_stages} at chunk={cfg.chunk} with 16-bit inputs faults on "
+                f"triton 3.6 / sm_90 (needs >= {STATE_MIN_STAGES_AT_LONG_CHUNKS})")
+    return None
+
+
 def legal_values(cfg: FwdConfig, shape: Shape) -> str | None:
     for p in SPACE:
         value = cfg.flat()[p.name]
@@ -245,6 +259,7 @@ CONSTRAINTS: tuple[Callable[[FwdConfig, Shape], str | None], ...] = (
     intra_register_budget,
     state_register_budget,
     state_shared_memory,
+    state_pipelining_avoids_fault,
 )
 
 
@@ -265,7 +280,8 @@ def fit_to_shape(cfg: FwdConfig, shape: Shape) -> FwdConfig:
     state = dataclasses.replace(cfg.state, BV=min(cfg.state.BV, vp))
     cfg = dataclasses.replace(cfg, intra=intra, state=state)
     while infeasibility(cfg, shape) is not None:
-        if cfg.state.num_stages > 1:
+        floor = STATE_MIN_STAGES_AT_LONG_CHUNKS if shape.dtype != "fp32" and cfg.chunk >= LONG_CHUNK else 1
+        if cfg.state.num_stages > floor:
             cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, num_stages=cfg.state.num_stages - 1))
         elif cfg.chunk > min(SPACE[0].values):
             chunk = cfg.chunk // 2
