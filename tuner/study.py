@@ -133,7 +133,20 @@ def open_storage(url: str | None, run_dir: Path) -> optuna.storages.BaseStorage:
         raise ValueError(
             f"--storage: expected postgresql://user@host/db, sqlite:///path or journal:PATH, received {url!r}"
         )
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    return optuna.storages.RDBStorage(postgres_driver(url), engine_kwargs={"pool_pre_ping": True})
+
+
+def postgres_driver(url: str) -> str:
+    """Name the driver explicitly: SQLAlchemy 2.1 picks psycopg (3) for ``postgresql://``, while the GPU image and
+    CI install psycopg2-binary; whichever is importable is used."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    for module, dialect in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return dialect + url.removeprefix("postgresql")
+    raise ValueError(f"--storage {url}: needs a PostgreSQL driver; install psycopg2-binary or psycopg")
 
 
 def make_sampler(name: str, seed: int, n_startup: int) -> optuna.samplers.BaseSampler:
@@ -360,6 +373,15 @@ def run_study(
             trial.set_user_attr("reason", f"duplicate of trial {of.number}: {of.user_attrs.get('reason')}")
             study.tell(trial, state=of.state)
 
+    def running_elsewhere(number: int) -> set[tuple[tuple[str, Any], ...]]:
+        """Points other processes sharing the study are measuring now (a narrow race remains: two processes
+        asking the same point at the same instant both measure it)."""
+        return {
+            _freeze(t.params)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.number != number and t.user_attrs.get("evaluated")
+        }
+
     c = refresh()
     while True:
         now = time.monotonic()
@@ -382,7 +404,7 @@ def run_study(
             if key in finished:
                 duplicate(trial, finished[key])
                 continue
-            if key in inflight_params:
+            if key in inflight_params or key in running_elsewhere(trial.number):
                 duplicate(trial, None)
                 continue
             cfg, reason = spec.space.check(params, spec.shape)

@@ -1,0 +1,473 @@
+"""The tuner on a CPU: search logic replayed from recorded trials, infeasible points never compiled, worker
+failures and hangs recorded as outcomes, resume after kill -9, two processes on one PostgreSQL study, and the
+whole `tune.py tune --interpret` pipeline down to a loadable table."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from kernels.config import FwdConfig, Shape, default_config, infeasibility
+from profiles import table
+from tuner import study as study_mod
+from tuner.device import decode_throttle_reasons
+from tuner.measure import quantiles
+from tuner.replay import RecordedGrid, replay
+from tuner.space import SearchSpace, parse_param_choices
+from tuner.suite import INTERPRET_SHAPE, SUITE, format_shape, gate_shape, parse_shape
+from tuner.worker import WorkerPool, WorkerProcess
+
+REPO = Path(__file__).resolve().parent.parent
+ANCHOR = SUITE[0]
+# A space of a few dozen points at the interpreter shape: small enough that interpreter studies finish in seconds.
+TINY_PARAMS = [
+    "chunk=32,64", "intra.BC=16", "intra.BK=16,32", "intra.BV=32", "intra.num_warps=4", "intra.num_stages=1",
+    "intra.solve=tf32x3,ieee", "state.BV=16,32", "state.num_warps=4", "state.num_stages=1,2",
+    "state.precision=input",
+]
+
+
+def tune_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "tune.py"), "tune", "--interpret", "--no-progress", *args]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
+    e["TRITON_INTERPRET"] = "1"
+    return e
+
+
+def journal_study(run_dir: Path, key: str) -> optuna.Study:
+    storage = study_mod.open_storage(None, run_dir)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    name = next(n for n in names if n.startswith(key + "@"))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pieces
+
+
+@pytest.mark.parametrize(
+    "text, shape",
+    [
+        pytest.param("8x4096x16x128x128:bf16", Shape(8, 4096, 16, 128, 128, "bf16"), id="anchor"),
+        pytest.param("1x100x3x64x32:fp32", Shape(1, 100, 3, 64, 32, "fp32"), id="B1-T100-H3-K64-V32-fp32"),
+        pytest.param("1x32768x16x128x128:bf16:varlen12", Shape(1, 32768, 16, 128, 128, "bf16", 12), id="varlen"),
+    ],
+)
+def test_parse_shape_round_trips(text: str, shape: Shape) -> None:
+    assert parse_shape(text) == shape
+    assert parse_shape(format_shape(shape)) == shape
+
+
+@pytest.mark.parametrize("text", ["8x4096x16x128", "8x4096x16x128x128:bf8", "2x64x1x32x32:bf16:varlen3",
+                                  "1x64x1x512x32"])
+def test_parse_shape_rejects_with_the_argument_name(text: str) -> None:
+    with pytest.raises(ValueError, match="--shapes"):
+        parse_shape(text)
+
+
+def test_gate_shape_keeps_what_selects_kernel_variants() -> None:
+    for shape in SUITE:
+        g = gate_shape(shape)
+        assert (g.K, g.V, g.dtype, g.num_seqs is None) == (shape.K, shape.V, shape.dtype, shape.num_seqs is None)
+        assert g.T % 32 and g.T % 64 and g.T % 128, "the gate shape must end in a partial chunk"
+    assert gate_shape(INTERPRET_SHAPE) == INTERPRET_SHAPE
+
+
+def test_quantiles_and_throttle_decoding() -> None:
+    q = quantiles([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (q.p20_ms, q.p50_ms, q.p80_ms) == pytest.approx((1.8, 3.0, 4.2))
+    assert decode_throttle_reasons(0x4 | 0x40) == ("sw_power_cap", "hw_thermal_slowdown")
+    assert decode_throttle_reasons(0x10000) == ("unknown_0x10000",)
+
+
+def test_grid_is_exactly_the_feasible_product() -> None:
+    space = SearchSpace().narrowed(parse_param_choices(["chunk=32,64,128", "intra.num_stages=1", "intra.solve=tf32",
+                                                        "state.num_stages=1,4", "state.precision=input"]))
+    import itertools
+
+    names = [p.name for p in space.params]
+    brute = {
+        vals for vals in itertools.product(*(p.values for p in space.params))
+        if infeasibility(FwdConfig.from_flat(dict(zip(names, vals))), ANCHOR) is None
+    }
+    grid = {tuple(p[n] for n in names) for p in space.grid(ANCHOR)}
+    assert grid == brute and grid
+
+
+def test_for_shape_drops_only_values_no_feasible_point_takes() -> None:
+    space = SearchSpace().for_shape(INTERPRET_SHAPE)
+    values = {p.name: p.values for p in space.params}
+    assert values["intra.BK"] == (16, 32) and values["state.BV"] == (16, 32)  # K = V = 32
+    feasible = list(SearchSpace().narrowed(parse_param_choices(TINY_PARAMS)).grid(INTERPRET_SHAPE))
+    assert feasible and all(space.contains(p) for p in feasible)
+
+
+def test_param_narrowing_names_the_argument() -> None:
+    with pytest.raises(ValueError, match="--param"):
+        parse_param_choices(["chunks=64"])
+    with pytest.raises(ValueError, match="--param chunk"):
+        SearchSpace().narrowed({"chunk": [48]})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Search logic, replayed
+
+
+def synthetic_grid() -> RecordedGrid:
+    """A recorded grid at the anchor with the optimum far from the default config and a few failed points."""
+    space = SearchSpace().narrowed(parse_param_choices([
+        "chunk=32,64,128", "intra.BC=16,32", "intra.BK=32,64", "intra.BV=32,64", "intra.num_warps=4,8",
+        "intra.num_stages=1,2", "intra.solve=tf32x3", "state.BV=16,32,64", "state.num_warps=4,8",
+        "state.num_stages=1,2,3", "state.precision=input",
+    ]))
+
+    def cost(p: Mapping[str, Any]) -> float | None:
+        if p["intra.BV"] == 64 and p["state.BV"] == 16 and p["chunk"] == 32:
+            return None  # "wrong answer" region
+        c = {32: 1.3, 64: 1.1, 128: 1.0}[p["chunk"]]
+        c *= 1 + 0.1 * abs(math.log2(p["state.BV"]) - 6) + (0.08 if p["intra.num_warps"] == 4 or p["intra.BK"] == 32 else 0)
+        c *= 1 + 0.05 * (p["state.num_stages"] - 3) ** 2 + 0.03 * (p["intra.BC"] == 16) + 0.04 * (p["state.num_warps"] == 4)
+        return c
+
+    return RecordedGrid.from_records(ANCHOR, [(p, cost(p)) for p in space.grid(ANCHOR)])
+
+
+def test_replayed_tpe_reaches_the_grid_best_faster_than_random() -> None:
+    grid = synthetic_grid()
+    assert len(grid.values) > 500
+    tpe = replay(grid, sampler="tpe", seeds=range(3), max_trials=80)
+    rnd = replay(grid, sampler="random", seeds=range(3), max_trials=80)
+    assert all(n is not None for n in tpe.trials_to_target), tpe.summary()
+    assert tpe.median is not None and tpe.median <= 40, tpe.summary()
+    assert rnd.median is None or rnd.median > tpe.median, (tpe.summary(), rnd.summary())
+
+
+def test_replay_is_deterministic_per_seed() -> None:
+    grid = synthetic_grid()
+    a = replay(grid, seeds=(7,), max_trials=30)
+    b = replay(grid, seeds=(7,), max_trials=30)
+    assert a.trials_to_target == b.trials_to_target
+
+
+class RecordingEvaluator:
+    """Answers every point as valid, and remembers which points reached a worker."""
+
+    parallel = 2
+
+    def __init__(self) -> None:
+        self.gated: list[dict[str, Any]] = []
+
+    def _done(self, out: dict[str, Any]) -> Future[dict[str, Any]]:
+        f: Future[dict[str, Any]] = Future()
+        f.set_result(out)
+        return f
+
+    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        self.gated.append(dict(params))
+        return self._done({"status": "ok", "reason": None})
+
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        return self._done({"status": "ok", "reason": None, "p50_ms": 1.0 + 0.01 * params["chunk"] / 32})
+
+    def abandon(self) -> None:
+        pass
+
+
+def spec_for(shape: Shape, space: SearchSpace, trials: int, sampler: str = "random") -> study_mod.StudySpec:
+    return study_mod.StudySpec(
+        key=table.entry_key("fwd", shape), stage="fwd", shape=shape, gate_shape=shape, space=space,
+        sampler=sampler, seed=0, trials=trials, timeout_s=60, warm_start=(default_config(shape).flat(),),
+    )
+
+
+def test_infeasible_points_are_pruned_with_a_reason_before_any_compile() -> None:
+    # At K = V = 32 most of the full space is infeasible; a random sampler proposes plenty of such points.
+    shape = INTERPRET_SHAPE
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    ev = RecordingEvaluator()
+    counts = study_mod.run_study(study, spec_for(shape, SearchSpace(), trials=12), ev)
+    assert counts.evaluated == 12
+    assert all(infeasibility(FwdConfig.from_flat(p), shape) is None for p in ev.gated)
+    infeasible = [t for t in study.trials if t.user_attrs.get("status") == "infeasible"]
+    assert infeasible, "the random sampler should have proposed infeasible points"
+    for t in infeasible:
+        assert t.state == TrialState.PRUNED
+        assert t.user_attrs["reason"] == infeasibility(FwdConfig.from_flat(t.params), shape)
+        assert not t.user_attrs["evaluated"]
+    assert study.trials[0].params == default_config(shape).flat(), "the default config is the first trial"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Isolation: failing and hanging workers
+
+FAKE_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    for line in sys.stdin:
+        req = json.loads(line)
+        p = req.get("params", {})
+        if req["op"] == "gate":
+            if p.get("state.BV") == 16 and p.get("chunk") == 32:
+                time.sleep(60)          # a hang: the parent's timeout must fire
+            if p.get("state.BV") == 16 and p.get("chunk") == 64:
+                os._exit(7)             # a crash (as after a CUDA fault)
+            if p.get("state.BV") == 32 and p.get("chunk") == 32 and p.get("state.num_stages") == 2:
+                out = {"status": "fault", "reason": "CUDA error: an illegal memory access was encountered"}
+            else:
+                out = {"status": "ok", "reason": None}
+        else:
+            out = {"status": "ok", "reason": None, "p50_ms": 1.0 + p["state.num_stages"], "p20_ms": 1.0,
+                   "p80_ms": 9.0, "telemetry": {"sm_clock_mhz": 1980, "mem_clock_mhz": 2619,
+                                                "throttle_reasons": [], "temperature_c": 50, "power_w": 300.0}}
+        sys.stdout.write(json.dumps(out) + "\\n")
+        sys.stdout.flush()
+        if out["status"] == "fault":
+            sys.exit(3)
+""")
+
+
+class FakeEvaluator:
+    def __init__(self, script: Path, log_dir: Path, timeout: float) -> None:
+        argv = [sys.executable, str(script)]
+        self.gates = WorkerPool(2, lambda i: WorkerProcess(f"fake-gate{i}", os.environ, log_dir, argv))
+        self.timer = WorkerPool(1, lambda i: WorkerProcess("fake-time", os.environ, log_dir, argv))
+        self.parallel = 2
+        self.timeout = timeout
+
+    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        return self.gates.submit({"op": "gate", "params": dict(params)}, self.timeout)
+
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        return self.timer.submit({"op": "time", "params": dict(params)}, self.timeout)
+
+    def abandon(self) -> None:
+        for w in [*self.gates.workers, *self.timer.workers]:
+            w.kill()
+
+    def close(self) -> None:
+        self.gates.close()
+        self.timer.close()
+
+
+def test_hangs_crashes_and_faults_are_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    space = SearchSpace().narrowed(parse_param_choices(TINY_PARAMS))
+    points = list(space.grid(INTERPRET_SHAPE))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    # Every point of the tiny grid, in an order that puts bad ones first: the study must get through all of them.
+    bad_first = sorted(points, key=lambda p: (p["state.BV"] != 16, p["chunk"]))
+    spec = study_mod.StudySpec(
+        key="fwd/test", stage="fwd", shape=INTERPRET_SHAPE, gate_shape=INTERPRET_SHAPE, space=space,
+        sampler="random", seed=0, trials=len(points), timeout_s=120, warm_start=tuple(bad_first),
+    )
+    ev = FakeEvaluator(script, tmp_path / "logs", timeout=1.5)
+    try:
+        t0 = time.monotonic()
+        counts = study_mod.run_study(study, spec, ev)
+        elapsed = time.monotonic() - t0
+    finally:
+        ev.close()
+    by_status: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for t in study.trials:
+        by_status.setdefault(t.user_attrs.get("status", "?"), []).append(t)
+    n_hang = sum(1 for p in points if p["state.BV"] == 16 and p["chunk"] == 32)
+    n_crash = sum(1 for p in points if p["state.BV"] == 16 and p["chunk"] == 64)
+    assert len(by_status.get("timeout", [])) == n_hang
+    assert len(by_status.get("crash", [])) == n_crash
+    assert len(by_status.get("fault", [])) >= 1
+    for status in ("timeout", "crash", "fault"):
+        for t in by_status[status]:
+            assert t.state == TrialState.FAIL and t.user_attrs["reason"], (status, t.user_attrs)
+    assert "exit code 7" in by_status["crash"][0].user_attrs["reason"]
+    ok = by_status["ok"]
+    assert ok and all(t.state == TrialState.COMPLETE for t in ok)
+    assert ok[0].user_attrs["telemetry"]["sm_clock_mhz"] == 1980
+    assert counts.evaluated == len(points)
+    # Two gate workers wait out the hangs in parallel: the timeouts bound the run.
+    assert elapsed < 1.5 * n_hang + 30
+
+
+def test_real_worker_answers_errors_and_survives(tmp_path: Path) -> None:
+    w = WorkerProcess("real", env(), tmp_path)
+    try:
+        out = w.call({"op": "gate", "shape": {}, "gate_shape": {}, "params": {"chunk": 64}}, timeout=120)
+        assert out["status"] == "error" and "intra" in out["reason"]
+        pong = w.call({"op": "ping"}, timeout=60)
+        assert pong["status"] == "ok" and w.restarts == 0
+    finally:
+        w.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole runs through tune.py (interpreter)
+
+
+def test_tune_interpret_writes_a_loadable_profile(tmp_path: Path) -> None:
+    out = tmp_path / "table.json"
+    r = subprocess.run(tune_cmd("--trials", "3", "--run-dir", str(tmp_path / "run"), "--output", str(out)),
+                       env=env(), capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    profile, warnings = table.load_profile(out)
+    assert profile is not None and not warnings, warnings
+    assert profile.interpret and profile.device.device_id == "cpu-interpreter"
+    (entry,) = profile.entries
+    assert entry.key == table.entry_key("fwd", INTERPRET_SHAPE)
+    assert entry.trials == 3 and set(entry.stage_ms) == {"intra", "state"}
+    assert entry.default_timing.p50_ms > 0 and entry.speedup > 0
+    assert [t.number for t in profile.trials] == sorted({t.number for t in profile.trials})
+    assert sum(1 for t in profile.trials if t.state == "COMPLETE") >= 3
+
+    shown = subprocess.run([sys.executable, str(REPO / "tune.py"), "show", str(out)], env=env(), capture_output=True,
+                           text=True, timeout=120, cwd=REPO, check=False)
+    assert shown.returncode == 0 and "INTERPRETER" in shown.stdout, shown.stdout + shown.stderr
+    merged = tmp_path / "merged.json"
+    m = subprocess.run([sys.executable, str(REPO / "tune.py"), "merge", str(out), str(out), "-o", str(merged)],
+                       env=env(), capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert m.returncode == 0 and "kept" in m.stdout, m.stdout + m.stderr
+    assert table.load_profile(merged)[0] is not None
+
+
+def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    trials = 8
+    args = tune_cmd("--trials", str(trials), "--run-dir", str(run_dir), *[a for p in TINY_PARAMS for a in ("--param", p)])
+    key = table.entry_key("fwd", INTERPRET_SHAPE)
+    proc = subprocess.Popen(args, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    before: list[optuna.trial.FrozenTrial] = []
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            if not (run_dir / "studies.journal.log").exists():
+                continue
+            try:
+                st = journal_study(run_dir, key)
+            except StopIteration:
+                continue
+            if sum(1 for t in st.trials if t.state == TrialState.COMPLETE) >= 3:
+                break
+        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = journal_study(run_dir, key).trials
+    complete_before = {t.number: (t.params, t.value) for t in before if t.state == TrialState.COMPLETE}
+    assert len(complete_before) >= 3
+
+    r = subprocess.run(args, env=env(), cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = journal_study(run_dir, key).trials
+    # Nothing completed before the kill is lost or changed.
+    for number, (params, value) in complete_before.items():
+        assert after[number].state == TrialState.COMPLETE and (after[number].params, after[number].value) == (params, value)
+    assert not [t for t in after if t.state == TrialState.RUNNING]
+    evaluated = [t for t in after if study_mod.is_evaluated(t)]
+    assert len(evaluated) == trials, [(t.number, t.state, t.user_attrs.get("status")) for t in after]
+    # No point measured twice: a duplicate proposal is answered from the record, an interrupted trial is retried once.
+    measured = [study_mod._freeze(t.params) for t in evaluated]
+    assert len(measured) == len(set(measured))
+    for t in after:
+        if t.user_attrs.get("status") == "interrupted":
+            assert any(u.user_attrs.get("retry_of") == t.number for u in after)
+    profile, _ = table.load_profile(run_dir / "cpu-interpreter.json")
+    assert profile is not None and profile.entries[0].trials == trials
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PostgreSQL: two worker processes on one study
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_user(user: str | None, cmd: list[str]) -> list[str]:
+    return cmd if user is None else ["runuser", "-u", user, "--", *cmd]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN} (.ci/run installs them)")
+    pytest.importorskip("psycopg2", reason="psycopg2-binary is needed for postgresql:// storage")
+    user = None
+    if os.geteuid() == 0:
+        # The server refuses to run as root: run it as the postgres system user (created if missing).
+        user = "postgres"
+        exists = subprocess.run(["id", user], capture_output=True, check=False).returncode == 0
+        if not exists and subprocess.run(["useradd", "--system", "--no-create-home", user], capture_output=True,
+                                         check=False).returncode:
+            pytest.skip("running as root and cannot create a postgres user for the server")
+    base = Path(tempfile.mkdtemp(prefix="gdn2-pg-"))
+    data = base / "data"
+    base.chmod(0o755)
+    if user is not None:
+        shutil.chown(base, user)
+    port = _free_port()
+    try:
+        subprocess.run(_as_user(user, [str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "tuner",
+                                       "--no-sync"]), check=True, capture_output=True)
+        subprocess.run(_as_user(user, [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w",
+                                       "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
+                                       "start"]), check=True, capture_output=True, timeout=60)
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="tuner", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE tune")
+        conn.close()
+        yield f"postgresql://tuner@127.0.0.1:{port}/tune"
+    finally:
+        subprocess.run(_as_user(user, [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+                       check=False, capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_processes_share_one_postgres_study(tmp_path: Path, postgres_url: str) -> None:
+    trials = 8
+    procs = []
+    for i in range(2):
+        args = tune_cmd("--trials", str(trials), "--storage", postgres_url, "--run-dir", str(tmp_path / f"run{i}"),
+                        "--seed", str(i), *[a for p in TINY_PARAMS for a in ("--param", p)])
+        procs.append(subprocess.Popen(args, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    storage = optuna.storages.RDBStorage(study_mod.postgres_driver(postgres_url))
+    (summary,) = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    all_trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    numbers = [t.number for t in all_trials]
+    assert numbers == list(range(len(all_trials))), "every trial is recorded once, numbered once"
+    assert not [t for t in all_trials if not t.state.is_finished()]
+    evaluated = [t for t in all_trials if study_mod.is_evaluated(t)]
+    # Both processes count each other's running trials; only two asks at the very same instant can overshoot.
+    assert trials <= len(evaluated) <= trials + 1
+    owners = {t.user_attrs["owner"] for t in evaluated}
+    assert len(owners) == 2, "both processes measured trials"
