@@ -86,10 +86,17 @@ def test_parse_shape_rejects_with_the_argument_name(text: str) -> None:
 
 
 def test_gate_shape_keeps_what_selects_kernel_variants() -> None:
+    from tuner.suite import _specialization
+
+    chunks = (32, 64, 128)
     for shape in SUITE:
         g = gate_shape(shape)
-        assert (g.K, g.V, g.dtype, g.num_seqs is None) == (shape.K, shape.V, shape.dtype, shape.num_seqs is None)
-        assert g.T % 32 and g.T % 64 and g.T % 128, "the gate shape must end in a partial chunk"
+        assert (g.K, g.V, g.H, g.dtype, g.num_seqs is None) == (shape.K, shape.V, shape.H, shape.dtype,
+                                                                 shape.num_seqs is None)
+        # Same Triton specialization of T and NT: the gate compiles the kernels the tuned shape runs.
+        assert _specialization(g.T, chunks) == _specialization(shape.T, chunks)
+        assert g.T % 32, "the gate shape must end in a partial chunk"
+        assert g.B * g.T <= 2048, "the float64 reference must stay cheap"
     assert gate_shape(INTERPRET_SHAPE) == INTERPRET_SHAPE
 
 

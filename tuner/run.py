@@ -135,7 +135,8 @@ class WorkerEvaluator:
     def __init__(self, options: TuneOptions, gpu: int | None, log_dir: Path) -> None:
         env = worker_env(gpu, options.interpret)
         self.options = options
-        tag = "cpu" if gpu is None else f"gpu{gpu}"
+        # The pid keeps the logs of several search processes sharing a run dir apart.
+        tag = f"{'cpu' if gpu is None else f'gpu{gpu}'}-{os.getpid()}"
         self.gates = WorkerPool(options.gate_workers(), lambda i: WorkerProcess(f"{tag}-gate{i}", env, log_dir))
         self.timer = WorkerPool(1, lambda i: WorkerProcess(f"{tag}-time", env, log_dir))
         self.parallel = self.gates.size

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +48,8 @@ MAX_ASKS_PER_TRIAL = 40
 # After the study's deadline, in-flight evaluations get this long to finish before they are abandoned.
 DRAIN_S = 15.0
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
-GRID_MAX_POINTS = 20000  # beyond this an exhaustive study does not fit any budget: narrow it with --param
+GRID_MAX_POINTS = 20000
+RDB_INIT_ATTEMPTS = 5  # beyond this an exhaustive study does not fit any budget: narrow it with --param
 
 
 class Evaluator(Protocol):
@@ -133,7 +135,16 @@ def open_storage(url: str | None, run_dir: Path) -> optuna.storages.BaseStorage:
         raise ValueError(
             f"--storage: expected postgresql://user@host/db, sqlite:///path or journal:PATH, received {url!r}"
         )
-    return optuna.storages.RDBStorage(postgres_driver(url), engine_kwargs={"pool_pre_ping": True})
+    # Processes started together race to create Optuna's schema (one fails on "type studydirection already
+    # exists"); the loser retries once the winner's tables are committed.
+    for attempt in range(RDB_INIT_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(postgres_driver(url), engine_kwargs={"pool_pre_ping": True})
+        except Exception as err:  # noqa: BLE001 - sqlalchemy's error classes vary by driver
+            if attempt == RDB_INIT_ATTEMPTS - 1 or not any(w in str(err).lower() for w in ("exist", "duplicate")):
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
 
 
 def postgres_driver(url: str) -> str:

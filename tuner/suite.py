@@ -61,16 +61,41 @@ def format_shape(shape: Shape) -> str:
     return f"{shape.B}x{shape.T}x{shape.H}x{shape.K}x{shape.V}:{shape.dtype}{tail}"
 
 
+def _specialization(T: int, chunks: tuple[int, ...]) -> tuple[bool, ...]:
+    """What Triton keys a compiled kernel on for the runtime ints T and NT = cdiv(T, chunk): divisibility by 16
+    and equality to 1 (its default integer specialization). Two T with equal signatures share compiled kernels."""
+    out = [T % 16 == 0, T == 1]
+    for c in chunks:
+        nt = -(-T // c)
+        out += [nt % 16 == 0, nt == 1]
+    return tuple(out)
+
+
+# Below this many token-heads the tuned shape is gated as it is (the interpreter's toy shapes).
+GATE_AS_IS_TOKENS = 400
+# The gate's T starts here: several chunks of every length, so the chunk-to-chunk state pass is exercised.
+GATE_MIN_T = 64
+
+
 def gate_shape(shape: Shape) -> Shape:
     """The small shape the correctness gate compares with the float64 reference.
 
-    Same K, V, dtype and layout (dense or packed) as ``shape``, so the gate runs the same kernel variants; T is
-    not a multiple of any chunk length (a partial last chunk), B > 1 (batch indexing), H > 1 (head indexing).
-    The reference loops over tokens in Python, so T stays small. Tuned shapes already this small are gated
-    as they are.
+    Same K, V, dtype, H and layout (dense or packed) as ``shape``, and a T whose Triton specialization (see
+    :func:`_specialization`) equals that of ``shape``'s T for every chunk length: then the kernels the gate
+    compiles are exactly those the tuned shape runs, and a config is compiled once per trial, not twice (a compile
+    is 10+ s on the GPU host). Among such T the smallest that is not a multiple of 32 is taken, so that the last
+    chunk is partial. B is 1: it only sizes the launch grid. The reference loops over tokens in Python
+    (~2 s at T = 2032, H = 16, K = V = 128), so T stays as small as the signature allows.
     """
-    if shape.B * shape.T * shape.H <= 2 * 100 * 2:
+    if shape.B * shape.T * shape.H <= GATE_AS_IS_TOKENS:
         return shape
+    from kernels.config import SPACE
+
+    chunks = next(p.values for p in SPACE if p.name == "chunk")
+    want = _specialization(shape.T, chunks)
+    matching = [t for t in range(min(GATE_MIN_T, shape.T), shape.T + 1) if _specialization(t, chunks) == want]
+    partial = [t for t in matching if t % 32]
+    T = (partial or matching or [shape.T])[0]
     if shape.num_seqs is not None:
-        return Shape(1, 200, 2, shape.K, shape.V, shape.dtype, num_seqs=3)
-    return Shape(2, 100, 2, shape.K, shape.V, shape.dtype)
+        return Shape(1, T, shape.H, shape.K, shape.V, shape.dtype, num_seqs=min(3, T))
+    return Shape(1, T, shape.H, shape.K, shape.V, shape.dtype)

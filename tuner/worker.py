@@ -33,6 +33,7 @@ from typing import Any, TextIO
 # Outcomes after which the child process must not be reused.
 FATAL = ("fault",)
 STDERR_TAIL_CHARS = 2000
+REFERENCE_THREADS = 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,6 +48,10 @@ class _Child:
 
         self.device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
         self.interpret = self.device == "cpu"
+        if not self.interpret:
+            # Many gate workers share the host's cores with Triton's compiles; the float64 reference must not
+            # start 16 threads in each of them.
+            torch.set_num_threads(REFERENCE_THREADS)
         self._benches: dict[tuple[Any, bool], Any] = {}
         self._references: dict[Any, Any] = {}
 
