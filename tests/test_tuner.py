@@ -478,3 +478,28 @@ def test_two_processes_share_one_postgres_study(tmp_path: Path, postgres_url: st
     assert trials <= len(evaluated) <= trials + 1
     owners = {t.user_attrs["owner"] for t in evaluated}
     assert len(owners) == 2, "both processes measured trials"
+
+
+def test_deadline_gives_up_stuck_compiles_and_enqueues_them_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(study_mod, "DRAIN_S", 0.5)
+    space = SearchSpace().narrowed(parse_param_choices(TINY_PARAMS))
+    hang = next(p for p in space.grid(INTERPRET_SHAPE) if p["state.BV"] == 16 and p["chunk"] == 32)
+    spec = study_mod.StudySpec(
+        key="fwd/test", stage="fwd", shape=INTERPRET_SHAPE, gate_shape=INTERPRET_SHAPE, space=space,
+        sampler="random", seed=0, trials=50, timeout_s=1.0, warm_start=(hang,),
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    ev = FakeEvaluator(script, tmp_path / "logs", timeout=60)
+    try:
+        t0 = time.monotonic()
+        study_mod.run_study(study, spec, ev)
+        assert time.monotonic() - t0 < 20, "the deadline must not wait for the 60 s worker timeout"
+    finally:
+        ev.close()
+    first = study.trials[0]
+    assert first.params == hang and first.user_attrs["status"] == "interrupted" and first.state == TrialState.FAIL
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == first.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING, "re-enqueued for the next run"
+    assert not study_mod.is_evaluated(first)

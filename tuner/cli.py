@@ -83,7 +83,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="compile + correctness gate of one config before it counts as a hang (default 240)")
     p.add_argument("--time-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
                    help="timing of one config before it counts as a hang (default 120)")
-    p.add_argument("--top-k", type=_positive_int, default=3, help="candidates re-timed interleaved at the end")
+    p.add_argument("--top-k", type=_positive_int, default=4, help="candidates re-timed interleaved at the end")
     p.add_argument("--no-progress", action="store_true", help="no live table (logs only)")
 
 

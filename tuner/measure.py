@@ -16,7 +16,8 @@ launchers pre-fill with NaN. Thresholds on the relative Frobenius error of ``o``
 - any NaN or Inf fails, whatever the error.
 
 Timing: each repetition first overwrites a buffer larger than L2 (so no config is timed on inputs another left in
-cache), then records CUDA events around the launches; p20/p50/p80 over repetitions, ranked on the median.
+cache), then records CUDA events around a CUDA-graph replay of the launches (eager launches where a graph cannot
+be captured; the trial records which); p20/p50/p80 over repetitions, ranked on the median.
 The launches include the NaN fills of the outputs the launchers allocate (they are part of every call).
 """
 
@@ -106,7 +107,9 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 class Bench:
     """Inputs and scratch for one shape on one device: built once, reused for every config of a study."""
 
-    def __init__(self, shape: Shape, device: str, *, seed: int = 0, strong_decay: bool = False) -> None:
+    def __init__(
+        self, shape: Shape, device: str, *, seed: int = 0, strong_decay: bool = False, use_graphs: bool = True
+    ) -> None:
         self.shape = shape
         self.device = device
         self.inputs: Inputs = make_inputs(shape, device, seed, strong_decay=strong_decay)
@@ -114,6 +117,8 @@ class Bench:
         self.num_seqs = shape.num_seqs or shape.B
         self.cuda = device.startswith("cuda")
         self._flush_buffer: torch.Tensor | None = None  # allocated by the first timing: gate workers never need it
+        self.use_graphs = use_graphs
+        self._graphs: list[Any] = []
 
     def forward(self, cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two launches as ``chunk_gdn2`` makes them, minus the argument checks (host work, no launches).
@@ -183,6 +188,44 @@ class Bench:
                 out.append((time.perf_counter() - t0) * 1e3)
         return out
 
+    def replayable(self, fn: Callable[[], object]) -> tuple[Callable[[], object], str]:
+        """``fn`` as a CUDA-graph replay when it can be captured, so that host work (argument handling, the
+        allocations of the launchers, a CPU busy with compiles in the gate workers) cannot open gaps between the
+        launches that the events would count. Returns ``(callable, "graph" | "eager (why)")``.
+
+        Not for packed batches: their chunk index is built with a data-dependent size (a host sync), which a
+        capture forbids. A capture that fails for any other reason falls back to eager launches.
+        """
+        if not self.cuda or not self.use_graphs:
+            return fn, "eager"
+        if self.shape.num_seqs is not None:
+            return fn, "eager (packed batch)"
+        try:
+            fn()  # compiles (module loads are not allowed inside a capture) and settles the allocator
+            torch.cuda.synchronize()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            torch.cuda.synchronize()
+        except Exception as err:
+            if classify(err)[0] == "fault":
+                raise Fault(str(err)) from err
+            torch.cuda.synchronize()
+            return fn, f"eager ({type(err).__name__}: {str(err)[:80]})"
+        self._graphs.append(graph)
+        return graph.replay, "graph"
+
+    def release(self) -> None:
+        """Free the captured graphs (each holds its own copy of the outputs: ~1 GB at the anchor)."""
+        if self._graphs:
+            self._graphs.clear()
+            torch.cuda.empty_cache()
+
     def reps_for(self, fn: Callable[[], object], target_ms: float = TARGET_MS_PER_TRIAL) -> int:
         """Repetitions that fill ``target_ms``, from a short estimate (after one untimed call that compiles)."""
         if not self.cuda:
@@ -224,19 +267,27 @@ def warm(bench: Bench, cfg: FwdConfig) -> dict[str, Any]:
 
 
 def time_config(bench: Bench, cfg: FwdConfig) -> dict[str, Any]:
-    def fn() -> object:
-        return bench.forward(cfg)
-
-    reps = bench.reps_for(fn)
-    q = quantiles(bench.sample(fn, reps))
-    return {"status": "ok", "reason": None, "reps": reps, **q.to_dict()}
+    try:
+        fn, launch = bench.replayable(lambda: bench.forward(cfg))
+        reps = bench.reps_for(fn)
+        q = quantiles(bench.sample(fn, reps))
+    finally:
+        bench.release()
+    return {"status": "ok", "reason": None, "reps": reps, "launch": launch, **q.to_dict()}
 
 
 def retime(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, Any]:
     """Round robin over ``cfgs``: in each round every config gets a block of repetitions, so drifts in clocks or
     temperature hit all of them alike. Returns per config p20/p50/p80 over all samples and the spread
     (max - min) / median of its per-round medians."""
-    fns = [lambda c=c: bench.forward(c) for c in cfgs]
+    try:
+        return _retime(bench, cfgs, rounds)
+    finally:
+        bench.release()
+
+
+def _retime(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, Any]:
+    fns, launches = zip(*(bench.replayable(lambda c=c: bench.forward(c)) for c in cfgs))
     reps = [max(1, bench.reps_for(fn) // max(1, rounds // 2)) for fn in fns]
     samples: list[list[float]] = [[] for _ in cfgs]
     medians: list[list[float]] = [[] for _ in cfgs]
@@ -250,12 +301,19 @@ def retime(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, An
         q = quantiles(s)
         mid = statistics.median(m)
         out.append({**q.to_dict(), "spread": (max(m) - min(m)) / mid if mid > 0 else 0.0, "reps": len(s)})
-    return {"status": "ok", "reason": None, "timings": out}
+    return {"status": "ok", "reason": None, "timings": out, "launch": list(launches)}
 
 
 def stage_times(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int = 3) -> dict[str, Any]:
     """Median ms of each stage's launch alone, per config, interleaved like :func:`retime`."""
-    fns = [bench.stage_fns(c) for c in cfgs]
+    try:
+        return _stage_times(bench, cfgs, rounds)
+    finally:
+        bench.release()
+
+
+def _stage_times(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, Any]:
+    fns = [{name: bench.replayable(fn)[0] for name, fn in bench.stage_fns(c).items()} for c in cfgs]
     samples: list[dict[str, list[float]]] = [{name: [] for name in f} for f in fns]
     reps = [{name: bench.reps_for(fn) for name, fn in f.items()} for f in fns]
     for _ in range(rounds):

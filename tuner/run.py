@@ -64,7 +64,7 @@ class TuneOptions:
     parallel: int | None = None  # gate workers; default: CPU cores - 2 (GPU), 1 (interpreter)
     gate_timeout_s: float = 240.0
     time_timeout_s: float = 120.0
-    top_k: int = 3
+    top_k: int = 4  # the search's timings share the GPU with gate workers: re-time a few, quietly, at the end
     retime_rounds: int = 5
     progress: bool = True
     search_only: bool = False  # a per-GPU child: search, do not finalize or write the table
@@ -154,7 +154,7 @@ class WorkerEvaluator:
         return self.timer.call(req, timeout)
 
     def abandon(self) -> None:
-        for w in [*self.gates.workers, *self.timer.workers]:
+        for w in self.gates.workers:
             w.kill()
 
     def close(self) -> None:

@@ -62,7 +62,7 @@ class Evaluator(Protocol):
     def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]: ...
 
     def abandon(self) -> None:
-        """Stop whatever is in flight (kill the workers); their futures may then resolve to anything."""
+        """Give up the gates in flight (kill those workers); their futures may then resolve to anything."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def open_storage(url: str | None, run_dir: Path) -> optuna.storages.BaseStorage:
     for attempt in range(RDB_INIT_ATTEMPTS):
         try:
             return optuna.storages.RDBStorage(postgres_driver(url), engine_kwargs={"pool_pre_ping": True})
-        except Exception as err:  # noqa: BLE001 - sqlalchemy's error classes vary by driver
+        except Exception as err:
             if attempt == RDB_INIT_ATTEMPTS - 1 or not any(w in str(err).lower() for w in ("exist", "duplicate")):
                 raise
             time.sleep(0.5 + random.random())
@@ -352,7 +352,7 @@ def run_study(
         trial.set_user_attr("status", status)
         trial.set_user_attr("reason", out.get("reason"))
         trial.set_user_attr("evaluated", evaluated)
-        for name in ("p20_ms", "p80_ms", "reps", "err_o", "err_state", "telemetry", "elapsed_s", "wall_s"):
+        for name in ("p20_ms", "p80_ms", "reps", "launch", "err_o", "err_state", "telemetry", "elapsed_s", "wall_s"):
             if name in out and out[name] is not None:
                 value = out[name]
                 trial.set_user_attr(name, None if isinstance(value, float) and not math.isfinite(value) else value)
@@ -442,14 +442,16 @@ def run_study(
                 c = refresh()
                 continue
             continue
-        if past_deadline and now >= deadline + DRAIN_S:  # type: ignore[operator]
+        if past_deadline and gating and now >= deadline + DRAIN_S:  # type: ignore[operator]
+            # Compiles still running after the drain are given up (their workers killed); points already
+            # compiled and gated are still timed below, which takes well under a second each.
             evaluator.abandon()
-            for trial in [*gating.values(), *queued, *timing.values()]:
+            for trial in gating.values():
                 # Not the config's fault: mark it interrupted (not counted) and enqueue it for the next run.
-                finish(trial, {"status": "interrupted", "reason": "study deadline passed while it was measured"}, False)
+                finish(trial, {"status": "interrupted", "reason": "study deadline passed while it compiled"}, False)
                 study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
-            gating.clear(), queued.clear(), timing.clear()
-            break
+            gating.clear()
+            continue
         done, _ = wait([*gating, *timing], timeout=1.0, return_when=FIRST_COMPLETED)
         for fut in done:
             out = fut.result()
