@@ -54,7 +54,7 @@ class IntraConfig:
     BV: int = 64  # V slice for U = A Z
     num_warps: int = 4
     num_stages: int = 1
-    solve: str = "tf32x3"  # input precision of the dots that assemble A from its diagonal blocks
+    solve: str = "tf32"  # input precision of the dots that assemble A from its diagonal blocks
 
 
 @dataclass(frozen=True)

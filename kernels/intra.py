@@ -15,8 +15,8 @@ SAFE_SPAN (no overflow, no underflow of the partner factor) and replaced by an e
 exp(G_r − G_s), r ≥ s, when a K slice decays harder than that inside one sub-block.
 
 The solve inverts the NB diagonal BC×BC blocks of (I + T) by forward substitution in fp32, then assembles the
-full inverse as (I + N)^-1 D = (I − N)(I + N²)(I + N⁴)… D with D the block-diagonal inverse and N = D L
-(L the block-strictly-lower part of T, so N is nilpotent of index NB).
+full inverse as (I + N)^-1 D = D − N(D − N(D − …)) (Horner, NB − 1 products) with D the block-diagonal inverse
+and N = D L (L the block-strictly-lower part of T, so N is nilpotent of index NB).
 
 Writes Y, Q_γ, K_tail [B, T, H, K], U [B, T, H, V], A_qk [B, T, H, C] and γ_C [chunks, H, K];
 the state stage (kernels/state.py) reads them.
@@ -40,12 +40,12 @@ _DOT_PRECISION = {"tf32": "tf32", "tf32x3": "tf32x3", "ieee": "ieee"}
 @triton.jit
 def _intra_kernel(
     q, k, v, g, b, w,
-    y, u, qg, kt, aqk, gam,
+    y, u, qg, kt, aqk, gam, scr,
     cu_seqlens, chunk_indices,
     scale,
     T, NT,
     H, K, V,
-    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
+    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     SOLVE: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr,
@@ -66,9 +66,25 @@ def _intra_kernel(
         i_tc = i_t
         i_chunk = i_b * NT + i_t
 
+    # 64-bit scalar bases per sequence and head, 32-bit tile offsets within it (T·H·max(K, V, C) < 2^31):
+    # per-element 64-bit offsets cost a register pair each and made the kernel spill.
+    tok0 = bos * H + i_h
+    q += tok0 * K
+    k += tok0 * K
+    g += tok0 * K
+    b += tok0 * K
+    y += tok0 * K
+    qg += tok0 * K
+    kt += tok0 * K
+    v += tok0 * V
+    w += tok0 * V
+    u += tok0 * V
+    aqk += tok0 * C
+    HK = H * K
+    HV = H * V
     o_c = tl.arange(0, C)
-    m_c = i_tc * C + o_c < T_seq
-    row = bos + i_tc * C + o_c  # token index of each row, int64
+    t_c = i_tc * C + o_c  # position of each row in its sequence
+    m_c = t_c < T_seq
     o_nb = tl.arange(0, NB)
     o_bc = tl.arange(0, BC)
 
@@ -81,7 +97,7 @@ def _intra_kernel(
         for i_k in range(tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_ck = m_c[:, None] & (o_k < K)[None, :]
-            p_k = (row[:, None] * H + i_h) * K + o_k[None, :]
+            p_k = t_c[:, None] * HK + o_k[None, :]
             b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32)
             s_q += tl.sum(b_q * b_q, 1)
@@ -90,64 +106,66 @@ def _intra_kernel(
         r_k = 1.0 / tl.sqrt(s_k + L2NORM_EPS)
     r_q = r_q * scale
 
-    # Row r of block I is global row I*BC + r; columns s run over the whole chunk.
-    r_glob = o_nb[:, None, None] * BC + o_bc[None, :, None]  # [NB, BC, 1]
-    s_glob = o_c[None, None, :]  # [1, 1, C]
-    n_blk = o_nb[:, None, None] * BC  # first row of each block, [NB, 1, 1]
-    s_cf = o_c[None, :, None]  # column index laid out as the column factor [NB, C, BK]
-
-    acc_t = tl.zeros([NB, BC, C], tl.float32)
-    acc_a = tl.zeros([NB, BC, C], tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_ck = m_c[:, None] & (o_k < K)[None, :]
-        p_k = (row[:, None] * H + i_h) * K + o_k[None, :]
-        b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
-        b_G = tl.cumsum(b_g, 0)
-        b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]
-        b_b = tl.load(b + p_k, mask=m_ck, other=0.0).to(tl.float32)
-        b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_q[:, None]
-
-        b_G3 = tl.reshape(b_G, (NB, BC, BK))
-        b_gsum = tl.sum(tl.reshape(b_g, (NB, BC, BK)), 1)  # decay accumulated inside each block, [NB, BK]
-        b_end = tl.sum(tl.where(o_bc[None, :, None] == BC - 1, b_G3, 0.0), 1)  # G at each block's last row
-        b_ref = b_end - b_gsum  # G at the row before each block (0 for the first)
-        span = tl.max(tl.max(-b_gsum, 1), 0)
-
-        b_kb3 = tl.reshape(b_k * b_b, (NB, BC, BK))
-        b_q3 = tl.reshape(b_q, (NB, BC, BK))
-        e_row = tl.exp(b_G3 - b_ref[:, None, :])  # ≤ 1
-        # Columns the factored product covers: those before each block, and the block itself when safe.
-        n_lim = n_blk + tl.where(span < SAFE_SPAN, BC, 0)
-        # Column factor per row block: exponent ≤ 0 before the block, ≤ span inside it.
-        expo = b_ref[:, None, :] - b_G[None, :, :]  # [NB, C, BK]
-        expo = tl.where(s_cf < n_blk, tl.minimum(expo, 0.0), tl.where(s_cf < n_lim, expo, 0.0))
-        b_cf = tl.permute(b_k[None, :, :] * tl.exp(expo), (0, 2, 1))  # [NB, BK, C]
-        keep = s_glob < n_lim
-        acc_t += tl.where(keep, tl.dot(b_kb3 * e_row, b_cf), 0.0)
-        acc_a += tl.where(keep, tl.dot(b_q3 * e_row, b_cf), 0.0)
-
-        if span >= SAFE_SPAN:
-            # Exact diagonal blocks: one column j of every block per step, exp(G_r − G_j) with r ≥ j only.
-            b_k3 = tl.reshape(b_k, (NB, BC, BK))
-            for j in range(BC):
-                sel = o_bc[None, :, None] == j
-                b_Gj = tl.sum(tl.where(sel, b_G3, 0.0), 1)  # [NB, BK]
-                b_kj = tl.sum(tl.where(sel, b_k3, 0.0), 1)
-                b_e = tl.exp(tl.minimum(b_G3 - b_Gj[:, None, :], 0.0)) * b_kj[:, None, :]
-                at_col = s_glob == n_blk + j  # [NB, 1, C]
-                acc_t += tl.where(at_col, tl.sum(b_kb3 * b_e, 2)[:, :, None], 0.0)
-                acc_a += tl.where(at_col, tl.sum(b_q3 * b_e, 2)[:, :, None], 0.0)
-
-    b_t3 = tl.where(r_glob > s_glob, acc_t, 0.0)
-    b_a3 = tl.where(r_glob >= s_glob, acc_a, 0.0)
-    b_aqk = tl.reshape(b_a3, (C, C))
-    p_a = (row[:, None] * H + i_h) * C + o_c[None, :]
-    tl.store(aqk + p_a, b_aqk.to(aqk.dtype.element_ty), mask=m_c[:, None])
+    # T and A_qk one row block I at a time, as 2D [BC, C] tiles accumulated over K slices. A_qk rows go straight
+    # to the output; T rows go to this program's fp32 scratch tile, read back whole by the solve.
+    o_bc = tl.arange(0, BC)
+    scr_base = scr + (i_chunk * H + i_h).to(tl.int64) * C * C
+    for i_blk in tl.static_range(NB):
+        n0 = i_blk * BC
+        o_r = n0 + o_bc
+        m_r = i_tc * C + o_r < T_seq
+        t_r = i_tc * C + o_r
+        sel_r = o_c[None, :] == o_r[:, None]  # picks the block's rows out of [C] vectors
+        r_kr = tl.sum(tl.where(sel_r, r_k[None, :], 0.0), 1)
+        r_qr = tl.sum(tl.where(sel_r, r_q[None, :], 0.0), 1)
+        acc_t = tl.zeros([BC, C], tl.float32)
+        acc_a = tl.zeros([BC, C], tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_ck = m_c[:, None] & m_k[None, :]
+            p_k = t_c[:, None] * HK + o_k[None, :]
+            m_rk = m_r[:, None] & m_k[None, :]
+            p_rk = t_r[:, None] * HK + o_k[None, :]
+            b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
+            b_G = tl.cumsum(b_g, 0)
+            b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]
+            b_ref = tl.sum(tl.where((o_c < n0)[:, None], b_g, 0.0), 0)  # G at the row before the block
+            b_gr = tl.load(g + p_rk, mask=m_rk, other=0.0).to(tl.float32)
+            b_Gr = b_ref[None, :] + tl.cumsum(b_gr, 0)
+            b_kr = tl.load(k + p_rk, mask=m_rk, other=0.0).to(tl.float32) * r_kr[:, None]
+            b_kbr = tl.load(b + p_rk, mask=m_rk, other=0.0).to(tl.float32) * b_kr
+            b_qr = tl.load(q + p_rk, mask=m_rk, other=0.0).to(tl.float32) * r_qr[:, None]
+            span = tl.max(-tl.sum(b_gr, 0), 0)  # the block's strongest decay over one channel
+            e_row = tl.exp(b_Gr - b_ref[None, :])  # ≤ 1
+            # Columns the factored product covers: those before the block, and the block itself when safe.
+            n_lim = n0 + tl.where(span < SAFE_SPAN, BC, 0)
+            expo = b_ref[None, :] - b_G  # ≤ 0 before the block, ≤ span inside it
+            expo = tl.where(o_c[:, None] < n0, tl.minimum(expo, 0.0), tl.where(o_c[:, None] < n_lim, expo, 0.0))
+            b_cf = tl.trans(b_k * tl.exp(expo))  # [BK, C]
+            keep = o_c[None, :] < n_lim
+            acc_t += tl.where(keep, tl.dot(b_kbr * e_row, b_cf), 0.0)
+            acc_a += tl.where(keep, tl.dot(b_qr * e_row, b_cf), 0.0)
+            if span >= SAFE_SPAN:
+                # Exact diagonal block: column j per step, exp(G_r − G_j) with r ≥ j only.
+                for j in range(BC):
+                    sel = (o_bc == j)[:, None]
+                    b_Gj = tl.sum(tl.where(sel, b_Gr, 0.0), 0)
+                    b_kj = tl.sum(tl.where(sel, b_kr, 0.0), 0)
+                    b_e = tl.exp(tl.minimum(b_Gr - b_Gj[None, :], 0.0)) * b_kj[None, :]
+                    at_col = o_c[None, :] == n0 + j
+                    acc_t += tl.where(at_col, tl.sum(b_kbr * b_e, 1)[:, None], 0.0)
+                    acc_a += tl.where(at_col, tl.sum(b_qr * b_e, 1)[:, None], 0.0)
+        p_a = t_r[:, None] * (H * C) + o_c[None, :]
+        b_a = tl.where(o_r[:, None] >= o_c[None, :], acc_a, 0.0)
+        tl.store(aqk + p_a, b_a.to(aqk.dtype.element_ty), mask=m_r[:, None])
+        tl.store(scr_base + o_r[:, None] * C + o_c[None, :], tl.where(o_r[:, None] > o_c[None, :], acc_t, 0.0))
+    tl.debug_barrier()  # the solve reads rows other threads wrote
+    b_t = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
 
     # Diagonal blocks of I + T, inverted together by forward substitution (row j of every block per step).
     b_td = tl.sum(tl.where((o_nb[:, None] == o_nb[None, :])[:, None, :, None],
-                           tl.reshape(b_t3, (NB, BC, NB, BC)), 0.0), 2)  # [NB, BC, BC]
+                           tl.reshape(b_t, (NB, BC, NB, BC)), 0.0), 2)  # [NB, BC, BC]
     eye_bc = (o_bc[:, None] == o_bc[None, :]).to(tl.float32)
     b_ad = tl.broadcast_to(eye_bc[None, :, :], (NB, BC, BC))
     for j in range(1, BC):
@@ -160,23 +178,25 @@ def _intra_kernel(
     b_d = tl.reshape(tl.where(same_blk, b_ad[:, :, None, :], 0.0), (C, C))
     b_A = b_d
     if NB > 1:
-        b_t = tl.reshape(b_t3, (C, C))
+        # (I + T)^-1 = (I + N)^-1 D with N = D L nilpotent of index NB, evaluated by Horner's rule:
+        # X ← D − N X, NB − 1 times (the block forward substitution, one block row deeper per step).
         b_l = tl.where((o_c[:, None] // BC) > (o_c[None, :] // BC), b_t, 0.0)
-        eye_c = (o_c[:, None] == o_c[None, :]).to(tl.float32)
         b_n = tl.dot(b_d, b_l, input_precision=SOLVE)
-        b_m = eye_c - b_n
-        b_p = b_n
-        for _ in tl.static_range(LOG2_NB - 1):
-            b_p = tl.dot(b_p, b_p, input_precision=SOLVE)
-            b_m = tl.dot(b_m, eye_c + b_p, input_precision=SOLVE)
-        b_A = tl.dot(b_m, b_d, input_precision=SOLVE)
+        for _ in tl.static_range(NB - 1):
+            b_A = b_d - tl.dot(b_n, b_A, input_precision=SOLVE)
+
+    # A goes back to the scratch tile (over T, once every thread holds T): the products below read it from
+    # there, so that a C×C fp32 tile does not stay live in registers through both loops.
+    tl.debug_barrier()
+    tl.store(scr_base + o_c[:, None] * C + o_c[None, :], b_A)
+    tl.debug_barrier()
 
     # Y = A Ē, Q_γ, K_tail and γ_C, one K slice at a time.
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_ck = m_c[:, None] & m_k[None, :]
-        p_k = (row[:, None] * H + i_h) * K + o_k[None, :]
+        p_k = t_c[:, None] * HK + o_k[None, :]
         b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
         b_G = tl.cumsum(b_g, 0)
         b_last = tl.sum(b_g, 0)  # G at the chunk's last row (padding rows carry g = 0)
@@ -184,6 +204,7 @@ def _intra_kernel(
         b_b = tl.load(b + p_k, mask=m_ck, other=0.0).to(tl.float32)
         b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_q[:, None]
         b_gamma = tl.exp(b_G)
+        b_A = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
         b_y = tl.dot(b_A, b_gamma * b_b * b_k, input_precision=SOLVE)
         tl.store(y + p_k, b_y.to(y.dtype.element_ty), mask=m_ck)
         tl.store(qg + p_k, (b_gamma * b_q).to(qg.dtype.element_ty), mask=m_ck)
@@ -195,10 +216,11 @@ def _intra_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_cv = m_c[:, None] & (o_v < V)[None, :]
-        p_v = (row[:, None] * H + i_h) * V + o_v[None, :]
+        p_v = t_c[:, None] * HV + o_v[None, :]
         b_z = tl.load(w + p_v, mask=m_cv, other=0.0).to(tl.float32) * tl.load(v + p_v, mask=m_cv, other=0.0).to(
             tl.float32
         )
+        b_A = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
         b_u = tl.dot(b_A, b_z, input_precision=SOLVE)
         tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m_cv)
 
@@ -234,17 +256,18 @@ def intra_fwd(
     u = torch.full((B, T, H, V), float("nan"), dtype=out_dtype, device=k.device)
     aqk = torch.full((B, T, H, chunk), float("nan"), dtype=out_dtype, device=k.device)
     gam = torch.full((num_chunks, H, K), float("nan"), dtype=torch.float32, device=k.device)
+    scr = torch.empty((num_chunks, H, chunk, chunk), dtype=torch.float32, device=k.device)  # T, per program
     varlen = cu_seqlens is not None
     nt = triton.cdiv(T, chunk)
     grid = (num_chunks, H) if varlen else (nt, B * H)
     _intra_kernel[grid](
         q, k, v, g, b, w,
-        y, u, qg, kt, aqk, gam,
+        y, u, qg, kt, aqk, gam, scr,
         cu_seqlens, chunk_indices,
         scale,
         T, nt,
         H=H, K=K, V=V,
-        C=chunk, BC=cfg.BC, NB=nb, LOG2_NB=nb.bit_length() - 1,
+        C=chunk, BC=cfg.BC, NB=nb,
         BK=cfg.BK, BV=cfg.BV,
         SOLVE=_DOT_PRECISION[cfg.solve],
         IS_VARLEN=varlen, USE_L2NORM=use_qk_l2norm,

@@ -60,6 +60,16 @@ def _state_kernel(
         n_chunks = NT
         c0 = (i_n * NT).to(tl.int64)
 
+    # 64-bit scalar bases, 32-bit tile offsets (see kernels/intra.py).
+    tok0 = bos * H + i_h
+    y += tok0 * K
+    qg += tok0 * K
+    kt += tok0 * K
+    u += tok0 * V
+    o += tok0 * V
+    aqk += tok0 * C
+    HK = H * K
+    HV = H * V
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, KP)
     m_k = o_k < K
@@ -74,16 +84,16 @@ def _state_kernel(
         b_s += tl.load(h0 + p_s, mask=m_s, other=0.0).to(tl.float32)
 
     for i_t in range(n_chunks):
-        m_c = i_t * C + o_c < T_seq
-        row = bos + i_t * C + o_c
+        t_c = i_t * C + o_c
+        m_c = t_c < T_seq
         m_ck = m_c[:, None] & m_k[None, :]
         m_cv = m_c[:, None] & m_v[None, :]
-        p_k = (row[:, None] * H + i_h) * K + o_k[None, :]
-        p_v = (row[:, None] * H + i_h) * V + o_v[None, :]
+        p_k = t_c[:, None] * HK + o_k[None, :]
+        p_v = t_c[:, None] * HV + o_v[None, :]
         b_y = tl.load(y + p_k, mask=m_ck, other=0.0)
         b_u = tl.load(u + p_v, mask=m_cv, other=0.0).to(tl.float32)
         b_q = tl.load(qg + p_k, mask=m_ck, other=0.0)
-        b_a = tl.load(aqk + (row[:, None] * H + i_h) * C + o_c[None, :], mask=m_c[:, None], other=0.0)
+        b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
         b_kt = tl.load(kt + p_k, mask=m_ck, other=0.0)
         b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
         if INPUT_PRECISION_DOTS:

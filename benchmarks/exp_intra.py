@@ -1,0 +1,59 @@
+"""Where does the intra stage spend its time? Times source variants of kernels/intra.py with parts removed.
+
+An experiment, not a product: each variant is the kernel's source with one section switched off by a text
+substitution, written to a temporary module, and timed at the anchor shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kernels.config import FwdConfig, IntraConfig, Shape  # noqa: E402
+from kernels.inputs import make_inputs  # noqa: E402
+
+SRC = (ROOT / "kernels/intra.py").read_text()
+VARIANTS = {
+    "base": [],
+    "no_fallback": [("        if span >= SAFE_SPAN:", "        if span >= SAFE_SPAN * 1e30 and False:")],
+    "no_diag_inverse": [("    for j in range(1, BC):", "    for j in range(1, 1):")],
+    "no_neumann": [("    if NB > 1:\n        b_t = tl.reshape", "    if NB > 1000:\n        b_t = tl.reshape")],
+    "no_T": [("        acc_t += tl.where(keep", "        acc_t += 0 * tl.where(keep")],
+}
+
+
+def load_variant(name: str, subs: list[tuple[str, str]]):
+    src = SRC
+    for old, new in subs:
+        assert old in src, (name, old)
+        src = src.replace(old, new)
+    path = Path(f"/tmp/intra_{name}.py")
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"intra_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+shape = Shape(8, 4096, 16, 128, 128, "bf16")
+inp = make_inputs(shape, "cuda", seed=0)
+cfgs = [FwdConfig(32, IntraConfig(BC=16, BK=16, BV=64, num_warps=4, solve="tf32")),
+        FwdConfig(64, IntraConfig(BC=16, BK=32, BV=64, num_warps=4, solve="tf32")),
+        FwdConfig(64, IntraConfig(BC=16, BK=32, BV=64, num_warps=8, solve="tf32"))]
+for name, subs in VARIANTS.items():
+    mod = load_variant(name, subs)
+    for cfg in cfgs:
+        nchunks = shape.B * triton.cdiv(shape.T, cfg.chunk)
+        fn = lambda: mod.intra_fwd(*inp.args(), scale=shape.K**-0.5, chunk=cfg.chunk, cfg=cfg.intra,  # noqa: E731
+                                   cu_seqlens=None, chunk_indices=None, num_chunks=nchunks, use_qk_l2norm=False,
+                                   out_dtype=inp.q.dtype)
+        fn()
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        k = mod._intra_kernel
+        print(f"{name:16s} C{cfg.chunk} BK{cfg.intra.BK} w{cfg.intra.num_warps}: {ms:.3f} ms", flush=True)
