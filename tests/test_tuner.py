@@ -503,3 +503,9 @@ def test_deadline_gives_up_stuck_compiles_and_enqueues_them_again(tmp_path: Path
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == first.number]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING, "re-enqueued for the next run"
     assert not study_mod.is_evaluated(first)
+
+
+@pytest.mark.parametrize("shape", [pytest.param(s, id=s.label()) for s in SUITE])
+def test_default_config_survives_the_shape_pruned_space(shape: Shape) -> None:
+    # The warm start enqueues the default config; a space that dropped one of its values would silently skip it.
+    assert SearchSpace().for_shape(shape).contains(default_config(shape).flat())

@@ -136,7 +136,7 @@ class WorkerEvaluator:
         env = worker_env(gpu, options.interpret)
         self.options = options
         # The pid keeps the logs of several search processes sharing a run dir apart.
-        tag = f"{'cpu' if gpu is None else f'gpu{gpu}'}-{os.getpid()}"
+        tag = f"{'cpu' if options.interpret else 'gpu' + ('' if gpu is None else str(gpu))}-{os.getpid()}"
         self.gates = WorkerPool(options.gate_workers(), lambda i: WorkerProcess(f"{tag}-gate{i}", env, log_dir))
         self.timer = WorkerPool(1, lambda i: WorkerProcess(f"{tag}-time", env, log_dir))
         self.parallel = self.gates.size

@@ -67,78 +67,85 @@ class SearchSpace:
         )
 
     def for_shape(self, shape: Shape) -> SearchSpace:
-        """Drop the values that no feasible point at ``shape`` can take (a 128-wide tile when K is 32, ...).
+        """Drop the values that no feasible point at ``shape`` takes (a 128-wide tile when K is 32, ...).
 
-        A value is kept when the cheapest completion of it (smallest other tiles, most warps, fewest stages) is
-        feasible for some chunk length; points that mix kept values may still be infeasible and are pruned one
-        by one. Without this a sampler spends most asks on points that can never run at small head dims.
+        Exact, from :meth:`stage_parts`. Points that mix kept values may still be infeasible and are pruned one by
+        one; without this a sampler spends most asks on points that can never run at small head dims.
         """
-        chunks = next(p for p in self.params if p.name == "chunk").values
-        intra_p = [p for p in self.params if p.name.startswith("intra.")]
-        state_p = [p for p in self.params if p.name.startswith("state.")]
-        base = FwdConfig().flat()
+        seen: dict[str, set[Any]] = {p.name: set() for p in self.params}
+        for chunk, intra_parts, state_parts in self.stage_parts(shape):
+            seen["chunk"].add(chunk)
+            for part in (*intra_parts, *state_parts):
+                for name, value in part.items():
+                    seen[name].add(value)
+        return SearchSpace(
+            tuple(Param(p.name, tuple(v for v in p.values if v in seen[p.name]) or p.values, p.doc) for p in self.params)
+        )
 
-        def possible(name: str, value: Any) -> bool:
-            for chunk in chunks if name != "chunk" else (value,):
-                point = {**base, **_smallest(intra_p, chunk), **_smallest(state_p), "chunk": chunk, name: value}
-                if self.check(point, shape)[0] is not None:
-                    return True
-            return False
+    def stage_parts(self, shape: Shape) -> Iterator[tuple[int, list[dict[str, Any]], list[dict[str, Any]]]]:
+        """Per chunk length: the feasible intra parts and the feasible state parts (each a dict of flat names).
 
-        kept = []
-        for p in self.params:
-            values = tuple(v for v in p.values if possible(p.name, v))
-            kept.append(Param(p.name, values or p.values, p.doc))
-        return SearchSpace(tuple(kept))
-
-    def grid(self, shape: Shape) -> Iterator[dict[str, Any]]:
-        """Every feasible point at ``shape``, in SPACE's order.
-
-        The full product is ~370k points, so it is walked per chunk length as (feasible intra part) x (feasible
-        state part): the constraints of one stage never read the other stage's parameters, so a part that fails
-        alone fails with any partner and is dropped before the product.
+        Every constraint reads the chunk and one stage's parameters, never both stages, so at a fixed chunk a point
+        is feasible exactly when its intra part and its state part each are. Each part is tested against one
+        feasible partner of the other stage, found first by a short search.
         """
         chunk_p = next(p for p in self.params if p.name == "chunk")
         intra_p = [p for p in self.params if p.name.startswith("intra.")]
         state_p = [p for p in self.params if p.name.startswith("state.")]
-        base = FwdConfig().flat()
-
-        def feasible_parts(chunk: int, params: list[Param], partner: dict[str, Any]) -> list[dict[str, Any]]:
-            out = []
-            for values in itertools.product(*(p.values for p in params)):
-                part = dict(zip((p.name for p in params), values))
-                cfg, _ = self.check({**base, **partner, "chunk": chunk, **part}, shape)
-                if cfg is not None:
-                    out.append(part)
-            return out
-
+        intra_all = _parts(intra_p)
+        state_all = _parts(state_p)
         for chunk in chunk_p.values:
-            # The partner of each half is a point known to pass its own stage's constraints, so that a failure
-            # is due to the half being enumerated: the smallest tiles and most warps of the other stage.
-            intra_parts = feasible_parts(chunk, intra_p, _smallest(state_p))
-            state_parts = feasible_parts(chunk, state_p, _smallest(intra_p, chunk)) if intra_parts else []
+            anchor = self._anchor(shape, chunk, intra_all, state_all)
+            if anchor is None:
+                continue
+            a_intra, a_state = anchor
+            intra_ok = [p for p in intra_all if self.check({"chunk": chunk, **p, **a_state}, shape)[0] is not None]
+            state_ok = [p for p in state_all if self.check({"chunk": chunk, **a_intra, **p}, shape)[0] is not None]
+            yield chunk, intra_ok, state_ok
+
+    def _anchor(
+        self, shape: Shape, chunk: int, intra_all: list[dict[str, Any]], state_all: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """One feasible (intra part, state part) at ``chunk``, or None when the chunk admits no point.
+
+        Parts are ordered cheapest first (small tiles, many warps), so a feasible pair is usually among the
+        first few; the search gives up after :data:`ANCHOR_SEARCH_LIMIT` checks.
+        """
+        n = 0
+        for i_head in (intra_all[:ANCHOR_HEAD], intra_all):
+            for s in state_all:
+                for p in i_head:
+                    n += 1
+                    if n > ANCHOR_SEARCH_LIMIT:
+                        return None
+                    if self.check({"chunk": chunk, **p, **s}, shape)[0] is not None:
+                        return p, s
+        return None
+
+    def grid(self, shape: Shape) -> Iterator[dict[str, Any]]:
+        """Every feasible point at ``shape``, per chunk length as (feasible intra part) x (feasible state part)."""
+        for chunk, intra_parts, state_parts in self.stage_parts(shape):
             for a, b in itertools.product(intra_parts, state_parts):
                 point = {"chunk": chunk, **a, **b}
-                # The separability argument above is checked, not assumed: a constraint added later that couples
-                # the stages must not let an infeasible point into the grid.
+                # The separability argument of stage_parts is checked, not assumed: a constraint added later that
+                # couples the stages must not let an infeasible point into the grid.
                 if self.check(point, shape)[0] is not None:
                     yield point
 
 
-def _smallest(params: list[Param], chunk: int | None = None) -> dict[str, Any]:
-    """The cheapest point of one stage (smallest tiles, most warps, fewest stages): it passes whenever anything does."""
-    out: dict[str, Any] = {}
-    for p in params:
+ANCHOR_HEAD = 24
+ANCHOR_SEARCH_LIMIT = 4_000  # ~0.5 s: a chunk length with no feasible point must not stall a study
+
+
+def _parts(params: list[Param]) -> list[dict[str, Any]]:
+    """Every combination of one stage's parameters, cheapest first: small tiles, many warps, shallow pipelines."""
+
+    def order(p: Param) -> tuple[Any, ...]:
         field = p.name.split(".", 1)[1]
-        if field == "num_warps":
-            out[p.name] = max(p.values)
-        elif field == "BC" and chunk is not None:
-            out[p.name] = min((v for v in p.values if v <= chunk and chunk % v == 0), default=min(p.values))
-        elif all(isinstance(v, int) for v in p.values):
-            out[p.name] = min(p.values)
-        else:
-            out[p.name] = p.values[0]
-    return out
+        return tuple(sorted(p.values, reverse=True)) if field == "num_warps" else p.values
+
+    names = [p.name for p in params]
+    return [dict(zip(names, values)) for values in itertools.product(*(order(p) for p in params))]
 
 
 def parse_param_choices(items: Sequence[str]) -> dict[str, list[Any]]:
