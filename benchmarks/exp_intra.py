@@ -19,12 +19,25 @@ from kernels.config import FwdConfig, IntraConfig, Shape  # noqa: E402
 from kernels.inputs import make_inputs  # noqa: E402
 
 SRC = (ROOT / "kernels/intra.py").read_text()
+T_LOOP = ("        for i_k in range(tl.cdiv(K, BK)):\n            o_k = i_k * BK + tl.arange(0, BK)\n            m_k = o_k < K\n"
+          "            m_ck", "        for i_k in range(0):\n            o_k = i_k * BK + tl.arange(0, BK)\n            m_k = o_k < K\n"
+          "            m_ck")
+FALLBACK = ("            if span >= SAFE_SPAN:", "            if span >= SAFE_SPAN * 1e30 and False:")
+DIAG = ("    for j in range(1, BC):", "    for j in range(1, 1):")
+HORNER = ("    if NB > 1:\n        # (I + T)", "    if NB > 1000:\n        # (I + T)")
+Y_LOOP = ("    # Y = A Ē, Q_γ, K_tail and γ_C, one K slice at a time.\n    for i_k in range(tl.cdiv(K, BK)):",
+          "    # Y\n    for i_k in range(0):")
+U_LOOP = ("    for i_v in range(tl.cdiv(V, BV)):", "    for i_v in range(0):")
 VARIANTS = {
     "base": [],
-    "no_fallback": [("        if span >= SAFE_SPAN:", "        if span >= SAFE_SPAN * 1e30 and False:")],
-    "no_diag_inverse": [("    for j in range(1, BC):", "    for j in range(1, 1):")],
-    "no_neumann": [("    if NB > 1:\n        b_t = tl.reshape", "    if NB > 1000:\n        b_t = tl.reshape")],
-    "no_T": [("        acc_t += tl.where(keep", "        acc_t += 0 * tl.where(keep")],
+    "no_fallback": [FALLBACK],
+    "no_diag_inverse": [DIAG],
+    "no_horner": [HORNER],
+    "no_T_loop": [T_LOOP],
+    "no_Y_loop": [Y_LOOP],
+    "no_U_loop": [U_LOOP],
+    "only_Y_U": [T_LOOP, DIAG, HORNER],
+    "nothing": [T_LOOP, DIAG, HORNER, Y_LOOP, U_LOOP],
 }
 
 
@@ -43,9 +56,8 @@ def load_variant(name: str, subs: list[tuple[str, str]]):
 
 shape = Shape(8, 4096, 16, 128, 128, "bf16")
 inp = make_inputs(shape, "cuda", seed=0)
-cfgs = [FwdConfig(32, IntraConfig(BC=16, BK=16, BV=64, num_warps=4, solve="tf32")),
-        FwdConfig(64, IntraConfig(BC=16, BK=32, BV=64, num_warps=4, solve="tf32")),
-        FwdConfig(64, IntraConfig(BC=16, BK=32, BV=64, num_warps=8, solve="tf32"))]
+cfgs = [FwdConfig(32, IntraConfig(BC=16, BK=64, BV=64, num_warps=4, solve="tf32")),
+        FwdConfig(64, IntraConfig(BC=16, BK=32, BV=64, num_warps=4, solve="tf32"))]
 for name, subs in VARIANTS.items():
     mod = load_variant(name, subs)
     for cfg in cfgs:

@@ -14,7 +14,7 @@ exponent on the column side, bounded by the block's decay span; it is used when 
 SAFE_SPAN (no overflow, no underflow of the partner factor) and replaced by an exact per-pair loop of
 exp(G_r − G_s), r ≥ s, when a K slice decays harder than that inside one sub-block.
 
-The solve inverts the NB diagonal BC×BC blocks of (I + T) by forward substitution in fp32, then assembles the
+The solve inverts the NB diagonal BC×BC blocks of (I + T) as (I − P)(I + P²)(I + P⁴)… in fp32, then assembles the
 full inverse as (I + N)^-1 D = D − N(D − N(D − …)) (Horner, NB − 1 products) with D the block-diagonal inverse
 and N = D L (L the block-strictly-lower part of T, so N is nilpotent of index NB).
 
@@ -45,7 +45,7 @@ def _intra_kernel(
     scale,
     T, NT,
     H, K, V,
-    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr,
+    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, LOG2_BC: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     SOLVE: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr,
@@ -163,16 +163,17 @@ def _intra_kernel(
     tl.debug_barrier()  # the solve reads rows other threads wrote
     b_t = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
 
-    # Diagonal blocks of I + T, inverted together by forward substitution (row j of every block per step).
-    b_td = tl.sum(tl.where((o_nb[:, None] == o_nb[None, :])[:, None, :, None],
-                           tl.reshape(b_t, (NB, BC, NB, BC)), 0.0), 2)  # [NB, BC, BC]
-    eye_bc = (o_bc[:, None] == o_bc[None, :]).to(tl.float32)
-    b_ad = tl.broadcast_to(eye_bc[None, :, :], (NB, BC, BC))
-    for j in range(1, BC):
-        sel = o_bc[None, :, None] == j
-        t_j = tl.sum(tl.where(sel, b_td, 0.0), 1)  # row j of each diagonal block, [NB, BC]
-        a_j = tl.where(o_bc[None, :] == j, 1.0, 0.0) - tl.sum(t_j[:, :, None] * b_ad, 1)
-        b_ad = tl.where(sel, a_j[:, None, :], b_ad)
+    # Diagonal blocks of I + T, inverted together as a batch [NB, BC, BC]. Each block's strictly lower part P is
+    # nilpotent, so (I + P)^-1 = (I − P)(I + P²)(I + P⁴)…: log2(BC) − 1 squarings and as many products, in fp32
+    # on the CUDA cores ("ieee"). A row-by-row forward substitution needs BC − 1 dependent cross-thread
+    # reductions instead, and measured 0.47 of 2.0 ms of this stage at the anchor shape (C=32, H100).
+    b_p = tl.sum(tl.where((o_nb[:, None] == o_nb[None, :])[:, None, :, None],
+                          tl.reshape(b_t, (NB, BC, NB, BC)), 0.0), 2)  # [NB, BC, BC]
+    eye_bc = tl.broadcast_to((o_bc[:, None] == o_bc[None, :]).to(tl.float32)[None, :, :], (NB, BC, BC))
+    b_ad = eye_bc - b_p
+    for _ in tl.static_range(LOG2_BC - 1):
+        b_p = tl.dot(b_p, b_p, input_precision="ieee")
+        b_ad = tl.dot(b_ad, eye_bc + b_p, input_precision="ieee")
 
     same_blk = (o_nb[:, None] == o_nb[None, :])[:, None, :, None]
     b_d = tl.reshape(tl.where(same_blk, b_ad[:, :, None, :], 0.0), (C, C))
@@ -267,7 +268,7 @@ def intra_fwd(
         scale,
         T, nt,
         H=H, K=K, V=V,
-        C=chunk, BC=cfg.BC, NB=nb,
+        C=chunk, BC=cfg.BC, NB=nb, LOG2_BC=cfg.BC.bit_length() - 1,
         BK=cfg.BK, BV=cfg.BV,
         SOLVE=_DOT_PRECISION[cfg.solve],
         IS_VARLEN=varlen, USE_L2NORM=use_qk_l2norm,
