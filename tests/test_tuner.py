@@ -356,7 +356,7 @@ def test_tune_interpret_writes_a_loadable_profile(tmp_path: Path) -> None:
 
 def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    trials = 8
+    trials = 10  # long enough (~10 s) that a slow poll under load still kills it mid-run
     args = tune_cmd("--trials", str(trials), "--run-dir", str(run_dir), *[a for p in TINY_PARAMS for a in ("--param", p)])
     key = table.entry_key("fwd", INTERPRET_SHAPE)
     proc = subprocess.Popen(args, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -372,7 +372,7 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path) -> None:
                 st = journal_study(run_dir, key)
             except StopIteration:
                 continue
-            if sum(1 for t in st.trials if t.state == TrialState.COMPLETE) >= 3:
+            if sum(1 for t in st.trials if t.state == TrialState.COMPLETE) >= 2:
                 break
         assert proc.poll() is None, "the run finished before it could be killed; make it longer"
         os.killpg(proc.pid, signal.SIGKILL)
@@ -382,7 +382,7 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     before = journal_study(run_dir, key).trials
     complete_before = {t.number: (t.params, t.value) for t in before if t.state == TrialState.COMPLETE}
-    assert len(complete_before) >= 3
+    assert len(complete_before) >= 2
 
     r = subprocess.run(args, env=env(), cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -395,12 +395,12 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(tmp_path: Path) -> None:
     assert len(evaluated) == trials, [(t.number, t.state, t.user_attrs.get("status")) for t in after]
     # No point measured twice: a duplicate proposal is answered from the record, an interrupted trial is retried once.
     measured = [study_mod._freeze(t.params) for t in evaluated]
-    assert len(measured) == len(set(measured))
+    assert len(measured) == len(set(measured)), [(t.number, t.user_attrs) for t in evaluated]
     for t in after:
         if t.user_attrs.get("status") == "interrupted":
             assert any(u.user_attrs.get("retry_of") == t.number for u in after)
     profile, _ = table.load_profile(run_dir / "cpu-interpreter.json")
-    assert profile is not None and profile.entries[0].trials == trials
+    assert profile is not None and profile.entries[0].trials == trials, (r.stdout, r.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
