@@ -8,10 +8,12 @@ which reads the shipped table for this GPU and never tunes at run time.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 
-from kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, fit_to_shape, infeasibility
+from kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, infeasibility
 from kernels.intra import intra_fwd
 from kernels.state import state_fwd
 
@@ -77,7 +79,7 @@ def _check_inputs(
         cu = cu_seqlens.tolist()
         if cu[0] != 0:
             raise ValueError(f"cu_seqlens: expected to start at 0, received {cu[0]}")
-        if any(b_ < a_ for a_, b_ in zip(cu, cu[1:])):
+        if any(b_ < a_ for a_, b_ in itertools.pairwise(cu)):
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets, received {cu}")
         if cu[-1] != T:
             raise ValueError(f"cu_seqlens: expected to end at T={T}, received {cu[-1]}")
@@ -130,7 +132,7 @@ def chunk_gdn2_fwd(
     num_seqs: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The two launches on checked, contiguous inputs with an admissible ``config``."""
-    B, T, H, _ = q.shape
+    B, T = q.shape[:2]
     if cu_seqlens is not None:
         chunk_indices, chunk_offsets, num_chunks = _chunk_index(cu_seqlens, config.chunk)
     else:

@@ -50,7 +50,7 @@ class IntraConfig:
     """Tiles and launch parameters of the intra-chunk stage."""
 
     BC: int = 16  # sub-block of the chunk: diagonal blocks are solved exactly, off-diagonal ones by dots
-    BK: int = 32  # K slice for the T / A_qk accumulation and for Y = A Ē
+    BK: int = 64  # K slice for the T / A_qk accumulation and for Y = A Ē
     BV: int = 64  # V slice for U = A Z
     num_warps: int = 4
     num_stages: int = 1
@@ -61,9 +61,9 @@ class IntraConfig:
 class StateConfig:
     """Tiles and launch parameters of the state-pass + output stage."""
 
-    BV: int = 32  # V tile of the state each program owns; more tiles = more parallel programs
+    BV: int = 64  # V tile of the state each program owns; more tiles = more parallel programs
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     precision: str = "input"  # state dots in the input dtype (bf16/fp16) or in tf32 from fp32 operands
 
 
@@ -71,7 +71,8 @@ class StateConfig:
 class FwdConfig:
     """The whole forward launch: what ``chunk_gdn2(config=...)`` takes and the tuner searches."""
 
-    chunk: int = 64
+    # The best of a 74-config per-stage sweep at the anchor shape on an H100 (2026-11-26), see BENCHMARKS.md.
+    chunk: int = 32
     intra: IntraConfig = IntraConfig()
     state: StateConfig = StateConfig()
 
@@ -82,7 +83,7 @@ class FwdConfig:
     def from_dict(data: dict[str, Any]) -> FwdConfig:
         """Build from a nested dict (a table entry). Unknown or missing keys raise ``ValueError``."""
         if not isinstance(data, dict):
-            raise ValueError(f"config: expected a dict, received {type(data).__name__}")
+            raise TypeError(f"config: expected a dict, received {type(data).__name__}")
         expected = {"chunk", "intra", "state"}
         if set(data) != expected:
             raise ValueError(f"config: expected keys {sorted(expected)}, received {sorted(data)}")

@@ -129,7 +129,7 @@ def state_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the state stage on the intra stage's outputs; returns ``(o, final_state or None)``."""
     y = inter["y"]
-    B, T, H, K = y.shape
+    _, T, H, K = y.shape
     V = v_shape[-1]
     o = torch.full(tuple(v_shape), float("nan"), dtype=out_dtype, device=y.device)
     ht = (

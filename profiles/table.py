@@ -239,7 +239,7 @@ def parse_config(data: Any, path: str = "config") -> FwdConfig:
     """
     try:
         config = FwdConfig.from_dict(data)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise TableFieldError(path, str(err).removeprefix("config").lstrip(".: ")) from None
     flat = config.flat()
     for param in SPACE:
