@@ -7,16 +7,21 @@ NB = C / BC sub-blocks, BK BV tiles, es the element size of the input dtype (2 f
 Four quantities per stage (``Cost``):
 
 - ``flops_tc``: the matrix products (``tl.dot``), each counted once at the tile sizes the kernel computes (full
-  chunks of C rows, K and V padded up to whole tiles): work a tensor core does, whatever precision it runs at.
-- ``flops_cuda``: exponentials, scalings, masks and sums on the CUDA cores. A rough count (about one FLOP per
-  elementwise operation, an exp counted as one); it is shown, never used to pick the binding roof.
+  chunks of C rows, K and V padded up to whole tiles), 2 FLOP per multiply-add, whatever unit and precision run
+  them: the intra stage's ``ieee`` dots (the diagonal-block inversion always, the assembly, Y and U with
+  ``solve="ieee"``) are FMAs on the CUDA cores and are counted here too, under "fp32" in ``dot_mix``.
+- ``flops_cuda``: exponentials, scalings, masks and sums on the CUDA cores, outside any ``tl.dot``. A rough count
+  (about one FLOP per elementwise operation, an exp counted as one); it is shown, never used to pick the roof.
 - ``bytes_min``: DRAM traffic if every tensor the stage touches is read or written exactly once.
-- ``bytes_moved``: what the stage asks of the memory system as written: the intra stage's second pass over
-  q, k, b, g (served mostly by L2) and the state stage's re-reads of its K-wide and C-wide inputs by every V tile.
+- ``bytes_moved``: what the stage asks of the memory system as written, mostly served by L2/L1: in the intra
+  stage the full-chunk k and g slices loaded again by every row block, the Y pass over q, k, b, g and the fp32
+  [C, C] scratch tile (T and A stored and read back); in the state stage the re-reads of its K-wide and C-wide
+  inputs by every V tile.
 
-``dot_mix`` splits the executed tensor-core work by the unit and precision that run it ("bf16", "fp16", "tf32",
+``dot_mix`` splits the executed ``tl.dot`` work by the unit and precision that run it ("bf16", "fp16", "tf32",
 and "fp32" for ``ieee`` dots, which Triton runs as FMAs on the CUDA cores); ``tf32x3`` dots execute three tf32
-products each. The roofline model (reports/roofline.py) turns the mix into a compute floor time.
+products each, so the mix can sum to more than ``flops_tc``. The roofline model (reports/roofline.py) turns the
+mix into a compute floor time.
 
 Not modelled: the exact per-pair diagonal loop the intra stage takes when a K slice decays faster than
 ``SAFE_SPAN`` inside one sub-block (data dependent, CUDA-core work only), and the extra pass over q and k when
@@ -32,6 +37,7 @@ from kernels.config import FwdConfig, Shape
 G_BYTES = 4  # g (log-decay) is fp32 in practice whatever the input dtype (kernels/inputs.py, BASELINE.md)
 GAMMA_BYTES = 4  # γ_C is written in fp32 by the intra stage
 STATE_BYTES = 4  # initial and final states are fp32 [N, H, K, V]
+SCRATCH_BYTES = 4  # the intra stage's per-program scratch tile (T, then A) is fp32 [C, C]
 STAGES = ("intra", "state")
 
 
@@ -41,7 +47,9 @@ class Cost:
     flops_cuda: float
     bytes_min: float
     bytes_moved: float
-    # Executed tensor-core FLOPs per precision, e.g. (("tf32", 3.1e11),); empty means all of flops_tc in bf16.
+    # Executed dot FLOPs per unit/precision, e.g. (("fp32", 1.6e9), ("tf32", 2.0e10)), sorted by name: "bf16",
+    # "fp16", "tf32" (tensor cores; tf32x3 dots count three times) and "fp32" (ieee dots, CUDA-core FMAs).
+    # Empty means all of flops_tc in bf16.
     dot_mix: tuple[tuple[str, float], ...] = ()
 
     def __add__(self, other: Cost) -> Cost:
@@ -117,7 +125,8 @@ def num_chunks(shape: Shape, chunk: int) -> int:
 
 
 def _dot_precision(solve: str) -> tuple[str, int]:
-    """(unit, executed products per product) of the intra stage's solve/Y/U dots for ``IntraConfig.solve``."""
+    """(unit, executed products per product) of the intra stage's assembly, Y and U dots for ``IntraConfig.solve``
+    (the diagonal-block inversion is always ``ieee``)."""
     if solve == "tf32":
         return "tf32", 1
     if solve == "tf32x3":
@@ -128,38 +137,57 @@ def _dot_precision(solve: str) -> tuple[str, int]:
 
 
 def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
-    """The intra stage: one program per (chunk, head), two passes over K, one over V."""
+    """The intra stage: one program per (chunk, head). T and A_qk row block by row block over K slices, the solve
+    through an fp32 scratch tile, then one pass over K for Y, Q_γ, K_tail, γ_C and one over V for U."""
     C, BC, BK, BV = config.chunk, config.intra.BC, config.intra.BK, config.intra.BV
     NB = C // BC
     es = element_size(shape.dtype)
     tokens = shape.B * shape.T  # every token row of every head is loaded (masked loads cost no bytes)
     rows = tokens * shape.H
     programs = num_chunks(shape, C) * shape.H
-    Kp = _cdiv(shape.K, BK) * BK  # the K loops run whole BK slices; padded columns are masked but multiplied
-    Vp = _cdiv(shape.V, BV) * BV
+    n_k = _cdiv(shape.K, BK)  # the K loops run whole BK slices; padded columns are masked but multiplied
+    n_v = _cdiv(shape.V, BV)
+    Kp = n_k * BK
+    Vp = n_v * BV
+    log2_bc = BC.bit_length() - 1
 
-    # --- tensor cores, per program (all operands are fp32 in registers, so tl.dot runs them in tf32) ---
-    tc_t = 2 * C * C * Kp  # T: dot([NB, BC, BK], [NB, BK, C]) per K slice = NB·BC·C·BK FMAs = C·C·BK
-    tc_aqk = 2 * C * C * Kp  # A_qk: the same batched product with q in place of b ⊙ k
-    # Solve: for NB > 1, dot(D, L), then LOG2_NB − 1 rounds of two dots (P², M(I + P)), then dot(M, D):
-    # 2 + 2·(log2 NB − 1) = 2·log2 NB products of C×C×C. NB = 1 has no dots (the diagonal solve is elementwise).
-    log2_nb = NB.bit_length() - 1
-    tc_solve = 2 * log2_nb * (2 * C * C * C)
-    tc_y = 2 * C * C * Kp  # Y = A Ē, one [C, C] × [C, BK] dot per K slice
-    tc_u = 2 * C * C * Vp  # U = A Z, one [C, C] × [C, BV] dot per V slice
-    flops_tc = programs * (tc_t + tc_aqk + tc_solve + tc_y + tc_u)
+    # --- matrix products (tl.dot), per program ---
+    # T and A_qk: per row block I (NB of them) and K slice, dot([BC, BK], [BK, C]) for each: over the NB blocks
+    # NB·BC·BK·C = C·C·BK FMAs per slice (all C columns are multiplied; the upper ones are masked afterwards).
+    # All factors are fp32, so tl.dot's default runs them in tf32.
+    tc_t = 2 * C * C * Kp
+    tc_aqk = 2 * C * C * Kp
+    # Diagonal blocks of I + T inverted as one batch [NB, BC, BC] by (I − P)(I + P²)(I + P⁴)…: LOG2_BC − 1 rounds
+    # of two batched dots (P², M(I + P^2^j)), each NB·BC·BC·BC FMAs, in fp32 "ieee" (FMAs on the CUDA cores).
+    tc_diag = 2 * (log2_bc - 1) * (2 * NB * BC * BC * BC)
+    # Assembly for NB > 1: N = D L (one C×C×C dot), then Horner X ← D − N X, NB − 1 dots of C×C×C; at
+    # ``intra.solve`` precision. NB = 1 has none (A is the diagonal block's inverse).
+    tc_asm = (NB if NB > 1 else 0) * (2 * C * C * C)
+    tc_y = 2 * C * C * Kp  # Y = A Ē, one [C, C] × [C, BK] dot per K slice, at ``intra.solve`` precision
+    tc_u = 2 * C * C * Vp  # U = A Z, one [C, C] × [C, BV] dot per V slice, at ``intra.solve`` precision
+    flops_tc = programs * (tc_t + tc_aqk + tc_diag + tc_asm + tc_y + tc_u)
     unit, passes = _dot_precision(config.intra.solve)
-    mix: dict[str, float] = {"tf32": float(programs * (tc_t + tc_aqk))}  # T and A_qk use tl.dot's default (tf32)
-    mix[unit] = mix.get(unit, 0.0) + programs * passes * (tc_solve + tc_y + tc_u)
+    mix: dict[str, float] = {"tf32": float(programs * (tc_t + tc_aqk)), "fp32": float(programs * tc_diag)}
+    mix[unit] = mix.get(unit, 0.0) + programs * passes * (tc_asm + tc_y + tc_u)
+    mix = {name: flops for name, flops in mix.items() if flops}
 
-    # --- CUDA cores, rough: ~1 FLOP per elementwise op, per program ---
-    cuda_pass1 = C * Kp * (8 + 4 * NB)  # cumsum, k·r, q·r, b⊙k, exp(G−ref), two row scalings; the [NB, C, BK]
-    #                                    column factor: a subtract, a clamp, an exp and a multiply per element
-    cuda_acc = 4 * C * C * (Kp // BK)  # two masked accumulations of [NB, BC, C] per K slice
-    cuda_solve = 4 * C * BC * BC + 10 * C * C  # forward substitution (BC steps over [NB, BC, BC]) + C×C masks
-    cuda_pass2 = 8 * C * Kp  # cumsum, exp(G), γ⊙b⊙k, γ⊙q, exp(G_C − G)⊙k
+    # --- CUDA cores, rough: ~1 FLOP per elementwise op (an exp counts one), per program ---
+    # Per row block and K slice, on the full-chunk [C, BK] slices: cumsum of g, k·r, G at the row before the
+    # block (a masked sum), ref − G, its clamps, an exp and the multiply by k: ~10 per element, NB times.
+    cuda_cols = 10 * NB * C * Kp
+    # On the block's own [BC, BK] rows (once over all blocks): cumsum, + ref, k·r, ·b, q·r, the decay span,
+    # exp(G − ref) and the two row scalings: ~10 per element.
+    cuda_rows = 10 * C * Kp
+    # Two masked accumulations of [BC, C] per block and slice; per block the row picks of r_k, r_q from [C]
+    # vectors (a where and a sum over [BC, C] each) and the two triangular masks before the stores.
+    cuda_acc = 4 * C * C * n_k + 6 * C * C
+    # Solve: diagonal-block extraction (a where and a sum over C·C), I − P and I + P^2^j on [NB, BC, BC], the
+    # block-diagonal D (a where over C·C), the mask of L and the Horner subtractions (C·C each).
+    cuda_solve = 3 * C * C + log2_bc * C * BC + (NB * C * C if NB > 1 else 0)
+    # Y pass, per [C, BK] element: cumsum, the last row's G, k·r, q·r, exp(G), γ⊙b⊙k, γ⊙q, exp(G_C − G)⊙k.
+    cuda_pass2 = 11 * C * Kp
     cuda_u = C * Vp  # Z = w ⊙ v
-    flops_cuda = programs * (cuda_pass1 + cuda_acc + cuda_solve + cuda_pass2 + cuda_u)
+    flops_cuda = programs * (cuda_cols + cuda_rows + cuda_acc + cuda_solve + cuda_pass2 + cuda_u)
 
     # --- bytes ---
     reads_k = rows * shape.K * (3 * es + G_BYTES)  # q, k, b in the input dtype and g in fp32, K wide
@@ -171,12 +199,19 @@ def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
         + num_chunks(shape, C) * shape.H * shape.K * GAMMA_BYTES  # γ_C, fp32, K per (chunk, head)
     )
     bytes_min = reads_k + reads_v + writes
-    bytes_moved = bytes_min + reads_k  # the second K pass re-reads q, k, b, g (from L2 when the chunk fits)
+    # Beyond one read of each tensor, from L2 when the chunk's slices are still there:
+    reread_blocks = NB * rows * shape.K * (es + G_BYTES)  # full-chunk k and g slices, loaded again per row block
+    reread_pass2 = reads_k  # the Y pass re-reads q, k, b, g
+    # The fp32 scratch tile [C, C] per program (never masked): T stored and read back by the solve, A stored and
+    # re-read by every Y K slice and every U V slice.
+    scratch = programs * C * C * SCRATCH_BYTES * (2 + 1 + n_k + n_v)
+    bytes_moved = bytes_min + reread_blocks + reread_pass2 + scratch
     return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), tuple(sorted(mix.items())))
 
 
 def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, final_state: bool = False) -> Cost:
-    """The state stage: one program per (sequence, head, V tile), walking the chunks in order.
+    """The state stage: one program per (sequence, head, V tile), walking the chunks in order. Its four dots run in
+    the input dtype (tf32 for fp32 inputs) with ``state.precision="input"``, in tf32 with ``"tf32"``.
 
     ``initial_state``/``final_state``: whether the call reads h0 and writes the final state (fp32 [N, H, K, V]);
     the defaults match how the tuner times the op (kernels.inputs.make_inputs gives an initial state).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kernels.config import FwdConfig, IntraConfig, Shape, StateConfig
@@ -26,47 +28,64 @@ def test_minimum_bytes_at_the_anchor_matches_baseline_md() -> None:
 
 def test_intra_bytes_by_hand() -> None:
     rows = 2 * 100 * 3  # every token of every head
-    chunks = 2 * 4  # ceil(100 / 32) = 4 per sequence
+    programs = 2 * 4 * 3  # ceil(100 / 32) = 4 chunks per sequence, 3 heads
     reads = rows * (64 * 2 + 64 * 2 + 64 * 2 + 64 * 4 + 32 * 2 + 32 * 2)  # q k b (bf16) g (fp32) v w (bf16)
-    writes = rows * (64 * 2 * 3 + 32 * 2 + 32 * 2) + chunks * 3 * 64 * 4  # Y Qγ Kt, U, A_qk (C=32), γ_C fp32
+    writes = rows * (64 * 2 * 3 + 32 * 2 + 32 * 2) + programs * 64 * 4  # Y Qγ Kt, U, A_qk (C=32), γ_C fp32
+    assert (reads, writes) == (460_800, 313_344)
     cost = intra_cost(SMALL, SMALL_CFG)
-    assert cost.bytes_min == reads + writes
-    second_pass = rows * (64 * 2 * 3 + 64 * 4)  # q, k, b, g again
-    assert cost.bytes_moved == reads + writes + second_pass
+    assert cost.bytes_min == reads + writes == 774_144
+    row_blocks = 2 * rows * 64 * (2 + 4)  # NB = 2 row blocks each load the chunk's k (bf16) and g (fp32) again
+    second_pass = rows * (64 * 2 * 3 + 64 * 4)  # the Y pass reads q, k, b, g again
+    # fp32 [32, 32] scratch per program: T stored + read back, A stored, A read by 2 K slices (BK 32) and 1 V slice
+    scratch = programs * 32 * 32 * 4 * (1 + 1 + 1 + 2 + 1)
+    assert (row_blocks, second_pass, scratch) == (460_800, 384_000, 589_824)
+    assert cost.bytes_moved == reads + writes + row_blocks + second_pass + scratch == 2_208_768
 
 
-def test_intra_tensor_core_flops_by_hand() -> None:
+def test_intra_flops_by_hand() -> None:
     programs = 8 * 3
-    C = 32
-    t_and_aqk = 2 * (2 * C * C * 64)
-    solve = 2 * (2 * C**3)  # NB = 2: dot(D, L) and dot(M, D)
-    y = 2 * C * C * 64
+    C, BC, NB = 32, 16, 2
+    t_and_aqk = 2 * (2 * C * C * 64)  # two dots [16, 32] x [32, 32] per row block (2) and K slice (2), each
+    diag = 2 * (4 - 1) * (2 * NB * BC**3)  # log2(16) - 1 = 3 rounds of P², M(I + P²ʲ) on [2, 16, 16], fp32
+    assembly = 2 * (2 * C**3)  # N = D L, then NB - 1 = 1 Horner step
+    y = 2 * C * C * 64  # K = 64 in two BK = 32 slices
     u = 2 * C * C * 32
+    assert (t_and_aqk, diag, assembly, y, u) == (262_144, 98_304, 131_072, 131_072, 65_536)
     cost = intra_cost(SMALL, SMALL_CFG)
-    assert cost.flops_tc == programs * (t_and_aqk + solve + y + u)
-    assert dict(cost.dot_mix) == {"tf32": cost.flops_tc}
+    assert cost.flops_tc == programs * (t_and_aqk + diag + assembly + y + u) == 16_515_072
+    assert dict(cost.dot_mix) == {"tf32": programs * (t_and_aqk + assembly + y + u), "fp32": programs * diag}
+    assert dict(cost.dot_mix) == {"tf32": 14_155_776, "fp32": 2_359_296}
 
 
 @pytest.mark.parametrize(
-    ("bc", "products"),
-    [pytest.param(64, 0, id="NB1-no-dots"), pytest.param(32, 2, id="NB2"), pytest.param(16, 4, id="NB4")],
+    ("bc", "diag", "assembly"),
+    [
+        pytest.param(64, 10 * 2 * 64**3, 0, id="NB1-diagonal-only"),  # log2 64 - 1 = 5 rounds of 2 dots, 1 block
+        pytest.param(32, 8 * 2 * 2 * 32**3, 2 * 2 * 64**3, id="NB2"),  # 4 rounds on [2, 32, 32]; D L + 1 step
+        pytest.param(16, 6 * 2 * 4 * 16**3, 4 * 2 * 64**3, id="NB4"),  # 3 rounds on [4, 16, 16]; D L + 3 steps
+    ],
 )
-def test_solve_dots_follow_the_kernel(bc: int, products: int) -> None:
-    base = FwdConfig(64, IntraConfig(BC=64, BK=64, BV=64, solve="tf32"))
+def test_solve_dots_follow_the_kernel(bc: int, diag: int, assembly: int) -> None:
     cfg = FwdConfig(64, IntraConfig(BC=bc, BK=64, BV=64, solve="tf32"))
-    shape = Shape(1, 64, 1, 64, 64)
-    extra = intra_cost(shape, cfg).flops_tc - intra_cost(shape, base).flops_tc
-    assert extra == products * 2 * 64**3
+    cost = intra_cost(Shape(1, 64, 1, 64, 64), cfg)  # one program
+    others = 2 * 2 * 64 * 64 * 64 + 2 * 64 * 64 * 64 + 2 * 64 * 64 * 64  # T and A_qk, Y, U: one slice each
+    assert cost.flops_tc == others + diag + assembly
+    assert dict(cost.dot_mix) == {"tf32": others + assembly, "fp32": diag}
 
 
-def test_tf32x3_and_ieee_move_the_solve_work() -> None:
-    tf32 = intra_cost(ANCHOR, FwdConfig(64, IntraConfig(solve="tf32")))
-    x3 = intra_cost(ANCHOR, FwdConfig(64, IntraConfig(solve="tf32x3")))
-    ieee = intra_cost(ANCHOR, FwdConfig(64, IntraConfig(solve="ieee")))
-    assert tf32.flops_tc == x3.flops_tc == ieee.flops_tc  # the math is the same
-    qk = dict(ieee.dot_mix)["tf32"]  # T and A_qk stay tf32
-    assert dict(x3.dot_mix)["tf32"] == qk + 3 * (tf32.flops_tc - qk)
-    assert dict(ieee.dot_mix)["fp32"] == tf32.flops_tc - qk
+def test_tf32x3_and_ieee_move_the_assembly_y_and_u_work() -> None:
+    # SMALL per program: T + A_qk 262,144 (tf32 always), diagonal 98,304 (fp32 always), assembly + Y + U 327,680
+    qk, diag, solved = 24 * 262_144, 24 * 98_304, 24 * 327_680
+    for solve, mix in (
+        ("tf32", {"tf32": qk + solved, "fp32": diag}),
+        ("tf32x3", {"tf32": qk + 3 * solved, "fp32": diag}),
+        ("ieee", {"tf32": qk, "fp32": diag + solved}),
+    ):
+        cost = intra_cost(SMALL, FwdConfig(32, dataclasses.replace(SMALL_CFG.intra, solve=solve), SMALL_CFG.state))
+        assert cost.flops_tc == qk + diag + solved, solve  # the math is the same
+        assert dict(cost.dot_mix) == mix, solve
+    with pytest.raises(ValueError, match="intra.solve"):
+        intra_cost(SMALL, FwdConfig(32, dataclasses.replace(SMALL_CFG.intra, solve="bf16")))
 
 
 def test_state_bytes_and_flops_by_hand() -> None:
@@ -80,20 +99,39 @@ def test_state_bytes_and_flops_by_hand() -> None:
     assert cost.bytes_min == per_tile + u_o + h0
     assert cost.bytes_moved == per_tile * n_v + u_o + h0
     assert state_cost(SMALL, SMALL_CFG, final_state=True).bytes_min == per_tile + u_o + 2 * h0
+    # stage_costs passes the state keywords through: no h0 read, the final state written
+    assert stage_costs(SMALL, SMALL_CFG, initial_state=False, final_state=True)["state"].bytes_min == per_tile + u_o + h0
+    assert stage_costs(SMALL, SMALL_CFG, initial_state=False)["state"].bytes_min == per_tile + u_o
     # per (chunk, head): Y S0, Qγ S0, Ktᵀ R with KP = 64, and A_qk R
     assert cost.flops_tc == chunks * (3 * 2 * 32 * 64 * 32 + 2 * 32 * 32 * 32)
     assert cost.dot_mix == (("bf16", cost.flops_tc),)
 
 
 def test_total_is_the_sum_and_intensity_is_flops_per_byte() -> None:
-    costs = stage_costs(ANCHOR, FwdConfig())
+    costs = stage_costs(ANCHOR, FwdConfig())  # C32, intra BC16 BK64 BV64 tf32, state BV64 in bf16
     total = costs["total"]
     assert total.flops_tc == costs["intra"].flops_tc + costs["state"].flops_tc
     assert total.bytes_min == costs["intra"].bytes_min + costs["state"].bytes_min
+    assert total.bytes_moved == costs["intra"].bytes_moved + costs["state"].bytes_moved
+    assert dict(total.dot_mix) == {
+        "bf16": dict(costs["state"].dot_mix)["bf16"],
+        "tf32": dict(costs["intra"].dot_mix)["tf32"],
+        "fp32": dict(costs["intra"].dot_mix)["fp32"],
+    }
     assert total.intensity == pytest.approx(total.flops_tc / total.bytes_min)
-    # anchor, default config: intra 51.5 GFLOP over 1.55 GB; state 60.1 GFLOP over 0.751 GB
-    assert costs["intra"].intensity == pytest.approx(33.3, abs=0.05)
-    assert costs["state"].intensity == pytest.approx(80.1, abs=0.05)
+    # intra, per (chunk, head) program: T + A_qk 4·32·32·128, diagonal 6·2·2·16³, assembly 2·2·32³, Y + U 4·32·32·128
+    programs = 8 * 128 * 16
+    assert costs["intra"].flops_tc == programs * (524_288 + 98_304 + 131_072 + 524_288) == 20_937_965_568
+    rows = 8 * 4096 * 16
+    intra_bytes = rows * (128 * 10 + 128 * 4 + 128 * 8 + 32 * 2) + programs * 128 * 4
+    assert costs["intra"].bytes_min == intra_bytes == 1_518_338_048
+    # state, per (chunk, head): Y S0, Qγ S0, Ktᵀ R (3·2·32·128·128) and A_qk R (2·32·32·128)
+    assert costs["state"].flops_tc == programs * (3_145_728 + 262_144) == 55_834_574_848
+    state_bytes = rows * (3 * 128 + 32) * 2 + programs * 128 * 4 + rows * 128 * 4 + 8 * 16 * 128 * 128 * 4
+    assert costs["state"].bytes_min == state_bytes == 721_420_288
+    # 20.9 GFLOP over 1.52 GB and 55.8 GFLOP over 0.721 GB
+    assert costs["intra"].intensity == pytest.approx(13.79, abs=0.005)
+    assert costs["state"].intensity == pytest.approx(77.40, abs=0.005)
 
 
 def test_fp32_inputs_run_state_dots_in_tf32_and_double_the_bytes() -> None:
