@@ -1,0 +1,256 @@
+"""chunk_gdn2 against the float64 recurrence: chunk lengths, awkward sizes, states, packed batches, dtypes, strong
+decay, tied gates (KDA, Gated DeltaNet) and a sample of the tunable space.
+
+Every test draws fresh random inputs (its own seed) and the launchers allocate every output filled with NaN, so an
+element a kernel fails to write fails the comparison. On the CPU the kernels run in the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from conftest import DEVICE, INTERPRETED
+
+from kernels import chunk_gdn2, gdn2_reference
+from kernels.config import SPACE, FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
+from kernels.inputs import make_inputs
+
+# Relative Frobenius error budgets, from the arithmetic each run does:
+# - fp32 in the interpreter: every product is exact fp32 (numpy), so errors are a few ulps times the growth of the
+#   solve; 1e-4 leaves two orders of magnitude over the ~1e-6 seen.
+# - fp32 compiled: tf32 dots (10-bit mantissa); the baseline shows 1.4e-3 on the same problem (BASELINE.md).
+# - bf16/fp16: Y, U, Q_γ, K_tail, A_qk, the state operand and R are each rounded to 16 bits once (2^-8 relative
+#   for bf16). The interpreter truncates instead of rounding (a one-sided error of up to 2^-7 that adds up
+#   coherently), so errors there sit near 1e-2, twice the compiled ones; 2.5e-2 bounds ~3 coherent roundings.
+TOL = {
+    ("fp32", True): 1e-4,
+    ("fp32", False): 2e-3,
+    ("bf16", True): 2.5e-2,
+    ("bf16", False): 1e-2,
+    ("fp16", True): 1e-2,
+    ("fp16", False): 5e-3,
+}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x = x.detach().to("cpu", torch.float64)
+    assert torch.isfinite(x).all(), "non-finite values (an unwritten NaN-poisoned element, or an overflow)"
+    ref = ref.to("cpu")
+    return float((x - ref).norm() / ref.norm())
+
+
+def config_for(shape: Shape, chunk: int | None = None, state: dict | None = None, **intra: int) -> FwdConfig:
+    cfg = default_config(shape)
+    if chunk is not None:
+        cfg = dataclasses.replace(cfg, chunk=chunk, intra=dataclasses.replace(cfg.intra, BC=min(cfg.intra.BC, chunk)))
+    if intra:
+        cfg = dataclasses.replace(cfg, intra=dataclasses.replace(cfg.intra, **intra))
+    if state:
+        cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, **state))
+    reason = infeasibility(cfg, shape)
+    assert reason is None, reason
+    return cfg
+
+
+def check(shape: Shape, seed: int, cfg: FwdConfig | None = None, *, strong_decay: bool = False,
+          initial_state: bool = True, l2norm: bool = False) -> None:
+    inp = make_inputs(shape, DEVICE, seed, strong_decay=strong_decay, initial_state=initial_state)
+    o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True,
+                      cu_seqlens=inp.cu_seqlens, use_qk_l2norm_in_kernel=l2norm, config=cfg)
+    ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, cu_seqlens=inp.cu_seqlens,
+                                  use_qk_l2norm_in_kernel=l2norm)
+    assert o.dtype == inp.q.dtype and o.shape == inp.v.shape
+    assert s.dtype == torch.float32 and s.shape == ref_s.shape
+    tol = TOL[(shape.dtype, INTERPRETED)]
+    err_o, err_s = rel_err(o, ref_o), rel_err(s, ref_s)
+    assert err_o < tol and err_s < tol, f"o {err_o:.2e}, state {err_s:.2e} (budget {tol:.0e})"
+
+
+CHUNKS = [
+    pytest.param(Shape(2, 100, 2, 32, 32, "fp32"), 32, id="B2-T100-H2-K32-V32-C32-fp32"),
+    pytest.param(Shape(2, 100, 2, 32, 32, "fp32"), 64, id="B2-T100-H2-K32-V32-C64-fp32"),
+    pytest.param(Shape(1, 150, 2, 32, 32, "fp32"), 128, id="B1-T150-H2-K32-V32-C128-fp32"),
+    pytest.param(Shape(1, 150, 2, 64, 64, "bf16"), 128, id="B1-T150-H2-K64-V64-C128-bf16"),
+    pytest.param(Shape(2, 70, 3, 64, 64, "bf16"), 32, id="B2-T70-H3-K64-V64-C32-bf16"),
+    pytest.param(Shape(2, 70, 3, 64, 64, "bf16"), 64, id="B2-T70-H3-K64-V64-C64-bf16"),
+]
+
+
+@pytest.mark.parametrize(("shape", "chunk"), CHUNKS)
+def test_every_chunk_length(shape: Shape, chunk: int) -> None:
+    # The default's tiles are too big for long chunks (register and shared-memory budgets in kernels/config.py).
+    tiles: dict = {"BK": 32} if chunk == 64 else {}
+    state = None
+    if chunk == 128:
+        tiles = {"BC": 32, "BK": 16, "num_warps": 8}
+        state = {"BV": 32, "num_stages": 1 if shape.dtype == "fp32" else 2}
+    check(shape, seed=chunk, cfg=config_for(shape, chunk, state, **tiles))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param(Shape(1, 1, 2, 32, 32, "fp32"), id="T1-single-token"),
+        pytest.param(Shape(3, 33, 1, 32, 32, "fp32"), id="T33-one-past-a-chunk"),
+        pytest.param(Shape(1, 95, 2, 48, 80, "fp32"), id="K48-V80-not-powers-of-two"),
+        pytest.param(Shape(1, 60, 2, 96, 40, "bf16"), id="K96-V40-bf16"),
+        pytest.param(Shape(2, 50, 2, 64, 32, "fp16"), id="K64-V32-fp16"),
+        pytest.param(Shape(1, 40, 1, 16, 16, "fp32"), id="K16-V16-smallest-tiles"),
+    ],
+)
+def test_awkward_sizes_and_dtypes(shape: Shape) -> None:
+    check(shape, seed=shape.T)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_strong_decay_never_overflows(dtype: str) -> None:
+    # g uniform in [-10, 0]: exp(-G) would overflow fp32 inside one sub-block, so this takes the exact path.
+    shape = Shape(2, 80, 2, 32, 32, dtype)
+    check(shape, seed=11, strong_decay=True)
+
+
+def test_strong_decay_at_every_sub_block_size() -> None:
+    shape = Shape(1, 64, 1, 32, 32, "fp32")
+    for bc in (16, 32, 64):
+        check(shape, seed=bc, cfg=config_for(shape, 64, BC=bc, BK=32), strong_decay=True)
+
+
+def test_without_initial_state_and_with_l2norm() -> None:
+    shape = Shape(2, 45, 2, 32, 32, "fp32")
+    check(shape, seed=3, initial_state=False, l2norm=True)
+
+
+def test_no_final_state_returns_none() -> None:
+    inp = make_inputs(Shape(1, 20, 1, 32, 32, "fp32"), DEVICE, seed=4)
+    o, s = chunk_gdn2(*inp.args())
+    assert s is None and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        pytest.param([45, 11, 48, 46], id="uneven"),
+        pytest.param([1, 33, 1, 64], id="single-tokens-and-exact-chunks"),
+        pytest.param([20, 0, 30], id="an-empty-sequence"),
+    ],
+)
+def test_packed_sequences_reset_the_state(lengths: list[int]) -> None:
+    shape = Shape(1, sum(lengths), 2, 32, 48, "fp32", num_seqs=len(lengths))
+    inp = make_inputs(shape, DEVICE, seed=len(lengths))
+    cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(DEVICE)
+    o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True, cu_seqlens=cu)
+    ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, cu_seqlens=cu)
+    tol = TOL[("fp32", INTERPRETED)]
+    assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
+
+
+def test_packed_equals_separate_calls() -> None:
+    lengths = [37, 20]
+    shape = Shape(1, sum(lengths), 1, 32, 32, "fp32", num_seqs=2)
+    inp = make_inputs(shape, DEVICE, seed=9)
+    cu = torch.tensor([0, 37, 57], dtype=torch.int32, device=DEVICE)
+    o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True, cu_seqlens=cu)
+    for n, (a, z) in enumerate([(0, 37), (37, 57)]):
+        part = [x[:, a:z] for x in inp.args()]
+        o_n, s_n = chunk_gdn2(*part, initial_state=inp.initial_state[n : n + 1], output_final_state=True)
+        assert rel_err(o[:, a:z], o_n.double()) < 1e-5
+        assert rel_err(s[n : n + 1], s_n.double()) < 1e-5
+
+
+def test_non_contiguous_inputs_match_contiguous() -> None:
+    shape = Shape(2, 40, 3, 32, 32, "fp32")
+    inp = make_inputs(shape, DEVICE, seed=12)
+    # The same values laid out [B, H, T, D] and viewed as [B, T, H, D]: strided, not contiguous.
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inp.args()]
+    assert not strided[0].is_contiguous()
+    o1, s1 = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True)
+    o2, s2 = chunk_gdn2(*strided, initial_state=inp.initial_state, output_final_state=True)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+def _delta_rule(q, k, v, alpha, beta, scale, h0):
+    """Independent float64 KDA / Gated DeltaNet recurrence: S = (I − β k kᵀ) Diag(α) S + β k vᵀ, o = Sᵀ q·scale."""
+    q, k, v, alpha, beta = (x.double().cpu() for x in (q, k, v, alpha, beta))
+    B, T, H, _ = q.shape
+    S = h0.double().cpu().clone()
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for t in range(T):
+        S = alpha[:, t, :, :, None] * S
+        kt = k[:, t]
+        S = S - beta[:, t, :, None, None] * kt[..., None] * torch.einsum("bhk,bhkv->bhv", kt, S)[:, :, None, :]
+        S = S + beta[:, t, :, None, None] * kt[..., None] * v[:, t, :, None, :]
+        o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t] * scale)
+    return o, S
+
+
+@pytest.mark.parametrize("scalar_decay", [False, True], ids=["KDA-channel-decay", "GatedDeltaNet-scalar-decay"])
+def test_tied_gates_reduce_to_kda_and_gated_deltanet(scalar_decay: bool) -> None:
+    shape = Shape(2, 50, 2, 32, 32, "fp32")
+    inp = make_inputs(shape, DEVICE, seed=21 + scalar_decay)
+    B, T, H, K = inp.q.shape
+    gen = torch.Generator().manual_seed(5)
+    beta = torch.rand(B, T, H, generator=gen)
+    g = inp.g[..., :1].expand_as(inp.g).contiguous() if scalar_decay else inp.g
+    b = beta[..., None].expand(B, T, H, K).contiguous().to(DEVICE)
+    w = beta[..., None].expand(B, T, H, shape.V).contiguous().to(DEVICE)
+    o, s = chunk_gdn2(inp.q, inp.k, inp.v, g, b, w, initial_state=inp.initial_state, output_final_state=True)
+    ref_o, ref_s = _delta_rule(inp.q, inp.k, inp.v, g.exp(), beta, K**-0.5, inp.initial_state)
+    tol = TOL[("fp32", INTERPRETED)]
+    assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
+
+
+def _random_configs(shape: Shape, count: int, seed: int) -> list[FwdConfig]:
+    rng = random.Random(seed)
+    out: list[FwdConfig] = []
+    while len(out) < count:
+        flat = {p.name: rng.choice(p.values) for p in SPACE}
+        cfg = FwdConfig.from_flat(flat)
+        if infeasibility(cfg, shape) is None and cfg not in out:
+            out.append(cfg)
+    return out
+
+
+SAMPLE_SHAPE = Shape(1, 70, 2, 32, 32, "fp32")
+
+
+@pytest.mark.parametrize("cfg", _random_configs(SAMPLE_SHAPE, 8, seed=2026), ids=lambda c: c.label())
+def test_sampled_points_of_the_tunable_space(cfg: FwdConfig) -> None:
+    check(SAMPLE_SHAPE, seed=hash(cfg.label()) % 1000, cfg=cfg, strong_decay=cfg.intra.BC == 16)
+
+
+def test_explicit_config_is_used_and_checked() -> None:
+    shape = Shape(1, 40, 1, 32, 32, "fp32")
+    inp = make_inputs(shape, DEVICE, seed=1)
+    bad = FwdConfig(chunk=32, intra=IntraConfig(BC=64), state=StateConfig())
+    with pytest.raises(ValueError, match=r"config: .*intra.BC=64 must divide chunk=32"):
+        chunk_gdn2(*inp.args(), config=bad)
+    with pytest.raises(TypeError, match="config: expected a kernels.FwdConfig"):
+        chunk_gdn2(*inp.args(), config={"chunk": 32})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("strong", [False, True], ids=["decay", "strong-decay"])
+def test_gpu_accuracy_no_worse_than_the_baseline(dtype: str, strong: bool) -> None:
+    # BASELINE.md: fla's chunk_gdn2 at B=2, T=2048, H=4, K=V=128 with a random initial state.
+    baseline = {("fp32", False): 1.4e-3, ("bf16", False): 3.8e-3, ("fp32", True): 1.1e-3, ("bf16", True): 3.2e-3}
+    shape = Shape(2, 2048, 4, 128, 128, dtype)
+    inp = make_inputs(shape, "cuda", seed=7, strong_decay=strong)
+    with torch.no_grad():
+        o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True)
+    ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, device="cuda")
+    assert rel_err(o, ref_o) <= baseline[(dtype, strong)]
+    assert rel_err(s, ref_s) <= baseline[(dtype, strong)]
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence_stays_finite_and_accurate() -> None:
+    shape = Shape(1, 32768, 2, 128, 128, "bf16")
+    inp = make_inputs(shape, "cuda", seed=8)
+    with torch.no_grad():
+        o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True)
+    ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, device="cuda")
+    assert rel_err(o, ref_o) < TOL[("bf16", False)] and rel_err(s, ref_s) < TOL[("bf16", False)]
