@@ -5,23 +5,24 @@ substitution, written to a temporary module, and timed at the anchor shape.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
 
-import torch
 import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kernels.config import FwdConfig, IntraConfig, Shape  # noqa: E402
-from kernels.inputs import make_inputs  # noqa: E402
+from kernels.config import FwdConfig, IntraConfig, Shape
+from kernels.inputs import make_inputs
 
 SRC = (ROOT / "kernels/intra.py").read_text()
-T_LOOP = ("        for i_k in range(tl.cdiv(K, BK)):\n            o_k = i_k * BK + tl.arange(0, BK)\n            m_k = o_k < K\n"
-          "            m_ck", "        for i_k in range(0):\n            o_k = i_k * BK + tl.arange(0, BK)\n            m_k = o_k < K\n"
-          "            m_ck")
+T_LOOP = (
+    ("        for i_k in range(tl.cdiv(K, BK)):\n            o_k = i_k * BK + tl.arange(0, BK)\n            m_k = o_k < K\n"
+     "            m_ck"),
+    ("        for i_k in range(0):\n            o_k = i_k * BK + tl.arange(0, BK)\n            m_k = o_k < K\n"
+     "            m_ck"),
+)
 FALLBACK = ("            if span >= SAFE_SPAN:", "            if span >= SAFE_SPAN * 1e30 and False:")
 DIAG = ("    for j in range(1, BC):", "    for j in range(1, 1):")
 HORNER = ("    if NB > 1:\n        # (I + T)", "    if NB > 1000:\n        # (I + T)")
@@ -62,10 +63,11 @@ for name, subs in VARIANTS.items():
     mod = load_variant(name, subs)
     for cfg in cfgs:
         nchunks = shape.B * triton.cdiv(shape.T, cfg.chunk)
-        fn = lambda: mod.intra_fwd(*inp.args(), scale=shape.K**-0.5, chunk=cfg.chunk, cfg=cfg.intra,  # noqa: E731
-                                   cu_seqlens=None, chunk_indices=None, num_chunks=nchunks, use_qk_l2norm=False,
-                                   out_dtype=inp.q.dtype)
+
+        def fn(mod=mod, cfg=cfg, nchunks=nchunks):
+            return mod.intra_fwd(*inp.args(), scale=shape.K**-0.5, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=None,
+                                 chunk_indices=None, num_chunks=nchunks, use_qk_l2norm=False, out_dtype=inp.q.dtype)
+
         fn()
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        k = mod._intra_kernel
         print(f"{name:16s} C{cfg.chunk} BK{cfg.intra.BK} w{cfg.intra.num_warps}: {ms:.3f} ms", flush=True)

@@ -31,7 +31,7 @@ def run(cfg: dict, shape: dict, strong: bool) -> dict:
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     argv = [sys.executable, "-c", CHILD, json.dumps(cfg), json.dumps(shape)] + (["strong"] if strong else [])
     try:
-        p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
     except subprocess.TimeoutExpired:
         return {"status": "hang"}
     if p.returncode == 0:

@@ -13,7 +13,7 @@ from kernels.inputs import make_inputs
 
 def good(**over):
     inp = make_inputs(Shape(1, 20, 2, 32, 16, "fp32"), DEVICE, seed=0)
-    args = dict(q=inp.q, k=inp.k, v=inp.v, g=inp.g, b=inp.b, w=inp.w)
+    args = {"q": inp.q, "k": inp.k, "v": inp.v, "g": inp.g, "b": inp.b, "w": inp.w}
     args.update(over)
     return args
 
@@ -27,33 +27,33 @@ def t(*shape, dtype=torch.float32):
 
 
 CASES = [
-    pytest.param(dict(k=t(1, 20, 2, 16)), {}, ValueError, r"k: expected shape \(1, 20, 2, 32\)", id="k-shape"),
-    pytest.param(dict(g=t(1, 20, 2)), {}, ValueError, r"g: expected 4 dims", id="g-dims"),
-    pytest.param(dict(w=t(1, 20, 2, 8)), {}, ValueError, r"w: expected shape \(1, 20, 2, 16\)", id="w-shape"),
-    pytest.param(dict(v=t(2, 20, 2, 16)), {}, ValueError, r"v: expected shape", id="v-batch"),
-    pytest.param(dict(b=t(1, 20, 2, 32, dtype=torch.float64)), {}, TypeError, r"b: expected dtype bf16, fp16 or fp32",
+    pytest.param({"k": t(1, 20, 2, 16)}, {}, ValueError, r"k: expected shape \(1, 20, 2, 32\)", id="k-shape"),
+    pytest.param({"g": t(1, 20, 2)}, {}, ValueError, r"g: expected 4 dims", id="g-dims"),
+    pytest.param({"w": t(1, 20, 2, 8)}, {}, ValueError, r"w: expected shape \(1, 20, 2, 16\)", id="w-shape"),
+    pytest.param({"v": t(2, 20, 2, 16)}, {}, ValueError, r"v: expected shape", id="v-batch"),
+    pytest.param({"b": t(1, 20, 2, 32, dtype=torch.float64)}, {}, TypeError, r"b: expected dtype bf16, fp16 or fp32",
                  id="b-dtype-float64"),
-    pytest.param(dict(v=t(1, 20, 2, 16, dtype=torch.bfloat16)), {}, TypeError, r"v: expected dtype torch.float32",
+    pytest.param({"v": t(1, 20, 2, 16, dtype=torch.bfloat16)}, {}, TypeError, r"v: expected dtype torch.float32",
                  id="mixed-dtypes"),
-    pytest.param(dict(q=[1, 2]), {}, TypeError, r"q: expected a torch.Tensor, received list", id="q-not-a-tensor"),
-    pytest.param(dict(q=t(1, 20, 2, 320), k=t(1, 20, 2, 320), g=t(1, 20, 2, 320), b=t(1, 20, 2, 320)), {}, ValueError,
+    pytest.param({"q": [1, 2]}, {}, TypeError, r"q: expected a torch.Tensor, received list", id="q-not-a-tensor"),
+    pytest.param({"q": t(1, 20, 2, 320), "k": t(1, 20, 2, 320), "g": t(1, 20, 2, 320), "b": t(1, 20, 2, 320)}, {}, ValueError,
                  r"expected K and V <= 256, received K=320", id="K-over-256"),
-    pytest.param(dict(q=t(1, 0, 2, 32), k=t(1, 0, 2, 32), g=t(1, 0, 2, 32), b=t(1, 0, 2, 32), v=t(1, 0, 2, 16),
-                      w=t(1, 0, 2, 16)), {}, ValueError, r"q: expected T >= 1, received T=0", id="T-zero"),
-    pytest.param({}, dict(initial_state=t(1, 2, 16, 32)), ValueError,
+    pytest.param({"q": t(1, 0, 2, 32), "k": t(1, 0, 2, 32), "g": t(1, 0, 2, 32), "b": t(1, 0, 2, 32), "v": t(1, 0, 2, 16),
+                      "w": t(1, 0, 2, 16)}, {}, ValueError, r"q: expected T >= 1, received T=0", id="T-zero"),
+    pytest.param({}, {"initial_state": t(1, 2, 16, 32)}, ValueError,
                  r"initial_state: expected shape \(1, 2, 32, 16\)", id="state-transposed"),
-    pytest.param({}, dict(initial_state=t(1, 2, 32, 16, dtype=torch.bfloat16)), TypeError,
+    pytest.param({}, {"initial_state": t(1, 2, 32, 16, dtype=torch.bfloat16)}, TypeError,
                  r"initial_state: expected dtype torch.float32, received torch.bfloat16", id="state-bf16"),
-    pytest.param({}, dict(initial_state="zeros"), TypeError, r"initial_state: expected a torch.Tensor", id="state-str"),
-    pytest.param({}, dict(cu_seqlens=torch.tensor([0, 5, 20], dtype=torch.float32)), TypeError,
+    pytest.param({}, {"initial_state": "zeros"}, TypeError, r"initial_state: expected a torch.Tensor", id="state-str"),
+    pytest.param({}, {"cu_seqlens": torch.tensor([0, 5, 20], dtype=torch.float32)}, TypeError,
                  r"cu_seqlens: expected dtype int32 or int64", id="cu-float"),
-    pytest.param({}, dict(cu_seqlens=torch.tensor([1, 5, 20])), ValueError, r"cu_seqlens: expected to start at 0",
+    pytest.param({}, {"cu_seqlens": torch.tensor([1, 5, 20])}, ValueError, r"cu_seqlens: expected to start at 0",
                  id="cu-not-at-0"),
-    pytest.param({}, dict(cu_seqlens=torch.tensor([0, 12, 5, 20])), ValueError,
+    pytest.param({}, {"cu_seqlens": torch.tensor([0, 12, 5, 20])}, ValueError,
                  r"cu_seqlens: expected non-decreasing", id="cu-decreasing"),
-    pytest.param({}, dict(cu_seqlens=torch.tensor([0, 5, 19])), ValueError,
+    pytest.param({}, {"cu_seqlens": torch.tensor([0, 5, 19])}, ValueError,
                  r"cu_seqlens: expected to end at T=20, received 19", id="cu-short"),
-    pytest.param({}, dict(cu_seqlens=torch.tensor([[0, 20]])), ValueError, r"cu_seqlens: expected shape \[N\+1\]",
+    pytest.param({}, {"cu_seqlens": torch.tensor([[0, 20]])}, ValueError, r"cu_seqlens: expected shape \[N\+1\]",
                  id="cu-2d"),
 ]
 
