@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from profiles.table import PROFILES_DIR, Profile, device_id_from_name, load_profile, profile_path
+from profiles.table import PROFILES_DIR, Profile, Timing, device_id_from_name, load_profile, profile_path
 from reports import render
 from reports.roofline import Report, build_report
 
@@ -40,7 +40,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=None, help="terminal width to render for")
     parser.add_argument("--measure", action="store_true",
                         help="(GPU) time the table's configs on this GPU now, instead of the stored times")
+    parser.add_argument("--benchmark", type=Path, default=None,
+                        help="a suite.json of benchmarks/bench_fwd.py run with this table: its tuned, default and "
+                             "fla times (one run, same inputs) replace the stored ones, so the baseline shows too")
     return parser
+
+
+def with_benchmark(profile: Profile, path: Path) -> tuple[Profile, list[str]]:
+    """Swap in the times of one benchmark run (tuned, default and fla timed together) for matching entries.
+
+    A row is used only if it ran on this profile's GPU model and timed the entry's own config; the stored
+    times of the other entries stay, and no fla time is shown for them (a baseline from another run is not a
+    comparison, BASELINE.md).
+    """
+    data = json.loads(path.read_text())
+    gpu = data.get("env", {}).get("gpu")
+    if gpu != profile.device.name:
+        return profile, [f"{path}: measured on {gpu!r}, not {profile.device.name!r}; ignored"]
+    rows = {r["shape"]: r for r in data.get("rows", []) if "fla" in r}
+    entries, notes = [], []
+    for e in profile.entries:
+        row = rows.get(e.shape.label())
+        if row is None or row.get("config") != e.config.label():
+            entries.append(dataclasses.replace(e, baseline_ms=None))
+            notes.append(f"{e.key}: no benchmark row with this config; stored times, no baseline")
+            continue
+        tuned = Timing(*row["tuned"], spread=e.timing.spread)
+        default = Timing(*row["default"], spread=e.default_timing.spread)
+        entries.append(dataclasses.replace(e, timing=tuned, default_timing=default,
+                                           speedup=default.p50_ms / tuned.p50_ms, baseline_ms=row["fla"][1]))
+    return dataclasses.replace(profile, entries=tuple(entries)), notes
 
 
 def default_profile(root: Path = PROFILES_DIR) -> tuple[Path | None, str]:
@@ -172,6 +201,11 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
             err.print(f"[red]report:[/] {e}", highlight=False)
             return 2
         source += " (re-measured now)"
+    elif args.benchmark is not None:
+        profile, notes = with_benchmark(profile, args.benchmark)
+        for note in notes:
+            err.print(f"[yellow]note:[/] {note}", highlight=False)
+        source += f" (times and fla baseline from {args.benchmark})"
 
     report = build_report(profile)
     entry = None

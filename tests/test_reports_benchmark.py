@@ -1,0 +1,60 @@
+"""`tune.py report --benchmark`: times of one benchmark run (tuned, default, fla) replace the stored ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from profiles.table import load_profile
+from reports.cli import with_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "profiles" / "h100-80gb-hbm3.json"
+SUITE = ROOT / "benchmarks" / "results" / "suite-h100-2026-11-26.json"
+
+
+def _suite(tmp_path: Path, edit) -> Path:
+    data = json.loads(SUITE.read_text())
+    edit(data)
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_matching_rows_bring_the_baseline_and_their_own_times() -> None:
+    profile, warnings = load_profile(PROFILE)
+    assert profile is not None and not warnings
+    merged, notes = with_benchmark(profile, SUITE)
+    rows = {r["shape"]: r for r in json.loads(SUITE.read_text())["rows"]}
+    assert not notes
+    for e in merged.entries:
+        row = rows[e.shape.label()]
+        assert e.baseline_ms == row["fla"][1]
+        assert e.timing.p50_ms == row["tuned"][1] and e.default_timing.p50_ms == row["default"][1]
+        assert abs(e.speedup - row["default"][1] / row["tuned"][1]) < 1e-12
+
+
+def test_a_row_for_another_config_gives_no_baseline(tmp_path: Path) -> None:
+    profile, _ = load_profile(PROFILE)
+    anchor = profile.entries[0].shape.label()
+
+    def edit(data):
+        for r in data["rows"]:
+            if r["shape"] == anchor:
+                r["config"] = "some/other/config"
+
+    merged, notes = with_benchmark(profile, _suite(tmp_path, edit))
+    by_label = {e.shape.label(): e for e in merged.entries}
+    assert by_label[anchor].baseline_ms is None
+    assert by_label[anchor].timing == profile.entries[0].timing
+    assert any(profile.entries[0].key in n for n in notes)
+
+
+def test_a_run_on_another_gpu_is_ignored(tmp_path: Path) -> None:
+    profile, _ = load_profile(PROFILE)
+
+    def edit(data):
+        data["env"]["gpu"] = "NVIDIA A100-SXM4-80GB"
+
+    merged, notes = with_benchmark(profile, _suite(tmp_path, edit))
+    assert merged is profile and "not 'NVIDIA H100 80GB HBM3'" in notes[0]
