@@ -5,8 +5,9 @@
     python benchmarks/bench_fwd.py suite --out DIR [--config-json FILE]   # the suite, ours vs fla, same run
 
 Every figure is a median of triton.testing.do_bench (which flushes L2 between repetitions), warm-up excluded,
-with the baseline timed in the same process on the same card. Results go to DIR/*.json; `render` turns them
-into the tables of BENCHMARKS.md.
+with the baseline timed in the same process on the same card. Results go to DIR/*.json,
+ready for `python tune.py report --benchmark DIR/suite.json` (the suite view with the fla column); BENCHMARKS.md
+quotes them.
 """
 
 from __future__ import annotations
