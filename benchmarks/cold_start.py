@@ -1,0 +1,69 @@
+"""Cold start: the first forward call in a fresh process with an empty Triton cache (GPU only, not a test).
+
+    python benchmarks/cold_start.py [--baseline]
+
+Each measurement runs in its own subprocess with TRITON_CACHE_DIR pointing at a new empty directory, so every
+kernel is compiled from scratch: ours through the dispatcher (shipped table, no run-time tuning), and with
+--baseline flash-linear-attention's chunk_gdn2, which compiles and autotunes its candidates on the first call
+(82.5 s in BASELINE.md). Prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, ".")
+import torch
+from kernels.config import Shape
+from kernels.inputs import make_inputs
+shape = Shape(8, 4096, 16, 128, 128, "bf16")
+inp = make_inputs(shape, "cuda", seed=0)
+torch.cuda.synchronize()
+if sys.argv[1] == "ours":
+    from kernels import chunk_gdn2 as fn
+else:
+    from fla.ops.gdn2 import chunk_gdn2 as fn
+t0 = time.perf_counter()
+with torch.no_grad():
+    fn(*inp.args(), initial_state=inp.initial_state, output_final_state=True)
+torch.cuda.synchronize()
+first = time.perf_counter() - t0
+t0 = time.perf_counter()
+with torch.no_grad():
+    fn(*inp.args(), initial_state=inp.initial_state, output_final_state=True)
+torch.cuda.synchronize()
+print(json.dumps({"impl": sys.argv[1], "shape": shape.label(), "first_call_s": round(first, 2),
+                  "second_call_s": round(time.perf_counter() - t0, 4)}))
+"""
+
+
+def measure(impl: str) -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        p = subprocess.run([sys.executable, "-c", CHILD, impl], cwd=ROOT, env=env, capture_output=True, text=True,
+                           check=False)
+    if p.returncode != 0:
+        return {"impl": impl, "error": p.stderr.strip().splitlines()[-1:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", action="store_true", help="also time fla's first call (minutes)")
+    args = parser.parse_args()
+    for impl in ["ours"] + (["fla"] if args.baseline else []):
+        print(json.dumps(measure(impl)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
