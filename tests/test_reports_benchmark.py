@@ -58,3 +58,24 @@ def test_a_run_on_another_gpu_is_ignored(tmp_path: Path) -> None:
 
     merged, notes = with_benchmark(profile, _suite(tmp_path, edit))
     assert merged is profile and "not 'NVIDIA H100 80GB HBM3'" in notes[0]
+
+
+def test_the_shipped_table_renders_with_the_fla_column() -> None:
+    """README's main job on a machine with no GPU: the shipped H100 table, here with its benchmark run."""
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from reports import cli
+
+    args = cli.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--profile", str(PROFILE), "--benchmark", str(SUITE), "--no-chart"]
+    )
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    assert cli.run(args, console=console) == 0
+    out = console.file.getvalue()
+    rows = {r["shape"]: r for r in json.loads(SUITE.read_text())["rows"]}
+    anchor = rows["B8-T4096-H16-K128-V128-bf16"]
+    assert "NVIDIA H100 80GB HBM3" in out
+    assert f"{anchor['fla'][1]:.3f}" in out and f"{anchor['fla'][1] / anchor['tuned'][1]:.2f}×" in out
