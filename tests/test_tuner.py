@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -509,3 +510,19 @@ def test_deadline_gives_up_stuck_compiles_and_enqueues_them_again(tmp_path: Path
 def test_default_config_survives_the_shape_pruned_space(shape: Shape) -> None:
     # The warm start enqueues the default config; a space that dropped one of its values would silently skip it.
     assert SearchSpace().for_shape(shape).contains(default_config(shape).flat())
+
+
+def test_live_view_shows_each_stage_percent_of_roof() -> None:
+    from profiles.table import load_profile
+    from tuner.run import roof_summary
+
+    profile, _ = load_profile(Path(__file__).resolve().parents[1] / "profiles" / "h100-80gb-hbm3.json")
+    entry = next(e for e in profile.entries if e.key == "fwd/K128-V128-bf16/T4096-BH128")
+    # The anchor's intra stage must move 1.518 GB (kernels/cost.py) in entry.stage_ms["intra"] ms, against the
+    # theoretical 3.352 TB/s of the H100 (2 × 2619 MHz × 5120 bit / 8).
+    expected = 1.518e9 / 3.352e12 * 1e3 / entry.stage_ms["intra"] * 100
+    summary = roof_summary(entry, profile.device)
+    assert summary.startswith(f"intra {expected:.0f}% memory, state ")
+    cpu = dataclasses.replace(profile.device, family="cpu", compute_capability=None, sm_count=None,
+                              sm_clock_mhz=None, mem_clock_mhz=None, bus_width_bits=None)
+    assert roof_summary(entry, cpu) == "-"

@@ -37,14 +37,14 @@ class ProgressView:
         table = Table(title=self.title, expand=False)
         for name, justify in (("study", "left"), ("phase", "left"), ("trials", "right"), ("pruned", "right"),
                               ("failed", "right"), ("best ms", "right"), ("elapsed", "right"), ("ETA", "right"),
-                              ("clocks", "left")):
+                              ("clocks", "left"), ("% of roof", "left")):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for s in self.studies:
             table.add_row(
                 s.key, s.phase, f"{s.done}/{s.target}", str(s.pruned), str(s.failed),
                 "-" if s.best_ms is None else f"{s.best_ms:.4f}",
                 _fmt_s(time.monotonic() - s.started) if s.phase != "waiting" else "-",
-                _fmt_s(s.eta_s()) if s.phase == "search" else "-", s.clocks,
+                _fmt_s(s.eta_s()) if s.phase == "search" else "-", s.clocks, s.roof,
             )
         return table
 

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from kernels.config import FwdConfig, Shape, default_config, infeasibility
 from profiles import table
+from reports.roofline import percent_of_roof
 from tuner import study as study_mod
 from tuner.device import detect_device, telemetry
 from tuner.progress import ProgressView
@@ -301,6 +302,18 @@ def finalize_entry(
     )
 
 
+def roof_summary(entry: table.Entry, device: table.DeviceInfo) -> str:
+    """``"intra 27% memory, state 50% memory"``: each stage's measured median against the theoretical roof that
+    binds it (the measured roofs come at the end of the run); "-" where the device's peaks are unknown."""
+    parts = []
+    for stage, ms in sorted(entry.stage_ms.items()):
+        pct, bound = percent_of_roof(entry.shape, entry.config, stage, ms, device)
+        if pct is None:
+            return "-"
+        parts.append(f"{stage} {pct:.0f}% {bound}")
+    return ", ".join(parts) or "-"
+
+
 def trial_records(study: optuna.Study, key: str) -> list[table.TrialRecord]:
     out = []
     for t in study.get_trials(deepcopy=False):
@@ -436,6 +449,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                 if entry is not None:
                     entries.append(entry)
                     prog.best_ms = entry.timing.p50_ms
+                    prog.roof = roof_summary(entry, device)
                 view.update(force=True)
             roofs = _measure_roofs(evaluator, device, notes)
     finally:
@@ -454,7 +468,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     table.save_profile(profile, out_path)
     for e in entries:
         view.log(f"{e.key}: {e.config.label()}  {e.timing.p50_ms:.4f} ms (default {e.default_timing.p50_ms:.4f} ms, "
-                 f"x{e.speedup:.2f}, spread {e.timing.spread:.1%})")
+                 f"x{e.speedup:.2f}, spread {e.timing.spread:.1%}; {roof_summary(e, device)})")
     for n in notes:
         view.log(f"note: {n}")
     view.log(f"wrote {out_path}" + (" (interpreter run: timings mean nothing)" if options.interpret else ""))

@@ -93,6 +93,7 @@ class StudyProgress:
     deadline: float | None = None
     clocks: str = "-"
     phase: str = "search"
+    roof: str = "-"  # each finished stage's percent of its binding roof, once the study's winner is timed
 
     def eta_s(self) -> float | None:
         if self.done <= 0:
