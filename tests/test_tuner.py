@@ -4,6 +4,7 @@ whole `tune.py tune --interpret` pipeline down to a loadable table."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -16,7 +17,6 @@ import textwrap
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
-import dataclasses
 from pathlib import Path
 from typing import Any
 
