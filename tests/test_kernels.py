@@ -99,6 +99,9 @@ def test_every_chunk_length(shape: Shape, chunk: int) -> None:
         pytest.param(Shape(1, 60, 2, 96, 40, "bf16"), id="K96-V40-bf16"),
         pytest.param(Shape(2, 50, 2, 64, 32, "fp16"), id="K64-V32-fp16"),
         pytest.param(Shape(1, 40, 1, 16, 16, "fp32"), id="K16-V16-smallest-tiles"),
+        pytest.param(Shape(1, 20, 1, 8, 24, "fp32"), id="K8-V24-below-the-smallest-tile"),
+        pytest.param(Shape(1, 40, 1, 256, 256, "fp32"), id="K256-V256-largest"),
+        pytest.param(Shape(1, 33, 1, 200, 130, "bf16"), id="K200-V130-bf16"),
     ],
 )
 def test_awkward_sizes_and_dtypes(shape: Shape) -> None:
@@ -121,6 +124,10 @@ def test_strong_decay_at_every_sub_block_size() -> None:
 def test_without_initial_state_and_with_l2norm() -> None:
     shape = Shape(2, 45, 2, 32, 32, "fp32")
     check(shape, seed=3, initial_state=False, l2norm=True)
+
+
+def test_l2norm_in_a_packed_batch_with_strong_decay() -> None:
+    check(Shape(1, 90, 2, 32, 32, "fp32", num_seqs=3), seed=13, strong_decay=True, l2norm=True)
 
 
 def test_no_final_state_returns_none() -> None:
