@@ -526,3 +526,18 @@ def test_live_view_shows_each_stage_percent_of_roof() -> None:
     cpu = dataclasses.replace(profile.device, family="cpu", compute_capability=None, sm_count=None,
                               sm_clock_mhz=None, mem_clock_mhz=None, bus_width_bits=None)
     assert roof_summary(entry, cpu) == "-"
+
+
+def test_a_trial_killed_between_ask_and_owner_is_recovered() -> None:
+    from tuner.study import OWNERLESS_GRACE_S, is_stale, owner_token
+
+    study = optuna.create_study()
+    orphan = study.ask()  # its process "died" before writing the owner
+    owned = study.ask()
+    owned.set_user_attr("owner", owner_token())
+    t = study.trials[orphan.number]
+    now = t.datetime_start.timestamp()
+    assert not is_stale(t, now=now + OWNERLESS_GRACE_S / 2, newest_owned=owned.number)  # its creator may be mid-way
+    assert not is_stale(t, now=now + OWNERLESS_GRACE_S * 2, newest_owned=-1)  # nothing later is owned yet
+    assert is_stale(t, now=now + OWNERLESS_GRACE_S * 2, newest_owned=owned.number)
+    assert not is_stale(study.trials[owned.number])  # owned by this live process

@@ -41,6 +41,10 @@ from tuner.space import SearchSpace
 
 STALE_AFTER_S = 600.0  # no heartbeat for this long: the owner on another host is gone
 HEARTBEAT_EVERY_S = 60.0
+# study.ask() creates a RUNNING trial and the owner token is written right after, in a second storage call: a
+# process killed between the two leaves a trial with no owner. A live process closes that window within
+# milliseconds, so an ownerless trial this old, with a later trial already owned, was abandoned.
+OWNERLESS_GRACE_S = 2.0
 # Outcomes that describe the config (deterministic: measuring again gives the same answer).
 CONFIG_OUTCOMES = ("infeasible", "compile_error", "out_of_resources", "wrong_answer", "out_of_memory", "error")
 # Asks per evaluated trial before the loop concludes the sampler only proposes infeasible or known points.
@@ -220,24 +224,30 @@ def owner_alive(token: str) -> bool | None:
     return Path(f"/proc/{pid}").exists() and _proc_start(pid) == start
 
 
-def is_stale(trial: FrozenTrial, now: float | None = None) -> bool:
+def is_stale(trial: FrozenTrial, now: float | None = None, newest_owned: int = -1) -> bool:
+    """Whether a RUNNING trial's process is gone. ``newest_owned``: the highest trial number that has an owner."""
     if trial.state != TrialState.RUNNING:
         return False
-    alive = owner_alive(str(trial.user_attrs.get("owner", "")))
+    now = now or time.time()
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    if "owner" not in trial.user_attrs:
+        age = now - started
+        return age > STALE_AFTER_S or (age > OWNERLESS_GRACE_S and newest_owned > trial.number)
+    alive = owner_alive(str(trial.user_attrs["owner"]))
     if alive is not None:
         return not alive
-    beat = trial.user_attrs.get("heartbeat")
-    if beat is None:
-        beat = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-    return (now or time.time()) - float(beat) > STALE_AFTER_S
+    beat = trial.user_attrs.get("heartbeat", started)
+    return now - float(beat) > STALE_AFTER_S
 
 
 def recover_stale(study: optuna.Study) -> list[int]:
     """Fail every stale RUNNING trial (status "interrupted") and enqueue its point again. Returns their numbers."""
     recovered = []
     storage = study._storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t):
+    trials = study.get_trials(deepcopy=False)
+    newest_owned = max((t.number for t in trials if "owner" in t.user_attrs), default=-1)
+    for t in trials:
+        if not is_stale(t, newest_owned=newest_owned):
             continue
         try:
             storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
@@ -473,4 +483,5 @@ def run_study(
                 trial.set_user_attr("heartbeat", last_beat)
             recover_stale(study)
         c = refresh()
+    recover_stale(study)  # trials a killed run left behind, now that this run's own trials are owned
     return refresh()
