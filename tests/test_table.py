@@ -295,15 +295,19 @@ ENTRY_PROBLEMS = [
 ]
 
 
-@pytest.mark.parametrize(("mutate", "field"), ENTRY_PROBLEMS)
-def test_bad_entry_is_skipped_with_one_warning_naming_file_and_field(
-    mutate: Callable[[dict[str, Any]], None], field: str, tmp_path: Path
-) -> None:
+def _load_mutated(mutate: Callable[[dict[str, Any]], None], tmp_path: Path) -> tuple[Path, Any]:
     data = PROFILE.to_dict()
     mutate(data)
     path = tmp_path / "t.json"
     path.write_text(json.dumps(data))
-    loaded, warnings = load_profile(path)
+    return path, load_profile(path)
+
+
+@pytest.mark.parametrize(("mutate", "field"), ENTRY_PROBLEMS)
+def test_bad_entry_is_skipped_with_one_warning_naming_file_and_field(
+    mutate: Callable[[dict[str, Any]], None], field: str, tmp_path: Path
+) -> None:
+    path, (loaded, warnings) = _load_mutated(mutate, tmp_path)
     assert loaded is not None
     assert len(warnings) == 1
     assert str(path) in warnings[0] and f"{field}:" in warnings[0]
@@ -336,11 +340,7 @@ HEADER_PROBLEMS = [
 def test_bad_header_makes_the_table_unusable_with_a_warning(
     mutate: Callable[[dict[str, Any]], None], field: str, tmp_path: Path
 ) -> None:
-    data = PROFILE.to_dict()
-    mutate(data)
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps(data))
-    loaded, warnings = load_profile(path)
+    path, (loaded, warnings) = _load_mutated(mutate, tmp_path)
     assert loaded is None
     assert len(warnings) == 1
     assert str(path) in warnings[0] and f"{field}:" in warnings[0]
