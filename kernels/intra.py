@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.buffers import output_buffer
 from kernels.config import IntraConfig
 
 # exp(80) ≈ 5.5e34 and exp(-80) ≈ 1.8e-35 are both normal fp32 (and bf16) numbers with room for a sum of
@@ -245,18 +246,18 @@ def intra_fwd(
 ) -> dict[str, torch.Tensor]:
     """Launch the intra stage. Inputs are contiguous ``[B, T, H, *]``; returns the state stage's inputs.
 
-    ``num_chunks`` is the total number of chunks (over all sequences); outputs are allocated with NaN so that a
-    row the kernel fails to write cannot pass for data.
+    ``num_chunks`` is the total number of chunks (over all sequences); outputs come from
+    :func:`kernels.buffers.output_buffer` (NaN-filled under :func:`kernels.buffers.poisoned`).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
     nb = chunk // cfg.BC
-    y = torch.full_like(k, float("nan"), dtype=out_dtype)
-    qg = torch.full_like(k, float("nan"), dtype=out_dtype)
-    kt = torch.full_like(k, float("nan"), dtype=out_dtype)
-    u = torch.full((B, T, H, V), float("nan"), dtype=out_dtype, device=k.device)
-    aqk = torch.full((B, T, H, chunk), float("nan"), dtype=out_dtype, device=k.device)
-    gam = torch.full((num_chunks, H, K), float("nan"), dtype=torch.float32, device=k.device)
+    y = output_buffer(k.shape, out_dtype, k.device)
+    qg = output_buffer(k.shape, out_dtype, k.device)
+    kt = output_buffer(k.shape, out_dtype, k.device)
+    u = output_buffer((B, T, H, V), out_dtype, k.device)
+    aqk = output_buffer((B, T, H, chunk), out_dtype, k.device)
+    gam = output_buffer((num_chunks, H, K), torch.float32, k.device)
     scr = torch.empty((num_chunks, H, chunk, chunk), dtype=torch.float32, device=k.device)  # T, per program
     varlen = cu_seqlens is not None
     nt = triton.cdiv(T, chunk)

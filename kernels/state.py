@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.buffers import output_buffer
 from kernels.config import StateConfig
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits (seen with triton 3.9: errors of 1e10),
@@ -131,12 +132,8 @@ def state_fwd(
     y = inter["y"]
     _, T, H, K = y.shape
     V = v_shape[-1]
-    o = torch.full(tuple(v_shape), float("nan"), dtype=out_dtype, device=y.device)
-    ht = (
-        torch.full((num_seqs, H, K, V), float("nan"), dtype=torch.float32, device=y.device)
-        if output_final_state
-        else None
-    )
+    o = output_buffer(v_shape, out_dtype, y.device)
+    ht = output_buffer((num_seqs, H, K, V), torch.float32, y.device) if output_final_state else None
     varlen = cu_seqlens is not None
     nt = triton.cdiv(T, chunk)
     grid = (triton.cdiv(V, cfg.BV), num_seqs * H)

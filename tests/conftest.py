@@ -6,6 +6,7 @@ TRITON_INTERPRET must be set before kernels are imported (triton.jit reads it wh
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ if not torch.cuda.is_available():
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
+
+from kernels.buffers import poisoned  # noqa: E402  (after TRITON_INTERPRET: importing kernels defines the jits)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,6 +30,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs() -> Iterator[None]:
+    """Every launcher output starts as NaN in every test, so an element a kernel fails to write fails the test."""
+    with poisoned():
+        yield
 
 
 @pytest.fixture

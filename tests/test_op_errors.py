@@ -98,3 +98,20 @@ def test_backward_is_refused_clearly() -> None:
     args = good(q=t(1, 20, 2, 32).requires_grad_())
     with pytest.raises(NotImplementedError, match="backward pass is not implemented"):
         call(args)
+
+
+def test_outputs_are_poisoned_only_when_checking() -> None:
+    from kernels.buffers import is_poisoned, output_buffer, poisoned
+
+    assert is_poisoned()  # the autouse fixture of conftest.py: every test checks NaN-poisoned outputs
+    assert torch.isnan(output_buffer((3, 4), torch.bfloat16, "cpu")).all()
+    import threading
+
+    seen: list[bool] = []
+    worker = threading.Thread(target=lambda: seen.append(is_poisoned()))  # a serving thread pays no fill
+    worker.start()
+    worker.join()
+    assert seen == [False]
+    with poisoned():
+        assert is_poisoned()
+    assert is_poisoned()
