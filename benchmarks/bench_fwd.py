@@ -165,7 +165,7 @@ def stage_fns(inp: Inputs, cfg: FwdConfig, shape: Shape):
 
 def sweep(out: Path, shape: Shape) -> None:
     intra_space = [
-        IntraConfig(BC=bc, BK=bk, BV=bv, num_warps=nw, num_stages=ns, solve=sv)
+        IntraConfig(BC=bc, BK=bk, BV=bv, num_warps=nw, num_stages=ns, precision=sv)
         for bc in (16, 32) for bk in (16, 32, 64) for bv in (32, 64) for nw in (4, 8) for ns in (1,) for sv in ("tf32",)
     ]
     state_space = [

@@ -51,7 +51,7 @@ def main() -> None:
                 for nw in (4, 8):
                     for sbv, sst in ((32, 1), (64, 2)):
                         cfg = FwdConfig(chunk, IntraConfig(BC=bc, BK=32, BV=64, num_warps=nw, num_stages=1,
-                                                           solve="tf32"), StateConfig(BV=sbv, num_stages=sst))
+                                                           precision="tf32"), StateConfig(BV=sbv, num_stages=sst))
                         if infeasibility(cfg, shape) is None:
                             jobs.append((cfg, shape, shape.dtype == "fp32"))
     out = Path(os.environ.get("OUT", ".")) / "fault_matrix.jsonl"

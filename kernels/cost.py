@@ -9,7 +9,7 @@ Four quantities per stage (``Cost``):
 - ``flops_tc``: the matrix products (``tl.dot``), each counted once at the tile sizes the kernel computes (full
   chunks of C rows, K and V padded up to whole tiles), 2 FLOP per multiply-add, whatever unit and precision run
   them: the intra stage's ``ieee`` dots (the diagonal-block inversion always, the assembly, Y and U with
-  ``solve="ieee"``) are FMAs on the CUDA cores and are counted here too, under "fp32" in ``dot_mix``.
+  ``precision="ieee"``) are FMAs on the CUDA cores and are counted here too, under "fp32" in ``dot_mix``.
 - ``flops_cuda``: exponentials, scalings, masks and sums on the CUDA cores, outside any ``tl.dot``. A rough count
   (about one FLOP per elementwise operation, an exp counted as one); it is shown, never used to pick the roof.
 - ``bytes_min``: DRAM traffic if every tensor the stage touches is read or written exactly once.
@@ -124,21 +124,21 @@ def num_chunks(shape: Shape, chunk: int) -> int:
     return shape.B * _cdiv(shape.T, chunk)
 
 
-def _dot_precision(solve: str) -> tuple[str, int]:
-    """(unit, executed products per product) of the intra stage's assembly, Y and U dots for ``IntraConfig.solve``
-    (the diagonal-block inversion is always ``ieee``)."""
-    if solve == "tf32":
+def _dot_precision(precision: str) -> tuple[str, int]:
+    """(unit, executed products per product) of the intra stage's T, A_qk, assembly, Y and U dots for
+    ``IntraConfig.precision`` (the diagonal-block inversion is always ``ieee``)."""
+    if precision == "tf32":
         return "tf32", 1
-    if solve == "tf32x3":
+    if precision == "tf32x3":
         return "tf32", 3  # Triton's 3xTF32: hi·hi + hi·lo + lo·hi, three tf32 MMAs
-    if solve == "ieee":
+    if precision == "ieee":
         return "fp32", 1  # fp32 FMAs on the CUDA cores
-    raise ValueError(f"intra.solve: expected 'tf32', 'tf32x3' or 'ieee', received {solve!r}")
+    raise ValueError(f"intra.precision: expected 'tf32', 'tf32x3' or 'ieee', received {precision!r}")
 
 
 def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
-    """The intra stage: one program per (chunk, head). T and A_qk row block by row block over K slices, the solve
-    through an fp32 scratch tile, then one pass over K for Y, Q_γ, K_tail, γ_C and one over V for U."""
+    """The intra stage: one program per (chunk, head). One pass over K slices for T and A_qk (all row blocks at
+    once), Q_γ, K_tail and γ_C; the solve; A through an fp32 scratch tile; one pass over K for Y, one over V for U."""
     C, BC, BK, BV = config.chunk, config.intra.BC, config.intra.BK, config.intra.BV
     NB = C // BC
     es = element_size(shape.dtype)
@@ -152,40 +152,37 @@ def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
     log2_bc = BC.bit_length() - 1
 
     # --- matrix products (tl.dot), per program ---
-    # T and A_qk: per row block I (NB of them) and K slice, dot([BC, BK], [BK, C]) for each: over the NB blocks
-    # NB·BC·BK·C = C·C·BK FMAs per slice (all C columns are multiplied; the upper ones are masked afterwards).
-    # All factors are fp32, so tl.dot's default runs them in tf32.
+    # T and A_qk: per K slice one batched dot [NB, BC, BK] × [NB, BK, C] each: NB·BC·BK·C = C·C·BK FMAs per slice
+    # (all C columns are multiplied; the upper ones are masked afterwards), at ``intra.precision``.
     tc_t = 2 * C * C * Kp
     tc_aqk = 2 * C * C * Kp
     # Diagonal blocks of I + T inverted as one batch [NB, BC, BC] by (I − P)(I + P²)(I + P⁴)…: LOG2_BC − 1 rounds
     # of two batched dots (P², M(I + P^2^j)), each NB·BC·BC·BC FMAs, in fp32 "ieee" (FMAs on the CUDA cores).
     tc_diag = 2 * (log2_bc - 1) * (2 * NB * BC * BC * BC)
     # Assembly for NB > 1: N = D L (one C×C×C dot), then Horner X ← D − N X, NB − 1 dots of C×C×C; at
-    # ``intra.solve`` precision. NB = 1 has none (A is the diagonal block's inverse).
+    # ``intra.precision``. NB = 1 has none (A is the diagonal block's inverse).
     tc_asm = (NB if NB > 1 else 0) * (2 * C * C * C)
-    tc_y = 2 * C * C * Kp  # Y = A Ē, one [C, C] × [C, BK] dot per K slice, at ``intra.solve`` precision
-    tc_u = 2 * C * C * Vp  # U = A Z, one [C, C] × [C, BV] dot per V slice, at ``intra.solve`` precision
+    tc_y = 2 * C * C * Kp  # Y = A Ē, one [C, C] × [C, BK] dot per K slice, at ``intra.precision`` precision
+    tc_u = 2 * C * C * Vp  # U = A Z, one [C, C] × [C, BV] dot per V slice, at ``intra.precision`` precision
     flops_tc = programs * (tc_t + tc_aqk + tc_diag + tc_asm + tc_y + tc_u)
-    unit, passes = _dot_precision(config.intra.solve)
-    mix: dict[str, float] = {"tf32": float(programs * (tc_t + tc_aqk)), "fp32": float(programs * tc_diag)}
-    mix[unit] = mix.get(unit, 0.0) + programs * passes * (tc_asm + tc_y + tc_u)
+    unit, passes = _dot_precision(config.intra.precision)
+    mix: dict[str, float] = {"fp32": float(programs * tc_diag)}
+    mix[unit] = mix.get(unit, 0.0) + programs * passes * (tc_t + tc_aqk + tc_asm + tc_y + tc_u)
     mix = {name: flops for name, flops in mix.items() if flops}
 
     # --- CUDA cores, rough: ~1 FLOP per elementwise op (an exp counts one), per program ---
-    # Per row block and K slice, on the full-chunk [C, BK] slices: cumsum of g, k·r, G at the row before the
-    # block (a masked sum), ref − G, its clamps, an exp and the multiply by k: ~10 per element, NB times.
-    cuda_cols = 10 * NB * C * Kp
-    # On the block's own [BC, BK] rows (once over all blocks): cumsum, + ref, k·r, ·b, q·r, the decay span,
-    # exp(G − ref) and the two row scalings: ~10 per element.
-    cuda_rows = 10 * C * Kp
-    # Two masked accumulations of [BC, C] per block and slice; per block the row picks of r_k, r_q from [C]
-    # vectors (a where and a sum over [BC, C] each) and the two triangular masks before the stores.
-    cuda_acc = 4 * C * C * n_k + 6 * C * C
+    # Column factors [NB, C, BK] per K slice: ref − G, its clamps, an exp and the multiply by k: ~6 per element.
+    cuda_cols = 6 * NB * C * Kp
+    # Per [C, BK] element of the slice: cumsum, k·r, q·r, ·b, G before each block (a masked sum), the decay span,
+    # exp(G − ref), the two row scalings, exp(G)⊙q and exp(G_C − G)⊙k for Q_γ and K_tail: ~14.
+    cuda_rows = 14 * C * Kp
+    # Two masked accumulations of [NB, BC, C] per slice and the two triangular masks before the stores.
+    cuda_acc = 4 * C * C * n_k + 2 * C * C
     # Solve: diagonal-block extraction (a where and a sum over C·C), I − P and I + P^2^j on [NB, BC, BC], the
     # block-diagonal D (a where over C·C), the mask of L and the Horner subtractions (C·C each).
     cuda_solve = 3 * C * C + log2_bc * C * BC + (NB * C * C if NB > 1 else 0)
-    # Y pass, per [C, BK] element: cumsum, the last row's G, k·r, q·r, exp(G), γ⊙b⊙k, γ⊙q, exp(G_C − G)⊙k.
-    cuda_pass2 = 11 * C * Kp
+    # Y pass, per [C, BK] element: cumsum, k·r, exp(G), γ⊙b⊙k.
+    cuda_pass2 = 5 * C * Kp
     cuda_u = C * Vp  # Z = w ⊙ v
     flops_cuda = programs * (cuda_cols + cuda_rows + cuda_acc + cuda_solve + cuda_pass2 + cuda_u)
 
@@ -200,18 +197,18 @@ def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
     )
     bytes_min = reads_k + reads_v + writes
     # Beyond one read of each tensor, from L2 when the chunk's slices are still there:
-    reread_blocks = NB * rows * shape.K * (es + G_BYTES)  # full-chunk k and g slices, loaded again per row block
-    reread_pass2 = reads_k  # the Y pass re-reads q, k, b, g
-    # The fp32 scratch tile [C, C] per program (never masked): T stored and read back by the solve, A stored and
-    # re-read by every Y K slice and every U V slice.
-    scratch = programs * C * C * SCRATCH_BYTES * (2 + 1 + n_k + n_v)
-    bytes_moved = bytes_min + reread_blocks + reread_pass2 + scratch
+    reread_pass2 = rows * shape.K * (2 * es + G_BYTES)  # the Y pass re-reads k, b and g
+    # The fp32 scratch tile [C, C] per program (never masked): A stored once, re-read by every Y K slice and
+    # every U V slice.
+    scratch = programs * C * C * SCRATCH_BYTES * (1 + n_k + n_v)
+    bytes_moved = bytes_min + reread_pass2 + scratch
     return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), tuple(sorted(mix.items())))
 
 
 def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, final_state: bool = False) -> Cost:
     """The state stage: one program per (sequence, head, V tile), walking the chunks in order. Its four dots run in
-    the input dtype (tf32 for fp32 inputs) with ``state.precision="input"``, in tf32 with ``"tf32"``.
+    the input dtype (tf32 for fp32 inputs) with ``state.precision="input"``, in tf32 with ``"tf32"`` and as three
+    tf32 products with ``"tf32x3"``.
 
     ``initial_state``/``final_state``: whether the call reads h0 and writes the final state (fp32 [N, H, K, V]);
     the defaults match how the tuner times the op (kernels.inputs.make_inputs gives an initial state).
@@ -230,12 +227,15 @@ def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, f
     tc_kr = 2 * KP * C * Vp  # K_tailᵀ R: [KP, C] × [C, BV]
     tc_ar = 2 * C * C * Vp  # A_qk R: [C, C] × [C, BV]
     flops_tc = chunks * (tc_ys + tc_qs + tc_kr + tc_ar)
+    passes = 1
     if config.state.precision == "input":
         unit = "tf32" if shape.dtype == "fp32" else shape.dtype  # fp32 operands go through tl.dot as tf32
-    elif config.state.precision == "tf32":
-        unit = "tf32"
+    elif config.state.precision in ("tf32", "tf32x3"):
+        unit, passes = _dot_precision(config.state.precision)
     else:
-        raise ValueError(f"state.precision: expected 'input' or 'tf32', received {config.state.precision!r}")
+        raise ValueError(
+            f"state.precision: expected 'input', 'tf32' or 'tf32x3', received {config.state.precision!r}"
+        )
 
     # --- CUDA cores, rough: the decay Diag(γ_C) S and state add on [KP, Vp]; R = U − ·, O = · + · on [C, Vp] ---
     flops_cuda = chunks * (2 * KP * Vp + 2 * C * Vp)
@@ -247,7 +247,7 @@ def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, f
     state_io = states * (int(initial_state) + int(final_state))
     bytes_min = per_tile + u_o + state_io
     bytes_moved = per_tile * n_v + u_o + state_io  # every V tile re-reads the K-wide and C-wide inputs
-    return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), ((unit, float(flops_tc)),))
+    return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), ((unit, float(passes * flops_tc)),))
 
 
 def stage_costs(

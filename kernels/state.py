@@ -30,10 +30,12 @@ UPCAST_DOTS_WHEN_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _mma(a, b, UPCAST: tl.constexpr):
+def _mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+    if PRECISION == "input":
+        return tl.dot(a, b)
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -45,7 +47,7 @@ def _state_kernel(
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    INPUT_PRECISION_DOTS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
@@ -97,7 +99,7 @@ def _state_kernel(
         b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
         b_kt = tl.load(kt + p_k, mask=m_ck, other=0.0)
         b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
-        if INPUT_PRECISION_DOTS:
+        if PRECISION == "input":
             b_sd = b_s.to(dt)
         else:
             b_sd = b_s
@@ -105,11 +107,11 @@ def _state_kernel(
             b_q = b_q.to(tl.float32)
             b_a = b_a.to(tl.float32)
             b_kt = b_kt.to(tl.float32)
-        b_r = b_u - _mma(b_y, b_sd, UPCAST)
+        b_r = b_u - _mma(b_y, b_sd, UPCAST, PRECISION)
         b_rd = b_r.to(b_y.dtype)
-        b_o = _mma(b_q, b_sd, UPCAST) + _mma(b_a, b_rd, UPCAST)
+        b_o = _mma(b_q, b_sd, UPCAST, PRECISION) + _mma(b_a, b_rd, UPCAST, PRECISION)
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
-        b_s = b_s * b_gc[:, None] + _mma(tl.trans(b_kt), b_rd, UPCAST)
+        b_s = b_s * b_gc[:, None] + _mma(tl.trans(b_kt), b_rd, UPCAST, PRECISION)
 
     if STORE_FINAL_STATE:
         tl.store(ht + p_s, b_s, mask=m_s)
@@ -145,7 +147,7 @@ def state_fwd(
         H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
         C=chunk, BV=cfg.BV,
         IS_VARLEN=varlen, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        INPUT_PRECISION_DOTS=cfg.precision == "input", UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+        PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, ht

@@ -12,7 +12,7 @@ from kernels.cost import Cost, intra_cost, minimum_bytes, num_chunks, stage_cost
 ANCHOR = Shape(8, 4096, 16, 128, 128, "bf16")
 # A small awkward shape: T not a multiple of the chunk, V below K.
 SMALL = Shape(2, 100, 3, 64, 32, "bf16")
-SMALL_CFG = FwdConfig(32, IntraConfig(BC=16, BK=32, BV=32, solve="tf32"), StateConfig(BV=16, precision="input"))
+SMALL_CFG = FwdConfig(32, IntraConfig(BC=16, BK=32, BV=32, precision="tf32"), StateConfig(BV=16, precision="input"))
 
 
 def test_minimum_bytes_at_the_anchor_matches_baseline_md() -> None:
@@ -34,12 +34,11 @@ def test_intra_bytes_by_hand() -> None:
     assert (reads, writes) == (460_800, 313_344)
     cost = intra_cost(SMALL, SMALL_CFG)
     assert cost.bytes_min == reads + writes == 774_144
-    row_blocks = 2 * rows * 64 * (2 + 4)  # NB = 2 row blocks each load the chunk's k (bf16) and g (fp32) again
-    second_pass = rows * (64 * 2 * 3 + 64 * 4)  # the Y pass reads q, k, b, g again
-    # fp32 [32, 32] scratch per program: T stored + read back, A stored, A read by 2 K slices (BK 32) and 1 V slice
-    scratch = programs * 32 * 32 * 4 * (1 + 1 + 1 + 2 + 1)
-    assert (row_blocks, second_pass, scratch) == (460_800, 384_000, 589_824)
-    assert cost.bytes_moved == reads + writes + row_blocks + second_pass + scratch == 2_208_768
+    second_pass = rows * (64 * 2 * 2 + 64 * 4)  # the Y pass reads k, b (bf16) and g (fp32) again
+    # fp32 [32, 32] scratch per program: A stored, then read by 2 K slices (BK 32) and 1 V slice
+    scratch = programs * 32 * 32 * 4 * (1 + 2 + 1)
+    assert (second_pass, scratch) == (307_200, 393_216)
+    assert cost.bytes_moved == reads + writes + second_pass + scratch == 1_474_560
 
 
 def test_intra_flops_by_hand() -> None:
@@ -66,26 +65,27 @@ def test_intra_flops_by_hand() -> None:
     ],
 )
 def test_solve_dots_follow_the_kernel(bc: int, diag: int, assembly: int) -> None:
-    cfg = FwdConfig(64, IntraConfig(BC=bc, BK=64, BV=64, solve="tf32"))
+    cfg = FwdConfig(64, IntraConfig(BC=bc, BK=64, BV=64, precision="tf32"))
     cost = intra_cost(Shape(1, 64, 1, 64, 64), cfg)  # one program
     others = 2 * 2 * 64 * 64 * 64 + 2 * 64 * 64 * 64 + 2 * 64 * 64 * 64  # T and A_qk, Y, U: one slice each
     assert cost.flops_tc == others + diag + assembly
     assert dict(cost.dot_mix) == {"tf32": others + assembly, "fp32": diag}
 
 
-def test_tf32x3_and_ieee_move_the_assembly_y_and_u_work() -> None:
-    # SMALL per program: T + A_qk 262,144 (tf32 always), diagonal 98,304 (fp32 always), assembly + Y + U 327,680
-    qk, diag, solved = 24 * 262_144, 24 * 98_304, 24 * 327_680
-    for solve, mix in (
-        ("tf32", {"tf32": qk + solved, "fp32": diag}),
-        ("tf32x3", {"tf32": qk + 3 * solved, "fp32": diag}),
-        ("ieee", {"tf32": qk, "fp32": diag + solved}),
+def test_tf32x3_and_ieee_move_every_intra_dot_but_the_diagonal_inverse() -> None:
+    # SMALL per program: T + A_qk 262,144, assembly + Y + U 327,680, diagonal inverse 98,304 (fp32 always)
+    diag, dots = 24 * 98_304, 24 * (262_144 + 327_680)
+    for precision, mix in (
+        ("tf32", {"tf32": dots, "fp32": diag}),
+        ("tf32x3", {"tf32": 3 * dots, "fp32": diag}),
+        ("ieee", {"fp32": diag + dots}),
     ):
-        cost = intra_cost(SMALL, FwdConfig(32, dataclasses.replace(SMALL_CFG.intra, solve=solve), SMALL_CFG.state))
-        assert cost.flops_tc == qk + diag + solved, solve  # the math is the same
-        assert dict(cost.dot_mix) == mix, solve
-    with pytest.raises(ValueError, match="intra.solve"):
-        intra_cost(SMALL, FwdConfig(32, dataclasses.replace(SMALL_CFG.intra, solve="bf16")))
+        intra = dataclasses.replace(SMALL_CFG.intra, precision=precision)
+        cost = intra_cost(SMALL, FwdConfig(32, intra, SMALL_CFG.state))
+        assert cost.flops_tc == dots + diag, precision  # the math is the same
+        assert dict(cost.dot_mix) == mix, precision
+    with pytest.raises(ValueError, match="intra.precision"):
+        intra_cost(SMALL, FwdConfig(32, dataclasses.replace(SMALL_CFG.intra, precision="bf16")))
 
 
 def test_state_bytes_and_flops_by_hand() -> None:
@@ -149,3 +149,11 @@ def test_varlen_chunks_are_bounded_by_one_partial_chunk_per_boundary() -> None:
 def test_cost_round_trips_through_a_dict() -> None:
     cost = stage_costs(SMALL, SMALL_CFG)["total"]
     assert Cost.from_dict(cost.to_dict()) == cost
+
+
+def test_state_tf32x3_counts_three_tf32_products() -> None:
+    fp32 = Shape(8, 4096, 16, 128, 128, "fp32")
+    plain = state_cost(fp32, FwdConfig(state=StateConfig(precision="tf32")))
+    triple = state_cost(fp32, FwdConfig(state=StateConfig(precision="tf32x3")))
+    assert triple.flops_tc == plain.flops_tc
+    assert dict(triple.dot_mix) == {"tf32": 3 * plain.flops_tc}

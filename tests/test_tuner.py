@@ -39,7 +39,7 @@ ANCHOR = SUITE[0]
 # A space of a few dozen points at the interpreter shape: small enough that interpreter studies finish in seconds.
 TINY_PARAMS = [
     "chunk=32,64", "intra.BC=16", "intra.BK=16,32", "intra.BV=32", "intra.num_warps=4", "intra.num_stages=1",
-    "intra.solve=tf32x3,ieee", "state.BV=16,32", "state.num_warps=4", "state.num_stages=1,2",
+    "intra.precision=tf32x3,ieee", "state.BV=16,32", "state.num_warps=4", "state.num_stages=1,2",
     "state.precision=input",
 ]
 
@@ -109,7 +109,7 @@ def test_quantiles_and_throttle_decoding() -> None:
 
 
 def test_grid_is_exactly_the_feasible_product() -> None:
-    space = SearchSpace().narrowed(parse_param_choices(["chunk=32,64,128", "intra.num_stages=1", "intra.solve=tf32",
+    space = SearchSpace().narrowed(parse_param_choices(["chunk=32,64,128", "intra.num_stages=1", "intra.precision=tf32",
                                                         "state.num_stages=1,4", "state.precision=input"]))
     import itertools
 
@@ -145,7 +145,7 @@ def synthetic_grid() -> RecordedGrid:
     """A recorded grid at the anchor with the optimum far from the default config and a few failed points."""
     space = SearchSpace().narrowed(parse_param_choices([
         "chunk=32,64,128", "intra.BC=16,32", "intra.BK=32,64", "intra.BV=32,64", "intra.num_warps=4,8",
-        "intra.num_stages=1,2", "intra.solve=tf32x3", "state.BV=16,32,64", "state.num_warps=4,8",
+        "intra.num_stages=1,2", "intra.precision=tf32x3", "state.BV=16,32,64", "state.num_warps=4,8",
         "state.num_stages=1,2,3", "state.precision=input",
     ]))
 
