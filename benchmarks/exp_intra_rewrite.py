@@ -38,6 +38,11 @@ def load(path: Path):
     return mod
 
 
+def save(out: Path, result: dict) -> None:
+    """After every row, so that a run cut short keeps what it measured."""
+    (out / "intra_rewrite.json").write_text(json.dumps(result, indent=1))
+
+
 def compiled_resources(kernel) -> list[dict]:
     """Registers and spills of every compiled specialization of a jit function (best effort across versions)."""
     out = []
@@ -90,6 +95,7 @@ def main() -> int:
                     row[f"{name}_error"] = repr(exc)[:300]
             print(json.dumps(row), flush=True)
             result["intra"].append(row)
+            save(args.out, result)
         del inp
         torch.cuda.empty_cache()
     result["resources"] = {"old": compiled_resources(old._intra_kernel),
@@ -104,6 +110,7 @@ def main() -> int:
         row = {"shape": shape.label(), "config": cfg.label(), "ms": ms}
         print(json.dumps(row), flush=True)
         result["forward_default"].append(row)
+        save(args.out, result)
         del inp
         torch.cuda.empty_cache()
 
@@ -122,7 +129,7 @@ def main() -> int:
                        "state": rel_err(s, ref_s), "is_default": cfg == base}
                 print(json.dumps(row), flush=True)
                 result["fp32"].append(row)
-    (args.out / "intra_rewrite.json").write_text(json.dumps(result, indent=1))
+    save(args.out, result)
     return 0
 
 

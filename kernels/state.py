@@ -31,11 +31,14 @@ UPCAST_DOTS_WHEN_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # One return: Triton compiles the statements after an `if ...: return` even when the condition is constexpr.
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    if PRECISION == "input":
-        return tl.dot(a, b)
-    return tl.dot(a, b, input_precision=PRECISION)
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif PRECISION == "input":
+        c = tl.dot(a, b)
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
 
 
 @triton.jit
