@@ -1,10 +1,13 @@
-"""Experiment (GPU, not a test): the one-pass intra stage against the row-block one it replaced, and the fp32
-precision choices, in one run on one card.
+"""Experiment (GPU, not a test): two versions of the intra stage side by side, the default forward over the
+suite, and the fp32 precision choices, in one run on one card.
 
-    python benchmarks/exp_intra_rewrite.py --old benchmarks/_old_intra.py --out DIR
+    git show b475ebd:kernels/intra.py > /tmp/old_intra.py
+    python benchmarks/exp_intra_rewrite.py --old /tmp/old_intra.py --out DIR
 
-``--old`` is kernels/intra.py as of commit b475ebd (``git show b475ebd:kernels/intra.py``). Every timing is a
-median of triton.testing.do_bench (L2 flushed between repetitions), warm-up excluded. Writes DIR/intra_rewrite.json.
+"new" is kernels/intra.py as checked out, "old" the file given. The recorded run
+(benchmarks/results/intra-onepass-vs-rowblock-h100-2026-11-26.json) had the one-pass kernel of commit ab7aa6b as
+"new" and the row-block kernel of b475ebd (the one kept) as "old". Every timing is a median of
+triton.testing.do_bench (L2 flushed between repetitions), warm-up excluded. Writes DIR/intra_rewrite.json.
 """
 
 from __future__ import annotations

@@ -137,8 +137,8 @@ def _dot_precision(precision: str) -> tuple[str, int]:
 
 
 def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
-    """The intra stage: one program per (chunk, head). One pass over K slices for T and A_qk (all row blocks at
-    once), Q_γ, K_tail and γ_C; the solve; A through an fp32 scratch tile; one pass over K for Y, one over V for U."""
+    """The intra stage: one program per (chunk, head). T and A_qk row block by row block over K slices, the solve
+    through an fp32 scratch tile, then one pass over K for Y, Q_γ, K_tail, γ_C and one over V for U."""
     C, BC, BK, BV = config.chunk, config.intra.BC, config.intra.BK, config.intra.BV
     NB = C // BC
     es = element_size(shape.dtype)
@@ -152,8 +152,9 @@ def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
     log2_bc = BC.bit_length() - 1
 
     # --- matrix products (tl.dot), per program ---
-    # T and A_qk: per K slice one batched dot [NB, BC, BK] × [NB, BK, C] each: NB·BC·BK·C = C·C·BK FMAs per slice
-    # (all C columns are multiplied; the upper ones are masked afterwards), at ``intra.precision``.
+    # T and A_qk: per row block I (NB of them) and K slice, dot([BC, BK], [BK, C]) for each: over the NB blocks
+    # NB·BC·BK·C = C·C·BK FMAs per slice (all C columns are multiplied; the upper ones are masked afterwards),
+    # at ``intra.precision``.
     tc_t = 2 * C * C * Kp
     tc_aqk = 2 * C * C * Kp
     # Diagonal blocks of I + T inverted as one batch [NB, BC, BC] by (I − P)(I + P²)(I + P⁴)…: LOG2_BC − 1 rounds
@@ -171,18 +172,20 @@ def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
     mix = {name: flops for name, flops in mix.items() if flops}
 
     # --- CUDA cores, rough: ~1 FLOP per elementwise op (an exp counts one), per program ---
-    # Column factors [NB, C, BK] per K slice: ref − G, its clamps, an exp and the multiply by k: ~6 per element.
-    cuda_cols = 6 * NB * C * Kp
-    # Per [C, BK] element of the slice: cumsum, k·r, q·r, ·b, G before each block (a masked sum), the decay span,
-    # exp(G − ref), the two row scalings, exp(G)⊙q and exp(G_C − G)⊙k for Q_γ and K_tail: ~14.
-    cuda_rows = 14 * C * Kp
-    # Two masked accumulations of [NB, BC, C] per slice and the two triangular masks before the stores.
-    cuda_acc = 4 * C * C * n_k + 2 * C * C
+    # Per row block and K slice, on the full-chunk [C, BK] slices: cumsum of g, k·r, G at the row before the
+    # block (a masked sum), ref − G, its clamps, an exp and the multiply by k: ~10 per element, NB times.
+    cuda_cols = 10 * NB * C * Kp
+    # On the block's own [BC, BK] rows (once over all blocks): cumsum, + ref, k·r, ·b, q·r, the decay span,
+    # exp(G − ref) and the two row scalings: ~10 per element.
+    cuda_rows = 10 * C * Kp
+    # Two masked accumulations of [BC, C] per block and slice; per block the row picks of r_k, r_q from [C]
+    # vectors (a where and a sum over [BC, C] each) and the two triangular masks before the stores.
+    cuda_acc = 4 * C * C * n_k + 6 * C * C
     # Solve: diagonal-block extraction (a where and a sum over C·C), I − P and I + P^2^j on [NB, BC, BC], the
     # block-diagonal D (a where over C·C), the mask of L and the Horner subtractions (C·C each).
     cuda_solve = 3 * C * C + log2_bc * C * BC + (NB * C * C if NB > 1 else 0)
-    # Y pass, per [C, BK] element: cumsum, k·r, exp(G), γ⊙b⊙k.
-    cuda_pass2 = 5 * C * Kp
+    # Y pass, per [C, BK] element: cumsum, the last row's G, k·r, q·r, exp(G), γ⊙b⊙k, γ⊙q, exp(G_C − G)⊙k.
+    cuda_pass2 = 11 * C * Kp
     cuda_u = C * Vp  # Z = w ⊙ v
     flops_cuda = programs * (cuda_cols + cuda_rows + cuda_acc + cuda_solve + cuda_pass2 + cuda_u)
 
@@ -197,11 +200,12 @@ def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
     )
     bytes_min = reads_k + reads_v + writes
     # Beyond one read of each tensor, from L2 when the chunk's slices are still there:
-    reread_pass2 = rows * shape.K * (2 * es + G_BYTES)  # the Y pass re-reads k, b and g
-    # The fp32 scratch tile [C, C] per program (never masked): A stored once, re-read by every Y K slice and
-    # every U V slice.
-    scratch = programs * C * C * SCRATCH_BYTES * (1 + n_k + n_v)
-    bytes_moved = bytes_min + reread_pass2 + scratch
+    reread_blocks = NB * rows * shape.K * (es + G_BYTES)  # full-chunk k and g slices, loaded again per row block
+    reread_pass2 = reads_k  # the Y pass re-reads q, k, b, g
+    # The fp32 scratch tile [C, C] per program (never masked): T stored and read back by the solve, A stored and
+    # re-read by every Y K slice and every U V slice.
+    scratch = programs * C * C * SCRATCH_BYTES * (2 + 1 + n_k + n_v)
+    bytes_moved = bytes_min + reread_blocks + reread_pass2 + scratch
     return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), tuple(sorted(mix.items())))
 
 

@@ -18,6 +18,13 @@ The solve inverts the NB diagonal BC×BC blocks of (I + T) as (I − P)(I + P²)
 full inverse as (I + N)^-1 D = D − N(D − N(D − …)) (Horner, NB − 1 products) with D the block-diagonal inverse
 and N = D L (L the block-strictly-lower part of T, so N is nilpotent of index NB).
 
+Every tl.dot with fp32 operands runs at ``IntraConfig.precision`` (tf32, 3xTF32 or ieee), except the
+diagonal-block inversion, which is always ieee.
+
+A one-pass variant (all row blocks as [NB, BC, C] batched dots, every K slice loaded once) was tried on an
+H100 (2026-11-26, benchmarks/exp_intra_rewrite.py): 1.85 against 1.56 ms at the anchor shape with C=32, from
+255 registers and spills against 168; it won only at C=64, where both lose to C=32.
+
 Writes Y, Q_γ, K_tail [B, T, H, K], U [B, T, H, V], A_qk [B, T, H, C] and γ_C [chunks, H, K];
 the state stage (kernels/state.py) reads them.
 """
@@ -106,60 +113,62 @@ def _intra_kernel(
         r_k = 1.0 / tl.sqrt(s_k + L2NORM_EPS)
     r_q = r_q * scale
 
-    # Pass 1, one K slice at a time: T and A_qk for all NB row blocks at once, as [NB, BC, C] tiles (row block I,
-    # row r in it, column s), plus the outputs that need only this slice: Q_γ, K_tail and γ_C.
+    # T and A_qk one row block I at a time, as 2D [BC, C] tiles accumulated over K slices. A_qk rows go straight
+    # to the output; T rows go to this program's fp32 scratch tile, read back whole by the solve.
+    o_bc = tl.arange(0, BC)
     scr_base = scr + (i_chunk * H + i_h).to(tl.int64) * C * C
-    n0 = (o_nb * BC)[:, None, None]  # first row of each block, [NB, 1, 1]
-    before = o_c[None, :, None] < n0  # column s lies before block I, [NB, C, 1]
-    first_row = (o_bc == 0)[None, :, None]
-    acc_t = tl.zeros([NB, BC, C], tl.float32)
-    acc_a = tl.zeros([NB, BC, C], tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_ck = m_c[:, None] & m_k[None, :]
-        p_k = t_c[:, None] * HK + o_k[None, :]
-        b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
-        b_G = tl.cumsum(b_g, 0)
-        b_last = tl.sum(b_g, 0)  # G at the chunk's last row (padding rows carry g = 0)
-        b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]
-        b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_q[:, None]
-        b_kb = tl.load(b + p_k, mask=m_ck, other=0.0).to(tl.float32) * b_k
-        tl.store(qg + p_k, (tl.exp(b_G) * b_q).to(qg.dtype.element_ty), mask=m_ck)
-        tl.store(kt + p_k, (tl.exp(b_last[None, :] - b_G) * b_k).to(kt.dtype.element_ty), mask=m_ck)
-        tl.store(gam + (i_chunk * H + i_h).to(tl.int64) * K + o_k, tl.exp(b_last), mask=m_k)
-
-        b_G3 = tl.reshape(b_G, (NB, BC, BK))
-        b_g3 = tl.reshape(b_g, (NB, BC, BK))
-        b_ref = tl.sum(tl.where(first_row, b_G3 - b_g3, 0.0), 1)  # [NB, BK]: G at the row before each block
-        span = tl.max(-tl.sum(b_g3, 1), 1)  # [NB]: each block's strongest decay over one channel
-        e_row = tl.exp(b_G3 - b_ref[:, None, :])  # ≤ 1
-        # Columns the factored product covers: those before the block, and the block itself when safe.
-        n_lim = n0 + tl.where(span < SAFE_SPAN, BC, 0)[:, None, None]
-        expo = b_ref[:, None, :] - b_G[None, :, :]  # [NB, C, BK]: ≤ 0 before the block, ≤ span inside it
-        expo = tl.where(before, tl.minimum(expo, 0.0), tl.where(o_c[None, :, None] < n_lim, expo, 0.0))
-        b_cf = tl.permute(b_k[None, :, :] * tl.exp(expo), (0, 2, 1))  # [NB, BK, C]
-        keep = o_c[None, None, :] < n_lim
-        b_kb3 = tl.reshape(b_kb, (NB, BC, BK))
-        b_q3 = tl.reshape(b_q, (NB, BC, BK))
-        acc_t += tl.where(keep, tl.dot(b_kb3 * e_row, b_cf, input_precision=PRECISION), 0.0)
-        acc_a += tl.where(keep, tl.dot(b_q3 * e_row, b_cf, input_precision=PRECISION), 0.0)
-        if tl.max(span, 0) >= SAFE_SPAN:
-            # Exact diagonal blocks where unsafe: column j of each block per step, exp(G_r − G_j), r ≥ j only.
-            unsafe = (span >= SAFE_SPAN)[:, None, None]
-            b_k3 = tl.reshape(b_k, (NB, BC, BK))
-            for j in range(BC):
-                sel = (o_bc == j)[None, :, None]
-                b_Gj = tl.sum(tl.where(sel, b_G3, 0.0), 1)
-                b_kj = tl.sum(tl.where(sel, b_k3, 0.0), 1)
-                b_e = tl.exp(tl.minimum(b_G3 - b_Gj[:, None, :], 0.0)) * b_kj[:, None, :]
-                at_col = unsafe & (o_c[None, None, :] == n0 + j)
-                acc_t += tl.where(at_col, tl.sum(b_kb3 * b_e, 2)[:, :, None], 0.0)
-                acc_a += tl.where(at_col, tl.sum(b_q3 * b_e, 2)[:, :, None], 0.0)
-    p_a = t_c[:, None] * (H * C) + o_c[None, :]
-    b_a = tl.where(o_c[:, None] >= o_c[None, :], tl.reshape(acc_a, (C, C)), 0.0)
-    tl.store(aqk + p_a, b_a.to(aqk.dtype.element_ty), mask=m_c[:, None])
-    b_t = tl.where(o_c[:, None] > o_c[None, :], tl.reshape(acc_t, (C, C)), 0.0)
+    for i_blk in tl.static_range(NB):
+        n0 = i_blk * BC
+        o_r = n0 + o_bc
+        m_r = i_tc * C + o_r < T_seq
+        t_r = i_tc * C + o_r
+        sel_r = o_c[None, :] == o_r[:, None]  # picks the block's rows out of [C] vectors
+        r_kr = tl.sum(tl.where(sel_r, r_k[None, :], 0.0), 1)
+        r_qr = tl.sum(tl.where(sel_r, r_q[None, :], 0.0), 1)
+        acc_t = tl.zeros([BC, C], tl.float32)
+        acc_a = tl.zeros([BC, C], tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_ck = m_c[:, None] & m_k[None, :]
+            p_k = t_c[:, None] * HK + o_k[None, :]
+            m_rk = m_r[:, None] & m_k[None, :]
+            p_rk = t_r[:, None] * HK + o_k[None, :]
+            b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
+            b_G = tl.cumsum(b_g, 0)
+            b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]
+            b_ref = tl.sum(tl.where((o_c < n0)[:, None], b_g, 0.0), 0)  # G at the row before the block
+            b_gr = tl.load(g + p_rk, mask=m_rk, other=0.0).to(tl.float32)
+            b_Gr = b_ref[None, :] + tl.cumsum(b_gr, 0)
+            b_kr = tl.load(k + p_rk, mask=m_rk, other=0.0).to(tl.float32) * r_kr[:, None]
+            b_kbr = tl.load(b + p_rk, mask=m_rk, other=0.0).to(tl.float32) * b_kr
+            b_qr = tl.load(q + p_rk, mask=m_rk, other=0.0).to(tl.float32) * r_qr[:, None]
+            span = tl.max(-tl.sum(b_gr, 0), 0)  # the block's strongest decay over one channel
+            e_row = tl.exp(b_Gr - b_ref[None, :])  # ≤ 1
+            # Columns the factored product covers: those before the block, and the block itself when safe.
+            n_lim = n0 + tl.where(span < SAFE_SPAN, BC, 0)
+            expo = b_ref[None, :] - b_G  # ≤ 0 before the block, ≤ span inside it
+            expo = tl.where(o_c[:, None] < n0, tl.minimum(expo, 0.0), tl.where(o_c[:, None] < n_lim, expo, 0.0))
+            b_cf = tl.trans(b_k * tl.exp(expo))  # [BK, C]
+            keep = o_c[None, :] < n_lim
+            acc_t += tl.where(keep, tl.dot(b_kbr * e_row, b_cf, input_precision=PRECISION), 0.0)
+            acc_a += tl.where(keep, tl.dot(b_qr * e_row, b_cf, input_precision=PRECISION), 0.0)
+            if span >= SAFE_SPAN:
+                # Exact diagonal block: column j per step, exp(G_r − G_j) with r ≥ j only.
+                for j in range(BC):
+                    sel = (o_bc == j)[:, None]
+                    b_Gj = tl.sum(tl.where(sel, b_Gr, 0.0), 0)
+                    b_kj = tl.sum(tl.where(sel, b_kr, 0.0), 0)
+                    b_e = tl.exp(tl.minimum(b_Gr - b_Gj[None, :], 0.0)) * b_kj[None, :]
+                    at_col = o_c[None, :] == n0 + j
+                    acc_t += tl.where(at_col, tl.sum(b_kbr * b_e, 1)[:, None], 0.0)
+                    acc_a += tl.where(at_col, tl.sum(b_qr * b_e, 1)[:, None], 0.0)
+        p_a = t_r[:, None] * (H * C) + o_c[None, :]
+        b_a = tl.where(o_r[:, None] >= o_c[None, :], acc_a, 0.0)
+        tl.store(aqk + p_a, b_a.to(aqk.dtype.element_ty), mask=m_r[:, None])
+        tl.store(scr_base + o_r[:, None] * C + o_c[None, :], tl.where(o_r[:, None] > o_c[None, :], acc_t, 0.0))
+    tl.debug_barrier()  # the solve reads rows other threads wrote
+    b_t = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
 
     # Diagonal blocks of I + T, inverted together as a batch [NB, BC, BC]. Each block's strictly lower part P is
     # nilpotent, so (I + P)^-1 = (I − P)(I + P²)(I + P⁴)…: log2(BC) − 1 squarings and as many products, in fp32
@@ -184,24 +193,34 @@ def _intra_kernel(
         for _ in tl.static_range(NB - 1):
             b_A = b_d - tl.dot(b_n, b_A, input_precision=PRECISION)
 
-    # A goes to this program's fp32 scratch tile: the products below read it from there, so that a C×C fp32 tile
-    # does not stay live in registers through both loops.
+    # A goes back to the scratch tile (over T, once every thread holds T): the products below read it from
+    # there, so that a C×C fp32 tile does not stay live in registers through both loops.
+    tl.debug_barrier()
     tl.store(scr_base + o_c[:, None] * C + o_c[None, :], b_A)
     tl.debug_barrier()
 
-    # Pass 2: Y = A Ē, one K slice at a time (the slices are read again, mostly from L2).
+    # Y = A Ē, Q_γ, K_tail and γ_C, one K slice at a time.
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_ck = m_c[:, None] & (o_k < K)[None, :]
+        m_k = o_k < K
+        m_ck = m_c[:, None] & m_k[None, :]
         p_k = t_c[:, None] * HK + o_k[None, :]
-        b_G = tl.cumsum(tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32), 0)
+        b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_G = tl.cumsum(b_g, 0)
+        b_last = tl.sum(b_g, 0)  # G at the chunk's last row (padding rows carry g = 0)
         b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]
         b_b = tl.load(b + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_q[:, None]
+        b_gamma = tl.exp(b_G)
         b_A = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
-        b_y = tl.dot(b_A, tl.exp(b_G) * b_b * b_k, input_precision=PRECISION)
+        b_y = tl.dot(b_A, b_gamma * b_b * b_k, input_precision=PRECISION)
         tl.store(y + p_k, b_y.to(y.dtype.element_ty), mask=m_ck)
+        tl.store(qg + p_k, (b_gamma * b_q).to(qg.dtype.element_ty), mask=m_ck)
+        b_kt = tl.exp(b_last[None, :] - b_G) * b_k
+        tl.store(kt + p_k, b_kt.to(kt.dtype.element_ty), mask=m_ck)
+        tl.store(gam + (i_chunk * H + i_h).to(tl.int64) * K + o_k, tl.exp(b_last), mask=m_k)
 
-    # Pass 3: U = A Z, one V slice at a time.
+    # U = A Z, one V slice at a time.
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_cv = m_c[:, None] & (o_v < V)[None, :]
@@ -245,7 +264,7 @@ def intra_fwd(
     u = output_buffer((B, T, H, V), out_dtype, k.device)
     aqk = output_buffer((B, T, H, chunk), out_dtype, k.device)
     gam = output_buffer((num_chunks, H, K), torch.float32, k.device)
-    scr = torch.empty((num_chunks, H, chunk, chunk), dtype=torch.float32, device=k.device)  # A, per program
+    scr = torch.empty((num_chunks, H, chunk, chunk), dtype=torch.float32, device=k.device)  # T, per program
     varlen = cu_seqlens is not None
     nt = triton.cdiv(T, chunk)
     grid = (num_chunks, H) if varlen else (nt, B * H)

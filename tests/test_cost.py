@@ -34,11 +34,12 @@ def test_intra_bytes_by_hand() -> None:
     assert (reads, writes) == (460_800, 313_344)
     cost = intra_cost(SMALL, SMALL_CFG)
     assert cost.bytes_min == reads + writes == 774_144
-    second_pass = rows * (64 * 2 * 2 + 64 * 4)  # the Y pass reads k, b (bf16) and g (fp32) again
-    # fp32 [32, 32] scratch per program: A stored, then read by 2 K slices (BK 32) and 1 V slice
-    scratch = programs * 32 * 32 * 4 * (1 + 2 + 1)
-    assert (second_pass, scratch) == (307_200, 393_216)
-    assert cost.bytes_moved == reads + writes + second_pass + scratch == 1_474_560
+    row_blocks = 2 * rows * 64 * (2 + 4)  # NB = 2 row blocks each load the chunk's k (bf16) and g (fp32) again
+    second_pass = rows * (64 * 2 * 3 + 64 * 4)  # the Y pass reads q, k, b, g again
+    # fp32 [32, 32] scratch per program: T stored + read back, A stored, A read by 2 K slices (BK 32) and 1 V slice
+    scratch = programs * 32 * 32 * 4 * (1 + 1 + 1 + 2 + 1)
+    assert (row_blocks, second_pass, scratch) == (460_800, 384_000, 589_824)
+    assert cost.bytes_moved == reads + writes + row_blocks + second_pass + scratch == 2_208_768
 
 
 def test_intra_flops_by_hand() -> None:
