@@ -158,7 +158,7 @@ def stage_fns(inp: Inputs, cfg: FwdConfig, shape: Shape):
     def run_state():
         return state_fwd(inter, out_dtype=inp.q.dtype, v_shape=inp.v.shape, chunk=cfg.chunk, cfg=cfg.state,
                          initial_state=inp.initial_state, output_final_state=True, cu_seqlens=None,
-                         chunk_offsets=None, num_seqs=B)
+                         chunk_offsets=None, chunk_indices=None, num_seqs=B)
 
     return run_intra, run_state
 

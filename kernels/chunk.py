@@ -147,7 +147,7 @@ def chunk_gdn2_fwd(
         inter,
         out_dtype=q.dtype, v_shape=v.shape, chunk=config.chunk, cfg=config.state,
         initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, num_seqs=num_seqs,
+        cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, chunk_indices=chunk_indices, num_seqs=num_seqs,
     )
 
 

@@ -43,6 +43,7 @@ LONG_CHUNK = 64
 
 INTRA_PRECISIONS = ("tf32", "tf32x3", "ieee")
 STATE_PRECISIONS = ("input", "tf32", "tf32x3")
+STATE_OUTPUTS = ("fused", "split")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class StateConfig:
     num_warps: int = 4
     num_stages: int = 3
     precision: str = "input"  # state dots in the input dtype (bf16/fp16), or from fp32 operands in tf32 or 3xTF32
+    output: str = "fused"  # O formed inside the sequential pass, or "split" into a parallel second launch
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class FwdConfig:
         i, s = self.intra, self.state
         return (
             f"C{self.chunk}/intra:BC{i.BC}-BK{i.BK}-BV{i.BV}-w{i.num_warps}-s{i.num_stages}-{i.precision}"
-            f"/state:BV{s.BV}-w{s.num_warps}-s{s.num_stages}-{s.precision}"
+            f"/state:BV{s.BV}-w{s.num_warps}-s{s.num_stages}-{s.precision}{'-split' if s.output == 'split' else ''}"
         )
 
 
@@ -170,6 +172,7 @@ SPACE: tuple[Param, ...] = (
     Param("state.num_warps", (2, 4, 8), "warps of a state program"),
     Param("state.num_stages", (1, 2, 3, 4), "software pipelining depth of the chunk loop"),
     Param("state.precision", STATE_PRECISIONS, "operand precision of the state dots"),
+    Param("state.output", STATE_OUTPUTS, "O inside the sequential pass, or in a parallel launch after it"),
 )
 
 

@@ -251,7 +251,15 @@ def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, f
     state_io = states * (int(initial_state) + int(final_state))
     bytes_min = per_tile + u_o + state_io
     bytes_moved = per_tile * n_v + u_o + state_io  # every V tile re-reads the K-wide and C-wide inputs
-    return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), ((unit, float(passes * flops_tc)),))
+    if config.state.output == "split":
+        # Each chunk's entering state [K, V] and R [C, V] go out in the dot dtype and come back for the output
+        # launch; the pass reads Y, K_tail and γ_C per V tile, the output launch Q_γ and A_qk.
+        dot_bytes = es if config.state.precision == "input" else STATE_BYTES
+        handoff = 2 * (chunks * shape.K * shape.V + rows * shape.V) * dot_bytes
+        bytes_min += handoff
+        bytes_moved += handoff
+    mix = ((unit, float(passes * flops_tc)),)
+    return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), mix)
 
 
 def stage_costs(

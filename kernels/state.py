@@ -9,7 +9,11 @@ state tile S ∈ R^{K×BV} in fp32 registers. Per chunk, from the intra stage's 
     S_C = Diag(γ_C) S0 + K_tailᵀ R
 
 O is written once, straight to the output; the state never leaves the chip between chunks, and only the
-final state is stored (when asked for).
+final state is stored (when asked for). That is ``StateConfig.output = "fused"``. With ``"split"`` the pass
+only carries the recurrence and stores each chunk's entering state S0 and R; a second, fully parallel launch
+forms O. It moves more bytes (a [K, V] state per chunk, written and read) but takes two of the four dots and two
+of the loads off the sequential critical path: the trade for batches of few, long sequences, where the pass
+has only N·H·V/BV programs for the whole GPU.
 """
 
 from __future__ import annotations
@@ -44,13 +48,13 @@ def _mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _state_kernel(
     y, u, qg, kt, aqk, gam,
-    o, h0, ht,
+    o, h0, ht, hc, r,
     cu_seqlens, chunk_offsets,
     T, NT,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
@@ -73,6 +77,8 @@ def _state_kernel(
     kt += tok0 * K
     u += tok0 * V
     o += tok0 * V
+    if SPLIT:
+        r += tok0 * V
     aqk += tok0 * C
     HK = H * K
     HV = H * V
@@ -85,6 +91,7 @@ def _state_kernel(
 
     p_s = ((i_n * H + i_h).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
+    p_h = o_k[:, None] * V + o_v[None, :]  # within one chunk's [K, V] entering state (split output)
     b_s = tl.zeros([KP, BV], tl.float32)
     if USE_INITIAL_STATE:
         b_s += tl.load(h0 + p_s, mask=m_s, other=0.0).to(tl.float32)
@@ -98,8 +105,9 @@ def _state_kernel(
         p_v = t_c[:, None] * HV + o_v[None, :]
         b_y = tl.load(y + p_k, mask=m_ck, other=0.0)
         b_u = tl.load(u + p_v, mask=m_cv, other=0.0).to(tl.float32)
-        b_q = tl.load(qg + p_k, mask=m_ck, other=0.0)
-        b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
+        if not SPLIT:
+            b_q = tl.load(qg + p_k, mask=m_ck, other=0.0)
+            b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
         b_kt = tl.load(kt + p_k, mask=m_ck, other=0.0)
         b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
         if PRECISION == "input":
@@ -107,17 +115,74 @@ def _state_kernel(
         else:
             b_sd = b_s
             b_y = b_y.to(tl.float32)
-            b_q = b_q.to(tl.float32)
-            b_a = b_a.to(tl.float32)
             b_kt = b_kt.to(tl.float32)
+            if not SPLIT:
+                b_q = b_q.to(tl.float32)
+                b_a = b_a.to(tl.float32)
         b_r = b_u - _mma(b_y, b_sd, UPCAST, PRECISION)
         b_rd = b_r.to(b_y.dtype)
-        b_o = _mma(b_q, b_sd, UPCAST, PRECISION) + _mma(b_a, b_rd, UPCAST, PRECISION)
-        tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
+        if SPLIT:
+            # The chunk's entering state and R, exactly as the fused product below would have used them.
+            tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_sd.to(hc.dtype.element_ty), mask=m_s)
+            tl.store(r + p_v, b_rd.to(r.dtype.element_ty), mask=m_cv)
+        else:
+            b_o = _mma(b_q, b_sd, UPCAST, PRECISION) + _mma(b_a, b_rd, UPCAST, PRECISION)
+            tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
         b_s = b_s * b_gc[:, None] + _mma(tl.trans(b_kt), b_rd, UPCAST, PRECISION)
 
     if STORE_FINAL_STATE:
         tl.store(ht + p_s, b_s, mask=m_s)
+
+
+@triton.jit
+def _output_kernel(
+    qg, aqk, r, hc, o,
+    cu_seqlens, chunk_indices,
+    T, NT,
+    H, K, V, KP: tl.constexpr,
+    C: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Split output: O = Q_γ S0 + A_qk R for one (V tile, chunk, head), from the states the pass stored."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_tc = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        i_h = i_bh
+        i_chunk = i_t
+    else:
+        i_b = i_bh // H
+        i_h = i_bh % H
+        bos = (i_b * T).to(tl.int64)
+        T_seq = T
+        i_tc = i_t
+        i_chunk = i_b * NT + i_t
+    tok0 = bos * H + i_h
+    qg += tok0 * K
+    r += tok0 * V
+    o += tok0 * V
+    aqk += tok0 * C
+    o_c = tl.arange(0, C)
+    t_c = i_tc * C + o_c
+    m_c = t_c < T_seq
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_cv = m_c[:, None] & m_v[None, :]
+    p_v = t_c[:, None] * (H * V) + o_v[None, :]
+    b_q = tl.load(qg + t_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
+    b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
+    b_h = tl.load(hc + (i_chunk * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.0)
+    b_r = tl.load(r + p_v, mask=m_cv, other=0.0)
+    if PRECISION != "input":
+        b_q = b_q.to(tl.float32)
+        b_a = b_a.to(tl.float32)
+    b_o = _mma(b_q, b_h, UPCAST, PRECISION) + _mma(b_a, b_r, UPCAST, PRECISION)
+    tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
 
 
 def state_fwd(
@@ -131,9 +196,14 @@ def state_fwd(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
+    chunk_indices: torch.Tensor | None,
     num_seqs: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the state stage on the intra stage's outputs; returns ``(o, final_state or None)``."""
+    """Launch the state stage on the intra stage's outputs; returns ``(o, final_state or None)``.
+
+    ``cfg.output == "split"`` makes it two launches: the pass stores each chunk's entering state and R instead of
+    forming O, and :func:`_output_kernel` forms O with one program per (V tile, chunk, head).
+    """
     y = inter["y"]
     _, T, H, K = y.shape
     V = v_shape[-1]
@@ -141,16 +211,36 @@ def state_fwd(
     ht = output_buffer((num_seqs, H, K, V), torch.float32, y.device) if output_final_state else None
     varlen = cu_seqlens is not None
     nt = triton.cdiv(T, chunk)
-    grid = (triton.cdiv(V, cfg.BV), num_seqs * H)
-    _state_kernel[grid](
+    n_v = triton.cdiv(V, cfg.BV)
+    split = cfg.output == "split"
+    hc = r = None
+    if split:
+        num_chunks = inter["gamma"].shape[0]
+        # Operand dtype of the dots: the input dtype, or fp32 when the dots take fp32 operands.
+        dot_dtype = y.dtype if cfg.precision == "input" else torch.float32
+        hc = output_buffer((num_chunks, H, K, V), dot_dtype, y.device)
+        r = output_buffer(v_shape, dot_dtype, y.device)
+    _state_kernel[(n_v, num_seqs * H)](
         y, inter["u"], inter["qg"], inter["kt"], inter["aqk"], inter["gamma"],
-        o, initial_state, ht,
+        o, initial_state, ht, hc, r,
         cu_seqlens, chunk_offsets,
         T, nt,
         H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
         C=chunk, BV=cfg.BV,
         IS_VARLEN=varlen, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+        SPLIT=split, PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split:
+        B = y.shape[0]
+        grid = (n_v, inter["gamma"].shape[0], H) if varlen else (n_v, nt, B * H)
+        _output_kernel[grid](
+            inter["qg"], inter["aqk"], r, hc, o,
+            cu_seqlens, chunk_indices,
+            T, nt,
+            H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
+            C=chunk, BV=cfg.BV,
+            IS_VARLEN=varlen, PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+            num_warps=cfg.num_warps, num_stages=1,
+        )
     return o, ht

@@ -158,3 +158,13 @@ def test_state_tf32x3_counts_three_tf32_products() -> None:
     triple = state_cost(fp32, FwdConfig(state=StateConfig(precision="tf32x3")))
     assert triple.flops_tc == plain.flops_tc
     assert dict(triple.dot_mix) == {"tf32": 3 * plain.flops_tc}
+
+
+def test_split_output_adds_the_state_and_r_handoff() -> None:
+    fused = state_cost(ANCHOR, FwdConfig())
+    split = state_cost(ANCHOR, FwdConfig(state=StateConfig(output="split")))
+    chunks = 8 * 128 * 16  # 4096 / 32 chunks per sequence, 8 sequences, 16 heads
+    handoff = 2 * (chunks * 128 * 128 + 8 * 4096 * 16 * 128) * 2  # S0 per chunk and R, bf16, out and back
+    assert handoff == 1_342_177_280
+    assert split.bytes_moved - fused.bytes_moved == handoff
+    assert split.flops_tc == fused.flops_tc

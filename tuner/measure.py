@@ -156,7 +156,7 @@ class Bench:
             return state_fwd(
                 inter, out_dtype=x.q.dtype, v_shape=x.v.shape, chunk=cfg.chunk, cfg=cfg.state,
                 initial_state=x.initial_state, output_final_state=True, cu_seqlens=x.cu_seqlens,
-                chunk_offsets=chunk_offsets, num_seqs=self.num_seqs,
+                chunk_offsets=chunk_offsets, chunk_indices=chunk_indices, num_seqs=self.num_seqs,
             )
 
         return {"intra": intra, "state": state}
