@@ -541,3 +541,18 @@ def test_a_trial_killed_between_ask_and_owner_is_recovered() -> None:
     assert not is_stale(t, now=now + OWNERLESS_GRACE_S * 2, newest_owned=-1)  # nothing later is owned yet
     assert is_stale(t, now=now + OWNERLESS_GRACE_S * 2, newest_owned=owned.number)
     assert not is_stale(study.trials[owned.number])  # owned by this live process
+
+
+def test_late_studies_keep_half_a_share_when_early_ones_overrun() -> None:
+    import time
+
+    from tuner.run import FINALIZE_RESERVE_S, ROOFS_RESERVE_S, TuneOptions, study_timeout
+
+    options = TuneOptions(budget_minutes=10.0, timeout_s=None)
+    search = 600 - 8 * FINALIZE_RESERVE_S - ROOFS_RESERVE_S
+    fresh = study_timeout(options, time.monotonic(), 8, 8)
+    assert fresh == pytest.approx(search / 8, rel=1e-3)
+    overrun = study_timeout(options, time.monotonic() - 10 * search, 2, 8)  # the budget is long gone
+    assert overrun == pytest.approx(0.5 * search / 8, rel=1e-3)
+    capped = study_timeout(TuneOptions(budget_minutes=10.0, timeout_s=20.0), time.monotonic(), 8, 8)
+    assert capped == 20.0

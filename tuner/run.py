@@ -206,14 +206,21 @@ def build_specs(options: TuneOptions, existing: table.Profile | None) -> list[st
 
 def study_timeout(options: TuneOptions, started: float, remaining_studies: int, total_studies: int) -> float | None:
     """This study's share of what is left of --budget-minutes (unused time of earlier studies flows on), after
-    keeping back the time the final re-time of every study and the roofs need (done by the parent process)."""
+    keeping back the time the final re-time of every study and the roofs need (done by the parent process).
+
+    A study never gets less than half of an equal share: trials in flight at a deadline still finish, so early
+    studies overrun, and on an H100 (2026-11-26, a 6.3-minute budget) the last two suite shapes were left ~1 s
+    each and got no entry. The floor lets the run overrun its budget by at most half a share per study instead.
+    """
     per_study = options.timeout_s
     if options.budget_minutes is None:
         return per_study
     reserve_each = INTERPRET_FINALIZE_RESERVE_S if options.interpret else FINALIZE_RESERVE_S
     reserve = reserve_each * total_studies + (0 if options.interpret else ROOFS_RESERVE_S)
-    left = options.budget_minutes * 60 - (time.monotonic() - started) - reserve
-    share = max(1.0, left / max(1, remaining_studies))
+    search = options.budget_minutes * 60 - reserve
+    left = search - (time.monotonic() - started)
+    floor = max(1.0, 0.5 * search / max(1, total_studies))
+    share = max(floor, left / max(1, remaining_studies))
     return share if per_study is None else min(per_study, share)
 
 
