@@ -556,3 +556,21 @@ def test_late_studies_keep_half_a_share_when_early_ones_overrun() -> None:
     assert overrun == pytest.approx(0.5 * search / 8, rel=1e-3)
     capped = study_timeout(TuneOptions(budget_minutes=10.0, timeout_s=20.0), time.monotonic(), 8, 8)
     assert capped == 20.0
+
+
+def test_each_study_is_warm_started_with_every_table_entry_fitted_to_its_shape() -> None:
+    from kernels.config import fit_to_shape
+    from tuner.run import TuneOptions, build_specs, existing_profile
+
+    profile, _ = existing_profile(REPO / "profiles" / "h100-80gb-hbm3.json")
+    assert profile is not None
+    k64 = Shape(4, 4096, 32, 64, 64)
+    spec = build_specs(TuneOptions(shapes=(k64,)), profile)[0]
+    points = list(spec.warm_start)
+    assert points[0] == default_config(k64).flat()
+    own = next(e for e in profile.entries if e.shape == k64)
+    assert own.config.flat() in points[:2]
+    others = [fit_to_shape(e.config, k64).flat() for e in profile.entries if e.shape != k64]
+    assert all(p in points for p in others)
+    assert len(points) == len({tuple(sorted(p.items())) for p in points})  # no point twice
+    assert all(infeasibility(FwdConfig.from_flat(p), k64) is None for p in points)

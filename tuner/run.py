@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from kernels.config import FwdConfig, Shape, default_config, infeasibility
+from kernels.config import FwdConfig, Shape, default_config, fit_to_shape, infeasibility
 from profiles import table
 from reports.roofline import percent_of_roof
 from tuner import study as study_mod
@@ -182,8 +182,15 @@ def build_specs(options: TuneOptions, existing: table.Profile | None) -> list[st
     for shape in options.shapes:
         key = table.entry_key(STAGE, shape)
         warm = [default_config(shape).flat()]
-        if key in known:
+        if key in known and known[key].flat() not in warm:
             warm.append(known[key].flat())
+        # Then every other entry's config, fitted to this shape: a winner found at one shape is often the best
+        # or close at its neighbours, and TPE alone can miss it. On an H100 (2026-11-26) a 36-point grid at the
+        # anchor found intra.num_warps=2 at 1.65 ms where 46 TPE trials over the whole space stayed at 1.92.
+        for other_key, config in sorted(known.items()):
+            point = fit_to_shape(config, shape).flat()
+            if other_key != key and point not in warm:
+                warm.append(point)
         trials = options.trials
         if options.sampler == "grid":
             grid = list(space.grid(shape))
