@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fwd.py accuracy --out DIR        # errors vs the float64 recurrence, ours and fla's
     python benchmarks/bench_fwd.py sweep --out DIR           # per-stage config sweep at the anchor shape
-    python benchmarks/bench_fwd.py suite --out DIR [--config-json FILE]   # the suite, ours vs fla, same run
+    python benchmarks/bench_fwd.py suite --out DIR [--config-json FILE] [--shapes S ...]   # ours vs fla, same run
 
 Every figure is a median of triton.testing.do_bench (which flushes L2 between repetitions), warm-up excluded,
 with the baseline timed in the same process on the same card. Results go to DIR/*.json,
@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from kernels.inputs import Inputs, make_inputs
 from kernels.intra import intra_fwd
 from kernels.reference import gdn2_reference
 from kernels.state import state_fwd
-from tuner.suite import SUITE
+from tuner.suite import SUITE, parse_shape
 
 ANCHOR = SUITE[0]
 QUANTILES = [0.2, 0.5, 0.8]
@@ -222,11 +223,11 @@ def copy_bandwidth_gbps(nbytes: int = 512 * 2**20) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def suite(out: Path, cfg_for) -> None:
-    """Tuned (cfg_for), built-in default and fla per suite shape, in this order, same inputs, same process."""
+def suite(out: Path, cfg_for, shapes: Sequence[Shape] = SUITE) -> None:
+    """Tuned (cfg_for), built-in default and fla per shape, in this order, same inputs, same process."""
     bw = copy_bandwidth_gbps()
     rows = []
-    for shape in SUITE:
+    for shape in shapes:
         inp = make_inputs(shape, "cuda", seed=0)
         cfg, default = cfg_for(shape), default_config(shape)
         row = {"shape": shape.label(), "config": cfg.label(), "default_config": default.label(),
@@ -252,6 +253,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--config-json", type=Path, help="JSON {shape label: FwdConfig dict} to use per shape")
     parser.add_argument("--use-dispatcher", action="store_true", help="configs from profiles.dispatch")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=SUITE, metavar="SHAPE",
+                        help="suite: only these (BxTxHxKxV[:dtype][:varlenN], as tune.py takes them); default all")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     table = json.loads(args.config_json.read_text()) if args.config_json else {}
@@ -271,7 +274,7 @@ def main() -> int:
         elif args.what == "sweep":
             sweep(args.out, ANCHOR)
         else:
-            suite(args.out, cfg_for)
+            suite(args.out, cfg_for, args.shapes)
     return 0
 
 
