@@ -3,7 +3,9 @@ the pass has few programs, with the shipped table's configs as the fused side. O
 
     python benchmarks/exp_split.py --out DIR        # writes DIR/split.json
 
-Medians of triton.testing.do_bench (L2 flushed between repetitions), warm-up excluded.
+Medians of triton.testing.do_bench (L2 flushed between repetitions), warm-up excluded. The recorded run
+(benchmarks/results/split-vs-fused-h100-2026-11-26.json) read the table shipped before this variant existed
+(git show 281dc15:profiles/h100-80gb-hbm3.json); run today, the fused side is the current table's entry.
 """
 
 from __future__ import annotations
