@@ -55,7 +55,7 @@ def _intra_kernel(
     C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, LOG2_BC: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr, FOLD: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
@@ -86,7 +86,7 @@ def _intra_kernel(
     v += tok0 * V
     w += tok0 * V
     u += tok0 * V
-    aqk += tok0 * C
+    aqk += tok0 * (V if FOLD else C)
     HK = H * K
     HV = H * V
     o_c = tl.arange(0, C)
@@ -116,7 +116,8 @@ def _intra_kernel(
     # T and A_qk one row block I at a time, as 2D [BC, C] tiles accumulated over K slices. A_qk rows go straight
     # to the output; T rows go to this program's fp32 scratch tile, read back whole by the solve.
     o_bc = tl.arange(0, BC)
-    scr_base = scr + (i_chunk * H + i_h).to(tl.int64) * C * C
+    scr_base = scr + (i_chunk * H + i_h).to(tl.int64) * (2 if FOLD else 1) * C * C
+    scr_aqk = scr_base + C * C  # FOLD: A_qk in fp32, after the T/A tile
     for i_blk in tl.static_range(NB):
         n0 = i_blk * BC
         o_r = n0 + o_bc
@@ -165,7 +166,10 @@ def _intra_kernel(
                     acc_a += tl.where(at_col, tl.sum(b_qr * b_e, 1)[:, None], 0.0)
         p_a = t_r[:, None] * (H * C) + o_c[None, :]
         b_a = tl.where(o_r[:, None] >= o_c[None, :], acc_a, 0.0)
-        tl.store(aqk + p_a, b_a.to(aqk.dtype.element_ty), mask=m_r[:, None])
+        if FOLD:
+            tl.store(scr_aqk + o_r[:, None] * C + o_c[None, :], b_a)
+        else:
+            tl.store(aqk + p_a, b_a.to(aqk.dtype.element_ty), mask=m_r[:, None])
         tl.store(scr_base + o_r[:, None] * C + o_c[None, :], tl.where(o_r[:, None] > o_c[None, :], acc_t, 0.0))
     tl.debug_barrier()  # the solve reads rows other threads wrote
     b_t = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
@@ -213,9 +217,13 @@ def _intra_kernel(
         b_q = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_q[:, None]
         b_gamma = tl.exp(b_G)
         b_A = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
-        b_y = tl.dot(b_A, b_gamma * b_b * b_k, input_precision=PRECISION)
-        tl.store(y + p_k, b_y.to(y.dtype.element_ty), mask=m_ck)
-        tl.store(qg + p_k, (b_gamma * b_q).to(qg.dtype.element_ty), mask=m_ck)
+        b_y = tl.dot(b_A, b_gamma * b_b * b_k, input_precision=PRECISION).to(y.dtype.element_ty)
+        tl.store(y + p_k, b_y, mask=m_ck)
+        b_q = b_gamma * b_q
+        if FOLD:
+            b_aq = tl.load(scr_aqk + o_c[:, None] * C + o_c[None, :])
+            b_q -= tl.dot(b_aq, b_y.to(tl.float32), input_precision=PRECISION)
+        tl.store(qg + p_k, b_q.to(qg.dtype.element_ty), mask=m_ck)
         b_kt = tl.exp(b_last[None, :] - b_G) * b_k
         tl.store(kt + p_k, b_kt.to(kt.dtype.element_ty), mask=m_ck)
         tl.store(gam + (i_chunk * H + i_h).to(tl.int64) * K + o_k, tl.exp(b_last), mask=m_k)
@@ -229,8 +237,12 @@ def _intra_kernel(
             tl.float32
         )
         b_A = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
-        b_u = tl.dot(b_A, b_z, input_precision=PRECISION)
-        tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m_cv)
+        b_u = tl.dot(b_A, b_z, input_precision=PRECISION).to(u.dtype.element_ty)
+        tl.store(u + p_v, b_u, mask=m_cv)
+        if FOLD:
+            b_aq = tl.load(scr_aqk + o_c[:, None] * C + o_c[None, :])
+            b_ua = tl.dot(b_aq, b_u.to(tl.float32), input_precision=PRECISION)
+            tl.store(aqk + p_v, b_ua.to(aqk.dtype.element_ty), mask=m_cv)
 
 
 def intra_fwd(
@@ -249,6 +261,7 @@ def intra_fwd(
     num_chunks: int,
     use_qk_l2norm: bool,
     out_dtype: torch.dtype,
+    fold: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Launch the intra stage. Inputs are contiguous ``[B, T, H, *]``; returns the state stage's inputs.
 
@@ -262,9 +275,9 @@ def intra_fwd(
     qg = output_buffer(k.shape, out_dtype, k.device)
     kt = output_buffer(k.shape, out_dtype, k.device)
     u = output_buffer((B, T, H, V), out_dtype, k.device)
-    aqk = output_buffer((B, T, H, chunk), out_dtype, k.device)
+    aqk = output_buffer((B, T, H, V if fold else chunk), out_dtype, k.device)
     gam = output_buffer((num_chunks, H, K), torch.float32, k.device)
-    scr = torch.empty((num_chunks, H, chunk, chunk), dtype=torch.float32, device=k.device)  # T, per program
+    scr = torch.empty((num_chunks, H, 2 if fold else 1, chunk, chunk), dtype=torch.float32, device=k.device)
     varlen = cu_seqlens is not None
     nt = triton.cdiv(T, chunk)
     grid = (num_chunks, H) if varlen else (nt, B * H)
@@ -278,7 +291,7 @@ def intra_fwd(
         C=chunk, BC=cfg.BC, NB=nb, LOG2_BC=cfg.BC.bit_length() - 1,
         BK=cfg.BK, BV=cfg.BV,
         PRECISION=cfg.precision,
-        IS_VARLEN=varlen, USE_L2NORM=use_qk_l2norm,
+        IS_VARLEN=varlen, USE_L2NORM=use_qk_l2norm, FOLD=fold,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return {"y": y, "u": u, "qg": qg, "kt": kt, "aqk": aqk, "gamma": gam}
+    return {"y": y, "u": u, "qg": qg, "kt": kt, "aqk": aqk, "gamma": gam, "fold": fold}

@@ -54,7 +54,7 @@ def _state_kernel(
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, FOLD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
@@ -77,9 +77,9 @@ def _state_kernel(
     kt += tok0 * K
     u += tok0 * V
     o += tok0 * V
-    if SPLIT:
+    if SPLIT and not FOLD:
         r += tok0 * V
-    aqk += tok0 * C
+    aqk += tok0 * (V if FOLD else C)
     HK = H * K
     HV = H * V
     o_c = tl.arange(0, C)
@@ -107,7 +107,10 @@ def _state_kernel(
         b_u = tl.load(u + p_v, mask=m_cv, other=0.0).to(tl.float32)
         if not SPLIT:
             b_q = tl.load(qg + p_k, mask=m_ck, other=0.0)
-            b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
+            if FOLD:
+                b_a = tl.load(aqk + p_v, mask=m_cv, other=0.0).to(tl.float32)
+            else:
+                b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
         b_kt = tl.load(kt + p_k, mask=m_ck, other=0.0)
         b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
         if PRECISION == "input":
@@ -124,7 +127,11 @@ def _state_kernel(
         if SPLIT:
             # The chunk's entering state and R, exactly as the fused product below would have used them.
             tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_sd.to(hc.dtype.element_ty), mask=m_s)
-            tl.store(r + p_v, b_rd.to(r.dtype.element_ty), mask=m_cv)
+            if not FOLD:
+                tl.store(r + p_v, b_rd.to(r.dtype.element_ty), mask=m_cv)
+        elif FOLD:
+            b_o = _mma(b_q, b_sd, UPCAST, PRECISION) + b_a
+            tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
         else:
             b_o = _mma(b_q, b_sd, UPCAST, PRECISION) + _mma(b_a, b_rd, UPCAST, PRECISION)
             tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
@@ -141,7 +148,7 @@ def _output_kernel(
     T, NT,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    IS_VARLEN: tl.constexpr, FOLD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Split output: O = Q_γ S0 + A_qk R for one (V tile, chunk, head), from the states the pass stored."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -161,9 +168,8 @@ def _output_kernel(
         i_chunk = i_b * NT + i_t
     tok0 = bos * H + i_h
     qg += tok0 * K
-    r += tok0 * V
     o += tok0 * V
-    aqk += tok0 * C
+    aqk += tok0 * (V if FOLD else C)
     o_c = tl.arange(0, C)
     t_c = i_tc * C + o_c
     m_c = t_c < T_seq
@@ -174,14 +180,19 @@ def _output_kernel(
     m_cv = m_c[:, None] & m_v[None, :]
     p_v = t_c[:, None] * (H * V) + o_v[None, :]
     b_q = tl.load(qg + t_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
-    b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
     b_h = tl.load(hc + (i_chunk * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
                   mask=m_k[:, None] & m_v[None, :], other=0.0)
-    b_r = tl.load(r + p_v, mask=m_cv, other=0.0)
     if PRECISION != "input":
         b_q = b_q.to(tl.float32)
-        b_a = b_a.to(tl.float32)
-    b_o = _mma(b_q, b_h, UPCAST, PRECISION) + _mma(b_a, b_r, UPCAST, PRECISION)
+    if FOLD:
+        b_o = _mma(b_q, b_h, UPCAST, PRECISION) + tl.load(aqk + p_v, mask=m_cv, other=0.0).to(tl.float32)
+    else:
+        r += tok0 * V
+        b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0)
+        b_r = tl.load(r + p_v, mask=m_cv, other=0.0)
+        if PRECISION != "input":
+            b_a = b_a.to(tl.float32)
+        b_o = _mma(b_q, b_h, UPCAST, PRECISION) + _mma(b_a, b_r, UPCAST, PRECISION)
     tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
 
 
@@ -219,7 +230,8 @@ def state_fwd(
         # Operand dtype of the dots: the input dtype, or fp32 when the dots take fp32 operands.
         dot_dtype = y.dtype if cfg.precision == "input" else torch.float32
         hc = output_buffer((num_chunks, H, K, V), dot_dtype, y.device)
-        r = output_buffer(v_shape, dot_dtype, y.device)
+        if not inter["fold"]:
+            r = output_buffer(v_shape, dot_dtype, y.device)
     _state_kernel[(n_v, num_seqs * H)](
         y, inter["u"], inter["qg"], inter["kt"], inter["aqk"], inter["gamma"],
         o, initial_state, ht, hc, r,
@@ -228,7 +240,7 @@ def state_fwd(
         H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
         C=chunk, BV=cfg.BV,
         IS_VARLEN=varlen, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        SPLIT=split, PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+        SPLIT=split, FOLD=inter["fold"], PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -240,7 +252,7 @@ def state_fwd(
             T, nt,
             H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
             C=chunk, BV=cfg.BV,
-            IS_VARLEN=varlen, PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+            IS_VARLEN=varlen, FOLD=inter["fold"], PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
             num_warps=cfg.num_warps, num_stages=1,
         )
     return o, ht
