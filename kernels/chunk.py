@@ -16,6 +16,7 @@ import triton
 from kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, infeasibility
 from kernels.intra import intra_fwd
 from kernels.state import state_fwd
+from kernels.varlen import chunk_index
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -98,18 +99,6 @@ def _check_inputs(
     return n
 
 
-def _chunk_index(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For a packed batch: (sequence, chunk-in-sequence) per global chunk, each sequence's first chunk, total."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    counts = (lens + chunk - 1) // chunk
-    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64, device=cu_seqlens.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    total = int(offsets[-1])
-    seq = torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts)
-    local = torch.arange(total, device=cu_seqlens.device) - offsets[seq]
-    return torch.stack([seq, local], 1).to(torch.int32).contiguous(), offsets[:-1].contiguous(), total
-
-
 def shape_of(q: torch.Tensor, v: torch.Tensor, num_seqs: int | None = None) -> Shape:
     B, T, H, K = q.shape
     return Shape(B, T, H, K, v.shape[-1], _DTYPE_NAMES[q.dtype], num_seqs)
@@ -134,7 +123,7 @@ def chunk_gdn2_fwd(
     """The two launches on checked, contiguous inputs with an admissible ``config``."""
     B, T = q.shape[:2]
     if cu_seqlens is not None:
-        chunk_indices, chunk_offsets, num_chunks = _chunk_index(cu_seqlens, config.chunk)
+        chunk_indices, chunk_offsets, num_chunks = chunk_index(cu_seqlens, config.chunk, T)
     else:
         chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, config.chunk)
     inter = intra_fwd(

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from kernels.buffers import output_buffer
 from kernels.config import IntraConfig
+from kernels.varlen import chunk_coords
 
 # exp(80) ≈ 5.5e34 and exp(-80) ≈ 1.8e-35 are both normal fp32 (and bf16) numbers with room for a sum of
 # 128 products, so a diagonal block whose per-channel decay span is below this factors safely.
@@ -58,20 +59,7 @@ def _intra_kernel(
     IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_tc = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        i_h = i_bh
-        i_chunk = i_t
-    else:
-        i_b = i_bh // H
-        i_h = i_bh % H
-        bos = (i_b * T).to(tl.int64)
-        T_seq = T
-        i_tc = i_t
-        i_chunk = i_b * NT + i_t
+    i_h, bos, T_seq, i_tc, i_chunk = chunk_coords(i_t, i_bh, cu_seqlens, chunk_indices, T, NT, H, IS_VARLEN)
 
     # 64-bit scalar bases per sequence and head, 32-bit tile offsets within it (T·H·max(K, V, C) < 2^31):
     # per-element 64-bit offsets cost a register pair each and made the kernel spill.

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from kernels.buffers import output_buffer
 from kernels.config import StateConfig
+from kernels.varlen import chunk_coords
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits (seen with triton 3.9: errors of 1e10),
 # so under TRITON_INTERPRET=1 the state dots round their operands to the input dtype and then multiply in fp32.
@@ -145,20 +146,7 @@ def _output_kernel(
 ):
     """Split output: O = Q_γ S0 + A_qk R for one (V tile, chunk, head), from the states the pass stored."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_tc = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        i_h = i_bh
-        i_chunk = i_t
-    else:
-        i_b = i_bh // H
-        i_h = i_bh % H
-        bos = (i_b * T).to(tl.int64)
-        T_seq = T
-        i_tc = i_t
-        i_chunk = i_b * NT + i_t
+    i_h, bos, T_seq, i_tc, i_chunk = chunk_coords(i_t, i_bh, cu_seqlens, chunk_indices, T, NT, H, IS_VARLEN)
     tok0 = bos * H + i_h
     qg += tok0 * K
     r += tok0 * V

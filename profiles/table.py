@@ -33,7 +33,7 @@ PROFILES_DIR = Path(__file__).resolve().parent
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 # The files whose contents decide which configs are legal and how fast they run: a table tuned against other
 # sources may hold configs the current kernels reject, so the dispatcher treats it as stale.
-KERNEL_SOURCES = ("config.py", "intra.py", "state.py", "chunk.py")
+KERNEL_SOURCES = ("config.py", "varlen.py", "intra.py", "state.py", "chunk.py")
 KERNEL_HASH_CHARS = 16
 
 # A table is a few MB at most (entries plus every trial of every study); refusing anything far larger keeps a

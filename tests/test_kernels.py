@@ -17,6 +17,7 @@ from conftest import DEVICE, INTERPRETED
 from kernels import chunk_gdn2, gdn2_reference
 from kernels.config import SPACE, FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
 from kernels.inputs import make_inputs
+from kernels.varlen import chunk_index
 
 # Relative Frobenius error budgets, from the arithmetic each run does:
 # - fp32 in the interpreter: every product is exact fp32 (numpy), so errors are a few ulps times the growth of the
@@ -180,6 +181,28 @@ def test_packed_sequences_reset_the_state(lengths: list[int]) -> None:
     ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, cu_seqlens=cu)
     tol = TOL[("fp32", INTERPRETED)]
     assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        pytest.param([45, 11, 48, 46], id="uneven"),
+        pytest.param([1, 33, 1, 64], id="single-tokens-and-exact-chunks"),
+        pytest.param([20, 0, 30, 0], id="empty-sequences-last-too"),
+        pytest.param([32, 32], id="whole-chunks-only"),
+    ],
+)
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_chunk_index_enumerates_every_chunk_then_phantoms(lengths: list[int], chunk: int) -> None:
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    pairs, first, num_chunks = chunk_index(cu, chunk, sum(lengths))
+    exact = [(n, c) for n, length in enumerate(lengths) for c in range(-(-length // chunk))]
+    assert num_chunks == len(pairs) >= len(exact)
+    assert [tuple(p) for p in pairs[: len(exact)].tolist()] == exact
+    assert first.tolist() == [sum(1 for e in exact if e[0] < n) for n in range(len(lengths))]
+    # Past the exact count: chunks that start at or after the end of their sequence, so every row is masked.
+    for n, c in pairs[len(exact):].tolist():
+        assert c * chunk >= lengths[n]
 
 
 def test_packed_equals_separate_calls() -> None:

@@ -18,7 +18,7 @@ launchers pre-fill with NaN. Thresholds on the relative Frobenius error of ``o``
 Timing: each repetition first overwrites a buffer larger than L2 (so no config is timed on inputs another left in
 cache), then records CUDA events around a CUDA-graph replay of the launches (eager launches where a graph cannot
 be captured; the trial records which); p20/p50/p80 over repetitions, ranked on the median.
-The launches include the NaN fills of the outputs the launchers allocate (they are part of every call).
+Outputs are allocated uninitialised, as in a serving call; only the correctness gate fills them with NaN first.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ import torch
 import triton
 
 from kernels.buffers import poisoned
-from kernels.chunk import _chunk_index, chunk_gdn2_fwd
+from kernels.chunk import chunk_gdn2_fwd
 from kernels.config import FwdConfig, Shape
 from kernels.inputs import Inputs, make_inputs
 from kernels.intra import intra_fwd
 from kernels.state import state_fwd
+from kernels.varlen import chunk_index
 
 GATE_TOLERANCE = {"fp32": 2e-3, "bf16": 1e-2, "fp16": 1e-2}
 # L2 is 50 MB on H100 and 60 MB on H200; twice the reported size (256 MiB when unknown) leaves no line of the
@@ -140,7 +141,7 @@ class Bench:
         x = self.inputs
         B, T = self.shape.B, self.shape.T
         if x.cu_seqlens is not None:
-            chunk_indices, chunk_offsets, num_chunks = _chunk_index(x.cu_seqlens, cfg.chunk)
+            chunk_indices, chunk_offsets, num_chunks = chunk_index(x.cu_seqlens, cfg.chunk, T)
         else:
             chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, cfg.chunk)
 
@@ -194,13 +195,12 @@ class Bench:
         allocations of the launchers, a CPU busy with compiles in the gate workers) cannot open gaps between the
         launches that the events would count. Returns ``(callable, "graph" | "eager (why)")``.
 
-        Not for packed batches: their chunk index is built with a data-dependent size (a host sync), which a
-        capture forbids. A capture that fails for any other reason falls back to eager launches.
+        Packed batches are captured too: their chunk index is built on the GPU without a host sync
+        (kernels/varlen.py), and its launches are part of what a call costs. A capture that fails falls back to
+        eager launches.
         """
         if not self.cuda or not self.use_graphs:
             return fn, "eager"
-        if self.shape.num_seqs is not None:
-            return fn, "eager (packed batch)"
         try:
             fn()  # compiles (module loads are not allowed inside a capture) and settles the allocator
             torch.cuda.synchronize()
