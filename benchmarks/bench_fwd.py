@@ -31,7 +31,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.buffers import poisoned
-from kernels.chunk import chunk_gdn2_fwd
+from kernels.chunk import chunk_gdn2
 from kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
 from kernels.cost import minimum_bytes
 from kernels.inputs import Inputs, make_inputs
@@ -65,10 +65,10 @@ def environment() -> dict:
 
 
 def ours(inp: Inputs, cfg: FwdConfig, shape: Shape):
-    n = shape.num_seqs or shape.B
-    return lambda: chunk_gdn2_fwd(
+    """The public op as a user calls it (argument checks included: a host sync on cu_seqlens for packed batches)."""
+    return lambda: chunk_gdn2(
         *inp.args(), scale=shape.K**-0.5, initial_state=inp.initial_state, output_final_state=True,
-        cu_seqlens=inp.cu_seqlens, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=n,
+        cu_seqlens=inp.cu_seqlens, config=cfg,
     )
 
 

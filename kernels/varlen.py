@@ -9,13 +9,41 @@ GPU: its length is the bound ``T // C + N`` (Σ ceil(len_i / C) ≤ Σ floor(len
 the exact count, and the pairs past the exact count point one chunk or more past the end of the last sequence.
 Such a phantom program has every row masked: it reads nothing, writes no output row and only fills its own
 slot of the per-chunk scratch (γ_C, the fp32 tile, a split state), which no one reads.
+
+Checking the offsets' values does need them on the host. :func:`memo` keeps, per offsets tensor, what was
+checked and built from it, so that only the first call with a tensor waits for the GPU: a model passes one
+cu_seqlens tensor to every layer, and a host sync per call leaves the GPU idle while the CPU queues the call's
+launches (on an H100, 2026-11-26: 2.67 ms per call at the suite's packed shape where the launches alone take
+1.79 ms). flash-linear-attention caches its chunk indices per tensor the same way.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
+
+# Offsets tensors remembered at once (a training step uses one or two; an eval loop a few).
+MEMO_TENSORS = 8
+_memos: OrderedDict[int, tuple[torch.Tensor, int, dict[Any, Any]]] = OrderedDict()
+
+
+def memo(cu_seqlens: torch.Tensor) -> dict[Any, Any]:
+    """A dict private to this offsets tensor and its current contents: an in-place write bumps the tensor's
+    version counter and starts a new one. Holds the tensor, so its id cannot be reused while remembered."""
+    key = id(cu_seqlens)
+    hit = _memos.get(key)
+    if hit is not None and hit[0] is cu_seqlens and hit[1] == cu_seqlens._version:
+        _memos.move_to_end(key)
+        return hit[2]
+    entry: dict[Any, Any] = {}
+    _memos[key] = (cu_seqlens, cu_seqlens._version, entry)
+    while len(_memos) > MEMO_TENSORS:
+        _memos.popitem(last=False)
+    return entry
 
 
 def chunk_index(cu_seqlens: torch.Tensor, chunk: int, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
