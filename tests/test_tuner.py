@@ -574,3 +574,14 @@ def test_each_study_is_warm_started_with_every_table_entry_fitted_to_its_shape()
     assert all(p in points for p in others)
     assert len(points) == len({tuple(sorted(p.items())) for p in points})  # no point twice
     assert all(infeasibility(FwdConfig.from_flat(p), k64) is None for p in points)
+
+
+def test_warm_start_keeps_only_points_of_a_narrowed_space() -> None:
+    from tuner.run import TuneOptions, build_specs, existing_profile
+
+    profile, _ = existing_profile(REPO / "profiles" / "h100-80gb-hbm3.json")
+    assert profile is not None
+    options = TuneOptions(shapes=(Shape(8, 4096, 16, 128, 128),), param_choices={"intra.num_warps": (2,)})
+    spec = build_specs(options, profile)[0]
+    assert spec.warm_start, "the table has entries with 2 intra warps; they should still warm-start the study"
+    assert all(p["intra.num_warps"] == 2 for p in spec.warm_start)

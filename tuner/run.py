@@ -191,6 +191,9 @@ def build_specs(options: TuneOptions, existing: table.Profile | None) -> list[st
             point = fit_to_shape(config, shape).flat()
             if other_key != key and point not in warm:
                 warm.append(point)
+        # Only points of the (possibly --param-narrowed) space: Optuna refuses to ask for an enqueued value outside
+        # a distribution's choices, which ended a per-GPU search process of a narrowed grid run (H100 x2, 2026-11-26).
+        warm = [p for p in warm if space.contains(p)]
         trials = options.trials
         if options.sampler == "grid":
             grid = list(space.grid(shape))
