@@ -18,7 +18,9 @@ def _suite(tmp_path: Path, edit=lambda data: None) -> Path:
     profile, _ = load_profile(PROFILE)
     rows = []
     for i, e in enumerate(profile.entries):
-        tuned, default, fla = 1.0 + i / 10, 1.2 + i / 10, 1.5 + i / 10
+        # Near the tuner's own times, as a benchmark of the same configs gives (none of them host-bound).
+        tuned = e.timing.p50_ms * (1.01 + i / 100)
+        default, fla = e.default_timing.p50_ms * (1.01 + i / 100), tuned * 1.3
         rows.append({"shape": e.shape.label(), "config": e.config.label(), "default_config": "default",
                      "tuned": [tuned - 0.01, tuned, tuned + 0.01], "default": [default - 0.01, default, default],
                      "fla": [fla, fla, fla + 0.02]})
@@ -92,3 +94,19 @@ def test_the_shipped_table_renders_with_the_fla_column() -> None:
     assert matching
     for row in matching:
         assert f"{row['fla'][1]:.3f}" in out and f"{row['fla'][1] / row['tuned'][1]:.2f}×" in out
+
+
+def test_benchmark_rows_far_slower_than_the_tuner_are_called_host_bound() -> None:
+    from reports.cli import HOST_BOUND_RATIO, with_benchmark
+
+    profile, _ = load_profile(PROFILE)
+    _, notes = with_benchmark(profile, SUITE_RUN)
+    flagged = {n.split(":")[0] for n in notes if "host-bound" in n}
+    stored = {e.shape.label(): e for e in profile.entries}
+    expected = {
+        stored[r["shape"]].key
+        for r in json.loads(SUITE_RUN.read_text())["rows"]
+        if r["shape"] in stored and r["config"] == stored[r["shape"]].config.label()
+        and r["tuned"][1] > HOST_BOUND_RATIO * stored[r["shape"]].timing.p50_ms
+    }
+    assert flagged == expected == {"fwd/K128-V128-bf16/T2048-BH16"}
