@@ -195,9 +195,9 @@ class Bench:
         allocations of the launchers, a CPU busy with compiles in the gate workers) cannot open gaps between the
         launches that the events would count. Returns ``(callable, "graph" | "eager (why)")``.
 
-        Packed batches are captured too: their chunk index is built on the GPU without a host sync
-        (kernels/varlen.py), and its launches are part of what a call costs. A capture that fails falls back to
-        eager launches.
+        Packed batches are captured too: their chunk index is built on the GPU without a host sync, once per
+        offsets tensor (kernels/varlen.py), so the warm-up call below builds it and the graph replays only the two
+        stages, as a call that reuses the tensor runs. A capture that fails falls back to eager launches.
         """
         if not self.cuda or not self.use_graphs:
             return fn, "eager"

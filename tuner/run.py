@@ -191,9 +191,6 @@ def build_specs(options: TuneOptions, existing: table.Profile | None) -> list[st
             point = fit_to_shape(config, shape).flat()
             if other_key != key and point not in warm:
                 warm.append(point)
-        # Only points of the (possibly --param-narrowed) space: Optuna refuses to ask for an enqueued value outside
-        # a distribution's choices, which ended a per-GPU search process of a narrowed grid run (H100 x2, 2026-11-26).
-        warm = [p for p in warm if space.contains(p)]
         trials = options.trials
         if options.sampler == "grid":
             grid = list(space.grid(shape))
@@ -438,8 +435,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                 # Create the studies and their warm starts before the children start, so that they do not race
                 # to create the same study or enqueue the same points.
                 for spec in specs:
-                    study_mod.enqueue_points(load_study(spec, storage, worker_index), spec.warm_start,
-                                             {"warm_start": True})
+                    study_mod.enqueue_warm_start(load_study(spec, storage, worker_index), spec)
                 children = _spawn_children(options, log_dir)
             for i, (spec, prog) in enumerate(zip(specs, progresses)):
                 if not multi:
