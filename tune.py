@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from tuner.cli import main
+from gdn2_tune.tuner.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

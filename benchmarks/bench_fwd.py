@@ -30,15 +30,15 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.buffers import poisoned
-from kernels.chunk import chunk_gdn2
-from kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
-from kernels.cost import minimum_bytes
-from kernels.inputs import Inputs, make_inputs
-from kernels.intra import intra_fwd
-from kernels.reference import gdn2_reference
-from kernels.state import state_fwd
-from tuner.suite import SUITE, parse_shape
+from gdn2_tune.kernels.buffers import poisoned
+from gdn2_tune.kernels.chunk import chunk_gdn2
+from gdn2_tune.kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
+from gdn2_tune.kernels.cost import minimum_bytes
+from gdn2_tune.kernels.inputs import Inputs, make_inputs
+from gdn2_tune.kernels.intra import intra_fwd
+from gdn2_tune.kernels.reference import gdn2_reference
+from gdn2_tune.kernels.state import state_fwd
+from gdn2_tune.tuner.suite import SUITE, parse_shape
 
 ANCHOR = SUITE[0]
 QUANTILES = [0.2, 0.5, 0.8]
@@ -264,7 +264,7 @@ def main() -> int:
         if shape.label() in table:
             return FwdConfig.from_dict(table[shape.label()])
         if args.use_dispatcher:
-            from profiles.dispatch import select_config
+            from gdn2_tune.profiles.dispatch import select_config
 
             return select_config(shape)
         return default_config(shape)

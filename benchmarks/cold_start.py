@@ -23,13 +23,13 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, ".")
 import torch
-from kernels.config import Shape
-from kernels.inputs import make_inputs
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.inputs import make_inputs
 shape = Shape(8, 4096, 16, 128, 128, "bf16")
 inp = make_inputs(shape, "cuda", seed=0)
 torch.cuda.synchronize()
 if sys.argv[1] == "ours":
-    from kernels import chunk_gdn2 as fn
+    from gdn2_tune.kernels import chunk_gdn2 as fn
 else:
     from fla.ops.gdn2 import chunk_gdn2 as fn
 t0 = time.perf_counter()

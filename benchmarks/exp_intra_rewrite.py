@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_fwd import environment, ours, rel_err
 
-from kernels import intra as new_intra
-from kernels.buffers import poisoned
-from kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, default_config
-from kernels.inputs import make_inputs
-from kernels.reference import gdn2_reference
-from tuner.suite import SUITE
+from gdn2_tune.kernels import intra as new_intra
+from gdn2_tune.kernels.buffers import poisoned
+from gdn2_tune.kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, default_config
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.reference import gdn2_reference
+from gdn2_tune.tuner.suite import SUITE
 
 
 def load(path: Path):

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_fwd import environment, ours
 
-from kernels.config import FwdConfig, default_config, infeasibility
-from kernels.inputs import make_inputs
-from profiles.table import entry_key
-from tuner.suite import SUITE
+from gdn2_tune.kernels.config import FwdConfig, default_config, infeasibility
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.profiles.table import entry_key
+from gdn2_tune.tuner.suite import SUITE
 
 SHIPPED = Path(__file__).resolve().parents[1] / "profiles" / "h100-80gb-hbm3.json"
 

@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r'''
 import sys, json, torch
 sys.path.insert(0, ".")
-from kernels.config import FwdConfig, Shape
-from kernels.inputs import make_inputs
-from kernels.chunk import chunk_gdn2
-from kernels.reference import gdn2_reference
+from gdn2_tune.kernels.config import FwdConfig, Shape
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.chunk import chunk_gdn2
+from gdn2_tune.kernels.reference import gdn2_reference
 cfg = FwdConfig.from_dict(json.loads(sys.argv[1])); shape = Shape(**json.loads(sys.argv[2]))
 inp = make_inputs(shape, "cuda", seed=0, strong_decay=len(sys.argv) > 3)
 with torch.no_grad():
@@ -42,7 +42,7 @@ def run(cfg: dict, shape: dict, strong: bool) -> dict:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, infeasibility
+    from gdn2_tune.kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, infeasibility
 
     jobs = []
     for shape in (Shape(2, 300, 3, 128, 128, "bf16"), Shape(2, 300, 3, 96, 80, "fp32")):

@@ -13,10 +13,10 @@ import itertools
 import torch
 import triton
 
-from kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, infeasibility
-from kernels.intra import intra_fwd
-from kernels.state import state_fwd
-from kernels.varlen import chunk_index, memo
+from gdn2_tune.kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, infeasibility
+from gdn2_tune.kernels.intra import intra_fwd
+from gdn2_tune.kernels.state import state_fwd
+from gdn2_tune.kernels.varlen import chunk_index, memo
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -186,7 +186,7 @@ def chunk_gdn2(
         )
     shape = shape_of(q, v, n if cu_seqlens is not None else None)
     if config is None:
-        from profiles.dispatch import select_config
+        from gdn2_tune.profiles.dispatch import select_config
 
         config = select_config(shape)
     else:

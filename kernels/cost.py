@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels.config import FwdConfig, Shape
+from gdn2_tune.kernels.config import FwdConfig, Shape
 
 G_BYTES = 4  # g (log-decay) is fp32 in practice whatever the input dtype (kernels/inputs.py, BASELINE.md)
 GAMMA_BYTES = 4  # γ_C is written in fp32 by the intra stage

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.config import Shape
+from gdn2_tune.kernels.config import Shape
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.buffers import output_buffer
-from kernels.config import IntraConfig
-from kernels.varlen import chunk_coords
+from gdn2_tune.kernels.buffers import output_buffer
+from gdn2_tune.kernels.config import IntraConfig
+from gdn2_tune.kernels.varlen import chunk_coords
 
 # exp(80) ≈ 5.5e34 and exp(-80) ≈ 1.8e-35 are both normal fp32 (and bf16) numbers with room for a sum of
 # 128 products, so a diagonal block whose per-channel decay span is below this factors safely.

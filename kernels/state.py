@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.buffers import output_buffer
-from kernels.config import StateConfig
-from kernels.varlen import chunk_coords
+from gdn2_tune.kernels.buffers import output_buffer
+from gdn2_tune.kernels.config import StateConfig
+from gdn2_tune.kernels.varlen import chunk_coords
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits (seen with triton 3.9: errors of 1e10),
 # so under TRITON_INTERPRET=1 the state dots round their operands to the input dtype and then multiply in fp32.

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.config import FwdConfig, Shape, default_config, infeasibility
-from profiles.table import (
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
+from gdn2_tune.profiles.table import (
     PROFILES_DIR,
     Entry,
     Profile,

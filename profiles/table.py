@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernels.config import DTYPES, SPACE, FwdConfig, Shape, infeasibility
+from gdn2_tune.kernels.config import DTYPES, SPACE, FwdConfig, Shape, infeasibility
 
 SCHEMA_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parent

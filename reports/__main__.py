@@ -1,9 +1,9 @@
-"""``python -m reports``: the same as ``python tune.py report``."""
+"""``python -m gdn2_tune.reports``: the same as ``python tune.py report``."""
 
 from __future__ import annotations
 
 import sys
 
-from reports.cli import main
+from gdn2_tune.reports.cli import main
 
 sys.exit(main())

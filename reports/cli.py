@@ -1,4 +1,4 @@
-"""``python tune.py report`` (tune.py wires ``add_arguments`` and ``run``) and ``python -m reports``.
+"""``python tune.py report`` (tune.py wires ``add_arguments`` and ``run``) and ``python -m gdn2_tune.reports``.
 
 Profile lookup, in order: ``--profile PATH``; the shipped table of the GPU this runs on
 (``profiles/<device_id>.json``); the shipped H100 table (so a fresh clone on a laptop renders something real).
@@ -15,9 +15,9 @@ from typing import Any
 
 from rich.console import Console
 
-from profiles.table import PROFILES_DIR, Profile, Timing, device_id_from_name, load_profile, profile_path
-from reports import render
-from reports.roofline import Report, build_report
+from gdn2_tune.profiles.table import PROFILES_DIR, Profile, Timing, device_id_from_name, load_profile, profile_path
+from gdn2_tune.reports import render
+from gdn2_tune.reports.roofline import Report, build_report
 
 VIEWS = ("suite", "shape", "convergence", "coverage")
 # The table a machine with no GPU (or a GPU with no table) falls back to: the one every release ships.
@@ -118,9 +118,9 @@ def measure_profile(profile: Profile, err: Console | None = None) -> Profile:
     if not torch.cuda.is_available():
         raise RuntimeError("--measure needs a CUDA GPU and found none; drop --measure to render the stored times")
     try:
-        from tuner.device import detect_device
-        from tuner.measure import Bench, retime, stage_times
-        from tuner.roofs import measure_roofs
+        from gdn2_tune.tuner.device import detect_device
+        from gdn2_tune.tuner.measure import Bench, retime, stage_times
+        from gdn2_tune.tuner.roofs import measure_roofs
     except ImportError as e:
         raise RuntimeError(
             f"--measure needs the tuner's timing functions (tuner.measure, tuner.device, tuner.roofs): {e}; "
@@ -128,8 +128,8 @@ def measure_profile(profile: Profile, err: Console | None = None) -> Profile:
         ) from None
     from datetime import UTC, datetime
 
-    from kernels.config import default_config
-    from profiles.table import Timing
+    from gdn2_tune.kernels.config import default_config
+    from gdn2_tune.profiles.table import Timing
 
     try:
         device = detect_device()
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m reports", description=__doc__.splitlines()[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m gdn2_tune.reports", description=__doc__.splitlines()[0]))
     return run(parser.parse_args(argv))
 
 

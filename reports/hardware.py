@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from profiles.table import DeviceInfo
+    from gdn2_tune.profiles.table import DeviceInfo
 
 
 @dataclass(frozen=True)

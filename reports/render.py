@@ -17,8 +17,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from profiles.table import Profile, TrialRecord, kernel_source_hash
-from reports.roofline import TOTAL, EntryModel, Report, StagePoint
+from gdn2_tune.profiles.table import Profile, TrialRecord, kernel_source_hash
+from gdn2_tune.reports.roofline import TOTAL, EntryModel, Report, StagePoint
 
 UNKNOWN = "unknown architecture"
 NA = "—"

@@ -20,10 +20,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from kernels.config import FwdConfig, Shape, default_config
-from kernels.cost import STAGES, Cost, minimum_bytes, stage_costs
-from profiles.table import DeviceInfo, Entry, Profile, Roofs
-from reports.hardware import Peaks, theoretical_peaks
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config
+from gdn2_tune.kernels.cost import STAGES, Cost, minimum_bytes, stage_costs
+from gdn2_tune.profiles.table import DeviceInfo, Entry, Profile, Roofs
+from gdn2_tune.reports.hardware import Peaks, theoretical_peaks
 
 TOTAL = "total"
 UNIT_NAMES = {

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
-from kernels.buffers import poisoned  # after TRITON_INTERPRET: importing kernels defines the jits
+from gdn2_tune.kernels.buffers import poisoned  # after TRITON_INTERPRET: importing kernels defines the jits
 
 
 def pytest_configure(config: pytest.Config) -> None:

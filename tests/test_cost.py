@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from kernels.config import FwdConfig, IntraConfig, Shape, StateConfig
-from kernels.cost import Cost, intra_cost, minimum_bytes, num_chunks, stage_costs, state_cost
+from gdn2_tune.kernels.config import FwdConfig, IntraConfig, Shape, StateConfig
+from gdn2_tune.kernels.cost import Cost, intra_cost, minimum_bytes, num_chunks, stage_costs, state_cost
 
 ANCHOR = Shape(8, 4096, 16, 128, 128, "bf16")
 # A small awkward shape: T not a multiple of the chunk, V below K.

@@ -17,12 +17,12 @@ import pytest
 import torch
 import triton
 
-import kernels.chunk
-from kernels.config import FwdConfig, Shape, default_config, infeasibility
-from kernels.inputs import make_inputs
-from profiles import dispatch
-from profiles.dispatch import ENV_CONFIG, ENV_PROFILE, Device, TableWarning, clear_cache, select_config
-from profiles.table import (
+import gdn2_tune.kernels.chunk as chunk_module
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.profiles import dispatch
+from gdn2_tune.profiles.dispatch import ENV_CONFIG, ENV_PROFILE, Device, TableWarning, clear_cache, select_config
+from gdn2_tune.profiles.table import (
     SCHEMA_VERSION,
     DeviceInfo,
     Entry,
@@ -499,8 +499,8 @@ def test_chunk_gdn2_without_config_launches_the_dispatched_one(world: World, mon
     chosen = make_config(shape, **{"state.num_warps": 2})
     world.user_table(make_profile([make_entry(shape, chosen)]))
     launched: list[FwdConfig] = []
-    monkeypatch.setattr(kernels.chunk, "chunk_gdn2_fwd", lambda *a, config, **kw: launched.append(config))
+    monkeypatch.setattr(chunk_module, "chunk_gdn2_fwd", lambda *a, config, **kw: launched.append(config))
     inputs = make_inputs(shape, "cpu", 0, initial_state=False)
     with torch.no_grad():
-        kernels.chunk.chunk_gdn2(*inputs.args())
+        chunk_module.chunk_gdn2(*inputs.args())
     assert launched == [chosen]

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import DEVICE, INTERPRETED
 
-from kernels import chunk_gdn2, gdn2_reference
-from kernels.config import SPACE, FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
-from kernels.inputs import make_inputs
-from kernels.varlen import chunk_index
+from gdn2_tune.kernels import chunk_gdn2, gdn2_reference
+from gdn2_tune.kernels.config import SPACE, FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.varlen import chunk_index
 
 # Relative Frobenius error budgets, from the arithmetic each run does:
 # - fp32 in the interpreter: every product is exact fp32 (numpy), so errors are a few ulps times the growth of the

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from kernels import chunk_gdn2
-from kernels.config import Shape, default_config
-from kernels.inputs import make_inputs
-from kernels.varlen import memo
+from gdn2_tune.kernels import chunk_gdn2
+from gdn2_tune.kernels.config import Shape, default_config
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.varlen import memo
 
 
 def good(**over):
@@ -124,7 +124,7 @@ def test_backward_is_refused_clearly() -> None:
 
 
 def test_outputs_are_poisoned_only_when_checking() -> None:
-    from kernels.buffers import is_poisoned, output_buffer, poisoned
+    from gdn2_tune.kernels.buffers import is_poisoned, output_buffer, poisoned
 
     assert is_poisoned()  # the autouse fixture of conftest.py: every test checks NaN-poisoned outputs
     assert torch.isnan(output_buffer((3, 4), torch.bfloat16, "cpu")).all()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kernels.cost import Cost
-from profiles.table import DeviceInfo, Profile, Roofs, load_profile
-from reports.hardware import family_of, memory_gbps, theoretical_peaks
-from reports.roofline import RoofSet, build_report, combine, floors, stage_point
+from gdn2_tune.kernels.cost import Cost
+from gdn2_tune.profiles.table import DeviceInfo, Profile, Roofs, load_profile
+from gdn2_tune.reports.hardware import family_of, memory_gbps, theoretical_peaks
+from gdn2_tune.reports.roofline import RoofSet, build_report, combine, floors, stage_point
 
 DATA = Path(__file__).parent / "data"
 H100 = DeviceInfo("h100-sxm5", "NVIDIA H100 80GB HBM3", "sm90", (9, 0), 132, 1830, 2619, 5120, None)
@@ -148,9 +148,9 @@ def test_measured_roofs_on_an_unknown_gpu_still_classify() -> None:
 
 
 def test_percent_of_roof_for_the_live_view() -> None:
-    from kernels.config import FwdConfig, Shape
-    from kernels.cost import stage_costs
-    from reports.roofline import percent_of_roof
+    from gdn2_tune.kernels.config import FwdConfig, Shape
+    from gdn2_tune.kernels.cost import stage_costs
+    from gdn2_tune.reports.roofline import percent_of_roof
 
     shape = Shape(8, 4096, 16, 128, 128)
     intra = stage_costs(shape, FwdConfig())["intra"]
@@ -164,7 +164,7 @@ def test_percent_of_roof_for_the_live_view() -> None:
 def test_measure_roofs_needs_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from tuner.roofs import measure_roofs
+    from gdn2_tune.tuner.roofs import measure_roofs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="expected a CUDA device"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from profiles.table import load_profile
-from reports.cli import with_benchmark
+from gdn2_tune.profiles.table import load_profile
+from gdn2_tune.reports.cli import with_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "h100-80gb-hbm3.json"
@@ -78,7 +78,7 @@ def test_the_shipped_table_renders_with_the_fla_column() -> None:
 
     from rich.console import Console
 
-    from reports import cli
+    from gdn2_tune.reports import cli
 
     args = cli.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--profile", str(PROFILE), "--benchmark", str(SUITE_RUN), "--no-chart"]
@@ -97,7 +97,7 @@ def test_the_shipped_table_renders_with_the_fla_column() -> None:
 
 
 def test_benchmark_rows_far_slower_than_the_tuner_are_called_host_bound() -> None:
-    from reports.cli import HOST_BOUND_RATIO, with_benchmark
+    from gdn2_tune.reports.cli import HOST_BOUND_RATIO, with_benchmark
 
     profile, _ = load_profile(PROFILE)
     _, notes = with_benchmark(profile, SUITE_RUN)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from profiles.table import DeviceInfo, Roofs, TrialRecord, load_profile, save_profile
-from reports import cli, render
-from reports.roofline import Report, build_report
+from gdn2_tune.profiles.table import DeviceInfo, Roofs, TrialRecord, load_profile, save_profile
+from gdn2_tune.reports import cli, render
+from gdn2_tune.reports.roofline import Report, build_report
 
 DATA = Path(__file__).parent / "data"
 FIXTURE = DATA / "h100_profile.json"

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import triton
 
-from kernels.config import FwdConfig, Shape, default_config
-from profiles import table
-from profiles.table import (
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config
+from gdn2_tune.profiles import table
+from gdn2_tune.profiles.table import (
     SCHEMA_VERSION,
     DeviceInfo,
     Entry,

@@ -24,15 +24,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from kernels.config import FwdConfig, Shape, default_config, infeasibility
-from profiles import table
-from tuner import study as study_mod
-from tuner.device import decode_throttle_reasons
-from tuner.measure import quantiles
-from tuner.replay import RecordedGrid, replay
-from tuner.space import SearchSpace, parse_param_choices
-from tuner.suite import INTERPRET_SHAPE, SUITE, format_shape, gate_shape, parse_shape
-from tuner.worker import WorkerPool, WorkerProcess
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
+from gdn2_tune.profiles import table
+from gdn2_tune.tuner import study as study_mod
+from gdn2_tune.tuner.device import decode_throttle_reasons
+from gdn2_tune.tuner.measure import quantiles
+from gdn2_tune.tuner.replay import RecordedGrid, replay
+from gdn2_tune.tuner.space import SearchSpace, parse_param_choices
+from gdn2_tune.tuner.suite import INTERPRET_SHAPE, SUITE, format_shape, gate_shape, parse_shape
+from gdn2_tune.tuner.worker import WorkerPool, WorkerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHOR = SUITE[0]
@@ -87,7 +87,7 @@ def test_parse_shape_rejects_with_the_argument_name(text: str) -> None:
 
 
 def test_gate_shape_keeps_what_selects_kernel_variants() -> None:
-    from tuner.suite import _specialization
+    from gdn2_tune.tuner.suite import _specialization
 
     chunks = (32, 64, 128)
     for shape in SUITE:
@@ -513,8 +513,8 @@ def test_default_config_survives_the_shape_pruned_space(shape: Shape) -> None:
 
 
 def test_live_view_shows_each_stage_percent_of_roof() -> None:
-    from profiles.table import load_profile
-    from tuner.run import roof_summary
+    from gdn2_tune.profiles.table import load_profile
+    from gdn2_tune.tuner.run import roof_summary
 
     profile, _ = load_profile(Path(__file__).resolve().parents[1] / "profiles" / "h100-80gb-hbm3.json")
     entry = next(e for e in profile.entries if e.key == "fwd/K128-V128-bf16/T4096-BH128")
@@ -529,7 +529,7 @@ def test_live_view_shows_each_stage_percent_of_roof() -> None:
 
 
 def test_a_trial_killed_between_ask_and_owner_is_recovered() -> None:
-    from tuner.study import OWNERLESS_GRACE_S, is_stale, owner_token
+    from gdn2_tune.tuner.study import OWNERLESS_GRACE_S, is_stale, owner_token
 
     study = optuna.create_study()
     orphan = study.ask()  # its process "died" before writing the owner
@@ -546,7 +546,7 @@ def test_a_trial_killed_between_ask_and_owner_is_recovered() -> None:
 def test_late_studies_keep_half_a_share_when_early_ones_overrun() -> None:
     import time
 
-    from tuner.run import FINALIZE_RESERVE_S, ROOFS_RESERVE_S, TuneOptions, study_timeout
+    from gdn2_tune.tuner.run import FINALIZE_RESERVE_S, ROOFS_RESERVE_S, TuneOptions, study_timeout
 
     options = TuneOptions(budget_minutes=10.0, timeout_s=None)
     search = 600 - 8 * FINALIZE_RESERVE_S - ROOFS_RESERVE_S
@@ -559,8 +559,8 @@ def test_late_studies_keep_half_a_share_when_early_ones_overrun() -> None:
 
 
 def test_each_study_is_warm_started_with_every_table_entry_fitted_to_its_shape() -> None:
-    from kernels.config import fit_to_shape
-    from tuner.run import TuneOptions, build_specs, existing_profile
+    from gdn2_tune.kernels.config import fit_to_shape
+    from gdn2_tune.tuner.run import TuneOptions, build_specs, existing_profile
 
     profile, _ = existing_profile(REPO / "profiles" / "h100-80gb-hbm3.json")
     assert profile is not None
@@ -578,7 +578,7 @@ def test_each_study_is_warm_started_with_every_table_entry_fitted_to_its_shape()
 
 def test_warm_start_enqueues_only_points_of_a_narrowed_space() -> None:
     """Both enqueue paths (a single process, and the parent of a --gpus run) go through enqueue_warm_start."""
-    from tuner.run import TuneOptions, build_specs, existing_profile
+    from gdn2_tune.tuner.run import TuneOptions, build_specs, existing_profile
 
     profile, _ = existing_profile(REPO / "profiles" / "h100-80gb-hbm3.json")
     assert profile is not None

@@ -9,9 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from profiles import table
-from tuner import study as study_mod
-from tuner.suite import INTERPRET_SHAPE, SHAPE_SYNTAX, SUITE, parse_shape
+from gdn2_tune.profiles import table
+from gdn2_tune.tuner import study as study_mod
+from gdn2_tune.tuner.suite import INTERPRET_SHAPE, SHAPE_SYNTAX, SUITE, parse_shape
 
 
 def _positive_int(text: str) -> int:
@@ -88,8 +88,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from tuner.run import RUNS_DIR, TuneOptions, tune
-    from tuner.space import parse_param_choices
+    from gdn2_tune.tuner.run import RUNS_DIR, TuneOptions, tune
+    from gdn2_tune.tuner.space import parse_param_choices
 
     if args.interpret:
         shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else (INTERPRET_SHAPE,)
@@ -235,7 +235,7 @@ def main_parser() -> argparse.ArgumentParser:
         add(sub.add_parser(name, help=helptext, description=helptext))
     report = sub.add_parser("report", help="terminal reports from stored tables (reports.cli)")
     try:
-        from reports import cli as reports_cli
+        from gdn2_tune.reports import cli as reports_cli
     except ImportError as err:
         report.set_defaults(report_missing=str(err))
     else:
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             if getattr(args, "report_missing", None):
                 parser.error(f"report: the reports package is not available ({args.report_missing})")
-            from reports import cli as reports_cli
+            from gdn2_tune.reports import cli as reports_cli
 
             return int(reports_cli.run(args))
     except ValueError as err:

@@ -14,7 +14,7 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
-from profiles.table import DeviceInfo, device_id_from_name, family_from_capability
+from gdn2_tune.profiles.table import DeviceInfo, device_id_from_name, family_from_capability
 
 INTERPRETER_ID = "cpu-interpreter"
 # Set by the tuner on each worker process: the NVML index of the GPU behind CUDA_VISIBLE_DEVICES (NVML ignores

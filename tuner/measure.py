@@ -33,13 +33,13 @@ from typing import Any
 import torch
 import triton
 
-from kernels.buffers import poisoned
-from kernels.chunk import chunk_gdn2_fwd
-from kernels.config import FwdConfig, Shape
-from kernels.inputs import Inputs, make_inputs
-from kernels.intra import intra_fwd
-from kernels.state import state_fwd
-from kernels.varlen import chunk_index
+from gdn2_tune.kernels.buffers import poisoned
+from gdn2_tune.kernels.chunk import chunk_gdn2_fwd
+from gdn2_tune.kernels.config import FwdConfig, Shape
+from gdn2_tune.kernels.inputs import Inputs, make_inputs
+from gdn2_tune.kernels.intra import intra_fwd
+from gdn2_tune.kernels.state import state_fwd
+from gdn2_tune.kernels.varlen import chunk_index
 
 GATE_TOLERANCE = {"fp32": 2e-3, "bf16": 1e-2, "fp16": 1e-2}
 # L2 is 50 MB on H100 and 60 MB on H200; twice the reported size (256 MiB when unknown) leaves no line of the

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tuner.study import StudyProgress
+from gdn2_tune.tuner.study import StudyProgress
 
 REFRESH_EVERY_S = 0.25
 

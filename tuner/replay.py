@@ -6,7 +6,7 @@ then ask here how many evaluated trials TPE (or another sampler) needs, over sev
 (:func:`tuner.study.run_study`: infeasibility pruning, duplicates, warm start with the default config), with an
 evaluator that looks values up instead of measuring them; it is also how the search logic is tested on a CPU.
 
-    python -m tuner.replay profiles/h100-80gb-hbm3.json --key fwd/K128-V128-bf16/T4096-BH128 --seeds 10
+    python -m gdn2_tune.tuner.replay profiles/h100-80gb-hbm3.json --key fwd/K128-V128-bf16/T4096-BH128 --seeds 10
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from kernels.config import SPACE, Param, Shape, default_config
-from tuner import study as study_mod
-from tuner.space import SearchSpace
+from gdn2_tune.kernels.config import SPACE, Param, Shape, default_config
+from gdn2_tune.tuner import study as study_mod
+from gdn2_tune.tuner.space import SearchSpace
 
 Point = tuple[tuple[str, Any], ...]
 
@@ -171,7 +171,7 @@ def replay(
 
 
 def grid_from_profile(path: Path, key: str | None) -> RecordedGrid:
-    from profiles.table import load_profile
+    from gdn2_tune.profiles.table import load_profile
 
     profile, warnings = load_profile(path)
     for w in warnings:
@@ -196,7 +196,7 @@ def grid_from_profile(path: Path, key: str | None) -> RecordedGrid:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tuner.replay", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gdn2_tune.tuner.replay", description=__doc__.split("\n\n")[0])
     p.add_argument("table", type=Path, help="a table holding the trials of an exhaustive grid study")
     p.add_argument("--key", default=None, help="the study (entry key) to replay")
     p.add_argument("--sampler", choices=study_mod.SAMPLERS, default="tpe")

@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from profiles.table import Roofs
+from gdn2_tune.profiles.table import Roofs
 
 if TYPE_CHECKING:
-    from profiles.table import DeviceInfo
+    from gdn2_tune.profiles.table import DeviceInfo
 
 COPY_BYTES = 1 << 30  # 1 GiB: twenty times the 50 MB L2 of an H100, so the copy streams from and to DRAM
 MATMUL_N = 8192  # 2·8192³ = 1.1 TFLOP per bf16 product: ~1 ms on an H100, long against launch overheads

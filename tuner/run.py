@@ -26,15 +26,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from kernels.config import FwdConfig, Shape, default_config, fit_to_shape, infeasibility
-from profiles import table
-from reports.roofline import percent_of_roof
-from tuner import study as study_mod
-from tuner.device import detect_device, telemetry
-from tuner.progress import ProgressView
-from tuner.space import SearchSpace
-from tuner.suite import SUITE, format_shape, gate_shape
-from tuner.worker import WorkerPool, WorkerProcess
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, fit_to_shape, infeasibility
+from gdn2_tune.profiles import table
+from gdn2_tune.reports.roofline import percent_of_roof
+from gdn2_tune.tuner import study as study_mod
+from gdn2_tune.tuner.device import detect_device, telemetry
+from gdn2_tune.tuner.progress import ProgressView
+from gdn2_tune.tuner.space import SearchSpace
+from gdn2_tune.tuner.suite import SUITE, format_shape, gate_shape
+from gdn2_tune.tuner.worker import WorkerPool, WorkerProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGE = "fwd"
@@ -80,7 +80,7 @@ class TuneOptions:
 
     @staticmethod
     def from_json(text: str) -> TuneOptions:
-        from tuner.suite import parse_shape
+        from gdn2_tune.tuner.suite import parse_shape
 
         d = json.loads(text)
         d["shapes"] = tuple(parse_shape(s) for s in d["shapes"])
@@ -115,7 +115,7 @@ class RunResult:
 
 
 def worker_env(gpu: int | None, interpret: bool) -> dict[str, str]:
-    from tuner.device import NVML_INDEX_ENV
+    from gdn2_tune.tuner.device import NVML_INDEX_ENV
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
@@ -357,11 +357,6 @@ def output_path(options: TuneOptions, device: table.DeviceInfo) -> Path:
 def _measure_roofs(evaluator: WorkerEvaluator, device: table.DeviceInfo, notes: list[str]) -> table.Roofs | None:
     if evaluator.options.interpret:
         return None
-    try:
-        import tuner.roofs  # noqa: F401 - written by the reports work; optional here
-    except ImportError as err:
-        notes.append(f"roofs not measured: tuner.roofs unavailable ({err})")
-        return None
     out = evaluator.call_timer({"op": "roofs", "device": device.to_dict()}, ROOFS_RESERVE_S * 4)
     if out.get("status") != "ok":
         notes.append(f"roofs not measured: {out.get('status')}: {out.get('reason')}")
@@ -379,7 +374,7 @@ def _spawn_children(options: TuneOptions, log_dir: Path) -> list[subprocess.Pope
         path.write_text(child.to_json())
         log = open(log_dir / f"search-gpu{gpu}.log", "ab")  # noqa: SIM115 - owned by the child
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tuner.run", str(path), str(i)], stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "gdn2_tune.tuner.run", str(path), str(i)], stdout=log, stderr=subprocess.STDOUT,
             env=worker_env(None, options.interpret), cwd=str(REPO_ROOT),
         ))
         log.close()
@@ -513,7 +508,7 @@ def _version(module: str) -> str:
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    """``python -m tuner.run OPTIONS.json INDEX``: a per-GPU search process of a multi-GPU run."""
+    """``python -m gdn2_tune.tuner.run OPTIONS.json INDEX``: a per-GPU search process of a multi-GPU run."""
     options = TuneOptions.from_json(Path(argv[0]).read_text())
     tune(options, worker_index=int(argv[1]) + 1)
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import optuna
 
-from kernels.config import SPACE, FwdConfig, Param, Shape, infeasibility
+from gdn2_tune.kernels.config import SPACE, FwdConfig, Param, Shape, infeasibility
 
 
 @dataclass(frozen=True)

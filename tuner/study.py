@@ -36,8 +36,8 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kernels.config import Shape
-from tuner.space import SearchSpace
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.tuner.space import SearchSpace
 
 STALE_AFTER_S = 600.0  # no heartbeat for this long: the owner on another host is gone
 HEARTBEAT_EVERY_S = 60.0
@@ -115,7 +115,7 @@ class StudyProgress:
 
 def study_name(spec_key: str, kernel_hash: str, space: SearchSpace) -> str:
     """Trials of other kernel sources or another (narrowed) space are not comparable: they get another study."""
-    from kernels.config import SPACE
+    from gdn2_tune.kernels.config import SPACE
 
     name = f"{spec_key}@{kernel_hash}"
     if space.params != SPACE:
@@ -375,7 +375,7 @@ def run_study(
                 value = out[name]
                 trial.set_user_attr(name, None if isinstance(value, float) and not math.isfinite(value) else value)
         if out.get("telemetry"):
-            from tuner.device import Telemetry
+            from gdn2_tune.tuner.device import Telemetry
 
             progress.clocks = Telemetry.from_dict(out["telemetry"]).short()
         if status == "ok":

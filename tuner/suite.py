@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from kernels.config import DTYPES, MAX_HEAD_DIM, Shape
+from gdn2_tune.kernels.config import DTYPES, MAX_HEAD_DIM, Shape
 
 # Sequences in the packed (varlen) member of the suite: uneven lengths from kernels.inputs.packed_lengths,
 # enough of them that some are shorter than a chunk and some span many chunks.
@@ -89,7 +89,7 @@ def gate_shape(shape: Shape) -> Shape:
     """
     if shape.B * shape.T * shape.H <= GATE_AS_IS_TOKENS:
         return shape
-    from kernels.config import SPACE
+    from gdn2_tune.kernels.config import SPACE
 
     chunks = next(p.values for p in SPACE if p.name == "chunk")
     want = _specialization(shape.T, chunks)

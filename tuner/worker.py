@@ -11,7 +11,7 @@ A child that faults answers once and exits; one that does not answer within the 
 "timeout", "crash"), never raised. Children stay alive between requests so that torch, the CUDA context, the
 inputs of the current shape and the float64 reference are paid for once per study, not once per trial.
 
-Run as ``python -m tuner.worker``; ``--interpret`` children are started with TRITON_INTERPRET=1 by the parent.
+Run as ``python -m gdn2_tune.tuner.worker``; ``--interpret`` children are started with TRITON_INTERPRET=1 by the parent.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class _Child:
         self._references: dict[Any, Any] = {}
 
     def bench(self, shape_d: Mapping[str, Any], strong_decay: bool = False) -> Any:
-        from kernels.config import Shape
-        from tuner.measure import Bench
+        from gdn2_tune.kernels.config import Shape
+        from gdn2_tune.tuner.measure import Bench
 
         shape = Shape(**shape_d)
         key = (shape, strong_decay)
@@ -74,7 +74,7 @@ class _Child:
         return self._benches[key]
 
     def reference(self, bench: Any) -> Any:
-        from kernels.reference import gdn2_reference
+        from gdn2_tune.kernels.reference import gdn2_reference
 
         if bench.shape not in self._references:
             x = bench.inputs
@@ -84,19 +84,19 @@ class _Child:
         return self._references[bench.shape]
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        from kernels.config import FwdConfig
-        from tuner import measure
+        from gdn2_tune.kernels.config import FwdConfig
+        from gdn2_tune.tuner import measure
 
         op = req.get("op")
         if op == "ping":
             return {"status": "ok", "reason": None, "pid": os.getpid(), "device": self.device}
         if op == "telemetry":
-            from tuner.device import telemetry
+            from gdn2_tune.tuner.device import telemetry
 
             return {"status": "ok", "reason": None, "telemetry": telemetry(interpret=self.interpret).to_dict()}
         if op == "roofs":
-            from profiles.table import DeviceInfo
-            from tuner.roofs import measure_roofs
+            from gdn2_tune.profiles.table import DeviceInfo
+            from gdn2_tune.tuner.roofs import measure_roofs
 
             return {"status": "ok", "reason": None, "roofs": measure_roofs(DeviceInfo.from_dict(req["device"])).to_dict()}
 
@@ -119,7 +119,7 @@ class _Child:
             return {"status": "error", "reason": f"unknown op {op!r}"}
         out["elapsed_s"] = time.perf_counter() - t0
         if op in ("time", "retime"):
-            from tuner.device import telemetry
+            from gdn2_tune.tuner.device import telemetry
 
             out["telemetry"] = telemetry(interpret=self.interpret).to_dict()
         return out
@@ -137,7 +137,7 @@ def child_main(stdin: TextIO, reply: TextIO) -> int:
                 child = _Child()
             out = child.handle(req)
         except Exception as err:  # noqa: BLE001 - every failure becomes an answer; see the module docstring
-            from tuner.measure import classify
+            from gdn2_tune.tuner.measure import classify
 
             status, reason = classify(err)
             traceback.print_exc(file=sys.stderr)
@@ -164,7 +164,7 @@ def main() -> int:
 
 
 def worker_argv() -> list[str]:
-    return [sys.executable, "-m", "tuner.worker"]
+    return [sys.executable, "-m", "gdn2_tune.tuner.worker"]
 
 
 class WorkerProcess:

@@ -1,0 +1,14 @@
+"""gdn2-tune: tuned Triton kernels for Gated DeltaNet-2, their autotuner, shipped config tables and reports.
+
+The public ops, importable as flash-linear-attention users expect::
+
+    from gdn2_tune import chunk_gdn2
+
+The subpackages live in the repository's top-level folders (``kernels/``, ``tuner/``, ``profiles/``,
+``reports/``) and are installed under this one name (pyproject.toml maps them), so that ``pip install`` adds no
+generic top-level package (``kernels`` is the Hugging Face hub-kernel loader's name).
+"""
+
+from gdn2_tune.kernels import DEFAULT_CONFIG, FwdConfig, IntraConfig, Shape, StateConfig, chunk_gdn2, gdn2_reference
+
+__all__ = ["DEFAULT_CONFIG", "FwdConfig", "IntraConfig", "Shape", "StateConfig", "chunk_gdn2", "gdn2_reference"]
