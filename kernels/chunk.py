@@ -9,14 +9,21 @@ which reads the shipped table for this GPU and never tunes at run time.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
+import os
 
 import torch
 import triton
 
-from gdn2_tune.kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, infeasibility
-from gdn2_tune.kernels.intra import intra_fwd
+from gdn2_tune.kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, field_type_error, infeasibility
+from gdn2_tune.kernels.intra import INTERPRETED, intra_fwd
 from gdn2_tune.kernels.state import state_fwd
-from gdn2_tune.kernels.varlen import chunk_index, memo
+from gdn2_tune.kernels.varlen import packed_index
+
+# Set to 1 for the checked mode: the values of cu_seqlens and g are read back (one host sync per call) and
+# invalid ones raise ValueError. Off by default: a sync per call stalls the GPU (see kernels/varlen.py).
+CHECK_ENV = "GDN2_CHECK_INPUTS"
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -51,6 +58,9 @@ def _check_inputs(
     V = v.shape[-1]
     if T < 1:
         raise ValueError(f"q: expected T >= 1, received T={T}")
+    for name, x in (("q", q), ("v", v)):
+        if 0 in x.shape:
+            raise ValueError(f"{name}: expected every dimension of [B, T, H, D] >= 1, received shape {tuple(x.shape)}")
     for name in ("k", "g", "b"):
         if tuple(named[name].shape) != (B, T, H, K):
             raise ValueError(f"{name}: expected shape {(B, T, H, K)} (that of q), received {tuple(named[name].shape)}")
@@ -78,16 +88,16 @@ def _check_inputs(
         if B != 1:
             raise ValueError(f"cu_seqlens: expected B == 1 for a packed batch, received B={B}")
         n = cu_seqlens.numel() - 1
-        checked = memo(cu_seqlens)
-        if ("valid", T) not in checked:  # the values are read back (a host sync) once per tensor
-            cu = cu_seqlens.tolist()
-            if cu[0] != 0:
-                raise ValueError(f"cu_seqlens: expected to start at 0, received {cu[0]}")
-            if any(b_ < a_ for a_, b_ in itertools.pairwise(cu)):
-                raise ValueError(f"cu_seqlens: expected non-decreasing offsets, received {cu}")
-            if cu[-1] != T:
-                raise ValueError(f"cu_seqlens: expected to end at T={T}, received {cu[-1]}")
-            checked[("valid", T)] = True
+        # The values are checked where reading them is free (a CPU tensor) or asked for (the checked mode: one
+        # host sync). Otherwise the kernels run on a sanitised copy (kernels/varlen.py), never out of bounds.
+        if cu_seqlens.device.type == "cpu" or checked_mode(cu_seqlens):
+            _check_offsets(cu_seqlens.tolist(), T)
+
+    if checked_mode(g):
+        bad = (g > 0) | torch.isnan(g)
+        if bool(bad.any()):
+            raise ValueError(f"g: expected log-decays <= 0 (natural log; -inf forgets a channel), received "
+                             f"{int(bad.sum())} values > 0 or NaN, the first {g[bad][0].item()!r}")
 
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
@@ -100,6 +110,34 @@ def _check_inputs(
         if initial_state.device != q.device:
             raise ValueError(f"initial_state: expected device {q.device} (that of q), received {initial_state.device}")
     return n
+
+
+def checked_mode(x: torch.Tensor) -> bool:
+    """Whether to read ``x``'s values back for checks: GDN2_CHECK_INPUTS=1, except while a CUDA graph is being
+    captured (no value is known then; the capture records the unchecked, sanitised call)."""
+    if os.environ.get(CHECK_ENV, "0") != "1":
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_offsets(cu: list[int], T: int) -> None:
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens: expected to start at 0, received {cu[0]}")
+    if any(b_ < a_ for a_, b_ in itertools.pairwise(cu)):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, received {cu}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens: expected to end at T={T}, received {cu[-1]}")
+
+
+def _check_options(scale: object, output_final_state: object, use_qk_l2norm_in_kernel: object) -> None:
+    for name, flag in (("output_final_state", output_final_state), ("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, received {type(flag).__name__} {flag!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a real number or None, received {type(scale).__name__} {scale!r}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale: expected a finite number, received {scale!r}")
 
 
 def shape_of(q: torch.Tensor, v: torch.Tensor, num_seqs: int | None = None) -> Shape:
@@ -126,11 +164,10 @@ def chunk_gdn2_fwd(
     """The two launches on checked, contiguous inputs with an admissible ``config``."""
     B, T = q.shape[:2]
     if cu_seqlens is not None:
-        key = ("index", config.chunk, T)
-        built = memo(cu_seqlens)
-        if key not in built:
-            built[key] = chunk_index(cu_seqlens, config.chunk, T)
-        chunk_indices, chunk_offsets, num_chunks = built[key]
+        # Rebuilt on the device every call (no host sync, no cache to go stale); the kernels read the sanitised
+        # offsets, never the caller's tensor.
+        index = packed_index(cu_seqlens, config.chunk, T)
+        cu_seqlens, chunk_indices, chunk_offsets, num_chunks = index.offsets, index.pairs, index.first, index.num_chunks
     else:
         chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, config.chunk)
     inter = intra_fwd(
@@ -179,6 +216,12 @@ def chunk_gdn2(
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state or None.
     """
     n = _check_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
+    _check_options(scale, output_final_state, use_qk_l2norm_in_kernel)
+    if q.device.type == "cpu" and not INTERPRETED:
+        raise ValueError(
+            "q: CPU tensors need the Triton interpreter, which was off when gdn2_tune was imported: set "
+            "TRITON_INTERPRET=1 in the environment before importing it, or pass CUDA tensors"
+        )
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, b, w)):
         raise NotImplementedError(
             "chunk_gdn2: the backward pass is not implemented yet; call it under torch.no_grad() "
@@ -190,8 +233,9 @@ def chunk_gdn2(
 
         config = select_config(shape)
     else:
-        if not isinstance(config, FwdConfig):
-            raise TypeError(f"config: expected a kernels.FwdConfig, received {type(config).__name__}")
+        wrong_type = field_type_error(config)
+        if wrong_type is not None:
+            raise TypeError(wrong_type)
         reason = infeasibility(config, shape)
         if reason is not None:
             raise ValueError(f"config: {config.label()} is not supported at {shape.label()}: {reason}")

@@ -248,7 +248,41 @@ def state_pipelining_avoids_fault(cfg: FwdConfig, shape: Shape) -> str | None:
     return None
 
 
+def _type_name(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def field_type_error(cfg: Any) -> str | None:
+    """Why ``cfg`` is not a FwdConfig whose fields have their declared types, or None.
+
+    Each field must have the type of its default: ints are ints (not floats, whose 32.0 passes ``in (32, 64)``,
+    nor bools, which are ints to Python), strings are strings. The message names the field, the expected type
+    and the received value.
+    """
+    if not isinstance(cfg, FwdConfig):
+        return f"config: expected a kernels.FwdConfig, received {type(cfg).__name__}"
+    parts: tuple[tuple[str, Any, Any], ...] = (
+        ("chunk", cfg.chunk, DEFAULT_CONFIG.chunk),
+        ("intra", cfg.intra, DEFAULT_CONFIG.intra),
+        ("state", cfg.state, DEFAULT_CONFIG.state),
+    )
+    for name, value, default in parts:
+        if dataclasses.is_dataclass(default):
+            if type(value) is not type(default):
+                return f"config.{name}: expected a {type(default).__name__}, received {_type_name(value)}"
+            for f in dataclasses.fields(default):
+                sub, want = getattr(value, f.name), getattr(default, f.name)
+                if type(sub) is not type(want):
+                    return f"config.{name}.{f.name}: expected {type(want).__name__}, received {_type_name(sub)}"
+        elif type(value) is not type(default):
+            return f"config.{name}: expected {type(default).__name__}, received {_type_name(value)}"
+    return None
+
+
 def legal_values(cfg: FwdConfig, shape: Shape) -> str | None:
+    wrong_type = field_type_error(cfg)
+    if wrong_type is not None:
+        return wrong_type
     for p in SPACE:
         value = cfg.flat()[p.name]
         if value not in p.values:

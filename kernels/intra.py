@@ -31,6 +31,8 @@ the state stage (kernels/state.py) reads them.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -41,8 +43,24 @@ from gdn2_tune.kernels.varlen import chunk_coords
 
 # exp(80) ≈ 5.5e34 and exp(-80) ≈ 1.8e-35 are both normal fp32 (and bf16) numbers with room for a sum of
 # 128 products, so a diagonal block whose per-channel decay span is below this factors safely.
+# Whether the kernels below run in Triton's CPU interpreter: triton.jit reads this when they are defined.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 SAFE_SPAN = tl.constexpr(80.0)
 L2NORM_EPS = tl.constexpr(1e-6)
+# Log-decays below this are raised to it as they are loaded. exp(-110) ≈ 1.7e-48 is below half the smallest fp32
+# subnormal (1.4e-45), so a step at the floor forgets its channel exactly as g = -inf does (decay 0), also through
+# the GPU's approximate exp (ex2.approx of -158.7); any product of factors whose exponents add up to the floor
+# underflows to 0 as well. Without it, -inf - (-inf) = NaN in G_r - G_s. The floor is far above fp32's range so
+# that the within-chunk sums stay accurate: each floored step adds 110 to |G|, whose ulp (2^-24 |G|) bounds the
+# error of the decays between the steps after it (1e-4 relative after ~15 resets in one chunk).
+G_FLOOR = tl.constexpr(-110.0)
+
+
+@triton.jit
+def _floored(b_g):
+    # tl.where, not tl.maximum: a NaN stays NaN (maxnum would turn it into a reset on the GPU).
+    return tl.where(b_g < G_FLOOR, G_FLOOR, b_g)
 
 
 @triton.jit
@@ -122,11 +140,11 @@ def _intra_kernel(
             p_k = t_c[:, None] * HK + o_k[None, :]
             m_rk = m_r[:, None] & m_k[None, :]
             p_rk = t_r[:, None] * HK + o_k[None, :]
-            b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
+            b_g = _floored(tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32))
             b_G = tl.cumsum(b_g, 0)
             b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]
             b_ref = tl.sum(tl.where((o_c < n0)[:, None], b_g, 0.0), 0)  # G at the row before the block
-            b_gr = tl.load(g + p_rk, mask=m_rk, other=0.0).to(tl.float32)
+            b_gr = _floored(tl.load(g + p_rk, mask=m_rk, other=0.0).to(tl.float32))
             b_Gr = b_ref[None, :] + tl.cumsum(b_gr, 0)
             b_kr = tl.load(k + p_rk, mask=m_rk, other=0.0).to(tl.float32) * r_kr[:, None]
             b_kbr = tl.load(b + p_rk, mask=m_rk, other=0.0).to(tl.float32) * b_kr
@@ -193,7 +211,7 @@ def _intra_kernel(
         m_k = o_k < K
         m_ck = m_c[:, None] & m_k[None, :]
         p_k = t_c[:, None] * HK + o_k[None, :]
-        b_g = tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_g = _floored(tl.load(g + p_k, mask=m_ck, other=0.0).to(tl.float32))
         b_G = tl.cumsum(b_g, 0)
         b_last = tl.sum(b_g, 0)  # G at the chunk's last row (padding rows carry g = 0)
         b_k = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32) * r_k[:, None]

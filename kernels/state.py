@@ -26,7 +26,7 @@ import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
 from gdn2_tune.kernels.config import StateConfig
-from gdn2_tune.kernels.varlen import chunk_coords
+from gdn2_tune.kernels.varlen import chunk_coords, sequence_bounds
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits (seen with triton 3.9: errors of 1e10),
 # so under TRITON_INTERPRET=1 the state dots round their operands to the input dtype and then multiply in fp32.
@@ -51,7 +51,7 @@ def _state_kernel(
     y, u, qg, kt, aqk, gam,
     o, h0, ht, hc, r,
     cu_seqlens, chunk_offsets,
-    T, NT,
+    T, NT, NC,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
@@ -61,10 +61,10 @@ def _state_kernel(
     i_n = i_nh // H
     i_h = i_nh % H
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        n_chunks = tl.cdiv(T_seq, C)
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+        bos, T_seq = sequence_bounds(cu_seqlens, i_n, T)
+        c0 = tl.minimum(tl.maximum(tl.load(chunk_offsets + i_n).to(tl.int64), 0), NC)
+        # Never past the per-chunk buffers (NC chunks), even with offsets the index was not built from.
+        n_chunks = tl.minimum(tl.cdiv(T_seq, C), (NC - c0).to(tl.int32))
     else:
         bos = (i_n * T).to(tl.int64)
         T_seq = T
@@ -212,7 +212,7 @@ def state_fwd(
         y, inter["u"], inter["qg"], inter["kt"], inter["aqk"], inter["gamma"],
         o, initial_state, ht, hc, r,
         cu_seqlens, chunk_offsets,
-        T, nt,
+        T, nt, inter["gamma"].shape[0],
         H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
         C=chunk, BV=cfg.BV,
         IS_VARLEN=varlen, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,

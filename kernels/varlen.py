@@ -1,60 +1,73 @@
 """Where a chunk program's rows are: the dense [B, T] layout and the packed (cu_seqlens) one.
 
 Both per-chunk launches (the intra stage, and the state stage's split output) run one program per (chunk, head)
-and start by locating their chunk; :func:`chunk_coords` is that shared prologue. For a packed batch the host
-builds :func:`chunk_index` first: a (sequence, chunk-in-sequence) pair per global chunk.
+and start by locating their chunk; :func:`chunk_coords` is that shared prologue. For a packed batch
+:func:`packed_index` first builds, on the device and on every call, the sanitised offsets and a
+(sequence, chunk-in-sequence) pair per global chunk.
+
+Memory safety does not depend on what ``cu_seqlens`` holds, nor on how it was written (an in-place write without
+a version bump, a write through ``.numpy()``, a ``torch.from_numpy`` buffer a data loader refills):
+
+- nothing is cached between calls, so no index can be stale;
+- the kernels read the sanitised copy :func:`sanitize_offsets` makes: clamped to [0, T], made non-decreasing
+  (a running maximum), with the first forced to 0 and the last to T. Valid offsets pass unchanged; invalid ones
+  give the result of the sanitised offsets (the documented safe result), never an access outside a buffer;
+- :func:`chunk_coords` and the state pass clamp every sequence to [0, T] again and bound every per-chunk index by
+  the per-chunk buffers, so a launcher called directly with raw offsets stays inside its buffers too.
 
 The index is built without a host sync, so a packed call can be captured in a CUDA graph and never waits for the
 GPU: its length is the bound ``T // C + N`` (Σ ceil(len_i / C) ≤ Σ floor(len_i / C) + N ≤ T // C + N) instead of
 the exact count, and the pairs past the exact count point one chunk or more past the end of the last sequence.
 Such a phantom program has every row masked: it reads nothing, writes no output row and only fills its own
-slot of the per-chunk scratch (γ_C, the fp32 tile, a split state), which no one reads.
-
-Checking the offsets' values does need them on the host. :func:`memo` keeps, per offsets tensor, what was
-checked and built from it, so that only the first call with a tensor waits for the GPU: a model passes one
-cu_seqlens tensor to every layer, and a host sync per call leaves the GPU idle while the CPU queues the call's
-launches (on an H100, 2026-11-26: 2.67 ms per call at the suite's packed shape where the launches alone take
-1.79 ms). flash-linear-attention caches its chunk indices per tensor the same way.
+slot of the per-chunk scratch (γ_C, the fp32 tile, a split state), which no one reads. Building it is about 15
+tiny device ops per call (benchmarks/bench_varlen.py times it against the launches).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# Offsets tensors remembered at once (a training step uses one or two; an eval loop a few).
-MEMO_TENSORS = 8
-_memos: OrderedDict[int, tuple[torch.Tensor, int, dict[Any, Any]]] = OrderedDict()
+
+@dataclass(frozen=True)
+class PackedIndex:
+    """What the launches of one packed call read besides the tensors.
+
+    ``offsets``: int64 [N+1], the sanitised copy of cu_seqlens the kernels read; ``pairs``: int32
+    [num_chunks, 2], (sequence, chunk in sequence) per global chunk; ``first``: int64 [N], each sequence's first
+    global chunk; ``num_chunks``: the host-side bound ``T // C + N``.
+    """
+
+    offsets: torch.Tensor
+    pairs: torch.Tensor
+    first: torch.Tensor
+    num_chunks: int
 
 
-def memo(cu_seqlens: torch.Tensor) -> dict[Any, Any]:
-    """A dict private to this offsets tensor and its current contents: an in-place write bumps the tensor's
-    version counter and starts a new one. Holds the tensor, so its id cannot be reused while remembered."""
-    key = id(cu_seqlens)
-    hit = _memos.get(key)
-    if hit is not None and hit[0] is cu_seqlens and hit[1] == cu_seqlens._version:
-        _memos.move_to_end(key)
-        return hit[2]
-    entry: dict[Any, Any] = {}
-    _memos[key] = (cu_seqlens, cu_seqlens._version, entry)
-    while len(_memos) > MEMO_TENSORS:
-        _memos.popitem(last=False)
-    return entry
+def sanitize_offsets(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """int64 offsets that are always a partition of [0, total_tokens]: ``c'_0 = 0``, ``c'_N = T`` and
+    ``c'_i = min(T, max(0, c_0, ..., c_i))`` in between. Equal to ``cu_seqlens`` when that is valid.
 
-
-def chunk_index(cu_seqlens: torch.Tensor, chunk: int, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For a packed batch of ``total_tokens`` tokens: ``(pairs, first, num_chunks)``.
-
-    ``pairs`` is int32 [num_chunks, 2] (sequence, chunk in sequence) per global chunk, ``first`` int64 [N] each
-    sequence's first global chunk, ``num_chunks`` the host-side bound ``total_tokens // chunk + N``.
+    A fresh tensor (never a view of the caller's), on the device, without a host sync.
     """
     n = cu_seqlens.numel() - 1
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    counts = triton.cdiv(lens, chunk)
+    # clamp returns a new tensor even when the dtype already is int64: the caller's tensor is never written.
+    offs = cu_seqlens.to(torch.int64).clamp(0, total_tokens)
+    offs = torch.cummax(offs, 0).values
+    offs[0] = 0
+    offs[n] = total_tokens
+    return offs
+
+
+def packed_index(cu_seqlens: torch.Tensor, chunk: int, total_tokens: int) -> PackedIndex:
+    """The sanitised offsets and the chunk index of a packed batch of ``total_tokens`` tokens (see the module
+    docstring); device ops only, rebuilt on every call."""
+    n = cu_seqlens.numel() - 1
+    offs = sanitize_offsets(cu_seqlens, total_tokens)
+    counts = (offs[1:] - offs[:-1] + (chunk - 1)) // chunk
     ends = torch.cumsum(counts, 0)
     first = ends - counts
     num_chunks = total_tokens // chunk + n
@@ -62,7 +75,23 @@ def chunk_index(cu_seqlens: torch.Tensor, chunk: int, total_tokens: int) -> tupl
     # The sequence a global chunk falls in: the first whose chunks end after it (past the last: the last one).
     seq = torch.searchsorted(ends, g, right=True).clamp_(max=n - 1)
     pairs = torch.stack([seq, g - first[seq]], 1).to(torch.int32)
-    return pairs, first, num_chunks
+    return PackedIndex(offs, pairs, first, num_chunks)
+
+
+def chunk_index(cu_seqlens: torch.Tensor, chunk: int, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(pairs, first, num_chunks)`` of :func:`packed_index`, for callers that pass their own (valid) offsets
+    to the launchers; the kernels stay inside their buffers whatever those offsets hold."""
+    index = packed_index(cu_seqlens, chunk, total_tokens)
+    return index.pairs, index.first, index.num_chunks
+
+
+@triton.jit
+def sequence_bounds(cu_seqlens, i_n, T):
+    """``(bos, T_seq)`` of sequence ``i_n``, clamped to [0, T] with ``T_seq ≥ 0`` whatever the offsets hold:
+    every row ``bos + t`` with ``0 ≤ t < T_seq`` lies in the buffers."""
+    bos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n).to(tl.int64), 0), T)
+    eos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n + 1).to(tl.int64), bos), T)
+    return bos, (eos - bos).to(tl.int32)
 
 
 @triton.jit
@@ -73,8 +102,9 @@ def chunk_coords(i_t, i_bh, cu_seqlens, chunk_index, T, NT, H, IS_VARLEN: tl.con
     if IS_VARLEN:
         i_n = tl.load(chunk_index + i_t * 2).to(tl.int32)
         i_tc = tl.load(chunk_index + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        bos, T_seq = sequence_bounds(cu_seqlens, i_n, T)
+        # A negative chunk number would address rows before the sequence: map it past the end (all masked).
+        i_tc = tl.where(i_tc < 0, T_seq, i_tc)
         i_h = i_bh
         i_chunk = i_t
     else:

@@ -7,9 +7,8 @@ import torch
 from conftest import DEVICE
 
 from gdn2_tune.kernels import chunk_gdn2
-from gdn2_tune.kernels.config import Shape, default_config
+from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.inputs import make_inputs
-from gdn2_tune.kernels.varlen import memo
 
 
 def good(**over):
@@ -74,26 +73,6 @@ def test_packed_batch_needs_b_equal_1() -> None:
         chunk_gdn2(*inp.args(), cu_seqlens=cu)
 
 
-def test_offsets_are_checked_again_after_an_in_place_write() -> None:
-    """Checked offsets are remembered per tensor (no host sync on later calls), but not past an in-place write."""
-    inp = make_inputs(Shape(1, 20, 2, 32, 16, "fp32", num_seqs=2), DEVICE, seed=0)
-    cu = torch.tensor([0, 5, 20], device=DEVICE)
-    with torch.no_grad():
-        chunk_gdn2(*inp.args(), cu_seqlens=cu)
-        cu[1] = 25
-        with pytest.raises(ValueError, match=r"cu_seqlens: expected non-decreasing offsets, received \[0, 25, 20\]"):
-            chunk_gdn2(*inp.args(), cu_seqlens=cu)
-
-
-def test_chunk_index_is_built_once_per_offsets_tensor() -> None:
-    inp = make_inputs(Shape(1, 20, 2, 32, 16, "fp32", num_seqs=2), DEVICE, seed=0)
-    cu = torch.tensor([0, 5, 20], device=DEVICE)
-    config = default_config(Shape(1, 20, 2, 32, 16, "fp32", num_seqs=2))
-    chunk_gdn2(*inp.args(), cu_seqlens=cu, config=config)
-    first = memo(cu)[("index", config.chunk, 20)]
-    chunk_gdn2(*inp.args(), cu_seqlens=cu, config=config)
-    assert memo(cu)[("index", config.chunk, 20)] is first
-    assert memo(cu.clone()) == {}
 
 
 def test_initial_state_counts_sequences_when_packed() -> None:
