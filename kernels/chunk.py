@@ -222,11 +222,10 @@ def chunk_gdn2(
             "q: CPU tensors need the Triton interpreter, which was off when gdn2_tune was imported: set "
             "TRITON_INTERPRET=1 in the environment before importing it, or pass CUDA tensors"
         )
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, b, w)):
-        raise NotImplementedError(
-            "chunk_gdn2: the backward pass is not implemented yet; call it under torch.no_grad() "
-            "or with inputs that do not require grad"
-        )
+    # Inputs that require grad go through the autograd function of kernels/chunk_bwd.py (same forward launches).
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, b, w, initial_state)
+    )
     shape = shape_of(q, v, n if cu_seqlens is not None else None)
     if config is None:
         from gdn2_tune.profiles.dispatch import select_config
@@ -244,7 +243,10 @@ def chunk_gdn2(
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    return chunk_gdn2_fwd(
+    run = chunk_gdn2_fwd
+    if needs_grad:
+        from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd as run
+    return run(
         q, k, v, g, b, w,
         scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,

@@ -1,0 +1,474 @@
+"""Backward of ``chunk_gdn2``: recompute, a reverse chunk-to-chunk pass for the state gradient, local gradients.
+
+Only the inputs (and the initial state) are saved by the forward; the backward, for one call:
+
+1. **Recompute** (Triton, the forward's own launchers): the intra stage (kernels/intra.py) for Y, Q_γ, K_tail, A_qk,
+   γ_C, and the state stage in its split-output form (kernels/state.py), which stores every chunk's entering state
+   S0. Both run at the forward's chunk length; their dots take fp32 operands at 3xTF32 wherever that configuration
+   fits the forward's constraints (it follows the forward's dtype otherwise), because the gradient's error budget
+   is the baseline's, which keeps these in fp32.
+2. **Reverse state pass** (Triton, :func:`_state_bwd_kernel`): one program per (sequence, head, V tile), walking
+   the chunks of its sequence backwards with the state gradient dS ∈ R^{K×BV} in fp32 registers. In the symbols
+   of ../shared/GDN2.md, per chunk, with dS = dS_C on entry:
+
+       store dS_C;   dR = A_qkᵀ dO + K_tail dS_C;   dS0 = Q_γᵀ dO + Diag(γ_C) dS_C − Yᵀ dR
+
+   dS0 of a sequence's first chunk is dh0. It is the forward state pass reversed, so the same tiles, the same
+   constraints and the same deterministic order (one program owns a state tile; no atomics).
+3. **Local gradients** (plain batched torch, fp32): given S0 and dS_C, every chunk is an independent function
+   (q, k, v, g, b, w; S0) → (O, S_C). It is re-evaluated under autograd, chunks in groups of bounded memory, and
+   differentiated with upstream (dO, dS_C). Within a chunk every decay factor is exp(G_r − G_s) with r ≥ s, formed
+   per key channel as a masked [C, C, K] tensor, so neither exp(−G) nor k/γ exists and dg stays finite under
+   g = −10 per step; the triangular solve runs in fp32 (torch.linalg.solve_triangular). The l2 norm and the scale
+   are part of this function, so their backward comes with it.
+
+Step 3 is the slow part (about C·K/… more memory traffic than a fused kernel would move); it is the place for the
+fused Triton backward kernel. Every step is deterministic: Triton programs own their outputs, and the torch ops
+used (matmul, cumsum, sum, triangular solve, gather, index_put onto distinct rows) have no atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from gdn2_tune.kernels.buffers import output_buffer
+from gdn2_tune.kernels.config import (
+    MAX_REGISTERS_PER_THREAD,
+    SHARED_MEMORY_LIMIT_BYTES,
+    THREADS_PER_WARP,
+    FwdConfig,
+    Shape,
+)
+from gdn2_tune.kernels.intra import intra_fwd
+from gdn2_tune.kernels.varlen import chunk_index
+
+BWD_STATE_PRECISIONS = ("tf32", "tf32x3", "ieee")
+LOCAL_DTYPES = ("fp32", "fp64")
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Tunables of the backward. The chunk length is not one of them: the backward follows the forward's, since
+    it recomputes with the forward's stages and their per-chunk buffers."""
+
+    BV: int = 32  # V tile of the reverse state pass; more tiles = more parallel programs
+    num_warps: int = 4
+    num_stages: int = 2
+    precision: str = "tf32x3"  # input precision of the reverse pass's fp32 dots
+    # Elements of one [chunks, H, C, C, K] pairwise-decay tensor in the local-gradient step; autograd keeps a few of
+    # them alive at once, so 2^25 fp32 elements bound that step near 1 GB.
+    group_elements: int = 1 << 25
+    local_dtype: str = "fp32"  # arithmetic of the local-gradient step
+
+    def label(self) -> str:
+        return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
+                f"-g{self.group_elements}-{self.local_dtype}")
+
+
+DEFAULT_BWD_CONFIG = BwdConfig()
+
+
+def _padded(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int) -> str | None:
+    """Why the reverse pass cannot run ``cfg`` at ``shape`` (None when it can). Its per-chunk operands are those of
+    the fused forward state pass (Q_γ, K_tail, Y [C, K], dO [C, BV], A_qk [C, C]), so the same budgets apply."""
+    if cfg.precision not in BWD_STATE_PRECISIONS:
+        return f"precision={cfg.precision!r} is not one of {list(BWD_STATE_PRECISIONS)}"
+    if cfg.local_dtype not in LOCAL_DTYPES:
+        return f"local_dtype={cfg.local_dtype!r} is not one of {list(LOCAL_DTYPES)}"
+    kp, vp = _padded(shape.K), _padded(shape.V)
+    if cfg.BV < 16 or cfg.BV > vp or cfg.BV & (cfg.BV - 1):
+        return f"BV={cfg.BV} must be a power of two in [16, {vp}]"
+    per_stage = operand_bytes * (3 * chunk * kp + chunk * cfg.BV + chunk * chunk)
+    if int(1.1 * max(1, cfg.num_stages) * per_stage) > SHARED_MEMORY_LIMIT_BYTES:
+        return f"reverse pass needs ~{int(1.1 * cfg.num_stages * per_stage) // 1024} KiB of shared memory"
+    live = kp * cfg.BV + 2 * chunk * cfg.BV  # dS, dR and the dO tile
+    if live / (cfg.num_warps * THREADS_PER_WARP) > MAX_REGISTERS_PER_THREAD:
+        return "reverse pass holds more fp32 values per thread than the register file allows"
+    return None
+
+
+def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, torch.dtype]:
+    """The backward config and the dtype of the recomputed intermediates: fp32 when the reverse pass fits with
+    fp32 operands at the forward's chunk length, else the input dtype (which fits wherever the forward does)."""
+    if bwd_infeasibility(dataclasses.replace(cfg, num_stages=1, BV=16), shape, chunk, 4) is None:
+        return fit_bwd(cfg, shape, chunk, 4), torch.float32
+    return fit_bwd(cfg, shape, chunk, shape.torch_dtype.itemsize), shape.torch_dtype
+
+
+def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int) -> BwdConfig:
+    """The nearest admissible backward config: BV clipped to V, then fewer stages, then a narrower V tile."""
+    cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)))
+    while bwd_infeasibility(cfg, shape, chunk, operand_bytes) is not None:
+        if cfg.num_stages > 1:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.BV > 16:
+            cfg = dataclasses.replace(cfg, BV=cfg.BV // 2)
+        else:
+            raise ValueError(f"{cfg.label()}: {bwd_infeasibility(cfg, shape, chunk, operand_bytes)}")
+    return cfg
+
+
+@triton.jit
+def _state_bwd_kernel(
+    qg, kt, y, aqk, gam, do,
+    dht, dhc, dh0,
+    cu_seqlens, chunk_offsets,
+    T, NT,
+    H, K, V, KP: tl.constexpr,
+    C: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        n_chunks = tl.cdiv(T_seq, C)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = (i_n * T).to(tl.int64)
+        T_seq = T
+        n_chunks = NT
+        c0 = (i_n * NT).to(tl.int64)
+
+    # 64-bit scalar bases, 32-bit tile offsets (as in kernels/intra.py).
+    tok0 = bos * H + i_h
+    qg += tok0 * K
+    kt += tok0 * K
+    y += tok0 * K
+    do += tok0 * V
+    aqk += tok0 * C
+    HK = H * K
+    HV = H * V
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_s = ((i_n * H + i_h).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    p_h = o_k[:, None] * V + o_v[None, :]
+
+    b_ds = tl.zeros([KP, BV], tl.float32)
+    if USE_FINAL_GRAD:
+        b_ds += tl.load(dht + p_s, mask=m_s, other=0.0)
+    for i_r in range(n_chunks):
+        i_t = n_chunks - 1 - i_r
+        t_c = i_t * C + o_c
+        m_c = t_c < T_seq
+        m_ck = m_c[:, None] & m_k[None, :]
+        p_k = t_c[:, None] * HK + o_k[None, :]
+        # The gradient reaching this chunk's final state, for the local-gradient step.
+        tl.store(dhc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_ds, mask=m_s)
+        b_do = tl.load(do + t_c[:, None] * HV + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        b_do = b_do.to(tl.float32)
+        b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0).to(tl.float32)
+        b_q = tl.load(qg + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_kt = tl.load(kt + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_y = tl.load(y + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
+        b_dr = tl.dot(tl.trans(b_a), b_do, input_precision=PRECISION)
+        b_dr += tl.dot(b_kt, b_ds, input_precision=PRECISION)
+        b_ds = b_ds * b_gc[:, None] + tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
+        b_ds -= tl.dot(tl.trans(b_y), b_dr, input_precision=PRECISION)
+    if STORE_INITIAL_GRAD:
+        tl.store(dh0 + p_s, b_ds, mask=m_s)
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where each row of the [num_chunks, C] chunk layout sits in the [B, T] token layout.
+
+    Dense batches pad T up to NT·C; packed ones gather through ``index`` ([num_chunks, C], token of each row, or T
+    for a padding row: a zero row appended to the token axis), with the forward's chunk index (phantoms included).
+    """
+
+    B: int
+    T: int
+    NT: int
+    C: int
+    num_chunks: int
+    index: torch.Tensor | None  # packed only
+    chunk_indices: torch.Tensor | None
+    chunk_offsets: torch.Tensor | None
+    live: torch.Tensor | None  # packed only: [num_chunks] bool, False for the phantom chunks past the last sequence
+    offsets: torch.Tensor | None  # packed only: the sanitised offsets the kernels read
+
+    def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] → [num_chunks, C, H, D] with zero padding rows."""
+        if self.index is None:
+            pad = self.NT * self.C - self.T
+            if pad:
+                x = torch.cat([x, x.new_zeros(self.B, pad, *x.shape[2:])], 1)
+            return x.reshape(self.B * self.NT, self.C, *x.shape[2:])
+        flat = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])], 0)
+        return flat[self.index]
+
+    def from_chunks(self, xc: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_chunks` (padding rows dropped)."""
+        if self.index is None:
+            return xc.reshape(self.B, self.NT * self.C, *xc.shape[2:])[:, : self.T]
+        out = xc.new_empty(self.T + 1, *xc.shape[2:])
+        # Every real token is the row of exactly one chunk; only padding rows share the dummy row T.
+        out[self.index.reshape(-1)] = xc.reshape(-1, *xc.shape[2:])
+        return out[: self.T].unsqueeze(0)
+
+    def per_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero the per-chunk buffers' phantom slots (the launchers never write them)."""
+        if self.live is None:
+            return x
+        return torch.where(self.live.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def chunk_layout(B: int, T: int, chunk: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> ChunkLayout:
+    """The layout of one call. For a packed batch the offsets are sanitised first (clamped to [0, T], made
+    non-decreasing; valid offsets pass unchanged), so that the kernels stay inside their buffers whatever the
+    caller's tensor holds by the time the backward runs; device ops only, no host sync."""
+    if cu_seqlens is None:
+        nt = triton.cdiv(T, chunk)
+        return ChunkLayout(B, T, nt, chunk, B * nt, None, None, None, None, None)
+    n = cu_seqlens.numel() - 1
+    offs = torch.cummax(cu_seqlens.to(torch.int64).clamp(0, T), 0).values
+    offs[0] = 0
+    offs[n] = T
+    pairs, first, num_chunks = chunk_index(offs, chunk, T)
+    seq = pairs[:, 0].long()
+    start = offs[seq] + pairs[:, 1].long() * chunk
+    rows = start[:, None] + torch.arange(chunk, device=device)[None, :]
+    eos = offs[seq + 1][:, None]
+    index = torch.where(rows < eos, rows, torch.full_like(rows, T))
+    return ChunkLayout(1, T, triton.cdiv(T, chunk), chunk, num_chunks, index, pairs, first, start < eos[:, 0], offs)
+
+
+def _local_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+    s0: torch.Tensor, *, scale: float, l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk per leading index: ([n, H, C, *] inputs, S0 [n, H, K, V]) → (O [n, H, C, V], S_C [n, H, K, V]).
+
+    The chunkwise forward of ../shared/GDN2.md with every decay factor formed as exp(G_r − G_s), r ≥ s.
+    """
+    if l2norm:
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q = q * scale
+    C = q.shape[-2]
+    G = torch.cumsum(g, -2)  # padding rows carry g = 0, so G[..., -1, :] is the last real row's
+    gamma = torch.exp(G)
+    g_last = G[..., -1:, :]
+    e_bar = gamma * b * k
+    q_gam = gamma * q
+    k_tail = torch.exp(g_last - G) * k
+    # Pairwise decay per channel: exp(G_r − G_s) where r ≥ s, and exactly 0 (never exp of a positive) elsewhere.
+    diff = G[..., :, None, :] - G[..., None, :, :]  # [n, H, C(r), C(s), K]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp(torch.where(causal[:, :, None], diff, torch.full((), float("-inf"), dtype=diff.dtype,
+                                                                       device=diff.device)))
+    pk = decay * k[..., None, :, :]  # k_s exp(G_r − G_s)
+    t = torch.einsum("nhrc,nhrsc->nhrs", b * k, pk).tril(-1)
+    a_qk = torch.einsum("nhrc,nhrsc->nhrs", q, pk)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    K = k.shape[-1]
+    yu = torch.linalg.solve_triangular(eye + t, torch.cat([e_bar, w * v], -1), upper=False, unitriangular=True)
+    y, u = yu[..., :K], yu[..., K:]
+    r = u - y @ s0
+    o = q_gam @ s0 + a_qk @ r
+    s_c = gamma[..., -1, :, None] * s0 + k_tail.transpose(-1, -2) @ r
+    return o, s_c
+
+
+def chunk_gdn2_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+    do: torch.Tensor, dht: torch.Tensor | None,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    config: FwdConfig,
+    bwd_config: BwdConfig,
+    num_seqs: int,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dk, dv, dg, db, dw, dh0 or None) on contiguous inputs; dg in fp32, the rest in their dtypes."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = config.chunk
+    shape = Shape(B, T, H, K, V, {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[q.dtype],
+                  num_seqs if cu_seqlens is not None else None)
+    layout = chunk_layout(B, T, C, cu_seqlens, q.device)
+
+    # 1. Recompute the forward's per-chunk intermediates (its own intra launcher, at its chunk length), in fp32
+    # when the reverse pass can stage fp32 operands (else in the input dtype, as the forward keeps them).
+    bcfg, inter_dtype = _fit(bwd_config, shape, C)
+    cu = layout.offsets
+    inter = intra_fwd(
+        q, k, v, g, b, w,
+        scale=scale, chunk=C, cfg=dataclasses.replace(config.intra, precision="tf32x3"),
+        cu_seqlens=cu, chunk_indices=layout.chunk_indices, num_chunks=layout.num_chunks,
+        use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=inter_dtype,
+    )
+    grid = (triton.cdiv(V, bcfg.BV), num_seqs * H)
+    common = dict(T=T, NT=layout.NT, H=H, K=K, V=V, KP=_padded(K), C=C, BV=bcfg.BV, IS_VARLEN=cu is not None,
+                  PRECISION=bcfg.precision, num_warps=bcfg.num_warps, num_stages=bcfg.num_stages)
+    hc = output_buffer((layout.num_chunks, H, K, V), torch.float32, q.device)
+    _entering_states_kernel[grid](
+        inter["y"], inter["u"], inter["kt"], inter["gamma"], initial_state, hc, cu, layout.chunk_offsets,
+        USE_INITIAL_STATE=initial_state is not None, **common,
+    )
+
+    # 2. Reverse state pass: dS_C per chunk and dh0.
+    dhc = output_buffer((layout.num_chunks, H, K, V), torch.float32, q.device)
+    dh0 = output_buffer((num_seqs, H, K, V), torch.float32, q.device) if initial_state is not None else None
+    do = do.contiguous()
+    _state_bwd_kernel[grid](
+        inter["qg"], inter["kt"], inter["y"], inter["aqk"], inter["gamma"], do, dht, dhc, dh0,
+        cu, layout.chunk_offsets,
+        USE_FINAL_GRAD=dht is not None, STORE_INITIAL_GRAD=dh0 is not None, **common,
+    )
+    del inter
+
+    # 3. Local gradients, chunks in groups of bounded memory.
+    ldt = torch.float64 if bcfg.local_dtype == "fp64" else torch.float32
+    xs = [layout.to_chunks(x) for x in (q, k, v, g, b, w, do)]
+    hc = layout.per_chunk(hc)
+    dhc = layout.per_chunk(dhc)
+    grads = [torch.empty(x.shape, dtype=torch.float32 if i == 3 else x.dtype, device=x.device)
+             for i, x in enumerate(xs[:6])]
+    per_chunk = H * C * C * _padded(K)
+    step = max(1, bwd_config.group_elements // per_chunk)
+    for c0 in range(0, layout.num_chunks, step):
+        sl = slice(c0, min(c0 + step, layout.num_chunks))
+        # [n, C, H, D] → [n, H, C, D] in the local arithmetic's dtype.
+        ins = [x[sl].transpose(1, 2).to(ldt).requires_grad_(True) for x in xs[:6]]
+        d_o = xs[6][sl].transpose(1, 2).to(ldt)
+        s0 = hc[sl].to(ldt)
+        with torch.enable_grad():
+            o, s_c = _local_chunk(*ins, s0, scale=scale, l2norm=use_qk_l2norm_in_kernel)
+            got = torch.autograd.grad((o, s_c), ins, (d_o, dhc[sl].to(ldt)))
+        for dst, src in zip(grads, got):
+            dst[sl] = src.transpose(1, 2)
+    dq, dk, dv, dg, db, dw = (layout.from_chunks(x) for x in grads)
+    return dq, dk, dv, dg, db, dw, dh0
+
+
+@triton.jit
+def _entering_states_kernel(
+    y, u, kt, gam, h0, hc,
+    cu_seqlens, chunk_offsets,
+    T, NT,
+    H, K, V, KP: tl.constexpr,
+    C: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The forward's state recurrence (kernels/state.py) storing every chunk's entering state S0 in fp32:
+    R = U − Y S0, S_C = Diag(γ_C) S0 + K_tailᵀ R. Nothing else is written (no O, no R)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        n_chunks = tl.cdiv(T_seq, C)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = (i_n * T).to(tl.int64)
+        T_seq = T
+        n_chunks = NT
+        c0 = (i_n * NT).to(tl.int64)
+    tok0 = bos * H + i_h
+    y += tok0 * K
+    kt += tok0 * K
+    u += tok0 * V
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_s = m_k[:, None] & m_v[None, :]
+    p_h = o_k[:, None] * V + o_v[None, :]
+    b_s = tl.zeros([KP, BV], tl.float32)
+    if USE_INITIAL_STATE:
+        b_s += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + p_h, mask=m_s, other=0.0)
+    for i_t in range(n_chunks):
+        t_c = i_t * C + o_c
+        m_c = t_c < T_seq
+        m_ck = m_c[:, None] & m_k[None, :]
+        p_k = t_c[:, None] * (H * K) + o_k[None, :]
+        tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_s, mask=m_s)
+        b_y = tl.load(y + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_kt = tl.load(kt + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        b_u = tl.load(u + t_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
+        b_r = b_u.to(tl.float32) - tl.dot(b_y, b_s, input_precision=PRECISION)
+        b_s = b_s * b_gc[:, None] + tl.dot(tl.trans(b_kt), b_r, input_precision=PRECISION)
+
+
+class _ChunkGDN2(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+        initial_state: torch.Tensor | None,
+        scale: float, output_final_state: bool, cu_seqlens: torch.Tensor | None, use_qk_l2norm_in_kernel: bool,
+        config: FwdConfig, bwd_config: BwdConfig, num_seqs: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from gdn2_tune.kernels.chunk import chunk_gdn2_fwd
+
+        o, ht = chunk_gdn2_fwd(
+            q, k, v, g, b, w,
+            scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            config=config, num_seqs=num_seqs,
+        )
+        # Only the inputs: everything else is recomputed (see the module docstring).
+        ctx.save_for_backward(q, k, v, g, b, w, initial_state, cu_seqlens)
+        ctx.opts = (scale, use_qk_l2norm_in_kernel, config, bwd_config, num_seqs)
+        ctx.g_dtype = g.dtype
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor | None, dht: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, g, b, w, initial_state, cu_seqlens = ctx.saved_tensors
+        scale, l2norm, config, bwd_config, num_seqs = ctx.opts
+        if do is None:
+            do = torch.zeros_like(v)
+        dq, dk, dv, dg, db, dw, dh0 = chunk_gdn2_bwd(
+            q, k, v, g, b, w, do, None if dht is None else dht.contiguous().float(),
+            scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=l2norm,
+            config=config, bwd_config=bwd_config, num_seqs=num_seqs,
+        )
+        return (dq, dk, dv, dg.to(ctx.g_dtype), db, dw, dh0) + (None,) * 7
+
+
+def chunk_gdn2_autograd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    config: FwdConfig,
+    num_seqs: int,
+    bwd_config: BwdConfig = DEFAULT_BWD_CONFIG,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``chunk_gdn2_fwd`` recorded for autograd (checked, contiguous inputs; the same forward path)."""
+    return _ChunkGDN2.apply(
+        q, k, v, g, b, w, initial_state,
+        scale, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, config, bwd_config, num_seqs,
+    )
