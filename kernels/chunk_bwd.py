@@ -44,9 +44,11 @@ from gdn2_tune.kernels.config import (
     FwdConfig,
     Shape,
 )
+from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
 from gdn2_tune.kernels.intra import intra_fwd
 from gdn2_tune.kernels.varlen import chunk_index
 
+G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
 BWD_STATE_PRECISIONS = ("tf32", "tf32x3", "ieee")
 LOCAL_DTYPES = ("fp32", "fp64")
 
@@ -264,7 +266,9 @@ def _local_chunk(
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     q = q * scale
     C = q.shape[-2]
-    G = torch.cumsum(g, -2)  # padding rows carry g = 0, so G[..., -1, :] is the last real row's
+    # The forward's floor on g (kernels/intra.py: a step at it forgets its channel, as g = −inf does); below it the
+    # gradient is 0, as it is for the reference at g = −inf.
+    G = torch.cumsum(torch.clamp(g, min=G_FLOOR), -2)  # padding rows carry g = 0, so G[..., -1, :] is the last real row's
     gamma = torch.exp(G)
     g_last = G[..., -1:, :]
     e_bar = gamma * b * k
@@ -439,10 +443,14 @@ class _ChunkGDN2(torch.autograd.Function):
         return o, ht
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor | None, dht: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the gradients themselves would need a graph
+            raise RuntimeError(
+                "chunk_gdn2: double backward is not implemented; differentiate once (create_graph=False), or "
+                "run a second-order method through the float64 reference (kernels.reference)"
+            )
         q, k, v, g, b, w, initial_state, cu_seqlens = ctx.saved_tensors
         scale, l2norm, config, bwd_config, num_seqs = ctx.opts
         if do is None:
