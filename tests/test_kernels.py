@@ -314,3 +314,164 @@ def test_gpu_long_sequence_stays_finite_and_accurate() -> None:
         o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True)
     ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, device="cuda")
     assert rel_err(o, ref_o) < TOL[("bf16", False)] and rel_err(s, ref_s) < TOL[("bf16", False)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gates at the edge of the range: g = -inf forgets a channel exactly (decay 0), as do finite g far below fp32's
+# exp range; the other channels and tokens keep their accuracy.
+
+def _tiles(chunk: int, dtype: str) -> tuple[dict, dict | None]:
+    if chunk == 128:
+        return {"BC": 32, "BK": 16, "num_warps": 8}, {"BV": 32, "num_stages": 1 if dtype == "fp32" else 2}
+    return ({"BK": 32} if chunk == 64 else {}), None
+
+
+def _with_resets(g: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """g with a random ``fraction`` of its entries replaced by -inf and by finite values below the exp range."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(g.shape, generator=gen).to(g.device)
+    huge = torch.tensor([-float("inf"), -3.0e38, -1.0e30, -1.0e4, -200.0, -104.0], device=g.device)
+    pick = huge[torch.randint(len(huge), g.shape, generator=gen).to(g.device)]
+    return torch.where(u < fraction, pick, g)
+
+
+@pytest.mark.parametrize("chunk", [32, 64, 128])
+@pytest.mark.parametrize("fraction", [0.03, 0.3], ids=["few-resets", "many-resets"])
+def test_minus_inf_gates_are_exact_at_every_chunk_length(chunk: int, fraction: float) -> None:
+    shape = Shape(1, 150, 2, 32, 32, "fp32", num_seqs=2)
+    inp = make_inputs(shape, DEVICE, seed=chunk, strong_decay=True)
+    g = _with_resets(inp.g, fraction, seed=chunk)
+    assert torch.isinf(g).any()
+    tiles, state = _tiles(chunk, "fp32")
+    cfg = config_for(shape, chunk, state, **tiles)
+    args = (inp.q, inp.k, inp.v, g, inp.b, inp.w)
+    o, s = chunk_gdn2(*args, initial_state=inp.initial_state, output_final_state=True, cu_seqlens=inp.cu_seqlens,
+                      config=cfg)
+    ref_o, ref_s = gdn2_reference(*args, initial_state=inp.initial_state, cu_seqlens=inp.cu_seqlens)
+    tol = TOL[("fp32", INTERPRETED)]
+    assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
+
+
+def test_minus_inf_gates_in_bf16() -> None:
+    shape = Shape(2, 70, 2, 64, 64, "bf16")
+    inp = make_inputs(shape, DEVICE, seed=31, strong_decay=True)
+    g = _with_resets(inp.g, 0.1, seed=31).to(torch.bfloat16)  # g may come in any float dtype
+    args = (inp.q, inp.k, inp.v, g, inp.b, inp.w)
+    o, s = chunk_gdn2(*args, initial_state=inp.initial_state, output_final_state=True)
+    ref_o, ref_s = gdn2_reference(*args, initial_state=inp.initial_state)
+    tol = TOL[("bf16", INTERPRETED)]
+    assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
+
+
+def test_a_reset_channel_forgets_only_itself() -> None:
+    """-inf at every token of channel 0 and a full reset (every channel) at token 40: channel 0 of the final state
+    holds only the last token's write, every other channel stays accurate, and the output from token 40 on equals
+    a fresh call started there without an initial state."""
+    shape = Shape(1, 90, 1, 32, 32, "fp32")
+    inp = make_inputs(shape, DEVICE, seed=41)
+    g = inp.g.clone()
+    g[..., 0] = -float("inf")
+    g[:, 40] = -float("inf")
+    args = (inp.q, inp.k, inp.v, g, inp.b, inp.w)
+    o, s = chunk_gdn2(*args, initial_state=inp.initial_state, output_final_state=True)
+    ref_o, ref_s = gdn2_reference(*args, initial_state=inp.initial_state)
+    tol = TOL[("fp32", INTERPRETED)]
+    assert rel_err(o, ref_o) < tol
+    assert rel_err(s[..., 1:, :], ref_s[..., 1:, :]) < tol  # the other channels, on their own scale
+    # Channel 0 after the last step: S̄ row 0 is 0, so S_T[0] = k_T0 (w_T v_T − r_T) with r_T from the other rows.
+    assert rel_err(s[..., 0, :], ref_s[..., 0, :]) < tol
+    o_tail, _ = chunk_gdn2(*(x[:, 40:] for x in args))
+    assert rel_err(o[:, 40:], o_tail.double()) < tol
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed batches are memory-safe whatever cu_seqlens holds.
+
+SANITISED = [
+    pytest.param([0, 5, 20], [0, 5, 20], id="valid-unchanged"),
+    pytest.param([0, 25, 20], [0, 20, 20], id="offset-past-T"),
+    pytest.param([0, 12, 5, 20], [0, 12, 12, 20], id="decreasing"),
+    pytest.param([3, 10, 19], [0, 10, 20], id="not-from-0-to-T"),
+    pytest.param([0, -7, 2**62, -(2**62)], [0, 0, 20, 20], id="huge-and-negative"),
+]
+
+
+@pytest.mark.parametrize(("cu", "expected"), SANITISED)
+def test_offsets_are_sanitised_to_a_partition_of_the_tokens(cu: list[int], expected: list[int]) -> None:
+    from gdn2_tune.kernels.varlen import sanitize_offsets
+
+    raw = torch.tensor(cu, dtype=torch.int64)
+    out = sanitize_offsets(raw, 20)
+    assert out.tolist() == expected and out.dtype == torch.int64
+    assert raw.tolist() == cu  # the caller's tensor is never written
+    if max(cu) < 2**31 and min(cu) >= -(2**31):
+        assert sanitize_offsets(raw.to(torch.int32), 20).tolist() == expected
+
+
+@pytest.mark.parametrize(("cu", "expected"), SANITISED[1:])
+def test_invalid_offsets_give_the_result_of_the_sanitised_ones(cu: list[int], expected: list[int]) -> None:
+    """What a CUDA cu_seqlens that is not checked (the default) computes: the launches behind chunk_gdn2 on the
+    raw offsets equal the reference on the sanitised ones, every output row written."""
+    from gdn2_tune.kernels.chunk import chunk_gdn2_fwd
+
+    shape = Shape(1, 20, 2, 32, 16, "fp32", num_seqs=len(cu) - 1)
+    inp = make_inputs(shape, DEVICE, seed=len(cu))
+    o, s = chunk_gdn2_fwd(*inp.args(), scale=32**-0.5, initial_state=inp.initial_state, output_final_state=True,
+                          cu_seqlens=torch.tensor(cu, device=DEVICE), use_qk_l2norm_in_kernel=False,
+                          config=default_config(shape), num_seqs=shape.num_seqs)
+    ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, cu_seqlens=torch.tensor(expected))
+    tol = TOL[("fp32", INTERPRETED)]
+    assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
+
+
+GUARD = 4096  # elements of sentinel on each side of every buffer: wider than any stray row of these shapes
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("cu", [[0, 12, 5, 20], [0, 25, 20], [-7, 3, 2**40], [2**62, 0, 20]],
+                         ids=["decreasing", "past-T", "negative-and-huge", "huge-first"])
+def test_launchers_stay_inside_their_buffers_with_raw_offsets(
+    monkeypatch: pytest.MonkeyPatch, cu: list[int], split: bool
+) -> None:
+    """The launchers called directly with raw offsets, as the tuner and benchmarks do, and an index built from
+    other offsets: every output and scratch buffer sits between sentinel bands that no write may change. (Rows the
+    index and the offsets disagree on may hold anything: only the public op pairs them consistently.)"""
+    from gdn2_tune.kernels import intra, state
+    from gdn2_tune.kernels.varlen import chunk_index
+
+    bands: list[tuple[torch.Tensor, int]] = []
+
+    def guarded(shape, dtype, device):
+        n = 1
+        for d in shape:
+            n *= d
+        big = torch.full((n + 2 * GUARD,), 7.0, dtype=dtype, device=device)
+        big[GUARD:GUARD + n] = float("nan")
+        bands.append((big, n))
+        return big[GUARD:GUARD + n].view(tuple(shape))
+
+    monkeypatch.setattr(intra, "output_buffer", guarded)
+    monkeypatch.setattr(state, "output_buffer", guarded)
+    shape = Shape(1, 20, 2, 32, 16, "fp32", num_seqs=len(cu) - 1)
+    inp = make_inputs(shape, DEVICE, seed=5)
+
+    def nan_banded(x: torch.Tensor) -> torch.Tensor:  # inputs too, so that a stray read finds NaN, not a fault
+        big = torch.full((x.numel() + 2 * GUARD,), float("nan"), dtype=x.dtype, device=x.device)
+        big[GUARD:GUARD + x.numel()] = x.flatten()
+        return big[GUARD:GUARD + x.numel()].view(x.shape)
+
+    args = [nan_banded(x) for x in inp.args()]
+    h0 = nan_banded(inp.initial_state)
+    cfg = config_for(shape, state={"output": "split", "BV": 16} if split else None)
+    raw = torch.tensor(cu, device=DEVICE)
+    # An index of as many sequences, built from other (valid) offsets, so that index and offsets disagree.
+    valid = torch.linspace(0, 20, len(cu), device=DEVICE).round().long()
+    pairs, first, num_chunks = chunk_index(valid, cfg.chunk, 20)
+    inter = intra.intra_fwd(*args, scale=0.2, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=raw, chunk_indices=pairs,
+                            num_chunks=num_chunks, use_qk_l2norm=False, out_dtype=torch.float32)
+    state.state_fwd(inter, out_dtype=torch.float32, v_shape=inp.v.shape, chunk=cfg.chunk, cfg=cfg.state,
+                    initial_state=h0, output_final_state=True, cu_seqlens=raw, chunk_offsets=first,
+                    chunk_indices=pairs, num_seqs=shape.num_seqs)
+    assert bands
+    for big, n in bands:
+        assert bool((big[:GUARD] == 7.0).all()) and bool((big[GUARD + n:] == 7.0).all()), "a write left its buffer"
