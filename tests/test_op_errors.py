@@ -227,7 +227,7 @@ def test_cpu_without_the_interpreter_says_what_to_do() -> None:
         "    print('ValueError:', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert "ValueError: q: CPU tensors need the Triton interpreter" in out.stdout, out.stdout + out.stderr
     assert "set TRITON_INTERPRET=1 in the environment before importing it, or pass CUDA tensors" in out.stdout
 
