@@ -2,13 +2,33 @@
 
 The public ops, importable as flash-linear-attention users expect::
 
-    from gdn2_tune import chunk_gdn2
+    from gdn2_tune import chunk_gdn2, fused_recurrent_gdn2
 
 The subpackages live in the repository's top-level folders (``kernels/``, ``tuner/``, ``profiles/``,
 ``reports/``) and are installed under this one name (pyproject.toml maps them), so that ``pip install`` adds no
 generic top-level package (``kernels`` is the Hugging Face hub-kernel loader's name).
 """
 
-from gdn2_tune.kernels import DEFAULT_CONFIG, FwdConfig, IntraConfig, Shape, StateConfig, chunk_gdn2, gdn2_reference
+from gdn2_tune.kernels import (
+    DEFAULT_CONFIG,
+    DecodeConfig,
+    FwdConfig,
+    IntraConfig,
+    Shape,
+    StateConfig,
+    chunk_gdn2,
+    fused_recurrent_gdn2,
+    gdn2_reference,
+)
 
-__all__ = ["DEFAULT_CONFIG", "FwdConfig", "IntraConfig", "Shape", "StateConfig", "chunk_gdn2", "gdn2_reference"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DecodeConfig",
+    "FwdConfig",
+    "IntraConfig",
+    "Shape",
+    "StateConfig",
+    "chunk_gdn2",
+    "fused_recurrent_gdn2",
+    "gdn2_reference",
+]

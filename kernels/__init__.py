@@ -1,7 +1,20 @@
-"""Triton kernels for the Gated DeltaNet-2 chunk algorithm and the public op ``chunk_gdn2``."""
+"""Triton kernels for Gated DeltaNet-2 and the public ops ``chunk_gdn2`` (prefill) and ``fused_recurrent_gdn2``
+(decode)."""
 
 from gdn2_tune.kernels.chunk import chunk_gdn2
 from gdn2_tune.kernels.config import DEFAULT_CONFIG, FwdConfig, IntraConfig, Shape, StateConfig
+from gdn2_tune.kernels.decode import fused_recurrent_gdn2
+from gdn2_tune.kernels.decode_config import DecodeConfig
 from gdn2_tune.kernels.reference import gdn2_reference
 
-__all__ = ["DEFAULT_CONFIG", "FwdConfig", "IntraConfig", "Shape", "StateConfig", "chunk_gdn2", "gdn2_reference"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DecodeConfig",
+    "FwdConfig",
+    "IntraConfig",
+    "Shape",
+    "StateConfig",
+    "chunk_gdn2",
+    "fused_recurrent_gdn2",
+    "gdn2_reference",
+]

@@ -1,0 +1,460 @@
+"""Recurrent decode: ``fused_recurrent_gdn2``, the Gated Delta Rule-2 token by token over a state pool, in place.
+
+For serving: one token per sequence per step, or a few (up to ~64) when verifying speculative drafts. One program
+per (sequence, head, V tile of BV columns) holds its [K, BV] slice of the state in fp32 registers and walks the
+sequence's tokens in order, per token, in the symbols of ../shared/GDN2.md:
+
+    S̄_t = Diag(exp(g_t)) S_{t-1}
+    r_t = S̄_tᵀ (b_t ⊙ k_t)                 (a reduction over K: every program holds all of K)
+    S_t = S̄_t + k_t (w_t ⊙ v_t − r_t)ᵀ
+    o_t = S_tᵀ (scale · q_t)
+
+The state is read once and written once per call (per token for 2-D slot indices), which is all the traffic that
+matters: at H=16, K=V=128 an fp32 state is 1 MiB per sequence each way, against 1.5 KiB of inputs per token.
+
+State storage and indexing (the arguments of flash-linear-attention's ``fused_recurrent_gdn2_fwd``):
+
+- Without ``ssm_state_indices`` the state is ``initial_state[n]`` for sequence n.
+- With 1-D indices ``initial_state`` is a pool of slots and sequence n starts from slot ``idx[n]``; in place, its
+  state after its last token goes back to that slot.
+- With 2-D indices ``[N, T]`` sequence n starts from slot ``idx[n, 0]`` (``idx[n, a − 1]`` with
+  ``num_accepted_tokens[n] = a``) and, in place, its state after token t goes to slot ``idx[n, t]``.
+- A negative index is a padding entry: a negative starting slot makes the whole sequence a padding row (no state
+  read or written, its outputs and fresh final-state row are zero); a negative per-token slot only skips that store.
+- An index past the pool (or an accepted count outside 1..idx.shape[1]) is a caller bug that cannot be checked on
+  the host without a sync: the kernel masks it, so it never reads or writes outside the pool, and marks the result
+  with NaN (the sequence's outputs and fresh final-state row for a bad starting slot, the token's output for a bad
+  per-token slot). :func:`check_state_indices` checks the values on the host where a sync is acceptable.
+- The pool may be fp32 (default) or bf16: a bf16 state is rounded once per store, and all arithmetic is fp32.
+
+Packed batches (``cu_seqlens``) are read on the device, clamped to the token range, so bad offsets cannot cause
+an out-of-bounds access either; they are not checked on the host (that would sync every step).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gdn2_tune.kernels.buffers import output_buffer
+from gdn2_tune.kernels.decode_config import (
+    MAX_HEAD_DIM,
+    STATE_DTYPES,
+    DecodeConfig,
+    DecodeShape,
+    decode_infeasibility,
+    default_decode_config,
+    padded,
+)
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+L2NORM_EPS = tl.constexpr(1e-6)  # as kernels/reference.py l2norm and the chunk op
+
+# Where the state goes after the token loop (the `FINAL_AT` constexpr).
+FINAL_NONE = 0
+FINAL_AT_SEQUENCE = 1  # ht[n]: a fresh [N, H, K, V] buffer, or initial_state itself in place without indices
+FINAL_AT_SLOT = 2  # ht[idx[n]]: the pool, in place, with 1-D indices
+
+
+@triton.jit
+def _decode_kernel(
+    q, k, v, g, b, w, o,
+    h0, ht,
+    cu_seqlens, indices, accepted,
+    scale,
+    T, P, NI,
+    stride_h0, stride_ht, stride_in, stride_it,
+    H, K, V,
+    KP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, HAS_INDICES: tl.constexpr,
+    HAS_ACCEPTED: tl.constexpr, PER_TOKEN_SLOTS: tl.constexpr, FINAL_AT: tl.constexpr,
+    USE_L2NORM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # V tiles of one (sequence, head) are neighbours in launch order: their state tiles are contiguous in memory.
+    i_v = pid % NV
+    i_nh = pid // NV
+    i_n = i_nh // H
+    i_h = i_nh % H
+    if IS_VARLEN:
+        # Clamped to [0, T] so that offsets the host never checked cannot point outside the inputs.
+        bos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n).to(tl.int64), 0), T)
+        eos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n + 1).to(tl.int64), bos), T)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    T_seq = (eos - bos).to(tl.int32)
+
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_s = o_k[:, None] * V + o_v[None, :]  # within one head's [K, V] state
+    m_s = m_k[:, None] & m_v[None, :]
+    head = i_h * K * V
+    zero_v = tl.zeros([BV], tl.float32)
+    nan_v = tl.full([BV], float("nan"), tl.float32)  # marks results of an index outside the pool
+
+    # ok: the sequence's starting slot is inside the pool; pad: it is a padding entry (negative).
+    if HAS_INDICES:
+        if HAS_ACCEPTED:
+            col = tl.load(accepted + i_n).to(tl.int64) - 1
+        else:
+            col = i_n.to(tl.int64) * 0
+        col_ok = (col >= 0) & (col < NI)
+        slot = tl.load(indices + i_n.to(tl.int64) * stride_in + col * stride_it, mask=col_ok, other=0).to(tl.int64)
+        pad = col_ok & (slot < 0)
+        ok = col_ok & (slot >= 0) & (slot < P)
+    else:
+        slot = i_n.to(tl.int64)
+        pad = i_n < 0
+        ok = i_n >= 0
+    b_fill = tl.where(pad, zero_v, nan_v)
+    # Masks take the validity through a row limit (K, or 0 to mask every row): the Triton 3.9 interpreter turns
+    # `block_mask & scalar_bool` into an int32 mask that tl.load rejects.
+    m_s_ok = (o_k < tl.where(ok, K, 0))[:, None] & m_v[None, :]
+
+    b_s = tl.zeros([KP, BV], tl.float32)
+    if USE_INITIAL_STATE:
+        b_s += tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s_ok, other=0.0).to(tl.float32)
+
+    for i_t in range(T_seq):
+        tok = (bos + i_t) * H + i_h
+        b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_g = tl.load(g + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_b = tl.load(b + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_w = tl.load(w + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if USE_L2NORM:
+            b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + L2NORM_EPS)
+            b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + L2NORM_EPS)
+        b_s = b_s * tl.exp(b_g)[:, None]
+        b_r = tl.sum(b_s * (b_b * b_k)[:, None], 0)
+        b_s += b_k[:, None] * (b_w * b_v - b_r)[None, :]
+        b_o = tl.sum(b_s * (b_q * scale)[:, None], 0)
+        b_o = tl.where(ok, b_o, b_fill)
+        if PER_TOKEN_SLOTS:
+            t_ok = i_t < NI
+            s_t = tl.load(indices + i_n.to(tl.int64) * stride_in + i_t * stride_it, mask=t_ok, other=0).to(tl.int64)
+            t_pad = t_ok & (s_t < 0)
+            t_ok = t_ok & (s_t >= 0) & (s_t < P)
+            tl.store(ht + s_t * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), 
+                     mask=(o_k < tl.where(ok & t_ok, K, 0))[:, None] & m_v[None, :])
+            b_o = tl.where(t_ok | t_pad, b_o, nan_v)
+        tl.store(o + tok * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+    if FINAL_AT == 1:
+        b_f = tl.where(ok, b_s, b_fill[None, :])
+        tl.store(ht + i_n.to(tl.int64) * stride_ht + head + p_s, b_f.to(ht.dtype.element_ty), mask=m_s)
+    elif FINAL_AT == 2:
+        tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s_ok)
+
+
+def decode_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    final_state: torch.Tensor | None,
+    final_at: int,
+    per_token_slots: bool,
+    cu_seqlens: torch.Tensor | None,
+    ssm_state_indices: torch.Tensor | None,
+    num_accepted_tokens: torch.Tensor | None,
+    use_qk_l2norm: bool,
+    num_seqs: int,
+    cfg: DecodeConfig,
+) -> None:
+    """The one launch, on checked contiguous inputs, writing ``out`` and the state in ``final_state``.
+
+    Queues no allocation and reads nothing back to the host, so it can be captured in a CUDA graph.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NV = triton.cdiv(V, cfg.BV)
+    if ssm_state_indices is None:
+        stride_in, stride_it, ni = 0, 0, 1
+    elif ssm_state_indices.dim() == 1:
+        stride_in, stride_it, ni = ssm_state_indices.stride(0), 0, 1
+    else:
+        stride_in, stride_it = ssm_state_indices.stride()
+        ni = ssm_state_indices.shape[1]
+    pool = initial_state.shape[0] if initial_state is not None else num_seqs
+    grid = (num_seqs * H * NV,)
+    _decode_kernel[grid](
+        q, k, v, g, b, w, out,
+        initial_state, final_state,
+        cu_seqlens, ssm_state_indices, num_accepted_tokens,
+        scale,
+        B * T if cu_seqlens is not None else T, pool, ni,
+        initial_state.stride(0) if initial_state is not None else 0,
+        final_state.stride(0) if final_state is not None else 0,
+        stride_in, stride_it,
+        H, K, V,
+        KP=padded(K), BV=cfg.BV, NV=NV,
+        IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=initial_state is not None,
+        HAS_INDICES=ssm_state_indices is not None, HAS_ACCEPTED=num_accepted_tokens is not None,
+        PER_TOKEN_SLOTS=per_token_slots, FINAL_AT=final_at, USE_L2NORM=use_qk_l2norm,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _check_tensor(name: str, x: object, device: torch.device | None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, received {type(x).__name__}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of q), received {x.device}")
+    return x
+
+
+def _check_index(name: str, x: object, device: torch.device) -> torch.Tensor:
+    x = _check_tensor(name, x, device)
+    if x.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, received {x.dtype}")
+    return x
+
+
+def _check_state_layout(name: str, s: torch.Tensor, H: int, K: int, V: int) -> None:
+    # Slots may be strided (a view into a larger cache), but each slot's [H, K, V] must be dense.
+    if s.stride()[1:] != (K * V, V, 1) and s.numel() > 0:
+        raise ValueError(f"{name}: expected each slot [H, K, V] contiguous (strides {(K * V, V, 1)} after the "
+                         f"first), received strides {s.stride()}; pass a .contiguous() state")
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    inplace_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    ssm_state_indices: torch.Tensor | None,
+    num_accepted_tokens: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> int:
+    """Raise ``TypeError``/``ValueError`` naming the argument for anything the kernel cannot take; return N.
+
+    Looks only at shapes, dtypes, strides and devices: nothing here reads a device tensor's values.
+    """
+    named = {"q": q, "k": k, "v": v, "g": g, "b": b, "w": w}
+    for name, x in named.items():
+        _check_tensor(name, x, None)
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims [B, T, H, D], received shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected dtype bf16, fp16 or fp32, received {x.dtype}")
+    dev = q.device
+    for name, x in named.items():
+        _check_tensor(name, x, dev)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if T < 1:
+        raise ValueError(f"q: expected T >= 1, received T={T}")
+    for name in ("k", "g", "b"):
+        if tuple(named[name].shape) != (B, T, H, K):
+            raise ValueError(f"{name}: expected shape {(B, T, H, K)} (that of q), received {tuple(named[name].shape)}")
+    if tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v: expected shape {(B, T, H, 'V')} matching q's [B, T, H], received {tuple(v.shape)}")
+    if tuple(w.shape) != tuple(v.shape):
+        raise ValueError(f"w: expected shape {tuple(v.shape)} (that of v), received {tuple(w.shape)}")
+    for name in ("k", "v", "b", "w"):
+        if named[name].dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), received {named[name].dtype}")
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        raise ValueError(f"q/v: expected K and V <= {MAX_HEAD_DIM}, received K={K}, V={V}")
+
+    for name, flag in (("output_final_state", output_final_state), ("inplace_final_state", inplace_final_state)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, received {type(flag).__name__}")
+
+    if cu_seqlens is None:
+        n = B
+    else:
+        _check_index("cu_seqlens", cu_seqlens, dev)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, received {tuple(cu_seqlens.shape)}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens: expected B == 1 for a packed batch, received B={B}")
+        n = cu_seqlens.numel() - 1
+
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, dev)
+        if initial_state.dtype not in STATE_DTYPES.values():
+            raise TypeError(f"initial_state: expected dtype torch.float32 (or torch.bfloat16 for a bf16 state), "
+                            f"received {initial_state.dtype}")
+        pooled = ssm_state_indices is not None
+        expected = ("P", H, K, V) if pooled else (n, H, K, V)
+        shape = tuple(initial_state.shape)
+        if initial_state.dim() != 4 or shape[1:] != (H, K, V) or (not pooled and shape[0] != n):
+            what = "a pool [P, H, K, V] indexed by ssm_state_indices" if pooled else "[N, H, K, V]"
+            raise ValueError(f"initial_state: expected shape {expected} ({what}), received {shape}")
+        _check_state_layout("initial_state", initial_state, H, K, V)
+    if inplace_final_state and initial_state is None:
+        raise ValueError("inplace_final_state: expected an initial_state to update in place, received None")
+
+    if ssm_state_indices is not None:
+        _check_index("ssm_state_indices", ssm_state_indices, dev)
+        if initial_state is None:
+            raise ValueError("ssm_state_indices: expected an initial_state (the state pool it indexes), received None")
+        dims = ssm_state_indices.dim()
+        if dims not in (1, 2) or ssm_state_indices.shape[0] != n:
+            raise ValueError(f"ssm_state_indices: expected shape [{n}] (one slot per sequence) or [{n}, T] "
+                             f"(one slot per token), received {tuple(ssm_state_indices.shape)}")
+        if dims == 2:
+            need = T if cu_seqlens is None else 1
+            if ssm_state_indices.shape[1] < need:
+                raise ValueError(f"ssm_state_indices: expected [{n}, T] with at least T={need} columns, "
+                                 f"received {tuple(ssm_state_indices.shape)}")
+    if num_accepted_tokens is not None:
+        _check_index("num_accepted_tokens", num_accepted_tokens, dev)
+        if ssm_state_indices is None or ssm_state_indices.dim() != 2:
+            got = "None" if ssm_state_indices is None else f"{ssm_state_indices.dim()}-D"
+            raise ValueError(f"num_accepted_tokens: expected 2-D ssm_state_indices [N, T] to pick slot "
+                             f"[n, accepted - 1] from, received {got} ssm_state_indices")
+        if tuple(num_accepted_tokens.shape) != (n,):
+            raise ValueError(f"num_accepted_tokens: expected shape ({n},), received {tuple(num_accepted_tokens.shape)}")
+
+    if out is not None:
+        _check_tensor("out", out, dev)
+        if tuple(out.shape) != tuple(v.shape):
+            raise ValueError(f"out: expected shape {tuple(v.shape)} (that of v), received {tuple(out.shape)}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"out: expected dtype {q.dtype} (that of q), received {out.dtype}")
+        if not out.is_contiguous():
+            raise ValueError(f"out: expected a contiguous tensor, received strides {out.stride()}")
+    return n
+
+
+def decode_shape_of(q: torch.Tensor, v: torch.Tensor, num_seqs: int, state_dtype: torch.dtype) -> DecodeShape:
+    B, T, H, K = q.shape
+    state = "bf16" if state_dtype == torch.bfloat16 else "fp32"
+    return DecodeShape(num_seqs, T if B == num_seqs else max(1, B * T // num_seqs), H, K, v.shape[-1],
+                       _DTYPE_NAMES[q.dtype], state)
+
+
+def fused_recurrent_gdn2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    inplace_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    ssm_state_indices: torch.Tensor | None = None,
+    num_accepted_tokens: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated Delta Rule-2 token by token, for decoding (forward only, no autograd).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g: ``[B, T, H, K]`` natural-log decay (≤ 0), read in fp32;
+            b: ``[B, T, H, K]`` erase gate; w: ``[B, T, H, V]`` write gate. T is small (1 to ~64): longer prompts
+            belong to ``chunk_gdn2``. q, k, v, b, w share one dtype (bf16, fp16 or fp32).
+        scale: multiplies q; defaults to ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]``, or with ``ssm_state_indices`` a pool ``[P, H, K, V]``; fp32, or bf16
+            to store the state in bf16 (arithmetic stays fp32). Slots may be strided; each slot must be dense.
+        output_final_state: return the state after each sequence's last token, ``[N, H, K, V]`` in the state's
+            dtype (a new tensor unless ``inplace_final_state``).
+        inplace_final_state: write the state back into ``initial_state`` (at ``ssm_state_indices`` when given)
+            and return ``initial_state`` as the final state.
+        cu_seqlens: int32/int64 ``[N+1]`` offsets of a packed batch (B must be 1); read on the device only.
+        ssm_state_indices: int32/int64 ``[N]`` (one slot per sequence) or ``[N, T]`` (the state after token t
+            goes to slot ``[n, t]``); negative entries are padding. See the module docstring for what an index
+            outside the pool does (no out-of-bounds access; NaN results).
+        num_accepted_tokens: int32/int64 ``[N]`` (needs 2-D indices): sequence n starts from slot
+            ``[n, accepted − 1]``.
+        use_qk_l2norm_in_kernel: L2-normalise q and k per head first.
+        out: a contiguous ``[B, T, H, V]`` buffer in q's dtype for the output. With ``out`` and an in-place state
+            the call allocates nothing and never syncs with the device (CUDA-graph capturable).
+        config: an explicit :class:`DecodeConfig`; None takes :func:`default_decode_config` for the shape.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype (``out`` when given); the pool / initial_state
+        when in place, a new ``[N, H, K, V]`` when ``output_final_state``, else None.
+    """
+    n = _check_inputs(
+        q, k, v, g, b, w,
+        initial_state=initial_state, output_final_state=output_final_state, inplace_final_state=inplace_final_state,
+        cu_seqlens=cu_seqlens, ssm_state_indices=ssm_state_indices, num_accepted_tokens=num_accepted_tokens, out=out,
+    )
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, b, w)):
+        raise NotImplementedError(
+            "fused_recurrent_gdn2: inference only (no backward); call it under torch.no_grad() "
+            "or with inputs that do not require grad"
+        )
+    state_dtype = initial_state.dtype if initial_state is not None else torch.float32
+    shape = decode_shape_of(q, v, n, state_dtype)
+    if config is None:
+        config = default_decode_config(shape)
+    else:
+        if not isinstance(config, DecodeConfig):
+            raise TypeError(f"config: expected a kernels.DecodeConfig, received {type(config).__name__}")
+        reason = decode_infeasibility(config, shape)
+        if reason is not None:
+            raise ValueError(f"config: {config.label()} is not supported at {shape.label()}: {reason}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, int | float):
+        raise TypeError(f"scale: expected a float, received {type(scale).__name__}")
+    # No-ops (no copy, no allocation) for the contiguous tensors a serving loop passes.
+    q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    if num_accepted_tokens is not None:
+        num_accepted_tokens = num_accepted_tokens.contiguous()
+    if out is None:
+        out = output_buffer(v.shape, q.dtype, q.device)
+
+    per_token = False
+    if inplace_final_state:
+        final_state = initial_state
+        if ssm_state_indices is None:
+            final_at = FINAL_AT_SEQUENCE
+        elif ssm_state_indices.dim() == 1:
+            final_at = FINAL_AT_SLOT
+        else:
+            final_at, per_token = FINAL_NONE, True
+    elif output_final_state:
+        final_state = output_buffer((n, q.shape[2], q.shape[3], v.shape[3]), state_dtype, q.device)
+        final_at = FINAL_AT_SEQUENCE
+    else:
+        final_state, final_at = None, FINAL_NONE
+
+    decode_fwd(
+        q, k, v, g, b, w, out,
+        scale=float(scale), initial_state=initial_state, final_state=final_state, final_at=final_at,
+        per_token_slots=per_token, cu_seqlens=cu_seqlens, ssm_state_indices=ssm_state_indices,
+        num_accepted_tokens=num_accepted_tokens, use_qk_l2norm=use_qk_l2norm_in_kernel, num_seqs=n, cfg=config,
+    )
+    return out, final_state
+
+
+def check_state_indices(ssm_state_indices: torch.Tensor, pool_size: int) -> None:
+    """Raise ``ValueError`` when an index is ``>= pool_size`` (negative ones are padding and allowed).
+
+    Reads the indices back to the host (a sync): for tests, debugging and the first step of a serving loop, not
+    every step. The op itself never does this; it masks such indices on the device (see the module docstring).
+    """
+    _check_index("ssm_state_indices", ssm_state_indices, None)
+    top = int(ssm_state_indices.max()) if ssm_state_indices.numel() else -1
+    if top >= pool_size:
+        where = (ssm_state_indices >= pool_size).nonzero()[0].tolist()
+        raise ValueError(f"ssm_state_indices: expected values < {pool_size} (the pool's slots) or negative "
+                         f"(padding), received {top} (first at position {where})")

@@ -1,0 +1,171 @@
+"""Launch configuration of the recurrent decode op (``fused_recurrent_gdn2``, kernels/decode.py) and its space.
+
+The decode kernel runs one program per (sequence, head, V tile of BV columns), holding the [K, BV] state tile in
+fp32 registers while it loops over the sequence's tokens. What can be tuned:
+
+- ``BV``: the V tile. Smaller tiles mean more programs (the only parallelism at batch 1: N·H·V/BV programs) and
+  shorter contiguous rows of the state (BV·4 bytes in fp32); larger ones fewer, longer transactions.
+- ``num_warps``: threads sharing the tile; the K axis reductions (the gated read r and the output) cross them.
+- ``num_stages``: software pipelining of the token loop; it only matters when sequences have several tokens.
+
+K is never split across programs: the read r_t = S̄ᵀ(b ⊙ k) sums over all of K before any row can be updated, so a
+K split would need a cross-program reduction every token.
+
+Registration in the tuner and the tables is not done yet (the per-op spec refactor it needs is pending): until then
+the op takes an explicit ``config=`` or falls back to :func:`default_decode_config`, and
+``benchmarks/bench_decode.py`` sweeps :data:`DECODE_SPACE` on a GPU so that the defaults can be set from data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+
+# A thread holds at most 255 32-bit registers; the kernel keeps the state tile and one product of its size live
+# (the gated read and the output are reductions of state ⊙ vector), so a config whose two tiles exceed this per
+# thread would spill on every token.
+MAX_REGISTERS_PER_THREAD = 255
+THREADS_PER_WARP = 32
+LIVE_STATE_TILES = 2
+# The largest head dims the op accepts (the chunk op's cap, kernels/config.py MAX_HEAD_DIM).
+MAX_HEAD_DIM = 256
+# A few programs per SM hide the latency of the state load at small batches (132 SMs on an H100/H200).
+TARGET_PROGRAMS = 4 * 132
+
+STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles and launch parameters of the recurrent decode kernel."""
+
+    BV: int = 32  # V tile per program: 128-byte fp32 rows of the state, one cache line
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> DecodeConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"config: expected a dict, received {type(data).__name__}")
+        expected = {f.name for f in dataclasses.fields(DecodeConfig)}
+        if set(data) != expected:
+            raise ValueError(f"config: expected keys {sorted(expected)}, received {sorted(data)}")
+        return DecodeConfig(**data)
+
+    def label(self) -> str:
+        return f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """A decode problem: N sequences of (at most) T tokens, H heads, head dims K and V, and the dtypes."""
+
+    N: int
+    T: int
+    H: int
+    K: int
+    V: int
+    dtype: str = "bf16"  # of q, k, v, b, w and the output
+    state_dtype: str = "fp32"
+
+    def label(self) -> str:
+        return f"N{self.N}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-{self.dtype}-state{self.state_dtype}"
+
+
+@dataclass(frozen=True)
+class DecodeParam:
+    name: str
+    values: tuple[int, ...]
+    doc: str
+
+
+DECODE_SPACE: tuple[DecodeParam, ...] = (
+    DecodeParam("BV", (8, 16, 32, 64, 128), "V tile per program (programs = N·H·ceil(V/BV))"),
+    DecodeParam("num_warps", (1, 2, 4, 8), "warps per program"),
+    DecodeParam("num_stages", (1, 2, 3), "pipelining depth of the token loop (T > 1 only)"),
+)
+
+
+def padded(n: int) -> int:
+    """The power-of-two extent of a tile axis that covers ``n`` (the kernel masks the rest)."""
+    return triton.next_power_of_2(n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Constraints: each returns None when the point is admissible, else a reason a person can read.
+
+
+def decode_legal_values(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
+    for p in DECODE_SPACE:
+        value = getattr(cfg, p.name)
+        if value not in p.values:
+            return f"{p.name}={value!r} is not one of {list(p.values)}"
+    return None
+
+
+def decode_tile_within_v(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
+    # A tile wider than the padded V only adds masked lanes; the smallest tile always fits.
+    if cfg.BV > max(padded(shape.V), min(DECODE_SPACE[0].values)):
+        return f"BV={cfg.BV} exceeds the padded V={padded(shape.V)}"
+    return None
+
+
+def decode_register_budget(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
+    live = LIVE_STATE_TILES * padded(shape.K) * cfg.BV
+    per_thread = live / (cfg.num_warps * THREADS_PER_WARP)
+    if per_thread > MAX_REGISTERS_PER_THREAD:
+        return (f"the [K={padded(shape.K)}, BV={cfg.BV}] state tile needs ~{per_thread:.0f} fp32 registers per "
+                f"thread with {cfg.num_warps} warps (> {MAX_REGISTERS_PER_THREAD})")
+    return None
+
+
+DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, DecodeShape], str | None], ...] = (
+    decode_legal_values,
+    decode_tile_within_v,
+    decode_register_budget,
+)
+
+
+def decode_infeasibility(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
+    """The first constraint ``cfg`` violates at ``shape``, or None when it may be launched."""
+    for rule in DECODE_CONSTRAINTS:
+        reason = rule(cfg, shape)
+        if reason is not None:
+            return reason
+    return None
+
+
+def decode_space(shape: DecodeShape) -> list[DecodeConfig]:
+    """Every admissible point of :data:`DECODE_SPACE` at ``shape``, in grid order."""
+    points = (DecodeConfig(**dict(zip([p.name for p in DECODE_SPACE], values, strict=True)))
+              for values in itertools.product(*(p.values for p in DECODE_SPACE)))
+    return [cfg for cfg in points if decode_infeasibility(cfg, shape) is None]
+
+
+def default_decode_config(shape: DecodeShape) -> DecodeConfig:
+    """The built-in config at ``shape`` (no table yet; the GPU sweep of bench_decode.py is where to set it from).
+
+    The widest tile (up to 128-byte fp32 rows, BV=32) that still gives about :data:`TARGET_PROGRAMS` programs, so
+    that batch 1 spreads its state over the SMs and large batches stream whole cache lines; then as many warps as
+    keep ~32 state elements per thread, within the register budget; the token loop is pipelined only when there
+    are several tokens.
+    """
+    vp = max(padded(shape.V), min(DECODE_SPACE[0].values))
+    bv = min(32, vp)
+    while bv > min(DECODE_SPACE[0].values) and shape.N * shape.H * triton.cdiv(shape.V, bv) < TARGET_PROGRAMS:
+        bv //= 2
+    warps = 1
+    while warps < 8 and padded(shape.K) * bv / (warps * THREADS_PER_WARP) > 32:
+        warps *= 2
+    cfg = DecodeConfig(BV=bv, num_warps=warps, num_stages=1 if shape.T == 1 else 2)
+    assert decode_infeasibility(cfg, shape) is None, (cfg, shape)
+    return cfg
