@@ -9,7 +9,16 @@ The subpackages live in the repository's top-level folders (``kernels/``, ``tune
 generic top-level package (``kernels`` is the Hugging Face hub-kernel loader's name).
 """
 
-from gdn2_tune.kernels import (
+from pathlib import Path
+
+# In a source checkout whose root is on sys.path (``python tune.py`` from the root, or PYTHONPATH=. on a GPU
+# machine with nothing installed), this folder shadows the installed package and holds no subpackages: look for
+# them in the sibling folders too. An installed copy has no pyproject.toml beside it, so this never applies there.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))
+
+from gdn2_tune.kernels import (  # noqa: E402 - after __path__ is set
     DEFAULT_CONFIG,
     DecodeConfig,
     FwdConfig,

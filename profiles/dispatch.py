@@ -11,8 +11,9 @@ Lookup order (first that yields a config wins; see :func:`_resolve`):
 
 Within a table: the exact key, else the nearest shape bucket of the same stage, K, V and dtype.
 
-A table that is missing, corrupt, hand-mangled or stale (other Triton version or kernel sources) warns once,
-naming the file and the field, and is skipped: its configs may be illegal for the kernels that run now. Every
+A table that is missing, corrupt or hand-mangled warns once, naming the file and the field, and is skipped. A stale
+table (tuned with another Triton or kernel fingerprint) warns once and keeps serving the entries that today's
+space and constraints accept (the rest were dropped on load, each with a warning). Every
 config returned passes ``kernels.config.infeasibility`` at the shape. Tables are read once per process and the
 answer is memoised per shape, so a repeated lookup is one dict access. The environment variables and the GPU
 are read at the first lookup; :func:`clear_cache` forgets all of it (tests, or after changing them).
@@ -37,7 +38,7 @@ from gdn2_tune.profiles.table import (
     device_id_from_name,
     entry_key,
     family_from_capability,
-    kernel_source_hash,
+    staleness,
     load_profile,
     parse_config,
     profile_path,
@@ -299,34 +300,18 @@ def _load(path: Path) -> _Table | None:
     for problem in problems:
         _warn(str(path), problem, problem)
     if profile is not None:
-        stale = _staleness(profile)
-        if stale is None:
-            table = _Table(path, profile, {e.key: e for e in profile.entries})
-        else:
-            field, problem = stale
+        table = _Table(path, profile, {e.key: e for e in profile.entries})
+        stale = staleness(profile)
+        if stale:
+            # Still served: every entry left passed today's constraints on load; only its speed is in doubt.
             _warn(
                 str(path),
-                field,
-                f"{path}: {field}: {problem}; table not used, its configs may be illegal for these kernels "
-                "(re-tune with `python tune.py tune`)",
+                "stale",
+                f"{path}: stale ({'; '.join(stale)}); serving its entries that today's constraints accept. "
+                "Re-tune with `python tune.py tune` for best speed",
             )
     _TABLES[path] = table
     return table
-
-
-def _staleness(profile: Profile) -> tuple[str, str] | None:
-    """(field, problem) when the table was tuned against other software than what runs now."""
-    import triton
-
-    if profile.triton_version != triton.__version__:
-        return "triton_version", f"tuned with Triton {profile.triton_version}, running {triton.__version__}"
-    try:
-        running = kernel_source_hash()
-    except OSError as err:
-        return "kernel_hash", f"cannot hash the running kernel sources ({err})"
-    if profile.kernel_hash != running:
-        return "kernel_hash", f"tuned against kernel sources {profile.kernel_hash}, running {running}"
-    return None
 
 
 def _warn(source: str, problem: str, message: str) -> None:

@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gdn2_tune.kernels.config import DTYPES, SPACE, FwdConfig, Shape, infeasibility
+from gdn2_tune.kernels.config import CONSTRAINTS, DTYPES, SPACE, FwdConfig, Shape, infeasibility
+from gdn2_tune.profiles.fingerprint import fingerprint
 
 SCHEMA_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parent
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
-# The files whose contents decide which configs are legal and how fast they run: a table tuned against other
-# sources may hold configs the current kernels reject, so the dispatcher treats it as stale.
-KERNEL_SOURCES = ("config.py", "varlen.py", "intra.py", "state.py", "chunk.py")
-KERNEL_HASH_CHARS = 16
+# The forward's kernel files: the fingerprint takes their @triton.jit functions (see profiles/fingerprint.py).
+FWD_JIT_FILES = ("varlen.py", "intra.py", "state.py")
 
 # A table is a few MB at most (entries plus every trial of every study); refusing anything far larger keeps a
 # stray or hostile file from costing the caller memory and time at import.
@@ -223,12 +222,31 @@ def profile_path(device_id: str, root: Path = PROFILES_DIR) -> Path:
 
 @functools.cache
 def kernel_source_hash(root: Path = KERNELS_DIR) -> str:
-    """Short sha256 over the kernel sources; a table records it so that edits to the kernels mark it stale."""
-    digest = hashlib.sha256()
-    for name in KERNEL_SOURCES:
-        # The name goes in too, so that moving code between files changes the hash.
-        digest.update(name.encode() + b"\0" + (Path(root) / name).read_bytes() + b"\0")
-    return digest.hexdigest()[:KERNEL_HASH_CHARS]
+    """The forward's fingerprint: its jit sources without comments or docstrings, the search space and the
+    constraints (:func:`profiles.fingerprint.fingerprint`). A table records it; a table whose fingerprint differs
+    still serves its entries that today's constraints accept, and is marked stale."""
+    return fingerprint(
+        [Path(root) / name for name in FWD_JIT_FILES],
+        [(param.name, param.values) for param in SPACE],
+        CONSTRAINTS,
+    )
+
+
+def staleness(profile: Profile) -> tuple[str, ...]:
+    """Why a table may be slower than a re-tune would make it; empty when it is fresh.
+
+    A stale table keeps serving: :func:`load_profile` has already dropped every entry that today's space and
+    constraints reject, so what remains is legal, only possibly not the fastest for today's kernels or Triton.
+    """
+    import triton
+
+    reasons = []
+    running = kernel_source_hash()
+    if profile.kernel_hash != running:
+        reasons.append(f"kernel_hash: tuned against kernel fingerprint {_echo(profile.kernel_hash)}, running {running}")
+    if profile.triton_version != triton.__version__:
+        reasons.append(f"triton_version: tuned with Triton {_echo(profile.triton_version)}, running {triton.__version__}")
+    return tuple(reasons)
 
 
 def parse_config(data: Any, path: str = "config") -> FwdConfig:
@@ -469,7 +487,7 @@ class Profile:
     device: DeviceInfo
     torch_version: str
     triton_version: str
-    kernel_hash: str  # kernel_source_hash() when tuned
+    kernel_hash: str  # kernel_source_hash() when tuned: the fingerprint that decides freshness
     created: str  # ISO-8601 time of the run
     sampler: str
     budget: dict[str, Any]  # e.g. {"trials": 200, "timeout_s": 3600}
@@ -477,6 +495,8 @@ class Profile:
     roofs: Roofs | None
     entries: tuple[Entry, ...]
     trials: tuple[TrialRecord, ...]
+    # Provenance only (freshness is kernel_hash's): the commit the tuner ran at, "" when unknown.
+    git_commit: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -485,6 +505,7 @@ class Profile:
             "torch_version": self.torch_version,
             "triton_version": self.triton_version,
             "kernel_hash": self.kernel_hash,
+            "git_commit": self.git_commit,
             "created": self.created,
             "sampler": self.sampler,
             "budget": dict(self.budget),
@@ -516,6 +537,7 @@ class Profile:
             "torch_version": _str(data, "torch_version", ""),
             "triton_version": _str(data, "triton_version", ""),
             "kernel_hash": _str(data, "kernel_hash", ""),
+            "git_commit": _str(data, "git_commit", "") if "git_commit" in data else "",
             "created": _str(data, "created", ""),
             "sampler": _str(data, "sampler", ""),
             "budget": _scalar_dict(data, "budget", ""),

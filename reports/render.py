@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gdn2_tune.profiles.table import Profile, TrialRecord, kernel_source_hash
+from gdn2_tune.profiles.table import Profile, TrialRecord, staleness
 from gdn2_tune.reports.roofline import TOTAL, EntryModel, Report, StagePoint
 
 UNKNOWN = "unknown architecture"
@@ -406,7 +406,7 @@ def convergence_chart(c: Convergence, trials: Sequence[TrialRecord], width: int)
 
 
 def coverage_table(report: Report, profile: Profile) -> Table:
-    stale = profile.kernel_hash != kernel_source_hash()
+    stale = staleness(profile)
     title = (f"coverage: {len(profile.entries)} keys on {report.device}, tuned {profile.created} "
              f"({profile.sampler}, budget {profile.budget})")
     table = Table(title=title, header_style="bold")
@@ -418,7 +418,7 @@ def coverage_table(report: Report, profile: Profile) -> Table:
         table.add_row(f"{e.key}\n{e.shape.label()}", e.config.replace("/", "\n"), str(e.trials), str(e.failed),
                       str(e.pruned), "yes" if e.baseline is not None else "no", end_section=True)
     table.caption = (f"kernel sources {profile.kernel_hash}"
-                     + (f" — STALE: the kernels are now {kernel_source_hash()}; re-tune" if stale else " (current)")
+                     + (f" — STALE ({'; '.join(stale)}): still served; re-tune for best speed" if stale else " (current)")
                      + f"; torch {profile.torch_version}, triton {profile.triton_version}")
     return table
 

@@ -338,14 +338,29 @@ def test_a_config_infeasible_at_the_query_falls_through(world: World, monkeypatc
         pytest.param({"kernel_hash": "0" * 16}, "kernel_hash", id="other-kernel-sources"),
     ],
 )
-def test_stale_table_warns_naming_file_and_field_and_is_not_used(
+def test_stale_table_warns_naming_file_and_field_and_keeps_serving(
     header: dict[str, Any], field: str, world: World
 ) -> None:
+    # Load has already dropped what today's constraints reject, so a stale table's entries are legal: serving
+    # them beats falling back to another table or the default; the warning asks for a re-tune.
     path = world.user_table(make_profile([make_entry(DENSE, USER)], **header))
     world.ship(make_profile([make_entry(DENSE, SHIPPED)]))
     config, messages = lookup(DENSE)
-    assert config == SHIPPED
+    assert config == USER
     assert len(messages) == 1 and str(path) in messages[0] and f"{field}:" in messages[0]
+    assert "stale" in messages[0] and "tune.py tune" in messages[0]
+
+
+def test_stale_table_drops_entries_that_todays_constraints_reject(world: World) -> None:
+    data = make_profile([make_entry(DENSE, USER)], kernel_hash="0" * 16).to_dict()
+    illegal = json.loads(json.dumps(data["entries"][0]))
+    illegal["key"] = illegal["key"].replace("T4096", "T8192")
+    illegal["config"]["chunk"], illegal["config"]["intra"]["BC"] = 32, 64  # BC must divide the chunk
+    data["entries"].append(illegal)
+    path = world.user_table(json.dumps(data))
+    config, messages = lookup(DENSE)
+    assert config == USER
+    assert any("BC" in m and str(path) in m for m in messages)
 
 
 def _mangled(edit: Callable[[dict[str, Any]], None]) -> Callable[[], str]:

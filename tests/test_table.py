@@ -165,19 +165,6 @@ def test_profile_path_is_the_device_file_in_root(tmp_path: Path) -> None:
     assert profile_path("h100-80gb-hbm3", tmp_path) == tmp_path / "h100-80gb-hbm3.json"
 
 
-def test_kernel_source_hash_is_short_hex_and_tracks_source_edits(tmp_path: Path) -> None:
-    copies = []
-    for i, extra in enumerate(("", "# edited\n")):
-        root = tmp_path / f"k{i}"
-        root.mkdir()
-        for name in table.KERNEL_SOURCES:
-            (root / name).write_text((table.KERNELS_DIR / name).read_text() + (extra if name == "intra.py" else ""))
-        copies.append(kernel_source_hash(root))
-    assert copies[0] == kernel_source_hash()
-    assert copies[1] != copies[0]
-    assert len(copies[0]) == table.KERNEL_HASH_CHARS and int(copies[0], 16) >= 0
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Round trip and atomic save
 

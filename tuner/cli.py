@@ -139,11 +139,11 @@ def show_command(args: argparse.Namespace) -> int:
             status = 1
             continue
         d = profile.device
-        stale = profile.kernel_hash != table.kernel_source_hash()
+        stale = table.staleness(profile)
         title = (f"{path}: {d.name} ({d.device_id}, {d.family}, {d.sm_count} SMs), driver {d.driver}, "
                  f"torch {profile.torch_version}, triton {profile.triton_version}, {profile.created}, "
                  f"sampler {profile.sampler}" + (" [INTERPRETER: timings mean nothing]" if profile.interpret else "")
-                 + (" [STALE: kernel sources changed since]" if stale else ""))
+                 + (f" [STALE, still served; re-tune for best speed: {'; '.join(stale)}]" if stale else ""))
         t = Table(title=title, title_justify="left")
         for col in ("key", "config", "p50 ms", "p20-p80", "default ms", "speedup", "spread", "intra/state ms",
                     "trials", "pruned", "failed"):
@@ -203,9 +203,9 @@ def export_command(args: argparse.Namespace) -> int:
     console = Console()
     profile, warnings = table.load_profile(args.table)
     problems = list(warnings)
-    if profile is not None and profile.kernel_hash != table.kernel_source_hash():
-        problems.append(f"{args.table}: kernel_hash: tuned against other kernel sources "
-                        f"({profile.kernel_hash}, current {table.kernel_source_hash()}): the dispatcher will ignore it")
+    if profile is not None:
+        problems += [f"{args.table}: stale ({reason}): still served, re-tune for best speed"
+                     for reason in table.staleness(profile)]
     if profile is not None and profile.interpret:
         problems.append(f"{args.table}: interpret: an interpreter table; its timings mean nothing")
     for w in problems:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import subprocess
@@ -464,7 +465,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
         evaluator.close()
     profile = table.Profile(
         schema_version=table.SCHEMA_VERSION, device=device, torch_version=_version("torch"),
-        triton_version=_version("triton"), kernel_hash=table.kernel_source_hash(),
+        triton_version=_version("triton"), kernel_hash=table.kernel_source_hash(), git_commit=_git_commit(),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), sampler=options.sampler,
         budget={"trials": options.trials, "timeout_s": options.timeout_s, "budget_minutes": options.budget_minutes,
                 "seed": options.seed, "gpus": ",".join(map(str, options.gpus or ())) or None,
@@ -498,6 +499,19 @@ def merge_with_existing(
         return new
     notes.extend(merge_notes)
     return merged
+
+
+def _git_commit() -> str:
+    """The checkout's commit (with "+dirty" for uncommitted changes), "" outside a git checkout."""
+    try:
+        run = functools.partial(subprocess.run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        head = run(["git", "rev-parse", "HEAD"])
+        if head.returncode != 0:
+            return ""
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _version(module: str) -> str:
