@@ -9,7 +9,8 @@ Lookup order (first that yields a config wins; see :func:`_resolve`):
 4. Shipped tables of other GPUs of the same architecture family (e.g. sm90).
 5. ``kernels.config.default_config(shape)``.
 
-Within a table: the exact key, else the nearest shape bucket of the same stage, K, V and dtype.
+Within a table: the exact key, else the nearest shape bucket of the same stage, K, V and dtype. :func:`explain` says
+which source, table and entry served a shape (a :class:`Choice`), for reports.
 
 A table that is missing, corrupt or hand-mangled warns once, naming the file and the field, and is skipped. A stale
 table (tuned with another Triton or kernel fingerprint) warns once and keeps serving the entries that today's
@@ -84,6 +85,42 @@ class _Session:
     device: Device | None
 
 
+# Where a served config can come from, in lookup order (see Choice.source).
+SOURCES = ("forced", "user", "own", "family", "default")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where the config served at a shape came from: what ``tune.py report`` tells a user whose GPU has no table.
+
+    ``source`` is one of :data:`SOURCES`; ``path`` and ``key`` name the table and the entry when one served it,
+    and ``exact`` says whether that entry's key is the shape's own or the nearest bucket's.
+    """
+
+    config: FwdConfig
+    source: str
+    path: Path | None = None
+    key: str | None = None
+    exact: bool = False
+    device: Device | None = None
+
+    def describe(self) -> str:
+        """One sentence: which table and entry, and why that one."""
+        if self.source == "forced":
+            return f"the config forced by {ENV_CONFIG}"
+        if self.source == "default":
+            why = "no GPU here" if self.device is None else f"no table of {self.device.family} has a usable entry"
+            return f"the built-in default config ({why})"
+        how = "its own key" if self.exact else f"the nearest bucket, {self.key}"
+        table = {
+            "user": f"{ENV_PROFILE}={self.path}",
+            "own": f"{self.path}, this GPU's own table",
+            "family": f"{self.path}, tuned on another {self.device.family if self.device else ''} GPU "
+            "(same-family fallback: this GPU has no table of its own)",
+        }[self.source]
+        return f"{table}; entry: {how}"
+
+
 _MEMO: dict[Shape, FwdConfig] = {}
 _TABLES: dict[Path, _Table | None] = {}
 _FAMILY: dict[str, tuple[_Table, ...]] = {}
@@ -109,12 +146,31 @@ def clear_cache() -> None:
 
 
 def _resolve(shape: Shape) -> FwdConfig:
+    return explain(shape).config
+
+
+def serving_tables() -> tuple[tuple[str, Path], ...]:
+    """(source, path) of each usable table in lookup order for this process, e.g. ``(("family", h100.json),)`` on
+    an H200 with no table of its own: what ``tune.py report`` renders by default, and how it was chosen."""
+    return tuple((source, table.path) for source, table in _tables(_session()))
+
+
+def running_device() -> Device | None:
+    """The GPU the dispatcher serves (None on the CPU or the interpreter), as read at the first lookup."""
+    return _session().device
+
+
+def explain(shape: Shape) -> Choice:
+    """The config for ``shape`` and where it came from, in the lookup order of the module docstring.
+
+    Not memoised (``select_config`` is); tables are still read once per process.
+    """
     session = _session()
     # (1) A forced config is the user's explicit choice; it still must be launchable at this shape.
     if session.forced is not None:
         reason = infeasibility(session.forced, shape)
         if reason is None:
-            return session.forced
+            return Choice(session.forced, "forced", device=session.device)
         _warn(
             ENV_CONFIG,
             reason,
@@ -122,33 +178,35 @@ def _resolve(shape: Shape) -> FwdConfig:
             "shape (set a config that fits, or unset the variable)",
         )
     # (2) to (4): the tables, in order; within each, the exact key, else the nearest bucket.
-    for table in _tables(session):
-        config = _lookup(table, shape)
-        if config is not None:
-            return config
+    for source, table in _tables(session):
+        entry = _lookup(table, shape)
+        if entry is not None:
+            return Choice(entry.config, source, table.path, entry.key, entry.key == entry_key(STAGE, shape),
+                          session.device)
     # (5)
-    return default_config(shape)
+    return Choice(default_config(shape), "default", device=session.device)
 
 
-def _tables(session: _Session) -> Iterator[_Table]:
+def _tables(session: _Session) -> Iterator[tuple[str, _Table]]:
     """The usable tables in lookup order, each opened only when the ones before it gave no config."""
     # (2) The user's table comes before the shipped one: it is how a user overrides what we ship.
     user = _user_table(session)
     if user is not None:
-        yield user
+        yield "user", user
     if session.device is None:
         return
     # (3) The shipped table of this GPU.
     own = _own_table(session.device)
     if own is not None:
-        yield own
+        yield "own", own
     # (4) Tables of other GPUs of the same architecture: tuned for other clocks and SM counts, but their configs
     # are legal here and usually closer to the best than the default.
-    yield from _family_tables(session.device)
+    for table in _family_tables(session.device):
+        yield "family", table
 
 
-def _lookup(table: _Table, shape: Shape) -> FwdConfig | None:
-    """The exact key's config, else the nearest bucket's of the same stage, K, V and dtype; None if none fits."""
+def _lookup(table: _Table, shape: Shape) -> Entry | None:
+    """The exact key's entry, else the nearest bucket's of the same stage, K, V and dtype; None if none fits."""
     exact = table.by_key.get(entry_key(STAGE, shape))
     candidates = [
         e
@@ -159,7 +217,7 @@ def _lookup(table: _Table, shape: Shape) -> FwdConfig | None:
     for entry in candidates:
         reason = infeasibility(entry.config, shape)
         if reason is None:
-            return entry.config
+            return entry
         # Today the constraints depend only on K, V and dtype, which every candidate shares; a future constraint
         # on T could make a validated entry illegal at a neighbouring shape.
         _warn(

@@ -1,7 +1,11 @@
 """``python tune.py report`` (tune.py wires ``add_arguments`` and ``run``) and ``python -m gdn2_tune.reports``.
 
-Profile lookup, in order: ``--profile PATH``; the shipped table of the GPU this runs on
-(``profiles/<device_id>.json``); the shipped H100 table (so a fresh clone on a laptop renders something real).
+Profile lookup, in order: ``--profile PATH``; the table the dispatcher serves on this machine (``GDN2_PROFILE``, this
+GPU's own table, a table of its architecture family: :func:`profiles.dispatch.serving_tables`), said in the report
+with how it was chosen; the shipped H100 table (so a fresh clone on a laptop renders something real).
+
+Nothing here launches a kernel or imports the tuner: ``python tune.py measure`` re-times a table on a GPU and stores
+the result as a table, which ``--profile`` then renders.
 """
 
 from __future__ import annotations
@@ -10,19 +14,37 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
-from gdn2_tune.profiles.table import PROFILES_DIR, Profile, Timing, device_id_from_name, load_profile, profile_path
-from gdn2_tune.reports import render
+from gdn2_tune.profiles import dispatch
+from gdn2_tune.profiles.table import PROFILES_DIR, Profile, Timing, load_profile, profile_path
+from gdn2_tune.reports import export, render
 from gdn2_tune.reports.roofline import Report, build_report
+from gdn2_tune.reports.text import markup, plain
 
 VIEWS = ("suite", "shape", "convergence", "coverage")
 # The table a machine with no GPU (or a GPU with no table) falls back to: the one every release ships.
 SHIPPED_FALLBACK = "h100-80gb-hbm3"
 JSON_SCHEMA = 1
+
+
+MIN_WIDTH = 40
+
+
+def _width(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of columns, received {text!r}") from None
+    if value < MIN_WIDTH:
+        raise argparse.ArgumentTypeError(f"expected at least {MIN_WIDTH} columns, received {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,11 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="entry key (fwd/K128-V128-bf16/T4096-BH128) or shape label (B8-T4096-H16-K128-V128-bf16)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     parser.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"), default=None,
-                        help="also write the rendered view as html or svg")
+                        help="also write the rendered view as html or svg (missing directories are created; an "
+                             "existing file is replaced only if it is an earlier export)")
+    parser.add_argument("--force", action="store_true", help="let --export overwrite a file that is not an export")
     parser.add_argument("--no-chart", action="store_true", help="tables only")
-    parser.add_argument("--width", type=int, default=None, help="terminal width to render for")
-    parser.add_argument("--measure", action="store_true",
-                        help="(GPU) time the table's configs on this GPU now, instead of the stored times")
+    parser.add_argument("--width", type=_width, default=None, help="terminal width to render for (at least 40)")
+    # Measuring moved to the tuner (reports/ launches nothing); the flag stays only to say where it went.
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--benchmark", type=Path, default=None,
                         help="a suite.json of benchmarks/bench_fwd.py run with this table: its tuned, default and "
                              "fla times (one run, same inputs) replace the stored ones, so the baseline shows too")
@@ -82,87 +106,52 @@ def with_benchmark(profile: Profile, path: Path) -> tuple[Profile, list[str]]:
     return dataclasses.replace(profile, entries=tuple(entries)), notes
 
 
-def default_profile(root: Path = PROFILES_DIR) -> tuple[Path | None, str]:
-    """(path, why this one). The running GPU's table if it ships one, else the shipped H100 table."""
-    why = "no GPU here"
-    try:
-        import torch
+@dataclass(frozen=True)
+class Serving:
+    """Which table a report renders when no ``--profile`` is given, and why: on a GPU without a table of its own
+    the user must learn that the numbers are another GPU's, and that ``tune.py tune`` makes a table for this one."""
 
-        if torch.cuda.is_available():
-            name = torch.cuda.get_device_name()
-            path = profile_path(device_id_from_name(name), root)
-            if path.exists():
-                return path, f"shipped table of this GPU ({name})"
-            why = f"no shipped table for {name}"
-    except Exception as err:  # noqa: BLE001 - a broken CUDA setup must not stop an offline report
-        why = f"CUDA unavailable ({err})"
+    path: Path | None
+    source: str  # dispatch.SOURCES' "user", "own", "family", or "fallback" (no table serves this machine)
+    why: str
+    advice: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": None if self.path is None else str(self.path), "source": self.source, "why": self.why,
+                "advice": self.advice}
+
+
+TUNE_ADVICE = "run `python tune.py tune` on this GPU to tune it and write its own table"
+
+
+def default_profile(root: Path = PROFILES_DIR) -> Serving:
+    """The table the dispatcher serves on this machine first, else the shipped H100 table; see :class:`Serving`."""
+    with warnings.catch_warnings():
+        # The dispatcher's warnings (a stale or missing table) are for a running op; the report says it its way.
+        warnings.simplefilter("ignore", dispatch.TableWarning)
+        device = dispatch.running_device()
+        tables = dispatch.serving_tables()
+    here = "no GPU here" if device is None else f"this GPU ({device.device_id}, {device.family})"
+    for source, path in tables:
+        if source == "user":
+            return Serving(path, source, f"{dispatch.ENV_PROFILE} names it; the dispatcher serves it first", None)
+        if source == "own":
+            return Serving(path, source, f"the shipped table of {here}", None)
+        if source == "family":
+            assert device is not None
+            return Serving(path, source,
+                           f"{here} has no table of its own; the dispatcher serves this table of another "
+                           f"{device.family} GPU (family fallback), and for a shape without its own key the "
+                           "nearest bucket's entry", TUNE_ADVICE)
     fallback = profile_path(SHIPPED_FALLBACK, root)
-    if fallback.exists():
-        return fallback, f"shipped H100 table ({why})"
-    candidates = sorted(Path(root).glob("h100*.json"))
-    if candidates:
-        return candidates[0], f"shipped H100 table ({why})"
-    return None, why
-
-
-def measure_profile(profile: Profile, err: Console | None = None) -> Profile:
-    """Re-time every entry of ``profile`` (tuned and default config, whole call and each stage) and the roofs on
-    this GPU, through the tuner's timing functions (tuner.measure, tuner.roofs); reports/ launches nothing itself.
-
-    Stored fla times are dropped: a baseline from another run or card is not a comparison (BASELINE.md).
-    """
-    try:
-        import torch
-    except ImportError as e:
-        raise RuntimeError(f"--measure needs torch with CUDA: {e}") from None
-    if not torch.cuda.is_available():
-        raise RuntimeError("--measure needs a CUDA GPU and found none; drop --measure to render the stored times")
-    try:
-        from gdn2_tune.tuner.device import detect_device
-        from gdn2_tune.tuner.measure import Bench, retime, stage_times
-        from gdn2_tune.tuner.roofs import measure_roofs
-    except ImportError as e:
-        raise RuntimeError(
-            f"--measure needs the tuner's timing functions (tuner.measure, tuner.device, tuner.roofs): {e}; "
-            "drop --measure to render the stored times"
-        ) from None
-    from datetime import UTC, datetime
-
-    from gdn2_tune.kernels.config import default_config
-    from gdn2_tune.profiles.table import Timing
-
-    try:
-        device = detect_device()
-    except Exception as e:  # noqa: BLE001 - NVML missing or refusing: the stored device record still names the GPU
-        if err:
-            err.print(f"[yellow]warning:[/] NVML unavailable ({e}); keeping the profile's device record")
-        device = profile.device
-
-    def timing(t: dict[str, Any]) -> Timing:
-        return Timing(t["p20_ms"], t["p50_ms"], t["p80_ms"], t["spread"])
-
-    entries = []
-    for e in profile.entries:
-        try:
-            bench = Bench(e.shape, "cuda")
-            cfgs = [e.config, default_config(e.shape)]
-            tuned, default = (timing(t) for t in retime(bench, cfgs, rounds=3)["timings"])
-            stages = stage_times(bench, cfgs)["stages"]
-        except Exception as exc:  # noqa: BLE001 - one entry that no longer runs must not stop the report
-            if err:
-                err.print(f"[yellow]warning:[/] {e.key}: could not be re-measured ({exc}); left out", highlight=False)
-            continue
-        finally:
-            bench = None
-            torch.cuda.empty_cache()
-        entries.append(dataclasses.replace(
-            e, timing=tuned, default_timing=default, speedup=default.p50_ms / tuned.p50_ms,
-            stage_ms=stages[0], default_stage_ms=stages[1], baseline_ms=None,
-        ))
-    return dataclasses.replace(
-        profile, device=device, roofs=measure_roofs(device), entries=tuple(entries),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
+    if not fallback.exists():
+        fallback = next(iter(sorted(Path(root).glob("h100*.json"))), None)  # type: ignore[arg-type]
+    served = ("" if device is None else
+              "; no table serves it, so the dispatcher launches the built-in default configs")
+    advice = None if device is None else TUNE_ADVICE
+    if fallback is None:
+        return Serving(None, "fallback", f"{here}{served}; no shipped H100 table in {root} either", advice)
+    return Serving(fallback, "fallback", f"{here}{served}; showing the shipped H100 table for reference", advice)
 
 
 def payload(view: str, report: Report, profile: Profile, source: str, entry: str | None) -> dict[str, Any]:
@@ -187,60 +176,68 @@ def payload(view: str, report: Report, profile: Profile, source: str, entry: str
 
 
 def run(args: argparse.Namespace, console: Console | None = None) -> int:
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
+
+    def fail(message: str) -> int:
+        err.print(f"[red]report:[/] {markup(message)}", highlight=False)
+        return 2
+
+    if args.measure:
+        return fail("--measure moved to the tuner: run `python tune.py measure --output FILE.json` on the GPU, "
+                    "then `python tune.py report --profile FILE.json`")
+    if args.export:
+        kind, out = args.export[0], Path(args.export[1])
+        if kind not in export.EXPORT_KINDS:
+            return fail(f"--export: expected html or svg, received {kind!r}")
+        try:
+            export.check_output(out, ours=export.is_export, what="report export", force=args.force)
+        except export.OutputError as e:
+            return fail(f"--export: {e}")
+    serving = None
     path: Path | None = args.profile
     if path is None:
-        path, why = default_profile()
-        if path is None:
-            err.print(f"[red]report:[/] no profile to show ({why}) and no shipped H100 table in {PROFILES_DIR}; "
-                      "pass --profile PATH")
-            return 2
-        source = f"{path} ({why})"
+        serving = default_profile()
+        if serving.path is None:
+            return fail(f"no table to show ({serving.why}); pass --profile PATH")
+        path = serving.path
+        source = f"{path} ({serving.why})"
     else:
         source = str(path)
-    profile, warnings = load_profile(path)
-    for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    profile, problems = load_profile(path)
+    for w in problems:
+        err.print(f"[yellow]warning:[/] {markup(w)}", highlight=False)
     if profile is None:
-        err.print(f"[red]report:[/] cannot use {path}", highlight=False)
-        return 2
-    if args.measure:
-        try:
-            profile = measure_profile(profile, err)
-        except RuntimeError as e:
-            err.print(f"[red]report:[/] {e}", highlight=False)
-            return 2
-        source += " (re-measured now)"
-    elif args.benchmark is not None:
+        return fail(f"cannot use {path}")
+    if args.benchmark is not None:
         profile, notes = with_benchmark(profile, args.benchmark)
         for note in notes:
-            err.print(f"[yellow]note:[/] {note}", highlight=False)
+            err.print(f"[yellow]note:[/] {markup(note)}", highlight=False)
         source += f" (times and fla baseline from {args.benchmark})"
 
     report = build_report(profile)
     entry = None
     if args.view == "shape" and not args.shape:
-        err.print("[red]report:[/] --view shape needs --shape KEY_OR_LABEL; keys: "
-                  + ", ".join(e.key for e in report.entries), highlight=False)
-        return 2
+        return fail("--view shape needs --shape KEY_OR_LABEL; keys: " + ", ".join(e.key for e in report.entries))
     if args.shape:
         try:
             entry = report.entry(args.shape)
         except ValueError as e:
-            err.print(f"[red]report:[/] {e}", highlight=False)
-            return 2
+            return fail(str(e))
 
     if args.json:
-        text = json.dumps(payload(args.view, report, profile, source, entry.key if entry else None), indent=2)
-        print(text)
+        doc = payload(args.view, report, profile, source, entry.key if entry else None)
+        if serving is not None:
+            doc["serving"] = serving.to_dict()
+        print(json.dumps(doc, indent=2))
         return 0
 
-    if args.export and args.export[0] not in ("html", "svg"):
-        err.print(f"[red]report:[/] --export: expected html or svg, received {args.export[0]!r}", highlight=False)
-        return 2
     console = console or Console(record=bool(args.export), width=args.width)
     width = args.width or console.width
     chart = not args.no_chart
+    if serving is not None and serving.source != "own":
+        console.print(Text(plain(f"serving: {serving.why}"), style="yellow"))
+        if serving.advice:
+            console.print(Text(f"advice: {serving.advice}", style="yellow"))
     if args.view == "suite":
         views = render.view_suite(report, profile, source, width, chart)
     elif args.view == "shape":
@@ -253,12 +250,16 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     for v in views:
         console.print(v)
     if args.export:
-        kind, out = args.export
+        kind, out = args.export[0], Path(args.export[1])
         if kind == "html":
-            console.save_html(out)
+            text = console.export_html()
         else:
-            console.save_svg(out, title=f"gdn2-tune report: {args.view}")
-        err.print(f"wrote {out}", highlight=False)
+            text = console.export_svg(title=f"gdn2-tune report: {args.view}")
+        try:
+            export.write_text(out, export.mark(kind, text))
+        except OSError as e:
+            return fail(f"--export: cannot write {out} ({e.strerror or e}); choose another path")
+        err.print(f"wrote {markup(out)}", highlight=False)
     return 0
 
 

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from gdn2_tune.profiles.table import Profile, TrialRecord, staleness
 from gdn2_tune.reports.roofline import TOTAL, EntryModel, Report, StagePoint
+from gdn2_tune.reports.text import plain
 
 UNKNOWN = "unknown architecture"
 NA = "—"
@@ -28,6 +29,8 @@ CHART_MAX_WIDTH = 110
 MARKERS = {("tuned", "intra"): "I", ("tuned", "state"): "S", ("tuned", TOTAL): "T",
            ("default", "intra"): "i", ("default", "state"): "s", ("default", TOTAL): "t"}
 BASELINE_MARKER = "B"
+# A failure reason is a compiler or worker message; its first line or two say what went wrong.
+REASON_CHARS = 160
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,15 +97,18 @@ def header(report: Report, profile: Profile, source: str) -> RenderableType:
             _roof_cell(getattr(report.theoretical, name), unit, report, theoretical=True),
         )
     lines = [
-        Text.assemble(("device ", "dim"), (f"{report.device} ({report.family})", "bold")),
-        Text.assemble(("profile ", "dim"), source, ("  created ", "dim"), profile.created,
-                      ("  torch ", "dim"), profile.torch_version, ("  triton ", "dim"), profile.triton_version),
-        Text.assemble(("roofs used ", "dim"), report.roofs.source, ("  peaks ", "dim"), report.peaks.source),
+        # Every string here may come from the table file: plain() keeps escape sequences off the terminal.
+        Text.assemble(("device ", "dim"), (plain(f"{report.device} ({report.family})"), "bold")),
+        Text.assemble(("profile ", "dim"), plain(source), ("  created ", "dim"), plain(profile.created),
+                      ("  torch ", "dim"), plain(profile.torch_version), ("  triton ", "dim"),
+                      plain(profile.triton_version)),
+        Text.assemble(("roofs used ", "dim"), plain(report.roofs.source), ("  peaks ", "dim"),
+                      plain(report.peaks.source)),
     ]
     if profile.interpret:
         lines.append(Text("tuned through the Triton interpreter: its times mean nothing", style="bold red"))
     if report.note:
-        lines.append(Text(report.note, style="yellow"))
+        lines.append(Text(plain(report.note), style="yellow"))
     return Panel(Group(*lines, roofs), title="gdn2-tune report", expand=False)
 
 
@@ -110,27 +116,51 @@ def header(report: Report, profile: Profile, source: str) -> RenderableType:
 # Suite view
 
 
-def suite_table(report: Report) -> Table:
-    table = Table(title="suite: forward per shape (medians, ms)", header_style="bold")
-    for name, justify in (("shape", "left"), ("tuned", "right"), ("default", "right"), ("fla", "right"),
-                          ("vs default", "right"), ("vs fla", "right"), ("% of roof", "right"),
-                          ("binding roof", "left"), ("op floor", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+def _two_line_label(label: str) -> str:
+    """``B8-T4096-H16-K128-V128-bf16`` on two lines, batch and heads above the head dims: the widest cell of the
+    suite table halves, so that it fits 80 columns without cutting a label."""
+    head, sep, tail = label.partition("-K")
+    return f"{head}\n{sep[1:]}{tail}" if sep else label
+
+
+# Below this many columns the suite table puts each shape label on two lines.
+NARROW_COLUMNS = 100
+
+
+def suite_table(report: Report, profile: Profile | None = None, width: int = NARROW_COLUMNS) -> Table:
+    table = Table(title="suite: forward per shape (medians, ms)", header_style="bold", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), collapse_padding=True, pad_edge=False)
+    before = {e.key: e.vs_before for e in profile.entries} if profile is not None else {}
+    # Columns with nothing to say for any entry are left out (most tables have no fla time and older ones no
+    # "before tuning"): a narrower table that fits 80 columns reads better than a column of dashes.
+    has_fla = any(e.baseline is not None for e in report.entries)
+    has_before = any(v is not None for v in before.values())
+    columns: list[tuple[str, str]] = [("shape", "left"), ("tuned", "right"), ("default", "right")]
+    columns += [("fla", "right")] if has_fla else []
+    columns += [("vs\ndefault", "right")]
+    columns += [("vs\nfla", "right")] if has_fla else []
+    columns += [("vs before\ntuning", "right")] if has_before else []
+    columns += [("% of\nroof", "right"), ("binding\nroof", "left"), ("op\nfloor", "right")]
+    for name, justify in columns:
+        # fold, never an ellipsis: a cut label or number is worse than a cell on two lines.
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for e in report.entries:
         tuned, default = e.point(TOTAL), e.point(TOTAL, "default")
-        table.add_row(
-            e.shape.label(),
-            ms(tuned.time_ms if tuned else None),
-            ms(default.time_ms if default else None),
-            ms(e.baseline.time_ms if e.baseline else None),
-            ratio(e.speedup),
-            ratio(e.speedup_baseline),
-            pct(tuned.pct_roof if tuned else None, report),
-            (tuned.bound if tuned and tuned.bound else (UNKNOWN if _roofs_unknown(report) else NA)),
-            ms(e.op_floor_ms),
-        )
-    table.caption = ("vs = speedup of the tuned config; % of roof = the binding roof's floor time / measured time "
-                     "for the whole call; op floor = inputs read once + output written once at the memory roof")
+        label = e.shape.label()
+        cells = [_two_line_label(label) if width < NARROW_COLUMNS else label, ms(tuned.time_ms if tuned else None),
+                 ms(default.time_ms if default else None)]
+        cells += [ms(e.baseline.time_ms if e.baseline else None)] if has_fla else []
+        cells += [ratio(e.speedup)]
+        cells += [ratio(e.speedup_baseline)] if has_fla else []
+        cells += [ratio(before.get(e.key))] if has_before else []
+        cells += [pct(tuned.pct_roof if tuned else None, report), _short_bound(tuned.bound if tuned else None, report),
+                  ms(e.op_floor_ms)]
+        table.add_row(*cells, end_section=width < NARROW_COLUMNS)
+    table.caption = ("vs = speedup of the tuned config"
+                     + (" (before tuning: over what this GPU was served before the run, timed in the same run)"
+                        if has_before else "")
+                     + "; % of roof = the binding roof's floor time / measured time for the whole call (TC: tensor "
+                     "cores); op floor = inputs read once + output written once at the memory roof")
     return table
 
 
@@ -280,6 +310,29 @@ def _decade(d: int) -> str:
 # Convergence view
 
 
+# A table stores each trial's Optuna state; two kinds of FAIL are not the config's failures, and the tuner's counts
+# (Entry.failed, which `show` prints) leave them out: a trial stopped by the study deadline or by a killed process
+# (re-queued and measured by the next run) and a duplicate proposal (answered without a measurement). The record
+# keeps only their reason, so they are recognised by the tuner's wording (tests/test_reports_render.py checks that
+# tuner/study.py still uses it).
+INTERRUPTED_REASONS = ("study deadline passed while it compiled", "its process ended before the trial finished")
+DUPLICATE_REASON_PREFIX = "duplicate of "
+
+
+def outcome(t: TrialRecord) -> str:
+    """"complete", "pruned", "failed", "interrupted" or "duplicate": what the tuner counted the trial as."""
+    if t.state == "COMPLETE":
+        return "complete"
+    if t.state == "PRUNED":
+        return "pruned"
+    reason = t.reason or ""
+    if reason in INTERRUPTED_REASONS:
+        return "interrupted"
+    if reason.startswith(DUPLICATE_REASON_PREFIX):
+        return "duplicate"
+    return "failed"
+
+
 @dataclass(frozen=True)
 class Convergence:
     """A study's history: running best against trial number, and where failed and pruned trials fell."""
@@ -290,15 +343,16 @@ class Convergence:
     best: float | None
     best_at: int | None
     within_5pct_at: int | None  # first trial whose running best was within 5% of the final best
-    failed: tuple[int, ...]
+    failed: tuple[int, ...]  # as the tuner counts them: not the interrupted trials nor the duplicates
     pruned: tuple[int, ...]
     reasons: tuple[tuple[str, int], ...]  # distinct failure/prune reasons with their counts
+    not_run: tuple[int, ...] = ()  # interrupted trials and duplicate proposals: no verdict on the config
 
     def to_dict(self) -> dict[str, object]:
         return {
             "key": self.key, "numbers": list(self.numbers), "best_ms": list(self.best_ms), "best": self.best,
             "best_at": self.best_at, "within_5pct_at": self.within_5pct_at, "failed": list(self.failed),
-            "pruned": list(self.pruned), "reasons": [list(r) for r in self.reasons],
+            "pruned": list(self.pruned), "reasons": [list(r) for r in self.reasons], "not_run": list(self.not_run),
         }
 
 
@@ -314,7 +368,8 @@ def convergence(trials: Sequence[TrialRecord], key: str) -> Convergence:
     within = None
     if best is not None:
         within = next(t.number for t, b in zip(mine, running, strict=True) if b is not None and b <= 1.05 * best)
-    reasons = Counter(f"{t.state.lower()}: {t.reason}" for t in mine if t.state in ("FAIL", "PRUNED") and t.reason)
+    reasons = Counter(f"{outcome(t)}: {plain(t.reason, REASON_CHARS)}" for t in mine
+                      if outcome(t) not in ("complete", "duplicate") and t.reason)
     return Convergence(
         key=key,
         numbers=tuple(t.number for t in mine),
@@ -322,20 +377,25 @@ def convergence(trials: Sequence[TrialRecord], key: str) -> Convergence:
         best=best,
         best_at=best_at,
         within_5pct_at=within,
-        failed=tuple(t.number for t in mine if t.state == "FAIL"),
-        pruned=tuple(t.number for t in mine if t.state == "PRUNED"),
+        failed=tuple(t.number for t in mine if outcome(t) == "failed"),
+        pruned=tuple(t.number for t in mine if outcome(t) == "pruned"),
         reasons=tuple(reasons.most_common()),
+        not_run=tuple(t.number for t in mine if outcome(t) in ("interrupted", "duplicate")),
     )
 
 
 def outcome_strip(trials: Sequence[TrialRecord], key: str) -> Text:
-    """One character per trial in order: ▼ a new best, · completed, p pruned, x failed."""
+    """One character per trial in order: ▼ a new best, · completed, p pruned, x failed, - not run (interrupted
+    or a duplicate proposal)."""
     text = Text()
     best = None
     for t in sorted((t for t in trials if t.key == key), key=lambda t: t.number):
-        if t.state == "FAIL":
+        kind = outcome(t)
+        if kind == "failed":
             text.append("x", style="red")
-        elif t.state == "PRUNED":
+        elif kind in ("interrupted", "duplicate"):
+            text.append("-", style="dim")
+        elif kind == "pruned":
             text.append("p", style="yellow")
         elif t.value_ms is not None and (best is None or t.value_ms < best):
             best = t.value_ms
@@ -346,18 +406,21 @@ def outcome_strip(trials: Sequence[TrialRecord], key: str) -> Text:
 
 
 def convergence_table(profile: Profile, keys: Sequence[str]) -> Table:
-    table = Table(title="convergence: studies (▼ new best, · completed, p pruned, x failed)", header_style="bold",
+    table = Table(title="convergence: studies (▼ new best, · completed, p pruned, x failed, - not run)",
+                  header_style="bold",
                   box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
     # The outcome strip sits under the key and folds onto more lines for long studies.
     table.add_column("key / trial outcomes", overflow="fold", min_width=30)
-    for c in ("trials", "best ms", "best at", "≤5% at", "fail", "pruned"):
+    for c in ("proposals", "best ms", "best at", "≤5% at", "failed", "pruned", "not run"):
         table.add_column(c, justify="right", no_wrap=True)
     for key in keys:
         c = convergence(profile.trials, key)
         table.add_row(Text(key + "\n") + outcome_strip(profile.trials, key), str(len(c.numbers)), ms(c.best),
                       _num(c.best_at), _num(c.within_5pct_at), str(len(c.failed)), str(len(c.pruned)),
-                      end_section=True)
-    table.caption = "≤5% at: the first trial after which the best found was within 5% of the final best"
+                      str(len(c.not_run)), end_section=True)
+    table.caption = ("≤5% at: the first trial after which the best found was within 5% of the final best; failed and "
+                     "pruned as `show` counts them; not run: stopped by a deadline or a killed process (measured "
+                     "again by the next run), or a duplicate proposal")
     return table
 
 
@@ -407,8 +470,8 @@ def convergence_chart(c: Convergence, trials: Sequence[TrialRecord], width: int)
 
 def coverage_table(report: Report, profile: Profile) -> Table:
     stale = staleness(profile)
-    title = (f"coverage: {len(profile.entries)} keys on {report.device}, tuned {profile.created} "
-             f"({profile.sampler}, budget {profile.budget})")
+    title = plain(f"coverage: {len(profile.entries)} keys on {report.device}, tuned {profile.created} "
+                  f"({profile.sampler}, budget {profile.budget})")
     table = Table(title=title, header_style="bold")
     for c in ("key / shape", "tuned config", "trials", "failed", "pruned", "fla timed"):
         table.add_column(c, justify="right" if c in ("trials", "failed", "pruned") else "left", overflow="fold",
@@ -428,7 +491,7 @@ def coverage_table(report: Report, profile: Profile) -> Table:
 
 
 def view_suite(report: Report, profile: Profile, source: str, width: int, chart: bool) -> list[RenderableType]:
-    out: list[RenderableType] = [header(report, profile, source), suite_table(report)]
+    out: list[RenderableType] = [header(report, profile, source), suite_table(report, profile, width)]
     if chart:
         out.append(roofline_chart(report, chart_points(report.entries, (TOTAL,)), width,
                                   "roofline: whole forward per shape"))

@@ -166,22 +166,25 @@ def test_cli_errors_are_explained(capsys: pytest.CaptureFixture[str]) -> None:
     assert "cannot be read" in capsys.readouterr().err
 
 
-def test_measure_without_a_gpu_says_so(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def test_measure_is_a_tuner_command_now(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run(args("--profile", str(FIXTURE), "--measure")) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tune.py measure" in err and err.count("\n") == 1
 
 
 def test_default_profile_falls_back_to_the_shipped_h100_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
+    from gdn2_tune.profiles import dispatch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.default_profile(tmp_path)[0] is None
+    monkeypatch.setattr(dispatch, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(dispatch, "_running_device", lambda: None)  # no GPU
+    monkeypatch.delenv(dispatch.ENV_PROFILE, raising=False)
+    dispatch.clear_cache()
+    assert cli.default_profile(tmp_path).path is None
     shutil.copy(FIXTURE, tmp_path / "h100-80gb-hbm3.json")
-    path, why = cli.default_profile(tmp_path)
-    assert path == tmp_path / "h100-80gb-hbm3.json" and "H100" in why
+    serving = cli.default_profile(tmp_path)
+    assert serving.path == tmp_path / "h100-80gb-hbm3.json" and "H100" in serving.why
+    assert serving.source == "fallback" and serving.advice is None  # no GPU: nothing to tune
+    dispatch.clear_cache()
 
 
 def test_python_dash_m_reports_runs() -> None:
@@ -190,7 +193,7 @@ def test_python_dash_m_reports_runs() -> None:
 
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
-        [sys.executable, "-m", "reports", "--profile", str(FIXTURE), "--no-chart", "--width", "140"],
+        [sys.executable, "-m", "gdn2_tune.reports", "--profile", str(FIXTURE), "--no-chart", "--width", "140"],
         cwd=root, capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": ""}, check=False,
     )
     assert proc.returncode == 0, proc.stderr

@@ -1,17 +1,57 @@
-"""The subcommands of ``tune.py``: argument definitions and the library calls behind them."""
+"""The subcommands of ``tune.py``: argument definitions and the library calls behind them.
+
+What a user sees when something goes wrong is decided here, once, in :func:`main`: a mistake they can fix (a bad
+argument, a path that cannot be written, no GPU) is one line on stderr saying what to do, with exit code 2; an
+internal error is one line too, with exit code 1, and ``--debug`` shows the traceback; Ctrl-C says where the run
+is kept and the command that resumes it, with exit code 130. Every argument is checked before any work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import dataclasses
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
-from rich.table import Table
 
 from gdn2_tune.profiles import table
+from gdn2_tune.reports import show as show_view
+from gdn2_tune.reports.export import OutputError, check_output
+from gdn2_tune.reports.text import markup, plain
 from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.suite import INTERPRET_SHAPE, SHAPE_SYNTAX, SUITE, parse_shape
+
+if TYPE_CHECKING:
+    from gdn2_tune.tuner.run import TuneOptions
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+# What shells report for a process ended by SIGINT (128 + 2); scripts wrapping tune.py test for it.
+EXIT_INTERRUPTED = 130
+# The journal file of a run dir when --storage is not given (tuner.study.open_storage names it the same).
+JOURNAL_NAME = "studies.journal.log"
+
+
+def _stderr() -> Console:
+    # soft_wrap: a message stays one line (the terminal wraps it), so that it can be read by grep and by scripts.
+    return Console(stderr=True, soft_wrap=True)
+
+
+class UsageError(ValueError):
+    """A mistake on the command line or in the environment that the user can fix; the message says how."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage before an error; one line naming the command and ``--help`` reads better."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -85,30 +125,144 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="timing of one config before it counts as a hang (default 120)")
     p.add_argument("--top-k", type=_positive_int, default=4, help="candidates re-timed interleaved at the end")
     p.add_argument("--no-progress", action="store_true", help="no live table (logs only)")
+    p.add_argument("--force", action="store_true", help="let --output replace a file that is not a table")
 
 
-def tune_command(args: argparse.Namespace) -> int:
-    from gdn2_tune.tuner.run import RUNS_DIR, TuneOptions, tune
+def _check_directory(path: Path, flag: str) -> None:
+    """``path`` is, or can be created as, a writable directory."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag}: {path} is a file, expected a directory; choose another path")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot create or write {path} ({existing} is not a writable directory); "
+                         "choose another path")
+
+
+def _journal(storage: str | None, run_dir: Path) -> Path | None:
+    """The journal file of the run, or None for a database storage."""
+    if storage is None:
+        return run_dir / JOURNAL_NAME
+    if storage.startswith("journal:") or storage.endswith(".log"):
+        return Path(storage.removeprefix("journal:"))
+    return None
+
+
+def _require_gpus(gpus: tuple[int, ...] | None) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("no CUDA GPU found (torch sees none); to try the whole flow on the CPU, run "
+                         "`python tune.py tune --interpret`")
+    count = torch.cuda.device_count()
+    if gpus and max(gpus) >= count:
+        raise UsageError(f"--gpus: expected indices below {count} (this machine has {count} GPU"
+                         f"{'s' if count != 1 else ''}), received {','.join(map(str, gpus))}")
+
+
+def tune_options(args: argparse.Namespace) -> TuneOptions:
+    """The run's :class:`tuner.run.TuneOptions`, after every check that needs no GPU time (raises UsageError)."""
+    from gdn2_tune.tuner.run import RUNS_DIR, TuneOptions
     from gdn2_tune.tuner.space import parse_param_choices
 
     if args.interpret:
         shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else (INTERPRET_SHAPE,)
         budget, timeout = args.budget_minutes, args.timeout
+        if args.gpus:
+            raise UsageError("--gpus: not with --interpret (the interpreter runs on the CPU); drop one of them")
     else:
         shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else SUITE
         budget = 8.0 if args.budget_minutes is None else args.budget_minutes
         timeout = 90.0 if args.timeout is None else args.timeout
     choices = parse_param_choices(args.param)
     run_dir = args.run_dir or (RUNS_DIR / ("interpret" if args.interpret else "default"))
-    options = TuneOptions(
+    _check_directory(run_dir, "--run-dir")
+    if args.storage is not None:
+        journal = _journal(args.storage, run_dir)
+        if journal is None and "://" not in args.storage:
+            raise UsageError(f"--storage: expected postgresql://user@host/db, sqlite:///path or journal:PATH, "
+                             f"received {args.storage!r}")
+        if journal is not None:
+            _check_output("--storage", journal, ours=lambda _: True, force=False)
+    if args.output is not None:
+        _check_output("--output", args.output, ours=_is_table, force=args.force)
+    elif not args.interpret:
+        _check_directory(table.PROFILES_DIR, "the default --output directory")
+    if not args.interpret:
+        _require_gpus(args.gpus)
+    return TuneOptions(
         shapes=shapes, sampler=args.sampler, seed=args.seed, trials=args.trials, timeout_s=timeout,
         budget_minutes=budget, storage=args.storage, run_dir=run_dir, gpus=args.gpus, interpret=args.interpret,
         output=args.output, param_choices={k: tuple(v) for k, v in choices.items()}, parallel=args.parallel,
         gate_timeout_s=args.gate_timeout, time_timeout_s=args.time_timeout, top_k=args.top_k,
         progress=not args.no_progress,
     )
-    result = tune(options)
+
+
+def _program() -> str:
+    """How the user started us, for the commands we suggest: ``python tune.py`` or the ``gdn2-tune`` script."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name == "gdn2-tune" else "python tune.py"
+
+
+def interrupted_message(options: TuneOptions, argv: Sequence[str]) -> str:
+    """Where an interrupted run is kept and the exact command that resumes it (the same command: a run resumes
+    from its run dir, or from --storage, and counts the trials it finds there)."""
+    run_dir = Path(options.run_dir)
+    journal = _journal(options.storage, run_dir)
+    kept = f"the studies are kept in {journal or options.storage}"
+    command = [*shlex.split(_program()), *argv]
+    if "--run-dir" not in argv and not any(a.startswith("--run-dir=") for a in argv):
+        command += ["--run-dir", str(run_dir)]
+    return f"interrupted: {kept} (run dir {run_dir}); resume with: {shlex.join(command)}"
+
+
+def tune_command(args: argparse.Namespace) -> int:
+    from gdn2_tune.tuner.run import tune
+
+    options = tune_options(args)
+    try:
+        result = tune(options)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _stderr().print(markup(interrupted_message(options, args.argv)), highlight=False)
+        return EXIT_INTERRUPTED
     return 0 if result.profile_path is not None and result.entries else 1
+
+
+def add_measure_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", type=Path, default=None,
+                   help="table whose entries to re-time (default: what `tune.py report` shows on this machine)")
+    p.add_argument("--output", "-o", type=Path, default=None,
+                   help="where to store the measured table (default runs/measured/<table name>.json)")
+    p.add_argument("--force", action="store_true", help="let --output replace a file that is not a table")
+
+
+def measure_command(args: argparse.Namespace) -> int:
+    """Re-time a table's entries and the roofs on this GPU; store them as a table that ``report`` renders."""
+    from gdn2_tune.reports.cli import default_profile
+    from gdn2_tune.tuner.remeasure import measure_profile
+    from gdn2_tune.tuner.run import RUNS_DIR
+
+    err = _stderr()
+    path = args.profile
+    if path is None:
+        path = default_profile().path
+        if path is None:
+            raise UsageError("no table to measure; pass --profile PATH")
+    output = args.output or RUNS_DIR / "measured" / path.name
+    _check_output("--output", output, ours=_is_table, force=args.force)
+    _require_gpus(None)
+    profile = _load_or_complain(path, err)
+    if profile is None:
+        raise UsageError(f"{path} is not a usable table")
+    measured = measure_profile(profile, lambda w: err.print(f"[yellow]warning:[/] {markup(w)}", highlight=False))
+    table.save_profile(measured, output)
+    err.print(markup(f"wrote {output}: {len(measured.entries)} entries measured now; render it with "
+                     f"`{_program()} report --profile {shlex.quote(str(output))}`"), highlight=False)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,75 +272,83 @@ def tune_command(args: argparse.Namespace) -> int:
 def _load_or_complain(path: Path, console: Console) -> table.Profile | None:
     profile, warnings = table.load_profile(path)
     for w in warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {markup(w)}", highlight=False)
     return profile
+
+
+def _check_output(flag: str, path: Path, *, ours: Callable[[Path], bool], force: bool) -> None:
+    try:
+        check_output(path, ours=ours, what="table", force=force)
+    except OutputError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def _is_table(path: Path) -> bool:
+    """Whether ``path`` holds a config table (valid or not): what --output may overwrite without --force."""
+    try:
+        if path.stat().st_size > table.MAX_TABLE_BYTES:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "schema_version" in data and "entries" in data
+
+
+def _suite_keys() -> list[tuple[str, str]]:
+    return [(table.entry_key("fwd", s), s.label()) for s in SUITE]
 
 
 def add_show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tables", nargs="*", type=Path, help="table files (default: every profiles/*.json)")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON (one document, a list of tables)")
+    p.add_argument("--width", type=int, default=None,
+                   help="columns to lay out for (default: the terminal's, 80 when piped)")
 
 
 def show_command(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(width=args.width)
+    err = _stderr()
     paths = list(args.tables) or sorted(table.PROFILES_DIR.glob("*.json"))
     if not paths:
-        console.print(f"no tables in {table.PROFILES_DIR}")
-        return 1
+        raise UsageError(f"no tables in {table.PROFILES_DIR}; name table files, e.g. tune.py show PATH.json")
     status = 0
+    docs = []
     for path in paths:
-        profile = _load_or_complain(path, console)
+        profile = _load_or_complain(path, err)
         if profile is None:
             status = 1
             continue
-        d = profile.device
-        stale = table.staleness(profile)
-        title = (f"{path}: {d.name} ({d.device_id}, {d.family}, {d.sm_count} SMs), driver {d.driver}, "
-                 f"torch {profile.torch_version}, triton {profile.triton_version}, {profile.created}, "
-                 f"sampler {profile.sampler}" + (" [INTERPRETER: timings mean nothing]" if profile.interpret else "")
-                 + (f" [STALE, still served; re-tune for best speed: {'; '.join(stale)}]" if stale else ""))
-        t = Table(title=title, title_justify="left")
-        for col in ("key", "config", "p50 ms", "p20-p80", "default ms", "speedup", "spread", "intra/state ms",
-                    "trials", "pruned", "failed"):
-            t.add_column(col)
-        for e in profile.entries:
-            t.add_row(
-                e.key, e.config.label(), f"{e.timing.p50_ms:.4f}", f"{e.timing.p20_ms:.4f}-{e.timing.p80_ms:.4f}",
-                f"{e.default_timing.p50_ms:.4f}", f"{e.speedup:.2f}x", f"{e.timing.spread:.1%}",
-                "/".join(f"{e.stage_ms.get(s, float('nan')):.3f}" for s in ("intra", "state")),
-                str(e.trials), str(e.pruned), str(e.failed),
-            )
-        console.print(t)
-        covered = {e.key for e in profile.entries}
-        missing = [s.label() for s in SUITE if table.entry_key("fwd", s) not in covered]
-        console.print(f"suite coverage: {len(SUITE) - len(missing)}/{len(SUITE)}"
-                      + (f"; missing: {', '.join(missing)}" if missing else ""), highlight=False)
+        if args.json:
+            docs.append(show_view.show_dict(profile, path, _suite_keys()))
+            continue
+        for renderable in show_view.show_view(profile, path, console.width, _suite_keys()):
+            console.print(renderable, highlight=False)
+    if args.json:
+        print(json.dumps(docs, indent=2))
     return status
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tables", nargs="+", type=Path, help="tables of one device (from several runs or machines)")
     p.add_argument("--output", "-o", type=Path, required=True, help="where to write the merged table")
+    p.add_argument("--force", action="store_true", help="let --output replace a file that is not a table")
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    console = Console()
+    _check_output("--output", args.output, ours=_is_table, force=args.force)
+    err = _stderr()
     profiles, names = [], []
     for path in args.tables:
-        profile = _load_or_complain(path, console)
+        profile = _load_or_complain(path, err)
         if profile is None:
-            console.print(f"[red]error:[/] {path} is not a usable table", highlight=False)
-            return 1
+            raise UsageError(f"{path} is not a usable table (see the warning above)")
         profiles.append(profile)
         names.append(str(path))
-    try:
-        merged, notes = table.merge_profiles(profiles, names=names)
-    except ValueError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
-        return 1
+    merged, notes = table.merge_profiles(profiles, names=names)
     for n in notes:
-        console.print(n, highlight=False)
+        err.print(markup(n), highlight=False)
     table.save_profile(merged, args.output)
-    console.print(f"wrote {args.output}: {len(merged.entries)} entries", highlight=False)
+    err.print(markup(f"wrote {args.output}: {len(merged.entries)} entries"), highlight=False)
     return 0
 
 
@@ -195,12 +357,15 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("destination", type=Path, help="file or directory to write the validated table to")
     p.add_argument("--strict", action="store_true", help="fail on any warning (skipped entries, stale sources)")
     p.add_argument("--keep-trials", action="store_true", help="keep the study histories (default: drop them)")
+    p.add_argument("--force", action="store_true", help="let the destination replace a file that is not a table")
 
 
 def export_command(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    console = Console()
+    err = _stderr()
+    dest = args.destination
+    if not dest.is_dir():
+        # Checked before loading when the name is known; a directory's file name comes from the table's device.
+        _check_output("destination", dest, ours=_is_table, force=args.force)
     profile, warnings = table.load_profile(args.table)
     problems = list(warnings)
     if profile is not None:
@@ -209,58 +374,88 @@ def export_command(args: argparse.Namespace) -> int:
     if profile is not None and profile.interpret:
         problems.append(f"{args.table}: interpret: an interpreter table; its timings mean nothing")
     for w in problems:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    if profile is None or (args.strict and problems):
-        console.print("[red]error:[/] not exported", highlight=False)
-        return 1
-    dest = args.destination
+        err.print(f"[yellow]warning:[/] {markup(w)}", highlight=False)
+    if profile is None:
+        raise UsageError(f"{args.table} is not a usable table (see the warning above); not exported")
+    if args.strict and problems:
+        raise UsageError("not exported: --strict and the warnings above")
     if dest.is_dir():
         dest = table.profile_path(profile.device.device_id, dest)
+        _check_output("destination", dest, ours=_is_table, force=args.force)
     if not args.keep_trials:
         profile = dataclasses.replace(profile, trials=())
     table.save_profile(profile, dest)
-    console.print(f"wrote {dest}: {len(profile.entries)} entries", highlight=False)
+    err.print(markup(f"wrote {dest}: {len(profile.entries)} entries"), highlight=False)
     return 0
 
 
 def main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tune.py", description="Autotune the GDN-2 chunk kernels and manage tables.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, add, helptext in (
+    parser = OneLineParser(prog="tune.py", description="Autotune the GDN-2 chunk kernels and manage tables.")
+    debug_help = "show the full traceback of an error (by default: one line)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    commands: list[tuple[str, Callable[[argparse.ArgumentParser], object], str]] = [
         ("tune", add_tune_arguments, "tune the kernel stages for this GPU (or --interpret) and write its table"),
         ("show", add_show_arguments, "print a table's entries and its coverage of the suite"),
         ("merge", add_merge_arguments, "combine tables of one device, keeping the faster entry per key"),
         ("export", add_export_arguments, "validate a table and write a clean copy (e.g. to ship)"),
-    ):
-        add(sub.add_parser(name, help=helptext, description=helptext))
+        ("measure", add_measure_arguments,
+         "(GPU) re-time a table's configs on this GPU now and store the times as a table for `report --profile`"),
+    ]
+    for name, add, helptext in commands:
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        add(p)
+        # Also after the command (tune.py tune --debug); SUPPRESS keeps a --debug given before it.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     report = sub.add_parser("report", help="terminal reports from stored tables (reports.cli)")
-    try:
-        from gdn2_tune.reports import cli as reports_cli
-    except ImportError as err:
-        report.set_defaults(report_missing=str(err))
-    else:
-        reports_cli.add_arguments(report)
+    from gdn2_tune.reports import cli as reports_cli
+
+    reports_cli.add_arguments(report)
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = main_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "tune":
-            return tune_command(args)
-        if args.command == "show":
-            return show_command(args)
-        if args.command == "merge":
-            return merge_command(args)
-        if args.command == "export":
-            return export_command(args)
-        if args.command == "report":
-            if getattr(args, "report_missing", None):
-                parser.error(f"report: the reports package is not available ({args.report_missing})")
-            from gdn2_tune.reports import cli as reports_cli
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        from gdn2_tune.reports import cli as reports_cli
 
-            return int(reports_cli.run(args))
-    except ValueError as err:
-        parser.error(str(err))
-    raise AssertionError(f"unhandled command {args.command!r}")
+        return int(reports_cli.run(args))
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "tune": tune_command, "show": show_command, "merge": merge_command, "export": export_command,
+        "measure": measure_command,
+    }
+    return handlers[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = main_parser().parse_args(argv)
+    # The command's own arguments, for the resume command of an interrupted run.
+    args.argv = argv[argv.index(args.command):] if args.command in argv else argv
+    err = _stderr()
+    try:
+        return run_command(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        err.print(f"tune.py {args.command}: interrupted", highlight=False)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as e:
+        # ValueError: what the library raises for arguments it rejects (shapes, --param, table contents);
+        # OSError: a path that cannot be read or written. Both are the user's to fix, and the message says how.
+        if args.debug:
+            raise
+        err.print(markup(f"tune.py {args.command}: error: {_describe(e)}"), highlight=False)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        if args.debug:
+            raise
+        err.print(markup(f"tune.py {args.command}: internal error: {type(e).__name__}: {_describe(e)} "
+                         f"(run again with --debug for the traceback)"), highlight=False)
+        return EXIT_INTERNAL_ERROR
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return plain(e)
