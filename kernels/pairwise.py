@@ -1,0 +1,204 @@
+"""Decay-weighted pair products of one chunk, and their backward: the parts of the chunk backward that must never
+form exp(−G).
+
+For a chunk of C rows with within-chunk cumulative log-decay G ∈ R^{C×K} (non-increasing down each column), row
+factors X ∈ R^{C×K} and column factors Y ∈ R^{C×K}, the forward product is
+
+    M_rs = Σ_c X_rc Y_sc exp(G_rc − G_sc)       for s < r (STRICT) or s ≤ r, else 0
+
+which gives T (X = b⊙k, strict) and A_qk (X = scale·q, inclusive) of ../shared/GDN2.md with Y = k. Given upstream
+C×C matrices dM (zero outside the triangle), the backward products are
+
+    DX_rc = Σ_s dM_rs Y_sc exp(G_rc − G_sc)        DY_sc = Σ_r dM_rs X_rc exp(G_rc − G_sc)
+
+and the decay's gradient follows elementwise from them: dG_r += X_r ⊙ DX_r, dG_s −= Y_s ⊙ DY_s.
+
+Every exponential has a non-positive exponent. The chunk is cut into NB = C / BC sub-blocks; for rows r in block I and
+columns s before it, with the reference ref_I = G at the row before I, exp(G_r − G_s) = exp(G_r − ref_I)·exp(ref_I
+− G_s), both factors ≤ 1, so those pairs are tensor-core products. Pairs inside a diagonal block are formed one by
+one as a [BC, BC, BK] tensor of exp(min(G_r − G_s, 0)). A factor that underflows to 0 belongs to a pair whose true
+weight is smaller still. For DY the reference of column block J is G at J's last row, and rows after J factor the
+same way.
+
+One program per (chunk, head) for the forward (it accumulates over K slices), one per (K slice, chunk, head) for the
+backward (K slices are independent there). Inputs are fp32 [N, H, C, K] (chunk-major: kernels/chunk_bwd.py lays the
+chunks out); outputs fp32. No atomics: every output element has one writer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gdn2_tune.kernels.buffers import output_buffer
+
+PAIR_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+@triton.jit
+def _pairs_fwd_kernel(
+    x1, x2, y, G, m1, m2,
+    K,
+    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr,
+    STRICT1: tl.constexpr, STRICT2: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """M1 = pairs(X1, Y), M2 = pairs(X2, Y) for one (chunk, head): both share the column factors."""
+    i_nh = tl.program_id(0)
+    base = i_nh.to(tl.int64) * C * K
+    x1 += base
+    x2 += base
+    y += base
+    G += base
+    m1 += i_nh.to(tl.int64) * C * C
+    m2 += i_nh.to(tl.int64) * C * C
+    o_c = tl.arange(0, C)
+    o_bc = tl.arange(0, BC)
+    for i_blk in tl.static_range(NB):
+        n0 = i_blk * BC
+        o_r = n0 + o_bc
+        acc1 = tl.zeros([BC, C], tl.float32)
+        acc2 = tl.zeros([BC, C], tl.float32)
+        dia1 = tl.zeros([BC, BC], tl.float32)
+        dia2 = tl.zeros([BC, BC], tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = (o_k < K)[None, :]
+            b_G = tl.load(G + o_c[:, None] * K + o_k[None, :], mask=m_k, other=0.0)
+            b_y = tl.load(y + o_c[:, None] * K + o_k[None, :], mask=m_k, other=0.0)
+            b_Gr = tl.load(G + o_r[:, None] * K + o_k[None, :], mask=m_k, other=0.0)
+            b_x1 = tl.load(x1 + o_r[:, None] * K + o_k[None, :], mask=m_k, other=0.0)
+            b_x2 = tl.load(x2 + o_r[:, None] * K + o_k[None, :], mask=m_k, other=0.0)
+            b_yr = tl.load(y + o_r[:, None] * K + o_k[None, :], mask=m_k, other=0.0)
+            if n0 > 0:
+                b_ref = tl.load(G + (n0 - 1) * K + o_k, mask=o_k < K, other=0.0)
+                e_row = tl.exp(tl.minimum(b_Gr - b_ref[None, :], 0.0))
+                # Columns before the block only; the clamp keeps the masked-out rows finite.
+                e_col = tl.where((o_c < n0)[:, None], tl.exp(tl.minimum(b_ref[None, :] - b_G, 0.0)), 0.0)
+                b_yc = tl.trans(b_y * e_col)
+                acc1 += tl.dot(b_x1 * e_row, b_yc, input_precision=PRECISION)
+                acc2 += tl.dot(b_x2 * e_row, b_yc, input_precision=PRECISION)
+            # Diagonal block, pair by pair.
+            e = tl.exp(tl.minimum(b_Gr[:, None, :] - b_Gr[None, :, :], 0.0)) * b_yr[None, :, :]
+            dia1 += tl.sum(b_x1[:, None, :] * e, 2)
+            dia2 += tl.sum(b_x2[:, None, :] * e, 2)
+        # Two stores with disjoint masks (no element is written twice, so no ordering between threads matters).
+        p_m = o_r[:, None] * C + o_c[None, :]
+        off = (o_c < n0)[None, :] | (o_c >= n0 + BC)[None, :]
+        tl.store(m1 + p_m, tl.where((o_c < n0)[None, :], acc1, 0.0), mask=off)
+        tl.store(m2 + p_m, tl.where((o_c < n0)[None, :], acc2, 0.0), mask=off)
+        p_d = o_r[:, None] * C + o_r[None, :]
+        if STRICT1:
+            keep1 = o_bc[:, None] > o_bc[None, :]
+        else:
+            keep1 = o_bc[:, None] >= o_bc[None, :]
+        if STRICT2:
+            keep2 = o_bc[:, None] > o_bc[None, :]
+        else:
+            keep2 = o_bc[:, None] >= o_bc[None, :]
+        tl.store(m1 + p_d, tl.where(keep1, dia1, 0.0))
+        tl.store(m2 + p_d, tl.where(keep2, dia2, 0.0))
+
+
+@triton.jit
+def _pairs_bwd_kernel(
+    dm1, dm2, x1, x2, y, G,
+    dx1, dx2, dy,
+    K,
+    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """DX1 = dM1 ⋆ Y, DX2 = dM2 ⋆ Y, DY = dM1ᵀ ⋆ X1 + dM2ᵀ ⋆ X2 (⋆: the decay-weighted product) on one K slice."""
+    i_k, i_nh = tl.program_id(0), tl.program_id(1)
+    base = i_nh.to(tl.int64) * C * K
+    x1 += base
+    x2 += base
+    y += base
+    G += base
+    dx1 += base
+    dx2 += base
+    dy += base
+    dm1 += i_nh.to(tl.int64) * C * C
+    dm2 += i_nh.to(tl.int64) * C * C
+    o_c = tl.arange(0, C)
+    o_bc = tl.arange(0, BC)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = (o_k < K)[None, :]
+    p_all = o_c[:, None] * K + o_k[None, :]
+    b_G = tl.load(G + p_all, mask=m_k, other=0.0)
+    b_y = tl.load(y + p_all, mask=m_k, other=0.0)
+    b_x1 = tl.load(x1 + p_all, mask=m_k, other=0.0)
+    b_x2 = tl.load(x2 + p_all, mask=m_k, other=0.0)
+    for i_blk in tl.static_range(NB):
+        n0 = i_blk * BC
+        o_r = n0 + o_bc
+        p_r = o_r[:, None] * K + o_k[None, :]
+        b_Gr = tl.load(G + p_r, mask=m_k, other=0.0)
+        b_yr = tl.load(y + p_r, mask=m_k, other=0.0)
+        b_x1r = tl.load(x1 + p_r, mask=m_k, other=0.0)
+        b_x2r = tl.load(x2 + p_r, mask=m_k, other=0.0)
+        # Diagonal block: both products pair by pair, e[r, s, c] = exp(G_rc − G_sc) for r ≥ s (dM is 0 elsewhere).
+        p_d = o_r[:, None] * C + o_r[None, :]
+        b_d1 = tl.load(dm1 + p_d)
+        b_d2 = tl.load(dm2 + p_d)
+        e = tl.exp(tl.minimum(b_Gr[:, None, :] - b_Gr[None, :, :], 0.0))
+        b_dx1 = tl.sum(b_d1[:, :, None] * (e * b_yr[None, :, :]), 1)
+        b_dx2 = tl.sum(b_d2[:, :, None] * (e * b_yr[None, :, :]), 1)
+        b_dy = tl.sum((b_d1[:, :, None] * b_x1r[:, None, :] + b_d2[:, :, None] * b_x2r[:, None, :]) * e, 0)
+        if n0 > 0:
+            # Rows of block I against the columns before it, through ref = G at the row before I.
+            b_ref = tl.load(G + (n0 - 1) * K + o_k, mask=o_k < K, other=0.0)
+            e_row = tl.exp(tl.minimum(b_Gr - b_ref[None, :], 0.0))
+            e_col = tl.where((o_c < n0)[:, None], tl.exp(tl.minimum(b_ref[None, :] - b_G, 0.0)), 0.0)
+            b_yc = b_y * e_col
+            p_rows = o_r[:, None] * C + o_c[None, :]
+            b_m1 = tl.load(dm1 + p_rows)
+            b_m2 = tl.load(dm2 + p_rows)
+            b_dx1 += e_row * tl.dot(b_m1, b_yc, input_precision=PRECISION)
+            b_dx2 += e_row * tl.dot(b_m2, b_yc, input_precision=PRECISION)
+        if n0 + BC < C:
+            # Columns of block I against the rows after it, through ref = G at I's last row.
+            b_ref = tl.load(G + (n0 + BC - 1) * K + o_k, mask=o_k < K, other=0.0)
+            after = (o_c >= n0 + BC)[:, None]
+            e_rows = tl.where(after, tl.exp(tl.minimum(b_G - b_ref[None, :], 0.0)), 0.0)
+            p_cols = o_c[:, None] * C + o_r[None, :]  # dM[:, block I], [C, BC]
+            b_c1 = tl.load(dm1 + p_cols)
+            b_c2 = tl.load(dm2 + p_cols)
+            acc = tl.dot(tl.trans(b_c1), b_x1 * e_rows, input_precision=PRECISION)
+            acc += tl.dot(tl.trans(b_c2), b_x2 * e_rows, input_precision=PRECISION)
+            b_dy += tl.exp(tl.minimum(b_ref[None, :] - b_Gr, 0.0)) * acc
+        tl.store(dx1 + p_r, b_dx1, mask=m_k)
+        tl.store(dx2 + p_r, b_dx2, mask=m_k)
+        tl.store(dy + p_r, b_dy, mask=m_k)
+
+
+def pairs_fwd(
+    x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, G: torch.Tensor, *, strict1: bool, strict2: bool,
+    BC: int, BK: int, num_warps: int, precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M1, M2)`` [N, H, C, C] from contiguous fp32 [N, H, C, K] factors."""
+    N, H, C, K = y.shape
+    m1 = output_buffer((N, H, C, C), torch.float32, y.device)
+    m2 = output_buffer((N, H, C, C), torch.float32, y.device)
+    if N * H:
+        _pairs_fwd_kernel[(N * H,)](
+            x1, x2, y, G, m1, m2, K,
+            C=C, BC=BC, NB=C // BC, BK=BK, STRICT1=strict1, STRICT2=strict2, PRECISION=precision,
+            num_warps=num_warps,
+        )
+    return m1, m2
+
+
+def pairs_bwd(
+    dm1: torch.Tensor, dm2: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, G: torch.Tensor,
+    *, BC: int, BK: int, num_warps: int, precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(DX1, DX2, DY)`` [N, H, C, K] (see the module docstring)."""
+    N, H, C, K = y.shape
+    dx1, dx2, dy = (output_buffer((N, H, C, K), torch.float32, y.device) for _ in range(3))
+    if N * H:
+        _pairs_bwd_kernel[(triton.cdiv(K, BK), N * H)](
+            dm1, dm2, x1, x2, y, G, dx1, dx2, dy, K,
+            C=C, BC=BC, NB=C // BC, BK=BK, PRECISION=precision, num_warps=num_warps,
+        )
+    return dx1, dx2, dy
