@@ -14,6 +14,7 @@ Keys are readable (``"fwd/K128-V128-bf16/T4096-BH128"``): stage, head dims, dtyp
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import hashlib
 import json
@@ -383,6 +384,81 @@ def _shape_from_dict(data: Any, path: str = "shape") -> Shape:
     return shape
 
 
+class ServedFrom(enum.StrEnum):
+    """Where the dispatcher found the config it served at a shape: the ``source`` of ``profiles.dispatch.Choice``
+    (this module cannot import the dispatcher, which imports it)."""
+
+    FORCED = "forced"  # GDN2_CONFIG
+    USER = "user"  # the GDN2_PROFILE table
+    OWN = "own"  # the shipped table of the GPU itself
+    FAMILY = "family"  # a shipped table of another GPU of the same architecture family
+    DEFAULT = "default"  # kernels.config.default_config
+
+
+# Table file names and entry keys are echoed by `show` and `report`; anything longer was not written by the tuner.
+_MAX_NAME_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    """What the dispatcher served at an entry's shape before the run that wrote the entry, timed in that run's
+    final interleaved re-time next to the candidates: the "before tuning" of `show` and `report`.
+
+    The run writes a new config only when it beats this one by more than the measured spread; otherwise the entry
+    holds this config (``Entry.kept_incumbent``), so tuning never makes a shape slower than it was served before.
+    """
+
+    config: FwdConfig
+    timing: Timing
+    source: ServedFrom
+    table: str | None  # file name of the table that served it; None for a forced or the default config
+    key: str | None  # the entry of that table: the shape's own key, or the nearest bucket's
+
+    def describe(self) -> str:
+        """``"h100-80gb-hbm3.json fwd/K128-V128-bf16/T4096-BH128 (family)"``, ``"default"``, ..."""
+        if self.source in (ServedFrom.FORCED, ServedFrom.DEFAULT):
+            return self.source.value
+        return f"{self.table} {self.key} ({self.source.value})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "timing": self.timing.to_dict(),
+            "source": self.source.value,
+            "table": self.table,
+            "key": self.key,
+        }
+
+    @staticmethod
+    def from_dict(data: Any, shape: Shape, path: str = "incumbent") -> Incumbent:
+        data = _object(data, path)
+        config = parse_config(_field(data, "config", path), f"{path}.config")
+        # It was served at this shape, so today's constraints must accept it there; otherwise the file was edited
+        # or the constraints changed, and "before tuning" would name a config nobody can run.
+        reason = infeasibility(config, shape)
+        if reason is not None:
+            raise TableFieldError(f"{path}.config", f"{config.label()} cannot run at {shape.label()}: {reason}")
+        source = _str(data, "source", path)
+        if source not in {s.value for s in ServedFrom}:
+            raise TableFieldError(
+                f"{path}.source", f"expected one of {[s.value for s in ServedFrom]}, received {_echo(source)}"
+            )
+        names = {}
+        for name in ("table", "key"):
+            value = _opt_str(data, name, path)
+            if value is not None and not 0 < len(value) <= _MAX_NAME_CHARS:
+                raise TableFieldError(
+                    _join(path, name), f"expected 1 to {_MAX_NAME_CHARS} characters, received {len(value)}"
+                )
+            names[name] = value
+        return Incumbent(
+            config=config,
+            timing=Timing.from_dict(_field(data, "timing", path), f"{path}.timing"),
+            source=ServedFrom(source),
+            **names,
+        )
+
+
 @dataclass(frozen=True)
 class Entry:
     """The tuned config of one (stage, shape bucket) and what it was measured against."""
@@ -400,9 +476,24 @@ class Entry:
     trials: int
     failed: int
     pruned: int
+    # What was served before tuning, timed in the same re-time; None in tables written before it was recorded.
+    incumbent: Incumbent | None = None
+
+    @property
+    def kept_incumbent(self) -> bool:
+        """The run found nothing faster than what was served before (beyond the spread) and kept it."""
+        return self.incumbent is not None and self.incumbent.config == self.config
+
+    @property
+    def vs_before(self) -> float | None:
+        """Incumbent median / this entry's median: above 1 when tuning made the shape faster; None if unknown."""
+        return None if self.incumbent is None else self.incumbent.timing.p50_ms / self.timing.p50_ms
 
     def to_dict(self) -> dict[str, Any]:
+        # Written only when known, so that re-saving an older table leaves its entries byte-identical.
+        extra = {} if self.incumbent is None else {"incumbent": self.incumbent.to_dict()}
         return {
+            **extra,
             "key": self.key,
             "stage": self.stage,
             "shape": _shape_to_dict(self.shape),
@@ -449,6 +540,10 @@ class Entry:
             trials=_int(data, "trials", path, minimum=0),
             failed=_int(data, "failed", path, minimum=0),
             pruned=_int(data, "pruned", path, minimum=0),
+            # Optional: tables written before it existed load with None.
+            incumbent=None
+            if data.get("incumbent") is None
+            else Incumbent.from_dict(data["incumbent"], shape, f"{path}.incumbent"),
         )
 
 

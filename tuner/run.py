@@ -1,7 +1,9 @@
 """``tune.py tune``: every study of a run, then the table.
 
-    detect device ─► per shape: study (tuner.study) ─► finalize: re-time the best few with the default config
-        interleaved, time each stage's launch ─► Entry ─► profiles.table.save_profile (merged with the existing file)
+    detect device ─► what the dispatcher serves now at each shape (the incumbents) and every known table
+        ─► per shape: study (tuner.study), warm-started from those (tuner.known) ─► finalize: re-time the best few,
+        the default and the incumbent interleaved; keep the incumbent unless a candidate beats it by more than the
+        spread; time each stage's launch ─► Entry ─► profiles.table.save_profile (merged with the existing file)
 
 The study process never launches a kernel: gate workers (one per spare CPU core) compile and gate candidates in
 parallel, one timing worker per GPU measures them one at a time (tuner.worker). With ``gpus=(0, 1, ...)`` one child
@@ -27,9 +29,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, fit_to_shape, infeasibility
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
 from gdn2_tune.profiles import table
 from gdn2_tune.reports.roofline import percent_of_roof
+from gdn2_tune.tuner import known
 from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.device import detect_device, telemetry
 from gdn2_tune.tuner.progress import ProgressView
@@ -174,24 +177,29 @@ def existing_profile(path: Path) -> tuple[table.Profile | None, list[str]]:
     return table.load_profile(path)
 
 
-def build_specs(options: TuneOptions, existing: table.Profile | None) -> list[study_mod.StudySpec]:
+def build_specs(
+    options: TuneOptions,
+    existing: table.Profile | None,
+    *,
+    tables: Sequence[known.KnownTable] | None = None,
+    served: Mapping[str, known.Served] | None = None,
+) -> list[study_mod.StudySpec]:
+    """One study per shape, warm-started from every known config (tuner.known.warm_start): ``served`` (the
+    incumbent per key) first, then the default and the entries of ``tables`` (default: only ``existing``).
+
+    Entries of other shapes count too, fitted: a winner found at one shape is often the best or close at its
+    neighbours, and TPE alone can miss it. On an H100 (2026-11-26) a 36-point grid at the anchor found
+    intra.num_warps=2 at 1.65 ms where 46 TPE trials over the whole space stayed at 1.92.
+    """
     space = options.space()
     if options.sampler not in study_mod.SAMPLERS:
         raise ValueError(f"--sampler: expected one of {list(study_mod.SAMPLERS)}, received {options.sampler!r}")
-    known = {e.key: e.config for e in existing.entries} if existing is not None else {}
+    if tables is None:
+        tables = [] if existing is None else [known.KnownTable(Path("existing"), existing, "output")]
     specs = []
     for shape in options.shapes:
         key = table.entry_key(STAGE, shape)
-        warm = [default_config(shape).flat()]
-        if key in known and known[key].flat() not in warm:
-            warm.append(known[key].flat())
-        # Then every other entry's config, fitted to this shape: a winner found at one shape is often the best
-        # or close at its neighbours, and TPE alone can miss it. On an H100 (2026-11-26) a 36-point grid at the
-        # anchor found intra.num_warps=2 at 1.65 ms where 46 TPE trials over the whole space stayed at 1.92.
-        for other_key, config in sorted(known.items()):
-            point = fit_to_shape(config, shape).flat()
-            if other_key != key and point not in warm:
-                warm.append(point)
+        warm = known.warm_start(shape, STAGE, tables, (served or {}).get(key), options.trials)
         trials = options.trials
         if options.sampler == "grid":
             grid = list(space.grid(shape))
@@ -232,13 +240,35 @@ def study_timeout(options: TuneOptions, started: float, remaining_studies: int, 
     return share if per_study is None else min(per_study, share)
 
 
-def load_study(spec: study_mod.StudySpec, storage: optuna.storages.BaseStorage, worker_index: int) -> optuna.Study:
+def load_study(
+    spec: study_mod.StudySpec, storage: optuna.storages.BaseStorage, worker_index: int, *, search: bool = True
+) -> optuna.Study:
+    """The study of ``spec``; ``search=False`` for reading, enqueueing and finalizing, which never sample."""
     name = study_mod.study_name(spec.key, table.kernel_source_hash(), spec.space)
     n_startup = min(10, max(3, spec.trials // 3))
     # Each process sharing a study gets its own seed: identical seeds would propose identical points.
-    sampler = study_mod.make_sampler(spec.sampler, spec.seed + 1000 * worker_index, n_startup)
+    sampler = study_mod.make_sampler(spec.sampler, spec.seed + 1000 * worker_index, n_startup,
+                                     feasible=study_mod.Feasible.of(spec.space, spec.shape) if search else None)
     return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize",
                                load_if_exists=True)
+
+
+def query_served(
+    evaluator: WorkerEvaluator, specs: Sequence[study_mod.StudySpec], notes: list[str]
+) -> dict[str, known.Served]:
+    """What the dispatcher serves at each study's shape now, asked of the timing worker (tuner.known)."""
+    out = evaluator.call_timer({"op": "served", "shapes": [dataclasses.asdict(s.shape) for s in specs]},
+                               evaluator.options.time_timeout_s)
+    if out.get("status") != "ok":
+        notes.append(f"could not ask the dispatcher what it serves now ({out.get('status')}: {out.get('reason')}); "
+                     "no incumbent is timed, each entry is the best candidate")
+        return {}
+    return {spec.key: known.Served.from_dict(d) for spec, d in zip(specs, out["served"], strict=True)}
+
+
+def rejected_draws(study: optuna.Study) -> int:
+    """Infeasible draws the sampler rejected over every process and run (tuner.study.FeasibleSampler)."""
+    return sum(int(v) for k, v in study.user_attrs.items() if k.startswith(study_mod.REJECTED_ATTR))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,14 +279,40 @@ def _params_key(p: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(p.items()))
 
 
+def _gate_failure(
+    study: optuna.Study, spec: study_mod.StudySpec, evaluator: WorkerEvaluator, params: Mapping[str, Any]
+) -> str | None:
+    """Why ``params`` cannot be a final candidate (its gate failed, in the study or now), or None when it passed.
+
+    A point the study measured passed; one it never reached (a deadline) is gated here, as the study would have.
+    """
+    trials = study.get_trials(deepcopy=False)
+    same = [t for t in trials if _params_key(t.params) == _params_key(params) and t.state.is_finished()]
+    if any(t.state == TrialState.COMPLETE for t in same):
+        return None
+    failed = [t for t in same if t.user_attrs.get("status") in study_mod.CONFIG_OUTCOMES]
+    if failed:
+        return str(failed[-1].user_attrs.get("reason"))
+    out = evaluator.gates.call(
+        {"op": "gate", "shape": dataclasses.asdict(spec.shape), "gate_shape": dataclasses.asdict(spec.gate_shape),
+         "params": dict(params)}, evaluator.options.gate_timeout_s)
+    return None if out.get("status") == "ok" else f"{out.get('status')}: {out.get('reason')}"
+
+
 def finalize_entry(
-    study: optuna.Study, spec: study_mod.StudySpec, evaluator: WorkerEvaluator, notes: list[str]
+    study: optuna.Study,
+    spec: study_mod.StudySpec,
+    evaluator: WorkerEvaluator,
+    notes: list[str],
+    served: known.Served | None = None,
 ) -> table.Entry | None:
-    """Re-time the best ``top_k`` points and the default config interleaved, pick the winner, time its stages."""
+    """Re-time the best ``top_k`` points, the default config and the incumbent (``served``: what the dispatcher
+    served before tuning) interleaved; the entry gets the fastest unless it does not beat the incumbent by more
+    than the spread (tuner.known.decide), in which case the incumbent stays. Then time the stages of the choice."""
     options = evaluator.options
     trials = study.get_trials(deepcopy=False)
     complete = sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and t.user_attrs.get("status") != "duplicate"),
+        (t for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
         key=lambda t: t.value,  # type: ignore[arg-type, return-value]
     )
     default = default_config(spec.shape)
@@ -264,31 +320,26 @@ def finalize_entry(
         notes.append(f"{spec.key}: the built-in default is infeasible here; entry skipped")
         return None
     dflat = default.flat()
-    default_ok = any(_params_key(t.params) == _params_key(dflat) for t in complete)
-    if not default_ok:
-        tried = [t for t in trials if _params_key(t.params) == _params_key(dflat) and t.state.is_finished()]
-        if tried and tried[-1].state != TrialState.COMPLETE and tried[-1].user_attrs.get("status") in study_mod.CONFIG_OUTCOMES:
-            notes.append(f"{spec.key}: the built-in default failed its gate ({tried[-1].user_attrs.get('reason')}); "
-                         "entry skipped: the kernels need fixing")
-            return None
-        out = evaluator.gates.call(
-            {"op": "gate", "shape": dataclasses.asdict(spec.shape), "gate_shape": dataclasses.asdict(spec.gate_shape),
-             "params": dflat}, options.gate_timeout_s)
-        if out.get("status") != "ok":
-            notes.append(f"{spec.key}: the built-in default failed its gate ({out.get('reason')}); entry skipped")
-            return None
+    why = _gate_failure(study, spec, evaluator, dflat)
+    if why is not None:
+        notes.append(f"{spec.key}: the built-in default failed its gate ({why}); entry skipped: the kernels need fixing")
+        return None
+    if served is not None and served.config != default:
+        why = _gate_failure(study, spec, evaluator, served.config.flat())
+        if why is not None:
+            notes.append(f"{spec.key}: the incumbent {served.config.label()} ({served.describe()}) failed its gate "
+                         f"here ({why}); it is not a candidate")
+            served = None
     if not complete:
         notes.append(f"{spec.key}: no trial passed the gate; entry skipped")
         return None
-    seen: set[tuple[tuple[str, Any], ...]] = set()
     candidates: list[dict[str, Any]] = []
     for t in complete:
-        k = _params_key(t.params)
-        if k not in seen and len(candidates) < options.top_k:
-            seen.add(k)
+        if len(candidates) < options.top_k and dict(t.params) not in candidates:
             candidates.append(dict(t.params))
-    if _params_key(dflat) not in seen:
-        candidates.append(dflat)
+    for extra in (dflat, None if served is None else served.config.flat()):
+        if extra is not None and extra not in candidates:
+            candidates.append(extra)
     shape_d = dataclasses.asdict(spec.shape)
     # The re-time does top_k+1 configs × rounds blocks of the per-trial repetitions: allow it several trial timeouts.
     out = evaluator.call_timer({"op": "retime", "shape": shape_d, "configs": candidates, "rounds": options.retime_rounds},
@@ -297,23 +348,37 @@ def finalize_entry(
         notes.append(f"{spec.key}: the final re-time failed ({out.get('status')}: {out.get('reason')}); entry skipped")
         return None
     timings = [table.Timing(**{k: t[k] for k in ("p20_ms", "p50_ms", "p80_ms", "spread")}) for t in out["timings"]]
-    best = min(range(len(candidates)), key=lambda i: timings[i].p50_ms)
-    i_def = next(i for i, c in enumerate(candidates) if _params_key(c) == _params_key(dflat))
-    winner = FwdConfig.from_flat(candidates[best])
-    stages = evaluator.call_timer({"op": "stages", "shape": shape_d, "configs": [candidates[best], dflat]},
+    i_def = candidates.index(dflat)
+    i_inc = None if served is None else candidates.index(served.config.flat())
+    decision = known.decide(timings, i_inc)
+    chosen = decision.chosen
+    stages = evaluator.call_timer({"op": "stages", "shape": shape_d, "configs": [candidates[chosen], dflat]},
                                   options.time_timeout_s * 3)
     if stages.get("status") != "ok":
         notes.append(f"{spec.key}: stage timing failed ({stages.get('status')}: {stages.get('reason')}); entry skipped")
         return None
     c = study_mod.count(trials)
-    if best != 0:
-        notes.append(f"{spec.key}: the interleaved re-time picked candidate #{best + 1} over the search's best")
+    if decision.best != 0 and decision.verdict != known.Verdict.KEPT:
+        notes.append(f"{spec.key}: the interleaved re-time picked candidate #{decision.best + 1} over the search's best")
+    if served is not None and i_inc is not None:
+        best, inc = timings[decision.best], timings[i_inc]
+        if decision.verdict == known.Verdict.KEPT:
+            if decision.best == i_inc:
+                why = "it was the fastest"
+            else:
+                why = (f"the fastest candidate, {FwdConfig.from_flat(candidates[decision.best]).label()}, was only "
+                       f"{1 - best.p50_ms / inc.p50_ms:.1%} faster, within the spread")
+            notes.append(f"{spec.key}: kept the incumbent {served.config.label()} from {served.describe()}: {why}")
+        else:
+            notes.append(f"{spec.key}: new config beats the incumbent from {served.describe()} by "
+                         f"{1 - best.p50_ms / inc.p50_ms:.1%} ({inc.p50_ms:.4f} -> {best.p50_ms:.4f} ms)")
     return table.Entry(
-        key=spec.key, stage=spec.stage, shape=spec.shape, config=winner,
-        timing=timings[best], default_timing=timings[i_def],
-        speedup=timings[i_def].p50_ms / timings[best].p50_ms,
+        key=spec.key, stage=spec.stage, shape=spec.shape, config=FwdConfig.from_flat(candidates[chosen]),
+        timing=timings[chosen], default_timing=timings[i_def],
+        speedup=timings[i_def].p50_ms / timings[chosen].p50_ms,
         stage_ms=dict(stages["stages"][0]), default_stage_ms=dict(stages["stages"][1]),
         baseline_ms=None, trials=c.evaluated, failed=c.failed, pruned=c.pruned,
+        incumbent=None if served is None or i_inc is None else served.timed(timings[i_inc]),
     )
 
 
@@ -388,20 +453,41 @@ def _watch_children(
     progresses: Sequence[study_mod.StudyProgress],
     storage: optuna.storages.BaseStorage,
     view: ProgressView,
+    log_trials: bool,
 ) -> None:
-    """Until every per-GPU search process exits, show each study's progress as read back from the storage."""
+    """Until every per-GPU search process exits, show each study's progress as read back from the storage; with
+    ``log_trials`` (no live view) also one line per trial finished since the last look."""
     names = {s.key: study_mod.study_name(s.key, table.kernel_source_hash(), s.space) for s in specs}
+    logged: dict[str, set[int]] = {
+        s.key: {t.number for t in optuna.load_study(study_name=names[s.key], storage=storage).get_trials(deepcopy=False)
+                if t.state.is_finished()}
+        for s in specs
+    }  # what the resume summary already covered
     while any(p.poll() is None for p in children):
         time.sleep(2.0)
-        existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
         for spec, prog in zip(specs, progresses):
-            if names[spec.key] not in existing:
-                continue
             st = optuna.load_study(study_name=names[spec.key], storage=storage)
-            c = study_mod.count(st.get_trials(deepcopy=False))
+            trials = st.get_trials(deepcopy=False)
+            c = study_mod.count(trials)
             prog.phase = "search" if c.evaluated < spec.trials else "searched"
             prog.done, prog.pruned, prog.failed, prog.best_ms = c.evaluated, c.pruned, c.failed, c.best_ms
+            if log_trials:
+                for t in trials:
+                    if t.state.is_finished() and t.number not in logged[spec.key]:
+                        logged[spec.key].add(t.number)
+                        view.log(study_mod.TrialEvent.of(spec.key, t, c, spec.trials).line())
         view.update(force=True)
+
+
+def _resume_summary(study: optuna.Study, spec: study_mod.StudySpec) -> str | None:
+    """What a resumed run found of a study in its storage; None for a new study."""
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state != TrialState.WAITING]
+    if not done:
+        return None
+    c = study_mod.count(trials)
+    left = max(0, spec.trials - c.evaluated)
+    return (f"{spec.key}: resuming, found {len(done)} trials in storage ({c.summary()}); {left} more to evaluate")
 
 
 def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
@@ -416,22 +502,40 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     out_path = output_path(options, device)
     existing, warnings = existing_profile(out_path)
     notes: list[str] = [*warnings]
-    specs = build_specs(options, existing)
+    tables, table_warnings = known.known_tables(device, out_path, existing)
+    notes.extend(table_warnings)
     storage = study_mod.open_storage(options.storage, run_dir)
     evaluator = WorkerEvaluator(options, gpu, log_dir)
+    # A per-GPU child searches studies whose warm starts (the incumbent first) the parent has already enqueued.
+    served = {} if options.search_only else query_served(evaluator, build_specs(options, existing), notes)
+    specs = build_specs(options, existing, tables=tables, served=served)
     progresses = [study_mod.StudyProgress(s.key, s.trials, phase="waiting") for s in specs]
     title = f"gdn2-tune on {device.name} ({options.sampler}, {evaluator.parallel} gate workers)"
     entries: list[table.Entry] = []
     records: list[table.TrialRecord] = []
     view = ProgressView(progresses, title=title, enabled=options.progress)
+    # Without the live table (--no-progress, or output to a file), one line per finished trial.
+    log_trials = not view.enabled
     try:
         with view:
-            children = []
-            if multi:
-                # Create the studies and their warm starts before the children start, so that they do not race
-                # to create the same study or enqueue the same points.
+            if not options.search_only:
+                view.log(f"warm starts from {len(tables)} known tables"
+                         + (f" ({', '.join(f'{t.path.name}: {t.role}' for t in tables)})" if tables else ""))
                 for spec in specs:
-                    study_mod.enqueue_warm_start(load_study(spec, storage, worker_index), spec)
+                    inc = served.get(spec.key)
+                    if inc is not None:
+                        view.log(f"{spec.key}: serving {inc.config.label()} from {inc.describe()} before tuning; "
+                                 f"{len(spec.warm_start)} warm-start points")
+            children = []
+            for spec in specs:
+                # Create the studies and their warm starts up front: --gpus children must not race to create the
+                # same study or enqueue the same points, and a resumed run says what it found before any work.
+                study = load_study(spec, storage, worker_index, search=False)
+                found = _resume_summary(study, spec)
+                if found is not None and not options.search_only:
+                    view.log(found)
+                study_mod.enqueue_warm_start(study, spec)
+            if multi:
                 children = _spawn_children(options, log_dir)
             for i, (spec, prog) in enumerate(zip(specs, progresses)):
                 if not multi:
@@ -440,20 +544,29 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                     spec = dataclasses.replace(spec, timeout_s=timeout)
                     prog.started, prog.phase = time.monotonic(), "search"
                     prog.clocks = telemetry(gpu, interpret=options.interpret).short()
-                    study_mod.run_study(study, spec, evaluator, progress=prog, on_update=view.update)
+                    on_trial = (lambda ev: view.log(ev.line())) if log_trials else None
+                    c = study_mod.run_study(study, spec, evaluator, progress=prog, on_update=view.update,
+                                            on_trial=on_trial)
+                    if log_trials:
+                        view.log(f"{spec.key}: search done in {time.monotonic() - prog.started:.0f} s: {c.summary()}; "
+                                 f"{prog.rejected} infeasible draws rejected by the sampler")
             if multi:
-                _watch_children(children, specs, progresses, storage, view)
+                _watch_children(children, specs, progresses, storage, view, log_trials)
                 for p in children:
                     if p.returncode:
                         notes.append(f"a per-GPU search process exited with code {p.returncode} (see {log_dir})")
             if options.search_only:
                 return RunResult(None, (), tuple(notes))
             for spec, prog in zip(specs, progresses):
-                study = load_study(spec, storage, worker_index)
+                study = load_study(spec, storage, worker_index, search=False)
                 prog.phase = "finalize"
                 view.update(force=True)
-                entry = finalize_entry(study, spec, evaluator, notes)
+                entry = finalize_entry(study, spec, evaluator, notes, served.get(spec.key))
                 prog.phase = "done" if entry is not None else "no entry"
+                c = study_mod.count(study.get_trials(deepcopy=False))
+                notes.append(f"{spec.key}: {c.evaluated} evaluated trials, {c.pruned} pruned (gate, compile), "
+                             f"{c.failed} failed, {rejected_draws(study)} infeasible draws rejected by the sampler "
+                             "(not trials)")
                 records.extend(trial_records(study, spec.key))
                 if entry is not None:
                     entries.append(entry)
@@ -476,8 +589,11 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     profile = merge_with_existing(profile, existing, out_path, notes)
     table.save_profile(profile, out_path)
     for e in entries:
+        before = ("" if e.incumbent is None else
+                  f"; {'kept the incumbent' if e.kept_incumbent else 'vs before tuning'} "
+                  f"{e.incumbent.timing.p50_ms:.4f} ms, x{e.vs_before:.2f}")
         view.log(f"{e.key}: {e.config.label()}  {e.timing.p50_ms:.4f} ms (default {e.default_timing.p50_ms:.4f} ms, "
-                 f"x{e.speedup:.2f}, spread {e.timing.spread:.1%}; {roof_summary(e, device)})")
+                 f"x{e.speedup:.2f}, spread {e.timing.spread:.1%}{before}; {roof_summary(e, device)})")
     for n in notes:
         view.log(f"note: {n}")
     view.log(f"wrote {out_path}" + (" (interpreter run: timings mean nothing)" if options.interpret else ""))

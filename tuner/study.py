@@ -1,18 +1,24 @@
 """One Optuna study per (stage, shape bucket): the search loop, its storage, and resuming it after a kill.
 
-The loop asks the sampler for points, rejects infeasible ones at once (pruned, with the constraint's reason),
-sends the others to an :class:`Evaluator` (worker processes that gate and compile in parallel, then time one at
-a time on the GPU) and tells the study each outcome. Everything a trial learns is stored as user attributes:
-``status`` (ok, infeasible, duplicate, wrong_answer, compile_error, out_of_resources, timeout, crash, fault,
-interrupted, ...), ``reason``, the timing quantiles and the NVML telemetry of its measurement.
+The loop asks the sampler for points, sends them to an :class:`Evaluator` (worker processes that gate and
+compile in parallel, then time one at a time on the GPU) and tells the study each outcome. Everything a trial
+learns is stored as user attributes: ``status`` (a :class:`Status`), ``reason``, the timing quantiles and the NVML
+telemetry of its measurement.
+
+The sampler proposes only feasible points no trial has yet (:class:`FeasibleSampler`), so the budget goes to
+timed trials: the infeasible draws it rejects are counted (``FeasibleSampler.rejected``) but never stored. A point
+that reaches the loop infeasible anyway (a sampler that is not wrapped) is pruned at once with the constraint's
+reason, and one measured already (two processes asking at the same instant) is stored as a FAIL with status
+``duplicate``: never as a COMPLETE trial, so the trial counts stay honest.
 
 Budget: ``trials`` counts evaluated trials (those that reached a worker), summed over every process working on
 the study, so a resumed or shared study stops at the same total. Infeasible and duplicate points cost nothing and
-do not count; a cap on asks keeps a tiny or exhausted space from looping.
+do not count; the loop also stops when every feasible point has been tried, and a cap on asks keeps a sampler
+that proposes nothing new from looping.
 
 Outcome → Optuna state: ok → COMPLETE (value: median ms). A property of the config (infeasible, compile error,
 out of resources, wrong answer) → PRUNED, which TPE reads as "bad region". An event (timeout, crash, fault,
-interruption) → FAIL, which samplers ignore.
+interruption, duplicate) → FAIL, which samplers ignore.
 
 Resume: a trial left RUNNING by a process that no longer exists (killed, machine lost) is failed with status
 "interrupted" and its point enqueued again, so it is measured exactly once more and never counted twice.
@@ -22,6 +28,7 @@ on another host a heartbeat older than :data:`STALE_AFTER_S` does.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import random
@@ -36,8 +43,8 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from gdn2_tune.kernels.config import Shape
-from gdn2_tune.tuner.space import SearchSpace
+from gdn2_tune.kernels.config import FwdConfig, Shape
+from gdn2_tune.tuner.space import FeasibleSet, SearchSpace, freeze
 
 STALE_AFTER_S = 600.0  # no heartbeat for this long: the owner on another host is gone
 HEARTBEAT_EVERY_S = 60.0
@@ -45,13 +52,49 @@ HEARTBEAT_EVERY_S = 60.0
 # process killed between the two leaves a trial with no owner. A live process closes that window within
 # milliseconds, so an ownerless trial this old, with a later trial already owned, was abandoned.
 OWNERLESS_GRACE_S = 2.0
+
+
+class Status(enum.StrEnum):
+    """A trial's outcome, stored as its ``status`` user attribute (a plain string in the storage)."""
+
+    OK = "ok"
+    INFEASIBLE = "infeasible"
+    DUPLICATE = "duplicate"
+    COMPILE_ERROR = "compile_error"
+    OUT_OF_RESOURCES = "out_of_resources"
+    WRONG_ANSWER = "wrong_answer"
+    OUT_OF_MEMORY = "out_of_memory"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    CRASH = "crash"
+    FAULT = "fault"
+    INTERRUPTED = "interrupted"
+
+    @staticmethod
+    def of(value: Any) -> Status:
+        """The status a worker answered or a trial stored; anything unknown is an error, not an exception."""
+        try:
+            return Status(str(value))
+        except ValueError:
+            return Status.ERROR
+
+
 # Outcomes that describe the config (deterministic: measuring again gives the same answer).
-CONFIG_OUTCOMES = ("infeasible", "compile_error", "out_of_resources", "wrong_answer", "out_of_memory", "error")
+CONFIG_OUTCOMES = frozenset({Status.INFEASIBLE, Status.COMPILE_ERROR, Status.OUT_OF_RESOURCES, Status.WRONG_ANSWER,
+                             Status.OUT_OF_MEMORY, Status.ERROR})
+# FAIL outcomes that say nothing about the config and are not counted as failures of the study.
+NOT_FAILURES = frozenset({Status.INTERRUPTED, Status.DUPLICATE})
 # Asks per evaluated trial before the loop concludes the sampler only proposes infeasible or known points.
 MAX_ASKS_PER_TRIAL = 40
+# Draws of the wrapped sampler per proposal before FeasibleSampler takes a uniformly random unseen feasible point.
+# At the suite shapes ~40% of the shape-pruned box is feasible, so 16 draws all fail about once in 3500 proposals
+# while TPE explores; more often once it has converged on measured points, where a random point is the useful answer.
+MAX_DRAWS = 16
 # After the study's deadline, in-flight evaluations get this long to finish before they are abandoned.
 DRAIN_S = 15.0
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
+# Study user attribute prefix: infeasible draws a FeasibleSampler rejected, one attribute per process and run.
+REJECTED_ATTR = "rejected_draws/"
 GRID_MAX_POINTS = 20000
 RDB_INIT_ATTEMPTS = 5  # beyond this an exhaustive study does not fit any budget: narrow it with --param
 
@@ -83,6 +126,39 @@ class StudySpec:
     warm_start: tuple[Mapping[str, Any], ...] = ()
 
 
+@dataclass(frozen=True)
+class TrialEvent:
+    """One finished trial, as ``--no-progress`` logs it (:meth:`line`)."""
+
+    key: str
+    number: int
+    status: Status
+    value_ms: float | None
+    config: str  # FwdConfig.label(), or the raw parameters where they are not a config
+    reason: str | None
+    evaluated: int  # evaluated trials of the study so far, over every process
+    target: int
+    best_ms: float | None
+
+    @staticmethod
+    def of(key: str, trial: FrozenTrial, counts: Counts, target: int) -> TrialEvent:
+        status = Status.of(trial.user_attrs.get("status"))
+        try:
+            label = FwdConfig.from_flat(dict(trial.params)).label()
+        except (KeyError, TypeError, ValueError):
+            label = str(dict(trial.params))
+        reason = trial.user_attrs.get("reason")
+        return TrialEvent(key, trial.number, status, trial.value if trial.state == TrialState.COMPLETE else None,
+                          label, None if reason is None else str(reason), counts.evaluated, target, counts.best_ms)
+
+    def line(self) -> str:
+        what = f"{self.value_ms:.4f} ms" if self.value_ms is not None else self.status.value
+        best = "-" if self.best_ms is None else f"{self.best_ms:.4f}"
+        why = f" ({self.reason})" if self.reason and self.status != Status.OK else ""
+        return (f"{self.key} #{self.number}: {what}  {self.config}{why}  "
+                f"[{self.evaluated}/{self.target} evaluated, best {best} ms]")
+
+
 @dataclass
 class StudyProgress:
     """What the progress display shows for one study; mutated by the loop, read by the display."""
@@ -92,6 +168,7 @@ class StudyProgress:
     done: int = 0
     pruned: int = 0
     failed: int = 0
+    rejected: int = 0  # infeasible draws the sampler rejected (never stored as trials)
     best_ms: float | None = None
     started: float = field(default_factory=time.monotonic)
     deadline: float | None = None
@@ -165,7 +242,15 @@ def postgres_driver(url: str) -> str:
     raise ValueError(f"--storage {url}: needs a PostgreSQL driver; install psycopg2-binary or psycopg")
 
 
-def make_sampler(name: str, seed: int, n_startup: int) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, seed: int, n_startup: int, *, feasible: Feasible | None = None
+) -> optuna.samplers.BaseSampler:
+    """The named sampler; with ``feasible``, wrapped so that it proposes only feasible points not yet tried."""
+    base = _base_sampler(name, seed, n_startup)
+    return base if feasible is None else FeasibleSampler(base, feasible, seed)
+
+
+def _base_sampler(name: str, seed: int, n_startup: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         # multivariate: tiles, warps and stages interact (a tile that is good with 8 warps is bad with 2);
         # constant_liar: several points are in flight at once, and each should avoid the others.
@@ -192,6 +277,92 @@ def make_sampler(name: str, seed: int, n_startup: int) -> optuna.samplers.BaseSa
         # grid: every feasible point is enqueued; the sampler only runs if the queue is somehow empty.
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"--sampler: expected one of {list(SAMPLERS)}, received {name!r}")
+
+
+@dataclass(frozen=True)
+class Feasible:
+    """What :class:`FeasibleSampler` needs of a study: its distributions (the space fitted to the shape), the
+    constraints at the shape, and the feasible set to fall back on."""
+
+    space: SearchSpace  # as fitted to the shape: its distributions are the ones the study asks with
+    shape: Shape
+    points: FeasibleSet
+
+    @staticmethod
+    def of(space: SearchSpace, shape: Shape) -> Feasible:
+        return Feasible(space.for_shape(shape), shape, space.feasible(shape))
+
+    def check(self, params: Mapping[str, Any]) -> bool:
+        return self.space.contains(params) and self.space.check(params, self.shape)[0] is not None
+
+
+class FeasibleSampler(optuna.samplers.BaseSampler):
+    """Proposes only feasible points that no trial of the study has (finished or running), so that every proposal
+    costs a compile and a measurement, and none is stored as pruned or as a duplicate.
+
+    The wrapped sampler (TPE, GP, ...) draws whole points through Optuna's relative-sampling hook; a draw that
+    violates a constraint or repeats a known point is rejected and drawn again, up to :data:`MAX_DRAWS` times, then
+    a uniformly random unseen feasible point is taken. Optuna's own ``constraints_func`` is not enough here: it
+    teaches TPE the infeasible region from infeasible *trials*, each of which is still proposed and stored (at the
+    anchor on an H200, 111 of 140 proposals, issue 12). Enqueued trials (warm starts, retries) never reach this:
+    Optuna gives them their fixed values without sampling.
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, feasible: Feasible, seed: int) -> None:
+        self.base = base
+        self.feasible = feasible
+        self._dists = feasible.space.distributions()
+        self._rng = random.Random(seed)
+        self.rejected = 0  # infeasible draws
+        self.repeats = 0  # draws of a known point
+        self.fallbacks = 0  # proposals that came from the feasible set instead of the wrapped sampler
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        return dict(self._dists)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        if set(search_space) != set(self._dists):
+            return {}  # asked with other distributions: leave every parameter to sample_independent
+        known = set()
+        for t in study.get_trials(deepcopy=False):
+            # Enqueued points count as known: proposing one would measure it twice once its turn comes.
+            params = t.params or t.system_attrs.get("fixed_params")
+            if t.number != trial.number and params:
+                known.add(freeze(params))
+        own = self.base.infer_relative_search_space(study, trial)
+        for _ in range(MAX_DRAWS):
+            point = dict(self.base.sample_relative(study, trial, own)) if own else {}
+            for name, dist in self._dists.items():
+                if name not in point:
+                    point[name] = self.base.sample_independent(study, trial, name, dist)
+            if not self.feasible.check(point):
+                self.rejected += 1
+            elif freeze(point) in known:
+                self.repeats += 1
+            else:
+                return point
+        self.fallbacks += 1
+        # None: every feasible point is known; the last draw is returned and the loop records it as a duplicate.
+        return self.feasible.points.sample(self._rng, known) or point
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+        self._rng = random.Random()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,7 +421,7 @@ def recover_stale(study: optuna.Study) -> list[int]:
         if not is_stale(t, newest_owned=newest_owned):
             continue
         try:
-            storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+            storage.set_trial_user_attr(t._trial_id, "status", Status.INTERRUPTED.value)
             storage.set_trial_user_attr(t._trial_id, "reason", "its process ended before the trial finished")
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 continue
@@ -268,16 +439,23 @@ def recover_stale(study: optuna.Study) -> list[int]:
 
 def is_evaluated(t: FrozenTrial) -> bool:
     """Reached a worker and finished with a verdict: what ``--trials`` counts."""
-    return t.state.is_finished() and bool(t.user_attrs.get("evaluated")) and t.user_attrs.get("status") != "interrupted"
+    return t.state.is_finished() and bool(t.user_attrs.get("evaluated")) and t.user_attrs.get("status") != Status.INTERRUPTED
 
 
 @dataclass(frozen=True)
 class Counts:
     evaluated: int
     running: int
-    pruned: int
-    failed: int
+    pruned: int  # the config failed: infeasible, compile error, out of resources, wrong answer
+    failed: int  # an event: timeout, crash, fault (not interruptions or duplicates)
     best_ms: float | None
+    duplicates: int = 0
+    waiting: int = 0  # enqueued, not yet asked (warm starts, retries)
+
+    def summary(self) -> str:
+        best = "-" if self.best_ms is None else f"{self.best_ms:.4f} ms"
+        return (f"{self.evaluated} evaluated, {self.pruned} pruned, {self.failed} failed, {self.duplicates} "
+                f"duplicates, {self.waiting} queued; best {best}")
 
 
 def count(trials: Sequence[FrozenTrial]) -> Counts:
@@ -287,13 +465,14 @@ def count(trials: Sequence[FrozenTrial]) -> Counts:
         evaluated=len(evaluated),
         running=sum(1 for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("evaluated")),
         pruned=sum(1 for t in trials if t.state == TrialState.PRUNED),
-        failed=sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("status") != "interrupted"),
+        failed=sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("status") not in NOT_FAILURES),
         best_ms=min(complete) if complete else None,
+        duplicates=sum(1 for t in trials if t.user_attrs.get("status") == Status.DUPLICATE),
+        waiting=sum(1 for t in trials if t.state == TrialState.WAITING),
     )
 
 
-def _freeze(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(params.items()))
+_freeze = freeze
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,10 +507,12 @@ def run_study(
     *,
     progress: StudyProgress | None = None,
     on_update: Callable[[], None] | None = None,
+    on_trial: Callable[[TrialEvent], None] | None = None,
     timeouts: tuple[float, float] = (300.0, 120.0),
 ) -> Counts:
     """Search until ``spec.trials`` evaluated trials exist, the deadline passes or the space is exhausted.
 
+    ``on_trial`` hears of every trial this process finishes (what ``--no-progress`` logs, one line each).
     ``timeouts`` = (gate, time) seconds are enforced by the evaluator's workers; they are passed here only so
     that the deadline drain knows what "stuck" means.
     """
@@ -345,11 +526,14 @@ def run_study(
     space = spec.space.for_shape(spec.shape)
     enqueue_warm_start(study, spec)
     dists = space.distributions()
+    # Every feasible point tried: nothing new to ask (a narrowed space, or a long run at a tiny shape).
+    n_feasible = spec.space.feasible(spec.shape).size
 
     finished: dict[tuple[tuple[str, Any], ...], FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False):
-        if t.state.is_finished() and t.user_attrs.get("status") not in ("interrupted", "duplicate"):
+        if t.state.is_finished() and t.user_attrs.get("status") not in NOT_FAILURES:
             finished.setdefault(_freeze(t.params), t)
+    tried_feasible = {k for k, t in finished.items() if t.user_attrs.get("status") != Status.INFEASIBLE}
 
     gating: dict[Future[dict[str, Any]], optuna.trial.Trial] = {}
     queued: list[optuna.trial.Trial] = []  # passed the gate, waiting for the (single) timing worker
@@ -366,8 +550,8 @@ def run_study(
         return c
 
     def finish(trial: optuna.trial.Trial, out: Mapping[str, Any], evaluated: bool = True) -> None:
-        status = str(out.get("status", "error"))
-        trial.set_user_attr("status", status)
+        status = Status.of(out.get("status", Status.ERROR))
+        trial.set_user_attr("status", status.value)
         trial.set_user_attr("reason", out.get("reason"))
         trial.set_user_attr("evaluated", evaluated)
         for name in ("p20_ms", "p80_ms", "reps", "launch", "err_o", "err_state", "telemetry", "elapsed_s", "wall_s"):
@@ -378,29 +562,33 @@ def run_study(
             from gdn2_tune.tuner.device import Telemetry
 
             progress.clocks = Telemetry.from_dict(out["telemetry"]).short()
-        if status == "ok":
+        if status == Status.OK:
             frozen = study.tell(trial, float(out["p50_ms"]))
         elif status in CONFIG_OUTCOMES:
             frozen = study.tell(trial, state=TrialState.PRUNED)
         else:
             frozen = study.tell(trial, state=TrialState.FAIL)
-        inflight_params.discard(_freeze(trial.params))
-        if status != "duplicate":
-            finished.setdefault(_freeze(frozen.params), frozen)
+        key = _freeze(trial.params)
+        inflight_params.discard(key)
+        if status not in NOT_FAILURES:
+            finished.setdefault(key, frozen)
+            if status != Status.INFEASIBLE:
+                tried_feasible.add(key)
+        report(frozen)
 
     def duplicate(trial: optuna.trial.Trial, of: FrozenTrial | None) -> None:
+        # FAIL, whatever the original's outcome: a COMPLETE copy would count as a second measurement (issue 9:
+        # `--trials 120` ended with 179 complete trials) and weigh the point twice in the sampler's model.
         trial.set_user_attr("duplicate_of", None if of is None else of.number)
-        trial.set_user_attr("status", "duplicate")
+        trial.set_user_attr("status", Status.DUPLICATE.value)
         trial.set_user_attr("evaluated", False)
-        if of is None:  # the same point is in flight right now: no value yet, and FAIL keeps it out of the model
-            trial.set_user_attr("reason", "duplicate of a point being measured")
-            study.tell(trial, state=TrialState.FAIL)
-        elif of.state == TrialState.COMPLETE:
-            trial.set_user_attr("reason", None)
-            study.tell(trial, of.value)
-        else:
-            trial.set_user_attr("reason", f"duplicate of trial {of.number}: {of.user_attrs.get('reason')}")
-            study.tell(trial, state=of.state)
+        reason = "duplicate of a point being measured" if of is None else f"duplicate of trial {of.number}"
+        trial.set_user_attr("reason", reason)
+        report(study.tell(trial, state=TrialState.FAIL))
+
+    def report(frozen: FrozenTrial) -> None:
+        if on_trial is not None:
+            on_trial(TrialEvent.of(spec.key, frozen, count(study.get_trials(deepcopy=False)), spec.trials))
 
     def running_elsewhere(number: int) -> set[tuple[tuple[str, Any], ...]]:
         """Points other processes sharing the study are measuring now (a narrow race remains: two processes
@@ -424,6 +612,7 @@ def run_study(
             and len(queued) < max(1, evaluator.parallel // 2)
             and c.evaluated + c.running < spec.trials
             and asks < MAX_ASKS_PER_TRIAL * max(1, spec.trials)
+            and len(tried_feasible | inflight_params) < n_feasible
         ):
             asks += 1
             trial = study.ask(dists)
@@ -438,7 +627,7 @@ def run_study(
                 continue
             cfg, reason = spec.space.check(params, spec.shape)
             if cfg is None:
-                finish(trial, {"status": "infeasible", "reason": reason}, evaluated=False)
+                finish(trial, {"status": Status.INFEASIBLE, "reason": reason}, evaluated=False)
                 continue
             trial.set_user_attr("evaluated", True)  # counted as running by other processes sharing the study
             trial.set_user_attr("heartbeat", time.time())
@@ -452,7 +641,8 @@ def run_study(
         if in_flight == 0:
             c = refresh()
             # Done, or nothing left to ask (budget met by running trials of other processes: wait for them).
-            if past_deadline or c.evaluated >= spec.trials or asks >= MAX_ASKS_PER_TRIAL * max(1, spec.trials):
+            exhausted = len(tried_feasible) >= n_feasible
+            if past_deadline or exhausted or c.evaluated >= spec.trials or asks >= MAX_ASKS_PER_TRIAL * max(1, spec.trials):
                 break
             if c.evaluated + c.running >= spec.trials:
                 time.sleep(0.5)
@@ -466,7 +656,7 @@ def run_study(
             evaluator.abandon()
             for trial in gating.values():
                 # Not the config's fault: mark it interrupted (not counted) and enqueue it for the next run.
-                finish(trial, {"status": "interrupted", "reason": "study deadline passed while it compiled"}, False)
+                finish(trial, {"status": Status.INTERRUPTED, "reason": "study deadline passed while it compiled"}, False)
                 study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
             gating.clear()
             continue
@@ -475,7 +665,7 @@ def run_study(
             out = fut.result()
             if fut in gating:
                 trial = gating.pop(fut)
-                if out.get("status") == "ok":
+                if Status.of(out.get("status")) == Status.OK:
                     for name in ("err_o", "err_state"):
                         if name in out:
                             trial.set_user_attr(name, out[name])
@@ -491,4 +681,8 @@ def run_study(
             recover_stale(study)
         c = refresh()
     recover_stale(study)  # trials a killed run left behind, now that this run's own trials are owned
+    if isinstance(study.sampler, FeasibleSampler):
+        progress.rejected = study.sampler.rejected
+        # Per process (and run), so that processes sharing the study never overwrite each other's count.
+        study.set_user_attr(f"{REJECTED_ATTR}{token}", study.sampler.rejected)
     return refresh()

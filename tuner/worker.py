@@ -100,6 +100,12 @@ class _Child:
 
             return {"status": "ok", "reason": None, "roofs": measure_roofs(DeviceInfo.from_dict(req["device"])).to_dict()}
 
+        if op == "served":
+            # The dispatcher of this process sees the tuned GPU (or the interpreter) and the user's environment.
+            from gdn2_tune.tuner.known import served_now
+
+            return {"status": "ok", "reason": None, "served": served_now(req["shapes"])}
+
         t0 = time.perf_counter()
         if op == "gate":
             cfg = FwdConfig.from_flat(req["params"])

@@ -1,0 +1,191 @@
+"""Every config the dispatcher knows for a shape: where a study starts, and what it must beat.
+
+Tuning a new GPU must never make it slower (issue 12: an H200, served the H100 table through the sm90 family
+fallback, came out 11-34% slower after tuning, because the study never tried the configs the H100 table serves).
+So each study
+
+- starts from every config known for its shape (:func:`warm_start`): what the dispatcher serves there now, the
+  built-in default, then the entries of every table on disk of the device's family, of the ``GDN2_PROFILE`` table
+  and of the output table, each fitted to the shape, the shape's own key and the nearest buckets first;
+- ends with what the dispatcher served before tuning (the *incumbent*, :class:`Served`) timed in the final
+  interleaved re-time next to the candidates (tuner/run.py); a candidate replaces it only when
+  :func:`beats` says so.
+
+What the dispatcher serves is asked of the dispatcher itself (``profiles.dispatch.explain``) inside a worker
+process: there the environment (``GDN2_CONFIG``, ``GDN2_PROFILE``), the visible GPU and interpreter mode are those
+of the device being tuned, which the study process, with every GPU visible and no CUDA context, does not have.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, fit_to_shape
+from gdn2_tune.profiles import table
+from gdn2_tune.tuner.space import freeze
+
+# Table-derived warm starts beyond the incumbent and the default: at most this share of a study's trials, so that
+# a directory of many tables cannot turn the search into a replay of them. The nearest entries come first.
+WARM_SHARE = 0.5
+MIN_WARM_FROM_TABLES = 4
+
+
+@dataclass(frozen=True)
+class Served:
+    """The config the dispatcher serves at a shape before tuning, and where it found it."""
+
+    config: FwdConfig
+    source: table.ServedFrom
+    table: str | None  # file name of the table
+    key: str | None  # its entry: the shape's own key or the nearest bucket's
+
+    def timed(self, timing: table.Timing) -> table.Incumbent:
+        return table.Incumbent(self.config, timing, self.source, self.table, self.key)
+
+    def describe(self) -> str:
+        return self.timed(table.Timing(1.0, 1.0, 1.0, 0.0)).describe()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "source": self.source.value, "table": self.table, "key": self.key}
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> Served:
+        return Served(table.parse_config(data["config"]), table.ServedFrom(data["source"]), data.get("table"),
+                      data.get("key"))
+
+
+def served_now(shapes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What this process's dispatcher serves at each shape (run in a worker: see the module docstring)."""
+    from gdn2_tune.profiles import dispatch
+
+    out = []
+    for shape_d in shapes:
+        choice = dispatch.explain(Shape(**shape_d))
+        out.append(Served(
+            choice.config, table.ServedFrom(choice.source), None if choice.path is None else Path(choice.path).name,
+            choice.key,
+        ).to_dict())
+    return out
+
+
+@dataclass(frozen=True)
+class KnownTable:
+    """A table a warm start draws on, and why it was read."""
+
+    path: Path
+    profile: table.Profile
+    role: str  # "output", "user" (GDN2_PROFILE) or "family"
+
+
+def known_tables(
+    device: table.DeviceInfo, output: Path, existing: table.Profile | None, shipped_dir: Path | None = None
+) -> tuple[list[KnownTable], list[str]]:
+    """The output table, the ``GDN2_PROFILE`` table and every table in ``shipped_dir`` (default: the dispatcher's)
+    of ``device``'s family, each once. Stale tables are read too: their configs still pass today's constraints
+    (the loader drops those that do not) and are often near the best. Returns (tables, warnings)."""
+    from gdn2_tune.profiles import dispatch
+
+    shipped = Path(dispatch.SHIPPED_DIR if shipped_dir is None else shipped_dir)
+    found: list[KnownTable] = []
+    warnings: list[str] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, role: str, profile: table.Profile | None = None) -> None:
+        resolved = path.resolve()
+        if resolved in seen:
+            return
+        seen.add(resolved)
+        if profile is None:
+            profile, problems = table.load_profile(path)
+            warnings.extend(problems)
+        if profile is not None and (role != "family" or profile.device.family == device.family):
+            found.append(KnownTable(path, profile, role))
+
+    if existing is not None:
+        add(Path(output), "output", existing)
+    user = os.environ.get(dispatch.ENV_PROFILE, "").strip()
+    if user and Path(user).is_file():
+        add(Path(user), "user")
+    if shipped.is_dir():
+        for path in sorted(shipped.glob("*.json")):
+            add(path, "family")
+    return found, warnings
+
+
+def _relevance(entry: table.Entry, shape: Shape, stage: str) -> tuple[bool, bool, float]:
+    """The dispatcher's order within a table: the exact key, then the nearest bucket of the same K, V and dtype;
+    entries of other head dims come last (fitted to the shape, they are still legal and sometimes good)."""
+    from gdn2_tune.profiles.dispatch import bucket_distance
+
+    same_dims = (entry.stage, entry.shape.K, entry.shape.V, entry.shape.dtype) == (stage, shape.K, shape.V, shape.dtype)
+    return entry.key != table.entry_key(stage, shape), not same_dims, bucket_distance(entry.shape, shape)
+
+
+def warm_start(
+    shape: Shape, stage: str, tables: Sequence[KnownTable], served: Served | None, trials: int
+) -> list[dict[str, Any]]:
+    """Flat points to enqueue, in order: the incumbent, the default, then table entries fitted to ``shape``, most
+    relevant first (see :func:`_relevance`; ties keep the table order), each point once."""
+    points: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+
+    def add(config: FwdConfig) -> bool:
+        point = config.flat()
+        if freeze(point) in seen:
+            return False
+        seen.add(freeze(point))
+        points.append(point)
+        return True
+
+    if served is not None:
+        add(served.config)
+    add(default_config(shape))
+    ranked = sorted(
+        ((entry, i) for i, t in enumerate(tables) for entry in t.profile.entries),
+        key=lambda item: (*_relevance(item[0], shape, stage), item[1]),
+    )
+    budget = max(MIN_WARM_FROM_TABLES, int(WARM_SHARE * trials))
+    for entry, _ in ranked:
+        if budget <= 0:
+            break
+        budget -= add(fit_to_shape(entry.config, shape))
+    return points
+
+
+class Verdict(enum.StrEnum):
+    """How the final re-time chose the entry."""
+
+    NEW = "new"  # a candidate beat the incumbent by more than the spread
+    KEPT = "kept"  # the incumbent was fastest, or nothing beat it by more than the spread
+    UNCHECKED = "unchecked"  # the incumbent could not be timed (it failed its gate here): the best candidate won
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: int  # index of the config the entry gets
+    best: int  # index of the fastest median
+    verdict: Verdict
+
+
+def beats(candidate: table.Timing, incumbent: table.Timing) -> bool:
+    """Whether ``candidate`` is faster than ``incumbent`` by more than the measured spread: its p20-p80 range lies
+    wholly below the incumbent's, and its median is lower by more than either one's round-to-round spread (the
+    re-time interleaves rounds, so a drift of clocks between rounds shows there, not in the quantiles)."""
+    gain = incumbent.p50_ms - candidate.p50_ms
+    return candidate.p80_ms < incumbent.p20_ms and gain > max(candidate.spread, incumbent.spread) * incumbent.p50_ms
+
+
+def decide(timings: Sequence[table.Timing], incumbent: int | None) -> Decision:
+    """The entry's config among re-timed candidates: the fastest median, unless that does not :func:`beats` the
+    incumbent, which then stays."""
+    best = min(range(len(timings)), key=lambda i: timings[i].p50_ms)
+    if incumbent is None:
+        return Decision(best, best, Verdict.UNCHECKED)
+    if best != incumbent and beats(timings[best], timings[incumbent]):
+        return Decision(best, best, Verdict.NEW)
+    return Decision(incumbent, best, Verdict.KEPT)
