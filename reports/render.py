@@ -459,7 +459,7 @@ def convergence_chart(c: Convergence, trials: Sequence[TrialRecord], width: int)
     reasons.add_column(justify="right")
     reasons.add_column()
     for reason, count in c.reasons:
-        reasons.add_row(f"{count}×", reason)
+        reasons.add_row(f"{count}×", Text(reason))
     return Group(Text.from_ansi(fig.build().string()),
                  Text("⢕ running best  · completed  x failed  p pruned (on the top edge)", style="dim"), reasons)
 
@@ -470,8 +470,9 @@ def convergence_chart(c: Convergence, trials: Sequence[TrialRecord], width: int)
 
 def coverage_table(report: Report, profile: Profile) -> Table:
     stale = staleness(profile)
-    title = plain(f"coverage: {len(profile.entries)} keys on {report.device}, tuned {profile.created} "
-                  f"({profile.sampler}, budget {profile.budget})")
+    # Text, not str, for everything quoting the file: rich would read a "[bold]" in it as markup.
+    title = Text(plain(f"coverage: {len(profile.entries)} keys on {report.device}, tuned {profile.created} "
+                       f"({profile.sampler}, budget {profile.budget})"))
     table = Table(title=title, header_style="bold")
     for c in ("key / shape", "tuned config", "trials", "failed", "pruned", "fla timed"):
         table.add_column(c, justify="right" if c in ("trials", "failed", "pruned") else "left", overflow="fold",
@@ -480,9 +481,10 @@ def coverage_table(report: Report, profile: Profile) -> Table:
         # A config label is "C64/intra:.../state:..."; one part per line keeps the column narrow.
         table.add_row(f"{e.key}\n{e.shape.label()}", e.config.replace("/", "\n"), str(e.trials), str(e.failed),
                       str(e.pruned), "yes" if e.baseline is not None else "no", end_section=True)
-    table.caption = (f"kernel sources {profile.kernel_hash}"
-                     + (f" — STALE ({'; '.join(stale)}): still served; re-tune for best speed" if stale else " (current)")
-                     + f"; torch {profile.torch_version}, triton {profile.triton_version}")
+    table.caption = Text(plain(
+        f"kernel sources {profile.kernel_hash}"
+        + (f" — STALE ({'; '.join(stale)}): still served; re-tune for best speed" if stale else " (current)")
+        + f"; torch {profile.torch_version}, triton {profile.triton_version}", 1000))
     return table
 
 

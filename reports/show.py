@@ -29,13 +29,14 @@ def header(profile: Profile, path: Path) -> list[RenderableType]:
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column(overflow="fold")
-    grid.add_row("device", plain(f"{d.name} ({d.device_id}, {d.family}, {d.sm_count} SMs), driver {d.driver}"))
-    grid.add_row("software", plain(f"torch {profile.torch_version}, triton {profile.triton_version}"))
-    grid.add_row("tuned", plain(f"{profile.created} with {profile.sampler}"))
+    # Text, not str: rich would read a table's "[bold]" as markup.
+    grid.add_row("device", Text(plain(f"{d.name} ({d.device_id}, {d.family}, {d.sm_count} SMs), driver {d.driver}")))
+    grid.add_row("software", Text(plain(f"torch {profile.torch_version}, triton {profile.triton_version}")))
+    grid.add_row("tuned", Text(plain(f"{profile.created} with {profile.sampler}")))
     if profile.interpret:
         grid.add_row(Text("INTERPRETER", style="bold red"), "an interpreter table: its timings mean nothing")
     for reason in staleness(profile):
-        grid.add_row(Text("STALE", style="yellow"), plain(f"still served; re-tune for best speed: {reason}"))
+        grid.add_row(Text("STALE", style="yellow"), Text(plain(f"still served; re-tune for best speed: {reason}")))
     return [Text(plain(path), style="bold"), grid]
 
 
@@ -80,8 +81,8 @@ def entry_block(e: Entry) -> RenderableType:
     if e.incumbent is not None and e.vs_before is not None:
         verdict = ("kept: nothing beat it beyond the spread" if e.kept_incumbent
                    else f"tuned is {e.vs_before:.2f}× as fast")
-        grid.add_row("before", plain(f"{e.incumbent.timing.p50_ms:.4f} ms served before tuning "
-                                     f"({e.incumbent.describe()}); {verdict}"))
+        grid.add_row("before", Text(plain(f"{e.incumbent.timing.p50_ms:.4f} ms served before tuning "
+                                          f"({e.incumbent.describe()}); {verdict}")))
     grid.add_row("stages", ", ".join(f"{stage} {ms:.3f} ms" for stage, ms in sorted(e.stage_ms.items())))
     grid.add_row("trials", f"{e.trials} timed, {e.pruned} pruned, {e.failed} failed")
     return Group(Text(e.key, style="bold"), grid, Text(""))

@@ -34,6 +34,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 # What shells report for a process ended by SIGINT (128 + 2); scripts wrapping tune.py test for it.
 EXIT_INTERRUPTED = 130
+# Our own messages quote paths and commands; a table's strings inside them are cut far shorter (reports.text).
+MESSAGE_CHARS = 2000
 # The journal file of a run dir when --storage is not given (tuner.study.open_storage names it the same).
 JOURNAL_NAME = "studies.journal.log"
 
@@ -227,7 +229,7 @@ def tune_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        _stderr().print(markup(interrupted_message(options, args.argv)), highlight=False)
+        _stderr().print(markup(interrupted_message(options, args.argv), MESSAGE_CHARS), highlight=False)
         return EXIT_INTERRUPTED
     return 0 if result.profile_path is not None and result.entries else 1
 
@@ -261,7 +263,7 @@ def measure_command(args: argparse.Namespace) -> int:
     measured = measure_profile(profile, lambda w: err.print(f"[yellow]warning:[/] {markup(w)}", highlight=False))
     table.save_profile(measured, output)
     err.print(markup(f"wrote {output}: {len(measured.entries)} entries measured now; render it with "
-                     f"`{_program()} report --profile {shlex.quote(str(output))}`"), highlight=False)
+                     f"`{_program()} report --profile {shlex.quote(str(output))}`", MESSAGE_CHARS), highlight=False)
     return 0
 
 
@@ -445,17 +447,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # OSError: a path that cannot be read or written. Both are the user's to fix, and the message says how.
         if args.debug:
             raise
-        err.print(markup(f"tune.py {args.command}: error: {_describe(e)}"), highlight=False)
+        err.print(markup(f"tune.py {args.command}: error: {_describe(e)}", MESSAGE_CHARS), highlight=False)
         return EXIT_USER_ERROR
     except Exception as e:
         if args.debug:
             raise
         err.print(markup(f"tune.py {args.command}: internal error: {type(e).__name__}: {_describe(e)} "
-                         f"(run again with --debug for the traceback)"), highlight=False)
+                         f"(run again with --debug for the traceback)", MESSAGE_CHARS), highlight=False)
         return EXIT_INTERNAL_ERROR
 
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None:
         return f"{e.filename}: {e.strerror or e}"
-    return plain(e)
+    return plain(e, MESSAGE_CHARS)

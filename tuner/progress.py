@@ -10,9 +10,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from gdn2_tune.reports.text import plain
 from gdn2_tune.tuner.study import StudyProgress
 
 REFRESH_EVERY_S = 0.25
+# A log line names a key, a config and a reason; a compiler's error text is cut after this many characters.
+LOG_CHARS = 600
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -69,4 +72,6 @@ class ProgressView:
             self._live.update(self.render(), refresh=True)
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        # Messages quote table warnings and worker errors: markup=False keeps "[a-z0-9-]" from being read as a tag,
+        # plain() keeps escape sequences and megabyte-long strings off the terminal.
+        self.console.print(plain(message, LOG_CHARS), highlight=False, markup=False)
