@@ -74,4 +74,4 @@ class ProgressView:
     def log(self, message: str) -> None:
         # Messages quote table warnings and worker errors: markup=False keeps "[a-z0-9-]" from being read as a tag,
         # plain() keeps escape sequences and megabyte-long strings off the terminal.
-        self.console.print(plain(message, LOG_CHARS), highlight=False, markup=False)
+        self.console.print(plain(message, LOG_CHARS), highlight=False, markup=False, soft_wrap=True)
