@@ -46,11 +46,13 @@ from gdn2_tune.kernels.config import (
 )
 from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
 from gdn2_tune.kernels.intra import intra_fwd
+from gdn2_tune.kernels.pairwise import PAIR_PRECISIONS, pairs_bwd, pairs_fwd
 from gdn2_tune.kernels.varlen import chunk_index
 
 G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
 BWD_STATE_PRECISIONS = ("tf32", "tf32x3", "ieee")
 LOCAL_DTYPES = ("fp32", "fp64")
+LOCAL_METHODS = ("pairs", "autograd")
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,19 @@ class BwdConfig:
     num_warps: int = 4
     num_stages: int = 2
     precision: str = "tf32x3"  # input precision of the reverse pass's fp32 dots
-    # Elements of one [chunks, H, C, C, K] pairwise-decay tensor in the local-gradient step; autograd keeps a few of
-    # them alive at once, so 2^25 fp32 elements bound that step near 1 GB.
-    group_elements: int = 1 << 25
+    # Elements of the largest per-group tensor of the local-gradient step (chunks are processed in groups): about
+    # 30 such fp32 temporaries live at once with local="pairs", so 2^24 bounds that step near 2 GB; under
+    # local="autograd" it counts the [chunks, H, C, C, K] pair tensor, of which autograd keeps a few.
+    group_elements: int = 1 << 24
     local_dtype: str = "fp32"  # arithmetic of the local-gradient step
+    # "pairs": the decay-weighted pair products and their backward in Triton (kernels/pairwise.py), the rest as
+    # batched torch matmuls with the equations written out; "autograd": torch autograd through the whole chunk,
+    # pairs as a [C, C, K] tensor (simple, memory-hungry: the cross-check of the first).
+    local: str = "pairs"
+    pair_BC: int = 16  # sub-block of the pair products (diagonal blocks are formed pair by pair)
+    pair_BK: int = 32  # K slice of the pair products
+    pair_warps: int = 4
+    pair_precision: str = "tf32x3"  # tl.dot input precision of the pair products' off-diagonal blocks
 
     def label(self) -> str:
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
@@ -86,6 +97,14 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"precision={cfg.precision!r} is not one of {list(BWD_STATE_PRECISIONS)}"
     if cfg.local_dtype not in LOCAL_DTYPES:
         return f"local_dtype={cfg.local_dtype!r} is not one of {list(LOCAL_DTYPES)}"
+    if cfg.local not in LOCAL_METHODS:
+        return f"local={cfg.local!r} is not one of {list(LOCAL_METHODS)}"
+    if cfg.local == "pairs" and cfg.local_dtype != "fp32":
+        return "local='pairs' computes in fp32 (the Triton pair kernels take fp32 factors)"
+    if cfg.pair_precision not in PAIR_PRECISIONS:
+        return f"pair_precision={cfg.pair_precision!r} is not one of {list(PAIR_PRECISIONS)}"
+    if cfg.pair_BC < 16 or chunk % cfg.pair_BC or cfg.pair_BK < 16 or cfg.pair_BK & (cfg.pair_BK - 1):
+        return f"pair_BC={cfg.pair_BC} must divide chunk={chunk} (>= 16); pair_BK={cfg.pair_BK} a power of two >= 16"
     kp, vp = _padded(shape.K), _padded(shape.V)
     if cfg.BV < 16 or cfg.BV > vp or cfg.BV & (cfg.BV - 1):
         return f"BV={cfg.BV} must be a power of two in [16, {vp}]"
@@ -292,6 +311,70 @@ def _local_chunk(
     return o, s_c
 
 
+def _local_grads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+    s0: torch.Tensor, d_o: torch.Tensor, ds_c: torch.Tensor, *, scale: float, l2norm: bool, cfg: BwdConfig,
+) -> tuple[torch.Tensor, ...]:
+    """The gradients of :func:`_local_chunk` written out (../shared/GDN2.md, "Backward"), fp32 [n, H, C, *].
+
+    The pair products T, A_qk and their backward run in Triton (kernels/pairwise.py); everything else is a batched
+    C×C / C×K / K×V matmul or an elementwise op whose exponent is ≤ 0.
+    """
+    if l2norm:
+        r_q = torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+        r_k = torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+        qn, kn = q * r_q, k * r_k
+    else:
+        qn, kn = q, k
+    qs = (qn * scale).contiguous()
+    kn = kn.contiguous()
+    C = q.shape[-2]
+    G = torch.cumsum(torch.clamp(g, min=G_FLOOR), -2).contiguous()
+    gamma = torch.exp(G)
+    g_last = G[..., -1:, :]
+    tail = torch.exp(g_last - G)
+    bk = (b * kn).contiguous()
+    e_bar = gamma * bk
+    q_gam = gamma * qs
+    k_tail = tail * kn
+    z = w * v
+    pair = dict(BC=cfg.pair_BC, BK=cfg.pair_BK, num_warps=cfg.pair_warps, precision=cfg.pair_precision)
+    t, a_qk = pairs_fwd(bk, qs, kn, G, strict1=True, strict2=False, **pair)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    a = torch.linalg.solve_triangular(eye + t, eye.expand_as(t), upper=False, unitriangular=True)
+    y = a @ e_bar
+    r = a @ z - y @ s0
+    # Backward, in the order of the equations.
+    d_aqk = torch.tril(d_o @ r.transpose(-1, -2))
+    d_r = a_qk.transpose(-1, -2) @ d_o + k_tail @ ds_c
+    d_y = -(d_r @ s0.transpose(-1, -2))
+    d_kt = r @ ds_c.transpose(-1, -2)
+    d_qg = d_o @ s0.transpose(-1, -2)
+    a_t = a.transpose(-1, -2)
+    d_a = d_r @ z.transpose(-1, -2) + d_y @ e_bar.transpose(-1, -2)
+    d_z = a_t @ d_r
+    d_e = a_t @ d_y
+    d_t = -torch.tril(a_t @ d_a @ a_t, -1)
+    dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
+    d_bk = dx_t + d_e * gamma
+    d_qs = dx_a + d_qg * gamma
+    d_kn = dy_pairs + d_kt * tail + b * d_bk
+    d_b = kn * d_bk
+    # dG per row, then the reverse cumulative sum over the chunk. G_C (the last row) also carries γ_C's terms.
+    d_G = bk * dx_t + qs * dx_a - kn * dy_pairs + d_e * e_bar + d_qg * q_gam - d_kt * k_tail
+    d_last = (d_kt * k_tail).sum(-2) + torch.exp(g_last[..., 0, :]) * (ds_c * s0).sum(-1)
+    d_G[..., -1, :] += d_last
+    d_g = torch.flip(torch.cumsum(torch.flip(d_G, [-2]), -2), [-2])
+    d_g = torch.where(g >= G_FLOOR, d_g, torch.zeros((), dtype=d_g.dtype, device=d_g.device))
+    d_qn = d_qs * scale
+    if l2norm:
+        d_q = r_q * (d_qn - qn * (qn * d_qn).sum(-1, keepdim=True))
+        d_k = r_k * (d_kn - kn * (kn * d_kn).sum(-1, keepdim=True))
+    else:
+        d_q, d_k = d_qn, d_kn
+    return d_q, d_k, d_z * w, d_g, d_b, d_z * v
+
+
 def chunk_gdn2_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     do: torch.Tensor, dht: torch.Tensor | None,
@@ -349,17 +432,22 @@ def chunk_gdn2_bwd(
     dhc = layout.per_chunk(dhc)
     grads = [torch.empty(x.shape, dtype=torch.float32 if i == 3 else x.dtype, device=x.device)
              for i, x in enumerate(xs[:6])]
-    per_chunk = H * C * C * _padded(K)
-    step = max(1, bwd_config.group_elements // per_chunk)
+    # The largest live tensor per chunk: the [C, C, K] pair tensor under autograd, a [C, max(C, K, V)] tile else.
+    per_chunk = H * C * (C * _padded(K) if bcfg.local == "autograd" else max(C, K, V))
+    step = max(1, bcfg.group_elements // per_chunk)
     for c0 in range(0, layout.num_chunks, step):
         sl = slice(c0, min(c0 + step, layout.num_chunks))
         # [n, C, H, D] → [n, H, C, D] in the local arithmetic's dtype.
-        ins = [x[sl].transpose(1, 2).to(ldt).requires_grad_(True) for x in xs[:6]]
+        ins = [x[sl].transpose(1, 2).to(ldt).requires_grad_(bcfg.local == "autograd") for x in xs[:6]]
         d_o = xs[6][sl].transpose(1, 2).to(ldt)
         s0 = hc[sl].to(ldt)
-        with torch.enable_grad():
-            o, s_c = _local_chunk(*ins, s0, scale=scale, l2norm=use_qk_l2norm_in_kernel)
-            got = torch.autograd.grad((o, s_c), ins, (d_o, dhc[sl].to(ldt)))
+        if bcfg.local == "pairs":
+            got = _local_grads(*ins, s0, d_o, dhc[sl].to(ldt), scale=scale, l2norm=use_qk_l2norm_in_kernel,
+                               cfg=bcfg)
+        else:
+            with torch.enable_grad():
+                o, s_c = _local_chunk(*ins, s0, scale=scale, l2norm=use_qk_l2norm_in_kernel)
+                got = torch.autograd.grad((o, s_c), ins, (d_o, dhc[sl].to(ldt)))
         for dst, src in zip(grads, got):
             dst[sl] = src.transpose(1, 2)
     dq, dk, dv, dg, db, dw = (layout.from_chunks(x) for x in grads)
