@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.config import Shape, default_config
 from gdn2_tune.profiles import dispatch
 from gdn2_tune.profiles.dispatch import Device
 from gdn2_tune.profiles.table import Profile, TrialRecord, load_profile, save_profile
@@ -456,3 +456,45 @@ def test_report_on_a_gpu_with_its_own_table_gives_no_advice(h200_without_a_table
     code, out, _ = run_main(capsys, "report", "--json")
     serving = json.loads(out)["serving"]
     assert code == 0 and serving["source"] == "own" and serving["path"] == str(own) and serving["advice"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "vs before tuning" (profiles.table.Entry.incumbent)
+
+
+def with_incumbents(tmp_path: Path) -> Path:
+    """The fixture with what was served before tuning recorded: at the anchor the built-in default at 1.344 ms
+    (the tuned 1.12 ms is 1.20× as fast), at the K64 key the incumbent itself, kept."""
+    from gdn2_tune.profiles.table import Incumbent, ServedFrom, Timing
+
+    profile = fixture()
+    before = {
+        KEYS[0]: lambda e: Incumbent(default_config(e.shape), Timing(1.3, 1.344, 1.4, 0.01), ServedFrom.FAMILY,
+                                     "h100-80gb-hbm3.json", KEYS[0]),
+        KEYS[2]: lambda e: Incumbent(e.config, e.timing, ServedFrom.DEFAULT, None, None),
+    }
+    entries = tuple(dataclasses.replace(e, incumbent=before[e.key](e)) if e.key in before else e
+                    for e in profile.entries)
+    path = tmp_path / "incumbents.json"
+    save_profile(dataclasses.replace(profile, entries=entries), path)
+    return path
+
+
+def test_show_and_report_give_vs_before_tuning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = with_incumbents(tmp_path)
+    _, out, _ = run_main(capsys, "show", str(path), "--width", "120")
+    lines = out.splitlines()
+    assert "vs before" in out
+    assert "1.20×" in next(line for line in lines if line.strip().startswith(KEYS[0]))
+    k64 = lines.index(next(line for line in lines if line.strip().startswith(KEYS[2])))
+    assert "1.00×" in lines[k64] and "kept" in lines[k64 + 1]
+    assert "—" in next(line for line in lines if line.strip().startswith(KEYS[1]))  # not recorded there
+    _, out, _ = run_main(capsys, "show", str(path), "--width", "80")
+    assert "served before tuning (h100-80gb-hbm3.json fwd/K128-V128-bf16/T4096-BH128 (family)); tuned is 1.20×" in \
+        " ".join(out.split())
+    assert "kept: nothing beat it" in out
+    _, out, _ = run_main(capsys, "show", str(path), "--json")
+    assert json.loads(out)[0]["vs_before_tuning"][KEYS[0]] == pytest.approx(1.2)
+    _, out, _ = run_main(capsys, "report", "--profile", str(path), "--no-chart", "--width", "140")
+    anchor = next(line for line in out.splitlines() if line.strip().startswith("B8-T4096-H16-K128-V128-bf16"))
+    assert "1.20×" in anchor and "vs before" in out
