@@ -475,3 +475,22 @@ def test_launchers_stay_inside_their_buffers_with_raw_offsets(
     assert bands
     for big, n in bands:
         assert bool((big[:GUARD] == 7.0).all()) and bool((big[GUARD + n:] == 7.0).all()), "a write left its buffer"
+
+
+@pytest.mark.parametrize("cu", [
+    pytest.param([0, 45, 56, 104, 150], id="valid"),
+    pytest.param([0, 0, 0, 150], id="empty-sequences"),
+    pytest.param([7, 200, -3, 90, 60, 149], id="invalid"),
+    pytest.param([0, 150], id="one-sequence"),
+    pytest.param(sorted(random.Random(3).randint(0, 150) for _ in range(1500)), id="N1499-several-blocks"),
+])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_index_kernel_matches_its_torch_specification(cu: list[int], dtype: torch.dtype) -> None:
+    from gdn2_tune.kernels.varlen import packed_index, packed_index_torch
+
+    offsets = torch.tensor(cu, dtype=dtype, device=DEVICE)
+    for chunk in (16, 64):
+        got, want = packed_index(offsets, chunk, 150), packed_index_torch(offsets, chunk, 150)
+        assert got.num_chunks == want.num_chunks == 150 // chunk + len(cu) - 1
+        assert torch.equal(got.offsets, want.offsets) and torch.equal(got.first, want.first)
+        assert torch.equal(got.pairs, want.pairs)
