@@ -3,7 +3,7 @@
 Run the grid once on the GPU (``tune.py tune --sampler grid --param ...`` over a space narrow enough to finish),
 then ask here how many evaluated trials TPE (or another sampler) needs, over several seeds, to come within
 ``tolerance`` of the grid's best. The replay goes through the same study loop as a real run
-(:func:`tuner.study.run_study`: infeasibility pruning, duplicates, warm start with the default config), with an
+(:func:`tuner.study.run_study`, the feasible-only sampler, duplicates, warm start with the default config), with an
 evaluator that looks values up instead of measuring them; it is also how the search logic is tested on a CPU.
 
     python -m gdn2_tune.tuner.replay profiles/h100-80gb-hbm3.json --key fwd/K128-V128-bf16/T4096-BH128 --seeds 10
@@ -148,6 +148,7 @@ def replay(
     tolerance: float = 0.02,
     parallel: int = 1,
     warm_start_default: bool = True,
+    feasible_only: bool = True,
 ) -> ReplayResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     target = grid.best * (1 + tolerance)
@@ -160,10 +161,12 @@ def replay(
             seed=seed, trials=min(max_trials, len(grid.values)), timeout_s=None,
             warm_start=tuple(w for w in warm if freeze(w) in grid.values),
         )
-        n_startup = min(10, max(3, spec.trials // 3))
+        n_startup = study_mod.startup_trials(spec.trials)
+        # The sampler of a real run (tuner.run.load_study): it proposes only feasible points not yet tried.
         study = optuna.create_study(
             storage=optuna.storages.InMemoryStorage(), direction="minimize",
-            sampler=study_mod.make_sampler(sampler, seed, n_startup),
+            sampler=study_mod.make_sampler(sampler, seed, n_startup,
+                                           feasible=study_mod.Feasible.of(space, grid.shape) if feasible_only else None),
         )
         study_mod.run_study(study, spec, LookupEvaluator(grid, parallel))
         results.append(trials_to_target(study, target))

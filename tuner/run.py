@@ -245,7 +245,7 @@ def load_study(
 ) -> optuna.Study:
     """The study of ``spec``; ``search=False`` for reading, enqueueing and finalizing, which never sample."""
     name = study_mod.study_name(spec.key, table.kernel_source_hash(), spec.space)
-    n_startup = min(10, max(3, spec.trials // 3))
+    n_startup = study_mod.startup_trials(spec.trials)
     # Each process sharing a study gets its own seed: identical seeds would propose identical points.
     sampler = study_mod.make_sampler(spec.sampler, spec.seed + 1000 * worker_index, n_startup,
                                      feasible=study_mod.Feasible.of(spec.space, spec.shape) if search else None)

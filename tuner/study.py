@@ -242,6 +242,17 @@ def postgres_driver(url: str) -> str:
     raise ValueError(f"--storage {url}: needs a PostgreSQL driver; install psycopg2-binary or psycopg")
 
 
+def startup_trials(trials: int) -> int:
+    """Random trials before a model-based sampler takes over; the warm starts come on top.
+
+    Few: with only feasible points proposed, every startup trial costs a measurement (infeasible ones used to count
+    toward TPE's startup for free). Replaying the recorded 36-point anchor grid (10 seeds) took a median of 7 trials
+    to come within 2% of its best with 3, 8 with 5 and 15 with the earlier 10; a synthetic 1824-point grid, 21 with 3
+    and 24 with 7.
+    """
+    return max(3, min(5, trials // 10))
+
+
 def make_sampler(
     name: str, seed: int, n_startup: int, *, feasible: Feasible | None = None
 ) -> optuna.samplers.BaseSampler:
@@ -342,12 +353,28 @@ class FeasibleSampler(optuna.samplers.BaseSampler):
             if not self.feasible.check(point):
                 self.rejected += 1
             elif freeze(point) in known:
+                # The sampler's favourite is measured already; drawing again mostly returns it again (TPE picks the
+                # best of its candidates by the same model), so step to an unseen feasible neighbour of it instead.
                 self.repeats += 1
+                near = self._neighbour(point, known)
+                if near is not None:
+                    return near
             else:
                 return point
         self.fallbacks += 1
         # None: every feasible point is known; the last draw is returned and the loop records it as a duplicate.
         return self.feasible.points.sample(self._rng, known) or point
+
+    def _neighbour(self, point: Mapping[str, Any], known: set[Any]) -> dict[str, Any] | None:
+        """A random unseen feasible point that differs from ``point`` in one parameter, else None."""
+        options = [
+            {**point, name: value}
+            for name, dist in self._dists.items()
+            for value in dist.choices  # type: ignore[attr-defined]
+            if value != point[name]
+        ]
+        self._rng.shuffle(options)
+        return next((p for p in options if freeze(p) not in known and self.feasible.check(p)), None)
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
