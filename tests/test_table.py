@@ -428,3 +428,65 @@ def test_merged_profile_saves_and_loads(tmp_path: Path) -> None:
     merged, _ = merge_profiles([PROFILE, make_profile((make_entry(DENSE, p50=0.5),))])
     save_profile(merged, tmp_path / "m.json")
     assert load_profile(tmp_path / "m.json") == (merged, [])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The incumbent: what was served before tuning (optional, typed, validated)
+
+INCUMBENT = table.Incumbent(
+    config=make_config(**{"intra.num_warps": 2}),
+    timing=Timing(p20_ms=1.5, p50_ms=1.6, p80_ms=1.7, spread=0.01),
+    source=table.ServedFrom.FAMILY,
+    table="h100-80gb-hbm3.json",
+    key="fwd/K128-V128-bf16/T4096-BH128",
+)
+
+
+def test_entry_with_an_incumbent_round_trips_and_says_vs_before(tmp_path: Path) -> None:
+    entry = dataclasses.replace(make_entry(DENSE, p50=1.0), incumbent=INCUMBENT)
+    assert entry.vs_before == pytest.approx(1.6) and not entry.kept_incumbent
+    kept = dataclasses.replace(make_entry(VARLEN), config=INCUMBENT.config, incumbent=INCUMBENT)
+    assert kept.kept_incumbent
+    save_profile(make_profile((entry, kept)), tmp_path / "t.json")
+    loaded, warnings = load_profile(tmp_path / "t.json")
+    assert not warnings and loaded is not None
+    assert loaded.entries[0].incumbent == INCUMBENT and loaded.entries[0].incumbent.source is table.ServedFrom.FAMILY
+    assert INCUMBENT.describe() == "h100-80gb-hbm3.json fwd/K128-V128-bf16/T4096-BH128 (family)"
+
+
+def test_tables_without_incumbents_load_and_save_unchanged(tmp_path: Path) -> None:
+    # Tables written before the field existed (the shipped H100 table among them) load with None, and re-saving
+    # an entry without one writes no "incumbent" key.
+    shipped, warnings = load_profile(table.PROFILES_DIR / "h100-80gb-hbm3.json")
+    assert shipped is not None and shipped.entries and all(e.incumbent is None for e in shipped.entries), warnings
+    assert all(e.vs_before is None and not e.kept_incumbent for e in shipped.entries)
+    assert "incumbent" not in make_entry(DENSE).to_dict()
+
+
+def _with_incumbent(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(data: dict[str, Any]) -> None:
+        data["entries"][0]["incumbent"] = INCUMBENT.to_dict()
+        _set(f"entries.0.incumbent.{path}", value)(data)
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        pytest.param(_with_incumbent("source", "elsewhere"), "entries[0].incumbent.source", id="unknown-source"),
+        pytest.param(_with_incumbent("config.chunk", 48), "entries[0].incumbent.config.chunk", id="illegal-config"),
+        pytest.param(_with_incumbent("config.intra.BC", 64), "entries[0].incumbent.config", id="infeasible-config"),
+        pytest.param(_with_incumbent("timing.p50_ms", 9.0), "entries[0].incumbent.timing", id="unordered-quantiles"),
+        pytest.param(_with_incumbent("table", "x" * 500), "entries[0].incumbent.table", id="huge-table-name"),
+        pytest.param(_with_incumbent("key", 7), "entries[0].incumbent.key", id="key-not-a-string"),
+        pytest.param(_set("entries.0.incumbent", [1]), "entries[0].incumbent", id="not-an-object"),
+    ],
+)
+def test_bad_incumbent_skips_its_entry_with_a_warning_naming_the_field(
+    mutate: Callable[[dict[str, Any]], None], field: str, tmp_path: Path
+) -> None:
+    path, (loaded, warnings) = _load_mutated(mutate, tmp_path)
+    assert loaded is not None and len(warnings) == 1, warnings
+    assert str(path) in warnings[0] and f"{field}:" in warnings[0]
+    assert entry_key("fwd", DENSE) not in {e.key for e in loaded.entries}
