@@ -24,7 +24,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, fit_to_shape, infeasibility
 from gdn2_tune.profiles import table
 from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.device import decode_throttle_reasons
@@ -559,7 +559,6 @@ def test_late_studies_keep_half_a_share_when_early_ones_overrun() -> None:
 
 
 def test_each_study_is_warm_started_with_every_table_entry_fitted_to_its_shape() -> None:
-    from gdn2_tune.kernels.config import fit_to_shape
     from gdn2_tune.tuner.run import TuneOptions, build_specs, existing_profile
 
     profile, _ = existing_profile(REPO / "profiles" / "h100-80gb-hbm3.json")
@@ -590,3 +589,266 @@ def test_warm_start_enqueues_only_points_of_a_narrowed_space() -> None:
     enqueued = [t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False)]
     assert enqueued and all(p["intra.num_warps"] == 2 for p in enqueued)
     study.ask(spec.space.for_shape(spec.shape).distributions())  # Optuna accepts every enqueued point
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 12: the budget goes to feasible, new points; duplicates are never complete trials (issue 9)
+
+
+def feasible_spec(shape: Shape, space: SearchSpace, trials: int, sampler: str = "tpe") -> tuple[
+        study_mod.StudySpec, optuna.Study]:
+    spec = spec_for(shape, space, trials, sampler)
+    sampler_ = study_mod.make_sampler(sampler, 0, study_mod.startup_trials(trials),
+                                      feasible=study_mod.Feasible.of(space, shape))
+    return spec, optuna.create_study(storage=optuna.storages.InMemoryStorage(), sampler=sampler_)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+@pytest.mark.parametrize("shape", [pytest.param(INTERPRET_SHAPE, id="K32-V32-fp32"), pytest.param(ANCHOR, id="anchor")])
+def test_the_sampler_proposes_only_feasible_points_never_twice(shape: Shape, sampler: str) -> None:
+    spec, study = feasible_spec(shape, SearchSpace(), trials=30, sampler=sampler)
+    ev = RecordingEvaluator()
+    counts = study_mod.run_study(study, spec, ev)
+    assert counts.evaluated == 30 and len(study.trials) == 30, "every stored trial was timed"
+    assert counts.pruned == counts.duplicates == 0
+    assert all(infeasibility(FwdConfig.from_flat(p), shape) is None for p in ev.gated)
+    assert len({study_mod._freeze(p) for p in ev.gated}) == len(ev.gated)
+    # The box is mostly infeasible at these shapes: the sampler did reject draws, without storing them.
+    assert study.sampler.rejected > 0
+
+
+def test_an_exhausted_space_ends_the_study_without_duplicates() -> None:
+    space = SearchSpace().narrowed(parse_param_choices(TINY_PARAMS))
+    n = space.feasible(INTERPRET_SHAPE).size
+    assert n == len(list(space.grid(INTERPRET_SHAPE))) and n < 100
+    spec, study = feasible_spec(INTERPRET_SHAPE, space, trials=n + 20)
+    counts = study_mod.run_study(study, spec, RecordingEvaluator())
+    assert counts.evaluated == n and counts.duplicates == 0 and len(study.trials) == n
+
+
+def test_a_duplicate_proposal_is_a_failed_trial_not_a_completed_one() -> None:
+    # A sampler that is not wrapped (or two processes asking at the same instant) can still propose a measured
+    # point: it is stored as FAIL with status "duplicate", and counted neither as evaluated nor as a failure.
+    shape = INTERPRET_SHAPE
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    point = default_config(shape).flat()
+    study.enqueue_trial(point)
+    study.enqueue_trial(point)
+    counts = study_mod.run_study(study, spec_for(shape, SearchSpace(), trials=3), RecordingEvaluator())
+    dup = [t for t in study.trials if t.user_attrs.get("status") == "duplicate"]
+    # Of trial 0, or of "a point being measured" when both were asked before trial 0 finished.
+    assert len(dup) == 1 and dup[0].state == TrialState.FAIL and dup[0].user_attrs["duplicate_of"] in (0, None)
+    assert counts.evaluated == 3 and counts.failed == 0 and counts.duplicates == 1
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and all(study_mod.is_evaluated(t) for t in complete)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 12: warm starts from every known table; the incumbent competes in the final
+
+
+def write_table(path: Path, device_id: str, family: str, entries: list[tuple[Shape, FwdConfig]], *,
+                interpret: bool = False) -> None:
+    import triton
+
+    device = table.DeviceInfo(device_id, device_id.upper(), family, None, None, None, None, None, None)
+    timing = table.Timing(1.0, 1.0, 1.0, 0.0)
+    table.save_profile(table.Profile(
+        schema_version=table.SCHEMA_VERSION, device=device, torch_version="x", triton_version=triton.__version__,
+        kernel_hash=table.kernel_source_hash(), created="2026-11-30T00:00:00+00:00", sampler="tpe", budget={},
+        interpret=interpret, roofs=None, trials=(),
+        entries=tuple(table.Entry(table.entry_key("fwd", s), "fwd", s, c, timing, timing, 1.0, {}, {}, None, 1, 0, 0)
+                      for s, c in entries),
+    ), path)
+
+
+def flat_config(base: Shape, **changes: Any) -> FwdConfig:
+    return FwdConfig.from_flat({**default_config(base).flat(), **changes})
+
+
+H100_ANCHOR = flat_config(ANCHOR, **{"intra.BV": 128, "intra.num_warps": 2, "state.BV": 64})
+H100_NEAR = flat_config(ANCHOR, **{"intra.num_warps": 2, "state.num_warps": 8})  # its T2048 bucket
+H100_OTHER_DIMS = flat_config(Shape(16, 2048, 8, 256, 256), **{"state.BV": 64, "state.num_stages": 1})
+A100_ANCHOR = flat_config(ANCHOR, **{"intra.num_warps": 8})
+
+
+@pytest.fixture
+def h200_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Shipped tables as on the issue's H200: an H100 table (sm90) and an A100 one (sm80), none of its own."""
+    from gdn2_tune.profiles import dispatch
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    write_table(shipped / "h100-80gb-hbm3.json", "h100-80gb-hbm3", "sm90", [
+        (Shape(16, 2048, 8, 256, 256), H100_OTHER_DIMS), (Shape(8, 2048, 16, 128, 128), H100_NEAR),
+        (ANCHOR, H100_ANCHOR),
+    ])
+    write_table(shipped / "a100-sxm4-80gb.json", "a100-sxm4-80gb", "sm80", [(ANCHOR, A100_ANCHOR)])
+    monkeypatch.setattr(dispatch, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(dispatch, "_running_device", lambda: dispatch.Device("h200", "sm90"))
+    monkeypatch.delenv("GDN2_PROFILE", raising=False)
+    monkeypatch.delenv("GDN2_CONFIG", raising=False)
+    dispatch.clear_cache()
+    yield shipped
+    dispatch.clear_cache()
+
+
+H200 = table.DeviceInfo("h200", "NVIDIA H200", "sm90", (9, 0), 132, None, None, None, None)
+
+
+def test_an_h200_study_starts_from_what_the_h100_table_serves(h200_world: Path, tmp_path: Path) -> None:
+    from gdn2_tune.tuner import known
+    from gdn2_tune.tuner.run import TuneOptions, build_specs
+
+    (served_d,) = known.served_now([dataclasses.asdict(ANCHOR)])  # as the timing worker answers
+    served = known.Served.from_dict(served_d)
+    assert served == known.Served(H100_ANCHOR, table.ServedFrom.FAMILY, "h100-80gb-hbm3.json",
+                                  table.entry_key("fwd", ANCHOR))
+    tables, warnings = known.known_tables(H200, tmp_path / "h200.json", None)
+    assert not warnings and [t.path.name for t in tables] == ["h100-80gb-hbm3.json"], "same family only"
+    options = TuneOptions(shapes=(ANCHOR,), trials=30)
+    (spec,) = build_specs(options, None, tables=tables, served={table.entry_key("fwd", ANCHOR): served})
+    points = [FwdConfig.from_flat(p) for p in spec.warm_start]
+    # The incumbent, the default, then the H100 entries nearest first; fitted, so each is legal at the shape.
+    assert points == [H100_ANCHOR, default_config(ANCHOR), H100_NEAR, fit_to_shape(H100_OTHER_DIMS, ANCHOR)]
+    assert A100_ANCHOR not in points
+
+    # Replayed: the study measures them first, the incumbent before anything else.
+    spec, study = feasible_spec(ANCHOR, SearchSpace(), trials=8)
+    spec = dataclasses.replace(spec, warm_start=tuple(p.flat() for p in points))
+    ev = RecordingEvaluator()
+    study_mod.run_study(study, spec, ev)
+    assert [FwdConfig.from_flat(p) for p in ev.gated[:4]] == points
+
+
+@pytest.mark.parametrize(
+    ("candidate", "incumbent", "verdict"),
+    [
+        pytest.param((1.00, 1.01, 1.02, 0.01), (1.20, 1.21, 1.22, 0.01), "new", id="clearly-faster"),
+        pytest.param((1.17, 1.19, 1.21, 0.01), (1.18, 1.20, 1.22, 0.01), "kept", id="ranges-overlap"),
+        pytest.param((1.10, 1.11, 1.12, 0.10), (1.13, 1.14, 1.15, 0.10), "kept", id="within-round-spread"),
+        pytest.param((1.30, 1.31, 1.32, 0.01), (1.20, 1.21, 1.22, 0.01), "kept", id="incumbent-fastest"),
+    ],
+)
+def test_a_candidate_replaces_the_incumbent_only_beyond_the_spread(
+    candidate: tuple[float, ...], incumbent: tuple[float, ...], verdict: str
+) -> None:
+    from gdn2_tune.tuner import known
+
+    timings = [table.Timing(*candidate), table.Timing(1.5, 1.6, 1.7, 0.01), table.Timing(*incumbent)]
+    decision = known.decide(timings, 2)
+    assert decision.verdict == verdict
+    assert decision.chosen == (0 if verdict == "new" else 2)
+    assert known.decide(timings, None) == known.Decision(decision.best, decision.best, known.Verdict.UNCHECKED)
+
+
+class FinalEvaluator:
+    """What finalize_entry calls, answering re-times from fixed per-config timings."""
+
+    def __init__(self, timings: Mapping[FwdConfig, tuple[float, float, float, float]], gate_fails: set[FwdConfig]):
+        from gdn2_tune.tuner.run import TuneOptions
+
+        self.options = TuneOptions(top_k=2)
+        self.timings = timings
+        self.gate_fails = gate_fails
+        self.retimed: list[FwdConfig] = []
+        outer = self
+
+        class Gates:
+            def call(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+                bad = FwdConfig.from_flat(req["params"]) in outer.gate_fails
+                return {"status": "wrong_answer" if bad else "ok", "reason": "bad" if bad else None}
+
+        self.gates = Gates()
+
+    def call_timer(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        cfgs = [FwdConfig.from_flat(p) for p in req["configs"]]
+        if req["op"] == "retime":
+            self.retimed = cfgs
+            return {"status": "ok", "timings": [dict(zip(("p20_ms", "p50_ms", "p80_ms", "spread"), self.timings[c]))
+                                                for c in cfgs]}
+        return {"status": "ok", "stages": [{"intra": 0.5, "state": 0.5} for _ in cfgs]}
+
+
+FAST = flat_config(ANCHOR, **{"intra.num_warps": 8, "state.num_warps": 8})
+SLOW = flat_config(ANCHOR, **{"state.num_warps": 8})
+
+
+@pytest.mark.parametrize(
+    ("fast", "verdict"),
+    [pytest.param((1.00, 1.01, 1.02, 0.01), "new", id="beats-the-incumbent"),
+     pytest.param((1.58, 1.60, 1.62, 0.01), "kept", id="within-the-spread")],
+)
+def test_finalize_times_the_incumbent_and_keeps_it_unless_beaten(fast: tuple[float, ...], verdict: str) -> None:
+    from gdn2_tune.tuner import known
+    from gdn2_tune.tuner.run import finalize_entry
+
+    served = known.Served(H100_ANCHOR, table.ServedFrom.FAMILY, "h100-80gb-hbm3.json", table.entry_key("fwd", ANCHOR))
+    timings = {FAST: fast, SLOW: (2.0, 2.1, 2.2, 0.01), default_config(ANCHOR): (1.9, 2.0, 2.1, 0.01),
+               H100_ANCHOR: (1.59, 1.61, 1.63, 0.01)}
+    study = optuna.create_study()
+    for cfg, value in ((FAST, 1.0), (SLOW, 2.1)):  # the search found these; it never reached the incumbent
+        study.add_trial(optuna.trial.create_trial(params=cfg.flat(), value=value, user_attrs={"status": "ok"},
+                        distributions=SearchSpace().distributions()))
+    ev = FinalEvaluator(timings, set())
+    notes: list[str] = []
+    spec = spec_for(ANCHOR, SearchSpace(), trials=2)
+    entry = finalize_entry(study, spec, ev, notes, served)  # type: ignore[arg-type]
+    assert entry is not None and set(ev.retimed) == set(timings), "top 2, default and incumbent re-timed together"
+    assert entry.incumbent == served.timed(table.Timing(*timings[H100_ANCHOR]))
+    if verdict == "new":
+        assert entry.config == FAST and not entry.kept_incumbent and entry.vs_before == pytest.approx(1.61 / 1.01)
+        assert any("beats the incumbent" in n for n in notes), notes
+    else:
+        assert entry.config == H100_ANCHOR and entry.kept_incumbent and entry.timing == entry.incumbent.timing
+        assert any("kept the incumbent" in n and "within the spread" in n for n in notes), notes
+
+    # An incumbent that fails its gate here is not a candidate: the best candidate wins, and the note says why.
+    ev = FinalEvaluator(timings, {H100_ANCHOR})
+    notes = []
+    entry = finalize_entry(study, spec, ev, notes, served)  # type: ignore[arg-type]
+    assert entry is not None and entry.incumbent is None and H100_ANCHOR not in ev.retimed
+    assert entry.config == FAST
+    assert any("failed its gate" in n for n in notes), notes
+
+
+def test_tune_interpret_races_the_incumbent_logs_each_trial_and_says_what_it_resumed(tmp_path: Path) -> None:
+    # The user's table (GDN2_PROFILE) serves a non-default config at the toy shape: the study measures it first,
+    # the final re-time times it, and the entry records it as the incumbent.
+    space = SearchSpace().narrowed(parse_param_choices(TINY_PARAMS))
+    incumbent = next(FwdConfig.from_flat(p) for p in space.grid(INTERPRET_SHAPE) if p != default_config(
+        INTERPRET_SHAPE).flat() and p["chunk"] == 64 and p["intra.precision"] == "ieee" and p["state.BV"] == 16)
+    assert infeasibility(incumbent, INTERPRET_SHAPE) is None
+    user = tmp_path / "mine.json"
+    write_table(user, "cpu-interpreter", "cpu", [(INTERPRET_SHAPE, incumbent)], interpret=True)
+    run_dir, out = tmp_path / "run", tmp_path / "out.json"
+    args = tune_cmd("--trials", "3", "--run-dir", str(run_dir), "--output", str(out),
+                    *[a for p in TINY_PARAMS for a in ("--param", p)])
+    e = {**env(), "GDN2_PROFILE": str(user)}
+    r = subprocess.run(args, env=e, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    log = " ".join((r.stdout + r.stderr).split())  # rich may wrap long lines
+    assert r.returncode == 0, log
+    key = table.entry_key("fwd", INTERPRET_SHAPE)
+    assert f"serving {incumbent.label()} from mine.json {key} (user)" in log
+    for n in range(3):  # --no-progress: one line per trial, as it finishes
+        assert f"{key} #{n}: " in log
+    profile, _ = table.load_profile(out)
+    assert profile is not None
+    (entry,) = profile.entries
+    assert entry.incumbent is not None and entry.incumbent.config == incumbent
+    assert entry.incumbent.source is table.ServedFrom.USER and entry.incumbent.table == "mine.json"
+    from gdn2_tune.tuner.known import beats
+
+    if entry.kept_incumbent:
+        assert entry.timing == entry.incumbent.timing and "kept the incumbent" in log
+    else:
+        assert beats(entry.timing, entry.incumbent.timing) and "beats the incumbent" in log
+    first = journal_study(run_dir, key).trials[0]
+    assert FwdConfig.from_flat(first.params) == incumbent, "the incumbent is measured first"
+
+    args[args.index("--trials") + 1] = "4"  # the same run dir, one trial more: a resumed run
+    r = subprocess.run(args, env=e, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    log = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 0, log
+    assert f"{key}: resuming, found 3 trials in storage (3 evaluated" in log and "1 more to evaluate" in log
+    assert f"{key} #3: " in log and f"{key} #0: " not in log
