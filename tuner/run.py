@@ -253,17 +253,16 @@ def load_study(
                                load_if_exists=True)
 
 
-def query_served(
-    evaluator: WorkerEvaluator, specs: Sequence[study_mod.StudySpec], notes: list[str]
-) -> dict[str, known.Served]:
-    """What the dispatcher serves at each study's shape now, asked of the timing worker (tuner.known)."""
-    out = evaluator.call_timer({"op": "served", "shapes": [dataclasses.asdict(s.shape) for s in specs]},
+def query_served(evaluator: WorkerEvaluator, shapes: Sequence[Shape], notes: list[str]) -> dict[str, known.Served]:
+    """What the dispatcher serves at each shape now, by entry key, asked of the timing worker (tuner.known)."""
+    out = evaluator.call_timer({"op": "served", "shapes": [dataclasses.asdict(s) for s in shapes]},
                                evaluator.options.time_timeout_s)
     if out.get("status") != "ok":
         notes.append(f"could not ask the dispatcher what it serves now ({out.get('status')}: {out.get('reason')}); "
                      "no incumbent is timed, each entry is the best candidate")
         return {}
-    return {spec.key: known.Served.from_dict(d) for spec, d in zip(specs, out["served"], strict=True)}
+    return {table.entry_key(STAGE, shape): known.Served.from_dict(d)
+            for shape, d in zip(shapes, out["served"], strict=True)}
 
 
 def rejected_draws(study: optuna.Study) -> int:
@@ -507,7 +506,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     storage = study_mod.open_storage(options.storage, run_dir)
     evaluator = WorkerEvaluator(options, gpu, log_dir)
     # A per-GPU child searches studies whose warm starts (the incumbent first) the parent has already enqueued.
-    served = {} if options.search_only else query_served(evaluator, build_specs(options, existing), notes)
+    served = {} if options.search_only else query_served(evaluator, options.shapes, notes)
     specs = build_specs(options, existing, tables=tables, served=served)
     progresses = [study_mod.StudyProgress(s.key, s.trials, phase="waiting") for s in specs]
     title = f"gdn2-tune on {device.name} ({options.sampler}, {evaluator.parallel} gate workers)"
