@@ -49,10 +49,12 @@ HEAD_DIMS = (128, 256)
 STEPS = 1000
 # Relative Frobenius error budgets of (a). fp32 state: every operation is one fp32 rounding (2^-24) and the
 # recurrence is contractive (decay ≤ 1, erase gate in [0, 1], unit keys), so errors stay near 1e-6 over any number
-# of steps; 1e-4 is two orders above. bf16 state: the kernel must cost no more than bf16 storage itself, i.e. stay
+# of steps; 1e-4 is two orders above. The bf16 output is rounded once more: 2^-9 relative per element, budget 2^-8.
+# bf16 state: the kernel must cost no more than bf16 storage itself, i.e. stay
 # within 1.5x the error of the float64 recurrence rounded to bf16 after every step (plus one bf16 half-ulp, 2^-9,
 # for differences in which way single roundings go).
 FP32_STATE_BUDGET = 1e-4
+BF16_OUTPUT_BUDGET = 2.0**-8
 BF16_RATIO_BUDGET = 1.5
 BF16_SLACK = 2.0**-9
 FLUSH_BYTES = 256 << 20  # larger than the H200's 60 MB L2
@@ -156,7 +158,7 @@ def chained(state_dtype: torch.dtype, steps: int, N: int = 16, K: int = 128) -> 
         ok = (row["err_state"] <= BF16_RATIO_BUDGET * row["bf16_storage_err_state"] + BF16_SLACK
               and row["err_o"] <= BF16_RATIO_BUDGET * row["bf16_storage_err_o"] + BF16_SLACK)
     else:
-        ok = row["err_o"] < FP32_STATE_BUDGET and row["err_state"] < FP32_STATE_BUDGET
+        ok = row["err_o"] < BF16_OUTPUT_BUDGET and row["err_state"] < FP32_STATE_BUDGET
     row["pass"] = bool(ok and row["padding_row_zero"] and row["out_of_pool_row_nan"] and row["untouched_slots_bitwise"])
     return row
 
@@ -184,7 +186,7 @@ def speculative(N: int = 32, T: int = 4, K: int = 128) -> dict:
         "err_o": rel_err(o, ref_o), "err_states": rel_err(pool[idx], ref_states),
         "untouched_slots_bitwise": bool(torch.equal(pool[~named], before[~named])),
     }
-    row["pass"] = bool(row["err_o"] < FP32_STATE_BUDGET and row["err_states"] < FP32_STATE_BUDGET
+    row["pass"] = bool(row["err_o"] < BF16_OUTPUT_BUDGET and row["err_states"] < FP32_STATE_BUDGET
                        and row["untouched_slots_bitwise"])
     return row
 
@@ -330,7 +332,8 @@ def sweep(reps: int) -> tuple[list[dict], dict[tuple[int, int], DecodeConfig]]:
     cases = [(K, N, 1) for K in HEAD_DIMS for N in BATCHES] + [(128, 32, 4)]
     for K, N, T in cases:
         shape = DecodeShape(N, T, HEADS, K, K, "bf16", "fp32")
-        space = [c for c in decode_space(shape) if T > 1 or c.num_stages == 1]
+        # num_stages pipelines the token loop: swept only with several tokens, and there without the cache policy
+        space = [c for c in decode_space(shape) if (c.num_stages == 1 if T == 1 else not c.stream_state)]
         p = Problem(N, K, T=T, two_d=T > 1)
         results = []
         for cfg in space:

@@ -70,7 +70,7 @@ def _decode_kernel(
     KP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, HAS_INDICES: tl.constexpr,
     HAS_ACCEPTED: tl.constexpr, PER_TOKEN_SLOTS: tl.constexpr, FINAL_AT: tl.constexpr,
-    USE_L2NORM: tl.constexpr,
+    USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # V tiles of one (sequence, head) are neighbours in launch order: their state tiles are contiguous in memory.
@@ -118,7 +118,8 @@ def _decode_kernel(
 
     b_s = tl.zeros([KP, BV], tl.float32)
     if USE_INITIAL_STATE:
-        b_s += tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s_ok, other=0.0).to(tl.float32)
+        b_s += tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s_ok, other=0.0,
+                       eviction_policy=STATE_EVICT).to(tl.float32)
 
     for i_t in range(T_seq):
         tok = (bos + i_t) * H + i_h
@@ -141,16 +142,18 @@ def _decode_kernel(
             s_t = tl.load(indices + i_n.to(tl.int64) * stride_in + i_t * stride_it, mask=t_ok, other=0).to(tl.int64)
             t_pad = t_ok & (s_t < 0)
             t_ok = t_ok & (s_t >= 0) & (s_t < P)
-            tl.store(ht + s_t * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), 
-                     mask=(o_k < tl.where(ok & t_ok, K, 0))[:, None] & m_v[None, :])
+            tl.store(ht + s_t * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty),
+                     mask=(o_k < tl.where(ok & t_ok, K, 0))[:, None] & m_v[None, :], eviction_policy=STATE_EVICT)
             b_o = tl.where(t_ok | t_pad, b_o, nan_v)
         tl.store(o + tok * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
     if FINAL_AT == 1:
         b_f = tl.where(ok, b_s, b_fill[None, :])
-        tl.store(ht + i_n.to(tl.int64) * stride_ht + head + p_s, b_f.to(ht.dtype.element_ty), mask=m_s)
+        tl.store(ht + i_n.to(tl.int64) * stride_ht + head + p_s, b_f.to(ht.dtype.element_ty), mask=m_s,
+                 eviction_policy=STATE_EVICT)
     elif FINAL_AT == 2:
-        tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s_ok)
+        tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s_ok,
+                 eviction_policy=STATE_EVICT)
 
 
 def decode_fwd(
@@ -204,6 +207,7 @@ def decode_fwd(
         IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=initial_state is not None,
         HAS_INDICES=ssm_state_indices is not None, HAS_ACCEPTED=num_accepted_tokens is not None,
         PER_TOKEN_SLOTS=per_token_slots, FINAL_AT=final_at, USE_L2NORM=use_qk_l2norm,
+        STATE_EVICT="evict_first" if cfg.stream_state else "",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

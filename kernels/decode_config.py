@@ -7,6 +7,7 @@ fp32 registers while it loops over the sequence's tokens. What can be tuned:
   shorter contiguous rows of the state (BV·4 bytes in fp32); larger ones fewer, longer transactions.
 - ``num_warps``: threads sharing the tile; the K axis reductions (the gated read r and the output) cross them.
 - ``num_stages``: software pipelining of the token loop; it only matters when sequences have several tokens.
+- ``stream_state``: the evict_first cache policy on the state's load and store.
 
 K is never split across programs: the read r_t = S̄ᵀ(b ⊙ k) sums over all of K before any row can be updated, so a
 K split would need a cross-program reduction every token.
@@ -48,6 +49,9 @@ class DecodeConfig:
     BV: int = 32  # V tile per program: 128-byte fp32 rows of the state, one cache line
     num_warps: int = 4
     num_stages: int = 1
+    # Load and store the state with evict_first: each call touches it once, so it need not displace the inputs
+    # and indices from L2.
+    stream_state: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,7 +66,7 @@ class DecodeConfig:
         return DecodeConfig(**data)
 
     def label(self) -> str:
-        return f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}"
+        return f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}{'-stream' if self.stream_state else ''}"
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class DecodeShape:
 @dataclass(frozen=True)
 class DecodeParam:
     name: str
-    values: tuple[int, ...]
+    values: tuple[int | bool, ...]
     doc: str
 
 
@@ -92,6 +96,7 @@ DECODE_SPACE: tuple[DecodeParam, ...] = (
     DecodeParam("BV", (8, 16, 32, 64, 128), "V tile per program (programs = N·H·ceil(V/BV))"),
     DecodeParam("num_warps", (1, 2, 4, 8), "warps per program"),
     DecodeParam("num_stages", (1, 2, 3), "pipelining depth of the token loop (T > 1 only)"),
+    DecodeParam("stream_state", (False, True), "evict_first cache policy on the state's load and store"),
 )
 
 

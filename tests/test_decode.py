@@ -365,7 +365,7 @@ def test_config_round_trips_and_rejects_bad_points() -> None:
     assert "registers" in decode_infeasibility(DecodeConfig(BV=128, num_warps=4), shape)
     assert "exceeds the padded V" in decode_infeasibility(DecodeConfig(BV=64), DecodeShape(1, 1, 1, 16, 16))
     assert "is not one of" in decode_infeasibility(DecodeConfig(BV=48), shape)
-    assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages"]
+    assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages", "stream_state"]
 
 
 @pytest.mark.parametrize("cfg", [pytest.param(c, id=c.label()) for c in
