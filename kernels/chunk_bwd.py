@@ -53,6 +53,7 @@ G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
 BWD_STATE_PRECISIONS = ("tf32", "tf32x3", "ieee")
 LOCAL_DTYPES = ("fp32", "fp64")
 LOCAL_METHODS = ("pairs", "autograd")
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,15 @@ class BwdConfig:
     """Tunables of the backward. The chunk length is not one of them: the backward follows the forward's, since
     it recomputes with the forward's stages and their per-chunk buffers."""
 
-    BV: int = 32  # V tile of the reverse state pass; more tiles = more parallel programs
+    # Reverse-pass and pair-kernel defaults: the best of a 10-point sweep at the anchor shape on an H200
+    # (2026-11-30, benchmarks/sweep_bwd.py): backward 41.6 ms at BV32-s2-tf32x3 / pair BK32-w4, 35.4 with BV64-s3
+    # and tf32, 38.6 with pair BK16-w2.
+    BV: int = 64  # V tile of the reverse state pass; more tiles = more parallel programs
     num_warps: int = 4
-    num_stages: int = 2
-    precision: str = "tf32x3"  # input precision of the reverse pass's fp32 dots
+    num_stages: int = 3
+    # Input precision of the reverse pass's fp32 dots. default_bwd_config picks tf32 for 16-bit inputs (its
+    # operands carry more mantissa than the bf16 intermediates the forward keeps) and 3xTF32 for fp32 inputs.
+    precision: str = "tf32x3"
     # Elements of the largest per-group tensor of the local-gradient step (chunks are processed in groups): about
     # 30 such fp32 temporaries live at once with local="pairs", so 2^24 bounds that step near 2 GB; under
     # local="autograd" it counts the [chunks, H, C, C, K] pair tensor, of which autograd keeps a few.
@@ -74,8 +80,8 @@ class BwdConfig:
     # pairs as a [C, C, K] tensor (simple, memory-hungry: the cross-check of the first).
     local: str = "pairs"
     pair_BC: int = 16  # sub-block of the pair products (diagonal blocks are formed pair by pair)
-    pair_BK: int = 32  # K slice of the pair products
-    pair_warps: int = 4
+    pair_BK: int = 16  # K slice of the pair products
+    pair_warps: int = 2
     pair_precision: str = "tf32x3"  # tl.dot input precision of the pair products' off-diagonal blocks
 
     def label(self) -> str:
@@ -84,6 +90,13 @@ class BwdConfig:
 
 
 DEFAULT_BWD_CONFIG = BwdConfig()
+
+
+def default_bwd_config(shape: Shape) -> BwdConfig:
+    """The built-in backward config for ``shape`` (fitted at the call, against the forward's chunk length)."""
+    if shape.dtype == "fp32":
+        return DEFAULT_BWD_CONFIG
+    return dataclasses.replace(DEFAULT_BWD_CONFIG, precision="tf32")
 
 
 def _padded(n: int) -> int:
@@ -391,8 +404,7 @@ def chunk_gdn2_bwd(
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = config.chunk
-    shape = Shape(B, T, H, K, V, {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[q.dtype],
-                  num_seqs if cu_seqlens is not None else None)
+    shape = Shape(B, T, H, K, V, _DTYPE_NAMES[q.dtype], num_seqs if cu_seqlens is not None else None)
     layout = chunk_layout(B, T, C, cu_seqlens, q.device)
 
     # 1. Recompute the forward's per-chunk intermediates (its own intra launcher, at its chunk length), in fp32
@@ -561,9 +573,11 @@ def chunk_gdn2_autograd(
     use_qk_l2norm_in_kernel: bool,
     config: FwdConfig,
     num_seqs: int,
-    bwd_config: BwdConfig = DEFAULT_BWD_CONFIG,
+    bwd_config: BwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``chunk_gdn2_fwd`` recorded for autograd (checked, contiguous inputs; the same forward path)."""
+    if bwd_config is None:
+        bwd_config = default_bwd_config(Shape(*q.shape, v.shape[-1], _DTYPE_NAMES[q.dtype]))
     return _ChunkGDN2.apply(
         q, k, v, g, b, w, initial_state,
         scale, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, config, bwd_config, num_seqs,
