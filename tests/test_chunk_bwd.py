@@ -239,3 +239,47 @@ def test_pair_kernels_agree_with_autograd_through_the_pair_tensor() -> None:
     auto = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(local="autograd"), **common)
     for name, a, b in zip("q k v g b w h0".split(), pairs, auto):
         assert rel_err(a, b.double()) < 1e-5, name
+
+
+def test_a_short_training_loop_matches_the_float64_reference_loop() -> None:
+    """A tiny GDN-2 layer (projections, gates, l2 norm in the kernel), four SGD steps: the losses and the final
+    weights match the same loop run with autograd through the float64 token recurrence."""
+    from gdn2_tune.kernels.reference_grad import gdn2_recurrence
+
+    D, H, K, V, B, T = 24, 2, 16, 16, 2, 45
+    gen = torch.Generator().manual_seed(0)
+    init = {name: torch.randn(D, H * n, generator=gen) * 0.3
+            for name, n in (("q", K), ("k", K), ("v", V), ("g", K), ("b", K), ("w", V))}
+    init["o"] = torch.randn(H * V, D, generator=gen) * 0.3
+    x = torch.randn(B, T, D, generator=gen)
+    target = torch.randn(B, T, D, generator=gen)
+
+    def loop(dtype: torch.dtype, ours: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        params = {n: p.to(DEVICE, dtype).clone().requires_grad_(True) for n, p in init.items()}
+        xs, ys = x.to(DEVICE, dtype), target.to(DEVICE, dtype)
+        losses = []
+        for _ in range(4):
+            def proj(name: str, n: int) -> torch.Tensor:
+                return (xs @ params[name]).view(B, T, H, n)
+            q, k, v = proj("q", K), proj("k", K), proj("v", V)
+            g = torch.nn.functional.logsigmoid(proj("g", K)) * 4.0  # down to about -10 per step
+            b, w = torch.sigmoid(proj("b", K)), torch.sigmoid(proj("w", V))
+            if ours:
+                o, _ = chunk_gdn2(q, k, v, g, b, w, use_qk_l2norm_in_kernel=True)
+            else:
+                o, _ = gdn2_recurrence(q, k, v, g, b, w, scale=K**-0.5, initial_state=None, cu_seqlens=None,
+                                       use_qk_l2norm_in_kernel=True)
+            loss = ((o.reshape(B, T, H * V) @ params["o"] - ys) ** 2).mean()
+            grads = torch.autograd.grad(loss, list(params.values()))
+            with torch.no_grad():
+                for p, d in zip(params.values(), grads):
+                    p -= 0.5 * d
+            losses.append(float(loss.detach()))
+        return losses, {n: p.detach() for n, p in params.items()}
+
+    got_losses, got = loop(torch.float32, ours=True)
+    ref_losses, ref = loop(torch.float64, ours=False)
+    assert got_losses == pytest.approx(ref_losses, rel=1e-5)
+    assert ref_losses[-1] < ref_losses[0]
+    for name in ref:
+        assert rel_err(got[name], ref[name]) < TOL["fp32"], name
