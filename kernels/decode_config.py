@@ -36,8 +36,18 @@ THREADS_PER_WARP = 32
 LIVE_STATE_TILES = 2
 # The largest head dims the op accepts (the chunk op's cap, kernels/config.py MAX_HEAD_DIM).
 MAX_HEAD_DIM = 256
-# A few programs per SM hide the latency of the state load at small batches (132 SMs on an H100/H200).
-TARGET_PROGRAMS = 4 * 132
+# Rules of the built-in config, read off the first H200 sweep (benchmarks/bench_decode.py, 2026-11-30, T=1, H=16,
+# K=V ∈ {128, 256}, B ∈ {1, 8, 32, 128, 512}, fp32 state, CUDA-graph replay with L2 flushed): its winner, or within
+# 3% of it, at every one of the 10 points.
+# - BV=32 (128-byte fp32 rows) unless that leaves fewer programs than this; then BV=16 (B=8 at K=128: 10.4 µs
+#   against 10.9 at BV=32). Below 16 nothing was gained even at B=1.
+MIN_PROGRAMS = 1024
+# - BV=64 once even BV=64 gives this many programs (B=512 at K=128: 289.8 µs against 300.5 at BV=32).
+MANY_PROGRAMS = 16384
+DEFAULT_MIN_BV = 16
+# - 4 warps, or 2 for tiles of at most this many elements (B=8, K=128, BV=16: 10.4 µs against 10.8 with 4); 8 warps
+#   lost everywhere (K=256, B=512: 1287 µs against 1240 with 4).
+SMALL_TILE = 2048
 
 STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -157,20 +167,22 @@ def decode_space(shape: DecodeShape) -> list[DecodeConfig]:
 
 
 def default_decode_config(shape: DecodeShape) -> DecodeConfig:
-    """The built-in config at ``shape`` (no table yet; the GPU sweep of bench_decode.py is where to set it from).
-
-    The widest tile (up to 128-byte fp32 rows, BV=32) that still gives about :data:`TARGET_PROGRAMS` programs, so
-    that batch 1 spreads its state over the SMs and large batches stream whole cache lines; then as many warps as
-    keep ~32 state elements per thread, within the register budget; the token loop is pipelined only when there
-    are several tokens.
-    """
+    """The built-in config at ``shape``; no table yet, so these are rules fitted to the first H200 sweep (see the
+    constants above). Sequences of several tokens pipeline their token loop two deep."""
     vp = max(padded(shape.V), min(DECODE_SPACE[0].values))
+
+    def programs(bv: int) -> int:
+        return shape.N * shape.H * triton.cdiv(shape.V, bv)
+
     bv = min(32, vp)
-    while bv > min(DECODE_SPACE[0].values) and shape.N * shape.H * triton.cdiv(shape.V, bv) < TARGET_PROGRAMS:
+    while bv > min(DEFAULT_MIN_BV, vp) and programs(bv) < MIN_PROGRAMS:
         bv //= 2
-    warps = 1
-    while warps < 8 and padded(shape.K) * bv / (warps * THREADS_PER_WARP) > 32:
-        warps *= 2
+    wide = DecodeConfig(BV=64, num_warps=4)
+    if bv == 32 and vp >= 64 and programs(64) >= MANY_PROGRAMS and decode_infeasibility(wide, shape) is None:
+        bv = 64
+    warps = 2 if padded(shape.K) * bv <= SMALL_TILE else 4
     cfg = DecodeConfig(BV=bv, num_warps=warps, num_stages=1 if shape.T == 1 else 2)
+    while decode_infeasibility(cfg, shape) is not None and cfg.num_warps < 8:  # K=256 with a wide V tile
+        cfg = dataclasses.replace(cfg, num_warps=cfg.num_warps * 2)
     assert decode_infeasibility(cfg, shape) is None, (cfg, shape)
     return cfg
