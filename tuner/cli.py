@@ -347,10 +347,11 @@ def merge_command(args: argparse.Namespace) -> int:
         profiles.append(profile)
         names.append(str(path))
     merged, notes = table.merge_profiles(profiles, names=names)
+    out = Console(soft_wrap=True)  # what was kept and written is the command's output; warnings go to stderr
     for n in notes:
-        err.print(markup(n), highlight=False)
+        out.print(markup(n), highlight=False)
     table.save_profile(merged, args.output)
-    err.print(markup(f"wrote {args.output}: {len(merged.entries)} entries"), highlight=False)
+    out.print(markup(f"wrote {args.output}: {len(merged.entries)} entries"), highlight=False)
     return 0
 
 
@@ -387,7 +388,7 @@ def export_command(args: argparse.Namespace) -> int:
     if not args.keep_trials:
         profile = dataclasses.replace(profile, trials=())
     table.save_profile(profile, dest)
-    err.print(markup(f"wrote {dest}: {len(profile.entries)} entries"), highlight=False)
+    Console(soft_wrap=True).print(markup(f"wrote {dest}: {len(profile.entries)} entries"), highlight=False)
     return 0
 
 
