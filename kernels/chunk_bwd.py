@@ -50,6 +50,7 @@ from gdn2_tune.kernels.pairwise import PAIR_PRECISIONS, pairs_bwd, pairs_fwd
 from gdn2_tune.kernels.varlen import chunk_index
 
 G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
+G_FLOOR_C = tl.constexpr(G_FLOOR)
 BWD_STATE_PRECISIONS = ("tf32", "tf32x3", "ieee")
 LOCAL_DTYPES = ("fp32", "fp64")
 LOCAL_METHODS = ("pairs", "autograd")
@@ -83,6 +84,9 @@ class BwdConfig:
     pair_BK: int = 16  # K slice of the pair products
     pair_warps: int = 2
     pair_precision: str = "tf32x3"  # tl.dot input precision of the pair products' off-diagonal blocks
+    # The elementwise key-side tail (dq, dk, db, dg from the products' gradients): one Triton launch, or the same
+    # equations as torch ops (about 25 launches over [chunks, H, C, K]).
+    key_side: str = "triton"
 
     def label(self) -> str:
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
@@ -114,6 +118,8 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"local={cfg.local!r} is not one of {list(LOCAL_METHODS)}"
     if cfg.local == "pairs" and cfg.local_dtype != "fp32":
         return "local='pairs' computes in fp32 (the Triton pair kernels take fp32 factors)"
+    if cfg.key_side not in ("triton", "torch"):
+        return f"key_side={cfg.key_side!r} is not one of ['triton', 'torch']"
     if cfg.pair_precision not in PAIR_PRECISIONS:
         return f"pair_precision={cfg.pair_precision!r} is not one of {list(PAIR_PRECISIONS)}"
     if cfg.pair_BC < 16 or chunk % cfg.pair_BC or cfg.pair_BK < 16 or cfg.pair_BK & (cfg.pair_BK - 1):
@@ -324,6 +330,72 @@ def _local_chunk(
     return o, s_c
 
 
+@triton.jit
+def _key_side_kernel(
+    q, k, b, g, dx_t, dx_a, dy, d_e, d_qg, d_kt, d_last,
+    dq, dk, db, dg,
+    scale,
+    K,
+    C: tl.constexpr, KP: tl.constexpr,
+    USE_L2NORM: tl.constexpr,
+):
+    """The key-side tail of the local gradients for one (chunk, head), all [C, K] in registers: the products'
+    elementwise chain rule (Ē = γ⊙b⊙k, Q_γ = γ⊙scale·q, K_tail = (γ_C/γ)⊙k with exponents ≤ 0), dG and its reverse
+    cumulative sum, the decay floor, and the l2 norm's backward. Inputs and outputs fp32 [N, H, C, K]."""
+    i_nh = tl.program_id(0)
+    base = i_nh.to(tl.int64) * C * K
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    p = base + o_c[:, None] * K + o_k[None, :]
+    m = m_k[None, :]
+    b_q = tl.load(q + p, mask=m, other=0.0)
+    b_k = tl.load(k + p, mask=m, other=0.0)
+    b_b = tl.load(b + p, mask=m, other=0.0)
+    b_graw = tl.load(g + p, mask=m, other=0.0)
+    b_G = tl.cumsum(tl.where(b_graw < G_FLOOR_C, G_FLOOR_C, b_graw), 0)
+    b_last = tl.sum(tl.where((o_c == C - 1)[:, None], b_G, 0.0), 0)
+    b_gam = tl.exp(b_G)
+    b_tail = tl.exp(b_last[None, :] - b_G)
+    if USE_L2NORM:
+        r_q = 1.0 / tl.sqrt(tl.sum(b_q * b_q, 1) + 1e-6)
+        r_k = 1.0 / tl.sqrt(tl.sum(b_k * b_k, 1) + 1e-6)
+        b_qn = b_q * r_q[:, None]
+        b_kn = b_k * r_k[:, None]
+    else:
+        b_qn = b_q
+        b_kn = b_k
+    b_qs = b_qn * scale
+    b_bk = b_b * b_kn
+    b_dxt = tl.load(dx_t + p, mask=m, other=0.0)
+    b_dxa = tl.load(dx_a + p, mask=m, other=0.0)
+    b_dy = tl.load(dy + p, mask=m, other=0.0)
+    b_de = tl.load(d_e + p, mask=m, other=0.0)
+    b_dqg = tl.load(d_qg + p, mask=m, other=0.0)
+    b_dkt = tl.load(d_kt + p, mask=m, other=0.0)
+    d_bk = b_dxt + b_de * b_gam
+    d_qs = b_dxa + b_dqg * b_gam
+    d_kn = b_dy + b_dkt * b_tail + b_b * d_bk
+    d_G = (b_bk * b_dxt + b_qs * b_dxa - b_kn * b_dy + b_de * b_gam * b_bk + b_dqg * b_gam * b_qs
+           - b_dkt * b_tail * b_kn)
+    # G_C (the last row) also carries γ_C S0's term (d_last, from the caller) and K_tail's numerator.
+    b_dl = tl.load(d_last + i_nh.to(tl.int64) * K + o_k, mask=m_k, other=0.0) + tl.sum(b_dkt * b_tail * b_kn, 0)
+    d_G += tl.where((o_c == C - 1)[:, None], b_dl[None, :], 0.0)
+    d_g = tl.cumsum(d_G, 0, reverse=True)
+    d_g = tl.where(b_graw >= G_FLOOR_C, d_g, 0.0)
+    d_qn = d_qs * scale
+    if USE_L2NORM:
+        d_q = r_q[:, None] * (d_qn - b_qn * tl.sum(b_qn * d_qn, 1)[:, None])
+        d_k = r_k[:, None] * (d_kn - b_kn * tl.sum(b_kn * d_kn, 1)[:, None])
+    else:
+        d_q = d_qn
+        d_k = d_kn
+    tl.store(dq + p, d_q, mask=m)
+    tl.store(dk + p, d_k, mask=m)
+    tl.store(db + p, b_kn * d_bk, mask=m)
+    tl.store(dg + p, d_g, mask=m)
+
+
 def _local_grads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     s0: torch.Tensor, d_o: torch.Tensor, ds_c: torch.Tensor, *, scale: float, l2norm: bool, cfg: BwdConfig,
@@ -369,6 +441,18 @@ def _local_grads(
     d_e = a_t @ d_y
     d_t = -torch.tril(a_t @ d_a @ a_t, -1)
     dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
+    if cfg.key_side == "triton":
+        d_q, d_k, d_b, d_g = (output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
+        d_last = (torch.exp(g_last[..., 0, :]) * (ds_c * s0).sum(-1)).contiguous()
+        n, H = q.shape[:2]
+        if n * H:
+            _key_side_kernel[(n * H,)](
+                q.contiguous(), k.contiguous(), b.contiguous(), g.contiguous(), dx_t, dx_a, dy_pairs,
+                d_e.contiguous(), d_qg.contiguous(), d_kt.contiguous(), d_last,
+                d_q, d_k, d_b, d_g,
+                scale, q.shape[-1], C=C, KP=_padded(q.shape[-1]), USE_L2NORM=l2norm,
+            )
+        return d_q, d_k, d_z * w, d_g, d_b, d_z * v
     d_bk = dx_t + d_e * gamma
     d_qs = dx_a + d_qg * gamma
     d_kn = dy_pairs + d_kt * tail + b * d_bk
