@@ -2,29 +2,33 @@
 
 Only the inputs (and the initial state) are saved by the forward; the backward, for one call:
 
-1. **Recompute** (Triton, the forward's own launchers): the intra stage (kernels/intra.py) for Y, Q_γ, K_tail, A_qk,
-   γ_C, and the state stage in its split-output form (kernels/state.py), which stores every chunk's entering state
-   S0. Both run at the forward's chunk length; their dots take fp32 operands at 3xTF32 wherever that configuration
-   fits the forward's constraints (it follows the forward's dtype otherwise), because the gradient's error budget
-   is the baseline's, which keeps these in fp32.
-2. **Reverse state pass** (Triton, :func:`_state_bwd_kernel`): one program per (sequence, head, V tile), walking
-   the chunks of its sequence backwards with the state gradient dS ∈ R^{K×BV} in fp32 registers. In the symbols
-   of ../shared/GDN2.md, per chunk, with dS = dS_C on entry:
+1. **Recompute.** The forward's intra launcher (kernels/intra.py) at the forward's chunk length, for Y, U, Q_γ,
+   K_tail, A_qk, γ_C, writing fp32 (3xTF32 dots) wherever the reverse pass can stage fp32 operands (else the input
+   dtype, as the forward keeps them); then :func:`_entering_states_kernel`, the forward's state recurrence storing
+   every chunk's entering state S0 in fp32 [chunks, H, K, V]. (It is a copy of the split-output state pass of
+   kernels/state.py without the O/R stores, in this file so that a signature change there cannot break it.)
+2. **Reverse state pass** (:func:`_state_bwd_kernel`): one program per (sequence, head, V tile), walking the
+   chunks of its sequence backwards with the state gradient dS ∈ R^{K×BV} in fp32 registers. In the symbols of
+   ../shared/GDN2.md, per chunk, with dS = dS_C on entry:
 
        store dS_C;   dR = A_qkᵀ dO + K_tail dS_C;   dS0 = Q_γᵀ dO + Diag(γ_C) dS_C − Yᵀ dR
 
-   dS0 of a sequence's first chunk is dh0. It is the forward state pass reversed, so the same tiles, the same
-   constraints and the same deterministic order (one program owns a state tile; no atomics).
-3. **Local gradients** (plain batched torch, fp32): given S0 and dS_C, every chunk is an independent function
-   (q, k, v, g, b, w; S0) → (O, S_C). It is re-evaluated under autograd, chunks in groups of bounded memory, and
-   differentiated with upstream (dO, dS_C). Within a chunk every decay factor is exp(G_r − G_s) with r ≥ s, formed
-   per key channel as a masked [C, C, K] tensor, so neither exp(−G) nor k/γ exists and dg stays finite under
-   g = −10 per step; the triangular solve runs in fp32 (torch.linalg.solve_triangular). The l2 norm and the scale
-   are part of this function, so their backward comes with it.
+   dS0 of a sequence's first chunk is dh0. It is the forward state pass reversed: same tiles, same constraints,
+   one program per state tile, no atomics.
+3. **Local gradients.** Given S0 and dS_C every chunk is an independent function (q, k, v, g, b, w; S0) → (O, S_C),
+   differentiated with upstream (dO, dS_C), chunks in groups of bounded memory (:func:`_local_grads`):
+   - the pair products T, A_qk and their backward in Triton (kernels/pairwise.py): every decay factor is
+     exp(G_r − G_s) with r ≥ s, so neither exp(−G) nor k/γ exists and dg stays finite under g = −10 per step;
+   - A = (I + T)^-1 (torch.linalg.solve_triangular, fp32) and the C×C / C×K / K×V products of the backward
+     equations as batched torch matmuls (fp32; they honour torch.backends.cuda.matmul.allow_tf32);
+   - the key-side elementwise tail (dq, dk, db, dg with its reverse cumulative sum inside the chunk, the decay
+     floor, the l2 norm's backward) in one Triton launch (:func:`_key_side_kernel`).
+   ``BwdConfig(local="autograd")`` instead runs torch autograd through :func:`_local_chunk` (pairs as a masked
+   [C, C, K] tensor): simple, memory-hungry, and the cross-check of the first.
 
-Step 3 is the slow part (about C·K/… more memory traffic than a fused kernel would move); it is the place for the
-fused Triton backward kernel. Every step is deterministic: Triton programs own their outputs, and the torch ops
-used (matmul, cumsum, sum, triangular solve, gather, index_put onto distinct rows) have no atomics.
+Step 3's torch part (layout copies, matmuls, the solve) is the slow part: a fused Triton kernel per (chunk, head)
+is the next step. Every step is deterministic: Triton programs own their outputs, and the torch ops used (matmul,
+cumsum, sum, triangular solve, gather, index_put onto distinct rows) have no atomics.
 """
 
 from __future__ import annotations
