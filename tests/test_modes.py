@@ -32,6 +32,7 @@ SHAPES = [
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x = x.detach().to("cpu", torch.float64)
     assert torch.isfinite(x).all()
+    ref = ref.to("cpu")
     return float((x - ref).norm() / ref.norm())
 
 
