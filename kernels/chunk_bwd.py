@@ -455,6 +455,8 @@ def _local_grads(
                 d_e.contiguous(), d_qg.contiguous(), d_kt.contiguous(), d_last,
                 d_q, d_k, d_b, d_g,
                 scale, q.shape[-1], C=C, KP=_padded(q.shape[-1]), USE_L2NORM=l2norm,
+                # About 15 live [C, K] fp32 tiles: 8 warps once a tile passes 4096 elements, to limit spilling.
+                num_warps=8 if C * _padded(q.shape[-1]) > 4096 else 4,
             )
         return d_q, d_k, d_z * w, d_g, d_b, d_z * v
     d_bk = dx_t + d_e * gamma
