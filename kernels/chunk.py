@@ -203,12 +203,17 @@ def chunk_gdn2(
 
     Args:
         q, k: ``[B, T, H, K]`` queries and keys; ``v``: ``[B, T, H, V]`` values.
-        g: ``[B, T, H, K]`` natural-log decay (≤ 0), read in fp32 whatever its dtype.
+        g: ``[B, T, H, K]`` natural-log decay (≤ 0), read in fp32 whatever its dtype. ``-inf`` (or any value
+            below -110, where exp underflows in fp32) forgets that channel of the state exactly. ``g > 0`` or NaN
+            is outside the range: not checked by default (the result is undefined), rejected with
+            GDN2_CHECK_INPUTS=1.
         b: ``[B, T, H, K]`` erase gate; w: ``[B, T, H, V]`` write gate.
-        scale: multiplies q; defaults to ``K ** -0.5``.
+        scale: a finite real number multiplying q; defaults to ``K ** -0.5``.
         initial_state: fp32 ``[N, H, K, V]``; N is B, or the number of sequences in ``cu_seqlens``.
         output_final_state: return the fp32 final state ``[N, H, K, V]`` instead of None.
         cu_seqlens: int32/int64 ``[N+1]`` offsets of a packed batch (B must be 1); the state resets at each start.
+            Checked (ValueError) when on the CPU or with GDN2_CHECK_INPUTS=1; otherwise invalid offsets run as
+            their sanitised copy (kernels.varlen.sanitize_offsets), never outside the buffers.
         use_qk_l2norm_in_kernel: L2-normalise q and k per head before the recurrence.
         config: an explicit :class:`~kernels.config.FwdConfig`; None asks the dispatcher.
 
