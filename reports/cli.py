@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     err = Console(stderr=True, soft_wrap=True)
 
     def fail(message: str) -> int:
-        err.print(f"[red]report:[/] {markup(message)}", highlight=False)
+        err.print(f"report: error: {markup(message)}", highlight=False)
         return 2
 
     if args.measure:
@@ -204,10 +204,11 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     else:
         source = str(path)
     profile, problems = load_profile(path)
-    for w in problems:
+    # An unusable table's last problem says why; the one line of the error.
+    for w in problems if profile is not None else problems[:-1]:
         err.print(f"[yellow]warning:[/] {markup(w)}", highlight=False)
     if profile is None:
-        return fail(f"cannot use {path}")
+        return fail(problems[-1] if problems else f"cannot use {path}")
     if args.benchmark is not None:
         profile, notes = with_benchmark(profile, args.benchmark)
         for note in notes:

@@ -111,6 +111,24 @@ def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["show", "{bad}"], id="show"),
+        pytest.param(["merge", "{bad}", "-o", "{tmp}/m.json"], id="merge"),
+        pytest.param(["export", "{bad}", "{tmp}/e.json"], id="export"),
+        pytest.param(["report", "--profile", "{bad}"], id="report"),
+    ],
+)
+def test_an_unusable_table_is_one_error_line(argv: list[str], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    code, _, err = run_main(capsys, *[a.replace("{bad}", str(bad)).replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code in (1, 2)
+    assert "error: " in one_line(err) and "invalid JSON" in err and str(bad) in err
+
+
+@pytest.mark.parametrize(
     ("argv", "says"),
     [
         pytest.param(["--output", "{tmp}"], "--output: ", id="output-is-a-directory"),

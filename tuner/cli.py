@@ -257,9 +257,7 @@ def measure_command(args: argparse.Namespace) -> int:
     output = args.output or RUNS_DIR / "measured" / path.name
     _check_output("--output", output, ours=_is_table, force=args.force)
     _require_gpus(None)
-    profile = _load_or_complain(path, err)
-    if profile is None:
-        raise UsageError(f"{path} is not a usable table")
+    profile = _load(path, err)
     measured = measure_profile(profile, lambda w: err.print(f"[yellow]warning:[/] {markup(w)}", highlight=False))
     table.save_profile(measured, output)
     err.print(markup(f"wrote {output}: {len(measured.entries)} entries measured now; render it with "
@@ -272,9 +270,24 @@ def measure_command(args: argparse.Namespace) -> int:
 
 
 def _load_or_complain(path: Path, console: Console) -> table.Profile | None:
+    """For show, which goes on to the next table: the table after its warnings (skipped entries), or None after
+    one error line saying why it is unusable."""
     profile, warnings = table.load_profile(path)
-    for w in warnings:
+    for w in warnings if profile is not None else warnings[:-1]:
         console.print(f"[yellow]warning:[/] {markup(w)}", highlight=False)
+    if profile is None:
+        console.print(f"tune.py show: error: {markup(warnings[-1] if warnings else f'{path}: not a usable table')}",
+                      highlight=False)
+    return profile
+
+
+def _load(path: Path, console: Console) -> table.Profile:
+    """The table, after printing its warnings; :class:`UsageError` saying why if it is unusable."""
+    profile, warnings = table.load_profile(path)
+    for w in warnings if profile is not None else warnings[:-1]:
+        console.print(f"[yellow]warning:[/] {markup(w)}", highlight=False)
+    if profile is None:
+        raise UsageError(warnings[-1] if warnings else f"{path}: not a usable table")
     return profile
 
 
@@ -341,10 +354,7 @@ def merge_command(args: argparse.Namespace) -> int:
     err = _stderr()
     profiles, names = [], []
     for path in args.tables:
-        profile = _load_or_complain(path, err)
-        if profile is None:
-            raise UsageError(f"{path} is not a usable table (see the warning above)")
-        profiles.append(profile)
+        profiles.append(_load(path, err))
         names.append(str(path))
     merged, notes = table.merge_profiles(profiles, names=names)
     out = Console(soft_wrap=True)  # what was kept and written is the command's output; warnings go to stderr
@@ -370,16 +380,17 @@ def export_command(args: argparse.Namespace) -> int:
         # Checked before loading when the name is known; a directory's file name comes from the table's device.
         _check_output("destination", dest, ours=_is_table, force=args.force)
     profile, warnings = table.load_profile(args.table)
+    if profile is None:
+        for w in warnings[:-1]:
+            err.print(f"[yellow]warning:[/] {markup(w)}", highlight=False)
+        raise UsageError(f"{warnings[-1] if warnings else args.table}; not exported")
     problems = list(warnings)
-    if profile is not None:
-        problems += [f"{args.table}: stale ({reason}): still served, re-tune for best speed"
-                     for reason in table.staleness(profile)]
-    if profile is not None and profile.interpret:
+    problems += [f"{args.table}: stale ({reason}): still served, re-tune for best speed"
+                 for reason in table.staleness(profile)]
+    if profile.interpret:
         problems.append(f"{args.table}: interpret: an interpreter table; its timings mean nothing")
     for w in problems:
         err.print(f"[yellow]warning:[/] {markup(w)}", highlight=False)
-    if profile is None:
-        raise UsageError(f"{args.table} is not a usable table (see the warning above); not exported")
     if args.strict and problems:
         raise UsageError("not exported: --strict and the warnings above")
     if dest.is_dir():
