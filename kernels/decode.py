@@ -42,6 +42,7 @@ from gdn2_tune.kernels.decode_config import (
     STATE_DTYPES,
     DecodeConfig,
     DecodeShape,
+    cdiv,
     decode_infeasibility,
     default_decode_config,
     padded,
@@ -183,7 +184,7 @@ def decode_fwd(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NV = triton.cdiv(V, cfg.BV)
+    NV = cdiv(V, cfg.BV)
     if ssm_state_indices is None:
         stride_in, stride_it, ni = 0, 0, 1
     elif ssm_state_indices.dim() == 1:

@@ -20,13 +20,13 @@ the op takes an explicit ``config=`` or falls back to :func:`default_decode_conf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton
 
 # A thread holds at most 255 32-bit registers; the kernel keeps the state tile and one product of its size live
 # (the gated read and the output are reductions of state ⊙ vector), so a config whose two tiles exceed this per
@@ -111,8 +111,16 @@ DECODE_SPACE: tuple[DecodeParam, ...] = (
 
 
 def padded(n: int) -> int:
-    """The power-of-two extent of a tile axis that covers ``n`` (the kernel masks the rest)."""
-    return triton.next_power_of_2(n)
+    """The power-of-two extent of a tile axis that covers ``n`` (the kernel masks the rest).
+
+    Plain Python: ``triton.next_power_of_2`` goes through a JIT-function call on the host, ~30 µs each, and the
+    op runs this on every decode step.
+    """
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,6 +158,7 @@ DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, DecodeShape], str | None], ...
 )
 
 
+@functools.lru_cache(maxsize=1024)  # the op checks an explicit config on every step; both records are frozen
 def decode_infeasibility(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
     """The first constraint ``cfg`` violates at ``shape``, or None when it may be launched."""
     for rule in DECODE_CONSTRAINTS:
@@ -166,13 +175,14 @@ def decode_space(shape: DecodeShape) -> list[DecodeConfig]:
     return [cfg for cfg in points if decode_infeasibility(cfg, shape) is None]
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every decode step without an explicit config
 def default_decode_config(shape: DecodeShape) -> DecodeConfig:
     """The built-in config at ``shape``; no table yet, so these are rules fitted to the first H200 sweep (see the
     constants above). Sequences of several tokens pipeline their token loop two deep."""
     vp = max(padded(shape.V), min(DECODE_SPACE[0].values))
 
     def programs(bv: int) -> int:
-        return shape.N * shape.H * triton.cdiv(shape.V, bv)
+        return shape.N * shape.H * cdiv(shape.V, bv)
 
     bv = min(32, vp)
     while bv > min(DEFAULT_MIN_BV, vp) and programs(bv) < MIN_PROGRAMS:
