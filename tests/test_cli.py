@@ -21,7 +21,7 @@ import torch
 from gdn2_tune.kernels.config import Shape, default_config
 from gdn2_tune.profiles import dispatch
 from gdn2_tune.profiles.dispatch import Device
-from gdn2_tune.profiles.table import Profile, TrialRecord, load_profile, save_profile
+from gdn2_tune.profiles.table import Profile, TrialRecord, load_profile, save_profile, staleness
 from gdn2_tune.reports import render
 from gdn2_tune.reports.export import SIGNATURE
 from gdn2_tune.reports.text import plain
@@ -516,3 +516,53 @@ def test_show_and_report_give_vs_before_tuning(tmp_path: Path, capsys: pytest.Ca
     _, out, _ = run_main(capsys, "report", "--profile", str(path), "--no-chart", "--width", "140")
     anchor = next(line for line in out.splitlines() if line.strip().startswith("B8-T4096-H16-K128-V128-bf16"))
     assert "1.20×" in anchor and "vs before" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tune.py measure, with the GPU timing functions replaced (no GPU here)
+
+
+def test_measure_stores_todays_times_as_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import gdn2_tune.tuner.device as device_module
+    import gdn2_tune.tuner.measure as measure_module
+    import gdn2_tune.tuner.roofs as roofs_module
+    from gdn2_tune.profiles.table import Roofs
+
+    profile = fixture()
+    broken = profile.entries[1].shape  # this entry "no longer runs"
+
+    class FakeBench:
+        def __init__(self, shape: Shape, device: str) -> None:
+            if shape == broken:
+                raise RuntimeError("out of resources")
+
+    def timing(ms: float) -> dict[str, float]:
+        return {"p20_ms": ms * 0.99, "p50_ms": ms, "p80_ms": ms * 1.01, "spread": 0.01}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(device_module, "detect_device", lambda: dataclasses.replace(profile.device, name="NVIDIA H200",
+                                                                                    device_id="h200"))
+    monkeypatch.setattr(measure_module, "Bench", FakeBench)
+    monkeypatch.setattr(measure_module, "retime", lambda bench, cfgs, rounds: {"timings": [timing(1.0), timing(1.5)]})
+    monkeypatch.setattr(measure_module, "stage_times",
+                        lambda bench, cfgs: {"stages": [{"intra": 0.6, "state": 0.4}, {"intra": 0.9, "state": 0.6}]})
+    monkeypatch.setattr(roofs_module, "measure_roofs", lambda device: Roofs(4300.0, 780.0, 390.0, 60.0))
+
+    out = tmp_path / "measured.json"
+    code, _, err = run_main(capsys, "measure", "--profile", str(FIXTURE), "--output", str(out))
+    assert code == 0, err
+    assert f"{profile.entries[1].key}: could not be re-measured (out of resources); left out" in err
+    assert f"report --profile {out}" in err
+    measured, warnings = load_profile(out)
+    assert measured is not None and not warnings
+    assert measured.device.device_id == "h200" and measured.roofs == Roofs(4300.0, 780.0, 390.0, 60.0)
+    assert [e.key for e in measured.entries] == [e.key for e in profile.entries if e.shape != broken]
+    for e in measured.entries:
+        assert (e.timing.p50_ms, e.default_timing.p50_ms, e.speedup) == (1.0, 1.5, 1.5)
+        assert e.stage_ms == {"intra": 0.6, "state": 0.4} and e.baseline_ms is None and e.incumbent is None
+    assert not measured.trials and not staleness(measured)  # measured with today's kernels and Triton
+    code, report_out, _ = run_main(capsys, "report", "--profile", str(out), "--no-chart", "--width", "140")
+    assert code == 0 and "NVIDIA H200" in report_out

@@ -2,7 +2,8 @@
 
 Measuring belongs to the tuner (it owns the timing code, tuner.measure and tuner.roofs); ``tune.py report
 --profile`` renders what this writes, on any machine. Every entry is timed twice, its tuned config and the
-built-in default interleaved, whole call and each stage, exactly as the tuner's final re-time does.
+built-in default interleaved, whole call and each stage, as the tuner's final re-time does. Not run on a GPU by
+its tests (there is none in CI); the timing functions it calls are the tuner's own.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def measure_profile(profile: Profile, warn: Callable[[str], None]) -> Profile:
         entries.append(dataclasses.replace(
             e, timing=tuned, default_timing=default, speedup=default.p50_ms / tuned.p50_ms,
             stage_ms=stages[0], default_stage_ms=stages[1], baseline_ms=None,
+            # What was served before that tuning run was timed in that run, not now: no "vs before tuning" here.
+            incumbent=None,
         ))
     # The times are today's kernels under today's Triton: record those, so that the table does not read as stale.
     return dataclasses.replace(
