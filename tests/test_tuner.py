@@ -700,7 +700,10 @@ def test_an_h200_study_starts_from_what_the_h100_table_serves(h200_world: Path, 
     from gdn2_tune.tuner import known
     from gdn2_tune.tuner.run import TuneOptions, build_specs
 
-    (served_d,) = known.served_now([dataclasses.asdict(ANCHOR)])  # as the timing worker answers
+    from gdn2_tune.profiles.dispatch import TableWarning
+
+    with pytest.warns(TableWarning, match=r"no tuned table for this GPU \(h200\); falling back to sm90"):
+        (served_d,) = known.served_now([dataclasses.asdict(ANCHOR)])  # as the timing worker answers
     served = known.Served.from_dict(served_d)
     assert served == known.Served(H100_ANCHOR, table.ServedFrom.FAMILY, "h100-80gb-hbm3.json",
                                   table.entry_key("fwd", ANCHOR))
