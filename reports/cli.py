@@ -200,7 +200,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         if serving.path is None:
             return fail(f"no table to show ({serving.why}); pass --profile PATH")
         path = serving.path
-        source = f"{path} ({serving.why})"
+        source = str(path)  # why this one is said once, in the "serving:" line above the report
     else:
         source = str(path)
     profile, problems = load_profile(path)
@@ -235,8 +235,8 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     console = console or Console(record=bool(args.export), width=args.width)
     width = args.width or console.width
     chart = not args.no_chart
-    if serving is not None and serving.source != "own":
-        console.print(Text(plain(f"serving: {serving.why}"), style="yellow"))
+    if serving is not None:
+        console.print(Text(plain(f"serving: {serving.path}: {serving.why}"), style="yellow"))
         if serving.advice:
             console.print(Text(f"advice: {serving.advice}", style="yellow"))
     if args.view == "suite":
