@@ -60,6 +60,11 @@ FINAL_AT_SLOT = 2  # ht[idx[n]]: the pool, in place, with 1-D indices
 
 
 @triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
 def _decode_kernel(
     q, k, v, g, b, w, o,
     h0, ht,
@@ -71,7 +76,7 @@ def _decode_kernel(
     KP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, HAS_INDICES: tl.constexpr,
     HAS_ACCEPTED: tl.constexpr, PER_TOKEN_SLOTS: tl.constexpr, FINAL_AT: tl.constexpr,
-    USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr,
+    USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # V tiles of one (sequence, head) are neighbours in launch order: their state tiles are contiguous in memory.
@@ -134,9 +139,21 @@ def _decode_kernel(
             b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + L2NORM_EPS)
             b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + L2NORM_EPS)
         b_s = b_s * tl.exp(b_g)[:, None]
-        b_r = tl.sum(b_s * (b_b * b_k)[:, None], 0)
-        b_s += b_k[:, None] * (b_w * b_v - b_r)[None, :]
-        b_o = tl.sum(b_s * (b_q * scale)[:, None], 0)
+        b_qs = b_q * scale
+        if ONE_PASS:
+            # o_t = S_tᵀ q = S̄_tᵀ q + (k_t · q) u_t: all three K reductions from S̄_t in one pass, so the output no
+            # longer waits for the state update (the same algebra, rounded differently).
+            b_r, b_sq, b_kq = tl.reduce(
+                (b_s * (b_b * b_k)[:, None], b_s * b_qs[:, None], tl.broadcast_to((b_k * b_qs)[:, None], [KP, BV])),
+                0, _add3,
+            )
+            b_u = b_w * b_v - b_r
+            b_o = b_sq + b_kq * b_u
+            b_s += b_k[:, None] * b_u[None, :]
+        else:
+            b_r = tl.sum(b_s * (b_b * b_k)[:, None], 0)
+            b_s += b_k[:, None] * (b_w * b_v - b_r)[None, :]
+            b_o = tl.sum(b_s * b_qs[:, None], 0)
         b_o = tl.where(ok, b_o, b_fill)
         if PER_TOKEN_SLOTS:
             t_ok = i_t < NI
@@ -208,7 +225,7 @@ def decode_fwd(
         IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=initial_state is not None,
         HAS_INDICES=ssm_state_indices is not None, HAS_ACCEPTED=num_accepted_tokens is not None,
         PER_TOKEN_SLOTS=per_token_slots, FINAL_AT=final_at, USE_L2NORM=use_qk_l2norm,
-        STATE_EVICT="evict_first" if cfg.stream_state else "",
+        STATE_EVICT="evict_first" if cfg.stream_state else "", ONE_PASS=cfg.one_pass,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

@@ -8,6 +8,7 @@ fp32 registers while it loops over the sequence's tokens. What can be tuned:
 - ``num_warps``: threads sharing the tile; the K axis reductions (the gated read r and the output) cross them.
 - ``num_stages``: software pipelining of the token loop; it only matters when sequences have several tokens.
 - ``stream_state``: the evict_first cache policy on the state's load and store.
+- ``one_pass``: the output from the decayed state in the same reduction as the read (one reduction per token).
 
 K is never split across programs: the read r_t = S̄ᵀ(b ⊙ k) sums over all of K before any row can be updated, so a
 K split would need a cross-program reduction every token.
@@ -62,6 +63,9 @@ class DecodeConfig:
     # Load and store the state with evict_first: each call touches it once, so it need not displace the inputs
     # and indices from L2.
     stream_state: bool = False
+    # Form o_t = S̄ᵀq + (k·q)u from the decayed state in the same reduction as the read r (kernels/decode.py),
+    # instead of a second reduction after the update: one cross-thread reduction per token instead of two.
+    one_pass: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,7 +80,8 @@ class DecodeConfig:
         return DecodeConfig(**data)
 
     def label(self) -> str:
-        return f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}{'-stream' if self.stream_state else ''}"
+        return (f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}{'-stream' if self.stream_state else ''}"
+                f"{'-1pass' if self.one_pass else ''}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ DECODE_SPACE: tuple[DecodeParam, ...] = (
     DecodeParam("num_warps", (1, 2, 4, 8), "warps per program"),
     DecodeParam("num_stages", (1, 2, 3), "pipelining depth of the token loop (T > 1 only)"),
     DecodeParam("stream_state", (False, True), "evict_first cache policy on the state's load and store"),
+    DecodeParam("one_pass", (False, True), "output from the decayed state in the read's reduction"),
 )
 
 

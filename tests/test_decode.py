@@ -164,6 +164,10 @@ def test_prefill_with_chunk_gdn2_then_decode_matches_the_reference() -> None:
         pytest.param(1, 5, 1, 64, 8, "bf16", DecodeConfig(BV=8, num_warps=1, num_stages=3), id="N1-T5-K64-V8-bf16"),
         pytest.param(2, 3, 1, 16, 32, "fp16", DecodeConfig(BV=32, num_warps=4), id="N2-T3-K16-V32-fp16-BV32"),
         pytest.param(1, 2, 1, 256, 16, "bf16", DecodeConfig(BV=16, num_warps=8), id="N1-T2-K256-largest-K"),
+        pytest.param(2, 6, 2, 40, 24, "fp32", DecodeConfig(BV=8, num_warps=2, one_pass=True),
+                     id="N2-T6-H2-K40-V24-one-pass-output"),
+        pytest.param(1, 4, 1, 16, 16, "bf16", DecodeConfig(BV=16, num_warps=1, one_pass=True, stream_state=True),
+                     id="N1-T4-K16-bf16-one-pass-streamed-state"),
     ],
 )
 def test_tokens_in_one_call_match_float64(N, T, H, K, V, dtype, cfg) -> None:
@@ -177,11 +181,12 @@ def test_tokens_in_one_call_match_float64(N, T, H, K, V, dtype, cfg) -> None:
     assert rel_err(o, ref_o) < tol_o and rel_err(final, ref_states[:, -1]) < FP32_STATE_TOL
 
 
-def test_l2norm_strong_decay_and_custom_scale_match_float64() -> None:
+@pytest.mark.parametrize("one_pass", [pytest.param(False, id="two-pass"), pytest.param(True, id="one-pass")])
+def test_l2norm_strong_decay_and_custom_scale_match_float64(one_pass: bool) -> None:
     args = inputs(2, 6, 2, 32, 16, seed=8, strong_decay=True)
     h0 = pool_of(2, 2, 32, 16, seed=8)
     o, final = fused_recurrent_gdn2(*args, initial_state=h0, output_final_state=True, scale=0.3,
-                                    use_qk_l2norm_in_kernel=True)
+                                    use_qk_l2norm_in_kernel=True, config=DecodeConfig(BV=16, one_pass=one_pass))
     ref_o, ref_states = recurrence(*args, h0.double(), scale=0.3, use_qk_l2norm_in_kernel=True)
     assert rel_err(o, ref_o) < FP32_STATE_TOL and rel_err(final, ref_states[:, -1]) < FP32_STATE_TOL
 
@@ -365,11 +370,11 @@ def test_config_round_trips_and_rejects_bad_points() -> None:
     assert "registers" in decode_infeasibility(DecodeConfig(BV=128, num_warps=4), shape)
     assert "exceeds the padded V" in decode_infeasibility(DecodeConfig(BV=64), DecodeShape(1, 1, 1, 16, 16))
     assert "is not one of" in decode_infeasibility(DecodeConfig(BV=48), shape)
-    assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages", "stream_state"]
+    assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages", "stream_state", "one_pass"]
 
 
 @pytest.mark.parametrize("cfg", [pytest.param(c, id=c.label()) for c in
-                                 decode_space(DecodeShape(2, 3, 1, 16, 32))[::5]])
+                                 decode_space(DecodeShape(2, 3, 1, 16, 32))[::7]])
 def test_sampled_points_of_the_config_space(cfg: DecodeConfig) -> None:
     args = inputs(2, 3, 1, 16, 32, seed=cfg.BV + cfg.num_warps)
     h0 = pool_of(2, 1, 16, 32, seed=cfg.num_stages)
