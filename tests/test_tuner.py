@@ -855,3 +855,30 @@ def test_tune_interpret_races_the_incumbent_logs_each_trial_and_says_what_it_res
     assert r.returncode == 0, log
     assert f"{key}: resuming, found 3 trials in storage (3 evaluated" in log and "1 more to evaluate" in log
     assert f"{key} #3: " in log and f"{key} #0: " not in log
+
+
+def test_a_multi_gpu_run_logs_each_trial_and_finalizes_on_every_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --gpus through the library (the command line refuses it with --interpret): two search processes share the
+    # studies, the parent logs their trials as it reads them back, then finalizes one study per "GPU" at once.
+    from gdn2_tune.tuner.run import TuneOptions, tune
+
+    shapes = (INTERPRET_SHAPE, Shape(1, 24, 1, 32, 32, "fp32"))
+    options = TuneOptions(
+        shapes=shapes, trials=3, timeout_s=None, budget_minutes=None, run_dir=tmp_path / "run", gpus=(0, 1),
+        interpret=True, output=tmp_path / "out.json", progress=False,
+        param_choices={k: tuple(v) for k, v in parse_param_choices(TINY_PARAMS).items()},
+    )
+    from gdn2_tune.tuner import progress
+
+    lines: list[str] = []
+    monkeypatch.setattr(progress.ProgressView, "log", lambda self, message: lines.append(message))
+    result = tune(options)
+    assert [e.key for e in result.entries] == [table.entry_key("fwd", s) for s in shapes]
+    assert all(e.trials == 3 and e.incumbent is not None for e in result.entries)
+    for shape in shapes:
+        key = table.entry_key("fwd", shape)
+        assert sum(1 for line in lines if line.startswith(f"{key} #")) == 3, lines
+    logs = {p.name for p in (tmp_path / "run" / "logs").glob("worker-*-time.log")}
+    assert any(name.startswith("worker-cpu1-") for name in logs), logs  # the second finalizer timed a study

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,7 @@ class WorkerEvaluator:
         env = worker_env(gpu, options.interpret)
         self.options = options
         # The pid keeps the logs of several search processes sharing a run dir apart.
-        tag = f"{'cpu' if options.interpret else 'gpu' + ('' if gpu is None else str(gpu))}-{os.getpid()}"
+        tag = f"{'cpu' if options.interpret else 'gpu'}{'' if gpu is None else gpu}-{os.getpid()}"
         self.gates = WorkerPool(options.gate_workers(), lambda i: WorkerProcess(f"{tag}-gate{i}", env, log_dir))
         self.timer = WorkerPool(1, lambda i: WorkerProcess(f"{tag}-time", env, log_dir))
         self.parallel = self.gates.size
@@ -381,6 +381,33 @@ def finalize_entry(
     )
 
 
+@dataclass(frozen=True)
+class Finalized:
+    """What finalizing one study gives the run: its entry (None if it has none), notes and trial history."""
+
+    entry: table.Entry | None
+    notes: tuple[str, ...]
+    records: tuple[table.TrialRecord, ...]
+
+
+def _finalize(
+    spec: study_mod.StudySpec,
+    prog: study_mod.StudyProgress,
+    study: optuna.Study,
+    evaluator: WorkerEvaluator,
+    served: known.Served | None,
+) -> Finalized:
+    """One study's final re-time on ``evaluator``'s GPU (run in a thread: one per GPU)."""
+    notes: list[str] = []
+    prog.phase = "finalize"
+    entry = finalize_entry(study, spec, evaluator, notes, served)
+    prog.phase = "done" if entry is not None else "no entry"
+    c = study_mod.count(study.get_trials(deepcopy=False))
+    notes.append(f"{spec.key}: {c.evaluated} evaluated trials, {c.pruned} pruned (gate, compile), {c.failed} failed, "
+                 f"{rejected_draws(study)} infeasible draws rejected by the sampler (not trials)")
+    return Finalized(entry, tuple(notes), tuple(trial_records(study, spec.key)))
+
+
 def roof_summary(entry: table.Entry, device: table.DeviceInfo) -> str:
     """``"intra 27% memory, state 50% memory"``: each stage's measured median against the theoretical roof that
     binds it (the measured roofs come at the end of the run); "-" where the device's peaks are unknown."""
@@ -505,6 +532,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     notes.extend(table_warnings)
     storage = study_mod.open_storage(options.storage, run_dir)
     evaluator = WorkerEvaluator(options, gpu, log_dir)
+    finalizers = [evaluator]
     # A per-GPU child searches studies whose warm starts (the incumbent first) the parent has already enqueued.
     served = {} if options.search_only else query_served(evaluator, options.shapes, notes)
     specs = build_specs(options, existing, tables=tables, served=served)
@@ -556,25 +584,32 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                         notes.append(f"a per-GPU search process exited with code {p.returncode} (see {log_dir})")
             if options.search_only:
                 return RunResult(None, (), tuple(notes))
-            for spec, prog in zip(specs, progresses):
-                study = load_study(spec, storage, worker_index, search=False)
-                prog.phase = "finalize"
-                view.update(force=True)
-                entry = finalize_entry(study, spec, evaluator, notes, served.get(spec.key))
-                prog.phase = "done" if entry is not None else "no entry"
-                c = study_mod.count(study.get_trials(deepcopy=False))
-                notes.append(f"{spec.key}: {c.evaluated} evaluated trials, {c.pruned} pruned (gate, compile), "
-                             f"{c.failed} failed, {rejected_draws(study)} infeasible draws rejected by the sampler "
-                             "(not trials)")
-                records.extend(trial_records(study, spec.key))
-                if entry is not None:
-                    entries.append(entry)
-                    prog.best_ms = entry.timing.p50_ms
-                    prog.roof = roof_summary(entry, device)
-                view.update(force=True)
+            if multi:
+                # The per-GPU searches are over and their GPUs idle: finalize on all of them at once (each study's
+                # re-time and stage timing take ~10 s of one GPU), so that this part of the run halves too.
+                finalizers += [WorkerEvaluator(options, g, log_dir) for g in (options.gpus or ())[1:]]
+            with ThreadPoolExecutor(len(finalizers), thread_name_prefix="finalize") as pool:
+                futures = [
+                    pool.submit(_finalize, spec, prog, load_study(spec, storage, worker_index, search=False),
+                                finalizers[i % len(finalizers)], served.get(spec.key))
+                    for i, (spec, prog) in enumerate(zip(specs, progresses))
+                ]
+                while not all(f.done() for f in futures):
+                    time.sleep(0.5)
+                    view.update(force=True)
+            for prog, fut in zip(progresses, futures):  # in the order of the studies, whichever finished first
+                result = fut.result()
+                notes.extend(result.notes)
+                records.extend(result.records)
+                if result.entry is not None:
+                    entries.append(result.entry)
+                    prog.best_ms = result.entry.timing.p50_ms
+                    prog.roof = roof_summary(result.entry, device)
+            view.update(force=True)
             roofs = _measure_roofs(evaluator, device, notes)
     finally:
-        evaluator.close()
+        for ev in finalizers:
+            ev.close()
     profile = table.Profile(
         schema_version=table.SCHEMA_VERSION, device=device, torch_version=_version("torch"),
         triton_version=_version("triton"), kernel_hash=table.kernel_source_hash(), git_commit=_git_commit(),
