@@ -21,10 +21,13 @@ State storage and indexing (the arguments of flash-linear-attention's ``fused_re
   ``num_accepted_tokens[n] = a``) and, in place, its state after token t goes to slot ``idx[n, t]``.
 - A negative index is a padding entry: a negative starting slot makes the whole sequence a padding row (no state
   read or written, its outputs and fresh final-state row are zero); a negative per-token slot only skips that store.
-- An index past the pool (or an accepted count outside 1..idx.shape[1]) is a caller bug that cannot be checked on
-  the host without a sync: the kernel masks it, so it never reads or writes outside the pool, and marks the result
-  with NaN (the sequence's outputs and fresh final-state row for a bad starting slot, the token's output for a bad
-  per-token slot). :func:`check_state_indices` checks the values on the host where a sync is acceptable.
+- An index past the pool (or an accepted count outside 1..idx.shape[1], or a packed sequence with more tokens than
+  idx.shape[1]) is a caller bug that cannot be checked on the host without a sync: the kernel masks it, so it never
+  reads or writes outside the pool, and marks the result with NaN (the sequence's outputs and fresh final-state row
+  for a bad starting slot, the token's output for a bad per-token slot; such a token's state is not stored).
+  :func:`check_state_indices` checks the values on the host where a sync is acceptable.
+- Two sequences must not name the same slot for writing (or one write a slot another reads): their programs run
+  concurrently, so the result would depend on timing.
 - The pool may be fp32 (default) or bf16: a bf16 state is rounded once per store, and all arithmetic is fp32.
 
 Packed batches (``cu_seqlens``) are read on the device, clamped to the token range, so bad offsets cannot cause
