@@ -333,6 +333,21 @@ def test_packed_sequences_reset_the_state_at_each_start(two_d: bool) -> None:
     assert torch.equal(bits(pool[rest]), bits(before[rest]))
 
 
+def test_packed_tokens_without_an_index_column_are_marked_and_not_stored() -> None:
+    H, K, V = 1, 8, 8
+    args = inputs(1, 5, H, K, V, seed=19)
+    cu = index([0, 2, 5])  # the second sequence has 3 tokens, the indices only 2 columns
+    pool = pool_of(6, H, K, V, seed=19)
+    before = pool.clone()
+    idx = index([[0, 1], [2, 3]])
+    o, _ = fused_recurrent_gdn2(*args, initial_state=pool, inplace_final_state=True, ssm_state_indices=idx,
+                                cu_seqlens=cu)
+    ref_o, ref_states = recurrence(*(x[:, 2:5] for x in args), before[2:3].double())
+    assert rel_err(o[:, 2:4], ref_o[:, :2]) < FP32_STATE_TOL and o[0, 4].isnan().all()
+    assert rel_err(pool[3], ref_states[0, 1]) < FP32_STATE_TOL
+    assert torch.equal(bits(pool[4:]), bits(before[4:]))
+
+
 def test_packed_offsets_past_the_tokens_are_clamped_not_read() -> None:
     args = inputs(1, 4, 1, 8, 8, seed=18)
     h0 = pool_of(2, 1, 8, 8, seed=18)
