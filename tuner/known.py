@@ -79,7 +79,7 @@ class KnownTable:
 
     path: Path
     profile: table.Profile
-    role: str  # "output", "user" (GDN2_PROFILE) or "family"
+    role: str  # "output", "user" (GDN2_PROFILE), "own" (the device's shipped table) or "family"
 
 
 def known_tables(
@@ -103,8 +103,10 @@ def known_tables(
         if profile is None:
             profile, problems = table.load_profile(path)
             warnings.extend(problems)
-        if profile is not None and (role != "family" or profile.device.family == device.family):
-            found.append(KnownTable(path, profile, role))
+        if profile is None or (role == "family" and profile.device.family != device.family):
+            return
+        own = role == "family" and profile.device.device_id == device.device_id
+        found.append(KnownTable(path, profile, "own" if own else role))
 
     if existing is not None:
         add(Path(output), "output", existing)
