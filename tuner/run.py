@@ -7,7 +7,7 @@
 
 The study process never launches a kernel: gate workers (one per spare CPU core) compile and gate candidates in
 parallel, one timing worker per GPU measures them one at a time (tuner.worker). With ``gpus=(0, 1, ...)`` one child
-process per GPU searches every study on shared storage; the parent then finalizes on the first GPU.
+process per GPU searches every study on shared storage; the parent then finalizes the studies on every GPU at once.
 """
 
 from __future__ import annotations
