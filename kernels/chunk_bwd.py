@@ -22,7 +22,7 @@ Only the inputs (and the initial state) are saved by the forward; the backward, 
    - A = (I + T)^-1 (torch.linalg.solve_triangular, fp32) and the C×C / C×K / K×V products of the backward
      equations as batched torch matmuls (fp32; they honour torch.backends.cuda.matmul.allow_tf32);
    - the key-side elementwise tail (dq, dk, db, dg with its reverse cumulative sum inside the chunk, the decay
-     floor, the l2 norm's backward) in one Triton launch (:func:`_key_side_kernel`).
+     floor) in one Triton launch (:func:`_key_side_kernel`), then the l2 norm's backward in torch.
    ``BwdConfig(local="autograd")`` instead runs torch autograd through :func:`_local_chunk` (pairs as a masked
    [C, C, K] tensor): simple, memory-hungry, and the cross-check of the first.
 
@@ -55,6 +55,8 @@ from gdn2_tune.kernels.varlen import chunk_index
 
 G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
 G_FLOOR_C = tl.constexpr(G_FLOOR)
+# K slice of the key-side kernel: ~15 live [C, BK] fp32 tiles, 7.5K values at C = 32 (60 per thread at 4 warps).
+KEY_SIDE_BK = 16
 BWD_STATE_PRECISIONS = ("tf32", "tf32x3", "ieee")
 LOCAL_DTYPES = ("fp32", "fp64")
 LOCAL_METHODS = ("pairs", "autograd")
@@ -336,40 +338,31 @@ def _local_chunk(
 
 @triton.jit
 def _key_side_kernel(
-    q, k, b, g, dx_t, dx_a, dy, d_e, d_qg, d_kt, d_last,
+    qs, kn, b, g, G, dx_t, dx_a, dy, d_e, d_qg, d_kt, d_last,
     dq, dk, db, dg,
     scale,
     K,
-    C: tl.constexpr, KP: tl.constexpr,
-    USE_L2NORM: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr,
 ):
-    """The key-side tail of the local gradients for one (chunk, head), all [C, K] in registers: the products'
-    elementwise chain rule (Ē = γ⊙b⊙k, Q_γ = γ⊙scale·q, K_tail = (γ_C/γ)⊙k with exponents ≤ 0), dG and its reverse
-    cumulative sum, the decay floor, and the l2 norm's backward. Inputs and outputs fp32 [N, H, C, K]."""
-    i_nh = tl.program_id(0)
+    """The key-side tail of the local gradients for one (K slice, chunk, head), [C, BK] tiles: the products'
+    elementwise chain rule (Ē = γ⊙b⊙k, Q_γ = γ⊙scale·q, K_tail = (γ_C/γ)⊙k, exponents ≤ 0), dG and its reverse
+    cumulative sum down the chunk, and the decay floor. K columns are independent here, so the tile stays small;
+    the l2 norm's backward (a sum over all of K) is left to the caller. Inputs and outputs fp32 [N, H, C, K]:
+    ``qs`` = scale·q and ``kn`` = k after the l2 norm; ``dq`` receives the gradient of the normalised q."""
+    i_k, i_nh = tl.program_id(0), tl.program_id(1)
     base = i_nh.to(tl.int64) * C * K
     o_c = tl.arange(0, C)
-    o_k = tl.arange(0, KP)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     p = base + o_c[:, None] * K + o_k[None, :]
     m = m_k[None, :]
-    b_q = tl.load(q + p, mask=m, other=0.0)
-    b_k = tl.load(k + p, mask=m, other=0.0)
+    b_qs = tl.load(qs + p, mask=m, other=0.0)
+    b_kn = tl.load(kn + p, mask=m, other=0.0)
     b_b = tl.load(b + p, mask=m, other=0.0)
-    b_graw = tl.load(g + p, mask=m, other=0.0)
-    b_G = tl.cumsum(tl.where(b_graw < G_FLOOR_C, G_FLOOR_C, b_graw), 0)
-    b_last = tl.sum(tl.where((o_c == C - 1)[:, None], b_G, 0.0), 0)
+    b_G = tl.load(G + p, mask=m, other=0.0)
+    b_last = tl.load(G + base + (C - 1) * K + o_k, mask=m_k, other=0.0)
     b_gam = tl.exp(b_G)
-    b_tail = tl.exp(b_last[None, :] - b_G)
-    if USE_L2NORM:
-        r_q = 1.0 / tl.sqrt(tl.sum(b_q * b_q, 1) + 1e-6)
-        r_k = 1.0 / tl.sqrt(tl.sum(b_k * b_k, 1) + 1e-6)
-        b_qn = b_q * r_q[:, None]
-        b_kn = b_k * r_k[:, None]
-    else:
-        b_qn = b_q
-        b_kn = b_k
-    b_qs = b_qn * scale
+    b_tail = tl.exp(tl.minimum(b_last[None, :] - b_G, 0.0))
     b_bk = b_b * b_kn
     b_dxt = tl.load(dx_t + p, mask=m, other=0.0)
     b_dxa = tl.load(dx_a + p, mask=m, other=0.0)
@@ -378,7 +371,6 @@ def _key_side_kernel(
     b_dqg = tl.load(d_qg + p, mask=m, other=0.0)
     b_dkt = tl.load(d_kt + p, mask=m, other=0.0)
     d_bk = b_dxt + b_de * b_gam
-    d_qs = b_dxa + b_dqg * b_gam
     d_kn = b_dy + b_dkt * b_tail + b_b * d_bk
     d_G = (b_bk * b_dxt + b_qs * b_dxa - b_kn * b_dy + b_de * b_gam * b_bk + b_dqg * b_gam * b_qs
            - b_dkt * b_tail * b_kn)
@@ -386,16 +378,10 @@ def _key_side_kernel(
     b_dl = tl.load(d_last + i_nh.to(tl.int64) * K + o_k, mask=m_k, other=0.0) + tl.sum(b_dkt * b_tail * b_kn, 0)
     d_G += tl.where((o_c == C - 1)[:, None], b_dl[None, :], 0.0)
     d_g = tl.cumsum(d_G, 0, reverse=True)
+    b_graw = tl.load(g + p, mask=m, other=0.0)
     d_g = tl.where(b_graw >= G_FLOOR_C, d_g, 0.0)
-    d_qn = d_qs * scale
-    if USE_L2NORM:
-        d_q = r_q[:, None] * (d_qn - b_qn * tl.sum(b_qn * d_qn, 1)[:, None])
-        d_k = r_k[:, None] * (d_kn - b_kn * tl.sum(b_kn * d_kn, 1)[:, None])
-    else:
-        d_q = d_qn
-        d_k = d_kn
-    tl.store(dq + p, d_q, mask=m)
-    tl.store(dk + p, d_k, mask=m)
+    tl.store(dq + p, (b_dxa + b_dqg * b_gam) * scale, mask=m)
+    tl.store(dk + p, d_kn, mask=m)
     tl.store(db + p, b_kn * d_bk, mask=m)
     tl.store(dg + p, d_g, mask=m)
 
@@ -446,18 +432,21 @@ def _local_grads(
     d_t = -torch.tril(a_t @ d_a @ a_t, -1)
     dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
     if cfg.key_side == "triton":
-        d_q, d_k, d_b, d_g = (output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
+        d_qn, d_kn, d_b, d_g = (output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
         d_last = (torch.exp(g_last[..., 0, :]) * (ds_c * s0).sum(-1)).contiguous()
-        n, H = q.shape[:2]
+        n, H, _, K = q.shape
         if n * H:
-            _key_side_kernel[(n * H,)](
-                q.contiguous(), k.contiguous(), b.contiguous(), g.contiguous(), dx_t, dx_a, dy_pairs,
+            _key_side_kernel[(triton.cdiv(K, KEY_SIDE_BK), n * H)](
+                qs, kn, b.contiguous(), g.contiguous(), G, dx_t, dx_a, dy_pairs,
                 d_e.contiguous(), d_qg.contiguous(), d_kt.contiguous(), d_last,
-                d_q, d_k, d_b, d_g,
-                scale, q.shape[-1], C=C, KP=_padded(q.shape[-1]), USE_L2NORM=l2norm,
-                # About 15 live [C, K] fp32 tiles: 8 warps once a tile passes 4096 elements, to limit spilling.
-                num_warps=8 if C * _padded(q.shape[-1]) > 4096 else 4,
+                d_qn, d_kn, d_b, d_g,
+                scale, K, C=C, BK=KEY_SIDE_BK,
             )
+        if l2norm:
+            d_q = r_q * (d_qn - qn * (qn * d_qn).sum(-1, keepdim=True))
+            d_k = r_k * (d_kn - kn * (kn * d_kn).sum(-1, keepdim=True))
+        else:
+            d_q, d_k = d_qn, d_kn
         return d_q, d_k, d_z * w, d_g, d_b, d_z * v
     d_bk = dx_t + d_e * gamma
     d_qs = dx_a + d_qg * gamma
