@@ -125,7 +125,8 @@ TUNE_ADVICE = "run `python tune.py tune` on this GPU to tune it and write its ow
 
 
 def default_profile(root: Path = PROFILES_DIR) -> Serving:
-    """The table the dispatcher serves on this machine first, else the shipped H100 table; see :class:`Serving`."""
+    """The table the dispatcher serves on this machine first (from ``dispatch.SHIPPED_DIR``), else the shipped H100
+    table in ``root``; see :class:`Serving`."""
     with warnings.catch_warnings():
         # The dispatcher's warnings (a stale or missing table) are for a running op; the report says it its way.
         warnings.simplefilter("ignore", dispatch.TableWarning)
@@ -143,9 +144,8 @@ def default_profile(root: Path = PROFILES_DIR) -> Serving:
                            f"{here} has no table of its own; the dispatcher serves this table of another "
                            f"{device.family} GPU (family fallback), and for a shape without its own key the "
                            "nearest bucket's entry", TUNE_ADVICE)
-    fallback = profile_path(SHIPPED_FALLBACK, root)
-    if not fallback.exists():
-        fallback = next(iter(sorted(Path(root).glob("h100*.json"))), None)  # type: ignore[arg-type]
+    candidates = [profile_path(SHIPPED_FALLBACK, root), *sorted(Path(root).glob("h100*.json"))]
+    fallback = next((c for c in candidates if c.is_file()), None)
     served = ("" if device is None else
               "; no table serves it, so the dispatcher launches the built-in default configs")
     advice = None if device is None else TUNE_ADVICE
