@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_fwd import baseline, bench, environment, ours  # noqa: E402
+from bench_fwd import baseline, bench, environment, ours
 
-from gdn2_tune.kernels.inputs import make_inputs  # noqa: E402
-from gdn2_tune.profiles import dispatch  # noqa: E402
-from gdn2_tune.tuner.suite import SUITE, parse_shape  # noqa: E402
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.profiles import dispatch
+from gdn2_tune.tuner.suite import SUITE, parse_shape
 
 ROUNDS = 3
 

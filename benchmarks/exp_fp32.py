@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_fwd import baseline, bench, environment, ours, rel_err  # noqa: E402
+from bench_fwd import baseline, bench, environment, ours, rel_err
 
-from gdn2_tune.kernels.buffers import poisoned  # noqa: E402
-from gdn2_tune.kernels.config import (  # noqa: E402
+from gdn2_tune.kernels.buffers import poisoned
+from gdn2_tune.kernels.config import (
     INTRA_PRECISIONS,
     STATE_PRECISIONS,
     FwdConfig,
@@ -36,8 +36,8 @@ from gdn2_tune.kernels.config import (  # noqa: E402
     fit_to_shape,
     infeasibility,
 )
-from gdn2_tune.kernels.inputs import make_inputs  # noqa: E402
-from gdn2_tune.kernels.reference import gdn2_reference  # noqa: E402
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.reference import gdn2_reference
 
 ANCHOR = Shape(8, 4096, 16, 128, 128, "fp32")
 ACCURACY = Shape(2, 2048, 4, 128, 128, "fp32")

@@ -18,7 +18,7 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file():
     __path__.append(str(_CHECKOUT))
 
-from gdn2_tune.kernels import (  # noqa: E402 - after __path__ is set
+from gdn2_tune.kernels import (
     DEFAULT_CONFIG,
     DecodeConfig,
     FwdConfig,

@@ -39,10 +39,10 @@ from gdn2_tune.profiles.table import (
     device_id_from_name,
     entry_key,
     family_from_capability,
-    staleness,
     load_profile,
     parse_config,
     profile_path,
+    staleness,
 )
 
 ENV_CONFIG = "GDN2_CONFIG"

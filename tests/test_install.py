@@ -38,7 +38,8 @@ def test_installed_package_carries_its_tables_and_imports_from_the_target(target
     code = ("import gdn2_tune, gdn2_tune.kernels.chunk as c, gdn2_tune.profiles.dispatch as d; "
             "print(c.__file__); print(d.__file__); print(gdn2_tune.chunk_gdn2.__name__)")
     env = dict(os.environ, PYTHONPATH=str(target), TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", code], cwd=target.parent, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], cwd=target.parent, env=env, capture_output=True, text=True,
+                         check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     chunk_file, dispatch_file, name = run.stdout.split()
     assert Path(chunk_file).is_relative_to(target) and Path(dispatch_file).is_relative_to(target)
