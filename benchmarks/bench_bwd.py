@@ -64,13 +64,13 @@ def environment() -> dict:
     except ImportError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     except OSError:
         commit = None
     return {
         "gpu": props.name, "sms": props.multi_processor_count,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "fla": fla_version, "fla_signature": fla_signature, "commit": commit,
     }

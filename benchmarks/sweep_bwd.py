@@ -42,7 +42,7 @@ def main() -> int:
     dht = torch.randn_like(inp.initial_state)
     for point in POINTS:
         bcfg = dataclasses.replace(BwdConfig(), **point)
-        def run() -> None:
+        def run(bcfg: BwdConfig = bcfg) -> None:
             chunk_gdn2_bwd(*inp.args(), do, dht, scale=shape.K**-0.5, initial_state=inp.initial_state,
                            cu_seqlens=None, use_qk_l2norm_in_kernel=False, config=cfg, bwd_config=bcfg,
                            num_seqs=shape.B)

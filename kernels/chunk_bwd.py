@@ -413,7 +413,7 @@ def _local_grads(
     q_gam = gamma * qs
     k_tail = tail * kn
     z = w * v
-    pair = dict(BC=cfg.pair_BC, BK=cfg.pair_BK, num_warps=cfg.pair_warps, precision=cfg.pair_precision)
+    pair = {"BC": cfg.pair_BC, "BK": cfg.pair_BK, "num_warps": cfg.pair_warps, "precision": cfg.pair_precision}
     t, a_qk = pairs_fwd(bk, qs, kn, G, strict1=True, strict2=False, **pair)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     a = torch.linalg.solve_triangular(eye + t, eye.expand_as(t), upper=False, unitriangular=True)
@@ -497,8 +497,11 @@ def chunk_gdn2_bwd(
         use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=inter_dtype,
     )
     grid = (triton.cdiv(V, bcfg.BV), num_seqs * H)
-    common = dict(T=T, NT=layout.NT, H=H, K=K, V=V, KP=_padded(K), C=C, BV=bcfg.BV, IS_VARLEN=cu is not None,
-                  PRECISION=bcfg.precision, num_warps=bcfg.num_warps, num_stages=bcfg.num_stages)
+    common = {
+        "T": T, "NT": layout.NT, "H": H, "K": K, "V": V, "KP": _padded(K), "C": C, "BV": bcfg.BV,
+        "IS_VARLEN": cu is not None, "PRECISION": bcfg.precision,
+        "num_warps": bcfg.num_warps, "num_stages": bcfg.num_stages,
+    }
     hc = output_buffer((layout.num_chunks, H, K, V), torch.float32, q.device)
     _entering_states_kernel[grid](
         inter["y"], inter["u"], inter["kt"], inter["gamma"], initial_state, hc, cu, layout.chunk_offsets,

@@ -233,12 +233,12 @@ def test_pair_kernels_agree_with_autograd_through_the_pair_tensor() -> None:
     cfg = default_config(shape)
     do = torch.randn(inp.v.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     dht = torch.randn(inp.initial_state.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    common = dict(scale=0.2, initial_state=inp.initial_state, cu_seqlens=None, use_qk_l2norm_in_kernel=True,
-                  config=cfg, num_seqs=2)
+    common = {"scale": 0.2, "initial_state": inp.initial_state, "cu_seqlens": None, "use_qk_l2norm_in_kernel": True,
+                  "config": cfg, "num_seqs": 2}
     pairs = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(group_elements=1), **common)
     auto = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(local="autograd"), **common)
     torch_side = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(key_side="torch"), **common)
-    for name, a, b, c in zip("q k v g b w h0".split(), pairs, auto, torch_side):
+    for name, a, b, c in zip(["q", "k", "v", "g", "b", "w", "h0"], pairs, auto, torch_side):
         assert rel_err(a, b.double()) < 1e-5, name
         assert rel_err(c, b.double()) < 1e-5, name
 
