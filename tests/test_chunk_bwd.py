@@ -237,8 +237,8 @@ def test_pair_kernels_agree_with_autograd_through_the_pair_tensor() -> None:
                   "config": cfg, "num_seqs": 2}
     pairs = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(group_elements=1), **common)
     auto = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(local="autograd"), **common)
-    torch_side = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(key_side="torch"), **common)
-    for name, a, b, c in zip(["q", "k", "v", "g", "b", "w", "h0"], pairs, auto, torch_side):
+    triton_side = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(key_side="triton"), **common)
+    for name, a, b, c in zip(["q", "k", "v", "g", "b", "w", "h0"], pairs, auto, triton_side):
         assert rel_err(a, b.double()) < 1e-5, name
         assert rel_err(c, b.double()) < 1e-5, name
 
