@@ -14,7 +14,7 @@ import torch
 import triton
 
 from gdn2_tune.kernels.chunk import chunk_gdn2_fwd
-from gdn2_tune.kernels.config import CONSTRAINTS, SPACE, FwdConfig, Shape, default_config
+from gdn2_tune.kernels.config import CONSTRAINTS, SPACE, FwdConfig, Shape, default_config, fit_to_shape
 from gdn2_tune.kernels.cost import Cost, minimum_bytes, stage_costs
 from gdn2_tune.kernels.inputs import Inputs, make_inputs
 from gdn2_tune.kernels.intra import intra_fwd
@@ -162,5 +162,6 @@ FWD = register(KernelSpec(
     interpret_shape=INTERPRET_SHAPE,
     jit_files=JIT_FILES,
     gate_shape=gate_shape,
+    fit=fit_to_shape,
     output_names=("o", "state"),
 ))

@@ -104,6 +104,9 @@ class KernelSpec:
     interpret_shape: Shape  # what `tune.py tune --interpret` tunes: the interpreter only fits a toy
     jit_files: tuple[Path, ...]  # the files whose @triton.jit functions the fingerprint covers
     gate_shape: Callable[[Shape], Shape] = lambda shape: shape  # the small shape the correctness gate runs
+    # The nearest admissible config to one tuned at another shape (a warm start from a neighbouring entry); None:
+    # such a config is used as it is where it is admissible, and skipped where not.
+    fit: Callable[[Any, Shape, DeviceLimits], Any] | None = None
     output_names: tuple[str, ...] = ("out",)  # names of forward()'s outputs in the gate's error record
 
     def __post_init__(self) -> None:
@@ -121,6 +124,12 @@ class KernelSpec:
 
     def default_config(self, shape: Shape, device: DeviceLimits = DEFAULT_DEVICE) -> Any:
         return self.default(shape, device)
+
+    def fit_to_shape(self, cfg: Any, shape: Shape, device: DeviceLimits = DEFAULT_DEVICE) -> Any | None:
+        """``cfg`` made admissible at ``shape`` (KernelSpec.fit), or None where it cannot be."""
+        if self.fit is not None:
+            return self.fit(cfg, shape, device)
+        return cfg if self.infeasibility(cfg, shape, device) is None else None
 
     def from_flat(self, params: Mapping[str, Any]) -> Any:
         return self.config_type.from_flat(dict(params))
