@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from gdn2_tune.kernels.buffers import output_buffer
 from gdn2_tune.kernels.decode_config import (
     MAX_HEAD_DIM,

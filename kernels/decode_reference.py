@@ -9,6 +9,7 @@ for the kernel's bf16-state accuracy (tests/test_decode.py, benchmarks/bench_dec
 from __future__ import annotations
 
 import torch
+
 from gdn2_tune.kernels.reference import l2norm
 
 

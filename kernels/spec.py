@@ -143,6 +143,12 @@ class KernelSpec:
                 return p
         raise KeyError(f"{self.name}: no parameter {name!r}; expected one of {[p.name for p in self.space]}")
 
+    @property
+    def module(self) -> str:
+        """The module whose import registers this spec (the one defining ``prepare``, by convention): what a worker
+        process imports to know an op registered outside this package."""
+        return self.prepare.__module__
+
     def fingerprint(self) -> str:
         """What decides legality and speed (profiles.fingerprint): jit sources, the space, the constraints."""
         from gdn2_tune.kernels.fingerprint import fingerprint

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton
 
 from gdn2_tune.kernels.buffers import poisoned
 from gdn2_tune.kernels.config import Shape
