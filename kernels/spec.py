@@ -44,12 +44,18 @@ _KNOWN_DEVICES: dict[str, DeviceLimits] = {SM90.family: SM90}
 
 
 def device_limits(family: str | None) -> DeviceLimits:
-    """The limits of an architecture family; an unknown family (or none) gets :data:`DEFAULT_DEVICE`'s limits under
-    its own name, so that a default per family can still tell it apart."""
+    """The limits of an architecture family; an unknown family gets :data:`DEFAULT_DEVICE`'s limits under its own
+    name (so that a default per family can still tell it apart), no family (no GPU) gets DEFAULT_DEVICE's."""
+    fallback = _KNOWN_DEVICES[DEFAULT_DEVICE.family]
     if family is None:
-        return DEFAULT_DEVICE
+        return fallback
     known = _KNOWN_DEVICES.get(family)
-    return known if known is not None else DeviceLimits(family, DEFAULT_DEVICE.shared_memory_per_block)
+    return known if known is not None else DeviceLimits(family, fallback.shared_memory_per_block)
+
+
+def known_devices() -> tuple[DeviceLimits, ...]:
+    """Every family's limits, in name order: part of each op's fingerprint, since they decide legality."""
+    return tuple(_KNOWN_DEVICES[name] for name in sorted(_KNOWN_DEVICES))
 
 
 class OpConfig(Protocol):
@@ -150,10 +156,12 @@ class KernelSpec:
         return self.prepare.__module__
 
     def fingerprint(self) -> str:
-        """What decides legality and speed (profiles.fingerprint): jit sources, the space, the constraints."""
+        """What decides legality and speed (kernels.fingerprint): jit sources, the space, the constraints, the device records."""
         from gdn2_tune.kernels.fingerprint import fingerprint
 
-        return fingerprint(self.jit_files, [(p.name, p.values) for p in self.space], self.constraints)
+        return fingerprint(
+            self.jit_files, [(p.name, p.values) for p in self.space], self.constraints, known_devices()
+        )
 
 
 # The op `tune.py` tunes and the dispatcher serves when none is named: the first op registered.

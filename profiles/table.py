@@ -28,7 +28,7 @@ from typing import Any
 
 from gdn2_tune.kernels.config import DTYPES, Shape
 from gdn2_tune.kernels.fingerprint import fingerprint
-from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, get_spec
+from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, get_spec, known_devices
 
 SCHEMA_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parent
@@ -228,10 +228,13 @@ def kernel_source_hash(root: Path = KERNELS_DIR, op: str = DEFAULT_OP) -> str:
     A table records it; a table whose fingerprint differs still serves its entries that today's constraints
     accept, and is marked stale."""
     spec = get_spec(op)
+    if Path(root) == KERNELS_DIR:
+        return spec.fingerprint()
     return fingerprint(
-        [Path(root) / path.name for path in spec.jit_files] if Path(root) != KERNELS_DIR else list(spec.jit_files),
+        [Path(root) / path.name for path in spec.jit_files],
         [(param.name, param.values) for param in spec.space],
         spec.constraints,
+        known_devices(),
     )
 
 

@@ -162,7 +162,7 @@ class EntryModel:
 
     key: str
     shape: Shape
-    config: str  # FwdConfig.label() of the tuned config
+    config: str  # the label() of the tuned config (any op's)
     default_config: str
     tuned: tuple[StagePoint, ...]  # intra, state, total
     default: tuple[StagePoint, ...]

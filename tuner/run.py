@@ -164,9 +164,6 @@ class WorkerEvaluator:
         req = {"op": "time", "shape": dataclasses.asdict(shape), "params": dict(params)}
         return self.timer.submit(self.request(req), self.options.time_timeout_s)
 
-    def call_gate(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-        return self.gates.call(self.request(req), timeout)
-
     def call_timer(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         return self.timer.call(self.request(req), timeout)
 
@@ -306,9 +303,10 @@ def _gate_failure(
     failed = [t for t in same if t.user_attrs.get("status") in study_mod.CONFIG_OUTCOMES]
     if failed:
         return str(failed[-1].user_attrs.get("reason"))
-    out = evaluator.call_gate(
+    out = evaluator.gates.call(
         {"op": "gate", "shape": dataclasses.asdict(spec.shape), "gate_shape": dataclasses.asdict(spec.gate_shape),
-         "params": dict(params)}, evaluator.options.gate_timeout_s)
+         "params": dict(params), "kernel": spec.stage, "kernel_module": get_spec(spec.stage).module},
+        evaluator.options.gate_timeout_s)
     return None if out.get("status") == "ok" else f"{out.get('status')}: {out.get('reason')}"
 
 

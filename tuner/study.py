@@ -135,7 +135,7 @@ class TrialEvent:
     number: int
     status: Status
     value_ms: float | None
-    config: str  # FwdConfig.label(), or the raw parameters where they are not a config
+    config: str  # the op config's label(), or the raw parameters where they are not a config
     reason: str | None
     evaluated: int  # evaluated trials of the study so far, over every process
     target: int
