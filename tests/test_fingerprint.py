@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gdn2_tune.kernels import config as kconfig
+from gdn2_tune.kernels import fingerprint as fp
 from gdn2_tune.kernels import spec as spec_module
 from gdn2_tune.kernels.spec import SM90, known_devices
-from gdn2_tune.kernels import fingerprint as fp
 from gdn2_tune.profiles import table
 
 JIT_FILES = table.FWD_JIT_FILES

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 GENERIC = ("tuner", "profiles", "reports")
 OP_NAMES = re.compile(r"\b(FwdConfig|IntraConfig|StateConfig)\b")
-SPACE_IMPORT = re.compile(r"from\s+gdn2_tune\.kernels\.config\s+import\s+\(?[^)]*?\bSPACE\b", re.S)
+SPACE_IMPORT = re.compile(r"from\s+gdn2_tune\.kernels\.config\s+import\s+\(?[^)]*?\bSPACE\b", re.DOTALL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_the_spec_modules_never_import_profiles_tuner_or_reports() -> None:
     for name in ("spec.py", "fwd_spec.py", "fingerprint.py", "config.py", "cost.py"):
         text = (REPO / "kernels" / name).read_text()
         path = name
-        assert not re.search(r"^\s*(from|import)\s+gdn2_tune\.(profiles|tuner|reports)", text, re.M), path
+        assert not re.search(r"^\s*(from|import)\s+gdn2_tune\.(profiles|tuner|reports)", text, re.MULTILINE), path
 
 
 def test_the_forward_is_registered_first() -> None:
