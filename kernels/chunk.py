@@ -16,7 +16,8 @@ import os
 import torch
 import triton
 
-from gdn2_tune.kernels.config import MAX_HEAD_DIM, FwdConfig, Shape, field_type_error, infeasibility
+from gdn2_tune.kernels.checks import DTYPE_NAMES, check_token_inputs
+from gdn2_tune.kernels.config import FwdConfig, Shape, field_type_error, infeasibility
 from gdn2_tune.kernels.intra import INTERPRETED, intra_fwd
 from gdn2_tune.kernels.state import state_fwd
 from gdn2_tune.kernels.varlen import packed_index
@@ -24,9 +25,6 @@ from gdn2_tune.kernels.varlen import packed_index
 # Set to 1 for the checked mode: the values of cu_seqlens and g are read back (one host sync per call) and
 # invalid ones raise ValueError. Off by default: a sync per call stalls the GPU (see kernels/varlen.py).
 CHECK_ENV = "GDN2_CHECK_INPUTS"
-
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _check_inputs(
@@ -43,36 +41,7 @@ def _check_inputs(
 
     Returns the number of sequences N.
     """
-    named = {"q": q, "k": k, "v": v, "g": g, "b": b, "w": w}
-    for name, x in named.items():
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, received {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims [B, T, H, D], received shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected dtype bf16, fp16 or fp32, received {x.dtype}")
-    for name, x in named.items():
-        if x.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (that of q), received {x.device}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if T < 1:
-        raise ValueError(f"q: expected T >= 1, received T={T}")
-    for name, x in (("q", q), ("v", v)):
-        if 0 in x.shape:
-            raise ValueError(f"{name}: expected every dimension of [B, T, H, D] >= 1, received shape {tuple(x.shape)}")
-    for name in ("k", "g", "b"):
-        if tuple(named[name].shape) != (B, T, H, K):
-            raise ValueError(f"{name}: expected shape {(B, T, H, K)} (that of q), received {tuple(named[name].shape)}")
-    if tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"v: expected shape {(B, T, H, 'V')} matching q's [B, T, H], received {tuple(v.shape)}")
-    if tuple(w.shape) != tuple(v.shape):
-        raise ValueError(f"w: expected shape {tuple(v.shape)} (that of v), received {tuple(w.shape)}")
-    for name in ("k", "v", "b", "w"):
-        if named[name].dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), received {named[name].dtype}")
-    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise ValueError(f"q/v: expected K and V <= {MAX_HEAD_DIM}, received K={K}, V={V}")
+    B, T, H, K, V = check_token_inputs(q, k, v, g, b, w)
 
     if cu_seqlens is None:
         n = B
@@ -142,7 +111,7 @@ def _check_options(scale: object, output_final_state: object, use_qk_l2norm_in_k
 
 def shape_of(q: torch.Tensor, v: torch.Tensor, num_seqs: int | None = None) -> Shape:
     B, T, H, K = q.shape
-    return Shape(B, T, H, K, v.shape[-1], _DTYPE_NAMES[q.dtype], num_seqs)
+    return Shape(B, T, H, K, v.shape[-1], DTYPE_NAMES[q.dtype], num_seqs)
 
 
 def chunk_gdn2_fwd(

@@ -1,6 +1,7 @@
 """Backward of ``chunk_gdn2``: recompute, a reverse chunk-to-chunk pass for the state gradient, local gradients.
 
-Only the inputs (and the initial state) are saved by the forward; the backward, for one call:
+Only the inputs (and the initial state, and a packed batch's index) are saved by the forward; the backward, for
+one call:
 
 1. **Recompute.** The forward's intra launcher (kernels/intra.py) at the forward's chunk length, for Y, U, Q_γ,
    K_tail, A_qk, γ_C, writing fp32 (3xTF32 dots) wherever the reverse pass can stage fp32 operands (else the input
@@ -25,6 +26,14 @@ Only the inputs (and the initial state) are saved by the forward; the backward, 
      floor) in one Triton launch (:func:`_key_side_kernel`), then the l2 norm's backward in torch.
    ``BwdConfig(local="autograd")`` instead runs torch autograd through :func:`_local_chunk` (pairs as a masked
    [C, C, K] tensor): simple, memory-hungry, and the cross-check of the first.
+
+**Packed batches** are memory-safe as the forward is (kernels/varlen.py). The forward builds the sanitised offsets
+and the chunk index on the device (:func:`packed_index`, no host sync) and saves them, not the caller's
+``cu_seqlens``: the backward differentiates the partition the forward ran on, however that tensor is rewritten in
+between (in place, with or without a version bump). The two per-sequence passes bound each sequence to [0, T] and
+each per-chunk slot to the per-chunk buffers, as the forward's state pass does (:func:`_sequence_chunks`), and the
+gathers of step 3 are bounded by the sanitised offsets and T: launched with raw offsets, or with an index built
+from other offsets, no launch of the backward reads or writes outside its buffers.
 
 Step 3's torch part (layout copies, matmuls, the solve) is the slow part: a fused Triton kernel per (chunk, head)
 is the next step. Every step is deterministic: Triton programs own their outputs, and the torch ops used (matmul,
@@ -51,7 +60,7 @@ from gdn2_tune.kernels.config import (
 from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
 from gdn2_tune.kernels.intra import intra_fwd
 from gdn2_tune.kernels.pairwise import PAIR_PRECISIONS, pairs_bwd, pairs_fwd
-from gdn2_tune.kernels.varlen import chunk_index
+from gdn2_tune.kernels.varlen import PackedIndex, packed_index, sequence_bounds
 
 G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
 G_FLOOR_C = tl.constexpr(G_FLOOR)
@@ -166,11 +175,23 @@ def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int) -> Bwd
 
 
 @triton.jit
+def _sequence_chunks(cu_seqlens, chunk_offsets, i_n, T, NC, C: tl.constexpr):
+    """``(bos, T_seq, c0, n_chunks)`` of sequence ``i_n`` for the two per-sequence passes, as the forward's state
+    pass bounds them (kernels/state.py): rows clamped to [0, T] (:func:`sequence_bounds`), the first per-chunk
+    slot to [0, NC], and the chunk count to the slots left, so that whatever the offsets and the index hold,
+    every row read lies in the [T] token buffers and every slot read or written in the [NC] per-chunk ones."""
+    bos, T_seq = sequence_bounds(cu_seqlens, i_n, T)
+    c0 = tl.minimum(tl.maximum(tl.load(chunk_offsets + i_n).to(tl.int64), 0), NC)
+    n_chunks = tl.minimum(tl.cdiv(T_seq, C), (NC - c0).to(tl.int32))
+    return bos, T_seq, c0, n_chunks
+
+
+@triton.jit
 def _state_bwd_kernel(
     qg, kt, y, aqk, gam, do,
     dht, dhc, dh0,
     cu_seqlens, chunk_offsets,
-    T, NT,
+    T, NT, NC,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
@@ -180,10 +201,7 @@ def _state_bwd_kernel(
     i_n = i_nh // H
     i_h = i_nh % H
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        n_chunks = tl.cdiv(T_seq, C)
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+        bos, T_seq, c0, n_chunks = _sequence_chunks(cu_seqlens, chunk_offsets, i_n, T, NC, C)
     else:
         bos = (i_n * T).to(tl.int64)
         T_seq = T
@@ -279,24 +297,26 @@ class ChunkLayout:
         return torch.where(self.live.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def chunk_layout(B: int, T: int, chunk: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> ChunkLayout:
-    """The layout of one call. For a packed batch the offsets are sanitised first (clamped to [0, T], made
-    non-decreasing; valid offsets pass unchanged), so that the kernels stay inside their buffers whatever the
-    caller's tensor holds by the time the backward runs; device ops only, no host sync."""
-    if cu_seqlens is None:
+def chunk_layout(B: int, T: int, chunk: int, index: PackedIndex | None, device: torch.device) -> ChunkLayout:
+    """The layout of one call: dense without ``index``, else packed along ``index`` (a :func:`packed_index` of the
+    call's offsets, whose ``offsets`` are the sanitised ones the kernels read). Device ops only, no host sync.
+
+    Every gathered row is bounded by the sanitised offsets and by T again, so no torch gather or scatter of the
+    local-gradient step can leave the [T + 1] token layout even for an index built from other offsets."""
+    if index is None:
         nt = triton.cdiv(T, chunk)
         return ChunkLayout(B, T, nt, chunk, B * nt, None, None, None, None, None)
-    n = cu_seqlens.numel() - 1
-    offs = torch.cummax(cu_seqlens.to(torch.int64).clamp(0, T), 0).values
-    offs[0] = 0
-    offs[n] = T
-    pairs, first, num_chunks = chunk_index(offs, chunk, T)
-    seq = pairs[:, 0].long()
-    start = offs[seq] + pairs[:, 1].long() * chunk
+    offs = index.offsets
+    n = offs.numel() - 1
+    seq = index.pairs[:, 0].long().clamp(0, n - 1)
+    bos = offs[seq].clamp(0, T)
+    eos = offs[seq + 1].clamp(max=T)
+    start = bos + index.pairs[:, 1].long() * chunk
     rows = start[:, None] + torch.arange(chunk, device=device)[None, :]
-    eos = offs[seq + 1][:, None]
-    index = torch.where(rows < eos, rows, torch.full_like(rows, T))
-    return ChunkLayout(1, T, triton.cdiv(T, chunk), chunk, num_chunks, index, pairs, first, start < eos[:, 0], offs)
+    rows = torch.where((rows >= bos[:, None]) & (rows < eos[:, None]), rows, torch.full_like(rows, T))
+    live = (start >= bos) & (start < eos)
+    return ChunkLayout(1, T, triton.cdiv(T, chunk), chunk, index.num_chunks, rows, index.pairs, index.first, live,
+                       offs)
 
 
 def _local_chunk(
@@ -469,6 +489,109 @@ def _local_grads(
     return d_q, d_k, d_z * w, d_g, d_b, d_z * v
 
 
+def _check_launch(
+    inter: dict[str, torch.Tensor], chunk: int, num_seqs: int, V: int, cu_seqlens: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None, per_token: dict[str, tuple[torch.Tensor, int]],
+    per_seq: dict[str, torch.Tensor | None],
+) -> None:
+    """Shapes only (no values, no sync), for what the kernels address without a mask: the per-sequence loads read
+    ``cu_seqlens[i_n + 1]`` and ``chunk_offsets[i_n]`` for every program's sequence ``i_n < num_seqs``, per-sequence
+    states ``[N, H, K, V]``, per-token tensors ``[B, T, H, D]`` and γ_C ``[NC, H, K]`` (contiguous), and a dense
+    batch's chunk slots ``i_n·NT + i_t`` of the per-chunk buffers."""
+    B, T, H, K = inter["y"].shape
+    for name, (x, d) in (per_token | {"gamma": (inter["gamma"], K)}).items():
+        want = (inter["gamma"].shape[0], H, K) if name == "gamma" else (B, T, H, d)
+        if tuple(x.shape) != want or not x.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor of shape {want}, received {tuple(x.shape)}")
+    for name, x in per_seq.items():
+        if x is not None and (tuple(x.shape) != (num_seqs, H, K, V) or not x.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous [N={num_seqs}, {H}, {K}, {V}] tensor, "
+                             f"received {tuple(x.shape)}")
+    if cu_seqlens is None:
+        if num_seqs != B or inter["gamma"].shape[0] != B * triton.cdiv(T, chunk):
+            raise ValueError(f"num_seqs: expected B={B} for a dense batch of {B * triton.cdiv(T, chunk)} chunks, "
+                             f"received {num_seqs} and {inter['gamma'].shape[0]} chunks")
+        return
+    if chunk_offsets is None or chunk_offsets.dim() != 1 or chunk_offsets.numel() < num_seqs:
+        got = None if chunk_offsets is None else tuple(chunk_offsets.shape)
+        raise ValueError(f"chunk_offsets: expected [N] with N={num_seqs}, received {got}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() != num_seqs + 1:
+        raise ValueError(f"cu_seqlens: expected [N+1] with N={num_seqs}, received {tuple(cu_seqlens.shape)}")
+
+
+def _state_launch(inter: dict[str, torch.Tensor], V: int, chunk: int, cfg: BwdConfig, num_seqs: int,
+                  cu_seqlens: torch.Tensor | None) -> tuple[tuple[int, int], dict]:
+    """Grid and common arguments of the two per-sequence passes. NC, the bound of every per-chunk slot, is the
+    length of the per-chunk buffers themselves (γ_C's rows), not anything derived from the offsets."""
+    _, T, H, K = inter["y"].shape
+    grid = (triton.cdiv(V, cfg.BV), num_seqs * H)
+    common = {
+        "T": T, "NT": triton.cdiv(T, chunk), "NC": inter["gamma"].shape[0], "H": H, "K": K, "V": V,
+        "KP": _padded(K), "C": chunk, "BV": cfg.BV, "IS_VARLEN": cu_seqlens is not None,
+        "PRECISION": cfg.precision, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+    }
+    return grid, common
+
+
+def entering_states(
+    inter: dict[str, torch.Tensor],
+    *,
+    initial_state: torch.Tensor | None,
+    chunk: int,
+    cfg: BwdConfig,
+    cu_seqlens: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None,
+    num_seqs: int,
+) -> torch.Tensor:
+    """Each chunk's entering state S0, fp32 [num_chunks, H, K, V], from the intra stage's Y, U, K_tail, γ_C
+    (:func:`_entering_states_kernel`). Slots of no chunk (the packed index's phantoms) are left unwritten."""
+    y = inter["y"]
+    _, _, H, K = y.shape
+    V = inter["u"].shape[-1]
+    tokens = {"y": (y, K), "u": (inter["u"], V), "kt": (inter["kt"], K)}
+    _check_launch(inter, chunk, num_seqs, V, cu_seqlens, chunk_offsets, tokens, {"initial_state": initial_state})
+    grid, common = _state_launch(inter, V, chunk, cfg, num_seqs, cu_seqlens)
+    hc = output_buffer((inter["gamma"].shape[0], H, K, V), torch.float32, y.device)
+    if num_seqs * H:
+        _entering_states_kernel[grid](
+            y, inter["u"], inter["kt"], inter["gamma"], initial_state, hc, cu_seqlens, chunk_offsets,
+            USE_INITIAL_STATE=initial_state is not None, **common,
+        )
+    return hc
+
+
+def state_bwd(
+    inter: dict[str, torch.Tensor],
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    *,
+    initial_grad: bool,
+    chunk: int,
+    cfg: BwdConfig,
+    cu_seqlens: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None,
+    num_seqs: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reverse state pass (:func:`_state_bwd_kernel`): ``(dS_C [num_chunks, H, K, V], dh0 [N, H, K, V] or
+    None)`` in fp32 from the intra stage's Q_γ, K_tail, Y, A_qk, γ_C, the contiguous output gradient ``do`` and the
+    final state's fp32 ``dht`` (or None)."""
+    y = inter["y"]
+    _, _, H, K = y.shape
+    V = do.shape[-1]
+    tokens = {"do": (do, V), "y": (y, K), "kt": (inter["kt"], K), "qg": (inter["qg"], K), "aqk": (inter["aqk"], chunk)}
+    _check_launch(inter, chunk, num_seqs, V, cu_seqlens, chunk_offsets, tokens, {"dht": dht})
+    grid, common = _state_launch(inter, V, chunk, cfg, num_seqs, cu_seqlens)
+    dhc = output_buffer((inter["gamma"].shape[0], H, K, V), torch.float32, y.device)
+    dh0 = output_buffer((num_seqs, H, K, V), torch.float32, y.device) if initial_grad else None
+    if num_seqs * H:
+        _state_bwd_kernel[grid](
+            inter["qg"], inter["kt"], y, inter["aqk"], inter["gamma"], do, dht, dhc, dh0,
+            cu_seqlens, chunk_offsets,
+            USE_FINAL_GRAD=dht is not None, STORE_INITIAL_GRAD=dh0 is not None, **common,
+        )
+    return dhc, dh0
+
+
 def chunk_gdn2_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     do: torch.Tensor, dht: torch.Tensor | None,
@@ -480,13 +603,19 @@ def chunk_gdn2_bwd(
     config: FwdConfig,
     bwd_config: BwdConfig,
     num_seqs: int,
+    index: PackedIndex | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients (dq, dk, dv, dg, db, dw, dh0 or None) on contiguous inputs; dg in fp32, the rest in their dtypes."""
+    """Gradients (dq, dk, dv, dg, db, dw, dh0 or None) on contiguous inputs; dg in fp32, the rest in their dtypes.
+
+    A packed batch runs on ``index`` when given (the forward's, :func:`packed_index` of its offsets), else on one
+    built here from ``cu_seqlens``: either way on sanitised offsets, never on the caller's tensor."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = config.chunk
     shape = Shape(B, T, H, K, V, _DTYPE_NAMES[q.dtype], num_seqs if cu_seqlens is not None else None)
-    layout = chunk_layout(B, T, C, cu_seqlens, q.device)
+    if cu_seqlens is not None and index is None:
+        index = packed_index(cu_seqlens, C, T)
+    layout = chunk_layout(B, T, C, index, q.device)
 
     # 1. Recompute the forward's per-chunk intermediates (its own intra launcher, at its chunk length), in fp32
     # when the reverse pass can stage fp32 operands (else in the input dtype, as the forward keeps them).
@@ -498,27 +627,12 @@ def chunk_gdn2_bwd(
         cu_seqlens=cu, chunk_indices=layout.chunk_indices, num_chunks=layout.num_chunks,
         use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=inter_dtype,
     )
-    grid = (triton.cdiv(V, bcfg.BV), num_seqs * H)
-    common = {
-        "T": T, "NT": layout.NT, "H": H, "K": K, "V": V, "KP": _padded(K), "C": C, "BV": bcfg.BV,
-        "IS_VARLEN": cu is not None, "PRECISION": bcfg.precision,
-        "num_warps": bcfg.num_warps, "num_stages": bcfg.num_stages,
-    }
-    hc = output_buffer((layout.num_chunks, H, K, V), torch.float32, q.device)
-    _entering_states_kernel[grid](
-        inter["y"], inter["u"], inter["kt"], inter["gamma"], initial_state, hc, cu, layout.chunk_offsets,
-        USE_INITIAL_STATE=initial_state is not None, **common,
-    )
+    packed = {"cu_seqlens": cu, "chunk_offsets": layout.chunk_offsets, "num_seqs": num_seqs}
+    hc = entering_states(inter, initial_state=initial_state, chunk=C, cfg=bcfg, **packed)
 
     # 2. Reverse state pass: dS_C per chunk and dh0.
-    dhc = output_buffer((layout.num_chunks, H, K, V), torch.float32, q.device)
-    dh0 = output_buffer((num_seqs, H, K, V), torch.float32, q.device) if initial_state is not None else None
     do = do.contiguous()
-    _state_bwd_kernel[grid](
-        inter["qg"], inter["kt"], inter["y"], inter["aqk"], inter["gamma"], do, dht, dhc, dh0,
-        cu, layout.chunk_offsets,
-        USE_FINAL_GRAD=dht is not None, STORE_INITIAL_GRAD=dh0 is not None, **common,
-    )
+    dhc, dh0 = state_bwd(inter, do, dht, initial_grad=initial_state is not None, chunk=C, cfg=bcfg, **packed)
     del inter
 
     # 3. Local gradients, chunks in groups of bounded memory.
@@ -554,7 +668,7 @@ def chunk_gdn2_bwd(
 def _entering_states_kernel(
     y, u, kt, gam, h0, hc,
     cu_seqlens, chunk_offsets,
-    T, NT,
+    T, NT, NC,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, PRECISION: tl.constexpr,
@@ -565,10 +679,7 @@ def _entering_states_kernel(
     i_n = i_nh // H
     i_h = i_nh % H
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T_seq = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        n_chunks = tl.cdiv(T_seq, C)
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+        bos, T_seq, c0, n_chunks = _sequence_chunks(cu_seqlens, chunk_offsets, i_n, T, NC, C)
     else:
         bos = (i_n * T).to(tl.int64)
         T_seq = T
@@ -613,14 +724,26 @@ class _ChunkGDN2(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from gdn2_tune.kernels.chunk import chunk_gdn2_fwd
 
+        index = None
+        if cu_seqlens is not None:
+            # The backward must differentiate the offsets this forward ran on, whatever happens to the caller's
+            # tensor in between (a data loader refilling it in place, with or without a version bump): snapshot
+            # them here, sanitised, on the device (one single-program launch, no sync), and keep the caller's
+            # tensor out of the saved state. The forward rebuilds the same index from the sanitised offsets
+            # (sanitising is idempotent), so both passes see one partition of the tokens.
+            index = packed_index(cu_seqlens, config.chunk, q.shape[1])
+            cu_seqlens = index.offsets
         o, ht = chunk_gdn2_fwd(
             q, k, v, g, b, w,
             scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
             config=config, num_seqs=num_seqs,
         )
-        # Only the inputs: everything else is recomputed (see the module docstring).
-        ctx.save_for_backward(q, k, v, g, b, w, initial_state, cu_seqlens)
+        # The inputs, and for a packed batch its index (a few ints per sequence and per chunk): everything else is
+        # recomputed (see the module docstring).
+        packed = (index.offsets, index.pairs, index.first) if index is not None else (None, None, None)
+        ctx.save_for_backward(q, k, v, g, b, w, initial_state, *packed)
+        ctx.num_chunks = None if index is None else index.num_chunks
         ctx.opts = (scale, use_qk_l2norm_in_kernel, config, bwd_config, num_seqs)
         ctx.g_dtype = g.dtype
         ctx.set_materialize_grads(False)
@@ -635,14 +758,15 @@ class _ChunkGDN2(torch.autograd.Function):
                 "chunk_gdn2: double backward is not implemented; differentiate once (create_graph=False), or "
                 "run a second-order method through the float64 reference (kernels.reference)"
             )
-        q, k, v, g, b, w, initial_state, cu_seqlens = ctx.saved_tensors
+        q, k, v, g, b, w, initial_state, offsets, pairs, first = ctx.saved_tensors
         scale, l2norm, config, bwd_config, num_seqs = ctx.opts
+        index = None if offsets is None else PackedIndex(offsets, pairs, first, ctx.num_chunks)
         if do is None:
             do = torch.zeros_like(v)
         dq, dk, dv, dg, db, dw, dh0 = chunk_gdn2_bwd(
             q, k, v, g, b, w, do, None if dht is None else dht.contiguous().float(),
-            scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=l2norm,
-            config=config, bwd_config=bwd_config, num_seqs=num_seqs,
+            scale=scale, initial_state=initial_state, cu_seqlens=offsets, use_qk_l2norm_in_kernel=l2norm,
+            config=config, bwd_config=bwd_config, num_seqs=num_seqs, index=index,
         )
         return (dq, dk, dv, dg.to(ctx.g_dtype), db, dw, dh0) + (None,) * 7
 

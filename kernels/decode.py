@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
+from gdn2_tune.kernels.checks import DTYPE_NAMES, check_tensor, check_token_inputs
 from gdn2_tune.kernels.decode_config import (
-    MAX_HEAD_DIM,
     STATE_DTYPES,
     DecodeConfig,
     DecodeShape,
@@ -52,9 +52,7 @@ from gdn2_tune.kernels.decode_config import (
     padded,
 )
 
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 L2NORM_EPS = tl.constexpr(1e-6)  # as kernels/reference.py l2norm and the chunk op
 
 # Where the state goes after the token loop (the `FINAL_AT` constexpr).
@@ -234,16 +232,8 @@ def decode_fwd(
     )
 
 
-def _check_tensor(name: str, x: object, device: torch.device | None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, received {type(x).__name__}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name}: expected device {device} (that of q), received {x.device}")
-    return x
-
-
 def _check_index(name: str, x: object, device: torch.device) -> torch.Tensor:
-    x = _check_tensor(name, x, device)
+    x = check_tensor(name, x, device)
     if x.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, received {x.dtype}")
     return x
@@ -271,32 +261,8 @@ def _check_inputs(
 
     Looks only at shapes, dtypes, strides and devices: nothing here reads a device tensor's values.
     """
-    named = {"q": q, "k": k, "v": v, "g": g, "b": b, "w": w}
-    for name, x in named.items():
-        _check_tensor(name, x, None)
-        if x.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims [B, T, H, D], received shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected dtype bf16, fp16 or fp32, received {x.dtype}")
+    B, T, H, K, V = check_token_inputs(q, k, v, g, b, w)
     dev = q.device
-    for name, x in named.items():
-        _check_tensor(name, x, dev)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if T < 1:
-        raise ValueError(f"q: expected T >= 1, received T={T}")
-    for name in ("k", "g", "b"):
-        if tuple(named[name].shape) != (B, T, H, K):
-            raise ValueError(f"{name}: expected shape {(B, T, H, K)} (that of q), received {tuple(named[name].shape)}")
-    if tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"v: expected shape {(B, T, H, 'V')} matching q's [B, T, H], received {tuple(v.shape)}")
-    if tuple(w.shape) != tuple(v.shape):
-        raise ValueError(f"w: expected shape {tuple(v.shape)} (that of v), received {tuple(w.shape)}")
-    for name in ("k", "v", "b", "w"):
-        if named[name].dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), received {named[name].dtype}")
-    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise ValueError(f"q/v: expected K and V <= {MAX_HEAD_DIM}, received K={K}, V={V}")
 
     for name, flag in (("output_final_state", output_final_state), ("inplace_final_state", inplace_final_state)):
         if not isinstance(flag, bool):
@@ -313,7 +279,7 @@ def _check_inputs(
         n = cu_seqlens.numel() - 1
 
     if initial_state is not None:
-        _check_tensor("initial_state", initial_state, dev)
+        check_tensor("initial_state", initial_state, dev)
         if initial_state.dtype not in STATE_DTYPES.values():
             raise TypeError(f"initial_state: expected dtype torch.float32 (or torch.bfloat16 for a bf16 state), "
                             f"received {initial_state.dtype}")
@@ -350,7 +316,7 @@ def _check_inputs(
             raise ValueError(f"num_accepted_tokens: expected shape ({n},), received {tuple(num_accepted_tokens.shape)}")
 
     if out is not None:
-        _check_tensor("out", out, dev)
+        check_tensor("out", out, dev)
         if tuple(out.shape) != tuple(v.shape):
             raise ValueError(f"out: expected shape {tuple(v.shape)} (that of v), received {tuple(out.shape)}")
         if out.dtype != q.dtype:
@@ -364,7 +330,7 @@ def decode_shape_of(q: torch.Tensor, v: torch.Tensor, num_seqs: int, state_dtype
     B, T, H, K = q.shape
     state = "bf16" if state_dtype == torch.bfloat16 else "fp32"
     return DecodeShape(num_seqs, T if B == num_seqs else max(1, B * T // num_seqs), H, K, v.shape[-1],
-                       _DTYPE_NAMES[q.dtype], state)
+                       DTYPE_NAMES[q.dtype], state)
 
 
 def fused_recurrent_gdn2(

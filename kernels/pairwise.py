@@ -172,12 +172,23 @@ def _pairs_bwd_kernel(
         tl.store(dy + p_r, b_dy, mask=m_k)
 
 
+def _check_factors(named: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
+    """The kernels address every operand as a dense [N, H, C, K] (or [N, H, C, C]) block from one program id, with
+    no mask on N, H or C: each must be exactly that, contiguous, fp32. Shapes only, no sync."""
+    for name, x in named.items():
+        want = shape if not name.startswith("dm") else (*shape[:3], shape[2])
+        if tuple(x.shape) != want or not x.is_contiguous() or x.dtype != torch.float32:
+            raise ValueError(f"{name}: expected a contiguous fp32 tensor of shape {want}, received "
+                             f"{tuple(x.shape)} {x.dtype}{'' if x.is_contiguous() else ' (not contiguous)'}")
+
+
 def pairs_fwd(
     x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, G: torch.Tensor, *, strict1: bool, strict2: bool,
     BC: int, BK: int, num_warps: int, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(M1, M2)`` [N, H, C, C] from contiguous fp32 [N, H, C, K] factors."""
     N, H, C, K = y.shape
+    _check_factors({"x1": x1, "x2": x2, "y": y, "G": G}, (N, H, C, K))
     m1 = output_buffer((N, H, C, C), torch.float32, y.device)
     m2 = output_buffer((N, H, C, C), torch.float32, y.device)
     if N * H:
@@ -195,6 +206,7 @@ def pairs_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(DX1, DX2, DY)`` [N, H, C, K] (see the module docstring)."""
     N, H, C, K = y.shape
+    _check_factors({"dm1": dm1, "dm2": dm2, "x1": x1, "x2": x2, "y": y, "G": G}, (N, H, C, K))
     dx1, dx2, dy = (output_buffer((N, H, C, K), torch.float32, y.device) for _ in range(3))
     if N * H:
         _pairs_bwd_kernel[(triton.cdiv(K, BK), N * H)](

@@ -2,12 +2,15 @@
 
 Every test draws fresh random inputs and a random upstream gradient for o and the final state, and every launcher
 output starts as NaN (conftest.py), so an unwritten element fails the comparison. On the CPU the kernels run in the
-Triton interpreter and the local-gradient step in torch.
+Triton interpreter and the local-gradient step in torch. The last section holds the backward to the forward's memory
+safety for packed batches: offsets rewritten between the passes, invalid offsets, and each launcher called directly
+with raw offsets between guard bands.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -285,3 +288,211 @@ def test_a_short_training_loop_matches_the_float64_reference_loop() -> None:
     assert ref_losses[-1] < ref_losses[0]
     for name in ref:
         assert rel_err(got[name], ref[name]) < TOL["fp32"], name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed batches: the backward is memory-safe whatever cu_seqlens holds, as the forward is (test_kernels.py).
+
+GUARD = 4096  # elements of guard band on each side of every buffer: wider than any stray row or chunk slot here
+
+
+def _banded(x: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+    """A view of ``x``'s values inside a buffer with ``fill`` on each side, so that a stray read finds NaN."""
+    big = torch.full((x.numel() + 2 * GUARD,), fill, dtype=x.dtype, device=x.device)
+    big[GUARD:GUARD + x.numel()] = x.flatten()
+    return big[GUARD:GUARD + x.numel()].view(x.shape)
+
+
+class _Guards:
+    """An ``output_buffer`` whose every buffer sits between bands of the sentinel 7.0 that no write may change."""
+
+    def __init__(self, interior: float) -> None:
+        self.interior = interior
+        self.bands: list[tuple[torch.Tensor, int]] = []
+
+    def __call__(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        big = torch.full((n + 2 * GUARD,), 7.0, dtype=dtype, device=device)
+        big[GUARD:GUARD + n] = self.interior
+        self.bands.append((big, n))
+        return big[GUARD:GUARD + n].view(tuple(shape))
+
+    def check(self) -> None:
+        assert self.bands
+        for big, n in self.bands:
+            assert bool((big[:GUARD] == 7.0).all()) and bool((big[GUARD + n:] == 7.0).all()), "a write left its buffer"
+
+
+def _guard_launchers(monkeypatch: pytest.MonkeyPatch, interior: float) -> _Guards:
+    from gdn2_tune.kernels import chunk_bwd, intra, pairwise, state
+
+    guards = _Guards(interior)
+    for module in (intra, state, chunk_bwd, pairwise):
+        monkeypatch.setattr(module, "output_buffer", guards)
+    return guards
+
+
+REWRITES = [
+    pytest.param("data", [0, 8, 40], id="valid-through-data"),
+    pytest.param("numpy", [0, 55, 40], id="past-T-through-numpy"),
+    pytest.param("numpy", [-9, 30, 40], id="negative-through-numpy"),
+    pytest.param("data", [0, 35, 2], id="decreasing-through-data"),
+    pytest.param("numpy", [2**62, -(2**62), 2**40], id="huge-through-numpy"),
+    pytest.param("setitem", [0, 3, 40], id="with-a-version-bump"),
+]
+
+
+@pytest.mark.parametrize(("how", "new"), REWRITES)
+def test_offsets_rewritten_between_forward_and_backward(how: str, new: list[int]) -> None:
+    """A data loader refilling cu_seqlens in place after the forward (no version bump through ``.data`` or
+    ``.numpy()``, or a bumped one): the backward differentiates the offsets the forward ran on."""
+    shape = Shape(1, 40, 2, 32, 16, "fp32", num_seqs=2)
+    inp = make_inputs(shape, DEVICE, seed=17)
+    cu = torch.tensor([0, 25, 40], dtype=torch.int64, device=DEVICE)
+    ran_on = cu.clone()
+    xs = [x.detach().clone().requires_grad_(True) for x in inp.args()]
+    h0 = inp.initial_state.clone().requires_grad_(True)
+    o, s = chunk_gdn2(*xs, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    if how == "data":
+        cu.data.copy_(torch.tensor(new))
+    elif how == "numpy":
+        cu.numpy()[:] = new
+    else:
+        cu[1] = new[1]
+    assert cu.tolist() == new
+    gen = torch.Generator().manual_seed(3)
+    do, dht = torch.randn(o.shape, generator=gen), torch.randn(s.shape, generator=gen)
+    got = torch.autograd.grad((o, s), xs + [h0], (do, dht))
+    ref = reference_grads(*inp.args(), do, dht, initial_state=inp.initial_state, cu_seqlens=ran_on)
+    for (name, want), ours in zip(ref.items(), got):
+        assert rel_err(ours, want) < TOL["fp32"], name
+
+
+SANITISED_40 = [
+    pytest.param([0, 55, 40], [0, 40, 40], id="offset-past-T"),
+    pytest.param([0, 33, 5, 40], [0, 33, 33, 40], id="decreasing"),
+    pytest.param([3, 10, 37], [0, 10, 40], id="not-from-0-to-T"),
+    pytest.param([0, -7, 2**62, -(2**62)], [0, 0, 40, 40], id="huge-and-negative"),
+]
+
+
+@pytest.mark.parametrize(("cu", "expected"), SANITISED_40)
+def test_invalid_offsets_give_the_gradients_of_the_sanitised_ones_inside_the_buffers(
+    monkeypatch: pytest.MonkeyPatch, cu: list[int], expected: list[int]
+) -> None:
+    """What an unchecked CUDA cu_seqlens computes: the autograd path behind chunk_gdn2 on the raw offsets gives the
+    float64 gradients of the sanitised ones, with every launcher's output between sentinel bands (the Triton
+    key-side launch included) and every input between NaN bands."""
+    from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd
+
+    guards = _guard_launchers(monkeypatch, float("nan"))
+    shape = Shape(1, 40, 2, 32, 16, "fp32", num_seqs=len(cu) - 1)
+    inp = make_inputs(shape, DEVICE, seed=len(cu) + 40)
+    xs = [_banded(x).requires_grad_(True) for x in inp.args()]
+    h0 = _banded(inp.initial_state).requires_grad_(True)
+    o, s = chunk_gdn2_autograd(
+        *xs, scale=32**-0.5, initial_state=h0, output_final_state=True,
+        cu_seqlens=_banded(torch.tensor(cu, device=DEVICE), fill=-(2**40)), use_qk_l2norm_in_kernel=False,
+        config=default_config(shape), num_seqs=shape.num_seqs, bwd_config=BwdConfig(key_side="triton"),
+    )
+    gen = torch.Generator().manual_seed(4)
+    do, dht = torch.randn(o.shape, generator=gen), torch.randn(s.shape, generator=gen)
+    got = torch.autograd.grad((o, s), xs + [h0], (do, dht))
+    guards.check()
+    ref = reference_grads(*inp.args(), do, dht, initial_state=inp.initial_state, cu_seqlens=torch.tensor(expected))
+    for (name, want), ours in zip(ref.items(), got):
+        assert rel_err(ours, want) < TOL["fp32"], name
+
+
+@pytest.mark.parametrize("index", ["other-offsets", "garbage"])
+@pytest.mark.parametrize("cu", [[0, 12, 5, 20], [0, 25, 20], [-7, 3, 2**40], [2**62, 0, 20]],
+                         ids=["decreasing", "past-T", "negative-and-huge", "huge-first"])
+def test_backward_launchers_stay_inside_their_buffers_with_raw_offsets(
+    monkeypatch: pytest.MonkeyPatch, cu: list[int], index: str
+) -> None:
+    """The two per-sequence passes of the backward launched directly with raw offsets, and a chunk index built from
+    other offsets (or out of range: slots before the first and past the last): no write leaves its buffer (sentinel
+    bands) and no read does either (every input sits between NaN bands, every output starts finite, so a stray read
+    that reaches a store shows up as a non-finite value)."""
+    from gdn2_tune.kernels.chunk_bwd import entering_states, state_bwd
+    from gdn2_tune.kernels.varlen import chunk_index
+
+    guards = _guard_launchers(monkeypatch, 0.0)
+    T, H, K, V, C = 20, 2, 32, 16, 16
+    n = len(cu) - 1
+    raw = torch.tensor(cu, device=DEVICE)
+    valid = torch.linspace(0, T, n + 1, device=DEVICE).round().long()
+    _, first, num_chunks = chunk_index(valid, C, T)
+    if index == "garbage":
+        first = torch.tensor([num_chunks - 1, -1, num_chunks + 1][:n], device=DEVICE)
+    gen = torch.Generator().manual_seed(n)
+
+    def rand(*size: int, low: float = -1.0) -> torch.Tensor:
+        return _banded((torch.rand(*size, generator=gen) * (1 - low) + low).to(DEVICE))
+
+    inter = {"y": rand(1, T, H, K), "u": rand(1, T, H, V), "kt": rand(1, T, H, K), "qg": rand(1, T, H, K),
+             "aqk": rand(1, T, H, C), "gamma": rand(num_chunks, H, K, low=0.5)}
+    packed = {"chunk": C, "cfg": BwdConfig(BV=16), "cu_seqlens": raw, "chunk_offsets": first, "num_seqs": n}
+    hc = entering_states(inter, initial_state=rand(n, H, K, V), **packed)
+    dhc, dh0 = state_bwd(inter, rand(1, T, H, V), rand(n, H, K, V), initial_grad=True, **packed)
+    guards.check()
+    for name, x in (("hc", hc), ("dhc", dhc), ("dh0", dh0)):
+        assert torch.isfinite(x).all(), f"{name}: a stray read reached a store"
+
+
+def test_the_layout_of_an_index_built_from_other_offsets_stays_in_the_tokens() -> None:
+    """The gathers and scatters of the local-gradient step, given raw offsets and an out-of-range index: every row
+    is a token of [0, T) or the padding row T (torch would raise on the CPU, fault on a GPU otherwise)."""
+    from gdn2_tune.kernels.chunk_bwd import chunk_layout
+    from gdn2_tune.kernels.varlen import PackedIndex
+
+    T, C = 20, 16
+    offsets = torch.tensor([-7, 3, 2**40, 5])
+    pairs = torch.tensor([[0, 0], [1, -3], [2, 1], [5, 0], [-4, 2], [1, 2**20]], dtype=torch.int32)
+    layout = chunk_layout(1, T, C, PackedIndex(offsets, pairs, torch.tensor([0, 1, 9]), len(pairs)), torch.device("cpu"))
+    assert layout.index is not None and layout.live is not None
+    assert bool(((layout.index >= 0) & (layout.index <= T)).all())
+    x = torch.randn(1, T, 2, 8)
+    assert layout.from_chunks(layout.to_chunks(x)).shape == x.shape
+    assert not bool(layout.live[[1, 5]].any())  # chunks before or past their sequence hold no row
+
+
+def test_a_packed_call_saves_its_index_not_the_callers_offsets() -> None:
+    """The packed memory claim: the inputs, and the sanitised offsets and chunk index (ints per sequence and per
+    chunk), never the caller's cu_seqlens (which may be rewritten before the backward runs)."""
+    shape = Shape(1, 40, 2, 32, 32, "fp32", num_seqs=3)
+    inp = make_inputs(shape, DEVICE, 2)
+    xs = [x.detach().clone().requires_grad_(True) for x in inp.args()]
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        chunk_gdn2(*xs, initial_state=inp.initial_state, cu_seqlens=inp.cu_seqlens)
+    inputs = {x.data_ptr() for x in xs} | {inp.initial_state.data_ptr()}
+    extra = [t for t in saved if t.data_ptr() not in inputs]
+    assert len(saved) == 10 and inp.cu_seqlens.data_ptr() not in {t.data_ptr() for t in saved}
+    chunks = 40 // default_config(shape).chunk + 3
+    assert sorted(t.numel() for t in extra) == sorted([4, 3, 2 * chunks])
+    assert all(not t.is_floating_point() for t in extra)
+
+
+def test_backward_launchers_reject_buffers_they_would_overrun() -> None:
+    """Shape checks without a sync: what the kernels address unmasked must have the shape they assume."""
+    from gdn2_tune.kernels.chunk_bwd import state_bwd
+    from gdn2_tune.kernels.pairwise import pairs_fwd
+
+    T, H, K, V, C = 20, 1, 16, 16, 16
+    inter = {"y": torch.zeros(1, T, H, K), "kt": torch.zeros(1, T, H, K), "qg": torch.zeros(1, T, H, K),
+             "aqk": torch.zeros(1, T, H, C), "gamma": torch.zeros(3, H, K)}
+    packed = {"initial_grad": False, "chunk": C, "cfg": BwdConfig(BV=16), "num_seqs": 2}
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        state_bwd(inter, torch.zeros(1, T, H, V), None, cu_seqlens=torch.tensor([0, 20]),
+                  chunk_offsets=torch.tensor([0, 1]), **packed)
+    with pytest.raises(ValueError, match="do"):
+        state_bwd(inter, torch.zeros(1, T - 1, H, V), None, cu_seqlens=torch.tensor([0, 5, 20]),
+                  chunk_offsets=torch.tensor([0, 1]), **packed)
+    with pytest.raises(ValueError, match="num_seqs"):
+        state_bwd(inter, torch.zeros(1, T, H, V), None, cu_seqlens=None, chunk_offsets=None, **packed)
+    x = torch.zeros(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="G"):
+        pairs_fwd(x, x, x, x[:1], strict1=True, strict2=False, BC=16, BK=16, num_warps=2, precision="ieee")
