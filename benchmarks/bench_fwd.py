@@ -55,7 +55,7 @@ def environment() -> dict:
     return {
         "gpu": props.name,
         "sms": props.multi_processor_count,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "fla": fla_version,

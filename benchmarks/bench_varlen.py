@@ -99,6 +99,7 @@ def stream_ms(fn: Callable[[], object], calls: int = 20, rounds: int = 7) -> dic
 def timing(use_dispatcher: bool) -> list[dict]:
     import torch
     import triton
+
     from gdn2_tune.kernels.chunk import chunk_gdn2
     from gdn2_tune.kernels.config import Shape, default_config
     from gdn2_tune.kernels.inputs import make_inputs
@@ -171,6 +172,7 @@ def _rel(x, ref) -> float:
 def safety_child() -> None:
     """One JSON line per case on stdout, each printed before and after (a crash leaves the 'start' line last)."""
     import torch
+
     from gdn2_tune.kernels.buffers import poisoned
     from gdn2_tune.kernels.chunk import chunk_gdn2
     from gdn2_tune.kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, default_config

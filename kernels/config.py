@@ -22,10 +22,13 @@ from typing import Any
 
 import torch
 
+from gdn2_tune.kernels.spec import SM90, DeviceLimits
+
 # Triton's tl.dot needs every operand dimension to be at least 16 (the smallest MMA tile).
 MIN_DOT_DIM = 16
-# Hopper (sm_90) gives one block at most 227 KiB of shared memory (cudaDevAttrMaxSharedMemoryPerBlockOptin).
-SHARED_MEMORY_LIMIT_BYTES = 227 * 1024
+# Hopper's shared memory per block; the constraints read it from the device record (kernels.spec.DeviceLimits).
+# Kept for the backward (kernels/chunk_bwd.py), whose constraints do not take a device yet.
+SHARED_MEMORY_LIMIT_BYTES = SM90.shared_memory_per_block
 # 65536 32-bit registers per SM; one block may use them all, and a thread at most 255. We budget the live
 # fp32 tensors of a program against this so that the tuner skips configs that would spill heavily.
 REGISTERS_PER_SM = 65536
@@ -40,6 +43,8 @@ MAX_HEAD_DIM = 256
 # #10573 and #10486 (illegal memory access from kernels with several tl.dot on sm_90).
 STATE_MIN_STAGES_AT_LONG_CHUNKS = 2
 LONG_CHUNK = 64
+# The families the fault above was seen on; no other GPU has been tested, so only these pay for the rule.
+STATE_FAULT_FAMILIES = ("sm90",)
 
 INTRA_PRECISIONS = ("tf32", "tf32x3", "ieee")
 STATE_PRECISIONS = ("input", "tf32", "tf32x3")
@@ -184,13 +189,13 @@ def _padded(n: int) -> int:
 # Constraints: each returns None when the point is admissible, else a reason a person can read.
 
 
-def sub_block_divides_chunk(cfg: FwdConfig, shape: Shape) -> str | None:
+def sub_block_divides_chunk(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
     if cfg.intra.BC > cfg.chunk or cfg.chunk % cfg.intra.BC:
         return f"intra.BC={cfg.intra.BC} must divide chunk={cfg.chunk}"
     return None
 
 
-def tiles_within_head_dims(cfg: FwdConfig, shape: Shape) -> str | None:
+def tiles_within_head_dims(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
     kp, vp = _padded(shape.K), _padded(shape.V)
     if cfg.intra.BK > kp:
         return f"intra.BK={cfg.intra.BK} exceeds the padded K={kp}"
@@ -201,7 +206,7 @@ def tiles_within_head_dims(cfg: FwdConfig, shape: Shape) -> str | None:
     return None
 
 
-def intra_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
+def intra_register_budget(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
     """Live fp32 elements of an intra program (see intra.py) against the registers its warps can hold."""
     c, bk, nb = cfg.chunk, cfg.intra.BK, cfg.chunk // cfg.intra.BC
     # Peak inside the K loop; the solve's C×C temporaries reuse the registers of the column factors.
@@ -217,7 +222,7 @@ def intra_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
     return None
 
 
-def state_shared_memory(cfg: FwdConfig, shape: Shape) -> str | None:
+def state_shared_memory(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
     """Dot operands of one chunk step staged in shared memory: Y, Q_γ, K_tail [C, K], U [C, BV], A_qk [C, C].
 
     Triton 3.6 on an H100 multi-buffers the chunk loop num_stages deep (C=128, K=128, BV=32, bf16, 2 stages
@@ -228,12 +233,13 @@ def state_shared_memory(cfg: FwdConfig, shape: Shape) -> str | None:
     c, kp = cfg.chunk, _padded(shape.K)
     per_stage = esize * (3 * c * kp + c * cfg.state.BV + c * c)
     total = int(1.1 * max(1, cfg.state.num_stages) * per_stage)
-    if total > SHARED_MEMORY_LIMIT_BYTES:
-        return f"state stage needs ~{total // 1024} KiB of shared memory (> {SHARED_MEMORY_LIMIT_BYTES // 1024})"
+    if total > device.shared_memory_per_block:
+        return (f"state stage needs ~{total // 1024} KiB of shared memory (> {device.shared_memory_per_block // 1024} "
+                f"on {device.family})")
     return None
 
 
-def state_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
+def state_register_budget(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
     live = _padded(shape.K) * cfg.state.BV + 2 * cfg.chunk * cfg.state.BV  # state + R + O accumulators
     per_thread = live / (cfg.state.num_warps * THREADS_PER_WARP)
     if per_thread > MAX_REGISTERS_PER_THREAD:
@@ -241,7 +247,9 @@ def state_register_budget(cfg: FwdConfig, shape: Shape) -> str | None:
     return None
 
 
-def state_pipelining_avoids_fault(cfg: FwdConfig, shape: Shape) -> str | None:
+def state_pipelining_avoids_fault(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
+    if device.family not in STATE_FAULT_FAMILIES:
+        return None
     if shape.dtype != "fp32" and cfg.chunk >= LONG_CHUNK and cfg.state.num_stages < STATE_MIN_STAGES_AT_LONG_CHUNKS:
         return (f"state.num_stages={cfg.state.num_stages} at chunk={cfg.chunk} with 16-bit inputs faults on "
                 f"triton 3.6 / sm_90 (needs >= {STATE_MIN_STAGES_AT_LONG_CHUNKS})")
@@ -279,7 +287,7 @@ def field_type_error(cfg: Any) -> str | None:
     return None
 
 
-def legal_values(cfg: FwdConfig, shape: Shape) -> str | None:
+def legal_values(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
     wrong_type = field_type_error(cfg)
     if wrong_type is not None:
         return wrong_type
@@ -290,7 +298,7 @@ def legal_values(cfg: FwdConfig, shape: Shape) -> str | None:
     return None
 
 
-CONSTRAINTS: tuple[Callable[[FwdConfig, Shape], str | None], ...] = (
+CONSTRAINTS: tuple[Callable[[FwdConfig, Shape, DeviceLimits], str | None], ...] = (
     legal_values,
     sub_block_divides_chunk,
     tiles_within_head_dims,
@@ -301,24 +309,25 @@ CONSTRAINTS: tuple[Callable[[FwdConfig, Shape], str | None], ...] = (
 )
 
 
-def infeasibility(cfg: FwdConfig, shape: Shape) -> str | None:
-    """The first constraint ``cfg`` violates at ``shape``, or None when it may be launched."""
+def infeasibility(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
+    """The first constraint ``cfg`` violates at ``shape`` on ``device``, or None when it may be launched."""
     for rule in CONSTRAINTS:
-        reason = rule(cfg, shape)
+        reason = rule(cfg, shape, device)
         if reason is not None:
             return reason
     return None
 
 
-def fit_to_shape(cfg: FwdConfig, shape: Shape) -> FwdConfig:
+def fit_to_shape(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> FwdConfig:
     """The nearest admissible config: tiles clipped to the padded head dims, then, while a constraint fails,
     one stage less of pipelining, then a shorter chunk. The built-in default must work at every shape."""
     kp, vp = _padded(shape.K), _padded(shape.V)
     intra = dataclasses.replace(cfg.intra, BK=min(cfg.intra.BK, kp), BV=min(cfg.intra.BV, vp))
     state = dataclasses.replace(cfg.state, BV=min(cfg.state.BV, vp))
     cfg = dataclasses.replace(cfg, intra=intra, state=state)
-    while infeasibility(cfg, shape) is not None:
-        floor = STATE_MIN_STAGES_AT_LONG_CHUNKS if shape.dtype != "fp32" and cfg.chunk >= LONG_CHUNK else 1
+    while infeasibility(cfg, shape, device) is not None:
+        faulty = device.family in STATE_FAULT_FAMILIES and shape.dtype != "fp32" and cfg.chunk >= LONG_CHUNK
+        floor = STATE_MIN_STAGES_AT_LONG_CHUNKS if faulty else 1
         if cfg.state.num_stages > floor:
             cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, num_stages=cfg.state.num_stages - 1))
         elif cfg.chunk > min(SPACE[0].values):
@@ -329,8 +338,11 @@ def fit_to_shape(cfg: FwdConfig, shape: Shape) -> FwdConfig:
     return cfg
 
 
-def default_config(shape: Shape) -> FwdConfig:
-    """The built-in configuration fitted to ``shape``: what the dispatcher falls back to.
+def default_config(shape: Shape, device: DeviceLimits = SM90) -> FwdConfig:
+    """The built-in configuration fitted to ``shape`` on ``device``: what the dispatcher falls back to.
+
+    One default for every family today: it was chosen on sm90, and fitting it to the device's limits is what
+    changes between families.
 
     fp32 inputs get 3xTF32 dots in both stages: with plain tf32 the output error was 1.74e-3 against the
     baseline's 1.4e-3 (H100, 2026-11-26, BENCHMARKS.md); bf16 and fp16 operands are exact in tf32 already.
@@ -342,4 +354,4 @@ def default_config(shape: Shape) -> FwdConfig:
             intra=dataclasses.replace(cfg.intra, precision="tf32x3"),
             state=dataclasses.replace(cfg.state, precision="tf32x3"),
         )
-    return fit_to_shape(cfg, shape)
+    return fit_to_shape(cfg, shape, device)

@@ -2,12 +2,15 @@
 
 Lookup order (first that yields a config wins; see :func:`_resolve`):
 
-1. ``GDN2_CONFIG``: one config forced for every shape, as the JSON of ``FwdConfig.to_dict()``. Ignored, with
-   a warning, where it is invalid or cannot run at the shape.
+1. ``GDN2_CONFIG``: one config forced for every shape, as the JSON of the op's ``config.to_dict()``. Ignored,
+   with a warning, where it is invalid or cannot run at the shape.
 2. ``GDN2_PROFILE``: the path of a user table, consulted before the shipped one.
 3. The shipped table of the running GPU (``profiles/<device id>.json``); none on the CPU or the interpreter.
 4. Shipped tables of other GPUs of the same architecture family (e.g. sm90).
-5. ``kernels.config.default_config(shape)``.
+5. The op's built-in default (``KernelSpec.default_config(shape, device)``).
+
+Every function takes the op by name (``op="fwd"``, the table key's first part) and reads its
+:class:`~gdn2_tune.kernels.spec.KernelSpec`; nothing here depends on an op's config type.
 
 Within a table: the exact key, else the nearest shape bucket of the same stage, K, V and dtype. :func:`explain` says
 which source, table and entry served a shape (a :class:`Choice`), for reports.
@@ -15,7 +18,7 @@ which source, table and entry served a shape (a :class:`Choice`), for reports.
 A table that is missing, corrupt or hand-mangled warns once, naming the file and the field, and is skipped. A stale
 table (tuned with another Triton or kernel fingerprint) warns once and keeps serving the entries that today's
 space and constraints accept (the rest were dropped on load, each with a warning). Every
-config returned passes ``kernels.config.infeasibility`` at the shape. Tables are read once per process and the
+config returned passes the op's constraints at the shape. Tables are read once per process and the
 answer is memoised per shape, so a repeated lookup is one dict access. The environment variables and the GPU
 are read at the first lookup; :func:`clear_cache` forgets all of it (tests, or after changing them).
 """
@@ -29,8 +32,10 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.spec import DEFAULT_OP, DeviceLimits, KernelSpec, device_limits, get_spec
 from gdn2_tune.profiles.table import (
     PROFILES_DIR,
     Entry,
@@ -47,8 +52,8 @@ from gdn2_tune.profiles.table import (
 
 ENV_CONFIG = "GDN2_CONFIG"
 ENV_PROFILE = "GDN2_PROFILE"
-# The forward is tuned as one stage (its chunk length couples intra and state); backward and decode add theirs.
-STAGE = "fwd"
+# The op served when none is named (the forward; its entries' stage is "fwd").
+STAGE = DEFAULT_OP
 # Where shipped tables live; a module attribute so that tests can point it at a temporary directory.
 SHIPPED_DIR = PROFILES_DIR
 # A packed batch and a padded one of the same sequences run the same programs but index them differently, so a
@@ -80,9 +85,14 @@ class _Table:
 class _Session:
     """What the first lookup read from the environment; fixed until clear_cache()."""
 
-    forced: FwdConfig | None
+    forced_text: str  # GDN2_CONFIG as set ("" when unset), parsed per op on first use
     user_table: Path | None
     device: Device | None
+
+    @property
+    def limits(self) -> DeviceLimits:
+        """What the constraints check against: this GPU's family's limits (sm90's without a GPU)."""
+        return device_limits(None if self.device is None else self.device.family)
 
 
 # Where a served config can come from, in lookup order (see Choice.source).
@@ -97,7 +107,7 @@ class Choice:
     and ``exact`` says whether that entry's key is the shape's own or the nearest bucket's.
     """
 
-    config: FwdConfig
+    config: Any  # the op's config type
     source: str
     path: Path | None = None
     key: str | None = None
@@ -121,32 +131,34 @@ class Choice:
         return f"{table}; entry: {how}"
 
 
-_MEMO: dict[Shape, FwdConfig] = {}
+_MEMO: dict[tuple[str, Shape], Any] = {}
+_FORCED: dict[str, Any] = {}  # op -> its parsed GDN2_CONFIG (None where unset or invalid)
 _TABLES: dict[Path, _Table | None] = {}
 _FAMILY: dict[str, tuple[_Table, ...]] = {}
 _WARNED: set[tuple[str, str]] = set()
 _SESSION: list[_Session] = []  # zero or one element: a mutable cell without a `global` statement
 
 
-def select_config(shape: Shape) -> FwdConfig:
-    """The config to launch the forward with at ``shape``; never tunes, never raises on table content."""
-    config = _MEMO.get(shape)
+def select_config(shape: Shape, op: str = STAGE) -> Any:
+    """The config to launch op ``op`` with at ``shape``; never tunes, never raises on table content."""
+    config = _MEMO.get((op, shape))
     if config is None:
-        config = _MEMO[shape] = _resolve(shape)
+        config = _MEMO[(op, shape)] = _resolve(shape, op)
     return config
 
 
 def clear_cache() -> None:
     """Forget memoised answers, loaded tables, the environment snapshot and which warnings were shown."""
     _MEMO.clear()
+    _FORCED.clear()
     _TABLES.clear()
     _FAMILY.clear()
     _WARNED.clear()
     _SESSION.clear()
 
 
-def _resolve(shape: Shape) -> FwdConfig:
-    return explain(shape).config
+def _resolve(shape: Shape, op: str) -> Any:
+    return explain(shape, op).config
 
 
 def serving_tables() -> tuple[tuple[str, Path], ...]:
@@ -160,31 +172,34 @@ def running_device() -> Device | None:
     return _session().device
 
 
-def explain(shape: Shape) -> Choice:
-    """The config for ``shape`` and where it came from, in the lookup order of the module docstring.
+def explain(shape: Shape, op: str = STAGE) -> Choice:
+    """The config of op ``op`` for ``shape`` and where it came from, in the lookup order of the module docstring.
 
     Not memoised (``select_config`` is); tables are still read once per process.
     """
+    spec = get_spec(op)
     session = _session()
+    limits = session.limits
     # (1) A forced config is the user's explicit choice; it still must be launchable at this shape.
-    if session.forced is not None:
-        reason = infeasibility(session.forced, shape)
+    forced = _forced_config(session, spec)
+    if forced is not None:
+        reason = spec.infeasibility(forced, shape, limits)
         if reason is None:
-            return Choice(session.forced, "forced", device=session.device)
+            return Choice(forced, "forced", device=session.device)
         _warn(
             ENV_CONFIG,
             reason,
-            f"{ENV_CONFIG}: {session.forced.label()} cannot run at {shape.label()}: {reason}; ignored for this "
+            f"{ENV_CONFIG}: {forced.label()} cannot run at {shape.label()}: {reason}; ignored for this "
             "shape (set a config that fits, or unset the variable)",
         )
     # (2) to (4): the tables, in order; within each, the exact key, else the nearest bucket.
     for source, table in _tables(session):
-        entry = _lookup(table, shape)
+        entry = _lookup(table, shape, spec, limits)
         if entry is not None:
-            return Choice(entry.config, source, table.path, entry.key, entry.key == entry_key(STAGE, shape),
+            return Choice(entry.config, source, table.path, entry.key, entry.key == entry_key(spec.name, shape),
                           session.device)
     # (5)
-    return Choice(default_config(shape), "default", device=session.device)
+    return Choice(spec.default_config(shape, limits), "default", device=session.device)
 
 
 def _tables(session: _Session) -> Iterator[tuple[str, _Table]]:
@@ -205,17 +220,17 @@ def _tables(session: _Session) -> Iterator[tuple[str, _Table]]:
         yield "family", table
 
 
-def _lookup(table: _Table, shape: Shape) -> Entry | None:
-    """The exact key's entry, else the nearest bucket's of the same stage, K, V and dtype; None if none fits."""
-    exact = table.by_key.get(entry_key(STAGE, shape))
+def _lookup(table: _Table, shape: Shape, spec: KernelSpec, limits: DeviceLimits) -> Entry | None:
+    """The exact key's entry, else the nearest bucket's of the same op, K, V and dtype; None if none fits."""
+    exact = table.by_key.get(entry_key(spec.name, shape))
     candidates = [
         e
         for e in table.profile.entries
-        if e.stage == STAGE and (e.shape.K, e.shape.V, e.shape.dtype) == (shape.K, shape.V, shape.dtype)
+        if e.stage == spec.name and (e.shape.K, e.shape.V, e.shape.dtype) == (shape.K, shape.V, shape.dtype)
     ]
     candidates.sort(key=lambda e: (e is not exact, bucket_distance(e.shape, shape), e.key))
     for entry in candidates:
-        reason = infeasibility(entry.config, shape)
+        reason = spec.infeasibility(entry.config, shape, limits)
         if reason is None:
             return entry
         # Today the constraints depend only on K, V and dtype, which every candidate shares; a future constraint
@@ -257,19 +272,28 @@ def _session() -> _Session:
     if not _SESSION:
         user = os.environ.get(ENV_PROFILE, "").strip()
         _SESSION.append(
-            _Session(forced=_forced_config(), user_table=Path(user) if user else None, device=_running_device())
+            _Session(
+                forced_text=os.environ.get(ENV_CONFIG, "").strip(),
+                user_table=Path(user) if user else None,
+                device=_running_device(),
+            )
         )
     return _SESSION[0]
 
 
-def _forced_config() -> FwdConfig | None:
-    text = os.environ.get(ENV_CONFIG, "").strip()
-    if not text:
-        return None
+def _forced_config(session: _Session, spec: KernelSpec) -> Any:
+    """GDN2_CONFIG parsed as op ``spec``'s config, once per op and session; None where unset or invalid."""
+    if spec.name not in _FORCED:
+        _FORCED[spec.name] = _parse_forced(session.forced_text, spec) if session.forced_text else None
+    return _FORCED[spec.name]
+
+
+def _parse_forced(text: str, spec: KernelSpec) -> Any:
     try:
-        return parse_config(json.loads(text), ENV_CONFIG)
+        return parse_config(json.loads(text), ENV_CONFIG, spec.name)
     except json.JSONDecodeError as err:
-        problem = f"expected the JSON of FwdConfig.to_dict(), received invalid JSON ({err.msg} at column {err.colno})"
+        problem = (f"expected the JSON of a {spec.name} config's to_dict(), received invalid JSON ({err.msg} at "
+                   f"column {err.colno})")
     except TableFieldError as err:
         problem = f"{err.field}: {err.problem}"
     except RecursionError:

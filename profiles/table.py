@@ -5,7 +5,7 @@ records below: the tuner builds a :class:`Profile` and calls :func:`save_profile
 :func:`load_profile`, which validates every field and never raises on bad content. A table is hand-editable
 JSON, so it is treated as untrusted input: a bad entry is skipped with one warning naming the file and the
 field, a bad header makes the whole table unusable (with a warning), and no value reaches a kernel launch
-unless ``kernels.config.infeasibility`` accepts it at the entry's shape.
+unless its op's constraints (``KernelSpec.infeasibility``) accept it at the entry's shape.
 
 Keys are readable (``"fwd/K128-V128-bf16/T4096-BH128"``): stage, head dims, dtype and the shape bucket
 (T and B·H; a packed varlen batch uses the total token count and H, and ends in ``-varlen``).
@@ -26,14 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gdn2_tune.kernels.config import CONSTRAINTS, DTYPES, SPACE, FwdConfig, Shape, infeasibility
-from gdn2_tune.profiles.fingerprint import fingerprint
+from gdn2_tune.kernels.config import DTYPES, Shape
+from gdn2_tune.kernels.fingerprint import fingerprint
+from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, get_spec, known_devices
 
 SCHEMA_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parent
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
-# The forward's kernel files: the fingerprint takes their @triton.jit functions (see profiles/fingerprint.py).
-FWD_JIT_FILES = ("varlen.py", "intra.py", "state.py")
+# The file names of the first op's kernels (KernelSpec.jit_files), for tests that copy them.
+FWD_JIT_FILES = tuple(path.name for path in get_spec(DEFAULT_OP).jit_files)
 
 # A table is a few MB at most (entries plus every trial of every study); refusing anything far larger keeps a
 # stray or hostile file from costing the caller memory and time at import.
@@ -221,15 +222,26 @@ def profile_path(device_id: str, root: Path = PROFILES_DIR) -> Path:
 
 
 @functools.cache
-def kernel_source_hash(root: Path = KERNELS_DIR) -> str:
-    """The forward's fingerprint: its jit sources without comments or docstrings, the search space and the
-    constraints (:func:`profiles.fingerprint.fingerprint`). A table records it; a table whose fingerprint differs
-    still serves its entries that today's constraints accept, and is marked stale."""
+def kernel_source_hash(root: Path = KERNELS_DIR, op: str = DEFAULT_OP) -> str:
+    """An op's fingerprint: its jit sources without comments or docstrings, its search space and its constraints
+    (:func:`kernels.fingerprint.fingerprint`), with the jit files read from ``root`` (tests point it at a copy).
+    A table records it; a table whose fingerprint differs still serves its entries that today's constraints
+    accept, and is marked stale."""
+    spec = get_spec(op)
+    if Path(root) == KERNELS_DIR:
+        return spec.fingerprint()
     return fingerprint(
-        [Path(root) / name for name in FWD_JIT_FILES],
-        [(param.name, param.values) for param in SPACE],
-        CONSTRAINTS,
+        [Path(root) / path.name for path in spec.jit_files],
+        [(param.name, param.values) for param in spec.space],
+        spec.constraints,
+        known_devices(),
     )
+
+
+def table_op(entries: Sequence[Entry]) -> str:
+    """The op whose fingerprint a table records: its entries' (one op per table today), the first op when empty."""
+    ops = sorted({e.stage for e in entries})
+    return ops[0] if len(ops) == 1 else DEFAULT_OP
 
 
 def staleness(profile: Profile) -> tuple[str, ...]:
@@ -241,7 +253,7 @@ def staleness(profile: Profile) -> tuple[str, ...]:
     import triton
 
     reasons = []
-    running = kernel_source_hash()
+    running = kernel_source_hash(op=table_op(profile.entries))
     if profile.kernel_hash != running:
         reasons.append(f"kernel_hash: tuned against kernel fingerprint {_echo(profile.kernel_hash)}, running {running}")
     if profile.triton_version != triton.__version__:
@@ -249,18 +261,19 @@ def staleness(profile: Profile) -> tuple[str, ...]:
     return tuple(reasons)
 
 
-def parse_config(data: Any, path: str = "config") -> FwdConfig:
-    """A :class:`FwdConfig` from its ``to_dict()`` form, with every value of the type and set that SPACE declares.
+def parse_config(data: Any, path: str = "config", op: str = DEFAULT_OP) -> Any:
+    """Op ``op``'s config from its ``to_dict()`` form, with every value of the type and set its space declares.
 
-    ``FwdConfig.from_dict`` checks the keys; this also rejects ``64.0`` for 64 or ``true`` for 1, which compare
-    equal to legal values but would reach Triton as the wrong constexpr type.
+    The config type's ``from_dict`` checks the keys; this also rejects ``64.0`` for 64 or ``true`` for 1, which
+    compare equal to legal values but would reach Triton as the wrong constexpr type.
     """
+    spec = get_spec(op)
     try:
-        config = FwdConfig.from_dict(data)
+        config = spec.from_dict(data)
     except (TypeError, ValueError) as err:
         raise TableFieldError(path, str(err).removeprefix("config").lstrip(".: ")) from None
     flat = config.flat()
-    for param in SPACE:
+    for param in spec.space:
         value = flat[param.name]
         if type(value) is not type(param.values[0]) or value not in param.values:
             raise TableFieldError(
@@ -407,7 +420,7 @@ class Incumbent:
     holds this config (``Entry.kept_incumbent``), so tuning never makes a shape slower than it was served before.
     """
 
-    config: FwdConfig
+    config: Any  # the op's config type (KernelSpec.config_type)
     timing: Timing
     source: ServedFrom
     table: str | None  # file name of the table that served it; None for a forced or the default config
@@ -429,12 +442,12 @@ class Incumbent:
         }
 
     @staticmethod
-    def from_dict(data: Any, shape: Shape, path: str = "incumbent") -> Incumbent:
+    def from_dict(data: Any, shape: Shape, path: str = "incumbent", op: str = DEFAULT_OP) -> Incumbent:
         data = _object(data, path)
-        config = parse_config(_field(data, "config", path), f"{path}.config")
+        config = parse_config(_field(data, "config", path), f"{path}.config", op)
         # It was served at this shape, so today's constraints must accept it there; otherwise the file was edited
         # or the constraints changed, and "before tuning" would name a config nobody can run.
-        reason = infeasibility(config, shape)
+        reason = get_spec(op).infeasibility(config, shape)
         if reason is not None:
             raise TableFieldError(f"{path}.config", f"{config.label()} cannot run at {shape.label()}: {reason}")
         source = _str(data, "source", path)
@@ -465,7 +478,7 @@ class Entry:
     key: str
     stage: str
     shape: Shape
-    config: FwdConfig
+    config: Any  # the config type of the op named by ``stage`` (KernelSpec.config_type)
     timing: Timing
     default_timing: Timing
     speedup: float  # default_timing.p50_ms / timing.p50_ms
@@ -515,9 +528,10 @@ class Entry:
         stage = _str(data, "stage", path)
         if not _STAGE.fullmatch(stage):
             raise TableFieldError(f"{path}.stage", f"expected a stage name such as 'fwd', received {_echo(stage)}")
+        spec = _spec_of(stage, f"{path}.stage")
         shape = _shape_from_dict(_field(data, "shape", path), f"{path}.shape")
-        config = parse_config(_field(data, "config", path), f"{path}.config")
-        reason = infeasibility(config, shape)
+        config = parse_config(_field(data, "config", path), f"{path}.config", spec.name)
+        reason = spec.infeasibility(config, shape)
         if reason is not None:
             raise TableFieldError(f"{path}.config", f"{config.label()} cannot run at {shape.label()}: {reason}")
         # The key is derived data; a mismatch means the file was edited and the entry would serve the wrong shapes.
@@ -542,8 +556,16 @@ class Entry:
             # Optional: tables written before it existed load with None.
             incumbent=None
             if data.get("incumbent") is None
-            else Incumbent.from_dict(data["incumbent"], shape, f"{path}.incumbent"),
+            else Incumbent.from_dict(data["incumbent"], shape, f"{path}.incumbent", spec.name),
         )
+
+
+def _spec_of(stage: str, path: str) -> KernelSpec:
+    """The registered op a table entry belongs to (its stage, the key's first part)."""
+    try:
+        return get_spec(stage)
+    except ValueError as err:
+        raise TableFieldError(path, str(err).removeprefix("op: ")) from None
 
 
 @dataclass(frozen=True)
@@ -554,7 +576,7 @@ class TrialRecord:
     number: int
     state: str
     value_ms: float | None
-    params: dict[str, Any]  # flat names of kernels.config.SPACE
+    params: dict[str, Any]  # flat names of the op's space (KernelSpec.space)
     reason: str | None  # why a trial was pruned or failed
 
     def to_dict(self) -> dict[str, Any]:

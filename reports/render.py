@@ -25,9 +25,13 @@ UNKNOWN = "unknown architecture"
 NA = "—"
 CHART_HEIGHT = 22
 CHART_MAX_WIDTH = 110
-# Markers of the chart: upper case for the tuned config, lower case for the default, B for the baseline.
-MARKERS = {("tuned", "intra"): "I", ("tuned", "state"): "S", ("tuned", TOTAL): "T",
-           ("default", "intra"): "i", ("default", "state"): "s", ("default", TOTAL): "t"}
+# Markers of the chart: a stage's initial, upper case for the tuned config, lower case for the default ("I", "s",
+# "T" for the total), B for the baseline. Any op's stages get one, so the chart needs no table of stage names.
+
+
+def marker(which: str, stage: str) -> str:
+    letter = stage[:1] or "?"
+    return letter.upper() if which == "tuned" else letter.lower()
 BASELINE_MARKER = "B"
 # A failure reason is a compiler or worker message; its first line or two say what went wrong.
 REASON_CHARS = 160
@@ -197,8 +201,8 @@ def shape_table(report: Report, e: EntryModel) -> Table:
     for which in ("tuned", "default"):
         points: Sequence[StagePoint] = getattr(e, which)
         total = next((p.time_ms for p in points if p.stage == TOTAL), None)
-        for p in points:
-            row(which if p.stage == "intra" else "", p, total, end=p.stage == TOTAL)
+        for i, p in enumerate(points):
+            row(which if i == 0 else "", p, total, end=p.stage == TOTAL)
     if e.baseline is not None:
         row("fla", e.baseline, None)
     table.caption = (f"tuned   {e.config}\ndefault {e.default_config}\n"
@@ -226,7 +230,7 @@ def chart_points(entries: Sequence[EntryModel], stages: Sequence[str]) -> list[C
         for which in ("tuned", "default"):
             for p in getattr(e, which):
                 if p.stage in stages and p.tflops and p.intensity > 0:
-                    out.append(ChartPoint(MARKERS[(which, p.stage)], f"{which} {p.stage}", p.intensity, p.tflops))
+                    out.append(ChartPoint(marker(which, p.stage), f"{which} {p.stage}", p.intensity, p.tflops))
         if e.baseline is not None and e.baseline.tflops and TOTAL in stages:
             out.append(ChartPoint(BASELINE_MARKER, "fla baseline", e.baseline.intensity, e.baseline.tflops))
     return out
@@ -504,7 +508,7 @@ def view_shape(report: Report, profile: Profile, source: str, width: int, chart:
                e: EntryModel) -> list[RenderableType]:
     out: list[RenderableType] = [header(report, profile, source), shape_table(report, e)]
     if chart:
-        out.append(roofline_chart(report, chart_points([e], ("intra", "state", TOTAL)), width,
+        out.append(roofline_chart(report, chart_points([e], tuple(p.stage for p in e.tuned)), width,
                                   f"roofline: {e.shape.label()} by stage"))
     return out
 

@@ -17,11 +17,13 @@ a report can be redrawn on any machine from the stored profile.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gdn2_tune.kernels.config import FwdConfig, Shape, default_config
-from gdn2_tune.kernels.cost import STAGES, Cost, minimum_bytes, stage_costs
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.cost import Cost
+from gdn2_tune.kernels.spec import DEFAULT_OP, get_spec
 from gdn2_tune.profiles.table import DeviceInfo, Entry, Profile, Roofs
 from gdn2_tune.reports.hardware import Peaks, theoretical_peaks
 
@@ -160,7 +162,7 @@ class EntryModel:
 
     key: str
     shape: Shape
-    config: str  # FwdConfig.label() of the tuned config
+    config: str  # the label() of the tuned config (any op's)
     default_config: str
     tuned: tuple[StagePoint, ...]  # intra, state, total
     default: tuple[StagePoint, ...]
@@ -261,36 +263,32 @@ class Report:
 
 
 def _points(
-    stage_ms: dict[str, float], total_ms: float | None, costs: dict[str, Cost], roofs: RoofSet, theory: RoofSet
+    stages: tuple[str, ...], stage_ms: dict[str, float], total_ms: float | None, costs: Mapping[str, Cost],
+    roofs: RoofSet, theory: RoofSet,
 ) -> tuple[StagePoint, ...]:
-    points = [stage_point(s, stage_ms.get(s), costs[s], roofs, theory) for s in STAGES]
+    points = [stage_point(s, stage_ms.get(s), costs[s], roofs, theory) for s in stages]
     points.append(stage_point(TOTAL, total_ms, costs[TOTAL], roofs, theory))
     return tuple(points)
 
 
-def _costs(shape: Shape, config: FwdConfig) -> dict[str, Cost]:
-    """Costs as the tuner times them (tuner/measure.py): the state stage alone writes the final state, the whole
-    call returns o only; both read an initial state."""
-    staged = stage_costs(shape, config, final_state=True)
-    return {**staged, TOTAL: stage_costs(shape, config, final_state=False)[TOTAL]}
-
-
 def model_entry(entry: Entry, roofs: RoofSet, theory: RoofSet) -> EntryModel:
-    tuned_costs = _costs(entry.shape, entry.config)
-    default = default_config(entry.shape)  # what the tuner times as the default (kernels.config)
-    default_costs = _costs(entry.shape, default)
+    # The entry's op (its stage) knows its stages, its cost as the tuner times it, its default and its floor.
+    spec = get_spec(entry.stage)
+    tuned_costs = spec.cost(entry.shape, entry.config)
+    default = spec.default_config(entry.shape)  # what the tuner timed as the default
+    default_costs = spec.cost(entry.shape, default)
     tuned_ms = entry.timing.p50_ms
     baseline = None
     if entry.baseline_ms is not None:
         baseline = stage_point(TOTAL, entry.baseline_ms, tuned_costs[TOTAL], roofs, theory)
-    floor_bytes = minimum_bytes(entry.shape)
+    floor_bytes = spec.minimum_bytes(entry.shape)
     return EntryModel(
         key=entry.key,
         shape=entry.shape,
         config=entry.config.label(),
         default_config=default.label(),
-        tuned=_points(entry.stage_ms, tuned_ms, tuned_costs, roofs, theory),
-        default=_points(entry.default_stage_ms, entry.default_timing.p50_ms, default_costs, roofs, theory),
+        tuned=_points(spec.stages, entry.stage_ms, tuned_ms, tuned_costs, roofs, theory),
+        default=_points(spec.stages, entry.default_stage_ms, entry.default_timing.p50_ms, default_costs, roofs, theory),
         baseline=baseline,
         speedup=entry.speedup,
         speedup_baseline=entry.baseline_ms / tuned_ms if entry.baseline_ms is not None else None,
@@ -326,11 +324,13 @@ def build_report(profile: Profile) -> Report:
 
 
 def percent_of_roof(
-    shape: Shape, config: FwdConfig, stage: str, time_ms: float, device: DeviceInfo, roofs: Roofs | None = None
+    shape: Shape, config: Any, stage: str, time_ms: float, device: DeviceInfo, roofs: Roofs | None = None,
+    op: str = DEFAULT_OP,
 ) -> tuple[float | None, str | None]:
     """(percent of the binding roof, its name) of one stage ("intra", "state") or the whole call ("total") timed
     at ``time_ms``: what ``tune.py tune``'s live view can show as each stage finishes. (None, None) when the
     device's roofs are unknown."""
     theory = theoretical_roofs(theoretical_peaks(device))
-    point = stage_point(stage, time_ms, _costs(shape, config)[stage], combine(measured_roofs(roofs), theory), theory)
+    cost = get_spec(op).cost(shape, config)[stage]
+    point = stage_point(stage, time_ms, cost, combine(measured_roofs(roofs), theory), theory)
     return point.pct_roof, point.bound

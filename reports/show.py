@@ -16,6 +16,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from gdn2_tune.kernels.spec import get_spec
 from gdn2_tune.profiles.table import Entry, Profile, staleness
 from gdn2_tune.reports.text import plain
 
@@ -56,7 +57,7 @@ def vs_before(entry: Entry, sep: str = " ") -> str:
 def wide_table(profile: Profile) -> Table:
     t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, header_style="bold")
     t.add_column("key / config", no_wrap=True)
-    for name in ("p50 ms\np20–p80", "default ms\nspeedup", "vs before\ntuning", "spread", "intra\nstate ms",
+    for name in ("p50 ms\np20–p80", "default ms\nspeedup", "vs before\ntuning", "spread", "stage ms\n(each)",
                  "trials", "pruned", "failed"):
         t.add_column(name, justify="right", no_wrap=True)
     for e in profile.entries:
@@ -64,7 +65,8 @@ def wide_table(profile: Profile) -> Table:
             Text(e.key, style="bold") + Text("\n" + _config_lines(e), style="dim"),
             f"{e.timing.p50_ms:.4f}\n{e.timing.p20_ms:.3f}–{e.timing.p80_ms:.3f}",
             f"{e.default_timing.p50_ms:.4f}\n{e.speedup:.2f}×", vs_before(e, "\n"), f"{e.timing.spread:.1%}",
-            "\n".join(f"{e.stage_ms[s]:.3f}" if s in e.stage_ms else "—" for s in ("intra", "state")),
+            # One line per stage of the entry's op, in pipeline order (the forward: intra, then state).
+            "\n".join(f"{e.stage_ms[s]:.3f}" if s in e.stage_ms else "—" for s in get_spec(e.stage).stages),
             str(e.trials), str(e.pruned), str(e.failed), end_section=True,
         )
     return t

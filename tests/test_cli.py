@@ -533,7 +533,7 @@ def test_measure_stores_todays_times_as_a_table(tmp_path: Path, monkeypatch: pyt
     broken = profile.entries[1].shape  # this entry "no longer runs"
 
     class FakeBench:
-        def __init__(self, shape: Shape, device: str) -> None:
+        def __init__(self, shape: Shape, device: str, op: str = "fwd") -> None:
             if shape == broken:
                 raise RuntimeError("out of resources")
 

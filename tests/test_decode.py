@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICE, INTERPRETED
+
+from gdn2_tune import DecodeConfig, fused_recurrent_gdn2
 from gdn2_tune.kernels import chunk_gdn2, gdn2_reference
 from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.decode import check_state_indices
@@ -25,8 +27,6 @@ from gdn2_tune.kernels.decode_config import (
 )
 from gdn2_tune.kernels.decode_reference import recurrence
 from gdn2_tune.kernels.inputs import make_inputs
-
-from gdn2_tune import DecodeConfig, fused_recurrent_gdn2
 
 # Relative Frobenius error budgets, from the arithmetic:
 # - fp32 state: each operation rounds once in fp32 (2^-24) and the recurrence is contractive (decay ≤ 1, erase gate

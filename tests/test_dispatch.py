@@ -6,6 +6,7 @@ the repository and the machine the tests run on do not matter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,8 +19,10 @@ import torch
 import triton
 
 import gdn2_tune.kernels.chunk as chunk_module
+import gdn2_tune.kernels.spec as spec_module
 from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
 from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.spec import get_spec
 from gdn2_tune.profiles import dispatch
 from gdn2_tune.profiles.dispatch import ENV_CONFIG, ENV_PROFILE, Device, TableWarning, clear_cache, select_config
 from gdn2_tune.profiles.table import (
@@ -303,6 +306,9 @@ def test_same_kind_wins_at_equal_distance(shape: Shape, same_kind: int, world: W
 
 
 def test_nearest_bucket_ignores_other_stages(world: World) -> None:
+    # A table may hold several ops' entries; the forward's lookup must not serve another op's config. The other op
+    # is the forward's spec under another name: its entries validate, only their stage differs.
+    world.monkeypatch.setitem(spec_module._REGISTRY, "bwd", dataclasses.replace(get_spec("fwd"), name="bwd"))
     other = make_entry(Shape(B=8, T=4096, H=16, K=128, V=128), USER)
     other = Entry(**{**other.__dict__, "stage": "bwd", "key": entry_key("bwd", other.shape)})
     world.user_table(make_profile([other]))
@@ -317,8 +323,12 @@ def test_user_table_nearest_bucket_beats_shipped_exact_key(world: World) -> None
 
 def test_a_config_infeasible_at_the_query_falls_through(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     # No current constraint depends on T, so stand one in: this guards the check every answer must pass.
-    real = dispatch.infeasibility
-    monkeypatch.setattr(dispatch, "infeasibility", lambda c, s: "too long" if c == USER and s.T > 8192 else real(c, s))
+    fwd = get_spec("fwd")
+
+    def not_too_long(cfg: Any, shape: Shape, device: Any) -> str | None:
+        return "too long" if cfg == USER and shape.T > 8192 else None
+
+    monkeypatch.setitem(spec_module._REGISTRY, "fwd", dataclasses.replace(fwd, constraints=(*fwd.constraints, not_too_long)))
     world.user_table(make_profile([make_entry(DENSE, USER)]))
     world.ship(make_profile([make_entry(DENSE, SHIPPED)]))
     long = Shape(B=8, T=16384, H=16, K=128, V=128)
@@ -489,7 +499,7 @@ def test_tables_load_once_and_lookups_are_memoised(world: World, monkeypatch: py
     resolves: list[Shape] = []
     real_load, real_resolve = dispatch.load_profile, dispatch._resolve
     monkeypatch.setattr(dispatch, "load_profile", lambda path: loads.append(path) or real_load(path))
-    monkeypatch.setattr(dispatch, "_resolve", lambda shape: resolves.append(shape) or real_resolve(shape))
+    monkeypatch.setattr(dispatch, "_resolve", lambda shape, op: resolves.append(shape) or real_resolve(shape, op))
 
     first = select_config(DENSE)
     assert select_config(DENSE) is first

@@ -1,9 +1,10 @@
 """The kernel fingerprint that decides a table's freshness: blind to comments, docstrings and formatting, and
-sensitive to kernel code, the search space and the constraints (profiles/fingerprint.py)."""
+sensitive to kernel code, the search space, the constraints and the device records (kernels/fingerprint.py)."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from gdn2_tune.kernels import config as kconfig
-from gdn2_tune.profiles import fingerprint as fp
+from gdn2_tune.kernels import fingerprint as fp
+from gdn2_tune.kernels import spec as spec_module
+from gdn2_tune.kernels.spec import SM90, known_devices
 from gdn2_tune.profiles import table
 
 JIT_FILES = table.FWD_JIT_FILES
@@ -71,8 +74,10 @@ def test_the_shipped_fingerprint_is_short_hex() -> None:
 
 def test_a_constraint_constant_changes_the_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
     before = _hash(table.KERNELS_DIR)
-    # state_shared_memory reads the limit; a different card's limit must not pass for the same table.
-    monkeypatch.setattr(kconfig, "SHARED_MEMORY_LIMIT_BYTES", kconfig.SHARED_MEMORY_LIMIT_BYTES // 2)
+    # state_shared_memory reads the limit from the device record; a different card's limit must not pass for the
+    # same table.
+    halved = dataclasses.replace(SM90, shared_memory_per_block=SM90.shared_memory_per_block // 2)
+    monkeypatch.setitem(spec_module._KNOWN_DEVICES, "sm90", halved)
     assert _hash(table.KERNELS_DIR) != before
 
 
@@ -89,7 +94,7 @@ def test_a_params_documentation_does_not_count() -> None:
     # The constraints see SPACE (legal_values reads it); only names and values may count, never the docs.
     texts = dict(fp.constraint_sources(kconfig.CONSTRAINTS))
     assert not any("doc=" in text or "window" in text for text in texts.values())
-    assert fp.fingerprint(files, space, kconfig.CONSTRAINTS) == table.kernel_source_hash()
+    assert fp.fingerprint(files, space, kconfig.CONSTRAINTS, known_devices()) == table.kernel_source_hash()
 
 
 def test_canonical_text_ignores_formatting_and_version_only_fields() -> None:

@@ -87,7 +87,7 @@ def test_parse_shape_rejects_with_the_argument_name(text: str) -> None:
 
 
 def test_gate_shape_keeps_what_selects_kernel_variants() -> None:
-    from gdn2_tune.tuner.suite import _specialization
+    from gdn2_tune.kernels.fwd_spec import _specialization
 
     chunks = (32, 64, 128)
     for shape in SUITE:
@@ -697,10 +697,9 @@ H200 = table.DeviceInfo("h200", "NVIDIA H200", "sm90", (9, 0), 132, None, None, 
 
 
 def test_an_h200_study_starts_from_what_the_h100_table_serves(h200_world: Path, tmp_path: Path) -> None:
+    from gdn2_tune.profiles.dispatch import TableWarning
     from gdn2_tune.tuner import known
     from gdn2_tune.tuner.run import TuneOptions, build_specs
-
-    from gdn2_tune.profiles.dispatch import TableWarning
 
     with pytest.warns(TableWarning, match=r"no tuned table for this GPU \(h200\); falling back to sm90"):
         (served_d,) = known.served_now([dataclasses.asdict(ANCHOR)])  # as the timing worker answers

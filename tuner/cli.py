@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
 
+from gdn2_tune.kernels.spec import DEFAULT_OP, get_spec, registered
 from gdn2_tune.profiles import table
 from gdn2_tune.reports import show as show_view
 from gdn2_tune.reports.export import OutputError, check_output
@@ -87,8 +88,12 @@ def _gpus(text: str) -> tuple[int, ...]:
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--op", default=DEFAULT_OP, metavar="OP",
+                   help=f"the registered op to tune, one of {[spec.name for spec in registered()]} (default "
+                        f"{DEFAULT_OP}); its spec gives the space, the suite and what is timed")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
-                   help=f"shapes to tune ({SHAPE_SYNTAX}); default: the benchmark suite ({len(SUITE)} shapes)")
+                   help=f"shapes to tune ({SHAPE_SYNTAX}); default: the op's suite ({len(SUITE)} shapes for "
+                        f"{DEFAULT_OP})")
     p.add_argument("--sampler", choices=study_mod.SAMPLERS, default="tpe",
                    help="tpe (seeded multivariate TPE, default), gp (needs scipy), cmaes (needs cmaes; all parameters "
                         "are categorical, so it falls back to per-parameter TPE), random, or grid (every feasible "
@@ -168,16 +173,20 @@ def tune_options(args: argparse.Namespace) -> TuneOptions:
     from gdn2_tune.tuner.run import RUNS_DIR, TuneOptions
     from gdn2_tune.tuner.space import parse_param_choices
 
+    try:
+        spec = get_spec(args.op)
+    except ValueError as err:
+        raise UsageError(f"--op: {str(err).removeprefix('op: ')}") from None
     if args.interpret:
-        shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else (INTERPRET_SHAPE,)
+        shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else (spec.interpret_shape,)
         budget, timeout = args.budget_minutes, args.timeout
         if args.gpus:
             raise UsageError("--gpus: not with --interpret (the interpreter runs on the CPU); drop one of them")
     else:
-        shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else SUITE
+        shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else spec.suite
         budget = 8.0 if args.budget_minutes is None else args.budget_minutes
         timeout = 90.0 if args.timeout is None else args.timeout
-    choices = parse_param_choices(args.param)
+    choices = parse_param_choices(args.param, spec.name)
     run_dir = args.run_dir or (RUNS_DIR / ("interpret" if args.interpret else "default"))
     _check_directory(run_dir, "--run-dir")
     if args.storage is not None:
@@ -197,7 +206,7 @@ def tune_options(args: argparse.Namespace) -> TuneOptions:
         shapes=shapes, sampler=args.sampler, seed=args.seed, trials=args.trials, timeout_s=timeout,
         budget_minutes=budget, storage=args.storage, run_dir=run_dir, gpus=args.gpus, interpret=args.interpret,
         output=args.output, param_choices={k: tuple(v) for k, v in choices.items()}, parallel=args.parallel,
-        gate_timeout_s=args.gate_timeout, time_timeout_s=args.time_timeout, top_k=args.top_k,
+        gate_timeout_s=args.gate_timeout, time_timeout_s=args.time_timeout, top_k=args.top_k, op=spec.name,
         progress=not args.no_progress,
     )
 
@@ -309,8 +318,10 @@ def _is_table(path: Path) -> bool:
     return isinstance(data, dict) and "schema_version" in data and "entries" in data
 
 
-def _suite_keys() -> list[tuple[str, str]]:
-    return [(table.entry_key("fwd", s), s.label()) for s in SUITE]
+def _suite_keys(profile: table.Profile) -> list[tuple[str, str]]:
+    """(key, label) of each suite shape of the table's op: what `show` counts as covered or missing."""
+    op = get_spec(table.table_op(profile.entries))
+    return [(table.entry_key(op.name, s), s.label()) for s in op.suite]
 
 
 def add_show_arguments(p: argparse.ArgumentParser) -> None:
@@ -334,9 +345,9 @@ def show_command(args: argparse.Namespace) -> int:
             status = 1
             continue
         if args.json:
-            docs.append(show_view.show_dict(profile, path, _suite_keys()))
+            docs.append(show_view.show_dict(profile, path, _suite_keys(profile)))
             continue
-        for renderable in show_view.show_view(profile, path, console.width, _suite_keys()):
+        for renderable in show_view.show_view(profile, path, console.width, _suite_keys(profile)):
             console.print(renderable, highlight=False)
     if args.json:
         print(json.dumps(docs, indent=2))

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, fit_to_shape
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.spec import DEFAULT_OP, get_spec
 from gdn2_tune.profiles import table
 from gdn2_tune.tuner.space import freeze
 
@@ -39,7 +40,7 @@ MIN_WARM_FROM_TABLES = 4
 class Served:
     """The config the dispatcher serves at a shape before tuning, and where it found it."""
 
-    config: FwdConfig
+    config: Any  # the op's config type
     source: table.ServedFrom
     table: str | None  # file name of the table
     key: str | None  # its entry: the shape's own key or the nearest bucket's
@@ -54,18 +55,19 @@ class Served:
         return {"config": self.config.to_dict(), "source": self.source.value, "table": self.table, "key": self.key}
 
     @staticmethod
-    def from_dict(data: Mapping[str, Any]) -> Served:
-        return Served(table.parse_config(data["config"]), table.ServedFrom(data["source"]), data.get("table"),
+    def from_dict(data: Mapping[str, Any], op: str = DEFAULT_OP) -> Served:
+        return Served(table.parse_config(data["config"], op=op), table.ServedFrom(data["source"]), data.get("table"),
                       data.get("key"))
 
 
-def served_now(shapes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """What this process's dispatcher serves at each shape (run in a worker: see the module docstring)."""
+def served_now(shapes: Sequence[Mapping[str, Any]], op: str = DEFAULT_OP) -> list[dict[str, Any]]:
+    """What this process's dispatcher serves op ``op`` with at each shape (run in a worker: see the module
+    docstring)."""
     from gdn2_tune.profiles import dispatch
 
     out = []
     for shape_d in shapes:
-        choice = dispatch.explain(Shape(**shape_d))
+        choice = dispatch.explain(Shape(**shape_d), op)
         out.append(Served(
             choice.config, table.ServedFrom(choice.source), None if choice.path is None else Path(choice.path).name,
             choice.key,
@@ -133,10 +135,13 @@ def warm_start(
 ) -> list[dict[str, Any]]:
     """Flat points to enqueue, in order: the incumbent, the default, then table entries fitted to ``shape``, most
     relevant first (see :func:`_relevance`; ties keep the table order), each point once."""
+    spec = get_spec(stage)
     points: list[dict[str, Any]] = []
     seen: set[Any] = set()
 
-    def add(config: FwdConfig) -> bool:
+    def add(config: Any) -> bool:
+        if config is None:  # an entry the op cannot fit to this shape
+            return False
         point = config.flat()
         if freeze(point) in seen:
             return False
@@ -146,16 +151,16 @@ def warm_start(
 
     if served is not None:
         add(served.config)
-    add(default_config(shape))
+    add(spec.default_config(shape))
     ranked = sorted(
-        ((entry, i) for i, t in enumerate(tables) for entry in t.profile.entries),
+        ((entry, i) for i, t in enumerate(tables) for entry in t.profile.entries if entry.stage == stage),
         key=lambda item: (*_relevance(item[0], shape, stage), item[1]),
     )
     budget = max(MIN_WARM_FROM_TABLES, int(WARM_SHARE * trials))
     for entry, _ in ranked:
         if budget <= 0:
             break
-        budget -= add(fit_to_shape(entry.config, shape))
+        budget -= add(spec.fit_to_shape(entry.config, shape))
     return points
 
 

@@ -31,17 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton
 
 from gdn2_tune.kernels.buffers import poisoned
-from gdn2_tune.kernels.chunk import chunk_gdn2_fwd
-from gdn2_tune.kernels.config import FwdConfig, Shape
-from gdn2_tune.kernels.inputs import Inputs, make_inputs
-from gdn2_tune.kernels.intra import intra_fwd
-from gdn2_tune.kernels.state import state_fwd
-from gdn2_tune.kernels.varlen import chunk_index
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, OpRun, get_spec
 
-GATE_TOLERANCE = {"fp32": 2e-3, "bf16": 1e-2, "fp16": 1e-2}
 # L2 is 50 MB on H100 and 60 MB on H200; twice the reported size (256 MiB when unknown) leaves no line of the
 # previous repetition resident.
 FLUSH_MIN_BYTES = 256 * 1024 * 1024
@@ -107,60 +101,31 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class Bench:
-    """Inputs and scratch for one shape on one device: built once, reused for every config of a study."""
+    """One op's inputs and scratch at one shape on one device: built once, reused for every config of a study.
+
+    What runs is the op's (``KernelSpec.prepare``); how it is timed (L2 flush, CUDA graphs, repetitions) is here.
+    """
 
     def __init__(
-        self, shape: Shape, device: str, *, seed: int = 0, strong_decay: bool = False, use_graphs: bool = True
+        self, shape: Shape, device: str, *, op: str = DEFAULT_OP, seed: int = 0, strong_decay: bool = False,
+        use_graphs: bool = True,
     ) -> None:
         self.shape = shape
         self.device = device
-        self.inputs: Inputs = make_inputs(shape, device, seed, strong_decay=strong_decay)
-        self.scale = shape.K**-0.5
-        self.num_seqs = shape.num_seqs or shape.B
+        self.spec: KernelSpec = get_spec(op)
+        self.run: OpRun = self.spec.prepare(shape, device, seed=seed, strong_decay=strong_decay)
         self.cuda = device.startswith("cuda")
         self._flush_buffer: torch.Tensor | None = None  # allocated by the first timing: gate workers never need it
         self.use_graphs = use_graphs
         self._graphs: list[Any] = []
 
-    def forward(self, cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The two launches as ``chunk_gdn2`` makes them, minus the argument checks (host work, no launches).
+    def forward(self, cfg: Any) -> tuple[torch.Tensor, ...]:
+        """The whole op at ``cfg``, as its public op launches it (KernelSpec.prepare's ``forward``)."""
+        return self.run.forward(cfg)
 
-        Always with an initial state and the final state out: these are constexpr flags of the state kernel, and
-        the gate, the warm-up and the timing must run one specialization so that each config compiles once. The
-        final state is N·H·K·V fp32 (8 MB at the anchor), under 1% of the traffic of a call.
-        """
-        x = self.inputs
-        return chunk_gdn2_fwd(
-            *x.args(),
-            scale=self.scale, initial_state=x.initial_state, output_final_state=True,
-            cu_seqlens=x.cu_seqlens, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=self.num_seqs,
-        )
-
-    def stage_fns(self, cfg: FwdConfig) -> dict[str, Callable[[], object]]:
-        """Each stage's launch alone, on the same inputs; the state stage reads one precomputed intra output."""
-        x = self.inputs
-        B, T = self.shape.B, self.shape.T
-        if x.cu_seqlens is not None:
-            chunk_indices, chunk_offsets, num_chunks = chunk_index(x.cu_seqlens, cfg.chunk, T)
-        else:
-            chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, cfg.chunk)
-
-        def intra() -> dict[str, torch.Tensor]:
-            return intra_fwd(
-                *x.args(), scale=self.scale, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=x.cu_seqlens,
-                chunk_indices=chunk_indices, num_chunks=num_chunks, use_qk_l2norm=False, out_dtype=x.q.dtype,
-            )
-
-        inter = intra()
-
-        def state() -> object:
-            return state_fwd(
-                inter, out_dtype=x.q.dtype, v_shape=x.v.shape, chunk=cfg.chunk, cfg=cfg.state,
-                initial_state=x.initial_state, output_final_state=True, cu_seqlens=x.cu_seqlens,
-                chunk_offsets=chunk_offsets, chunk_indices=chunk_indices, num_seqs=self.num_seqs,
-            )
-
-        return {"intra": intra, "state": state}
+    def stage_fns(self, cfg: Any) -> dict[str, Callable[[], object]]:
+        """Each stage's launch alone, on the same inputs."""
+        return self.run.stage_fns(cfg)
 
     def _flush(self) -> None:
         if not self.cuda:
@@ -242,34 +207,38 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def gate(bench: Bench, reference: tuple[torch.Tensor, torch.Tensor], cfg: FwdConfig) -> dict[str, Any]:
-    """Compare the forward at the gate shape with the reference; a dict with status "ok" or "wrong_answer"."""
+def gate(bench: Bench, reference: tuple[torch.Tensor, ...], cfg: Any) -> dict[str, Any]:
+    """Compare the op at the gate shape with its float64 reference; a dict with status "ok" or "wrong_answer" and
+    the relative error of each output, named ``err_<output name>`` (KernelSpec.output_names)."""
     with poisoned():
-        o, ht = bench.forward(cfg)
+        outs = bench.forward(cfg)
     synchronize(bench.device)
-    assert ht is not None
-    err_o, err_s = rel_error(o, reference[0]), rel_error(ht, reference[1])
-    tol = GATE_TOLERANCE[bench.shape.dtype]
-    result = {"err_o": err_o, "err_state": err_s, "tolerance": tol}
-    if not (err_o <= tol and err_s <= tol):
-        what = "NaN/Inf in the output" if math.isinf(max(err_o, err_s)) else "error above tolerance"
-        reason = f"{what}: rel. error o {err_o:.3g}, final state {err_s:.3g} (tolerance {tol:g}) at {bench.shape.label()}"
+    names = bench.spec.output_names
+    assert len(outs) == len(reference) == len(names), (len(outs), len(reference), names)
+    errors = {name: rel_error(out, ref) for name, out, ref in zip(names, outs, reference)}
+    tol = bench.spec.gate_tolerance[bench.shape.dtype]
+    result: dict[str, Any] = {f"err_{name}": err for name, err in errors.items()}
+    result["tolerance"] = tol
+    if not all(err <= tol for err in errors.values()):
+        what = "NaN/Inf in the output" if math.isinf(max(errors.values())) else "error above tolerance"
+        listed = ", ".join(f"{name} {err:.3g}" for name, err in errors.items())
+        reason = f"{what}: rel. error {listed} (tolerance {tol:g}) at {bench.shape.label()}"
         return {"status": "wrong_answer", "reason": reason, **result}
     return {"status": "ok", "reason": None, **result}
 
 
-def warm(bench: Bench, cfg: FwdConfig) -> dict[str, Any]:
-    """One forward at the tuned shape: compiles the exact specialization the timing worker will load from Triton's
+def warm(bench: Bench, cfg: Any) -> dict[str, Any]:
+    """One run at the tuned shape: compiles the exact specialization the timing worker will load from Triton's
     cache, and checks that no element is left unwritten (NaN) where the gate shape could not tell."""
     with poisoned():
-        o, ht = bench.forward(cfg)
+        outs = bench.forward(cfg)
     synchronize(bench.device)
-    if not bool(torch.isfinite(o).all()) or (ht is not None and not bool(torch.isfinite(ht).all())):
+    if not all(bool(torch.isfinite(out).all()) for out in outs):
         return {"status": "wrong_answer", "reason": f"NaN/Inf in the output at {bench.shape.label()}"}
     return {"status": "ok", "reason": None}
 
 
-def time_config(bench: Bench, cfg: FwdConfig) -> dict[str, Any]:
+def time_config(bench: Bench, cfg: Any) -> dict[str, Any]:
     try:
         fn, launch = bench.replayable(lambda: bench.forward(cfg))
         reps = bench.reps_for(fn)
@@ -279,7 +248,7 @@ def time_config(bench: Bench, cfg: FwdConfig) -> dict[str, Any]:
     return {"status": "ok", "reason": None, "reps": reps, "launch": launch, **q.to_dict()}
 
 
-def retime(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, Any]:
+def retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, Any]:
     """Round robin over ``cfgs``: in each round every config gets a block of repetitions, so drifts in clocks or
     temperature hit all of them alike. Returns per config p20/p50/p80 over all samples and the spread
     (max - min) / median of its per-round medians."""
@@ -289,7 +258,7 @@ def retime(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, An
         bench.release()
 
 
-def _retime(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, Any]:
+def _retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, Any]:
     fns, launches = zip(*(bench.replayable(lambda c=c: bench.forward(c)) for c in cfgs))
     reps = [max(1, bench.reps_for(fn) // max(1, rounds // 2)) for fn in fns]
     samples: list[list[float]] = [[] for _ in cfgs]
@@ -307,7 +276,7 @@ def _retime(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, A
     return {"status": "ok", "reason": None, "timings": out, "launch": list(launches)}
 
 
-def stage_times(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int = 3) -> dict[str, Any]:
+def stage_times(bench: Bench, cfgs: Sequence[Any], rounds: int = 3) -> dict[str, Any]:
     """Median ms of each stage's launch alone, per config, interleaved like :func:`retime`."""
     try:
         return _stage_times(bench, cfgs, rounds)
@@ -315,7 +284,7 @@ def stage_times(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int = 3) -> dic
         bench.release()
 
 
-def _stage_times(bench: Bench, cfgs: Sequence[FwdConfig], rounds: int) -> dict[str, Any]:
+def _stage_times(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, Any]:
     fns = [{name: bench.replayable(fn)[0] for name, fn in bench.stage_fns(c).items()} for c in cfgs]
     samples: list[dict[str, list[float]]] = [{name: [] for name in f} for f in fns]
     reps = [{name: bench.reps_for(fn) for name, fn in f.items()} for f in fns]

@@ -35,8 +35,8 @@ def measure_profile(profile: Profile, warn: Callable[[str], None]) -> Profile:
                            "times without one")
     import triton
 
-    from gdn2_tune.kernels.config import default_config
-    from gdn2_tune.profiles.table import kernel_source_hash
+    from gdn2_tune.kernels.spec import get_spec
+    from gdn2_tune.profiles.table import kernel_source_hash, table_op
     from gdn2_tune.tuner.device import detect_device
     from gdn2_tune.tuner.measure import Bench, retime, stage_times
     from gdn2_tune.tuner.roofs import measure_roofs
@@ -50,8 +50,8 @@ def measure_profile(profile: Profile, warn: Callable[[str], None]) -> Profile:
     for e in profile.entries:
         bench = None
         try:
-            bench = Bench(e.shape, "cuda")
-            cfgs = [e.config, default_config(e.shape)]
+            bench = Bench(e.shape, "cuda", op=e.stage)
+            cfgs = [e.config, get_spec(e.stage).default_config(e.shape)]
             tuned, default = (_timing(t) for t in retime(bench, cfgs, rounds=ROUNDS)["timings"])
             stages = stage_times(bench, cfgs)["stages"]
         except Exception as exc:  # noqa: BLE001 - one entry that no longer runs must not stop the others
@@ -70,5 +70,5 @@ def measure_profile(profile: Profile, warn: Callable[[str], None]) -> Profile:
     return dataclasses.replace(
         profile, device=device, roofs=measure_roofs(device), entries=tuple(entries), trials=(),
         torch_version=str(torch.__version__), triton_version=str(triton.__version__),
-        kernel_hash=kernel_source_hash(), created=datetime.now(UTC).isoformat(timespec="seconds"),
+        kernel_hash=kernel_source_hash(op=table_op(entries)), created=datetime.now(UTC).isoformat(timespec="seconds"),
     )

@@ -23,7 +23,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from gdn2_tune.kernels.config import SPACE, Param, Shape, default_config
+from gdn2_tune.kernels.config import Param, Shape
+from gdn2_tune.kernels.spec import DEFAULT_OP, get_spec
 from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.space import SearchSpace
 
@@ -40,6 +41,7 @@ class RecordedGrid:
 
     shape: Shape
     values: Mapping[Point, float | None]
+    op: str = DEFAULT_OP  # whose space the points are of
 
     @property
     def best(self) -> float:
@@ -49,15 +51,19 @@ class RecordedGrid:
         return min(ok)
 
     def space(self) -> SearchSpace:
-        """SPACE narrowed to the values the grid covers (a grid is usually run over a narrowed space)."""
-        seen: dict[str, set[Any]] = {p.name: set() for p in SPACE}
+        """The op's space narrowed to the values the grid covers (a grid is usually run over a narrowed space)."""
+        full = get_spec(self.op).space
+        seen: dict[str, set[Any]] = {p.name: set() for p in full}
         for point in self.values:
             for name, value in point:
                 seen[name].add(value)
-        return SearchSpace(tuple(Param(p.name, tuple(v for v in p.values if v in seen[p.name]), p.doc) for p in SPACE))
+        return SearchSpace(tuple(Param(p.name, tuple(v for v in p.values if v in seen[p.name]), p.doc) for p in full),
+                           self.op)
 
     @staticmethod
-    def from_records(shape: Shape, records: Sequence[tuple[Mapping[str, Any], float | None]]) -> RecordedGrid:
+    def from_records(
+        shape: Shape, records: Sequence[tuple[Mapping[str, Any], float | None]], op: str = DEFAULT_OP
+    ) -> RecordedGrid:
         values: dict[Point, float | None] = {}
         for params, value in records:
             key = freeze(params)
@@ -66,7 +72,7 @@ class RecordedGrid:
                 values[key] = value
             else:
                 values.setdefault(key, value)
-        return RecordedGrid(shape, values)
+        return RecordedGrid(shape, values, op)
 
 
 class LookupEvaluator:
@@ -154,10 +160,10 @@ def replay(
     target = grid.best * (1 + tolerance)
     space = grid.space()
     results = []
-    warm = (default_config(grid.shape).flat(),) if warm_start_default else ()
+    warm = (get_spec(grid.op).default_config(grid.shape).flat(),) if warm_start_default else ()
     for seed in seeds:
         spec = study_mod.StudySpec(
-            key="replay", stage="fwd", shape=grid.shape, gate_shape=grid.shape, space=space, sampler=sampler,
+            key="replay", stage=grid.op, shape=grid.shape, gate_shape=grid.shape, space=space, sampler=sampler,
             seed=seed, trials=min(max_trials, len(grid.values)), timeout_s=None,
             warm_start=tuple(w for w in warm if freeze(w) in grid.values),
         )
@@ -195,7 +201,7 @@ def grid_from_profile(path: Path, key: str | None) -> RecordedGrid:
         for t in profile.trials
         if t.key == key and t.params and t.state in ("COMPLETE", "PRUNED")
     ]
-    return RecordedGrid.from_records(entry.shape, records)
+    return RecordedGrid.from_records(entry.shape, records, entry.stage)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

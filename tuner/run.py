@@ -29,7 +29,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, get_spec
 from gdn2_tune.profiles import table
 from gdn2_tune.reports.roofline import percent_of_roof
 from gdn2_tune.tuner import known
@@ -37,11 +38,10 @@ from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.device import detect_device, telemetry
 from gdn2_tune.tuner.progress import ProgressView
 from gdn2_tune.tuner.space import SearchSpace
-from gdn2_tune.tuner.suite import SUITE, format_shape, gate_shape
+from gdn2_tune.tuner.suite import SUITE, format_shape
 from gdn2_tune.tuner.worker import WorkerPool, WorkerProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STAGE = "fwd"
 RUNS_DIR = REPO_ROOT / "runs"
 # Seconds kept back from --budget-minutes per shape for the final interleaved re-time and stage timing, and once
 # for the roofs: measured ~5-10 s per shape on a GPU (a few hundred launches of ~1 ms plus input allocation).
@@ -73,6 +73,7 @@ class TuneOptions:
     retime_rounds: int = 5
     progress: bool = True
     search_only: bool = False  # a per-GPU child: search, do not finalize or write the table
+    op: str = DEFAULT_OP  # the registered KernelSpec to tune (the table key's first part)
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -94,8 +95,12 @@ class TuneOptions:
         d["param_choices"] = {k: tuple(v) for k, v in d["param_choices"].items()}
         return TuneOptions(**d)
 
+    @property
+    def spec(self) -> KernelSpec:
+        return get_spec(self.op)
+
     def space(self) -> SearchSpace:
-        return SearchSpace().narrowed({k: list(v) for k, v in self.param_choices.items()})
+        return SearchSpace(op=self.op).narrowed({k: list(v) for k, v in self.param_choices.items()})
 
     def gate_workers(self) -> int:
         if self.parallel is not None:
@@ -146,17 +151,21 @@ class WorkerEvaluator:
         self.timer = WorkerPool(1, lambda i: WorkerProcess(f"{tag}-time", env, log_dir))
         self.parallel = self.gates.size
 
+    def request(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        """``req`` addressed to the run's op: its name and the module that registers it (tuner.worker)."""
+        return {**req, "kernel": self.options.op, "kernel_module": self.options.spec.module}
+
     def gate(self, shape: Shape, gate_shape_: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
         req = {"op": "gate", "shape": dataclasses.asdict(shape), "gate_shape": dataclasses.asdict(gate_shape_),
                "params": dict(params)}
-        return self.gates.submit(req, self.options.gate_timeout_s)
+        return self.gates.submit(self.request(req), self.options.gate_timeout_s)
 
     def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
         req = {"op": "time", "shape": dataclasses.asdict(shape), "params": dict(params)}
-        return self.timer.submit(req, self.options.time_timeout_s)
+        return self.timer.submit(self.request(req), self.options.time_timeout_s)
 
     def call_timer(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-        return self.timer.call(req, timeout)
+        return self.timer.call(self.request(req), timeout)
 
     def abandon(self) -> None:
         for w in self.gates.workers:
@@ -197,9 +206,10 @@ def build_specs(
     if tables is None:
         tables = [] if existing is None else [known.KnownTable(Path("existing"), existing, "output")]
     specs = []
+    op = options.spec
     for shape in options.shapes:
-        key = table.entry_key(STAGE, shape)
-        warm = known.warm_start(shape, STAGE, tables, (served or {}).get(key), options.trials)
+        key = table.entry_key(op.name, shape)
+        warm = known.warm_start(shape, op.name, tables, (served or {}).get(key), options.trials)
         trials = options.trials
         if options.sampler == "grid":
             grid = list(space.grid(shape))
@@ -212,7 +222,7 @@ def build_specs(
             trials = len(grid)
         specs.append(
             study_mod.StudySpec(
-                key=key, stage=STAGE, shape=shape, gate_shape=gate_shape(shape), space=space,
+                key=key, stage=op.name, shape=shape, gate_shape=op.gate_shape(shape), space=space,
                 sampler=options.sampler, seed=options.seed, trials=trials, timeout_s=options.timeout_s,
                 warm_start=tuple(warm),
             )
@@ -244,7 +254,7 @@ def load_study(
     spec: study_mod.StudySpec, storage: optuna.storages.BaseStorage, worker_index: int, *, search: bool = True
 ) -> optuna.Study:
     """The study of ``spec``; ``search=False`` for reading, enqueueing and finalizing, which never sample."""
-    name = study_mod.study_name(spec.key, table.kernel_source_hash(), spec.space)
+    name = study_mod.study_name(spec.key, table.kernel_source_hash(op=spec.stage), spec.space)
     n_startup = study_mod.startup_trials(spec.trials)
     # Each process sharing a study gets its own seed: identical seeds would propose identical points.
     sampler = study_mod.make_sampler(spec.sampler, spec.seed + 1000 * worker_index, n_startup,
@@ -261,7 +271,8 @@ def query_served(evaluator: WorkerEvaluator, shapes: Sequence[Shape], notes: lis
         notes.append(f"could not ask the dispatcher what it serves now ({out.get('status')}: {out.get('reason')}); "
                      "no incumbent is timed, each entry is the best candidate")
         return {}
-    return {table.entry_key(STAGE, shape): known.Served.from_dict(d)
+    op = evaluator.options.op
+    return {table.entry_key(op, shape): known.Served.from_dict(d, op)
             for shape, d in zip(shapes, out["served"], strict=True)}
 
 
@@ -294,7 +305,8 @@ def _gate_failure(
         return str(failed[-1].user_attrs.get("reason"))
     out = evaluator.gates.call(
         {"op": "gate", "shape": dataclasses.asdict(spec.shape), "gate_shape": dataclasses.asdict(spec.gate_shape),
-         "params": dict(params)}, evaluator.options.gate_timeout_s)
+         "params": dict(params), "kernel": spec.stage, "kernel_module": get_spec(spec.stage).module},
+        evaluator.options.gate_timeout_s)
     return None if out.get("status") == "ok" else f"{out.get('status')}: {out.get('reason')}"
 
 
@@ -314,8 +326,9 @@ def finalize_entry(
         (t for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
         key=lambda t: t.value,  # type: ignore[arg-type, return-value]
     )
-    default = default_config(spec.shape)
-    if infeasibility(default, spec.shape) is not None:
+    op = get_spec(spec.stage)
+    default = op.default_config(spec.shape)
+    if op.infeasibility(default, spec.shape) is not None:
         notes.append(f"{spec.key}: the built-in default is infeasible here; entry skipped")
         return None
     dflat = default.flat()
@@ -365,14 +378,14 @@ def finalize_entry(
             if decision.best == i_inc:
                 why = "it was the fastest"
             else:
-                why = (f"the fastest candidate, {FwdConfig.from_flat(candidates[decision.best]).label()}, was only "
+                why = (f"the fastest candidate, {op.from_flat(candidates[decision.best]).label()}, was only "
                        f"{1 - best.p50_ms / inc.p50_ms:.1%} faster, within the spread")
             notes.append(f"{spec.key}: kept the incumbent {served.config.label()} from {served.describe()}: {why}")
         else:
             notes.append(f"{spec.key}: new config beats the incumbent from {served.describe()} by "
                          f"{1 - best.p50_ms / inc.p50_ms:.1%} ({inc.p50_ms:.4f} -> {best.p50_ms:.4f} ms)")
     return table.Entry(
-        key=spec.key, stage=spec.stage, shape=spec.shape, config=FwdConfig.from_flat(candidates[chosen]),
+        key=spec.key, stage=spec.stage, shape=spec.shape, config=op.from_flat(candidates[chosen]),
         timing=timings[chosen], default_timing=timings[i_def],
         speedup=timings[i_def].p50_ms / timings[chosen].p50_ms,
         stage_ms=dict(stages["stages"][0]), default_stage_ms=dict(stages["stages"][1]),
@@ -413,7 +426,7 @@ def roof_summary(entry: table.Entry, device: table.DeviceInfo) -> str:
     binds it (the measured roofs come at the end of the run); "-" where the device's peaks are unknown."""
     parts = []
     for stage, ms in sorted(entry.stage_ms.items()):
-        pct, bound = percent_of_roof(entry.shape, entry.config, stage, ms, device)
+        pct, bound = percent_of_roof(entry.shape, entry.config, stage, ms, device, op=entry.stage)
         if pct is None:
             return "-"
         parts.append(f"{stage} {pct:.0f}% {bound}")
@@ -483,7 +496,7 @@ def _watch_children(
 ) -> None:
     """Until every per-GPU search process exits, show each study's progress as read back from the storage; with
     ``log_trials`` (no live view) also one line per trial finished since the last look."""
-    names = {s.key: study_mod.study_name(s.key, table.kernel_source_hash(), s.space) for s in specs}
+    names = {s.key: study_mod.study_name(s.key, table.kernel_source_hash(op=s.stage), s.space) for s in specs}
     logged: dict[str, set[int]] = {
         s.key: {t.number for t in optuna.load_study(study_name=names[s.key], storage=storage).get_trials(deepcopy=False)
                 if t.state.is_finished()}
@@ -612,7 +625,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
             ev.close()
     profile = table.Profile(
         schema_version=table.SCHEMA_VERSION, device=device, torch_version=_version("torch"),
-        triton_version=_version("triton"), kernel_hash=table.kernel_source_hash(), git_commit=_git_commit(),
+        triton_version=_version("triton"), kernel_hash=table.kernel_source_hash(op=options.op), git_commit=_git_commit(),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), sampler=options.sampler,
         budget={"trials": options.trials, "timeout_s": options.timeout_s, "budget_minutes": options.budget_minutes,
                 "seed": options.seed, "gpus": ",".join(map(str, options.gpus or ())) or None,

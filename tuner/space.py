@@ -1,8 +1,8 @@
-"""The search space of a study: ``kernels.config.SPACE`` as Optuna distributions, and its feasible grid.
+"""The search space of a study: an op's space (``KernelSpec.space``) as Optuna distributions, and its feasible grid.
 
 Every parameter is categorical (its values are a handful of powers of two or names; ordering them numerically
 would assume a smoothness the hardware does not have). Most points of the box violate a constraint of
-``kernels.config.CONSTRAINTS`` (at the anchor about 4 in 5); :class:`FeasibleSet` holds the feasible ones in a
+the op's constraints (for the forward at the anchor about 4 in 5); :class:`FeasibleSet` holds the feasible ones in a
 factored form, so that the study's sampler proposes only those (``tuner.study.FeasibleSampler``). A point that
 still violates one is never compiled: the study records it as pruned with the constraint's reason.
 """
@@ -19,14 +19,27 @@ from typing import Any
 
 import optuna
 
-from gdn2_tune.kernels.config import CONSTRAINTS, SPACE, FwdConfig, Param, Shape, infeasibility, legal_values
+from gdn2_tune.kernels.config import Param, Shape
+from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DEFAULT_OP, KernelSpec, get_spec
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The parameters a study searches: SPACE, optionally narrowed (``--param chunk=64,128``)."""
+    """The parameters a study of op ``op`` searches: its spec's space, optionally narrowed (``--param chunk=64``).
 
-    params: tuple[Param, ...] = SPACE
+    The op is held by name (a table key's prefix), so that the space stays hashable and picklable.
+    """
+
+    params: tuple[Param, ...] = ()
+    op: str = DEFAULT_OP
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            object.__setattr__(self, "params", get_spec(self.op).space)
+
+    @property
+    def spec(self) -> KernelSpec:
+        return get_spec(self.op)
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {p.name: optuna.distributions.CategoricalDistribution(p.values) for p in self.params}
@@ -42,16 +55,16 @@ class SearchSpace:
             params[p.name] in p.values for p in self.params
         )
 
-    def config(self, params: Mapping[str, Any]) -> FwdConfig:
-        return FwdConfig.from_flat(dict(params))
+    def config(self, params: Mapping[str, Any]) -> Any:
+        return self.spec.from_flat(params)
 
-    def check(self, params: Mapping[str, Any], shape: Shape) -> tuple[FwdConfig | None, str | None]:
+    def check(self, params: Mapping[str, Any], shape: Shape) -> tuple[Any | None, str | None]:
         """``(config, None)`` for a launchable point, ``(None, reason)`` for one that must not be compiled."""
         try:
             cfg = self.config(params)
         except (KeyError, ValueError, TypeError) as err:
             return None, f"not a config: {err}"
-        return (None, reason) if (reason := infeasibility(cfg, shape)) else (cfg, None)
+        return (None, reason) if (reason := self.spec.infeasibility(cfg, shape)) else (cfg, None)
 
     def narrowed(self, choices: Mapping[str, Sequence[Any]]) -> SearchSpace:
         """Keep only ``choices[name]`` for the named parameters; each must be a legal value of that parameter."""
@@ -68,7 +81,8 @@ class SearchSpace:
             tuple(
                 Param(p.name, tuple(v for v in p.values if v in choices[p.name]), p.doc) if p.name in choices else p
                 for p in self.params
-            )
+            ),
+            self.op,
         )
 
     def for_shape(self, shape: Shape) -> SearchSpace:
@@ -78,13 +92,15 @@ class SearchSpace:
         still be infeasible; the study's sampler proposes only feasible ones.
         """
         seen: dict[str, set[Any]] = {p.name: set() for p in self.params}
+        coupling = self.params[0].name
         for chunk, intra_parts, state_parts in self.feasible(shape).blocks:
-            seen["chunk"].add(chunk)
+            seen[coupling].add(chunk)
             for part in (*intra_parts, *state_parts):
                 for name, value in part:
                     seen[name].add(value)
         return SearchSpace(
-            tuple(Param(p.name, tuple(v for v in p.values if v in seen[p.name]) or p.values, p.doc) for p in self.params)
+            tuple(Param(p.name, tuple(v for v in p.values if v in seen[p.name]) or p.values, p.doc) for p in self.params),
+            self.op,
         )
 
     def stage_parts(self, shape: Shape) -> Iterator[tuple[int, list[dict[str, Any]], list[dict[str, Any]]]]:
@@ -94,9 +110,7 @@ class SearchSpace:
         is feasible exactly when its intra part and its state part each are. Each part is tested against one
         feasible partner of the other stage, found first by a short search.
         """
-        chunk_p = next(p for p in self.params if p.name == "chunk")
-        intra_p = [p for p in self.params if p.name.startswith("intra.")]
-        state_p = [p for p in self.params if p.name.startswith("state.")]
+        chunk_p, intra_p, state_p = self._factors()
         intra_all = _parts(intra_p)
         state_all = _parts(state_p)
         for chunk in chunk_p.values:
@@ -104,9 +118,24 @@ class SearchSpace:
             if anchor is None:
                 continue
             a_intra, a_state = anchor
-            intra_ok = [p for p in intra_all if _admissible({"chunk": chunk, **p, **a_state}, shape)]
-            state_ok = [p for p in state_all if _admissible({"chunk": chunk, **a_intra, **p}, shape)]
+            intra_ok = [p for p in intra_all if self._admissible({chunk_p.name: chunk, **p, **a_state}, shape)]
+            state_ok = [p for p in state_all if self._admissible({chunk_p.name: chunk, **a_intra, **p}, shape)]
             yield chunk, intra_ok, state_ok
+
+    def _factors(self) -> tuple[Param, list[Param], list[Param]]:
+        """(coupling parameter, first stage's, second stage's): the space's first parameter couples the stages
+        (the forward's chunk); the others are grouped by their ``stage.`` prefix, in order. A space with one stage
+        (or none) gets an empty second group, which pairs with one empty part."""
+        coupling, rest = self.params[0], list(self.params[1:])
+        prefixes = list(dict.fromkeys(p.name.split(".", 1)[0] for p in rest if "." in p.name))
+        if len(prefixes) > 2 or any("." not in p.name for p in rest) and prefixes:
+            raise ValueError(
+                f"{self.op}: space: expected a coupling parameter then at most two stage.-prefixed groups, "
+                f"received {[p.name for p in self.params]}"
+            )
+        first = [p for p in rest if not prefixes or p.name.startswith(prefixes[0] + ".")]
+        second = [p for p in rest if len(prefixes) == 2 and p.name.startswith(prefixes[1] + ".")]
+        return coupling, first, second
 
     def _anchor(
         self, shape: Shape, chunk: int, intra_all: list[dict[str, Any]], state_all: list[dict[str, Any]]
@@ -123,7 +152,7 @@ class SearchSpace:
                     n += 1
                     if n > ANCHOR_SEARCH_LIMIT:
                         return None
-                    if _admissible({"chunk": chunk, **p, **s}, shape):
+                    if self._admissible({self.params[0].name: chunk, **p, **s}, shape):
                         return p, s
         return None
 
@@ -131,12 +160,22 @@ class SearchSpace:
         """Every feasible point at ``shape``, per chunk length as (feasible intra part) x (feasible state part)."""
         for chunk, intra_parts, state_parts in self.stage_parts(shape):
             for a, b in itertools.product(intra_parts, state_parts):
-                point = {"chunk": chunk, **a, **b}
+                point = {self.params[0].name: chunk, **a, **b}
                 # The separability argument of stage_parts is checked, not assumed: a constraint added later that
                 # couples the stages must not let an infeasible point into the grid.
                 if self.check(point, shape)[0] is not None:
                     yield point
 
+
+    def _admissible(self, params: dict[str, Any], shape: Shape) -> bool:
+        """:meth:`check` for points built from the space's own values, minus a constraint named ``legal_values``:
+        every value of a SearchSpace is legal by construction (``narrowed`` rejects others), and the forward's
+        re-flattens the config per parameter, 95% of the time of :meth:`stage_parts` (14 s of 15 at the anchor)."""
+        spec = self.spec
+        cfg = spec.from_flat(params)
+        # The sm90 limits: tables are tuned on the GPU the study runs on, and every one so far is sm90.
+        device = DEFAULT_DEVICE
+        return all(rule(cfg, shape, device) is None for rule in spec.constraints if rule.__name__ != "legal_values")
 
     def feasible(self, shape: Shape) -> FeasibleSet:
         """The feasible points at ``shape`` in the factored form of :meth:`stage_parts`. Computed once per process,
@@ -145,12 +184,6 @@ class SearchSpace:
         return _feasible(self, shape)
 
 
-def _admissible(params: dict[str, Any], shape: Shape) -> bool:
-    """:meth:`SearchSpace.check` for points built from a space's own values, minus ``legal_values``: every value
-    of a SearchSpace is legal by construction (``narrowed`` rejects others), and that one constraint re-flattens the
-    config per parameter, 95% of the time of :meth:`SearchSpace.stage_parts` (14 s of 15 at the anchor)."""
-    cfg = FwdConfig.from_flat(params)
-    return all(rule(cfg, shape) is None for rule in CONSTRAINTS if rule is not legal_values)
 
 
 ANCHOR_HEAD = 24
@@ -176,7 +209,8 @@ class FeasibleSet:
     sampled uniformly without listing its (up to ~10^5) points."""
 
     shape: Shape
-    blocks: tuple[tuple[int, tuple[Point, ...], tuple[Point, ...]], ...]  # (chunk, intra parts, state parts)
+    blocks: tuple[tuple[Any, tuple[Point, ...], tuple[Point, ...]], ...]  # (chunk, intra parts, state parts)
+    coupling: str = "chunk"  # the name of the parameter the blocks are keyed on (the space's first)
 
     @property
     def size(self) -> int:
@@ -186,7 +220,7 @@ class FeasibleSet:
         for chunk, intra, state in self.blocks:
             n = len(intra) * len(state)
             if index < n:
-                return {"chunk": chunk, **dict(intra[index // len(state)]), **dict(state[index % len(state)])}
+                return {self.coupling: chunk, **dict(intra[index // len(state)]), **dict(state[index % len(state)])}
             index -= n
         raise IndexError(index)
 
@@ -210,23 +244,23 @@ def _feasible(space: SearchSpace, shape: Shape) -> FeasibleSet:
         for chunk, intra, state in space.stage_parts(shape)
         if intra and state
     )
-    return FeasibleSet(shape, blocks)
+    return FeasibleSet(shape, blocks, space.params[0].name)
 
 
 def _parts(params: list[Param]) -> list[dict[str, Any]]:
     """Every combination of one stage's parameters, cheapest first: small tiles, many warps, shallow pipelines."""
 
     def order(p: Param) -> tuple[Any, ...]:
-        field = p.name.split(".", 1)[1]
+        field = p.name.rsplit(".", 1)[-1]
         return tuple(sorted(p.values, reverse=True)) if field == "num_warps" else p.values
 
     names = [p.name for p in params]
     return [dict(zip(names, values)) for values in itertools.product(*(order(p) for p in params))]
 
 
-def parse_param_choices(items: Sequence[str]) -> dict[str, list[Any]]:
+def parse_param_choices(items: Sequence[str], op: str = DEFAULT_OP) -> dict[str, list[Any]]:
     """``["chunk=64,128", "state.precision=input"]`` -> ``{"chunk": [64, 128], "state.precision": ["input"]}``."""
-    by_name = {p.name: p for p in SPACE}
+    by_name = {p.name: p for p in get_spec(op).space}
     out: dict[str, list[Any]] = {}
     for item in items:
         name, sep, rest = item.partition("=")

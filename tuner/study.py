@@ -43,7 +43,8 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from gdn2_tune.kernels.config import FwdConfig, Shape
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.spec import get_spec
 from gdn2_tune.tuner.space import FeasibleSet, SearchSpace, freeze
 
 STALE_AFTER_S = 600.0  # no heartbeat for this long: the owner on another host is gone
@@ -134,7 +135,7 @@ class TrialEvent:
     number: int
     status: Status
     value_ms: float | None
-    config: str  # FwdConfig.label(), or the raw parameters where they are not a config
+    config: str  # the op config's label(), or the raw parameters where they are not a config
     reason: str | None
     evaluated: int  # evaluated trials of the study so far, over every process
     target: int
@@ -144,7 +145,8 @@ class TrialEvent:
     def of(key: str, trial: FrozenTrial, counts: Counts, target: int) -> TrialEvent:
         status = Status.of(trial.user_attrs.get("status"))
         try:
-            label = FwdConfig.from_flat(dict(trial.params)).label()
+            # A table key starts with its op's name (``fwd/K128-...``).
+            label = get_spec(key.split("/", 1)[0]).from_flat(trial.params).label()
         except (KeyError, TypeError, ValueError):
             label = str(dict(trial.params))
         reason = trial.user_attrs.get("reason")
@@ -192,10 +194,8 @@ class StudyProgress:
 
 def study_name(spec_key: str, kernel_hash: str, space: SearchSpace) -> str:
     """Trials of other kernel sources or another (narrowed) space are not comparable: they get another study."""
-    from gdn2_tune.kernels.config import SPACE
-
     name = f"{spec_key}@{kernel_hash}"
-    if space.params != SPACE:
+    if space.params != space.spec.space:
         narrowed = ";".join(f"{p.name}={','.join(map(str, p.values))}" for p in space.params)
         name += f"#{narrowed}"
     return name
@@ -581,7 +581,9 @@ def run_study(
         trial.set_user_attr("status", status.value)
         trial.set_user_attr("reason", out.get("reason"))
         trial.set_user_attr("evaluated", evaluated)
-        for name in ("p20_ms", "p80_ms", "reps", "launch", "err_o", "err_state", "telemetry", "elapsed_s", "wall_s"):
+        # err_<output> come from the gate (tuner.measure.gate), one per output the op's spec names.
+        errors = tuple(name for name in out if name.startswith("err_"))
+        for name in ("p20_ms", "p80_ms", "reps", "launch", *errors, "telemetry", "elapsed_s", "wall_s"):
             if name in out and out[name] is not None:
                 value = out[name]
                 trial.set_user_attr(name, None if isinstance(value, float) and not math.isfinite(value) else value)
@@ -693,8 +695,8 @@ def run_study(
             if fut in gating:
                 trial = gating.pop(fut)
                 if Status.of(out.get("status")) == Status.OK:
-                    for name in ("err_o", "err_state"):
-                        if name in out:
+                    for name in out:
+                        if name.startswith("err_"):
                             trial.set_user_attr(name, out[name])
                     queued.append(trial)
                 else:

@@ -16,6 +16,7 @@ Run as ``python -m gdn2_tune.tuner.worker``; ``--interpret`` children are starte
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import queue
@@ -29,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
+
+from gdn2_tune.kernels.spec import DEFAULT_OP
 
 # Outcomes after which the child process must not be reused.
 FATAL = ("fault",)
@@ -52,15 +55,15 @@ class _Child:
             # Many gate workers share the host's cores with Triton's compiles; the float64 reference must not
             # start 16 threads in each of them.
             torch.set_num_threads(REFERENCE_THREADS)
-        self._benches: dict[tuple[Any, bool], Any] = {}
+        self._benches: dict[tuple[str, Any, bool], Any] = {}
         self._references: dict[Any, Any] = {}
 
-    def bench(self, shape_d: Mapping[str, Any], strong_decay: bool = False) -> Any:
+    def bench(self, shape_d: Mapping[str, Any], strong_decay: bool = False, kernel: str = DEFAULT_OP) -> Any:
         from gdn2_tune.kernels.config import Shape
         from gdn2_tune.tuner.measure import Bench
 
         shape = Shape(**shape_d)
-        key = (shape, strong_decay)
+        key = (kernel, shape, strong_decay)
         if key not in self._benches:
             # One tuned shape at a time (plus its gate shape): the inputs of a suite shape are ~1 GB on the GPU.
             if len(self._benches) >= 2:
@@ -70,23 +73,25 @@ class _Child:
                     import torch
 
                     torch.cuda.empty_cache()
-            self._benches[key] = Bench(shape, self.device, strong_decay=strong_decay)
+            self._benches[key] = Bench(shape, self.device, op=kernel, strong_decay=strong_decay)
         return self._benches[key]
 
     def reference(self, bench: Any) -> Any:
-        from gdn2_tune.kernels.reference import gdn2_reference
-
-        if bench.shape not in self._references:
-            x = bench.inputs
-            self._references[bench.shape] = gdn2_reference(
-                *x.args(), scale=bench.scale, initial_state=x.initial_state, cu_seqlens=x.cu_seqlens
-            )
-        return self._references[bench.shape]
+        """The op's float64 results at the bench's inputs (KernelSpec.prepare's ``reference``), once per bench."""
+        key = (bench.spec.name, bench.shape)
+        if key not in self._references:
+            self._references[key] = bench.run.reference()
+        return self._references[key]
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        from gdn2_tune.kernels.config import FwdConfig
+        from gdn2_tune.kernels.spec import get_spec
         from gdn2_tune.tuner import measure
 
+        # The kernel op (a KernelSpec name) and the module whose import registers it: an op registered outside
+        # this package (a test's toy op) is known to this process only once its module is imported.
+        kernel = req.get("kernel", DEFAULT_OP)
+        if req.get("kernel_module"):
+            importlib.import_module(req["kernel_module"])
         op = req.get("op")
         if op == "ping":
             return {"status": "ok", "reason": None, "pid": os.getpid(), "device": self.device}
@@ -104,23 +109,24 @@ class _Child:
             # The dispatcher of this process sees the tuned GPU (or the interpreter) and the user's environment.
             from gdn2_tune.tuner.known import served_now
 
-            return {"status": "ok", "reason": None, "served": served_now(req["shapes"])}
+            return {"status": "ok", "reason": None, "served": served_now(req["shapes"], kernel)}
 
+        spec = get_spec(kernel)
         t0 = time.perf_counter()
         if op == "gate":
-            cfg = FwdConfig.from_flat(req["params"])
-            gb = self.bench(req["gate_shape"], strong_decay=True)
+            cfg = spec.from_flat(req["params"])
+            gb = self.bench(req["gate_shape"], strong_decay=True, kernel=kernel)
             out = measure.gate(gb, self.reference(gb), cfg)
             if out["status"] == "ok" and req["gate_shape"] != req["shape"]:
-                out = {**out, **measure.warm(self.bench(req["shape"]), cfg)}
+                out = {**out, **measure.warm(self.bench(req["shape"], kernel=kernel), cfg)}
         elif op == "time":
-            out = measure.time_config(self.bench(req["shape"]), FwdConfig.from_flat(req["params"]))
+            out = measure.time_config(self.bench(req["shape"], kernel=kernel), spec.from_flat(req["params"]))
         elif op == "retime":
-            cfgs = [FwdConfig.from_flat(p) for p in req["configs"]]
-            out = measure.retime(self.bench(req["shape"]), cfgs, int(req.get("rounds", 5)))
+            cfgs = [spec.from_flat(p) for p in req["configs"]]
+            out = measure.retime(self.bench(req["shape"], kernel=kernel), cfgs, int(req.get("rounds", 5)))
         elif op == "stages":
-            cfgs = [FwdConfig.from_flat(p) for p in req["configs"]]
-            out = measure.stage_times(self.bench(req["shape"]), cfgs)
+            cfgs = [spec.from_flat(p) for p in req["configs"]]
+            out = measure.stage_times(self.bench(req["shape"], kernel=kernel), cfgs)
         else:
             return {"status": "error", "reason": f"unknown op {op!r}"}
         out["elapsed_s"] = time.perf_counter() - t0

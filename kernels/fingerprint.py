@@ -5,7 +5,8 @@ A table records the fingerprint of the kernels it was tuned against. It covers:
   lines and formatting do not count, so tidying a kernel file leaves a table fresh;
 - the search space (each parameter's name and legal values);
 - the constraints: each constraint function's syntax tree, with every module-level function it calls and
-  every constant it reads (name and value), followed transitively.
+  every constant it reads (name and value), followed transitively;
+- the device records the constraints take (per architecture family: shared memory per block, ...).
 
 The tree is written out by :func:`_canonical`, not ``ast.dump`` or ``ast.unparse``: both print differently
 across Python versions (3.12 adds ``type_params``, 3.13 drops empty fields), and a table tuned under the GPU
@@ -114,6 +115,7 @@ def fingerprint(
     jit_files: Sequence[Path],
     space: Sequence[tuple[str, Sequence[Any]]],
     constraints: Iterable[Callable[..., Any]],
+    devices: Iterable[Any] = (),
 ) -> str:
     """Short sha256 of what decides which configs are legal and how fast they run (see the module docstring)."""
     digest = hashlib.sha256()
@@ -130,4 +132,8 @@ def fingerprint(
         add("param", name, repr(tuple(values)))
     for name, text in constraint_sources(constraints):
         add("constraint", name, text)
+    # The device records the constraints read their limits from (kernels.spec.DeviceLimits: frozen, plain fields):
+    # a changed shared-memory figure changes which configs are legal.
+    for device in devices:
+        add("device", repr(device))
     return digest.hexdigest()[:FINGERPRINT_CHARS]

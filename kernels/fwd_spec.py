@@ -1,0 +1,167 @@
+"""The chunk forward's :class:`~gdn2_tune.kernels.spec.KernelSpec`: the first op registered (table keys ``fwd/...``).
+
+Everything the tuner, the tables, the dispatcher and the reports need about the forward is gathered here from the
+modules that own it: kernels/config.py (config, space, constraints, default), kernels/chunk.py and the stage
+launchers (what is timed), kernels/cost.py (FLOPs and bytes), kernels/reference.py (the gate's ground truth).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+
+from gdn2_tune.kernels.chunk import chunk_gdn2_fwd
+from gdn2_tune.kernels.config import CONSTRAINTS, SPACE, FwdConfig, Shape, default_config, fit_to_shape
+from gdn2_tune.kernels.cost import Cost, minimum_bytes, stage_costs
+from gdn2_tune.kernels.inputs import Inputs, make_inputs
+from gdn2_tune.kernels.intra import intra_fwd
+from gdn2_tune.kernels.reference import gdn2_reference
+from gdn2_tune.kernels.spec import KernelSpec, register
+from gdn2_tune.kernels.state import state_fwd
+from gdn2_tune.kernels.varlen import chunk_index
+
+_HERE = Path(__file__).resolve().parent
+# The files whose @triton.jit functions the forward runs (the order is the fingerprint's).
+JIT_FILES = tuple(_HERE / name for name in ("varlen.py", "intra.py", "state.py"))
+# Sequences in the packed (varlen) member of the suite: uneven lengths from kernels.inputs.packed_lengths,
+# enough of them that some are shorter than a chunk and some span many chunks.
+PACKED_NUM_SEQS = 12
+SUITE: tuple[Shape, ...] = (
+    Shape(8, 4096, 16, 128, 128, "bf16"),  # the anchor
+    Shape(1, 32768, 16, 128, 128, "bf16"),
+    Shape(32, 1024, 16, 128, 128, "bf16"),
+    Shape(4, 4096, 32, 64, 64, "bf16"),
+    Shape(2, 8192, 16, 128, 256, "bf16"),
+    Shape(1, 2048, 16, 128, 128, "bf16"),
+    Shape(16, 2048, 8, 256, 256, "bf16"),
+    Shape(1, 32768, 16, 128, 128, "bf16", num_seqs=PACKED_NUM_SEQS),
+)
+# The Triton interpreter runs every program instance in Python, so only a toy fits. T = 40 leaves a partial chunk
+# at chunk 32 and a single partial chunk at 64.
+INTERPRET_SHAPE = Shape(1, 40, 1, 32, 32, "fp32")
+GATE_TOLERANCE = {"fp32": 2e-3, "bf16": 1e-2, "fp16": 1e-2}
+
+
+def _specialization(T: int, chunks: tuple[int, ...]) -> tuple[bool, ...]:
+    """What Triton keys a compiled kernel on for the runtime ints T and NT = cdiv(T, chunk): divisibility by 16
+    and equality to 1 (its default integer specialization). Two T with equal signatures share compiled kernels."""
+    out = [T % 16 == 0, T == 1]
+    for c in chunks:
+        nt = -(-T // c)
+        out += [nt % 16 == 0, nt == 1]
+    return tuple(out)
+
+
+# Below this many token-heads the tuned shape is gated as it is (the interpreter's toy shapes).
+GATE_AS_IS_TOKENS = 400
+# The gate's T starts here: several chunks of every length, so the chunk-to-chunk state pass is exercised.
+GATE_MIN_T = 64
+
+
+def gate_shape(shape: Shape) -> Shape:
+    """The small shape the correctness gate compares with the float64 reference.
+
+    Same K, V, dtype, H and layout (dense or packed) as ``shape``, and a T whose Triton specialization (see
+    :func:`_specialization`) equals that of ``shape``'s T for every chunk length: then the kernels the gate
+    compiles are exactly those the tuned shape runs, and a config is compiled once per trial, not twice (a compile
+    is 10+ s on the GPU host). Among such T the smallest that is not a multiple of 32 is taken, so that the last
+    chunk is partial. B is 1: it only sizes the launch grid. The reference loops over tokens in Python
+    (~2 s at T = 2032, H = 16, K = V = 128), so T stays as small as the signature allows.
+    """
+    if shape.B * shape.T * shape.H <= GATE_AS_IS_TOKENS:
+        return shape
+    chunks = next(p.values for p in SPACE if p.name == "chunk")
+    want = _specialization(shape.T, chunks)
+    matching = [t for t in range(min(GATE_MIN_T, shape.T), shape.T + 1) if _specialization(t, chunks) == want]
+    partial = [t for t in matching if t % 32]
+    T = (partial or matching or [shape.T])[0]
+    if shape.num_seqs is not None:
+        return Shape(1, T, shape.H, shape.K, shape.V, shape.dtype, num_seqs=min(3, T))
+    return Shape(1, T, shape.H, shape.K, shape.V, shape.dtype)
+
+
+class FwdRun:
+    """The forward's inputs at one shape: what the tuner gates, warms and times (kernels.spec.OpRun)."""
+
+    def __init__(self, shape: Shape, device: str, *, seed: int = 0, strong_decay: bool = False) -> None:
+        self.shape = shape
+        self.inputs: Inputs = make_inputs(shape, device, seed, strong_decay=strong_decay)
+        self.scale = shape.K**-0.5
+        self.num_seqs = shape.num_seqs or shape.B
+
+    def forward(self, cfg: FwdConfig) -> tuple[torch.Tensor, ...]:
+        """The two launches as ``chunk_gdn2`` makes them, minus the argument checks (host work, no launches).
+
+        Always with an initial state and the final state out: these are constexpr flags of the state kernel, and
+        the gate, the warm-up and the timing must run one specialization so that each config compiles once. The
+        final state is N·H·K·V fp32 (8 MB at the anchor), under 1% of the traffic of a call.
+        """
+        x = self.inputs
+        o, ht = chunk_gdn2_fwd(
+            *x.args(),
+            scale=self.scale, initial_state=x.initial_state, output_final_state=True,
+            cu_seqlens=x.cu_seqlens, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=self.num_seqs,
+        )
+        assert ht is not None
+        return o, ht
+
+    def reference(self) -> tuple[torch.Tensor, ...]:
+        x = self.inputs
+        o, ht = gdn2_reference(*x.args(), scale=self.scale, initial_state=x.initial_state, cu_seqlens=x.cu_seqlens)
+        return o, ht
+
+    def stage_fns(self, cfg: FwdConfig) -> dict[str, Callable[[], object]]:
+        """Each stage's launch alone, on the same inputs; the state stage reads one precomputed intra output."""
+        x = self.inputs
+        B, T = self.shape.B, self.shape.T
+        if x.cu_seqlens is not None:
+            chunk_indices, chunk_offsets, num_chunks = chunk_index(x.cu_seqlens, cfg.chunk, T)
+        else:
+            chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, cfg.chunk)
+
+        def intra() -> dict[str, torch.Tensor]:
+            return intra_fwd(
+                *x.args(), scale=self.scale, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=x.cu_seqlens,
+                chunk_indices=chunk_indices, num_chunks=num_chunks, use_qk_l2norm=False, out_dtype=x.q.dtype,
+            )
+
+        inter = intra()
+
+        def state() -> object:
+            return state_fwd(
+                inter, out_dtype=x.q.dtype, v_shape=x.v.shape, chunk=cfg.chunk, cfg=cfg.state,
+                initial_state=x.initial_state, output_final_state=True, cu_seqlens=x.cu_seqlens,
+                chunk_offsets=chunk_offsets, chunk_indices=chunk_indices, num_seqs=self.num_seqs,
+            )
+
+        return {"intra": intra, "state": state}
+
+
+def timed_costs(shape: Shape, config: FwdConfig) -> dict[str, Cost]:
+    """Costs as the tuner times them (FwdRun): the state stage alone writes the final state, the whole call
+    returns o only; both read an initial state."""
+    staged = stage_costs(shape, config, final_state=True)
+    return {**staged, "total": stage_costs(shape, config, final_state=False)["total"]}
+
+
+FWD = register(KernelSpec(
+    name="fwd",
+    config_type=FwdConfig,
+    space=SPACE,
+    constraints=CONSTRAINTS,
+    default=default_config,
+    stages=("intra", "state"),
+    prepare=FwdRun,
+    cost=timed_costs,
+    minimum_bytes=minimum_bytes,
+    gate_tolerance=GATE_TOLERANCE,
+    suite=SUITE,
+    interpret_shape=INTERPRET_SHAPE,
+    jit_files=JIT_FILES,
+    gate_shape=gate_shape,
+    fit=fit_to_shape,
+    output_names=("o", "state"),
+))
