@@ -875,9 +875,11 @@ def test_a_multi_gpu_run_logs_each_trial_and_finalizes_on_every_gpu(
     monkeypatch.setattr(progress.ProgressView, "log", lambda self, message: lines.append(message))
     result = tune(options)
     assert [e.key for e in result.entries] == [table.entry_key("fwd", s) for s in shapes]
-    assert all(e.trials == 3 and e.incumbent is not None for e in result.entries)
-    for shape in shapes:
-        key = table.entry_key("fwd", shape)
-        assert sum(1 for line in lines if line.startswith(f"{key} #")) == 3, lines
+    # The two processes share each study and each checks the cap before it asks, so a study may end one trial over
+    # it per extra process (the race Optuna's own MaxTrialsCallback has); what is counted must be what ran.
+    for e in result.entries:
+        assert e.incumbent is not None, e.key
+        assert 3 <= e.trials <= 3 + len(options.gpus) - 1, (e.key, e.trials)
+        assert sum(1 for line in lines if line.startswith(f"{e.key} #")) == e.trials, lines
     logs = {p.name for p in (tmp_path / "run" / "logs").glob("worker-*-time.log")}
     assert any(name.startswith("worker-cpu1-") for name in logs), logs  # the second finalizer timed a study
