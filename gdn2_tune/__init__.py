@@ -18,26 +18,6 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file():
     __path__.append(str(_CHECKOUT))
 
-from gdn2_tune.kernels import (
-    DEFAULT_CONFIG,
-    DecodeConfig,
-    FwdConfig,
-    IntraConfig,
-    Shape,
-    StateConfig,
-    chunk_gdn2,
-    fused_recurrent_gdn2,
-    gdn2_reference,
-)
-
-__all__ = [
-    "DEFAULT_CONFIG",
-    "DecodeConfig",
-    "FwdConfig",
-    "IntraConfig",
-    "Shape",
-    "StateConfig",
-    "chunk_gdn2",
-    "fused_recurrent_gdn2",
-    "gdn2_reference",
-]
+# The public names are the kernels package's; one list, kept there.
+from gdn2_tune.kernels import *
+from gdn2_tune.kernels import __all__ as __all__
