@@ -76,7 +76,21 @@ def environment() -> dict:
     }
 
 
-def fla_op() -> Callable | None:
+def fla_op(untuned: bool = False) -> Callable | None:
+    """fla's chunk_gdn2; with ``untuned``, every fla kernel keeps only the first config of its autotune list, so
+    that no call autotunes (minutes per shape). Its gradients' errors barely depend on the tiling, its speed does:
+    use it for the accuracy rows only, and say so where its figures are quoted."""
+    if untuned:
+        try:
+            import fla.ops.utils.cache as fla_cache
+        except ImportError:
+            return None
+        autotune = fla_cache.fla_cache_autotune
+
+        def first_config_only(configs, *args, **kwargs):
+            return autotune(list(configs)[:1], *args, **kwargs)
+
+        fla_cache.fla_cache_autotune = first_config_only  # before fla.ops.gdn2 imports it
     try:
         from fla.ops.gdn2 import chunk_gdn2 as op
     except ImportError:
@@ -214,15 +228,19 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip fla (its first call autotunes for minutes)")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--baseline-untuned", action="store_true",
+                        help="fla with the first config of each autotune list (no autotuning): accuracy only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_bwd: needs a CUDA GPU", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    baseline = None if args.no_baseline else fla_op()
+    if args.baseline_untuned and not args.skip_timing:
+        parser.error("--baseline-untuned times an untuned baseline; pass --skip-timing with it")
+    baseline = None if args.no_baseline else fla_op(untuned=args.baseline_untuned)
     if baseline is None and not args.no_baseline:
         print("bench_bwd: fla.ops.gdn2 is not importable; running ours only", file=sys.stderr)
-    result: dict = {"env": environment()}
+    result: dict = {"env": environment(), "baseline_untuned": args.baseline_untuned}
     path = args.out / "bwd.json"
     if not args.skip_accuracy:
         result["accuracy"] = accuracy(baseline)

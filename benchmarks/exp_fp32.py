@@ -62,6 +62,8 @@ def candidates() -> list[FwdConfig]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip fla (its fp32 call autotunes for minutes; BASELINE.md has its figures)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cases = {}
@@ -88,6 +90,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     fla = {"config": "fla chunk_gdn2"}
     try:
+        if args.no_baseline:
+            raise RuntimeError("skipped (--no-baseline)")
         fla.update(errors(lambda inp: baseline(inp)()))
         fla["anchor_ms"] = bench(baseline(anchor))
     except Exception as exc:  # noqa: BLE001 - the baseline is optional; record why it is missing
