@@ -36,12 +36,15 @@ an out-of-bounds access either; they are not checked on the host (that would syn
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
 from gdn2_tune.kernels.checks import DTYPE_NAMES, check_tensor, check_token_inputs
+from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.decode_config import (
     STATE_DTYPES,
     DecodeConfig,
@@ -50,10 +53,15 @@ from gdn2_tune.kernels.decode_config import (
     decode_infeasibility,
     default_decode_config,
     padded,
+    table_shape,
 )
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 L2NORM_EPS = tl.constexpr(1e-6)  # as kernels/reference.py l2norm and the chunk op
+
+# What picks a config when the caller gives none: the call's table shape (decode_config.table_shape) in, a config
+# admissible at it out. The dispatcher's tables (gdn2_tune/ops.py); None: the built-in default.
+DecodeChooser = Callable[[Shape], DecodeConfig]
 
 # Where the state goes after the token loop (the `FINAL_AT` constexpr).
 FINAL_NONE = 0
@@ -374,12 +382,46 @@ def fused_recurrent_gdn2(
         use_qk_l2norm_in_kernel: L2-normalise q and k per head first.
         out: a contiguous ``[B, T, H, V]`` buffer in q's dtype for the output. With ``out`` and an in-place state
             the call allocates nothing and never syncs with the device (CUDA-graph capturable).
-        config: an explicit :class:`DecodeConfig`; None takes :func:`default_decode_config` for the shape.
+        config: an explicit :class:`DecodeConfig`; None takes :func:`default_decode_config` for the shape
+            (``gdn2_tune.fused_recurrent_gdn2`` asks the tuned tables instead, see :func:`checked_decode`).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype (``out`` when given); the pool / initial_state
         when in place, a new ``[N, H, K, V]`` when ``output_final_state``, else None.
     """
+    return checked_decode(
+        q, k, v, g, b, w,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        inplace_final_state=inplace_final_state, cu_seqlens=cu_seqlens, ssm_state_indices=ssm_state_indices,
+        num_accepted_tokens=num_accepted_tokens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, out=out,
+        config=config, choose=None,
+    )
+
+
+def checked_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    inplace_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    ssm_state_indices: torch.Tensor | None,
+    num_accepted_tokens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    out: torch.Tensor | None,
+    config: DecodeConfig | None,
+    choose: DecodeChooser | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What every public ``fused_recurrent_gdn2`` runs (see :func:`fused_recurrent_gdn2` for the arguments): check
+    the arguments, take ``config`` (checked) or, when None, ``choose`` of the call's table shape
+    (:func:`~kernels.decode_config.table_shape`; trusted: the dispatcher validates what it serves) or the built-in
+    default, then launch."""
     n = _check_inputs(
         q, k, v, g, b, w,
         initial_state=initial_state, output_final_state=output_final_state, inplace_final_state=inplace_final_state,
@@ -393,7 +435,7 @@ def fused_recurrent_gdn2(
     state_dtype = initial_state.dtype if initial_state is not None else torch.float32
     shape = decode_shape_of(q, v, n, state_dtype)
     if config is None:
-        config = default_decode_config(shape)
+        config = default_decode_config(shape) if choose is None else choose(table_shape(shape))
     else:
         if not isinstance(config, DecodeConfig):
             raise TypeError(f"config: expected a kernels.DecodeConfig, received {type(config).__name__}")

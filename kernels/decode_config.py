@@ -13,9 +13,10 @@ fp32 registers while it loops over the sequence's tokens. What can be tuned:
 K is never split across programs: the read r_t = S̄ᵀ(b ⊙ k) sums over all of K before any row can be updated, so a
 K split would need a cross-program reduction every token.
 
-Registration in the tuner and the tables is not done yet (the per-op spec refactor it needs is pending): until then
-the op takes an explicit ``config=`` or falls back to :func:`default_decode_config`, and
-``benchmarks/bench_decode.py`` sweeps :data:`DECODE_SPACE` on a GPU so that the defaults can be set from data.
+The op is registered with the tuner, the tables and the dispatcher as ``"decode"`` (kernels/decode_spec.py), which
+reads :data:`DECODE_SPACE`, :data:`DECODE_CONSTRAINTS` and :func:`default_decode_config` from here. The constraints
+take the generic ``(cfg, shape, device)`` of every op's spec; ``shape`` may be a :class:`~kernels.config.Shape`
+(B sequences, as the tables key it) or a :class:`DecodeShape` (N sequences): they read only K and V.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from gdn2_tune.kernels.config import Param, Shape
+from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DeviceLimits
 
 # A thread holds at most 255 32-bit registers; the kernel keeps the state tile and one product of its size live
 # (the gated read and the output are reductions of state ⊙ vector), so a config whose two tiles exceed this per
@@ -80,6 +84,14 @@ class DecodeConfig:
             raise ValueError(f"config: expected keys {sorted(expected)}, received {sorted(data)}")
         return DecodeConfig(**data)
 
+    def flat(self) -> dict[str, Any]:
+        """The space's names (:data:`DECODE_SPACE`): the fields themselves, the config has one stage."""
+        return self.to_dict()
+
+    @staticmethod
+    def from_flat(params: dict[str, Any]) -> DecodeConfig:
+        return DecodeConfig.from_dict(dict(params))
+
     def label(self) -> str:
         return (f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}{'-stream' if self.stream_state else ''}"
                 f"{'-1pass' if self.one_pass else ''}")
@@ -101,19 +113,33 @@ class DecodeShape:
         return f"N{self.N}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-{self.dtype}-state{self.state_dtype}"
 
 
-@dataclass(frozen=True)
-class DecodeParam:
-    name: str
-    values: tuple[int | bool, ...]
-    doc: str
+def table_shape(shape: DecodeShape) -> Shape:
+    """The shape the tables key a decode call by (``decode/K128-V128-bf16/T1-BH2048``): B is the number of sequences
+    and T the tokens per sequence, so that the dispatcher's buckets are the batch (B·H) and the T of a step.
+
+    A packed step (``cu_seqlens``) keys as the padded batch of the same sequences (its T the mean length, as
+    :func:`decode.decode_shape_of` takes it): the kernel runs one program per sequence either way. The state dtype
+    is not part of the key; bf16-state calls are served the fp32-state entries (the same programs and registers,
+    half the state traffic).
+    """
+    return Shape(shape.N, shape.T, shape.H, shape.K, shape.V, shape.dtype)
 
 
-DECODE_SPACE: tuple[DecodeParam, ...] = (
-    DecodeParam("BV", (8, 16, 32, 64, 128), "V tile per program (programs = N·H·ceil(V/BV))"),
-    DecodeParam("num_warps", (1, 2, 4, 8), "warps per program"),
-    DecodeParam("num_stages", (1, 2, 3), "pipelining depth of the token loop (T > 1 only)"),
-    DecodeParam("stream_state", (False, True), "evict_first cache policy on the state's load and store"),
-    DecodeParam("one_pass", (False, True), "output from the decayed state in the read's reduction"),
+def decode_shape(shape: Shape, state_dtype: str = "fp32") -> DecodeShape:
+    """The decode problem a table shape stands for (the inverse of :func:`table_shape`; a packed shape's T is
+    spread evenly over its sequences)."""
+    if shape.num_seqs:
+        return DecodeShape(shape.num_seqs, cdiv(shape.T, shape.num_seqs), shape.H, shape.K, shape.V, shape.dtype,
+                           state_dtype)
+    return DecodeShape(shape.B, shape.T, shape.H, shape.K, shape.V, shape.dtype, state_dtype)
+
+
+DECODE_SPACE: tuple[Param, ...] = (
+    Param("BV", (8, 16, 32, 64, 128), "V tile per program (programs = N·H·ceil(V/BV))"),
+    Param("num_warps", (1, 2, 4, 8), "warps per program"),
+    Param("num_stages", (1, 2, 3), "pipelining depth of the token loop (T > 1 only)"),
+    Param("stream_state", (False, True), "evict_first cache policy on the state's load and store"),
+    Param("one_pass", (False, True), "output from the decayed state in the read's reduction"),
 )
 
 
@@ -134,22 +160,29 @@ def cdiv(a: int, b: int) -> int:
 # Constraints: each returns None when the point is admissible, else a reason a person can read.
 
 
-def decode_legal_values(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
+def decode_legal_values(
+    cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
+) -> str | None:
     for p in DECODE_SPACE:
         value = getattr(cfg, p.name)
-        if value not in p.values:
+        # The type too: True would pass for 1 and 64.0 for 64, and reach Triton as the wrong constexpr.
+        if type(value) is not type(p.values[0]) or value not in p.values:
             return f"{p.name}={value!r} is not one of {list(p.values)}"
     return None
 
 
-def decode_tile_within_v(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
+def decode_tile_within_v(
+    cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
+) -> str | None:
     # A tile wider than the padded V only adds masked lanes; the smallest tile always fits.
     if cfg.BV > max(padded(shape.V), min(DECODE_SPACE[0].values)):
         return f"BV={cfg.BV} exceeds the padded V={padded(shape.V)}"
     return None
 
 
-def decode_register_budget(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
+def decode_register_budget(
+    cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
+) -> str | None:
     live = LIVE_STATE_TILES * padded(shape.K) * cfg.BV
     per_thread = live / (cfg.num_warps * THREADS_PER_WARP)
     if per_thread > MAX_REGISTERS_PER_THREAD:
@@ -158,7 +191,7 @@ def decode_register_budget(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
     return None
 
 
-DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, DecodeShape], str | None], ...] = (
+DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, Shape | DecodeShape, DeviceLimits], str | None], ...] = (
     decode_legal_values,
     decode_tile_within_v,
     decode_register_budget,
@@ -166,10 +199,12 @@ DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, DecodeShape], str | None], ...
 
 
 @functools.lru_cache(maxsize=1024)  # the op checks an explicit config on every step; both records are frozen
-def decode_infeasibility(cfg: DecodeConfig, shape: DecodeShape) -> str | None:
+def decode_infeasibility(
+    cfg: DecodeConfig, shape: DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
+) -> str | None:
     """The first constraint ``cfg`` violates at ``shape``, or None when it may be launched."""
     for rule in DECODE_CONSTRAINTS:
-        reason = rule(cfg, shape)
+        reason = rule(cfg, shape, device)
         if reason is not None:
             return reason
     return None
