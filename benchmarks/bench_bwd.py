@@ -38,10 +38,11 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gdn2_tune import chunk_gdn2
 from gdn2_tune.kernels.buffers import poisoned
-from gdn2_tune.kernels.chunk import chunk_gdn2
 from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.inputs import Inputs, make_inputs
+from gdn2_tune.kernels.reference import rel_err
 from gdn2_tune.kernels.reference_grad import reference_grads
 from gdn2_tune.tuner.suite import parse_shape
 
@@ -112,13 +113,6 @@ def grads(op: Callable, xs: list[torch.Tensor], cu: torch.Tensor | None, do: tor
           dht: torch.Tensor) -> list[torch.Tensor]:
     o, s = call(op, xs, cu)
     return list(torch.autograd.grad((o, s), xs, (do, dht)))
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.double()
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return float((x - ref).norm() / ref.norm())
 
 
 def accuracy(baseline: Callable | None) -> list[dict]:

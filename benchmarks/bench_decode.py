@@ -42,6 +42,7 @@ from gdn2_tune.kernels.buffers import poisoned
 from gdn2_tune.kernels.decode import fused_recurrent_gdn2
 from gdn2_tune.kernels.decode_config import DecodeConfig, DecodeShape, decode_space, default_decode_config
 from gdn2_tune.kernels.decode_reference import recurrence
+from gdn2_tune.kernels.reference import rel_err
 
 BATCHES = (1, 8, 32, 128, 512)
 HEADS = 16
@@ -78,13 +79,6 @@ def environment() -> dict:
         "python": platform.python_version(),
         "commit": commit,
     }
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.double()
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return float((x - ref).norm() / ref.norm())
 
 
 def time_major_inputs(T: int, N: int, H: int, K: int, V: int, seed: int) -> dict[str, torch.Tensor]:

@@ -30,14 +30,13 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gdn2_tune import chunk_gdn2
 from gdn2_tune.kernels.buffers import poisoned
-from gdn2_tune.kernels.chunk import chunk_gdn2
+from gdn2_tune.kernels.chunk import forward_launch
 from gdn2_tune.kernels.config import FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
 from gdn2_tune.kernels.cost import minimum_bytes
 from gdn2_tune.kernels.inputs import Inputs, make_inputs
-from gdn2_tune.kernels.intra import intra_fwd
-from gdn2_tune.kernels.reference import gdn2_reference
-from gdn2_tune.kernels.state import state_fwd
+from gdn2_tune.kernels.reference import gdn2_reference, rel_err
 from gdn2_tune.tuner.suite import SUITE, parse_shape
 
 ANCHOR = SUITE[0]
@@ -83,13 +82,6 @@ def baseline(inp: Inputs):
 
 def bench(fn) -> list[float]:
     return list(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=QUANTILES))
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.double()
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return float((x - ref).norm() / ref.norm())
 
 
 # --- accuracy ---------------------------------------------------------------------------------------------------
@@ -147,22 +139,14 @@ def precompile(configs: list[FwdConfig], shape: Shape, workers: int = 12) -> dic
 
 
 def stage_fns(inp: Inputs, cfg: FwdConfig, shape: Shape):
-    """Separate launches of the two stages, so each can be timed on its own."""
-    B, T = inp.q.shape[:2]
-    nchunks = B * triton.cdiv(T, cfg.chunk)
-
-    def run_intra():
-        return intra_fwd(*inp.args(), scale=shape.K**-0.5, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=None,
-                         chunk_indices=None, num_chunks=nchunks, use_qk_l2norm=False, out_dtype=inp.q.dtype)
-
-    inter = run_intra()
-
-    def run_state():
-        return state_fwd(inter, out_dtype=inp.q.dtype, v_shape=inp.v.shape, chunk=cfg.chunk, cfg=cfg.state,
-                         initial_state=inp.initial_state, output_final_state=True, cu_seqlens=None,
-                         chunk_offsets=None, chunk_indices=None, num_seqs=B)
-
-    return run_intra, run_state
+    """Separate launches of the two stages (the op's own, kernels.chunk.forward_launch), so each can be timed on
+    its own; the state stage reads one precomputed intra output."""
+    launch = forward_launch(
+        *inp.args(), scale=shape.K**-0.5, initial_state=inp.initial_state, output_final_state=True,
+        cu_seqlens=inp.cu_seqlens, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=shape.num_seqs or shape.B,
+    )
+    inter = launch.intra()
+    return launch.intra, lambda: launch.state(inter)
 
 
 def sweep(out: Path, shape: Shape) -> None:

@@ -16,8 +16,9 @@ kernels.inputs.packed_lengths), with the built-in default config (the same at ev
 - ``index_graph``/``index_eager``: building the sanitised offsets and chunk index alone (and as torch ops,
   ``index_torch_*``, where kernels.varlen has them).
 
-The script also runs at the commit before the rebuild-every-call design (no ``packed_index`` there: it falls back
-to ``chunk_index``), so both can be timed on one card.
+The index builder falls back to ``chunk_index`` at commits before the rebuild-every-call design (no
+``packed_index`` there); the launches go through kernels.chunk.forward_launch, so to time such a commit, run its
+own copy of this script.
 
 Safety (T=4096, H=4, K=V=128, bf16, 5 sequences, in a child process so that a crash is a recorded outcome):
 offsets rewritten in place without a version bump (``cu.data[i] = x``) must give the reference result for the
@@ -100,11 +101,10 @@ def timing(use_dispatcher: bool) -> list[dict]:
     import torch
     import triton
 
-    from gdn2_tune.kernels.chunk import chunk_gdn2
+    from gdn2_tune import chunk_gdn2
+    from gdn2_tune.kernels.chunk import forward_launch
     from gdn2_tune.kernels.config import Shape, default_config
     from gdn2_tune.kernels.inputs import make_inputs
-    from gdn2_tune.kernels.intra import intra_fwd
-    from gdn2_tune.kernels.state import state_fwd
     from gdn2_tune.profiles.dispatch import select_config
 
     build = _index_fn()
@@ -119,15 +119,10 @@ def timing(use_dispatcher: bool) -> list[dict]:
             return chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True,
                               cu_seqlens=cu, config=cfg)
 
-        offs, pairs, first, num_chunks = build(cu, cfg.chunk, SHAPE_T)
-
-        def kernels(inp=inp, cfg=cfg, offs=offs, pairs=pairs, first=first, num_chunks=num_chunks, n=n):
-            inter = intra_fwd(*inp.args(), scale=SHAPE_D**-0.5, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=offs,
-                              chunk_indices=pairs, num_chunks=num_chunks, use_qk_l2norm=False,
-                              out_dtype=inp.q.dtype)
-            return state_fwd(inter, out_dtype=inp.q.dtype, v_shape=inp.v.shape, chunk=cfg.chunk, cfg=cfg.state,
-                             initial_state=inp.initial_state, output_final_state=True, cu_seqlens=offs,
-                             chunk_offsets=first, chunk_indices=pairs, num_seqs=n)
+        # The two launches bound once, on an index built beforehand: calling it runs the stages alone.
+        kernels = forward_launch(*inp.args(), scale=SHAPE_D**-0.5, initial_state=inp.initial_state,
+                                 output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=False, config=cfg,
+                                 num_seqs=n)
 
         def index(cu=cu, cfg=cfg):
             return build(cu, cfg.chunk, SHAPE_T)

@@ -29,7 +29,7 @@ shape = Shape(8, 4096, 16, 128, 128, "bf16")
 inp = make_inputs(shape, "cuda", seed=0)
 torch.cuda.synchronize()
 if sys.argv[1] == "ours":
-    from gdn2_tune.kernels import chunk_gdn2 as fn
+    from gdn2_tune import chunk_gdn2 as fn
 else:
     from fla.ops.gdn2 import chunk_gdn2 as fn
 t0 = time.perf_counter()

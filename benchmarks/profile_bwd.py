@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gdn2_tune.kernels.chunk import chunk_gdn2
+from gdn2_tune import chunk_gdn2
 from gdn2_tune.kernels.inputs import make_inputs
 from gdn2_tune.tuner.suite import parse_shape
 

@@ -1,9 +1,15 @@
-"""The public op ``chunk_gdn2``: argument checks, then the two-stage forward (intra stage, state stage).
+"""The kernels-level op ``chunk_gdn2``: argument checks, then the two-stage forward (intra stage, state stage).
 
-    inputs ─► intra_fwd (kernels/intra.py) ─► Y, U, Q_γ, K_tail, A_qk, γ_C ─► state_fwd (kernels/state.py) ─► o, S_T
+    inputs ─► intra_fwd (kernels/intra.py) ─► IntraOutputs (Y, U, Q_γ, K_tail, A_qk, γ_C)
+           ─► state_fwd (kernels/state.py) ─► o, S_T
 
-The launch configuration comes from ``config`` when given, else from the dispatcher (``profiles.dispatch``),
-which reads the shipped table for this GPU and never tunes at run time.
+:func:`forward_launch` binds the two launches to their arguments; it is the one orchestration path: the op
+(:func:`chunk_gdn2_fwd`), the backward's recompute, the tuner (kernels/fwd_spec.py's ``FwdRun``) and the
+benchmarks all launch the stages through it.
+
+The launch configuration is the caller's ``config``, else the built-in default for the GPU's family
+(kernels/config.py). This module never consults the tuned tables: the user-facing ``gdn2_tune.chunk_gdn2``
+(gdn2_tune/ops.py) asks the dispatcher and passes its answer in through :func:`checked_forward`.
 """
 
 from __future__ import annotations
@@ -12,15 +18,22 @@ import itertools
 import math
 import numbers
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from gdn2_tune.kernels.checks import DTYPE_NAMES, check_token_inputs
-from gdn2_tune.kernels.config import FwdConfig, Shape, field_type_error, infeasibility
-from gdn2_tune.kernels.intra import INTERPRETED, intra_fwd
+from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, field_type_error, infeasibility
+from gdn2_tune.kernels.intra import INTERPRETED, IntraOutputs, intra_fwd
+from gdn2_tune.kernels.spec import DeviceLimits, device_limits, family_from_capability
 from gdn2_tune.kernels.state import state_fwd
 from gdn2_tune.kernels.varlen import packed_index
+
+# What picks a config when the caller gives none: the problem's shape in, a config admissible on the running GPU
+# out. The dispatcher's tables (gdn2_tune/ops.py); None: the built-in default for the running GPU's family.
+ConfigChooser = Callable[[Shape], FwdConfig]
 
 # Set to 1 for the checked mode: the values of cu_seqlens and g are read back (one host sync per call) and
 # invalid ones raise ValueError. Off by default: a sync per call stalls the GPU (see kernels/varlen.py).
@@ -114,6 +127,94 @@ def shape_of(q: torch.Tensor, v: torch.Tensor, num_seqs: int | None = None) -> S
     return Shape(B, T, H, K, v.shape[-1], DTYPE_NAMES[q.dtype], num_seqs)
 
 
+def running_limits(device: torch.device) -> DeviceLimits:
+    """The limits the constraints check a config against on ``device``: its GPU family's, sm90's without a GPU."""
+    if device.type != "cuda":
+        return device_limits(None)
+    return device_limits(family_from_capability(torch.cuda.get_device_capability(device)))
+
+
+@dataclass(frozen=True)
+class ForwardLaunch:
+    """The forward's two launches bound to checked, contiguous inputs and an admissible config.
+
+    ``cu_seqlens`` is the sanitised copy of the caller's offsets (kernels/varlen.py) and ``chunk_indices``,
+    ``chunk_offsets``, ``num_chunks`` the packed index built from it; all None / the dense count otherwise.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    b: torch.Tensor
+    w: torch.Tensor
+    scale: float
+    initial_state: torch.Tensor | None
+    output_final_state: bool
+    cu_seqlens: torch.Tensor | None
+    chunk_indices: torch.Tensor | None
+    chunk_offsets: torch.Tensor | None
+    num_chunks: int
+    use_qk_l2norm: bool
+    config: FwdConfig
+    num_seqs: int
+
+    def intra(self) -> IntraOutputs:
+        """The intra stage's launch alone."""
+        return intra_fwd(
+            self.q, self.k, self.v, self.g, self.b, self.w,
+            scale=self.scale, chunk=self.config.chunk, cfg=self.config.intra,
+            cu_seqlens=self.cu_seqlens, chunk_indices=self.chunk_indices, num_chunks=self.num_chunks,
+            use_qk_l2norm=self.use_qk_l2norm, out_dtype=self.q.dtype,
+        )
+
+    def state(self, inter: IntraOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The state stage's launch(es) on the intra stage's outputs: ``(o, final_state or None)``."""
+        return state_fwd(
+            inter,
+            out_dtype=self.q.dtype, v_shape=self.v.shape, chunk=self.config.chunk, cfg=self.config.state,
+            initial_state=self.initial_state, output_final_state=self.output_final_state,
+            cu_seqlens=self.cu_seqlens, chunk_offsets=self.chunk_offsets, chunk_indices=self.chunk_indices,
+            num_seqs=self.num_seqs,
+        )
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.state(self.intra())
+
+
+def forward_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    config: FwdConfig,
+    num_seqs: int,
+) -> ForwardLaunch:
+    """Bind the forward's launches to their arguments; for a packed batch, build its index (one launch)."""
+    B, T = q.shape[:2]
+    if cu_seqlens is not None:
+        # Rebuilt on the device every call (no host sync, no cache to go stale); the kernels read the sanitised
+        # offsets, never the caller's tensor.
+        index = packed_index(cu_seqlens, config.chunk, T)
+        cu_seqlens, chunk_indices, chunk_offsets, num_chunks = index.offsets, index.pairs, index.first, index.num_chunks
+    else:
+        chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, config.chunk)
+    return ForwardLaunch(
+        q, k, v, g, b, w,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets, num_chunks=num_chunks,
+        use_qk_l2norm=use_qk_l2norm_in_kernel, config=config, num_seqs=num_seqs,
+    )
+
+
 def chunk_gdn2_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -131,26 +232,11 @@ def chunk_gdn2_fwd(
     num_seqs: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The two launches on checked, contiguous inputs with an admissible ``config``."""
-    B, T = q.shape[:2]
-    if cu_seqlens is not None:
-        # Rebuilt on the device every call (no host sync, no cache to go stale); the kernels read the sanitised
-        # offsets, never the caller's tensor.
-        index = packed_index(cu_seqlens, config.chunk, T)
-        cu_seqlens, chunk_indices, chunk_offsets, num_chunks = index.offsets, index.pairs, index.first, index.num_chunks
-    else:
-        chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, config.chunk)
-    inter = intra_fwd(
+    return forward_launch(
         q, k, v, g, b, w,
-        scale=scale, chunk=config.chunk, cfg=config.intra,
-        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, num_chunks=num_chunks,
-        use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=q.dtype,
-    )
-    return state_fwd(
-        inter,
-        out_dtype=q.dtype, v_shape=v.shape, chunk=config.chunk, cfg=config.state,
-        initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, chunk_indices=chunk_indices, num_seqs=num_seqs,
-    )
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, config=config, num_seqs=num_seqs,
+    )()
 
 
 def chunk_gdn2(
@@ -168,7 +254,7 @@ def chunk_gdn2(
     use_qk_l2norm_in_kernel: bool = False,
     config: FwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated Delta Rule-2 over whole sequences, chunkwise (forward only).
+    """Gated Delta Rule-2 over whole sequences, chunkwise, with an explicit or the built-in config.
 
     Args:
         q, k: ``[B, T, H, K]`` queries and keys; ``v``: ``[B, T, H, V]`` values.
@@ -184,11 +270,39 @@ def chunk_gdn2(
             Checked (ValueError) when on the CPU or with GDN2_CHECK_INPUTS=1; otherwise invalid offsets run as
             their sanitised copy (kernels.varlen.sanitize_offsets), never outside the buffers.
         use_qk_l2norm_in_kernel: L2-normalise q and k per head before the recurrence.
-        config: an explicit :class:`~kernels.config.FwdConfig`; None asks the dispatcher.
+        config: an explicit :class:`~kernels.config.FwdConfig`; None takes the built-in default for this GPU's
+            family (kernels.config.default_config). ``gdn2_tune.chunk_gdn2`` serves the tuned tables instead.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state or None.
     """
+    return checked_forward(
+        q, k, v, g, b, w,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, config=config, choose=None,
+    )
+
+
+def checked_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    config: FwdConfig | None,
+    choose: ConfigChooser | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What every public ``chunk_gdn2`` runs (see :func:`chunk_gdn2` for the arguments): check the arguments,
+    take ``config`` (checked against the running GPU's limits) or, when None, ``choose(shape)`` (trusted: the
+    dispatcher validates what it serves) or the built-in default, then launch the forward, through autograd when
+    an input requires grad."""
     n = _check_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
     _check_options(scale, output_final_state, use_qk_l2norm_in_kernel)
     if q.device.type == "cpu" and not INTERPRETED:
@@ -201,15 +315,14 @@ def chunk_gdn2(
         x is not None and x.requires_grad for x in (q, k, v, g, b, w, initial_state)
     )
     shape = shape_of(q, v, n if cu_seqlens is not None else None)
+    limits = running_limits(q.device)
     if config is None:
-        from gdn2_tune.profiles.dispatch import select_config
-
-        config = select_config(shape)
+        config = default_config(shape, limits) if choose is None else choose(shape)
     else:
         wrong_type = field_type_error(config)
         if wrong_type is not None:
             raise TypeError(wrong_type)
-        reason = infeasibility(config, shape)
+        reason = infeasibility(config, shape, limits)
         if reason is not None:
             raise ValueError(f"config: {config.label()} is not supported at {shape.label()}: {reason}")
     K = q.shape[-1]

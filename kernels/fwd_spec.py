@@ -11,17 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import triton
 
-from gdn2_tune.kernels.chunk import chunk_gdn2_fwd
+from gdn2_tune.kernels.chunk import ForwardLaunch, forward_launch
 from gdn2_tune.kernels.config import CONSTRAINTS, SPACE, FwdConfig, Shape, default_config, fit_to_shape
 from gdn2_tune.kernels.cost import Cost, minimum_bytes, stage_costs
 from gdn2_tune.kernels.inputs import Inputs, make_inputs
-from gdn2_tune.kernels.intra import intra_fwd
 from gdn2_tune.kernels.reference import gdn2_reference
 from gdn2_tune.kernels.spec import KernelSpec, register
-from gdn2_tune.kernels.state import state_fwd
-from gdn2_tune.kernels.varlen import chunk_index
 
 _HERE = Path(__file__).resolve().parent
 # The files whose @triton.jit functions the forward runs (the order is the fingerprint's).
@@ -92,19 +88,23 @@ class FwdRun:
         self.scale = shape.K**-0.5
         self.num_seqs = shape.num_seqs or shape.B
 
-    def forward(self, cfg: FwdConfig) -> tuple[torch.Tensor, ...]:
-        """The two launches as ``chunk_gdn2`` makes them, minus the argument checks (host work, no launches).
+    def launch(self, cfg: FwdConfig) -> ForwardLaunch:
+        """The two launches as ``chunk_gdn2`` makes them (kernels.chunk.forward_launch), minus the argument checks.
 
         Always with an initial state and the final state out: these are constexpr flags of the state kernel, and
         the gate, the warm-up and the timing must run one specialization so that each config compiles once. The
         final state is N·H·K·V fp32 (8 MB at the anchor), under 1% of the traffic of a call.
         """
         x = self.inputs
-        o, ht = chunk_gdn2_fwd(
+        return forward_launch(
             *x.args(),
             scale=self.scale, initial_state=x.initial_state, output_final_state=True,
             cu_seqlens=x.cu_seqlens, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=self.num_seqs,
         )
+
+    def forward(self, cfg: FwdConfig) -> tuple[torch.Tensor, ...]:
+        """The whole forward, the packed index included (``chunk_gdn2`` rebuilds it every call)."""
+        o, ht = self.launch(cfg)()
         assert ht is not None
         return o, ht
 
@@ -114,30 +114,11 @@ class FwdRun:
         return o, ht
 
     def stage_fns(self, cfg: FwdConfig) -> dict[str, Callable[[], object]]:
-        """Each stage's launch alone, on the same inputs; the state stage reads one precomputed intra output."""
-        x = self.inputs
-        B, T = self.shape.B, self.shape.T
-        if x.cu_seqlens is not None:
-            chunk_indices, chunk_offsets, num_chunks = chunk_index(x.cu_seqlens, cfg.chunk, T)
-        else:
-            chunk_indices, chunk_offsets, num_chunks = None, None, B * triton.cdiv(T, cfg.chunk)
-
-        def intra() -> dict[str, torch.Tensor]:
-            return intra_fwd(
-                *x.args(), scale=self.scale, chunk=cfg.chunk, cfg=cfg.intra, cu_seqlens=x.cu_seqlens,
-                chunk_indices=chunk_indices, num_chunks=num_chunks, use_qk_l2norm=False, out_dtype=x.q.dtype,
-            )
-
-        inter = intra()
-
-        def state() -> object:
-            return state_fwd(
-                inter, out_dtype=x.q.dtype, v_shape=x.v.shape, chunk=cfg.chunk, cfg=cfg.state,
-                initial_state=x.initial_state, output_final_state=True, cu_seqlens=x.cu_seqlens,
-                chunk_offsets=chunk_offsets, chunk_indices=chunk_indices, num_seqs=self.num_seqs,
-            )
-
-        return {"intra": intra, "state": state}
+        """Each stage's launch alone, on the same inputs (the packed index built once, outside both); the state
+        stage reads one precomputed intra output."""
+        launch = self.launch(cfg)
+        inter = launch.intra()
+        return {"intra": launch.intra, "state": lambda: launch.state(inter)}
 
 
 def timed_costs(shape: Shape, config: FwdConfig) -> dict[str, Cost]:

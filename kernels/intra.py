@@ -32,6 +32,7 @@ the state stage (kernels/state.py) reads them.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -239,6 +240,37 @@ def _intra_kernel(
         tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m_cv)
 
 
+@dataclass(frozen=True)
+class IntraOutputs:
+    """What the intra stage hands to the state stage (kernels/state.py) and the backward (kernels/chunk_bwd.py).
+
+    ``y``, ``qg``, ``kt``: Y = A Ē, Q_γ, K_tail, [B, T, H, K]; ``u``: U = A Z, [B, T, H, V]; ``aqk``: A_qk,
+    [B, T, H, C]; all in the stage's ``out_dtype``. ``gamma``: γ_C, fp32 [num_chunks, H, K] (its first dimension
+    is the number of chunks the launches were sized for).
+    """
+
+    y: torch.Tensor
+    u: torch.Tensor
+    qg: torch.Tensor
+    kt: torch.Tensor
+    aqk: torch.Tensor
+    gamma: torch.Tensor
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """``outputs["y"]``: the backward's transition shim. intra_fwd returned a dict with these keys, and
+        kernels/chunk_bwd.py (edited elsewhere) still indexes it so; new code reads the attributes."""
+        if name not in _INTRA_FIELDS:
+            raise KeyError(f"IntraOutputs: expected one of {_INTRA_FIELDS}, received {name!r}")
+        return getattr(self, name)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.gamma.shape[0]
+
+
+_INTRA_FIELDS = ("y", "u", "qg", "kt", "aqk", "gamma")
+
+
 def intra_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -255,7 +287,7 @@ def intra_fwd(
     num_chunks: int,
     use_qk_l2norm: bool,
     out_dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
+) -> IntraOutputs:
     """Launch the intra stage. Inputs are contiguous ``[B, T, H, *]``; returns the state stage's inputs.
 
     ``num_chunks`` is the total number of chunks (over all sequences); outputs come from
@@ -287,4 +319,4 @@ def intra_fwd(
         IS_VARLEN=varlen, USE_L2NORM=use_qk_l2norm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return {"y": y, "u": u, "qg": qg, "kt": kt, "aqk": aqk, "gamma": gam}
+    return IntraOutputs(y=y, u=u, qg=qg, kt=kt, aqk=aqk, gamma=gam)

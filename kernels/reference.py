@@ -12,7 +12,24 @@ It loops over time in Python, vectorised over batch and heads, so it is exact an
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error ‖x − ref‖ / ‖ref‖ in float64 on the CPU: the one measure the tests, the tuner's
+    correctness gate and the benchmarks compare against the reference with.
+
+    inf when ``x`` holds a NaN or Inf (an element a poisoned launch left unwritten, or an overflow), so that any
+    tolerance fails; a zero ``ref`` divides by 1 (the absolute error).
+    """
+    x = x.detach().to("cpu", torch.float64)
+    if not torch.isfinite(x).all():
+        return math.inf
+    ref = ref.detach().to("cpu", torch.float64)
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

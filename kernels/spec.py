@@ -12,6 +12,7 @@ This module imports nothing from the ops, so that an op's module can import it t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ class DeviceLimits:
     The values of :data:`SM90` are the constants every constraint used before constraints took a device.
     """
 
-    family: str  # e.g. "sm90" (profiles.table.family_from_capability)
+    family: str  # e.g. "sm90" (family_from_capability)
     shared_memory_per_block: int  # bytes one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 
 
@@ -43,12 +44,41 @@ DEFAULT_DEVICE = SM90
 _KNOWN_DEVICES: dict[str, DeviceLimits] = {SM90.family: SM90}
 
 
+def family_from_capability(capability: tuple[int, int]) -> str:
+    """``(9, 0)`` -> ``"sm90"``: the architecture family whose tables may serve a GPU with no table of its own."""
+    major, minor = capability
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (major, minor)):
+        raise ValueError(f"compute capability: expected two non-negative integers, received {capability!r}")
+    return f"sm{major}{minor}"
+
+
+def family_of(family: str | None, compute_capability: object = None) -> str | None:
+    """The one spelling of a family: "sm_90", "sm90a", "SM90", or a compute capability "9.0" / (9, 0) -> "sm90".
+
+    ``family`` wins where it reads as one; None when neither argument does (a CPU device, an old table).
+    """
+    if family:
+        m = re.fullmatch(r"sm_?(\d+)[a-z]?", str(family).strip().lower())
+        if m:
+            return f"sm{m.group(1)}"
+    cc = compute_capability
+    if isinstance(cc, (tuple, list)) and len(cc) == 2:
+        return f"sm{int(cc[0])}{int(cc[1])}"
+    if isinstance(cc, str):
+        m = re.fullmatch(r"(\d+)\.(\d+)", cc.strip())
+        if m:
+            return f"sm{m.group(1)}{m.group(2)}"
+    return None
+
+
 def device_limits(family: str | None) -> DeviceLimits:
-    """The limits of an architecture family; an unknown family gets :data:`DEFAULT_DEVICE`'s limits under its own
-    name (so that a default per family can still tell it apart), no family (no GPU) gets DEFAULT_DEVICE's."""
+    """The limits of an architecture family (any spelling :func:`family_of` reads); an unknown family gets
+    :data:`DEFAULT_DEVICE`'s limits under its own name (so that a default per family can still tell it apart), no
+    family (no GPU) gets DEFAULT_DEVICE's."""
     fallback = _KNOWN_DEVICES[DEFAULT_DEVICE.family]
     if family is None:
         return fallback
+    family = family_of(family) or family
     known = _KNOWN_DEVICES.get(family)
     return known if known is not None else DeviceLimits(family, fallback.shared_memory_per_block)
 
@@ -201,4 +231,4 @@ def registered() -> tuple[KernelSpec, ...]:
 def _load_builtin_ops() -> None:
     # The package's own ops register on import; importing them here makes a lookup work whatever was imported
     # first, without this module importing them at its top (they import it).
-    import gdn2_tune.kernels.fwd_spec  # noqa: F401
+    from gdn2_tune.kernels import decode_spec, fwd_spec  # noqa: F401

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
-from gdn2_tune.kernels.config import StateConfig
+from gdn2_tune.kernels.config import StateConfig, padded_dim
+from gdn2_tune.kernels.intra import IntraOutputs
 from gdn2_tune.kernels.varlen import chunk_coords, sequence_bounds
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits (seen with triton 3.9: errors of 1e10),
@@ -174,7 +175,7 @@ def _output_kernel(
 
 
 def state_fwd(
-    inter: dict[str, torch.Tensor],
+    inter: IntraOutputs,
     *,
     out_dtype: torch.dtype,
     v_shape: torch.Size,
@@ -192,7 +193,7 @@ def state_fwd(
     ``cfg.output == "split"`` makes it two launches: the pass stores each chunk's entering state and R instead of
     forming O, and :func:`_output_kernel` forms O with one program per (V tile, chunk, head).
     """
-    y = inter["y"]
+    y = inter.y
     _, T, H, K = y.shape
     V = v_shape[-1]
     o = output_buffer(v_shape, out_dtype, y.device)
@@ -203,17 +204,17 @@ def state_fwd(
     split = cfg.output == "split"
     hc = r = None
     if split:
-        num_chunks = inter["gamma"].shape[0]
+        num_chunks = inter.num_chunks
         # Operand dtype of the dots: the input dtype, or fp32 when the dots take fp32 operands.
         dot_dtype = y.dtype if cfg.precision == "input" else torch.float32
         hc = output_buffer((num_chunks, H, K, V), dot_dtype, y.device)
         r = output_buffer(v_shape, dot_dtype, y.device)
     _state_kernel[(n_v, num_seqs * H)](
-        y, inter["u"], inter["qg"], inter["kt"], inter["aqk"], inter["gamma"],
+        y, inter.u, inter.qg, inter.kt, inter.aqk, inter.gamma,
         o, initial_state, ht, hc, r,
         cu_seqlens, chunk_offsets,
-        T, nt, inter["gamma"].shape[0],
-        H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
+        T, nt, inter.num_chunks,
+        H=H, K=K, V=V, KP=padded_dim(K),
         C=chunk, BV=cfg.BV,
         IS_VARLEN=varlen, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         SPLIT=split, PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
@@ -221,12 +222,12 @@ def state_fwd(
     )
     if split:
         B = y.shape[0]
-        grid = (n_v, inter["gamma"].shape[0], H) if varlen else (n_v, nt, B * H)
+        grid = (n_v, inter.num_chunks, H) if varlen else (n_v, nt, B * H)
         _output_kernel[grid](
-            inter["qg"], inter["aqk"], r, hc, o,
+            inter.qg, inter.aqk, r, hc, o,
             cu_seqlens, chunk_indices,
             T, nt,
-            H=H, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
+            H=H, K=K, V=V, KP=padded_dim(K),
             C=chunk, BV=cfg.BV,
             IS_VARLEN=varlen, PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
             num_warps=cfg.num_warps, num_stages=1,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gdn2_tune.kernels.config import Shape
-from gdn2_tune.kernels.spec import DEFAULT_OP, DeviceLimits, KernelSpec, device_limits, get_spec
+from gdn2_tune.kernels.spec import DEFAULT_OP, DeviceLimits, KernelSpec, device_limits, family_from_capability, get_spec
 from gdn2_tune.profiles.table import (
     PROFILES_DIR,
     Entry,
@@ -43,7 +43,6 @@ from gdn2_tune.profiles.table import (
     TableFieldError,
     device_id_from_name,
     entry_key,
-    family_from_capability,
     load_profile,
     parse_config,
     profile_path,

@@ -191,14 +191,6 @@ def device_id_from_name(name: str) -> str:
     return stem or "unknown"
 
 
-def family_from_capability(capability: tuple[int, int]) -> str:
-    """``(9, 0)`` -> ``"sm90"``: the architecture family whose tables may serve a GPU with no table of its own."""
-    major, minor = capability
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (major, minor)):
-        raise ValueError(f"compute capability: expected two non-negative integers, received {capability!r}")
-    return f"sm{major}{minor}"
-
-
 def bucket_of(shape: Shape) -> tuple[int, int, bool]:
     """(T, BH, varlen) of a key. A packed batch has B == 1 and T = total tokens, so its BH is H."""
     varlen = shape.num_seqs is not None

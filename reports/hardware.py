@@ -14,9 +14,10 @@ An architecture missing from the table gets no compute peaks and a reason, never
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from gdn2_tune.kernels.spec import family_of
 
 if TYPE_CHECKING:
     from gdn2_tune.profiles.table import DeviceInfo
@@ -73,22 +74,6 @@ class Peaks:
     @staticmethod
     def from_dict(data: dict[str, object]) -> Peaks:
         return Peaks(**data)  # type: ignore[arg-type]
-
-
-def family_of(family: str | None, compute_capability: object = None) -> str | None:
-    """Normalise "sm_90", "sm90a", "SM90" or a compute capability of "9.0" / (9, 0) to "sm90"."""
-    if family:
-        m = re.fullmatch(r"sm_?(\d+)[a-z]?", str(family).strip().lower())
-        if m:
-            return f"sm{m.group(1)}"
-    cc = compute_capability
-    if isinstance(cc, (tuple, list)) and len(cc) == 2:
-        return f"sm{int(cc[0])}{int(cc[1])}"
-    if isinstance(cc, str):
-        m = re.fullmatch(r"(\d+)\.(\d+)", cc.strip())
-        if m:
-            return f"sm{m.group(1)}{m.group(2)}"
-    return None
 
 
 def sm_rates(family: str | None, name: str = "") -> tuple[SmRates | None, str | None]:

@@ -18,8 +18,10 @@ import pytest
 import torch
 import triton
 
+import gdn2_tune
 import gdn2_tune.kernels.chunk as chunk_module
 import gdn2_tune.kernels.spec as spec_module
+from gdn2_tune import ops
 from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
 from gdn2_tune.kernels.inputs import make_inputs
 from gdn2_tune.kernels.spec import get_spec
@@ -520,12 +522,20 @@ def test_tables_load_once_and_lookups_are_memoised(world: World, monkeypatch: py
 
 
 def test_chunk_gdn2_without_config_launches_the_dispatched_one(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The public op (gdn2_tune/ops.py) asks the dispatcher; the kernels-level op never reads a table.
     shape = Shape(B=1, T=40, H=2, K=32, V=16, dtype="fp32")
     chosen = make_config(shape, **{"state.num_warps": 2})
+    assert chosen != default_config(shape)
     world.user_table(make_profile([make_entry(shape, chosen)]))
     launched: list[FwdConfig] = []
     monkeypatch.setattr(chunk_module, "chunk_gdn2_fwd", lambda *a, config, **kw: launched.append(config))
     inputs = make_inputs(shape, "cpu", 0, initial_state=False)
     with torch.no_grad():
+        gdn2_tune.chunk_gdn2(*inputs.args())
         chunk_module.chunk_gdn2(*inputs.args())
-    assert launched == [chosen]
+    assert launched == [chosen, default_config(shape)]
+
+
+def test_the_package_exports_the_dispatched_op() -> None:
+    assert gdn2_tune.chunk_gdn2 is ops.chunk_gdn2
+    assert gdn2_tune.kernels.chunk_gdn2 is chunk_module.chunk_gdn2

@@ -17,6 +17,7 @@ from conftest import DEVICE, INTERPRETED
 from gdn2_tune.kernels import chunk_gdn2, gdn2_reference
 from gdn2_tune.kernels.config import SPACE, FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
 from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.reference import rel_err
 from gdn2_tune.kernels.varlen import chunk_index
 
 # Relative Frobenius error budgets, from the arithmetic each run does:
@@ -34,13 +35,6 @@ TOL = {
     ("fp16", True): 1e-2,
     ("fp16", False): 5e-3,
 }
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.detach().to("cpu", torch.float64)
-    assert torch.isfinite(x).all(), "non-finite values (an unwritten NaN-poisoned element, or an overflow)"
-    ref = ref.to("cpu")
-    return float((x - ref).norm() / ref.norm())
 
 
 def config_for(shape: Shape, chunk: int | None = None, state: dict | None = None, **intra: int) -> FwdConfig:

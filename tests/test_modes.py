@@ -13,6 +13,7 @@ from conftest import DEVICE, INTERPRETED
 from gdn2_tune.kernels import chunk_gdn2, gdn2_reference
 from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.reference import rel_err
 
 # fp32 budgets of tests/test_kernels.py (interpreter: exact fp32 products; GPU: the default's 3xTF32 dots).
 TOL = 1e-4 if INTERPRETED else 2e-3
@@ -27,13 +28,6 @@ SHAPES = [
     pytest.param(Shape(2, 45, 2, 32, 24, "fp32"), id="dense-B2-T45-H2-K32-V24"),
     pytest.param(Shape(1, 77, 2, 32, 24, "fp32", num_seqs=3), id="packed-T77-N3-H2-K32-V24"),
 ]
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.detach().to("cpu", torch.float64)
-    assert torch.isfinite(x).all()
-    ref = ref.to("cpu")
-    return float((x - ref).norm() / ref.norm())
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from gdn2_tune.kernels.cost import Cost
+from gdn2_tune.kernels.spec import family_of
 from gdn2_tune.profiles.table import DeviceInfo, Profile, Roofs, load_profile
-from gdn2_tune.reports.hardware import family_of, memory_gbps, theoretical_peaks
+from gdn2_tune.reports.hardware import memory_gbps, theoretical_peaks
 from gdn2_tune.reports.roofline import RoofSet, build_report, combine, floors, stage_point
 
 DATA = Path(__file__).parent / "data"

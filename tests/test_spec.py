@@ -4,6 +4,7 @@ move onto a spec changed nothing a shipped table serves."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import itertools
 import json
@@ -51,12 +52,40 @@ def test_the_grep_sees_what_it_forbids(tmp_path: Path) -> None:
     assert not SPACE_IMPORT.search("from gdn2_tune.kernels.config import Param, Shape")
 
 
-def test_the_spec_modules_never_import_profiles_tuner_or_reports() -> None:
-    # The public op (kernels/chunk.py) still asks the dispatcher itself; moving that out is issue 10 §2.
-    for name in ("spec.py", "fwd_spec.py", "fingerprint.py", "config.py", "cost.py"):
-        text = (REPO / "kernels" / name).read_text()
-        path = name
-        assert not re.search(r"^\s*(from|import)\s+gdn2_tune\.(profiles|tuner|reports)", text, re.MULTILINE), path
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at its top or inside a function (a lazy import counts too)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+# Data flows one way (issue 10 §2): the folder on the left never imports the packages on the right.
+FORBIDDEN_IMPORTS = {
+    "kernels": ("gdn2_tune.profiles", "gdn2_tune.tuner", "gdn2_tune.reports"),
+    "reports": ("gdn2_tune.tuner",),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN_IMPORTS))
+def test_data_flows_one_way(folder: str) -> None:
+    offenders = []
+    for path in sorted((REPO / folder).glob("*.py")):
+        for module in sorted(_imported_modules(path)):
+            bad = [p for p in FORBIDDEN_IMPORTS[folder] if module == p or module.startswith(p + ".")]
+            offenders += [f"{folder}/{path.name} imports {module}" for _ in bad]
+    assert not offenders, offenders
+
+
+def test_the_import_scan_sees_lazy_and_from_imports(tmp_path: Path) -> None:
+    # Guard the guard: the form kernels/chunk.py used before (a lazy import inside the op) is caught.
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    from gdn2_tune.profiles.dispatch import select_config\n    import gdn2_tune.tuner\n")
+    assert {"gdn2_tune.profiles.dispatch", "gdn2_tune.tuner"} <= _imported_modules(path)
 
 
 def test_the_forward_is_registered_first() -> None:

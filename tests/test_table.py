@@ -14,6 +14,7 @@ import pytest
 import triton
 
 from gdn2_tune.kernels.config import FwdConfig, Shape, default_config
+from gdn2_tune.kernels.spec import family_from_capability
 from gdn2_tune.profiles import table
 from gdn2_tune.profiles.table import (
     SCHEMA_VERSION,
@@ -25,7 +26,6 @@ from gdn2_tune.profiles.table import (
     TrialRecord,
     device_id_from_name,
     entry_key,
-    family_from_capability,
     kernel_source_hash,
     load_profile,
     merge_profiles,

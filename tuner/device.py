@@ -14,7 +14,8 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
-from gdn2_tune.profiles.table import DeviceInfo, device_id_from_name, family_from_capability
+from gdn2_tune.kernels.spec import family_from_capability
+from gdn2_tune.profiles.table import DeviceInfo, device_id_from_name
 
 INTERPRETER_ID = "cpu-interpreter"
 # Set by the tuner on each worker process: the NVML index of the GPU behind CUDA_VISIBLE_DEVICES (NVML ignores

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gdn2_tune.kernels.config import Shape
-from gdn2_tune.kernels.spec import DEFAULT_OP, get_spec
+from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DEFAULT_OP, DeviceLimits, get_spec
 from gdn2_tune.profiles import table
 from gdn2_tune.tuner.space import freeze
 
@@ -131,10 +131,12 @@ def _relevance(entry: table.Entry, shape: Shape, stage: str) -> tuple[bool, bool
 
 
 def warm_start(
-    shape: Shape, stage: str, tables: Sequence[KnownTable], served: Served | None, trials: int
+    shape: Shape, stage: str, tables: Sequence[KnownTable], served: Served | None, trials: int,
+    device: DeviceLimits = DEFAULT_DEVICE,
 ) -> list[dict[str, Any]]:
     """Flat points to enqueue, in order: the incumbent, the default, then table entries fitted to ``shape``, most
-    relevant first (see :func:`_relevance`; ties keep the table order), each point once."""
+    relevant first (see :func:`_relevance`; ties keep the table order), each point once. The default and the fits
+    are those of ``device``, the tuned GPU's limits."""
     spec = get_spec(stage)
     points: list[dict[str, Any]] = []
     seen: set[Any] = set()
@@ -151,7 +153,7 @@ def warm_start(
 
     if served is not None:
         add(served.config)
-    add(spec.default_config(shape))
+    add(spec.default_config(shape, device))
     ranked = sorted(
         ((entry, i) for i, t in enumerate(tables) for entry in t.profile.entries if entry.stage == stage),
         key=lambda item: (*_relevance(item[0], shape, stage), item[1]),
@@ -160,7 +162,7 @@ def warm_start(
     for entry, _ in ranked:
         if budget <= 0:
             break
-        budget -= add(spec.fit_to_shape(entry.config, shape))
+        budget -= add(spec.fit_to_shape(entry.config, shape, device))
     return points
 
 

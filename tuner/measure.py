@@ -34,6 +34,7 @@ import torch
 
 from gdn2_tune.kernels.buffers import poisoned
 from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.reference import rel_err
 from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, OpRun, get_spec
 
 # L2 is 50 MB on H100 and 60 MB on H200; twice the reported size (256 MiB when unknown) leaves no line of the
@@ -89,15 +90,6 @@ def classify(err: BaseException) -> tuple[str, str]:
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return "out_of_memory", first
     return "error", first
-
-
-def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative Frobenius error of ``x`` against float64 ``ref``; inf when x holds a NaN or Inf."""
-    x = x.detach().to("cpu", torch.float64)
-    if not torch.isfinite(x).all():
-        return math.inf
-    denom = ref.norm().item()
-    return (x - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
 class Bench:
@@ -215,7 +207,7 @@ def gate(bench: Bench, reference: tuple[torch.Tensor, ...], cfg: Any) -> dict[st
     synchronize(bench.device)
     names = bench.spec.output_names
     assert len(outs) == len(reference) == len(names), (len(outs), len(reference), names)
-    errors = {name: rel_error(out, ref) for name, out, ref in zip(names, outs, reference)}
+    errors = {name: rel_err(out, ref) for name, out, ref in zip(names, outs, reference)}
     tol = bench.spec.gate_tolerance[bench.shape.dtype]
     result: dict[str, Any] = {f"err_{name}": err for name, err in errors.items()}
     result["tolerance"] = tol

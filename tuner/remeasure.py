@@ -35,7 +35,7 @@ def measure_profile(profile: Profile, warn: Callable[[str], None]) -> Profile:
                            "times without one")
     import triton
 
-    from gdn2_tune.kernels.spec import get_spec
+    from gdn2_tune.kernels.spec import device_limits, get_spec
     from gdn2_tune.profiles.table import kernel_source_hash, table_op
     from gdn2_tune.tuner.device import detect_device
     from gdn2_tune.tuner.measure import Bench, retime, stage_times
@@ -51,7 +51,7 @@ def measure_profile(profile: Profile, warn: Callable[[str], None]) -> Profile:
         bench = None
         try:
             bench = Bench(e.shape, "cuda", op=e.stage)
-            cfgs = [e.config, get_spec(e.stage).default_config(e.shape)]
+            cfgs = [e.config, get_spec(e.stage).default_config(e.shape, device_limits(device.family))]
             tuned, default = (_timing(t) for t in retime(bench, cfgs, rounds=ROUNDS)["timings"])
             stages = stage_times(bench, cfgs)["stages"]
         except Exception as exc:  # noqa: BLE001 - one entry that no longer runs must not stop the others

@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from gdn2_tune.kernels.config import Shape
-from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, get_spec
+from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DEFAULT_OP, DeviceLimits, KernelSpec, device_limits, get_spec
 from gdn2_tune.profiles import table
 from gdn2_tune.reports.roofline import percent_of_roof
 from gdn2_tune.tuner import known
@@ -99,8 +99,9 @@ class TuneOptions:
     def spec(self) -> KernelSpec:
         return get_spec(self.op)
 
-    def space(self) -> SearchSpace:
-        return SearchSpace(op=self.op).narrowed({k: list(v) for k, v in self.param_choices.items()})
+    def space(self, device: DeviceLimits = DEFAULT_DEVICE) -> SearchSpace:
+        """The op's space, narrowed by ``--param``, checked against ``device`` (the tuned GPU's limits)."""
+        return SearchSpace(op=self.op, device=device).narrowed({k: list(v) for k, v in self.param_choices.items()})
 
     def gate_workers(self) -> int:
         if self.parallel is not None:
@@ -192,15 +193,17 @@ def build_specs(
     *,
     tables: Sequence[known.KnownTable] | None = None,
     served: Mapping[str, known.Served] | None = None,
+    device: DeviceLimits = DEFAULT_DEVICE,
 ) -> list[study_mod.StudySpec]:
     """One study per shape, warm-started from every known config (tuner.known.warm_start): ``served`` (the
     incumbent per key) first, then the default and the entries of ``tables`` (default: only ``existing``).
+    Every point is checked against ``device``, the limits of the GPU being tuned.
 
     Entries of other shapes count too, fitted: a winner found at one shape is often the best or close at its
     neighbours, and TPE alone can miss it. On an H100 (2026-11-26) a 36-point grid at the anchor found
     intra.num_warps=2 at 1.65 ms where 46 TPE trials over the whole space stayed at 1.92.
     """
-    space = options.space()
+    space = options.space(device)
     if options.sampler not in study_mod.SAMPLERS:
         raise ValueError(f"--sampler: expected one of {list(study_mod.SAMPLERS)}, received {options.sampler!r}")
     if tables is None:
@@ -209,7 +212,7 @@ def build_specs(
     op = options.spec
     for shape in options.shapes:
         key = table.entry_key(op.name, shape)
-        warm = known.warm_start(shape, op.name, tables, (served or {}).get(key), options.trials)
+        warm = known.warm_start(shape, op.name, tables, (served or {}).get(key), options.trials, device)
         trials = options.trials
         if options.sampler == "grid":
             grid = list(space.grid(shape))
@@ -327,8 +330,8 @@ def finalize_entry(
         key=lambda t: t.value,  # type: ignore[arg-type, return-value]
     )
     op = get_spec(spec.stage)
-    default = op.default_config(spec.shape)
-    if op.infeasibility(default, spec.shape) is not None:
+    default = op.default_config(spec.shape, spec.space.device)
+    if op.infeasibility(default, spec.shape, spec.space.device) is not None:
         notes.append(f"{spec.key}: the built-in default is infeasible here; entry skipped")
         return None
     dflat = default.flat()
@@ -538,6 +541,9 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     multi = options.gpus is not None and len(options.gpus) > 1
     gpu = None if options.interpret else (options.gpus[0] if options.gpus else None)
     device = detect_device(gpu, interpret=options.interpret)
+    # The constraints check the tuned GPU's limits; the interpreter has none and gets sm90's, as the dispatcher
+    # does without a GPU.
+    limits = device_limits(None if options.interpret else device.family)
     out_path = output_path(options, device)
     existing, warnings = existing_profile(out_path)
     notes: list[str] = [*warnings]
@@ -548,7 +554,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     finalizers = [evaluator]
     # A per-GPU child searches studies whose warm starts (the incumbent first) the parent has already enqueued.
     served = {} if options.search_only else query_served(evaluator, options.shapes, notes)
-    specs = build_specs(options, existing, tables=tables, served=served)
+    specs = build_specs(options, existing, tables=tables, served=served, device=limits)
     progresses = [study_mod.StudyProgress(s.key, s.trials, phase="waiting") for s in specs]
     title = f"gdn2-tune on {device.name} ({options.sampler}, {evaluator.parallel} gate workers)"
     entries: list[table.Entry] = []

@@ -20,18 +20,21 @@ from typing import Any
 import optuna
 
 from gdn2_tune.kernels.config import Param, Shape
-from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DEFAULT_OP, KernelSpec, get_spec
+from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DEFAULT_OP, DeviceLimits, KernelSpec, get_spec
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     """The parameters a study of op ``op`` searches: its spec's space, optionally narrowed (``--param chunk=64``).
 
-    The op is held by name (a table key's prefix), so that the space stays hashable and picklable.
+    The op is held by name (a table key's prefix), so that the space stays hashable and picklable. ``device``: the
+    limits of the GPU the study tunes (tuner.run takes them from the detected device's family), which every
+    feasibility check here reads.
     """
 
     params: tuple[Param, ...] = ()
     op: str = DEFAULT_OP
+    device: DeviceLimits = DEFAULT_DEVICE
 
     def __post_init__(self) -> None:
         if not self.params:
@@ -64,7 +67,7 @@ class SearchSpace:
             cfg = self.config(params)
         except (KeyError, ValueError, TypeError) as err:
             return None, f"not a config: {err}"
-        return (None, reason) if (reason := self.spec.infeasibility(cfg, shape)) else (cfg, None)
+        return (None, reason) if (reason := self.spec.infeasibility(cfg, shape, self.device)) else (cfg, None)
 
     def narrowed(self, choices: Mapping[str, Sequence[Any]]) -> SearchSpace:
         """Keep only ``choices[name]`` for the named parameters; each must be a legal value of that parameter."""
@@ -83,6 +86,7 @@ class SearchSpace:
                 for p in self.params
             ),
             self.op,
+            self.device,
         )
 
     def for_shape(self, shape: Shape) -> SearchSpace:
@@ -101,6 +105,7 @@ class SearchSpace:
         return SearchSpace(
             tuple(Param(p.name, tuple(v for v in p.values if v in seen[p.name]) or p.values, p.doc) for p in self.params),
             self.op,
+            self.device,
         )
 
     def stage_parts(self, shape: Shape) -> Iterator[tuple[int, list[dict[str, Any]], list[dict[str, Any]]]]:
@@ -173,9 +178,7 @@ class SearchSpace:
         re-flattens the config per parameter, 95% of the time of :meth:`stage_parts` (14 s of 15 at the anchor)."""
         spec = self.spec
         cfg = spec.from_flat(params)
-        # The sm90 limits: tables are tuned on the GPU the study runs on, and every one so far is sm90.
-        device = DEFAULT_DEVICE
-        return all(rule(cfg, shape, device) is None for rule in spec.constraints if rule.__name__ != "legal_values")
+        return all(rule(cfg, shape, self.device) is None for rule in spec.constraints if rule.__name__ != "legal_values")
 
     def feasible(self, shape: Shape) -> FeasibleSet:
         """The feasible points at ``shape`` in the factored form of :meth:`stage_parts`. Computed once per process,
