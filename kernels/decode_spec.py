@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from gdn2_tune.kernels.buffers import is_poisoned
+from gdn2_tune.kernels.checks import DTYPE_NAMES, check_token_inputs
 from gdn2_tune.kernels.config import Param, Shape
 from gdn2_tune.kernels.cost import G_BYTES, Cost, element_size
 from gdn2_tune.kernels.decode import FINAL_AT_SLOT, FINAL_NONE, decode_fwd, fused_recurrent_gdn2
@@ -274,6 +275,42 @@ def tokens_per_sequence(shape: Shape) -> float:
 def algorithm_default(shape: Shape, device: DeviceLimits) -> AlgorithmConfig:
     """The recurrent kernel below :data:`DEFAULT_CROSSOVER_T` tokens per sequence, the chunked op from there."""
     return AlgorithmConfig("recurrent" if tokens_per_sequence(shape) < DEFAULT_CROSSOVER_T else "chunk")
+
+
+def algorithm_shape(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None) -> Shape:
+    """The table shape of a call, as the forward keys it: ``Shape(B, T, H, K, V, dtype)``, packed batches with
+    ``num_seqs`` (the dispatcher compares their tokens per sequence with a padded batch's T)."""
+    B, T, H, K = q.shape
+    n = None if cu_seqlens is None else cu_seqlens.numel() - 1
+    return Shape(B, T, H, K, v.shape[-1], DTYPE_NAMES[q.dtype], n)
+
+
+def choose_algorithm(
+    q: object, k: object, v: object, g: object, b: object, w: object,
+    *,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    algorithm: str,
+    choose: Callable[[Shape], AlgorithmConfig] | None,
+) -> str:
+    """``"recurrent"`` or ``"chunk"`` for a call: ``algorithm`` when it names one, else (``"auto"``) ``choose`` of
+    the call's table shape (the dispatcher: gdn2_tune.ops.auto_gdn2), or the built-in default without one. Inputs
+    that require grad always take the chunked op: the recurrent kernel has no backward."""
+    if algorithm not in (*ALGORITHMS, "auto"):
+        raise ValueError(f"algorithm: expected one of {[*ALGORITHMS, 'auto']}, received {algorithm!r}")
+    check_token_inputs(q, k, v, g, b, w)
+    assert isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor)
+    tensors = (q, k, v, g, b, w, initial_state)
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors):
+        if algorithm == "recurrent":
+            raise NotImplementedError("algorithm: 'recurrent' is inference only (no backward); use 'chunk' or "
+                                      "'auto' for inputs that require grad")
+        return "chunk"
+    if algorithm != "auto":
+        return algorithm
+    shape = algorithm_shape(q, v, cu_seqlens)
+    chosen = choose(shape) if choose is not None else ALGORITHM.default_config(shape)
+    return chosen.algorithm
 
 
 def crossover_t(winners: Mapping[int, str]) -> int | None:
