@@ -25,10 +25,12 @@ import pytest
 from optuna.trial import TrialState
 
 from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, fit_to_shape, infeasibility
+from gdn2_tune.kernels.spec import SM90, DeviceLimits
 from gdn2_tune.profiles import table
 from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.device import decode_throttle_reasons
 from gdn2_tune.tuner.measure import quantiles
+from gdn2_tune.tuner.outcome import Outcome, Status, failed, ok
 from gdn2_tune.tuner.replay import RecordedGrid, replay
 from gdn2_tune.tuner.space import SearchSpace, parse_param_choices
 from gdn2_tune.tuner.suite import INTERPRET_SHAPE, SUITE, format_shape, gate_shape, parse_shape
@@ -185,17 +187,17 @@ class RecordingEvaluator:
     def __init__(self) -> None:
         self.gated: list[dict[str, Any]] = []
 
-    def _done(self, out: dict[str, Any]) -> Future[dict[str, Any]]:
-        f: Future[dict[str, Any]] = Future()
+    def _done(self, out: Outcome) -> Future[Outcome]:
+        f: Future[Outcome] = Future()
         f.set_result(out)
         return f
 
-    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
         self.gated.append(dict(params))
-        return self._done({"status": "ok", "reason": None})
+        return self._done(ok())
 
-    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
-        return self._done({"status": "ok", "reason": None, "p50_ms": 1.0 + 0.01 * params["chunk"] / 32})
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
+        return self._done(ok(p50_ms=1.0 + 0.01 * params["chunk"] / 32))
 
     def abandon(self) -> None:
         pass
@@ -261,10 +263,10 @@ class FakeEvaluator:
         self.parallel = 2
         self.timeout = timeout
 
-    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
         return self.gates.submit({"op": "gate", "params": dict(params)}, self.timeout)
 
-    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
         return self.timer.submit({"op": "time", "params": dict(params)}, self.timeout)
 
     def abandon(self) -> None:
@@ -319,9 +321,9 @@ def test_real_worker_answers_errors_and_survives(tmp_path: Path) -> None:
     w = WorkerProcess("real", env(), tmp_path)
     try:
         out = w.call({"op": "gate", "shape": {}, "gate_shape": {}, "params": {"chunk": 64}}, timeout=120)
-        assert out["status"] == "error" and "intra" in out["reason"]
+        assert out.status == Status.ERROR and out.reason is not None and "intra" in out.reason
         pong = w.call({"op": "ping"}, timeout=60)
-        assert pong["status"] == "ok" and w.restarts == 0
+        assert pong.ok and w.restarts == 0
     finally:
         w.kill()
 
@@ -757,19 +759,18 @@ class FinalEvaluator:
         outer = self
 
         class Gates:
-            def call(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+            def call(self, req: Mapping[str, Any], timeout: float) -> Outcome:
                 bad = FwdConfig.from_flat(req["params"]) in outer.gate_fails
-                return {"status": "wrong_answer" if bad else "ok", "reason": "bad" if bad else None}
+                return failed(Status.WRONG_ANSWER, "bad") if bad else ok()
 
         self.gates = Gates()
 
-    def call_timer(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    def call_timer(self, req: Mapping[str, Any], timeout: float) -> Outcome:
         cfgs = [FwdConfig.from_flat(p) for p in req["configs"]]
         if req["op"] == "retime":
             self.retimed = cfgs
-            return {"status": "ok", "timings": [dict(zip(("p20_ms", "p50_ms", "p80_ms", "spread"), self.timings[c]))
-                                                for c in cfgs]}
-        return {"status": "ok", "stages": [{"intra": 0.5, "state": 0.5} for _ in cfgs]}
+            return ok(timings=[dict(zip(("p20_ms", "p50_ms", "p80_ms", "spread"), self.timings[c])) for c in cfgs])
+        return ok(stages=[{"intra": 0.5, "state": 0.5} for _ in cfgs])
 
 
 FAST = flat_config(ANCHOR, **{"intra.num_warps": 8, "state.num_warps": 8})
@@ -883,3 +884,33 @@ def test_a_multi_gpu_run_logs_each_trial_and_finalizes_on_every_gpu(
         assert sum(1 for line in lines if line.startswith(f"{e.key} #")) == e.trials, lines
     logs = {p.name for p in (tmp_path / "run" / "logs").glob("worker-*-time.log")}
     assert any(name.startswith("worker-cpu1-") for name in logs), logs  # the second finalizer timed a study
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed outcomes across the worker pipe; the tuned GPU's limits
+
+
+def test_an_outcome_crosses_the_pipe_as_json_with_a_readable_status() -> None:
+    out = failed(Status.COMPILE_ERROR, "CompilationError: boom", elapsed_s=1.5)
+    data = out.to_json()
+    assert data == {"status": "compile_error", "reason": "CompilationError: boom", "elapsed_s": 1.5}
+    assert Outcome.from_json(data) == out
+    assert Outcome.from_json({"status": "no-such-status", "reason": 3}).status == Status.ERROR
+    assert ok(p50_ms=1.0)["p50_ms"] == 1.0 and ok().ok and not out.ok
+
+
+def test_the_search_space_checks_the_tuned_gpus_limits() -> None:
+    # The sm_90 fault rule (kernels/config.py) must not prune a point on a GPU of another family.
+    shape = Shape(1, 256, 2, 64, 64, "bf16")
+    base = default_config(shape)
+    cfg = dataclasses.replace(base, chunk=64, intra=dataclasses.replace(base.intra, num_warps=8),
+                              state=dataclasses.replace(base.state, num_stages=1))
+    sm100 = DeviceLimits("sm100", SM90.shared_memory_per_block)
+    _, reason = SearchSpace().check(cfg.flat(), shape)
+    assert reason is not None and "faults" in reason
+    assert SearchSpace(device=sm100).check(cfg.flat(), shape) == (cfg, None)
+    assert SearchSpace(device=sm100).narrowed({"chunk": [64]}).for_shape(shape).device == sm100
+    from gdn2_tune.tuner.run import TuneOptions, build_specs
+
+    (spec,) = build_specs(TuneOptions(shapes=(shape,), trials=4), None, device=sm100)
+    assert spec.space.device == sm100

@@ -36,6 +36,7 @@ from gdn2_tune.kernels.buffers import poisoned
 from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.reference import rel_err
 from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, OpRun, get_spec
+from gdn2_tune.tuner.outcome import Outcome, Status, failed, ok
 
 # L2 is 50 MB on H100 and 60 MB on H200; twice the reported size (256 MiB when unknown) leaves no line of the
 # previous repetition resident.
@@ -75,21 +76,21 @@ def quantiles(samples: Sequence[float]) -> Quantiles:
     return Quantiles(q(0.2), q(0.5), q(0.8))
 
 
-def classify(err: BaseException) -> tuple[str, str]:
+def classify(err: BaseException) -> tuple[Status, str]:
     """(status, reason) for an exception raised while compiling or running a config."""
     text = f"{type(err).__name__}: {err}".strip()
     first = text.splitlines()[0][:500] if text else type(err).__name__
     name = type(err).__name__
     if name == "OutOfResources" or "out of resource" in text.lower():
-        return "out_of_resources", first
+        return Status.OUT_OF_RESOURCES, first
     if name in ("CompilationError", "CompileTimeAssertionFailure") or "compil" in name.lower():
-        return "compile_error", first
+        return Status.COMPILE_ERROR, first
     lowered = text.lower()
     if "cuda error" in lowered or "illegal" in lowered or "misaligned" in lowered or "unspecified launch" in lowered:
-        return "fault", first
+        return Status.FAULT, first
     if isinstance(err, torch.cuda.OutOfMemoryError):
-        return "out_of_memory", first
-    return "error", first
+        return Status.OUT_OF_MEMORY, first
+    return Status.ERROR, first
 
 
 class Bench:
@@ -171,7 +172,7 @@ class Bench:
                 fn()
             torch.cuda.synchronize()
         except Exception as err:
-            if classify(err)[0] == "fault":
+            if classify(err)[0] == Status.FAULT:
                 raise Fault(str(err)) from err
             torch.cuda.synchronize()
             return fn, f"eager ({type(err).__name__}: {str(err)[:80]})"
@@ -199,9 +200,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def gate(bench: Bench, reference: tuple[torch.Tensor, ...], cfg: Any) -> dict[str, Any]:
-    """Compare the op at the gate shape with its float64 reference; a dict with status "ok" or "wrong_answer" and
-    the relative error of each output, named ``err_<output name>`` (KernelSpec.output_names)."""
+def gate(bench: Bench, reference: tuple[torch.Tensor, ...], cfg: Any) -> Outcome:
+    """Compare the op at the gate shape with its float64 reference: OK or WRONG_ANSWER, with the relative error
+    of each output, named ``err_<output name>`` (KernelSpec.output_names), and the tolerance."""
     with poisoned():
         outs = bench.forward(cfg)
     synchronize(bench.device)
@@ -215,32 +216,32 @@ def gate(bench: Bench, reference: tuple[torch.Tensor, ...], cfg: Any) -> dict[st
         what = "NaN/Inf in the output" if math.isinf(max(errors.values())) else "error above tolerance"
         listed = ", ".join(f"{name} {err:.3g}" for name, err in errors.items())
         reason = f"{what}: rel. error {listed} (tolerance {tol:g}) at {bench.shape.label()}"
-        return {"status": "wrong_answer", "reason": reason, **result}
-    return {"status": "ok", "reason": None, **result}
+        return failed(Status.WRONG_ANSWER, reason, **result)
+    return ok(**result)
 
 
-def warm(bench: Bench, cfg: Any) -> dict[str, Any]:
+def warm(bench: Bench, cfg: Any) -> Outcome:
     """One run at the tuned shape: compiles the exact specialization the timing worker will load from Triton's
     cache, and checks that no element is left unwritten (NaN) where the gate shape could not tell."""
     with poisoned():
         outs = bench.forward(cfg)
     synchronize(bench.device)
     if not all(bool(torch.isfinite(out).all()) for out in outs):
-        return {"status": "wrong_answer", "reason": f"NaN/Inf in the output at {bench.shape.label()}"}
-    return {"status": "ok", "reason": None}
+        return failed(Status.WRONG_ANSWER, f"NaN/Inf in the output at {bench.shape.label()}")
+    return ok()
 
 
-def time_config(bench: Bench, cfg: Any) -> dict[str, Any]:
+def time_config(bench: Bench, cfg: Any) -> Outcome:
     try:
         fn, launch = bench.replayable(lambda: bench.forward(cfg))
         reps = bench.reps_for(fn)
         q = quantiles(bench.sample(fn, reps))
     finally:
         bench.release()
-    return {"status": "ok", "reason": None, "reps": reps, "launch": launch, **q.to_dict()}
+    return ok(reps=reps, launch=launch, **q.to_dict())
 
 
-def retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, Any]:
+def retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> Outcome:
     """Round robin over ``cfgs``: in each round every config gets a block of repetitions, so drifts in clocks or
     temperature hit all of them alike. Returns per config p20/p50/p80 over all samples and the spread
     (max - min) / median of its per-round medians."""
@@ -250,7 +251,7 @@ def retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, Any]:
         bench.release()
 
 
-def _retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, Any]:
+def _retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> Outcome:
     fns, launches = zip(*(bench.replayable(lambda c=c: bench.forward(c)) for c in cfgs))
     reps = [max(1, bench.reps_for(fn) // max(1, rounds // 2)) for fn in fns]
     samples: list[list[float]] = [[] for _ in cfgs]
@@ -265,10 +266,10 @@ def _retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, Any]:
         q = quantiles(s)
         mid = statistics.median(m)
         out.append({**q.to_dict(), "spread": (max(m) - min(m)) / mid if mid > 0 else 0.0, "reps": len(s)})
-    return {"status": "ok", "reason": None, "timings": out, "launch": list(launches)}
+    return ok(timings=out, launch=list(launches))
 
 
-def stage_times(bench: Bench, cfgs: Sequence[Any], rounds: int = 3) -> dict[str, Any]:
+def stage_times(bench: Bench, cfgs: Sequence[Any], rounds: int = 3) -> Outcome:
     """Median ms of each stage's launch alone, per config, interleaved like :func:`retime`."""
     try:
         return _stage_times(bench, cfgs, rounds)
@@ -276,7 +277,7 @@ def stage_times(bench: Bench, cfgs: Sequence[Any], rounds: int = 3) -> dict[str,
         bench.release()
 
 
-def _stage_times(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, Any]:
+def _stage_times(bench: Bench, cfgs: Sequence[Any], rounds: int) -> Outcome:
     fns = [{name: bench.replayable(fn)[0] for name, fn in bench.stage_fns(c).items()} for c in cfgs]
     samples: list[dict[str, list[float]]] = [{name: [] for name in f} for f in fns]
     reps = [{name: bench.reps_for(fn) for name, fn in f.items()} for f in fns]
@@ -284,8 +285,4 @@ def _stage_times(bench: Bench, cfgs: Sequence[Any], rounds: int) -> dict[str, An
         for i, f in enumerate(fns):
             for name, fn in f.items():
                 samples[i][name].extend(bench.sample(fn, max(1, reps[i][name] // rounds)))
-    return {
-        "status": "ok",
-        "reason": None,
-        "stages": [{name: statistics.median(s) for name, s in per.items()} for per in samples],
-    }
+    return ok(stages=[{name: statistics.median(s) for name, s in per.items()} for per in samples])

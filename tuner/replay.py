@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from gdn2_tune.kernels.config import Param, Shape
 from gdn2_tune.kernels.spec import DEFAULT_OP, get_spec
 from gdn2_tune.tuner import study as study_mod
+from gdn2_tune.tuner.outcome import Outcome, Status, failed, ok
 from gdn2_tune.tuner.space import SearchSpace
 
 Point = tuple[tuple[str, Any], ...]
@@ -84,24 +85,24 @@ class LookupEvaluator:
         self.gates = 0
         self.times = 0
 
-    def _done(self, out: dict[str, Any]) -> Future[dict[str, Any]]:
-        fut: Future[dict[str, Any]] = Future()
+    def _done(self, out: Outcome) -> Future[Outcome]:
+        fut: Future[Outcome] = Future()
         fut.set_result(out)
         return fut
 
-    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
         self.gates += 1
         key = freeze(params)
         if key not in self.grid.values:
-            return self._done({"status": "crash", "reason": "point not in the recorded grid"})
+            return self._done(failed(Status.CRASH, "point not in the recorded grid"))
         if self.grid.values[key] is None:
-            return self._done({"status": "wrong_answer", "reason": "recorded as failed"})
-        return self._done({"status": "ok", "reason": None})
+            return self._done(failed(Status.WRONG_ANSWER, "recorded as failed"))
+        return self._done(ok())
 
-    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
         self.times += 1
         value = self.grid.values[freeze(params)]
-        return self._done({"status": "ok", "reason": None, "p50_ms": value, "p20_ms": value, "p80_ms": value})
+        return self._done(ok(p50_ms=value, p20_ms=value, p80_ms=value))
 
     def abandon(self) -> None:
         pass

@@ -36,6 +36,7 @@ from gdn2_tune.reports.roofline import percent_of_roof
 from gdn2_tune.tuner import known
 from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.device import detect_device, telemetry
+from gdn2_tune.tuner.outcome import Outcome
 from gdn2_tune.tuner.progress import ProgressView
 from gdn2_tune.tuner.space import SearchSpace
 from gdn2_tune.tuner.suite import SUITE, format_shape
@@ -156,16 +157,16 @@ class WorkerEvaluator:
         """``req`` addressed to the run's op: its name and the module that registers it (tuner.worker)."""
         return {**req, "kernel": self.options.op, "kernel_module": self.options.spec.module}
 
-    def gate(self, shape: Shape, gate_shape_: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+    def gate(self, shape: Shape, gate_shape_: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
         req = {"op": "gate", "shape": dataclasses.asdict(shape), "gate_shape": dataclasses.asdict(gate_shape_),
                "params": dict(params)}
         return self.gates.submit(self.request(req), self.options.gate_timeout_s)
 
-    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]:
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
         req = {"op": "time", "shape": dataclasses.asdict(shape), "params": dict(params)}
         return self.timer.submit(self.request(req), self.options.time_timeout_s)
 
-    def call_timer(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    def call_timer(self, req: Mapping[str, Any], timeout: float) -> Outcome:
         return self.timer.call(self.request(req), timeout)
 
     def abandon(self) -> None:
@@ -270,8 +271,8 @@ def query_served(evaluator: WorkerEvaluator, shapes: Sequence[Shape], notes: lis
     """What the dispatcher serves at each shape now, by entry key, asked of the timing worker (tuner.known)."""
     out = evaluator.call_timer({"op": "served", "shapes": [dataclasses.asdict(s) for s in shapes]},
                                evaluator.options.time_timeout_s)
-    if out.get("status") != "ok":
-        notes.append(f"could not ask the dispatcher what it serves now ({out.get('status')}: {out.get('reason')}); "
+    if not out.ok:
+        notes.append(f"could not ask the dispatcher what it serves now ({out.describe()}); "
                      "no incumbent is timed, each entry is the best candidate")
         return {}
     op = evaluator.options.op
@@ -310,7 +311,7 @@ def _gate_failure(
         {"op": "gate", "shape": dataclasses.asdict(spec.shape), "gate_shape": dataclasses.asdict(spec.gate_shape),
          "params": dict(params), "kernel": spec.stage, "kernel_module": get_spec(spec.stage).module},
         evaluator.options.gate_timeout_s)
-    return None if out.get("status") == "ok" else f"{out.get('status')}: {out.get('reason')}"
+    return None if out.ok else out.describe()
 
 
 def finalize_entry(
@@ -359,8 +360,8 @@ def finalize_entry(
     # The re-time does top_k+1 configs × rounds blocks of the per-trial repetitions: allow it several trial timeouts.
     out = evaluator.call_timer({"op": "retime", "shape": shape_d, "configs": candidates, "rounds": options.retime_rounds},
                                options.time_timeout_s * (len(candidates) + 1))
-    if out.get("status") != "ok":
-        notes.append(f"{spec.key}: the final re-time failed ({out.get('status')}: {out.get('reason')}); entry skipped")
+    if not out.ok:
+        notes.append(f"{spec.key}: the final re-time failed ({out.describe()}); entry skipped")
         return None
     timings = [table.Timing(**{k: t[k] for k in ("p20_ms", "p50_ms", "p80_ms", "spread")}) for t in out["timings"]]
     i_def = candidates.index(dflat)
@@ -369,8 +370,8 @@ def finalize_entry(
     chosen = decision.chosen
     stages = evaluator.call_timer({"op": "stages", "shape": shape_d, "configs": [candidates[chosen], dflat]},
                                   options.time_timeout_s * 3)
-    if stages.get("status") != "ok":
-        notes.append(f"{spec.key}: stage timing failed ({stages.get('status')}: {stages.get('reason')}); entry skipped")
+    if not stages.ok:
+        notes.append(f"{spec.key}: stage timing failed ({stages.describe()}); entry skipped")
         return None
     c = study_mod.count(trials)
     if decision.best != 0 and decision.verdict != known.Verdict.KEPT:
@@ -466,8 +467,8 @@ def _measure_roofs(evaluator: WorkerEvaluator, device: table.DeviceInfo, notes: 
     if evaluator.options.interpret:
         return None
     out = evaluator.call_timer({"op": "roofs", "device": device.to_dict()}, ROOFS_RESERVE_S * 4)
-    if out.get("status") != "ok":
-        notes.append(f"roofs not measured: {out.get('status')}: {out.get('reason')}")
+    if not out.ok:
+        notes.append(f"roofs not measured: {out.describe()}")
         return None
     return table.Roofs.from_dict(out["roofs"])
 

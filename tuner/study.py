@@ -1,9 +1,10 @@
 """One Optuna study per (stage, shape bucket): the search loop, its storage, and resuming it after a kill.
 
 The loop asks the sampler for points, sends them to an :class:`Evaluator` (worker processes that gate and
-compile in parallel, then time one at a time on the GPU) and tells the study each outcome. Everything a trial
-learns is stored as user attributes: ``status`` (a :class:`Status`), ``reason``, the timing quantiles and the NVML
-telemetry of its measurement.
+compile in parallel, then time one at a time on the GPU) and tells the study each outcome (a
+:class:`tuner.outcome.Outcome`). Everything a trial learns is stored as user attributes: ``status`` (a
+:class:`tuner.outcome.Status`, stored as its string), ``reason``, the timing quantiles and the NVML telemetry of its
+measurement.
 
 The sampler proposes only feasible points no trial has yet (:class:`FeasibleSampler`), so the budget goes to
 timed trials: the infeasible draws it rejects are counted (``FeasibleSampler.rejected``) but never stored. A point
@@ -28,7 +29,6 @@ on another host a heartbeat older than :data:`STALE_AFTER_S` does.
 
 from __future__ import annotations
 
-import enum
 import math
 import os
 import random
@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.spec import get_spec
+from gdn2_tune.tuner.outcome import Outcome, Status
 from gdn2_tune.tuner.space import FeasibleSet, SearchSpace, freeze
 
 STALE_AFTER_S = 600.0  # no heartbeat for this long: the owner on another host is gone
@@ -53,31 +54,6 @@ HEARTBEAT_EVERY_S = 60.0
 # process killed between the two leaves a trial with no owner. A live process closes that window within
 # milliseconds, so an ownerless trial this old, with a later trial already owned, was abandoned.
 OWNERLESS_GRACE_S = 2.0
-
-
-class Status(enum.StrEnum):
-    """A trial's outcome, stored as its ``status`` user attribute (a plain string in the storage)."""
-
-    OK = "ok"
-    INFEASIBLE = "infeasible"
-    DUPLICATE = "duplicate"
-    COMPILE_ERROR = "compile_error"
-    OUT_OF_RESOURCES = "out_of_resources"
-    WRONG_ANSWER = "wrong_answer"
-    OUT_OF_MEMORY = "out_of_memory"
-    ERROR = "error"
-    TIMEOUT = "timeout"
-    CRASH = "crash"
-    FAULT = "fault"
-    INTERRUPTED = "interrupted"
-
-    @staticmethod
-    def of(value: Any) -> Status:
-        """The status a worker answered or a trial stored; anything unknown is an error, not an exception."""
-        try:
-            return Status(str(value))
-        except ValueError:
-            return Status.ERROR
 
 
 # Outcomes that describe the config (deterministic: measuring again gives the same answer).
@@ -105,9 +81,9 @@ class Evaluator(Protocol):
 
     parallel: int
 
-    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]: ...
+    def gate(self, shape: Shape, gate_shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]: ...
 
-    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[dict[str, Any]]: ...
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]: ...
 
     def abandon(self) -> None:
         """Give up the gates in flight (kill those workers); their futures may then resolve to anything."""
@@ -562,9 +538,9 @@ def run_study(
             finished.setdefault(_freeze(t.params), t)
     tried_feasible = {k for k, t in finished.items() if t.user_attrs.get("status") != Status.INFEASIBLE}
 
-    gating: dict[Future[dict[str, Any]], optuna.trial.Trial] = {}
+    gating: dict[Future[Outcome], optuna.trial.Trial] = {}
     queued: list[optuna.trial.Trial] = []  # passed the gate, waiting for the (single) timing worker
-    timing: dict[Future[dict[str, Any]], optuna.trial.Trial] = {}
+    timing: dict[Future[Outcome], optuna.trial.Trial] = {}
     inflight_params: set[tuple[tuple[str, Any], ...]] = set()
     asks = 0
     last_beat = time.time()
@@ -576,15 +552,15 @@ def run_study(
             on_update()
         return c
 
-    def finish(trial: optuna.trial.Trial, out: Mapping[str, Any], evaluated: bool = True) -> None:
-        status = Status.of(out.get("status", Status.ERROR))
-        trial.set_user_attr("status", status.value)
-        trial.set_user_attr("reason", out.get("reason"))
+    def finish(trial: optuna.trial.Trial, out: Outcome, evaluated: bool = True) -> None:
+        status = out.status
+        trial.set_user_attr("status", status.value)  # the string: the storage stays readable without this code
+        trial.set_user_attr("reason", out.reason)
         trial.set_user_attr("evaluated", evaluated)
         # err_<output> come from the gate (tuner.measure.gate), one per output the op's spec names.
-        errors = tuple(name for name in out if name.startswith("err_"))
+        errors = tuple(name for name in out.data if name.startswith("err_"))
         for name in ("p20_ms", "p80_ms", "reps", "launch", *errors, "telemetry", "elapsed_s", "wall_s"):
-            if name in out and out[name] is not None:
+            if out.get(name) is not None:
                 value = out[name]
                 trial.set_user_attr(name, None if isinstance(value, float) and not math.isfinite(value) else value)
         if out.get("telemetry"):
@@ -656,7 +632,7 @@ def run_study(
                 continue
             cfg, reason = spec.space.check(params, spec.shape)
             if cfg is None:
-                finish(trial, {"status": Status.INFEASIBLE, "reason": reason}, evaluated=False)
+                finish(trial, Outcome(Status.INFEASIBLE, reason), evaluated=False)
                 continue
             trial.set_user_attr("evaluated", True)  # counted as running by other processes sharing the study
             trial.set_user_attr("heartbeat", time.time())
@@ -685,7 +661,7 @@ def run_study(
             evaluator.abandon()
             for trial in gating.values():
                 # Not the config's fault: mark it interrupted (not counted) and enqueue it for the next run.
-                finish(trial, {"status": Status.INTERRUPTED, "reason": "study deadline passed while it compiled"}, False)
+                finish(trial, Outcome(Status.INTERRUPTED, "study deadline passed while it compiled"), False)
                 study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
             gating.clear()
             continue
@@ -694,8 +670,8 @@ def run_study(
             out = fut.result()
             if fut in gating:
                 trial = gating.pop(fut)
-                if Status.of(out.get("status")) == Status.OK:
-                    for name in out:
+                if out.ok:
+                    for name in out.data:
                         if name.startswith("err_"):
                             trial.set_user_attr(name, out[name])
                     queued.append(trial)

@@ -4,11 +4,12 @@ A CUDA fault poisons the context of the process it happens in, and a hung kernel
 process never launches a kernel itself. It talks to long-lived children over pipes, one JSON object per line:
 
     parent ─► {"op": "gate", "shape": ..., "gate_shape": ..., "params": ...}   ─► child
-    parent ◄─ {"status": "ok" | "wrong_answer" | "compile_error" | ..., "reason": ..., ...} ◄─ child
+    parent ◄─ Outcome as JSON: {"status": "ok" | "wrong_answer" | "compile_error" | ..., "reason": ..., ...} ◄─ child
 
+Both sides speak :class:`tuner.outcome.Outcome`: the child sends one, :meth:`WorkerProcess.call` returns one.
 A child that faults answers once and exits; one that does not answer within the timeout is killed. Either way
-:class:`WorkerProcess` restarts it for the next request and the request is reported as an outcome ("fault",
-"timeout", "crash"), never raised. Children stay alive between requests so that torch, the CUDA context, the
+:class:`WorkerProcess` restarts it for the next request and the request is reported as an outcome (FAULT,
+TIMEOUT, CRASH), never raised. Children stay alive between requests so that torch, the CUDA context, the
 inputs of the current shape and the float64 reference are paid for once per study, not once per trial.
 
 Run as ``python -m gdn2_tune.tuner.worker``; ``--interpret`` children are started with TRITON_INTERPRET=1 by the parent.
@@ -32,9 +33,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gdn2_tune.kernels.spec import DEFAULT_OP
+from gdn2_tune.tuner.outcome import FATAL, Outcome, Status, failed, ok
 
-# Outcomes after which the child process must not be reused.
-FATAL = ("fault",)
 STDERR_TAIL_CHARS = 2000
 REFERENCE_THREADS = 2
 
@@ -83,7 +83,7 @@ class _Child:
             self._references[key] = bench.run.reference()
         return self._references[key]
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, req: dict[str, Any]) -> Outcome:
         from gdn2_tune.kernels.spec import get_spec
         from gdn2_tune.tuner import measure
 
@@ -94,22 +94,22 @@ class _Child:
             importlib.import_module(req["kernel_module"])
         op = req.get("op")
         if op == "ping":
-            return {"status": "ok", "reason": None, "pid": os.getpid(), "device": self.device}
+            return ok(pid=os.getpid(), device=self.device)
         if op == "telemetry":
             from gdn2_tune.tuner.device import telemetry
 
-            return {"status": "ok", "reason": None, "telemetry": telemetry(interpret=self.interpret).to_dict()}
+            return ok(telemetry=telemetry(interpret=self.interpret).to_dict())
         if op == "roofs":
             from gdn2_tune.profiles.table import DeviceInfo
             from gdn2_tune.tuner.roofs import measure_roofs
 
-            return {"status": "ok", "reason": None, "roofs": measure_roofs(DeviceInfo.from_dict(req["device"])).to_dict()}
+            return ok(roofs=measure_roofs(DeviceInfo.from_dict(req["device"])).to_dict())
 
         if op == "served":
             # The dispatcher of this process sees the tuned GPU (or the interpreter) and the user's environment.
             from gdn2_tune.tuner.known import served_now
 
-            return {"status": "ok", "reason": None, "served": served_now(req["shapes"], kernel)}
+            return ok(served=served_now(req["shapes"], kernel))
 
         spec = get_spec(kernel)
         t0 = time.perf_counter()
@@ -117,8 +117,9 @@ class _Child:
             cfg = spec.from_flat(req["params"])
             gb = self.bench(req["gate_shape"], strong_decay=True, kernel=kernel)
             out = measure.gate(gb, self.reference(gb), cfg)
-            if out["status"] == "ok" and req["gate_shape"] != req["shape"]:
-                out = {**out, **measure.warm(self.bench(req["shape"], kernel=kernel), cfg)}
+            if out.ok and req["gate_shape"] != req["shape"]:
+                warmed = measure.warm(self.bench(req["shape"], kernel=kernel), cfg)
+                out = Outcome(warmed.status, warmed.reason, {**out.data, **warmed.data})
         elif op == "time":
             out = measure.time_config(self.bench(req["shape"], kernel=kernel), spec.from_flat(req["params"]))
         elif op == "retime":
@@ -128,12 +129,12 @@ class _Child:
             cfgs = [spec.from_flat(p) for p in req["configs"]]
             out = measure.stage_times(self.bench(req["shape"], kernel=kernel), cfgs)
         else:
-            return {"status": "error", "reason": f"unknown op {op!r}"}
-        out["elapsed_s"] = time.perf_counter() - t0
+            return failed(Status.ERROR, f"unknown op {op!r}")
+        out = out.with_data(elapsed_s=time.perf_counter() - t0)
         if op in ("time", "retime"):
             from gdn2_tune.tuner.device import telemetry
 
-            out["telemetry"] = telemetry(interpret=self.interpret).to_dict()
+            out = out.with_data(telemetry=telemetry(interpret=self.interpret).to_dict())
         return out
 
 
@@ -153,9 +154,9 @@ def child_main(stdin: TextIO, reply: TextIO) -> int:
 
             status, reason = classify(err)
             traceback.print_exc(file=sys.stderr)
-            out = {"status": status, "reason": reason}
+            out = failed(status, reason)
             fatal = status in FATAL
-        reply.write(json.dumps(out, default=float) + "\n")
+        reply.write(json.dumps(out.to_json(), default=float) + "\n")
         reply.flush()
         if fatal:
             return 3
@@ -180,7 +181,7 @@ def worker_argv() -> list[str]:
 
 
 class WorkerProcess:
-    """One child, restarted on demand. :meth:`call` blocks and always returns a dict with "status" and "reason"."""
+    """One child, restarted on demand. :meth:`call` blocks and always returns an :class:`Outcome`."""
 
     def __init__(self, name: str, env: Mapping[str, str], log_dir: Path, argv: Sequence[str] | None = None) -> None:
         self.name = name
@@ -237,7 +238,7 @@ class WorkerProcess:
             except OSError:
                 pass
 
-    def call(self, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    def call(self, request: Mapping[str, Any], timeout: float) -> Outcome:
         if self._proc is None or self._proc.poll() is not None:
             if self._proc is not None:
                 self.kill()
@@ -250,24 +251,28 @@ class WorkerProcess:
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
             self.kill()
-            return {"status": "crash", "reason": f"worker {self.name} exited before the request: {self._stderr_tail()}"}
+            return failed(Status.CRASH, f"worker {self.name} exited before the request: {self._stderr_tail()}")
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
             self.kill()
-            return {"status": "timeout", "reason": f"no answer within {timeout:.0f} s (hang or very slow compile)"}
+            return failed(Status.TIMEOUT, f"no answer within {timeout:.0f} s (hang or very slow compile)")
         if line is None:
             code = self._proc.wait() if self._proc is not None else None
             tail = self._stderr_tail()
             self.kill()
-            return {"status": "crash", "reason": f"worker {self.name} died (exit code {code}): {tail}"}
+            return failed(Status.CRASH, f"worker {self.name} died (exit code {code}): {tail}")
         try:
-            out = json.loads(line)
-        except json.JSONDecodeError:
+            answer = json.loads(line)
+            if not isinstance(answer, dict):
+                raise TypeError(f"expected a JSON object, received {type(answer).__name__}")
+        except (json.JSONDecodeError, TypeError):
             self.kill()
-            return {"status": "crash", "reason": f"worker {self.name} sent an unreadable answer: {line[:200]!r}"}
-        out.setdefault("wall_s", time.monotonic() - t0)
-        if out.get("status") in FATAL:
+            return failed(Status.CRASH, f"worker {self.name} sent an unreadable answer: {line[:200]!r}")
+        out = Outcome.from_json(answer)
+        if "wall_s" not in out.data:
+            out = out.with_data(wall_s=time.monotonic() - t0)
+        if out.status in FATAL:
             self.kill()  # it exits by itself; make sure, and start a fresh one next time
         return out
 
@@ -286,14 +291,14 @@ class WorkerPool:
     def size(self) -> int:
         return len(self.workers)
 
-    def call(self, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    def call(self, request: Mapping[str, Any], timeout: float) -> Outcome:
         worker = self._free.get()
         try:
             return worker.call(request, timeout)
         finally:
             self._free.put(worker)
 
-    def submit(self, request: Mapping[str, Any], timeout: float) -> Future[dict[str, Any]]:
+    def submit(self, request: Mapping[str, Any], timeout: float) -> Future[Outcome]:
         return self._executor.submit(self.call, request, timeout)
 
     def close(self) -> None:
