@@ -130,18 +130,26 @@ def test_the_gate_shape_compiles_what_is_timed_with_fewer_sequences() -> None:
 # Tune, then serve
 
 
-def test_tune_interpret_writes_a_decode_entry_the_dispatcher_serves_to_the_op(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_tables: None
-) -> None:
-    out = tmp_path / "decode.json"
-    code = cli.main(["tune", "--op", DECODE_OP, "--interpret", "--no-progress", "--trials", "2",
-                     "--param", "num_stages=1", "--param", "num_warps=1,2",
+def tune_interpret(
+    op: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str
+) -> tuple[Path, table.Profile, table.Entry]:
+    """`tune.py tune --interpret --op OP` at the op's interpreter shape, two trials: the table, its one entry."""
+    out = tmp_path / f"{op}.json"
+    code = cli.main(["tune", "--op", op, "--interpret", "--no-progress", "--trials", "2", *extra,
                      "--run-dir", str(tmp_path / "run"), "--output", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.out + captured.err
     profile, problems = table.load_profile(out)
     assert profile is not None and not problems, problems
     (entry,) = profile.entries
+    return out, profile, entry
+
+
+def test_tune_interpret_writes_a_decode_entry_the_dispatcher_serves_to_the_op(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_tables: None
+) -> None:
+    out, profile, entry = tune_interpret(DECODE_OP, tmp_path, capsys, "--param", "num_stages=1",
+                                         "--param", "num_warps=1,2")
     shape = get_spec(DECODE_OP).interpret_shape
     assert entry.key == table.entry_key(DECODE_OP, shape) == "decode/K16-V16-fp32/T1-BH4"
     assert isinstance(entry.config, DecodeConfig) and set(entry.stage_ms) == {"step"}
@@ -207,14 +215,7 @@ def test_a_forced_algorithm_and_grad_override_the_table(no_tables: None) -> None
 def test_tune_interpret_then_the_auto_entry_follows_the_table_per_t_bucket(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_tables: None
 ) -> None:
-    out = tmp_path / "algorithm.json"
-    code = cli.main(["tune", "--op", ALGORITHM_OP, "--interpret", "--no-progress", "--trials", "2",
-                     "--run-dir", str(tmp_path / "run"), "--output", str(out)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.out + captured.err
-    profile, problems = table.load_profile(out)
-    assert profile is not None and not problems, problems
-    (entry,) = profile.entries
+    _, profile, entry = tune_interpret(ALGORITHM_OP, tmp_path, capsys)
     assert entry.key == "algorithm/K16-V16-fp32/T4-BH1" and isinstance(entry.config, AlgorithmConfig)
 
     # Replay: what a GPU run over T ∈ {1, 4, 8, 32} would have recorded, the chunked op winning from T = 8 on (the
