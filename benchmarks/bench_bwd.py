@@ -78,24 +78,23 @@ def environment() -> dict:
 
 
 def fla_op(untuned: bool = False) -> Callable | None:
-    """fla's chunk_gdn2; with ``untuned``, every fla kernel keeps only the first config of its autotune list, so
+    """fla's chunk_gdn2; with ``untuned``, every autotuned kernel of fla keeps only the first config of its list, so
     that no call autotunes (minutes per shape). Its gradients' errors barely depend on the tiling, its speed does:
     use it for the accuracy rows only, and say so where its figures are quoted."""
-    if untuned:
-        try:
-            import fla.ops.utils.cache as fla_cache
-        except ImportError:
-            return None
-        autotune = fla_cache.fla_cache_autotune
-
-        def first_config_only(configs, *args, **kwargs):
-            return autotune(list(configs)[:1], *args, **kwargs)
-
-        fla_cache.fla_cache_autotune = first_config_only  # before fla.ops.gdn2 imports it
     try:
         from fla.ops.gdn2 import chunk_gdn2 as op
     except ImportError:
         return None
+    if untuned:
+        # fla decorates its kernels when its modules import (importing any of fla imports them all), so the
+        # autotuners already exist: trim each one's list in place.
+        from triton.runtime.autotuner import Autotuner
+
+        for name, module in list(sys.modules.items()):
+            if name.startswith("fla.") and module is not None:
+                for obj in list(vars(module).values()):
+                    if isinstance(obj, Autotuner) and len(obj.configs) > 1:
+                        obj.configs = obj.configs[:1]
     return op
 
 
