@@ -4,10 +4,11 @@ Only the inputs (and the initial state, and a packed batch's index) are saved by
 one call:
 
 1. **Recompute.** The forward's intra launcher (kernels/intra.py) at the forward's chunk length, for Y, U, Q_γ,
-   K_tail, A_qk, γ_C, writing fp32 (3xTF32 dots) wherever the reverse pass can stage fp32 operands (else the input
-   dtype, as the forward keeps them); then :func:`_entering_states_kernel`, the forward's state recurrence storing
-   every chunk's entering state S0 in fp32 [chunks, H, K, V]. (It is a copy of the split-output state pass of
-   kernels/state.py without the O/R stores, in this file so that a signature change there cannot break it.)
+   K_tail, A_qk, γ_C and A = (I + T)^-1 (the launch's scratch), writing fp32 (3xTF32 dots) wherever the reverse
+   pass can stage fp32 operands (else the input dtype, as the forward keeps them; A_qk and A are fp32 always);
+   then :func:`_entering_states_kernel`, the forward's state recurrence storing every chunk's entering state S0 in
+   fp32 [chunks, H, K, V]. (It is a copy of the split-output state pass of kernels/state.py without the O/R
+   stores, in this file so that a signature change there cannot break it.)
 2. **Reverse state pass** (:func:`_state_bwd_kernel`): one program per (sequence, head, V tile), walking the
    chunks of its sequence backwards with the state gradient dS ∈ R^{K×BV} in fp32 registers. In the symbols of
    ../shared/GDN2.md, per chunk, with dS = dS_C on entry:
@@ -18,14 +19,16 @@ one call:
    one program per state tile, no atomics.
 3. **Local gradients.** Given S0 and dS_C every chunk is an independent function (q, k, v, g, b, w; S0) → (O, S_C),
    differentiated with upstream (dO, dS_C), chunks in groups of bounded memory (:func:`_local_grads`):
-   - the pair products T, A_qk and their backward in Triton (kernels/pairwise.py): every decay factor is
+   - the value side, every sum over V (R, dR, dA_qk, dQ_γ, dK_tail, dY, dA, dT, dĒ, and dv, dw written straight
+     into the token layout), in one fused launch per (chunk, head) (kernels/bwd_local.py) that reads the
+     recomputed A and A_qk; ``value_side="torch"`` instead re-forms T and A_qk with the pair kernels, solves for
+     A (torch.linalg.solve_triangular) and writes the products as batched torch matmuls (fp32);
+   - the backward of the decay-weighted pair products in Triton (kernels/pairwise.py): every decay factor is
      exp(G_r − G_s) with r ≥ s, so neither exp(−G) nor k/γ exists and dg stays finite under g = −10 per step;
-   - A = (I + T)^-1 (torch.linalg.solve_triangular, fp32) and the C×C / C×K / K×V products of the backward
-     equations as batched torch matmuls (fp32; they honour torch.backends.cuda.matmul.allow_tf32);
    - the key-side elementwise tail (dq, dk, db, dg with its reverse cumulative sum inside the chunk, the decay
      floor) in one Triton launch (:func:`_key_side_kernel`), then the l2 norm's backward in torch.
    ``BwdConfig(local="autograd")`` instead runs torch autograd through :func:`_local_chunk` (pairs as a masked
-   [C, C, K] tensor): simple, memory-hungry, and the cross-check of the first.
+   [C, C, K] tensor): simple, memory-hungry, and the cross-check of the others.
 
 **Packed batches** are memory-safe as the forward is (kernels/varlen.py). The forward builds the sanitised offsets
 and the chunk index on the device (:func:`packed_index`, no host sync) and saves them, not the caller's
@@ -35,8 +38,8 @@ each per-chunk slot to the per-chunk buffers, as the forward's state pass does (
 gathers of step 3 are bounded by the sanitised offsets and T: launched with raw offsets, or with an index built
 from other offsets, no launch of the backward reads or writes outside its buffers.
 
-Step 3's torch part (layout copies, matmuls, the solve) is the slow part: a fused Triton kernel per (chunk, head)
-is the next step. Every step is deterministic: Triton programs own their outputs, and the torch ops used (matmul,
+What is still torch in step 3 (the chunk-major copies of q, k, g, b, the prefix sums and exponentials of the
+key side's factors, the l2 norm's backward) is the next thing to fuse. Every step is deterministic: Triton programs own their outputs, and the torch ops used (matmul,
 cumsum, sum, triangular solve, gather, index_put onto distinct rows) have no atomics.
 """
 
@@ -50,6 +53,7 @@ import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
+from gdn2_tune.kernels.bwd_local import local_v_side
 from gdn2_tune.kernels.config import (
     MAX_REGISTERS_PER_THREAD,
     SHARED_MEMORY_LIMIT_BYTES,
@@ -104,6 +108,11 @@ class BwdConfig:
     # benchmarks/exp_bwd_variants.py) the Triton launch took forward + backward from 35.1 to 31.2 ms, its gradients
     # within 7e-6 (relative) of the torch ops'.
     key_side: str = "triton"
+    # The value side (everything that sums over V: R, dR, dA_qk, dQ_γ, dK_tail, dY, dA, dT, dĒ, dv, dw): one
+    # fused Triton launch per (chunk, head) (kernels/bwd_local.py), or batched torch matmuls ("torch").
+    value_side: str = "triton"
+    value_BV: int = 32  # V tile of the fused value-side launch
+    value_warps: int = 8
 
     def label(self) -> str:
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
@@ -137,6 +146,12 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return "local='pairs' computes in fp32 (the Triton pair kernels take fp32 factors)"
     if cfg.key_side not in ("triton", "torch"):
         return f"key_side={cfg.key_side!r} is not one of ['triton', 'torch']"
+    if cfg.value_side not in ("triton", "torch"):
+        return f"value_side={cfg.value_side!r} is not one of ['triton', 'torch']"
+    if cfg.value_side == "triton" and cfg.key_side != "triton":
+        return "value_side='triton' hands its results to the Triton key side: key_side must be 'triton' too"
+    if cfg.value_BV < 16 or cfg.value_BV & (cfg.value_BV - 1) or cfg.value_warps not in (1, 2, 4, 8, 16):
+        return f"value_BV={cfg.value_BV} must be a power of two >= 16 and value_warps={cfg.value_warps} in 1..16"
     if cfg.pair_precision not in PAIR_PRECISIONS:
         return f"pair_precision={cfg.pair_precision!r} is not one of {list(PAIR_PRECISIONS)}"
     if cfg.pair_BC < 16 or chunk % cfg.pair_BC or cfg.pair_BK < 16 or cfg.pair_BK & (cfg.pair_BK - 1):
@@ -144,7 +159,8 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
     kp, vp = _padded(shape.K), _padded(shape.V)
     if cfg.BV < 16 or cfg.BV > vp or cfg.BV & (cfg.BV - 1):
         return f"BV={cfg.BV} must be a power of two in [16, {vp}]"
-    per_stage = operand_bytes * (3 * chunk * kp + chunk * cfg.BV + chunk * chunk)
+    # A_qk is recomputed in fp32 whatever the other operands' dtype (the fused value side reads it too).
+    per_stage = operand_bytes * (3 * chunk * kp + chunk * cfg.BV) + 4 * chunk * chunk
     if int(1.1 * max(1, cfg.num_stages) * per_stage) > SHARED_MEMORY_LIMIT_BYTES:
         return f"reverse pass needs ~{int(1.1 * cfg.num_stages * per_stage) // 1024} KiB of shared memory"
     live = kp * cfg.BV + 2 * chunk * cfg.BV  # dS, dR and the dO tile
@@ -290,6 +306,14 @@ class ChunkLayout:
         out[self.index.reshape(-1)] = xc.reshape(-1, *xc.shape[2:])
         return out[: self.T].unsqueeze(0)
 
+    def token_rows(self, device: torch.device) -> torch.Tensor:
+        """[num_chunks, C] int64: the flat token row (b·T + t) of each chunk row, −1 for a padding row."""
+        if self.index is None:
+            t = torch.arange(self.NT * self.C, device=device).view(self.NT, self.C)
+            flat = torch.arange(self.B, device=device).view(-1, 1, 1) * self.T + t
+            return torch.where(t < self.T, flat, -1).reshape(self.num_chunks, self.C)
+        return torch.where(self.index < self.T, self.index, -1).to(torch.int64)
+
     def per_chunk(self, x: torch.Tensor) -> torch.Tensor:
         """Zero the per-chunk buffers' phantom slots (the launchers never write them)."""
         if self.live is None:
@@ -408,21 +432,70 @@ def _key_side_kernel(
     tl.store(dg + p, d_g, mask=m)
 
 
+@dataclass(frozen=True)
+class ValueTokens:
+    """What the fused value side reads and writes for one group of chunks: the recomputed A of the group's chunks
+    (fp32 [n, H, C, C]) and the whole call's A_qk [B, T, H, C] (both from the intra stage, so the pair products
+    and the solve are not run again); v, w, do [B, T, H, V] (contiguous, one dtype); the group's ``rows`` (int64
+    [n, C], flat token row or −1); and the whole call's dv, dw buffers, which each group's launch fills on its own
+    tokens."""
+
+    a: torch.Tensor
+    aqk: torch.Tensor
+    v: torch.Tensor
+    w: torch.Tensor
+    do: torch.Tensor
+    rows: torch.Tensor
+    dv: torch.Tensor
+    dw: torch.Tensor
+
+
+def _key_side(
+    q: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, qs: torch.Tensor, b: torch.Tensor, g: torch.Tensor,
+    G: torch.Tensor, r_q: torch.Tensor | None, r_k: torch.Tensor | None,
+    d_t: torch.Tensor, d_aqk: torch.Tensor, d_e: torch.Tensor, d_qg: torch.Tensor, d_kt: torch.Tensor,
+    d_last: torch.Tensor, d_v: torch.Tensor | None, d_w: torch.Tensor | None,
+    *, scale: float, l2norm: bool, cfg: BwdConfig, pair: dict,
+) -> tuple[torch.Tensor | None, ...]:
+    """From the products' gradients to (dq, dk, dv, dg, db, dw): the pair backward (kernels/pairwise.py), the
+    Triton key-side tail (:func:`_key_side_kernel`), then the l2 norm's backward in torch."""
+    bk = (b * kn).contiguous()
+    dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
+    d_qn, d_kn, d_b, d_g = (output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
+    n, H, C, K = q.shape
+    if n * H:
+        _key_side_kernel[(triton.cdiv(K, KEY_SIDE_BK), n * H)](
+            qs, kn, b.contiguous(), g.contiguous(), G, dx_t, dx_a, dy_pairs,
+            d_e.contiguous(), d_qg.contiguous(), d_kt.contiguous(), d_last.contiguous(),
+            d_qn, d_kn, d_b, d_g,
+            scale, K, C=C, BK=KEY_SIDE_BK,
+        )
+    if l2norm:
+        d_q = r_q * (d_qn - qn * (qn * d_qn).sum(-1, keepdim=True))
+        d_k = r_k * (d_kn - kn * (kn * d_kn).sum(-1, keepdim=True))
+    else:
+        d_q, d_k = d_qn, d_kn
+    return d_q, d_k, d_v, d_g, d_b, d_w
+
+
 def _local_grads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     s0: torch.Tensor, d_o: torch.Tensor, ds_c: torch.Tensor, *, scale: float, l2norm: bool, cfg: BwdConfig,
-) -> tuple[torch.Tensor, ...]:
+    tokens: ValueTokens | None = None,
+) -> tuple[torch.Tensor | None, ...]:
     """The gradients of :func:`_local_chunk` written out (../shared/GDN2.md, "Backward"), fp32 [n, H, C, *].
 
-    The pair products T, A_qk and their backward run in Triton (kernels/pairwise.py); everything else is a batched
-    C×C / C×K / K×V matmul or an elementwise op whose exponent is ≤ 0.
+    The pair products T, A_qk and their backward run in Triton (kernels/pairwise.py). With ``tokens`` (the
+    value-side launch of kernels/bwd_local.py) every sum over V is one fused launch that writes dv and dw straight
+    into the token layout, and dv, dw come back as None; without, those are batched C×C / C×K / K×V matmuls.
+    ``v`` and ``d_o`` are then unused, and ``w`` only for its shape.
     """
     if l2norm:
         r_q = torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
         r_k = torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
         qn, kn = q * r_q, k * r_k
     else:
-        qn, kn = q, k
+        qn, kn, r_q, r_k = q, k, None, None
     qs = (qn * scale).contiguous()
     kn = kn.contiguous()
     C = q.shape[-2]
@@ -432,13 +505,21 @@ def _local_grads(
     tail = torch.exp(g_last - G)
     bk = (b * kn).contiguous()
     e_bar = gamma * bk
-    q_gam = gamma * qs
     k_tail = tail * kn
-    z = w * v
     pair = {"BC": cfg.pair_BC, "BK": cfg.pair_BK, "num_warps": cfg.pair_warps, "precision": cfg.pair_precision}
+    if tokens is not None:
+        _, _, d_aqk, d_t, d_e, d_qg, d_kt, d_last = local_v_side(
+            tokens.a, tokens.aqk, e_bar.contiguous(), k_tail.contiguous(), G, s0, ds_c,
+            tokens.v, tokens.w, tokens.do, tokens.rows, dv=tokens.dv, dw=tokens.dw,
+            BV=cfg.value_BV, num_warps=cfg.value_warps, precision=cfg.precision,
+        )
+        return _key_side(q, qn, kn, qs, b, g, G, r_q, r_k, d_t, d_aqk, d_e, d_qg, d_kt, d_last, None, None,
+                         scale=scale, l2norm=l2norm, cfg=cfg, pair=pair)
     t, a_qk = pairs_fwd(bk, qs, kn, G, strict1=True, strict2=False, **pair)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     a = torch.linalg.solve_triangular(eye + t, eye.expand_as(t), upper=False, unitriangular=True)
+    q_gam = gamma * qs
+    z = w * v
     y = a @ e_bar
     r = a @ z - y @ s0
     # Backward, in the order of the equations.
@@ -452,24 +533,11 @@ def _local_grads(
     d_z = a_t @ d_r
     d_e = a_t @ d_y
     d_t = -torch.tril(a_t @ d_a @ a_t, -1)
-    dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
     if cfg.key_side == "triton":
-        d_qn, d_kn, d_b, d_g = (output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
-        d_last = (torch.exp(g_last[..., 0, :]) * (ds_c * s0).sum(-1)).contiguous()
-        n, H, _, K = q.shape
-        if n * H:
-            _key_side_kernel[(triton.cdiv(K, KEY_SIDE_BK), n * H)](
-                qs, kn, b.contiguous(), g.contiguous(), G, dx_t, dx_a, dy_pairs,
-                d_e.contiguous(), d_qg.contiguous(), d_kt.contiguous(), d_last,
-                d_qn, d_kn, d_b, d_g,
-                scale, K, C=C, BK=KEY_SIDE_BK,
-            )
-        if l2norm:
-            d_q = r_q * (d_qn - qn * (qn * d_qn).sum(-1, keepdim=True))
-            d_k = r_k * (d_kn - kn * (kn * d_kn).sum(-1, keepdim=True))
-        else:
-            d_q, d_k = d_qn, d_kn
-        return d_q, d_k, d_z * w, d_g, d_b, d_z * v
+        d_last = torch.exp(g_last[..., 0, :]) * (ds_c * s0).sum(-1)
+        return _key_side(q, qn, kn, qs, b, g, G, r_q, r_k, d_t, d_aqk, d_e, d_qg, d_kt, d_last, d_z * w, d_z * v,
+                         scale=scale, l2norm=l2norm, cfg=cfg, pair=pair)
+    dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
     d_bk = dx_t + d_e * gamma
     d_qs = dx_a + d_qg * gamma
     d_kn = dy_pairs + d_kt * tail + b * d_bk
@@ -625,7 +693,7 @@ def chunk_gdn2_bwd(
         q, k, v, g, b, w,
         scale=scale, chunk=C, cfg=dataclasses.replace(config.intra, precision="tf32x3"),
         cu_seqlens=cu, chunk_indices=layout.chunk_indices, num_chunks=layout.num_chunks,
-        use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=inter_dtype,
+        use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=inter_dtype, aqk_dtype=torch.float32,
     )
     packed = {"cu_seqlens": cu, "chunk_offsets": layout.chunk_offsets, "num_seqs": num_seqs}
     hc = entering_states(inter, initial_state=initial_state, chunk=C, cfg=bcfg, **packed)
@@ -633,14 +701,21 @@ def chunk_gdn2_bwd(
     # 2. Reverse state pass: dS_C per chunk and dh0.
     do = do.contiguous()
     dhc, dh0 = state_bwd(inter, do, dht, initial_grad=initial_state is not None, chunk=C, cfg=bcfg, **packed)
+    a_all, aqk = inter.a, inter.aqk  # the fused value side's A and A_qk
     del inter
 
     # 3. Local gradients, chunks in groups of bounded memory.
     ldt = torch.float64 if bcfg.local_dtype == "fp64" else torch.float32
-    xs = [layout.to_chunks(x) for x in (q, k, v, g, b, w, do)]
+    fused = bcfg.local == "pairs" and bcfg.value_side == "triton"
+    xs = [layout.to_chunks(x) for x in ((q, k, g, b) if fused else (q, k, v, g, b, w, do))]
+    if fused:
+        # The value side reads v, w, do and writes dv, dw in the token layout (no chunk-major copies of them).
+        xs = [xs[0], xs[1], None, xs[2], xs[3], None, None]
+        rows = layout.token_rows(q.device)
+        d_val = (torch.zeros_like(v), torch.zeros_like(w))
     hc = layout.per_chunk(hc)
     dhc = layout.per_chunk(dhc)
-    grads = [torch.empty(x.shape, dtype=torch.float32 if i == 3 else x.dtype, device=x.device)
+    grads = [None if x is None else torch.empty(x.shape, dtype=torch.float32 if i == 3 else x.dtype, device=x.device)
              for i, x in enumerate(xs[:6])]
     # The largest live tensor per chunk: the [C, C, K] pair tensor under autograd, a [C, max(C, K, V)] tile else.
     per_chunk = H * C * (C * _padded(K) if bcfg.local == "autograd" else max(C, K, V))
@@ -648,18 +723,30 @@ def chunk_gdn2_bwd(
     for c0 in range(0, layout.num_chunks, step):
         sl = slice(c0, min(c0 + step, layout.num_chunks))
         # [n, C, H, D] → [n, H, C, D] in the local arithmetic's dtype.
-        ins = [x[sl].transpose(1, 2).to(ldt).requires_grad_(bcfg.local == "autograd") for x in xs[:6]]
-        d_o = xs[6][sl].transpose(1, 2).to(ldt)
+        ins = [None if x is None else x[sl].transpose(1, 2).to(ldt).requires_grad_(bcfg.local == "autograd")
+               for x in xs[:6]]
         s0 = hc[sl].to(ldt)
-        if bcfg.local == "pairs":
+        if fused:
+            tokens = ValueTokens(a_all[sl], aqk, v, w, do, rows[sl], *d_val)
+            ins[2] = ins[5] = ins[0]  # placeholders: the value side reads v and w from ``tokens``
+            got = _local_grads(*ins, s0, ins[0], dhc[sl], scale=scale, l2norm=use_qk_l2norm_in_kernel, cfg=bcfg,
+                               tokens=tokens)
+        elif bcfg.local == "pairs":
+            d_o = xs[6][sl].transpose(1, 2).to(ldt)
             got = _local_grads(*ins, s0, d_o, dhc[sl].to(ldt), scale=scale, l2norm=use_qk_l2norm_in_kernel,
                                cfg=bcfg)
         else:
+            d_o = xs[6][sl].transpose(1, 2).to(ldt)
             with torch.enable_grad():
                 o, s_c = _local_chunk(*ins, s0, scale=scale, l2norm=use_qk_l2norm_in_kernel)
                 got = torch.autograd.grad((o, s_c), ins, (d_o, dhc[sl].to(ldt)))
         for dst, src in zip(grads, got):
-            dst[sl] = src.transpose(1, 2)
+            if dst is not None:
+                dst[sl] = src.transpose(1, 2)
+    if fused:
+        grads[2], grads[5] = d_val
+        dq, dk, dg, db = (layout.from_chunks(grads[i]) for i in (0, 1, 3, 4))
+        return dq, dk, grads[2], dg, db, grads[5], dh0
     dq, dk, dv, dg, db, dw = (layout.from_chunks(x) for x in grads)
     return dq, dk, dv, dg, db, dw, dh0
 

@@ -255,6 +255,9 @@ class IntraOutputs:
     kt: torch.Tensor
     aqk: torch.Tensor
     gamma: torch.Tensor
+    # A = (I + T)^-1, fp32 [num_chunks, H, C, C]: the launch's scratch tile, which holds each chunk's A once the
+    # launch is done (the state stage does not read it; the backward does, instead of solving again).
+    a: torch.Tensor | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """``outputs["y"]``: the backward's transition shim. intra_fwd returned a dict with these keys, and
@@ -287,11 +290,13 @@ def intra_fwd(
     num_chunks: int,
     use_qk_l2norm: bool,
     out_dtype: torch.dtype,
+    aqk_dtype: torch.dtype | None = None,
 ) -> IntraOutputs:
     """Launch the intra stage. Inputs are contiguous ``[B, T, H, *]``; returns the state stage's inputs.
 
     ``num_chunks`` is the total number of chunks (over all sequences); outputs come from
-    :func:`kernels.buffers.output_buffer` (NaN-filled under :func:`kernels.buffers.poisoned`).
+    :func:`kernels.buffers.output_buffer` (NaN-filled under :func:`kernels.buffers.poisoned`). ``aqk_dtype``
+    (default ``out_dtype``) is A_qk's: the backward keeps it in fp32 whatever the other outputs' dtype.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -300,7 +305,7 @@ def intra_fwd(
     qg = output_buffer(k.shape, out_dtype, k.device)
     kt = output_buffer(k.shape, out_dtype, k.device)
     u = output_buffer((B, T, H, V), out_dtype, k.device)
-    aqk = output_buffer((B, T, H, chunk), out_dtype, k.device)
+    aqk = output_buffer((B, T, H, chunk), out_dtype if aqk_dtype is None else aqk_dtype, k.device)
     gam = output_buffer((num_chunks, H, K), torch.float32, k.device)
     scr = torch.empty((num_chunks, H, chunk, chunk), dtype=torch.float32, device=k.device)  # T, per program
     varlen = cu_seqlens is not None
@@ -319,4 +324,4 @@ def intra_fwd(
         IS_VARLEN=varlen, USE_L2NORM=use_qk_l2norm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return IntraOutputs(y=y, u=u, qg=qg, kt=kt, aqk=aqk, gamma=gam)
+    return IntraOutputs(y=y, u=u, qg=qg, kt=kt, aqk=aqk, gamma=gam, a=scr)

@@ -238,13 +238,16 @@ def test_pair_kernels_agree_with_autograd_through_the_pair_tensor() -> None:
     dht = torch.randn(inp.initial_state.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     common = {"scale": 0.2, "initial_state": inp.initial_state, "cu_seqlens": None, "use_qk_l2norm_in_kernel": True,
                   "config": cfg, "num_seqs": 2}
-    pairs = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(group_elements=1, key_side="torch"),
-                           **common)
+    torch_sides = BwdConfig(group_elements=1, key_side="torch", value_side="torch")
+    pairs = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=torch_sides, **common)
     auto = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(local="autograd"), **common)
-    triton_side = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(key_side="triton"), **common)
-    for name, a, b, c in zip(["q", "k", "v", "g", "b", "w", "h0"], pairs, auto, triton_side):
+    key_triton = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(value_side="torch"), **common)
+    # The fused value side, in groups smaller than the batch (each group fills its own tokens of dv and dw).
+    fused = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(group_elements=1, value_BV=16), **common)
+    for name, a, b, c, d in zip(["q", "k", "v", "g", "b", "w", "h0"], pairs, auto, key_triton, fused):
         assert rel_err(a, b.double()) < 1e-5, name
         assert rel_err(c, b.double()) < 1e-5, name
+        assert rel_err(d, b.double()) < 1e-5, name
 
 
 def test_a_short_training_loop_matches_the_float64_reference_loop() -> None:
