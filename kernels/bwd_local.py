@@ -1,6 +1,11 @@
-"""The value side of the chunk backward's local gradients: one fused launch per (chunk, head).
+"""The chunk backward's local gradients, fused per (chunk, head): the key side's factors, then the value side.
 
-Given a chunk's entering state S0 and the gradient dS_C reaching its final state (kernels/chunk_bwd.py's two
+**Key-side factors** (:func:`key_factors`): from q, k, g, b in the token layout to the chunk-major fp32 factors
+the pair backward and the key-side tail read: qs = scale·q̂, k̂ (q̂, k̂ l2-normalised when asked, with their
+reciprocal norms), b⊙k̂, b and g as fp32, G (the within-chunk prefix sum of g raised to the decay floor),
+Ē = exp(G)⊙b⊙k̂ and K_tail = exp(G_C − G)⊙k̂ (both exponents ≤ 0), in one pass instead of a dozen torch ops.
+
+**Value side** (:func:`local_v_side`): given a chunk's entering state S0 and the gradient dS_C reaching its final state (kernels/chunk_bwd.py's two
 per-sequence passes), every chunk is an independent function (q, k, v, g, b, w; S0) → (O, S_C). In the symbols of
 ../shared/GDN2.md, with A = (I + T)^-1, Ē, K_tail and A_qk formed by the caller, this launch computes, walking the
 V axis in tiles of BV with the K axis whole:
@@ -24,11 +29,14 @@ writes zeros, so whatever those per-chunk slots hold never reaches a gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
+from gdn2_tune.kernels.config import padded_dim
 
 
 @triton.jit
@@ -108,10 +116,172 @@ def _local_v_kernel(
     tl.store(d_last + i_nh * K + o_k, tl.exp(b_glast) * b_dss, mask=m_k)
 
 
+@triton.jit
+def _local_vk_kernel(
+    a, aqk, e_bar, k_tail, G, hc, dhc,
+    v, w, do, rows,
+    dv, dw, d_aqk, d_t, d_e, d_qg, d_kt, d_last,
+    H, K, V,
+    C: tl.constexpr, VP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The same results as :func:`_local_v_kernel`, walking K in tiles of BK with V whole: a first pass over K
+    finishes R and dR ([C, V]), a second forms the C×K results one K tile at a time and stores each at once, so
+    no [C, K] accumulator lives across the loop (the V-tiled kernel holds five). S0 and dS_C are read twice."""
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    i_nh = i_n.to(tl.int64) * H + i_h
+    o_c = tl.arange(0, C)
+    o_v = tl.arange(0, VP)
+    m_v = o_v < V
+    p_cc = i_nh * C * C + o_c[:, None] * C + o_c[None, :]
+
+    b_rows = tl.load(rows + i_n.to(tl.int64) * C + o_c)
+    m_c = b_rows >= 0
+    live = tl.load(rows + i_n.to(tl.int64) * C) >= 0  # a packed index's phantom slot reads no per-chunk slot
+    m_vl = o_v < tl.where(live, V, 0)
+    tok = (tl.maximum(b_rows, 0) * H + i_h) * V
+    m_cv = m_c[:, None] & m_v[None, :]
+    p_t = tok[:, None] + o_v[None, :]
+
+    b_a = tl.load(a + p_cc, mask=(o_c < tl.where(live, C, 0))[:, None], other=0.0)
+    b_aqk = tl.load(aqk + (tl.maximum(b_rows, 0) * H + i_h)[:, None] * C + o_c[None, :], mask=m_c[:, None],
+                    other=0.0).to(tl.float32)
+    b_z = (tl.load(w + p_t, mask=m_cv, other=0.0).to(tl.float32)
+           * tl.load(v + p_t, mask=m_cv, other=0.0).to(tl.float32))
+    b_do = tl.load(do + p_t, mask=m_cv, other=0.0).to(tl.float32)
+    b_r = tl.dot(b_a, b_z, input_precision=PRECISION)
+    b_dr = tl.dot(tl.trans(b_aqk), b_do, input_precision=PRECISION)
+    p_s = i_nh * K * V + o_v[None, :]
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_ck = i_nh * C * K + o_c[:, None] * K + o_k[None, :]
+        m_s = m_k[:, None] & m_vl[None, :]
+        b_e = tl.load(e_bar + p_ck, mask=m_k[None, :], other=0.0)
+        b_kt = tl.load(k_tail + p_ck, mask=m_k[None, :], other=0.0)
+        b_s0 = tl.load(hc + p_s + o_k[:, None] * V, mask=m_s, other=0.0)
+        b_ds = tl.load(dhc + p_s + o_k[:, None] * V, mask=m_s, other=0.0)
+        b_r -= tl.dot(tl.dot(b_a, b_e, input_precision=PRECISION), b_s0, input_precision=PRECISION)
+        b_dr += tl.dot(b_kt, b_ds, input_precision=PRECISION)
+
+    b_da = tl.dot(b_dr, tl.trans(b_z), input_precision=PRECISION)
+    b_at = tl.trans(b_a)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_ck = i_nh * C * K + o_c[:, None] * K + o_k[None, :]
+        m_s = m_k[:, None] & m_vl[None, :]
+        b_e = tl.load(e_bar + p_ck, mask=m_k[None, :], other=0.0)
+        b_s0 = tl.load(hc + p_s + o_k[:, None] * V, mask=m_s, other=0.0)
+        b_ds = tl.load(dhc + p_s + o_k[:, None] * V, mask=m_s, other=0.0)
+        b_dy = -tl.dot(b_dr, tl.trans(b_s0), input_precision=PRECISION)
+        tl.store(d_qg + p_ck, tl.dot(b_do, tl.trans(b_s0), input_precision=PRECISION), mask=m_k[None, :])
+        tl.store(d_kt + p_ck, tl.dot(b_r, tl.trans(b_ds), input_precision=PRECISION), mask=m_k[None, :])
+        tl.store(d_e + p_ck, tl.dot(b_at, b_dy, input_precision=PRECISION), mask=m_k[None, :])
+        b_da += tl.dot(b_dy, tl.trans(b_e), input_precision=PRECISION)
+        b_glast = tl.load(G + i_nh * C * K + (C - 1) * K + o_k, mask=m_k, other=0.0)
+        tl.store(d_last + i_nh * K + o_k, tl.exp(b_glast) * tl.sum(b_ds * b_s0, 1), mask=m_k)
+
+    tl.store(d_aqk + p_cc, tl.where(o_c[:, None] >= o_c[None, :],
+                                    tl.dot(b_do, tl.trans(b_r), input_precision=PRECISION), 0.0))
+    b_dt = tl.dot(b_at, tl.dot(b_da, b_at, input_precision=PRECISION), input_precision=PRECISION)
+    tl.store(d_t + p_cc, tl.where(o_c[:, None] > o_c[None, :], -b_dt, 0.0))
+    b_dz = tl.dot(b_at, b_dr, input_precision=PRECISION)
+    # v and w again rather than kept live through both loops (they are in cache).
+    tl.store(dv + p_t, (b_dz * tl.load(w + p_t, mask=m_cv, other=0.0).to(tl.float32)).to(dv.dtype.element_ty),
+             mask=m_cv)
+    tl.store(dw + p_t, (b_dz * tl.load(v + p_t, mask=m_cv, other=0.0).to(tl.float32)).to(dw.dtype.element_ty),
+             mask=m_cv)
+
+
+@triton.jit
+def _key_factors_kernel(
+    q, k, g, b, rows,
+    qs, qn, kn, bk, bf, gf, G, e_bar, k_tail, rq, rk,
+    scale, H, K,
+    C: tl.constexpr, KP: tl.constexpr, G_MIN: tl.constexpr, EPS: tl.constexpr, USE_L2NORM: tl.constexpr,
+):
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    i_nh = i_n.to(tl.int64) * H + i_h
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    b_rows = tl.load(rows + i_n.to(tl.int64) * C + o_c)
+    m_ck = (b_rows >= 0)[:, None] & m_k[None, :]
+    p_t = ((tl.maximum(b_rows, 0) * H + i_h) * K)[:, None] + o_k[None, :]
+    p_ck = i_nh * C * K + o_c[:, None] * K + o_k[None, :]
+    b_q = tl.load(q + p_t, mask=m_ck, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_t, mask=m_ck, other=0.0).to(tl.float32)
+    b_g = tl.load(g + p_t, mask=m_ck, other=0.0).to(tl.float32)
+    b_b = tl.load(b + p_t, mask=m_ck, other=0.0).to(tl.float32)
+    if USE_L2NORM:
+        b_rq = 1.0 / tl.sqrt(tl.sum(b_q * b_q, 1) + EPS)
+        b_rk = 1.0 / tl.sqrt(tl.sum(b_k * b_k, 1) + EPS)
+        b_q = b_q * b_rq[:, None]
+        b_k = b_k * b_rk[:, None]
+        tl.store(rq + i_nh * C + o_c, b_rq)
+        tl.store(rk + i_nh * C + o_c, b_rk)
+        tl.store(qn + p_ck, b_q, mask=m_k[None, :])
+    b_G = tl.cumsum(tl.maximum(b_g, G_MIN), 0)
+    b_last = tl.sum(tl.where((o_c == C - 1)[:, None], b_G, 0.0), 0)
+    b_bk = b_b * b_k
+    tl.store(qs + p_ck, b_q * scale, mask=m_k[None, :])
+    tl.store(kn + p_ck, b_k, mask=m_k[None, :])
+    tl.store(bk + p_ck, b_bk, mask=m_k[None, :])
+    tl.store(bf + p_ck, b_b, mask=m_k[None, :])
+    tl.store(gf + p_ck, b_g, mask=m_k[None, :])
+    tl.store(G + p_ck, b_G, mask=m_k[None, :])
+    tl.store(e_bar + p_ck, tl.exp(b_G) * b_bk, mask=m_k[None, :])
+    tl.store(k_tail + p_ck, tl.exp(tl.minimum(b_last[None, :] - b_G, 0.0)) * b_k, mask=m_k[None, :])
+
+
+@dataclass(frozen=True)
+class KeyFactors:
+    """The chunk-major fp32 [n, H, C, K] factors of one group of chunks (see the module docstring); ``qn``,
+    ``r_q`` and ``r_k`` ([n, H, C, 1]) only under the l2 norm."""
+
+    qs: torch.Tensor
+    kn: torch.Tensor
+    bk: torch.Tensor
+    b: torch.Tensor
+    g: torch.Tensor
+    G: torch.Tensor
+    e_bar: torch.Tensor
+    k_tail: torch.Tensor
+    qn: torch.Tensor | None
+    r_q: torch.Tensor | None
+    r_k: torch.Tensor | None
+
+
+def key_factors(
+    q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, *,
+    scale: float, l2norm: bool, g_floor: float, eps: float, num_warps: int = 4,
+) -> KeyFactors:
+    """:class:`KeyFactors` of the chunks whose token rows are ``rows`` (int64 [n, C], −1 for padding: such rows
+    read as zeros, as the chunk layout's padding rows do) from contiguous [B, T, H, K] q, k, g, b."""
+    n, C = rows.shape
+    H, K = k.shape[-2:]
+    for name, x in (("q", q), ("k", k), ("g", g), ("b", b)):
+        if x.shape != k.shape or not x.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {tuple(k.shape)} tensor, received {tuple(x.shape)}")
+    if rows.dtype != torch.int64 or rows.dim() != 2:
+        raise ValueError(f"rows: expected int64 [n, C], received {tuple(rows.shape)} {rows.dtype}")
+    out = [output_buffer((n, H, C, K), torch.float32, k.device) for _ in range(8)]
+    qn = output_buffer((n, H, C, K), torch.float32, k.device) if l2norm else None
+    r_q, r_k = ((output_buffer((n, H, C, 1), torch.float32, k.device) for _ in range(2)) if l2norm
+                else (None, None))
+    if n * H:
+        _key_factors_kernel[(n, H)](
+            q, k, g, b, rows, out[0], qn, *out[1:], r_q, r_k, scale, H, K,
+            C=C, KP=padded_dim(K), G_MIN=g_floor, EPS=eps, USE_L2NORM=l2norm, num_warps=num_warps,
+        )
+    return KeyFactors(*out, qn, r_q, r_k)
+
+
 def local_v_side(
     a: torch.Tensor, a_qk: torch.Tensor, e_bar: torch.Tensor, k_tail: torch.Tensor, G: torch.Tensor,
     hc: torch.Tensor, dhc: torch.Tensor, v: torch.Tensor, w: torch.Tensor, do: torch.Tensor, rows: torch.Tensor,
-    *, dv: torch.Tensor | None = None, dw: torch.Tensor | None = None, BV: int, num_warps: int, precision: str,
+    *, dv: torch.Tensor | None = None, dw: torch.Tensor | None = None, tile: str = "k", BV: int = 64,
+    BK: int = 32, num_warps: int, precision: str,
 ) -> tuple[torch.Tensor, ...]:
     """``(dv, dw, dA_qk, dT, dĒ, dQ_γ, dK_tail, d_last)`` of one call (see the module docstring).
 
@@ -120,8 +290,11 @@ def local_v_side(
     stage's output, any float dtype); ``rows`` int64 [N, C].
     dv and dw come back in v's dtype and layout, zero on tokens no chunk row names; given ``dv`` and ``dw`` (zeroed,
     v's shape and dtype), the launch writes its chunks' rows into them instead, so that groups of chunks can share
-    one pair of buffers.
+    one pair of buffers. ``tile`` picks the kernel: "v" (:func:`_local_v_kernel`, V in tiles of ``BV``, K whole) or
+    "k" (:func:`_local_vk_kernel`, K in tiles of ``BK``, V whole).
     """
+    if tile not in ("v", "k"):
+        raise ValueError(f"tile: expected 'v' or 'k', received {tile!r}")
     N, H, C, K = e_bar.shape
     V = v.shape[-1]
     if a_qk.shape[:-2] != v.shape[:-2] or a_qk.shape[-2:] != (H, C) or not a_qk.is_contiguous():
@@ -146,11 +319,9 @@ def local_v_side(
     d_aqk, d_t = (output_buffer((N, H, C, C), torch.float32, v.device) for _ in range(2))
     d_e, d_qg, d_kt = (output_buffer((N, H, C, K), torch.float32, v.device) for _ in range(3))
     d_last = output_buffer((N, H, K), torch.float32, v.device)
-    if N * H:
-        _local_v_kernel[(N, H)](
-            a, a_qk, e_bar, k_tail, G, hc, dhc, v, w, do, rows,
-            dv, dw, d_aqk, d_t, d_e, d_qg, d_kt, d_last,
-            H, K, V, C=C, KP=max(16, triton.next_power_of_2(K)), BV=BV, PRECISION=precision,
-            num_warps=num_warps,
-        )
+    args = (a, a_qk, e_bar, k_tail, G, hc, dhc, v, w, do, rows, dv, dw, d_aqk, d_t, d_e, d_qg, d_kt, d_last, H, K, V)
+    if N * H and tile == "v":
+        _local_v_kernel[(N, H)](*args, C=C, KP=padded_dim(K), BV=BV, PRECISION=precision, num_warps=num_warps)
+    elif N * H:
+        _local_vk_kernel[(N, H)](*args, C=C, VP=padded_dim(V), BK=BK, PRECISION=precision, num_warps=num_warps)
     return dv, dw, d_aqk, d_t, d_e, d_qg, d_kt, d_last

@@ -53,8 +53,9 @@ import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
-from gdn2_tune.kernels.bwd_local import local_v_side
+from gdn2_tune.kernels.bwd_local import key_factors, local_v_side
 from gdn2_tune.kernels.config import (
+    INTRA_PRECISIONS,
     MAX_REGISTERS_PER_THREAD,
     SHARED_MEMORY_LIMIT_BYTES,
     THREADS_PER_WARP,
@@ -62,12 +63,14 @@ from gdn2_tune.kernels.config import (
     Shape,
 )
 from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
+from gdn2_tune.kernels.intra import L2NORM_EPS as _L2NORM_EPS
 from gdn2_tune.kernels.intra import intra_fwd
 from gdn2_tune.kernels.pairwise import PAIR_PRECISIONS, pairs_bwd, pairs_fwd
 from gdn2_tune.kernels.varlen import PackedIndex, packed_index, sequence_bounds
 
 G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
 G_FLOOR_C = tl.constexpr(G_FLOOR)
+L2NORM_EPS = float(getattr(_L2NORM_EPS, "value", _L2NORM_EPS))
 # K slice of the key-side kernel: ~15 live [C, BK] fp32 tiles, 7.5K values at C = 32 (60 per thread at 4 warps).
 KEY_SIDE_BK = 16
 BWD_STATE_PRECISIONS = ("tf32", "tf32x3", "ieee")
@@ -111,12 +114,22 @@ class BwdConfig:
     # The value side (everything that sums over V: R, dR, dA_qk, dQ_γ, dK_tail, dY, dA, dT, dĒ, dv, dw): one
     # fused Triton launch per (chunk, head) (kernels/bwd_local.py), or batched torch matmuls ("torch").
     value_side: str = "triton"
-    value_BV: int = 32  # V tile of the fused value-side launch
+    # The fused launch's tiling: "v" walks V in tiles of value_BV with K whole, "k" walks K in tiles of value_BK
+    # with V whole (fewer live registers, S0 and dS_C read twice). On an H200 (2026-11-30, anchor, "v" tiling)
+    # forward + backward took 24.8 ms at value_BV 64, 103 ms at 32 (register spills), 81 at 32 with 4 warps.
+    value_tile: str = "v"
+    value_BV: int = 64
+    value_BK: int = 32
     value_warps: int = 8
+    # tl.dot precision of the recompute (the forward's intra launch, kernels/intra.py): its A, Y, U, A_qk feed every
+    # gradient.
+    recompute_precision: str = "tf32x3"
 
     def label(self) -> str:
+        value = (f"-val{self.value_tile}{self.value_BV if self.value_tile == 'v' else self.value_BK}w{self.value_warps}"
+                 if self.value_side == "triton" else "-valtorch")
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
-                f"-g{self.group_elements}-{self.local_dtype}")
+                f"-g{self.group_elements}-{self.local_dtype}{value}-rc{self.recompute_precision}")
 
 
 DEFAULT_BWD_CONFIG = BwdConfig()
@@ -150,8 +163,16 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"value_side={cfg.value_side!r} is not one of ['triton', 'torch']"
     if cfg.value_side == "triton" and cfg.key_side != "triton":
         return "value_side='triton' hands its results to the Triton key side: key_side must be 'triton' too"
-    if cfg.value_BV < 16 or cfg.value_BV & (cfg.value_BV - 1) or cfg.value_warps not in (1, 2, 4, 8, 16):
-        return f"value_BV={cfg.value_BV} must be a power of two >= 16 and value_warps={cfg.value_warps} in 1..16"
+    if cfg.value_tile not in ("v", "k"):
+        return f"value_tile={cfg.value_tile!r} is not one of ['v', 'k']"
+    for name in ("value_BV", "value_BK"):
+        x = getattr(cfg, name)
+        if x < 16 or x & (x - 1):
+            return f"{name}={x} must be a power of two >= 16"
+    if cfg.value_warps not in (1, 2, 4, 8, 16):
+        return f"value_warps={cfg.value_warps} is not one of [1, 2, 4, 8, 16]"
+    if cfg.recompute_precision not in INTRA_PRECISIONS:
+        return f"recompute_precision={cfg.recompute_precision!r} is not one of {list(INTRA_PRECISIONS)}"
     if cfg.pair_precision not in PAIR_PRECISIONS:
         return f"pair_precision={cfg.pair_precision!r} is not one of {list(PAIR_PRECISIONS)}"
     if cfg.pair_BC < 16 or chunk % cfg.pair_BC or cfg.pair_BK < 16 or cfg.pair_BK & (cfg.pair_BK - 1):
@@ -455,11 +476,13 @@ def _key_side(
     G: torch.Tensor, r_q: torch.Tensor | None, r_k: torch.Tensor | None,
     d_t: torch.Tensor, d_aqk: torch.Tensor, d_e: torch.Tensor, d_qg: torch.Tensor, d_kt: torch.Tensor,
     d_last: torch.Tensor, d_v: torch.Tensor | None, d_w: torch.Tensor | None,
-    *, scale: float, l2norm: bool, cfg: BwdConfig, pair: dict,
+    *, scale: float, l2norm: bool, cfg: BwdConfig, pair: dict, bk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """From the products' gradients to (dq, dk, dv, dg, db, dw): the pair backward (kernels/pairwise.py), the
-    Triton key-side tail (:func:`_key_side_kernel`), then the l2 norm's backward in torch."""
-    bk = (b * kn).contiguous()
+    Triton key-side tail (:func:`_key_side_kernel`), then the l2 norm's backward in torch. ``q`` gives the
+    gradients' shape; ``bk`` is b⊙k̂ when the caller has it."""
+    if bk is None:
+        bk = (b * kn).contiguous()
     dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
     d_qn, d_kn, d_b, d_g = (output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
     n, H, C, K = q.shape
@@ -478,18 +501,34 @@ def _key_side(
     return d_q, d_k, d_v, d_g, d_b, d_w
 
 
+def _local_grads_fused(
+    q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, b: torch.Tensor, tokens: ValueTokens,
+    s0: torch.Tensor, ds_c: torch.Tensor, *, scale: float, l2norm: bool, cfg: BwdConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dg, db), fp32 [n, H, C, K], of one group of chunks, every step a Triton launch
+    (kernels/bwd_local.py's key factors and value side, the pair backward, the key-side tail) but the l2 norm's
+    backward; dv and dw land in ``tokens``' buffers. q, k, g, b are the call's contiguous [B, T, H, K] inputs."""
+    f = key_factors(q, k, g, b, tokens.rows, scale=scale, l2norm=l2norm, g_floor=G_FLOOR, eps=L2NORM_EPS)
+    _, _, d_aqk, d_t, d_e, d_qg, d_kt, d_last = local_v_side(
+        tokens.a, tokens.aqk, f.e_bar, f.k_tail, f.G, s0, ds_c,
+        tokens.v, tokens.w, tokens.do, tokens.rows, dv=tokens.dv, dw=tokens.dw,
+        tile=cfg.value_tile, BV=cfg.value_BV, BK=cfg.value_BK, num_warps=cfg.value_warps, precision=cfg.precision,
+    )
+    pair = {"BC": cfg.pair_BC, "BK": cfg.pair_BK, "num_warps": cfg.pair_warps, "precision": cfg.pair_precision}
+    d_q, d_k, _, d_g, d_b, _ = _key_side(
+        f.kn, f.qn, f.kn, f.qs, f.b, f.g, f.G, f.r_q, f.r_k, d_t, d_aqk, d_e, d_qg, d_kt, d_last, None, None,
+        scale=scale, l2norm=l2norm, cfg=cfg, pair=pair, bk=f.bk,
+    )
+    return d_q, d_k, d_g, d_b
+
+
 def _local_grads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     s0: torch.Tensor, d_o: torch.Tensor, ds_c: torch.Tensor, *, scale: float, l2norm: bool, cfg: BwdConfig,
-    tokens: ValueTokens | None = None,
-) -> tuple[torch.Tensor | None, ...]:
-    """The gradients of :func:`_local_chunk` written out (../shared/GDN2.md, "Backward"), fp32 [n, H, C, *].
-
-    The pair products T, A_qk and their backward run in Triton (kernels/pairwise.py). With ``tokens`` (the
-    value-side launch of kernels/bwd_local.py) every sum over V is one fused launch that writes dv and dw straight
-    into the token layout, and dv, dw come back as None; without, those are batched C×C / C×K / K×V matmuls.
-    ``v`` and ``d_o`` are then unused, and ``w`` only for its shape.
-    """
+) -> tuple[torch.Tensor, ...]:
+    """The gradients of :func:`_local_chunk` written out (../shared/GDN2.md, "Backward"), fp32 [n, H, C, *]: the
+    pair products T, A_qk and their backward in Triton (kernels/pairwise.py), the solve and the products as batched
+    torch ops (``value_side="torch"``; :func:`_local_grads_fused` is the default)."""
     if l2norm:
         r_q = torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
         r_k = torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
@@ -507,14 +546,6 @@ def _local_grads(
     e_bar = gamma * bk
     k_tail = tail * kn
     pair = {"BC": cfg.pair_BC, "BK": cfg.pair_BK, "num_warps": cfg.pair_warps, "precision": cfg.pair_precision}
-    if tokens is not None:
-        _, _, d_aqk, d_t, d_e, d_qg, d_kt, d_last = local_v_side(
-            tokens.a, tokens.aqk, e_bar.contiguous(), k_tail.contiguous(), G, s0, ds_c,
-            tokens.v, tokens.w, tokens.do, tokens.rows, dv=tokens.dv, dw=tokens.dw,
-            BV=cfg.value_BV, num_warps=cfg.value_warps, precision=cfg.precision,
-        )
-        return _key_side(q, qn, kn, qs, b, g, G, r_q, r_k, d_t, d_aqk, d_e, d_qg, d_kt, d_last, None, None,
-                         scale=scale, l2norm=l2norm, cfg=cfg, pair=pair)
     t, a_qk = pairs_fwd(bk, qs, kn, G, strict1=True, strict2=False, **pair)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     a = torch.linalg.solve_triangular(eye + t, eye.expand_as(t), upper=False, unitriangular=True)
@@ -691,7 +722,7 @@ def chunk_gdn2_bwd(
     cu = layout.offsets
     inter = intra_fwd(
         q, k, v, g, b, w,
-        scale=scale, chunk=C, cfg=dataclasses.replace(config.intra, precision="tf32x3"),
+        scale=scale, chunk=C, cfg=dataclasses.replace(config.intra, precision=bcfg.recompute_precision),
         cu_seqlens=cu, chunk_indices=layout.chunk_indices, num_chunks=layout.num_chunks,
         use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=inter_dtype, aqk_dtype=torch.float32,
     )
@@ -705,48 +736,45 @@ def chunk_gdn2_bwd(
     del inter
 
     # 3. Local gradients, chunks in groups of bounded memory.
-    ldt = torch.float64 if bcfg.local_dtype == "fp64" else torch.float32
-    fused = bcfg.local == "pairs" and bcfg.value_side == "triton"
-    xs = [layout.to_chunks(x) for x in ((q, k, g, b) if fused else (q, k, v, g, b, w, do))]
-    if fused:
-        # The value side reads v, w, do and writes dv, dw in the token layout (no chunk-major copies of them).
-        xs = [xs[0], xs[1], None, xs[2], xs[3], None, None]
-        rows = layout.token_rows(q.device)
-        d_val = (torch.zeros_like(v), torch.zeros_like(w))
-    hc = layout.per_chunk(hc)
-    dhc = layout.per_chunk(dhc)
-    grads = [None if x is None else torch.empty(x.shape, dtype=torch.float32 if i == 3 else x.dtype, device=x.device)
-             for i, x in enumerate(xs[:6])]
-    # The largest live tensor per chunk: the [C, C, K] pair tensor under autograd, a [C, max(C, K, V)] tile else.
     per_chunk = H * C * (C * _padded(K) if bcfg.local == "autograd" else max(C, K, V))
     step = max(1, bcfg.group_elements // per_chunk)
+    if bcfg.local == "pairs" and bcfg.value_side == "triton":
+        # Every launch reads the token layout through the chunk rows; dv and dw are written there directly.
+        rows = layout.token_rows(q.device)
+        d_v, d_w = torch.zeros_like(v), torch.zeros_like(w)
+        key_grads = [torch.empty((layout.num_chunks, H, C, K), dtype=torch.float32, device=q.device)
+                     for _ in range(4)]
+        for c0 in range(0, layout.num_chunks, step):
+            sl = slice(c0, min(c0 + step, layout.num_chunks))
+            tokens = ValueTokens(a_all[sl], aqk, v, w, do, rows[sl], d_v, d_w)
+            got = _local_grads_fused(q, k, g, b, tokens, hc[sl], dhc[sl], scale=scale,
+                                     l2norm=use_qk_l2norm_in_kernel, cfg=bcfg)
+            for dst, src in zip(key_grads, got):
+                dst[sl] = src
+        dq, dk, dg, db = (layout.from_chunks(x.transpose(1, 2)).to(dt)
+                          for x, dt in zip(key_grads, (q.dtype, k.dtype, torch.float32, b.dtype)))
+        return dq, dk, d_v, dg, db, d_w, dh0
+    ldt = torch.float64 if bcfg.local_dtype == "fp64" else torch.float32
+    xs = [layout.to_chunks(x) for x in (q, k, v, g, b, w, do)]
+    hc = layout.per_chunk(hc)
+    dhc = layout.per_chunk(dhc)
+    grads = [torch.empty(x.shape, dtype=torch.float32 if i == 3 else x.dtype, device=x.device)
+             for i, x in enumerate(xs[:6])]
     for c0 in range(0, layout.num_chunks, step):
         sl = slice(c0, min(c0 + step, layout.num_chunks))
         # [n, C, H, D] → [n, H, C, D] in the local arithmetic's dtype.
-        ins = [None if x is None else x[sl].transpose(1, 2).to(ldt).requires_grad_(bcfg.local == "autograd")
-               for x in xs[:6]]
+        ins = [x[sl].transpose(1, 2).to(ldt).requires_grad_(bcfg.local == "autograd") for x in xs[:6]]
+        d_o = xs[6][sl].transpose(1, 2).to(ldt)
         s0 = hc[sl].to(ldt)
-        if fused:
-            tokens = ValueTokens(a_all[sl], aqk, v, w, do, rows[sl], *d_val)
-            ins[2] = ins[5] = ins[0]  # placeholders: the value side reads v and w from ``tokens``
-            got = _local_grads(*ins, s0, ins[0], dhc[sl], scale=scale, l2norm=use_qk_l2norm_in_kernel, cfg=bcfg,
-                               tokens=tokens)
-        elif bcfg.local == "pairs":
-            d_o = xs[6][sl].transpose(1, 2).to(ldt)
+        if bcfg.local == "pairs":
             got = _local_grads(*ins, s0, d_o, dhc[sl].to(ldt), scale=scale, l2norm=use_qk_l2norm_in_kernel,
                                cfg=bcfg)
         else:
-            d_o = xs[6][sl].transpose(1, 2).to(ldt)
             with torch.enable_grad():
                 o, s_c = _local_chunk(*ins, s0, scale=scale, l2norm=use_qk_l2norm_in_kernel)
                 got = torch.autograd.grad((o, s_c), ins, (d_o, dhc[sl].to(ldt)))
         for dst, src in zip(grads, got):
-            if dst is not None:
-                dst[sl] = src.transpose(1, 2)
-    if fused:
-        grads[2], grads[5] = d_val
-        dq, dk, dg, db = (layout.from_chunks(grads[i]) for i in (0, 1, 3, 4))
-        return dq, dk, grads[2], dg, db, grads[5], dh0
+            dst[sl] = src.transpose(1, 2)
     dq, dk, dv, dg, db, dw = (layout.from_chunks(x) for x in grads)
     return dq, dk, dv, dg, db, dw, dh0
 

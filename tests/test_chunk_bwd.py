@@ -243,11 +243,16 @@ def test_pair_kernels_agree_with_autograd_through_the_pair_tensor() -> None:
     auto = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(local="autograd"), **common)
     key_triton = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(value_side="torch"), **common)
     # The fused value side, in groups smaller than the batch (each group fills its own tokens of dv and dw).
-    fused = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(group_elements=1, value_BV=16), **common)
-    for name, a, b, c, d in zip(["q", "k", "v", "g", "b", "w", "h0"], pairs, auto, key_triton, fused):
+    # Both tilings (V = 48 in three tiles of 16; K = 32 in two tiles of 16).
+    fused_v = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(group_elements=1, value_tile="v",
+                                                                        value_BV=16), **common)
+    fused_k = chunk_gdn2_bwd(*inp.args(), do, dht, bwd_config=BwdConfig(group_elements=1, value_tile="k",
+                                                                        value_BK=16), **common)
+    for name, a, b, *others in zip(["q", "k", "v", "g", "b", "w", "h0"], pairs, auto, key_triton, fused_v,
+                                   fused_k):
         assert rel_err(a, b.double()) < 1e-5, name
-        assert rel_err(c, b.double()) < 1e-5, name
-        assert rel_err(d, b.double()) < 1e-5, name
+        for c in others:
+            assert rel_err(c, b.double()) < 1e-5, name
 
 
 def test_a_short_training_loop_matches_the_float64_reference_loop() -> None:
