@@ -73,13 +73,17 @@ def main() -> None:
         for name, cfg in variants.items():
             if "error" not in rows[name]:
                 rows[name]["ms"].append(triton.testing.do_bench(lambda cfg=cfg: step(cfg), warmup=10, rep=60))
+    for row in rows.values():
+        row["shape"] = shape.label()
+        print(json.dumps(row), flush=True)
     if args.accuracy:
         small = Shape(2, 2048, 4, 128, 128, shape.dtype)
         acc = make_inputs(small, "cuda", seed=1, strong_decay=True)
         gen = torch.Generator(device="cuda").manual_seed(2)
         a_do = torch.randn(acc.v.shape, generator=gen, device="cuda").to(acc.q.dtype)
         a_dht = torch.randn(acc.initial_state.shape, generator=gen, device="cuda")
-        ref = list(reference_grads(*acc.args(), a_do, a_dht, initial_state=acc.initial_state, device="cuda").values())
+        ref = [x for _, x in reference_grads(*acc.args(), a_do, a_dht, initial_state=acc.initial_state,
+                                             device="cuda").items()]
         a_xs = [x.detach().clone().requires_grad_(True) for x in (*acc.args(), acc.initial_state)]
         for name, cfg in variants.items():
             try:
@@ -87,12 +91,11 @@ def main() -> None:
                                            output_final_state=True, cu_seqlens=None, use_qk_l2norm_in_kernel=False,
                                            config=select_config(small), num_seqs=small.B, bwd_config=cfg)
                 got = torch.autograd.grad((o, s), a_xs, (a_do, a_dht))
-                rows[name]["err_vs_fp64"] = [rel_err(x, r) for x, r in zip(got, ref)]
+                acc_row = {"variant": name, "shape": small.label(), "strong_decay": True,
+                           "err_vs_fp64": [rel_err(x, r) for x, r in zip(got, ref)]}
             except Exception as exc:  # noqa: BLE001 - a variant that fails is a recorded outcome
-                rows[name]["accuracy_error"] = repr(exc)[:300]
-    for row in rows.values():
-        row["shape"] = shape.label()
-        print(json.dumps(row), flush=True)
+                acc_row = {"variant": name, "accuracy_error": repr(exc)[:300]}
+            print(json.dumps(acc_row), flush=True)
 
 
 if __name__ == "__main__":

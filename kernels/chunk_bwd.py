@@ -190,6 +190,17 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
     return None
 
 
+# The fused value side keeps [C, K] and [K, BV] (or [C, V] and [BK, V]) fp32 tiles and their dot operands on chip.
+# On an H200 (2026-11-30) both tilings ran at C = 32, K = V = 128 and failed to launch at C = 32, K = V = 256 (Triton
+# asked for 236 and 272 KiB of shared memory, 227 KiB available): allow it up to the measured footprint.
+VALUE_SIDE_MAX_FOOTPRINT = 32 * (128 + 128)
+
+
+def value_side_fits(shape: Shape, chunk: int) -> bool:
+    """Whether the fused value side (kernels/bwd_local.py) fits on chip at ``shape`` and ``chunk``."""
+    return chunk * (_padded(shape.K) + _padded(shape.V)) <= VALUE_SIDE_MAX_FOOTPRINT
+
+
 def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, torch.dtype]:
     """The backward config and the dtype of the recomputed intermediates: fp32 when the reverse pass fits with
     fp32 operands at the forward's chunk length, else the input dtype (which fits wherever the forward does)."""
@@ -199,8 +210,11 @@ def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, torch.dty
 
 
 def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int) -> BwdConfig:
-    """The nearest admissible backward config: BV clipped to V, then fewer stages, then a narrower V tile."""
+    """The nearest admissible backward config: the value side in torch where the fused one does not fit, BV
+    clipped to V, then fewer stages, then a narrower V tile."""
     cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)))
+    if cfg.value_side == "triton" and not value_side_fits(shape, chunk):
+        cfg = dataclasses.replace(cfg, value_side="torch")
     while bwd_infeasibility(cfg, shape, chunk, operand_bytes) is not None:
         if cfg.num_stages > 1:
             cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
