@@ -117,6 +117,7 @@ class BwdConfig:
     # The fused launch's tiling: "v" walks V in tiles of value_BV with K whole, "k" walks K in tiles of value_BK
     # with V whole (fewer live registers, S0 and dS_C read twice). On an H200 (2026-11-30, anchor, "v" tiling)
     # forward + backward took 24.8 ms at value_BV 64, 103 ms at 32 (register spills), 81 at 32 with 4 warps.
+    # value_tile "k" took 24.8 ms (2026-11-30, same run as the 22.05 of "v"), pair_BK 32 with 4 warps 24.6.
     value_tile: str = "v"
     value_BV: int = 64
     value_BK: int = 32
@@ -136,10 +137,15 @@ DEFAULT_BWD_CONFIG = BwdConfig()
 
 
 def default_bwd_config(shape: Shape) -> BwdConfig:
-    """The built-in backward config for ``shape`` (fitted at the call, against the forward's chunk length)."""
+    """The built-in backward config for ``shape`` (fitted at the call, against the forward's chunk length).
+
+    16-bit inputs take TF32 dots in the reverse pass and the recompute: on an H200 (2026-11-30, anchor shape,
+    benchmarks/exp_bwd_variants.py) a TF32 recompute took forward + backward from 22.05 to 20.28 ms, and every
+    gradient's error against float64 (bf16, strong decay) moved by at most 1e-5 absolute (dg 6.9e-4 → 7.0e-4, the
+    others 1.8e-3 to 2.4e-3, one bf16 rounding). fp32 inputs keep 3xTF32 throughout."""
     if shape.dtype == "fp32":
         return DEFAULT_BWD_CONFIG
-    return dataclasses.replace(DEFAULT_BWD_CONFIG, precision="tf32")
+    return dataclasses.replace(DEFAULT_BWD_CONFIG, precision="tf32", recompute_precision="tf32")
 
 
 def _padded(n: int) -> int:
