@@ -20,6 +20,7 @@ import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -30,6 +31,9 @@ from gdn2_tune.kernels.intra import INTERPRETED, IntraOutputs, intra_fwd
 from gdn2_tune.kernels.spec import DeviceLimits, device_limits, family_from_capability
 from gdn2_tune.kernels.state import state_fwd
 from gdn2_tune.kernels.varlen import packed_index
+
+if TYPE_CHECKING:
+    from gdn2_tune.kernels.chunk_bwd import BwdConfig
 
 # What picks a config when the caller gives none: the problem's shape in, a config admissible on the running GPU
 # out. The dispatcher's tables (gdn2_tune/ops.py); None: the built-in default for the running GPU's family.
@@ -298,11 +302,12 @@ def checked_forward(
     use_qk_l2norm_in_kernel: bool,
     config: FwdConfig | None,
     choose: ConfigChooser | None,
+    choose_bwd: Callable[[Shape], BwdConfig] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What every public ``chunk_gdn2`` runs (see :func:`chunk_gdn2` for the arguments): check the arguments,
     take ``config`` (checked against the running GPU's limits) or, when None, ``choose(shape)`` (trusted: the
     dispatcher validates what it serves) or the built-in default, then launch the forward, through autograd when
-    an input requires grad."""
+    an input requires grad; its backward runs ``choose_bwd(shape)`` (a BwdConfig), or the built-in default."""
     n = _check_inputs(q, k, v, g, b, w, initial_state, cu_seqlens)
     _check_options(scale, output_final_state, use_qk_l2norm_in_kernel)
     if q.device.type == "cpu" and not INTERPRETED:
@@ -330,13 +335,15 @@ def checked_forward(
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    run = chunk_gdn2_fwd
+    run, backward = chunk_gdn2_fwd, {}
     if needs_grad:
         from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd as run
+
+        backward = {"bwd_config": None if choose_bwd is None else choose_bwd(shape)}
     return run(
         q, k, v, g, b, w,
         scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-        config=config, num_seqs=n,
+        config=config, num_seqs=n, **backward,
     )
 

@@ -46,7 +46,9 @@ cumsum, sum, triangular solve, gather, index_put onto distinct rows) have no ato
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -60,12 +62,15 @@ from gdn2_tune.kernels.config import (
     SHARED_MEMORY_LIMIT_BYTES,
     THREADS_PER_WARP,
     FwdConfig,
+    Param,
     Shape,
+    default_config,
 )
 from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
 from gdn2_tune.kernels.intra import L2NORM_EPS as _L2NORM_EPS
-from gdn2_tune.kernels.intra import intra_fwd
+from gdn2_tune.kernels.intra import IntraOutputs, intra_fwd
 from gdn2_tune.kernels.pairwise import PAIR_PRECISIONS, pairs_bwd, pairs_fwd
+from gdn2_tune.kernels.spec import DeviceLimits
 from gdn2_tune.kernels.varlen import PackedIndex, packed_index, sequence_bounds
 
 G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
@@ -129,11 +134,62 @@ class BwdConfig:
     def label(self) -> str:
         value = (f"-val{self.value_tile}{self.value_BV if self.value_tile == 'v' else self.value_BK}w{self.value_warps}"
                  if self.value_side == "triton" else "-valtorch")
+        pair = f"-pairBK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
-                f"-g{self.group_elements}-{self.local_dtype}{value}-rc{self.recompute_precision}")
+                f"-g{self.group_elements}-{self.local_dtype}{pair}{value}-rc{self.recompute_precision}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> BwdConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"config: expected a dict, received {type(data).__name__}")
+        expected = {f.name for f in dataclasses.fields(BwdConfig)}
+        if set(data) != expected:
+            raise ValueError(f"config: expected keys {sorted(expected)}, received {sorted(data)}")
+        return BwdConfig(**data)
+
+    def flat(self) -> dict[str, Any]:
+        """The tunables under the space's names (:data:`BWD_SPACE`), e.g. ``{"state.BV": 64, ...}``."""
+        return {p.name: getattr(self, _field(p.name)) for p in BWD_SPACE}
+
+    @staticmethod
+    def from_flat(params: dict[str, Any]) -> BwdConfig:
+        """The built-in config with the space's tunables set from ``params`` (every name of the space, no other)."""
+        names = [p.name for p in BWD_SPACE]
+        if set(params) != set(names):
+            raise ValueError(f"config: expected keys {sorted(names)}, received {sorted(params)}")
+        return dataclasses.replace(DEFAULT_BWD_CONFIG, **{_field(name): params[name] for name in names})
 
 
 DEFAULT_BWD_CONFIG = BwdConfig()
+
+# What the tuner searches (op "bwd", kernels/bwd_spec.py). The recompute's precision comes first: it couples the
+# stages (its A, Y, U, A_qk feed both of the others). Then the two per-sequence passes ("state.": the entering
+# states and the reverse pass share the tile, warps, stages and precision), then the local gradients ("local.":
+# the pair backward and the fused value side). Fields left out are not tunables: local="autograd" is the
+# cross-check, group_elements bounds memory, pair_BC is the exact-diagonal sub-block.
+BWD_SPACE: tuple[Param, ...] = (
+    Param("recompute_precision", INTRA_PRECISIONS, "tl.dot precision of the recomputed intra stage"),
+    Param("state.BV", (16, 32, 64, 128), "V tile of the two per-sequence passes"),
+    Param("state.num_warps", (2, 4, 8), "warps of a per-sequence program"),
+    Param("state.num_stages", (1, 2, 3), "software pipelining depth of the chunk loops"),
+    Param("state.precision", BWD_STATE_PRECISIONS, "dot precision of the passes and the fused value side"),
+    Param("local.pair_BK", (16, 32, 64), "K slice of the pair backward"),
+    Param("local.pair_warps", (2, 4, 8), "warps of a pair-backward program"),
+    Param("local.pair_precision", PAIR_PRECISIONS, "dot precision of the pair products' off-diagonal blocks"),
+    Param("local.value_side", ("triton", "torch"), "the value side fused in one launch, or batched torch matmuls"),
+    Param("local.value_tile", ("v", "k"), "the fused value side walks V (K whole) or K (V whole)"),
+    Param("local.value_BV", (32, 64, 128), "V tile of the fused value side (value_tile='v')"),
+    Param("local.value_BK", (16, 32, 64), "K tile of the fused value side (value_tile='k')"),
+    Param("local.value_warps", (4, 8, 16), "warps of a fused value-side program"),
+)
+
+
+def _field(name: str) -> str:
+    """The BwdConfig field of a space name: ``"state.BV"`` -> ``"BV"``."""
+    return name.rsplit(".", 1)[-1]
 
 
 def default_bwd_config(shape: Shape) -> BwdConfig:
@@ -152,9 +208,11 @@ def _padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int) -> str | None:
+def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
+                      shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> str | None:
     """Why the reverse pass cannot run ``cfg`` at ``shape`` (None when it can). Its per-chunk operands are those of
-    the fused forward state pass (Q_γ, K_tail, Y [C, K], dO [C, BV], A_qk [C, C]), so the same budgets apply."""
+    the fused forward state pass (Q_γ, K_tail, Y [C, K], dO [C, BV], A_qk [C, C]), so the same budgets apply;
+    ``shared_memory``: what one block may use on the GPU (sm90's by default)."""
     if cfg.precision not in BWD_STATE_PRECISIONS:
         return f"precision={cfg.precision!r} is not one of {list(BWD_STATE_PRECISIONS)}"
     if cfg.local_dtype not in LOCAL_DTYPES:
@@ -188,7 +246,7 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"BV={cfg.BV} must be a power of two in [16, {vp}]"
     # A_qk is recomputed in fp32 whatever the other operands' dtype (the fused value side reads it too).
     per_stage = operand_bytes * (3 * chunk * kp + chunk * cfg.BV) + 4 * chunk * chunk
-    if int(1.1 * max(1, cfg.num_stages) * per_stage) > SHARED_MEMORY_LIMIT_BYTES:
+    if int(1.1 * max(1, cfg.num_stages) * per_stage) > shared_memory:
         return f"reverse pass needs ~{int(1.1 * cfg.num_stages * per_stage) // 1024} KiB of shared memory"
     live = kp * cfg.BV + 2 * chunk * cfg.BV  # dS, dR and the dO tile
     if live / (cfg.num_warps * THREADS_PER_WARP) > MAX_REGISTERS_PER_THREAD:
@@ -202,33 +260,112 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
 VALUE_SIDE_MAX_FOOTPRINT = 32 * (128 + 128)
 
 
-def value_side_fits(shape: Shape, chunk: int) -> bool:
-    """Whether the fused value side (kernels/bwd_local.py) fits on chip at ``shape`` and ``chunk``."""
-    return chunk * (_padded(shape.K) + _padded(shape.V)) <= VALUE_SIDE_MAX_FOOTPRINT
+def value_side_fits(shape: Shape, chunk: int, shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> bool:
+    """Whether the fused value side (kernels/bwd_local.py) fits on chip at ``shape`` and ``chunk``, on a GPU whose
+    blocks may use ``shared_memory`` bytes (the measured footprint scales with it; sm90's by default)."""
+    footprint = chunk * (_padded(shape.K) + _padded(shape.V))
+    return footprint * SHARED_MEMORY_LIMIT_BYTES <= VALUE_SIDE_MAX_FOOTPRINT * shared_memory
+
+
+def recompute_dtype(cfg: BwdConfig, shape: Shape, chunk: int,
+                    shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> torch.dtype:
+    """The dtype of the recomputed intermediates: fp32 when the reverse pass can stage fp32 operands at the
+    forward's chunk length (at its smallest footprint), else the input dtype (which fits wherever the forward
+    does)."""
+    smallest = dataclasses.replace(cfg, num_stages=1, BV=16)
+    if bwd_infeasibility(smallest, shape, chunk, 4, shared_memory) is None:
+        return torch.float32
+    return shape.torch_dtype
 
 
 def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, torch.dtype]:
-    """The backward config and the dtype of the recomputed intermediates: fp32 when the reverse pass fits with
-    fp32 operands at the forward's chunk length, else the input dtype (which fits wherever the forward does)."""
-    if bwd_infeasibility(dataclasses.replace(cfg, num_stages=1, BV=16), shape, chunk, 4) is None:
-        return fit_bwd(cfg, shape, chunk, 4), torch.float32
-    return fit_bwd(cfg, shape, chunk, shape.torch_dtype.itemsize), shape.torch_dtype
+    """The backward config fitted at the forward's chunk length, and the dtype of the recomputed intermediates."""
+    dtype = recompute_dtype(cfg, shape, chunk)
+    return fit_bwd(cfg, shape, chunk, dtype.itemsize), dtype
 
 
-def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int) -> BwdConfig:
+def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
+            shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> BwdConfig:
     """The nearest admissible backward config: the value side in torch where the fused one does not fit, BV
     clipped to V, then fewer stages, then a narrower V tile."""
     cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)))
-    if cfg.value_side == "triton" and not value_side_fits(shape, chunk):
+    if cfg.value_side == "triton" and not value_side_fits(shape, chunk, shared_memory):
         cfg = dataclasses.replace(cfg, value_side="torch")
-    while bwd_infeasibility(cfg, shape, chunk, operand_bytes) is not None:
+    while bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory) is not None:
         if cfg.num_stages > 1:
             cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.BV > 16:
             cfg = dataclasses.replace(cfg, BV=cfg.BV // 2)
         else:
-            raise ValueError(f"{cfg.label()}: {bwd_infeasibility(cfg, shape, chunk, operand_bytes)}")
+            raise ValueError(f"{cfg.label()}: {bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory)}")
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Constraints of the tuned op (kernels/bwd_spec.py), in the generic ``(cfg, shape, device)`` form. The backward
+# follows the forward's chunk length, which these take from the forward's built-in config at the shape (see
+# forward_chunk); a config is admissible when chunk_gdn2_bwd runs it as it is, without fitting it.
+
+
+def forward_chunk(shape: Shape, device: DeviceLimits) -> int:
+    """The chunk length the backward is tuned and checked at: the forward's built-in config's at ``shape``."""
+    return default_config(shape, device).chunk
+
+
+def bwd_legal_values(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> str | None:
+    """Each tunable one of its space's values, of its type (True would pass for 1 and reach Triton as a bool);
+    every other field at its built-in value (tables serve tunables only)."""
+    if not isinstance(cfg, BwdConfig):
+        return f"config: expected a BwdConfig, received {type(cfg).__name__}"
+    for p in BWD_SPACE:
+        value = getattr(cfg, _field(p.name))
+        if type(value) is not type(p.values[0]) or value not in p.values:
+            return f"{p.name}={value!r} is not one of {list(p.values)}"
+    tuned = {_field(p.name) for p in BWD_SPACE}
+    for f in dataclasses.fields(BwdConfig):
+        if f.name not in tuned and getattr(cfg, f.name) != getattr(DEFAULT_BWD_CONFIG, f.name):
+            return (f"{f.name}={getattr(cfg, f.name)!r} is not a tunable: the tuned op runs "
+                    f"{f.name}={getattr(DEFAULT_BWD_CONFIG, f.name)!r}")
+    return None
+
+
+def bwd_fits_forward_chunk(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> str | None:
+    """The reverse pass's tiles and budgets, and the fused value side's on-chip footprint, at the forward's chunk
+    length with the operands it recomputes (fp32 where they fit) on ``device``."""
+    chunk = forward_chunk(shape, device)
+    smem = device.shared_memory_per_block
+    if cfg.value_side == "triton" and not value_side_fits(shape, chunk, smem):
+        return (f"the fused value side does not fit on chip at chunk={chunk}, K={shape.K}, V={shape.V} on "
+                f"{device.family}: value_side='torch'")
+    operand_bytes = recompute_dtype(cfg, shape, chunk, smem).itemsize
+    return bwd_infeasibility(cfg, shape, chunk, operand_bytes, smem)
+
+
+def bwd_tiles_that_act(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> str | None:
+    """One point per distinct launch: the fused value side's tiling parameters only where they act (at their
+    built-in values otherwise), so that no two points of the space time the same kernels."""
+    default = DEFAULT_BWD_CONFIG
+    idle = ("value_tile", "value_BV", "value_BK", "value_warps") if cfg.value_side == "torch" else (
+        ("value_BK",) if cfg.value_tile == "v" else ("value_BV",))
+    for name in idle:
+        if getattr(cfg, name) != getattr(default, name):
+            return f"{name} has no effect here (value_side={cfg.value_side!r}, value_tile={cfg.value_tile!r})"
+    return None
+
+
+BWD_CONSTRAINTS: tuple[Callable[[BwdConfig, Shape, DeviceLimits], str | None], ...] = (
+    bwd_legal_values,
+    bwd_tiles_that_act,
+    bwd_fits_forward_chunk,
+)
+
+
+def tuned_default_bwd_config(shape: Shape, device: DeviceLimits) -> BwdConfig:
+    """:func:`default_bwd_config` fitted at the forward's chunk length on ``device``: the tuned op's default."""
+    chunk = forward_chunk(shape, device)
+    cfg = default_bwd_config(shape)
+    smem = device.shared_memory_per_block
+    return fit_bwd(cfg, shape, chunk, recompute_dtype(cfg, shape, chunk, smem).itemsize, smem)
 
 
 @triton.jit
@@ -711,6 +848,142 @@ def state_bwd(
     return dhc, dh0
 
 
+@dataclass(frozen=True)
+class BackwardLaunch:
+    """The backward's four steps bound to contiguous inputs, the forward's config and the backward config fitted at
+    its chunk length (:func:`backward_launch`): what ``chunk_gdn2_bwd`` runs, and what the tuner times stage by
+    stage (kernels/bwd_spec.py). ``inter_dtype``: the dtype of the recomputed intermediates."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    b: torch.Tensor
+    w: torch.Tensor
+    do: torch.Tensor
+    dht: torch.Tensor | None
+    scale: float
+    initial_state: torch.Tensor | None
+    use_qk_l2norm: bool
+    config: FwdConfig
+    bwd_config: BwdConfig
+    inter_dtype: torch.dtype
+    layout: ChunkLayout
+    num_seqs: int
+
+    @property
+    def _packed(self) -> dict[str, Any]:
+        return {"cu_seqlens": self.layout.offsets, "chunk_offsets": self.layout.chunk_offsets,
+                "num_seqs": self.num_seqs}
+
+    def recompute(self) -> IntraOutputs:
+        """1. The forward's per-chunk intermediates (its own intra launcher, at its chunk length), in fp32 when the
+        reverse pass can stage fp32 operands (else in the input dtype, as the forward keeps them)."""
+        layout = self.layout
+        return intra_fwd(
+            self.q, self.k, self.v, self.g, self.b, self.w,
+            scale=self.scale, chunk=self.config.chunk,
+            cfg=dataclasses.replace(self.config.intra, precision=self.bwd_config.recompute_precision),
+            cu_seqlens=layout.offsets, chunk_indices=layout.chunk_indices, num_chunks=layout.num_chunks,
+            use_qk_l2norm=self.use_qk_l2norm, out_dtype=self.inter_dtype, aqk_dtype=torch.float32,
+        )
+
+    def states(self, inter: IntraOutputs) -> torch.Tensor:
+        """Each chunk's entering state S0 (the forward's recurrence again)."""
+        return entering_states(inter, initial_state=self.initial_state, chunk=self.config.chunk,
+                               cfg=self.bwd_config, **self._packed)
+
+    def reverse(self, inter: IntraOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """2. The reverse state pass: dS_C per chunk and dh0."""
+        return state_bwd(inter, self.do, self.dht, initial_grad=self.initial_state is not None,
+                         chunk=self.config.chunk, cfg=self.bwd_config, **self._packed)
+
+    def local(self, a_all: torch.Tensor | None, aqk: torch.Tensor, hc: torch.Tensor, dhc: torch.Tensor,
+              dh0: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """3. Local gradients, chunks in groups of bounded memory, from the recomputed A and A_qk (read by the
+        fused value side), the entering states and the reverse pass's dS_C: (dq, dk, dv, dg, db, dw, dh0)."""
+        q, k, v, g, b, w, do = self.q, self.k, self.v, self.g, self.b, self.w, self.do
+        bcfg, layout, scale, l2norm = self.bwd_config, self.layout, self.scale, self.use_qk_l2norm
+        _, _, H, K = q.shape
+        V = v.shape[-1]
+        C = self.config.chunk
+        per_chunk = H * C * (C * _padded(K) if bcfg.local == "autograd" else max(C, K, V))
+        step = max(1, bcfg.group_elements // per_chunk)
+        if bcfg.local == "pairs" and bcfg.value_side == "triton":
+            # Every launch reads the token layout through the chunk rows; dv and dw are written there directly.
+            rows = layout.token_rows(q.device)
+            d_v, d_w = torch.zeros_like(v), torch.zeros_like(w)
+            key_grads = [torch.empty((layout.num_chunks, H, C, K), dtype=torch.float32, device=q.device)
+                         for _ in range(4)]
+            for c0 in range(0, layout.num_chunks, step):
+                sl = slice(c0, min(c0 + step, layout.num_chunks))
+                tokens = ValueTokens(a_all[sl], aqk, v, w, do, rows[sl], d_v, d_w)
+                got = _local_grads_fused(q, k, g, b, tokens, hc[sl], dhc[sl], scale=scale, l2norm=l2norm, cfg=bcfg)
+                for dst, src in zip(key_grads, got):
+                    dst[sl] = src
+            dq, dk, dg, db = (layout.from_chunks(x.transpose(1, 2)).to(dt)
+                              for x, dt in zip(key_grads, (q.dtype, k.dtype, torch.float32, b.dtype)))
+            return dq, dk, d_v, dg, db, d_w, dh0
+        ldt = torch.float64 if bcfg.local_dtype == "fp64" else torch.float32
+        xs = [layout.to_chunks(x) for x in (q, k, v, g, b, w, do)]
+        hc = layout.per_chunk(hc)
+        dhc = layout.per_chunk(dhc)
+        grads = [torch.empty(x.shape, dtype=torch.float32 if i == 3 else x.dtype, device=x.device)
+                 for i, x in enumerate(xs[:6])]
+        for c0 in range(0, layout.num_chunks, step):
+            sl = slice(c0, min(c0 + step, layout.num_chunks))
+            # [n, C, H, D] → [n, H, C, D] in the local arithmetic's dtype.
+            ins = [x[sl].transpose(1, 2).to(ldt).requires_grad_(bcfg.local == "autograd") for x in xs[:6]]
+            d_o = xs[6][sl].transpose(1, 2).to(ldt)
+            s0 = hc[sl].to(ldt)
+            if bcfg.local == "pairs":
+                got = _local_grads(*ins, s0, d_o, dhc[sl].to(ldt), scale=scale, l2norm=l2norm, cfg=bcfg)
+            else:
+                with torch.enable_grad():
+                    o, s_c = _local_chunk(*ins, s0, scale=scale, l2norm=l2norm)
+                    got = torch.autograd.grad((o, s_c), ins, (d_o, dhc[sl].to(ldt)))
+            for dst, src in zip(grads, got):
+                dst[sl] = src.transpose(1, 2)
+        dq, dk, dv, dg, db, dw = (layout.from_chunks(x) for x in grads)
+        return dq, dk, dv, dg, db, dw, dh0
+
+    def __call__(self) -> tuple[torch.Tensor | None, ...]:
+        inter = self.recompute()
+        hc = self.states(inter)
+        dhc, dh0 = self.reverse(inter)
+        a_all, aqk = inter.a, inter.aqk  # the fused value side's A and A_qk
+        del inter  # the other intermediates are not needed again
+        return self.local(a_all, aqk, hc, dhc, dh0)
+
+
+def backward_launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+    do: torch.Tensor, dht: torch.Tensor | None,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+    config: FwdConfig,
+    bwd_config: BwdConfig,
+    num_seqs: int,
+    index: PackedIndex | None = None,
+) -> BackwardLaunch:
+    """The backward bound to its inputs (the arguments of :func:`chunk_gdn2_bwd`): ``bwd_config`` fitted at the
+    forward's chunk length, the chunk layout built (a packed batch on ``index``, else on one built from
+    ``cu_seqlens``: either way on sanitised offsets, never on the caller's tensor)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = config.chunk
+    shape = Shape(B, T, H, K, V, _DTYPE_NAMES[q.dtype], num_seqs if cu_seqlens is not None else None)
+    if cu_seqlens is not None and index is None:
+        index = packed_index(cu_seqlens, C, T)
+    layout = chunk_layout(B, T, C, index, q.device)
+    bcfg, inter_dtype = _fit(bwd_config, shape, C)
+    return BackwardLaunch(q, k, v, g, b, w, do.contiguous(), dht, scale, initial_state, use_qk_l2norm_in_kernel,
+                          config, bcfg, inter_dtype, layout, num_seqs)
+
+
 def chunk_gdn2_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     do: torch.Tensor, dht: torch.Tensor | None,
@@ -728,75 +1001,12 @@ def chunk_gdn2_bwd(
 
     A packed batch runs on ``index`` when given (the forward's, :func:`packed_index` of its offsets), else on one
     built here from ``cu_seqlens``: either way on sanitised offsets, never on the caller's tensor."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = config.chunk
-    shape = Shape(B, T, H, K, V, _DTYPE_NAMES[q.dtype], num_seqs if cu_seqlens is not None else None)
-    if cu_seqlens is not None and index is None:
-        index = packed_index(cu_seqlens, C, T)
-    layout = chunk_layout(B, T, C, index, q.device)
-
-    # 1. Recompute the forward's per-chunk intermediates (its own intra launcher, at its chunk length), in fp32
-    # when the reverse pass can stage fp32 operands (else in the input dtype, as the forward keeps them).
-    bcfg, inter_dtype = _fit(bwd_config, shape, C)
-    cu = layout.offsets
-    inter = intra_fwd(
-        q, k, v, g, b, w,
-        scale=scale, chunk=C, cfg=dataclasses.replace(config.intra, precision=bcfg.recompute_precision),
-        cu_seqlens=cu, chunk_indices=layout.chunk_indices, num_chunks=layout.num_chunks,
-        use_qk_l2norm=use_qk_l2norm_in_kernel, out_dtype=inter_dtype, aqk_dtype=torch.float32,
-    )
-    packed = {"cu_seqlens": cu, "chunk_offsets": layout.chunk_offsets, "num_seqs": num_seqs}
-    hc = entering_states(inter, initial_state=initial_state, chunk=C, cfg=bcfg, **packed)
-
-    # 2. Reverse state pass: dS_C per chunk and dh0.
-    do = do.contiguous()
-    dhc, dh0 = state_bwd(inter, do, dht, initial_grad=initial_state is not None, chunk=C, cfg=bcfg, **packed)
-    a_all, aqk = inter.a, inter.aqk  # the fused value side's A and A_qk
-    del inter
-
-    # 3. Local gradients, chunks in groups of bounded memory.
-    per_chunk = H * C * (C * _padded(K) if bcfg.local == "autograd" else max(C, K, V))
-    step = max(1, bcfg.group_elements // per_chunk)
-    if bcfg.local == "pairs" and bcfg.value_side == "triton":
-        # Every launch reads the token layout through the chunk rows; dv and dw are written there directly.
-        rows = layout.token_rows(q.device)
-        d_v, d_w = torch.zeros_like(v), torch.zeros_like(w)
-        key_grads = [torch.empty((layout.num_chunks, H, C, K), dtype=torch.float32, device=q.device)
-                     for _ in range(4)]
-        for c0 in range(0, layout.num_chunks, step):
-            sl = slice(c0, min(c0 + step, layout.num_chunks))
-            tokens = ValueTokens(a_all[sl], aqk, v, w, do, rows[sl], d_v, d_w)
-            got = _local_grads_fused(q, k, g, b, tokens, hc[sl], dhc[sl], scale=scale,
-                                     l2norm=use_qk_l2norm_in_kernel, cfg=bcfg)
-            for dst, src in zip(key_grads, got):
-                dst[sl] = src
-        dq, dk, dg, db = (layout.from_chunks(x.transpose(1, 2)).to(dt)
-                          for x, dt in zip(key_grads, (q.dtype, k.dtype, torch.float32, b.dtype)))
-        return dq, dk, d_v, dg, db, d_w, dh0
-    ldt = torch.float64 if bcfg.local_dtype == "fp64" else torch.float32
-    xs = [layout.to_chunks(x) for x in (q, k, v, g, b, w, do)]
-    hc = layout.per_chunk(hc)
-    dhc = layout.per_chunk(dhc)
-    grads = [torch.empty(x.shape, dtype=torch.float32 if i == 3 else x.dtype, device=x.device)
-             for i, x in enumerate(xs[:6])]
-    for c0 in range(0, layout.num_chunks, step):
-        sl = slice(c0, min(c0 + step, layout.num_chunks))
-        # [n, C, H, D] → [n, H, C, D] in the local arithmetic's dtype.
-        ins = [x[sl].transpose(1, 2).to(ldt).requires_grad_(bcfg.local == "autograd") for x in xs[:6]]
-        d_o = xs[6][sl].transpose(1, 2).to(ldt)
-        s0 = hc[sl].to(ldt)
-        if bcfg.local == "pairs":
-            got = _local_grads(*ins, s0, d_o, dhc[sl].to(ldt), scale=scale, l2norm=use_qk_l2norm_in_kernel,
-                               cfg=bcfg)
-        else:
-            with torch.enable_grad():
-                o, s_c = _local_chunk(*ins, s0, scale=scale, l2norm=use_qk_l2norm_in_kernel)
-                got = torch.autograd.grad((o, s_c), ins, (d_o, dhc[sl].to(ldt)))
-        for dst, src in zip(grads, got):
-            dst[sl] = src.transpose(1, 2)
-    dq, dk, dv, dg, db, dw = (layout.from_chunks(x) for x in grads)
-    return dq, dk, dv, dg, db, dw, dh0
+    return backward_launch(
+        q, k, v, g, b, w, do, dht,
+        scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, config=config, bwd_config=bwd_config, num_seqs=num_seqs,
+        index=index,
+    )()
 
 
 @triton.jit
