@@ -15,9 +15,10 @@ Every function takes the op by name (``op="fwd"``, the table key's first part) a
 Within a table: the exact key, else the nearest shape bucket of the same stage, K, V and dtype. :func:`explain` says
 which source, table and entry served a shape (a :class:`Choice`), for reports.
 
-A table that is missing, corrupt or hand-mangled warns once, naming the file and the field, and is skipped. A stale
-table (tuned with another Triton or kernel fingerprint) warns once and keeps serving the entries that today's
-space and constraints accept (the rest were dropped on load, each with a warning). Every
+A table that is missing, corrupt or hand-mangled warns once, naming the file and the field, and is skipped.
+Freshness is per op: the entries of an op tuned against another kernel fingerprint (or of a table tuned with
+another Triton) keep serving where today's space and constraints accept them (the rest were dropped on load, each
+with a warning), with one warning per table and op, given when that op is first served from it. Every
 config returned passes the op's constraints at the shape. Tables are read once per process and the
 answer is memoised per shape, so a repeated lookup is one dict access. The environment variables and the GPU
 are read at the first lookup; :func:`clear_cache` forgets all of it (tests, or after changing them).
@@ -195,6 +196,7 @@ def explain(shape: Shape, op: str = STAGE) -> Choice:
     for source, table in _tables(session):
         entry = _lookup(table, shape, spec, limits)
         if entry is not None:
+            _warn_if_stale(table, spec.name)
             return Choice(entry.config, source, table.path, entry.key, entry.key == entry_key(spec.name, shape),
                           session.device)
     # (5)
@@ -382,17 +384,22 @@ def _load(path: Path) -> _Table | None:
         _warn(str(path), problem, problem)
     if profile is not None:
         table = _Table(path, profile, {e.key: e for e in profile.entries})
-        stale = staleness(profile)
-        if stale:
-            # Still served: every entry left passed today's constraints on load; only its speed is in doubt.
-            _warn(
-                str(path),
-                "stale",
-                f"{path}: stale ({'; '.join(stale)}); serving its entries that today's constraints accept. "
-                "Re-tune with `python tune.py tune` for best speed",
-            )
     _TABLES[path] = table
     return table
+
+
+def _warn_if_stale(table: _Table, op: str) -> None:
+    """Warn once per table and op when op's entries there are stale: a user of the forward hears nothing of a
+    stale decode entry it is never served."""
+    stale = staleness(table.profile, op)
+    if stale:
+        # Still served: every entry left passed today's constraints on load; only its speed is in doubt.
+        _warn(
+            str(table.path),
+            f"stale {op}",
+            f"{table.path}: {op} entries stale ({'; '.join(stale)}); serving those that today's constraints "
+            f"accept. Re-tune with `python tune.py tune --op {op}` for best speed",
+        )
 
 
 def _warn(source: str, problem: str, message: str) -> None:

@@ -9,6 +9,11 @@ unless its op's constraints (``KernelSpec.infeasibility``) accept it at the entr
 
 Keys are readable (``"fwd/K128-V128-bf16/T4096-BH128"``): stage, head dims, dtype and the shape bucket
 (T and B·H; a packed varlen batch uses the total token count and H, and ends in ``-varlen``).
+
+Freshness is per op: ``kernel_hash`` maps each op to the fingerprint its entries were tuned against
+(``{"fwd": "54387db3e408d63d", "decode": ...}``), so a table holding several ops says which of them is stale, and
+merging a tune of one op leaves the others' entries and fingerprints alone. Schema 1 (one fingerprint string, that
+of the table's entries' op) is still read: :func:`_read_kernel_hash` migrates it on load.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from gdn2_tune.kernels.config import DTYPES, Shape
 from gdn2_tune.kernels.fingerprint import fingerprint
 from gdn2_tune.kernels.spec import DEFAULT_OP, KernelSpec, get_spec, known_devices
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 differs only in `kernel_hash`: one string, the fingerprint of the op of the table's entries.
+READABLE_SCHEMA_VERSIONS = (1, SCHEMA_VERSION)
 PROFILES_DIR = Path(__file__).resolve().parent
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 # The file names of the first op's kernels (KernelSpec.jit_files), for tests that copy them.
@@ -44,6 +51,8 @@ MAX_DEVICE_ID_CHARS = 64
 _SAFE_ID = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 # Stage names appear in keys ("fwd/..."); the backward and decode kernels add their own.
 _STAGE = re.compile(r"[a-z][a-z0-9_]*")
+# A fingerprint is FINGERPRINT_CHARS hex digits; anything far longer was not written by the tuner.
+_MAX_FINGERPRINT_CHARS = 64
 # Received values are echoed in warnings; a hostile table must not flood the terminal.
 _MAX_ECHO_CHARS = 60
 _REGENERATE = "regenerate the table with `python tune.py tune` or delete it"
@@ -231,26 +240,69 @@ def kernel_source_hash(root: Path = KERNELS_DIR, op: str = DEFAULT_OP) -> str:
 
 
 def table_op(entries: Sequence[Entry]) -> str:
-    """The op whose fingerprint a table records: its entries' (one op per table today), the first op when empty."""
+    """The op of a table's entries when they are all of one op, else the first op (``DEFAULT_OP``): whose
+    fingerprint a schema-1 table's single ``kernel_hash`` string is."""
     ops = sorted({e.stage for e in entries})
     return ops[0] if len(ops) == 1 else DEFAULT_OP
 
 
-def staleness(profile: Profile) -> tuple[str, ...]:
-    """Why a table may be slower than a re-tune would make it; empty when it is fresh.
+def entry_ops(entries: Sequence[Entry]) -> tuple[str, ...]:
+    """The ops a table holds entries of, sorted: the ones whose freshness matters."""
+    return tuple(sorted({e.stage for e in entries}))
+
+
+def current_fingerprints(ops: Sequence[str]) -> dict[str, str]:
+    """Today's fingerprint of each op: what a table records for the ops it was tuned or re-measured for."""
+    return {op: kernel_source_hash(op=op) for op in ops}
+
+
+def stale_ops(profile: Profile) -> dict[str, str]:
+    """op -> why its entries may be slower than a re-tune would make them, for each op of ``profile.entries``
+    whose recorded fingerprint is not today's (or is missing). Ops with a recorded fingerprint but no entries
+    serve nothing and are not listed."""
+    out = {}
+    for op in entry_ops(profile.entries):
+        recorded = profile.kernel_hash.get(op)
+        running = kernel_source_hash(op=op)
+        if recorded is None:
+            out[op] = f"{op}: kernel_hash: no fingerprint recorded for its entries, running {running}"
+        elif recorded != running:
+            out[op] = f"{op}: kernel_hash: tuned against kernel fingerprint {_echo(recorded)}, running {running}"
+    return out
+
+
+def staleness(profile: Profile, op: str | None = None) -> tuple[str, ...]:
+    """Why a table (or, with ``op``, that op's entries) may be slower than a re-tune would make it; empty when
+    fresh. Each kernel reason names its op (``"decode: kernel_hash: ..."``); the Triton version is the table's.
 
     A stale table keeps serving: :func:`load_profile` has already dropped every entry that today's space and
     constraints reject, so what remains is legal, only possibly not the fastest for today's kernels or Triton.
     """
     import triton
 
-    reasons = []
-    running = kernel_source_hash(op=table_op(profile.entries))
-    if profile.kernel_hash != running:
-        reasons.append(f"kernel_hash: tuned against kernel fingerprint {_echo(profile.kernel_hash)}, running {running}")
+    reasons = [reason for name, reason in stale_ops(profile).items() if op is None or name == op]
     if profile.triton_version != triton.__version__:
         reasons.append(f"triton_version: tuned with Triton {_echo(profile.triton_version)}, running {triton.__version__}")
     return tuple(reasons)
+
+
+def _read_kernel_hash(data: dict[str, Any], version: int) -> str | dict[str, str]:
+    """The header's op -> fingerprint mapping; schema 1's one string, which :class:`Profile` assigns to the op of
+    the entries (``table_op``: the forward for the shipped tables)."""
+    if version == 1:
+        return _str(data, "kernel_hash", "")
+    value = _object(_field(data, "kernel_hash", ""), "kernel_hash")
+    out = {}
+    for op, fp in value.items():
+        path = f"kernel_hash.{op}"
+        if not _STAGE.fullmatch(op):
+            raise TableFieldError(path, f"expected an op name such as 'fwd' as the key, received {_echo(op)}")
+        if not isinstance(fp, str) or not 0 < len(fp) <= _MAX_FINGERPRINT_CHARS:
+            raise TableFieldError(
+                path, f"expected a fingerprint string of 1 to {_MAX_FINGERPRINT_CHARS} characters, received {_echo(fp)}"
+            )
+        out[op] = fp
+    return out
 
 
 def parse_config(data: Any, path: str = "config", op: str = DEFAULT_OP) -> Any:
@@ -595,7 +647,9 @@ class Profile:
     device: DeviceInfo
     torch_version: str
     triton_version: str
-    kernel_hash: str  # kernel_source_hash() when tuned: the fingerprint that decides freshness
+    # op -> kernel_source_hash(op) when its entries were tuned: what decides each op's freshness. A string is
+    # taken as the fingerprint of the entries' op (table_op), as schema 1 stored it.
+    kernel_hash: dict[str, str]
     created: str  # ISO-8601 time of the run
     sampler: str
     budget: dict[str, Any]  # e.g. {"trials": 200, "timeout_s": 3600}
@@ -606,13 +660,17 @@ class Profile:
     # Provenance only (freshness is kernel_hash's): the commit the tuner ran at, "" when unknown.
     git_commit: str = ""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.kernel_hash, str):
+            object.__setattr__(self, "kernel_hash", {table_op(self.entries): self.kernel_hash})
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
             "device": self.device.to_dict(),
             "torch_version": self.torch_version,
             "triton_version": self.triton_version,
-            "kernel_hash": self.kernel_hash,
+            "kernel_hash": dict(sorted(self.kernel_hash.items())),
             "git_commit": self.git_commit,
             "created": self.created,
             "sampler": self.sampler,
@@ -634,17 +692,18 @@ class Profile:
         # The version comes first: a future layout may differ in every other field.
         version = _field(data, "schema_version", "")
         # `type is int`: true and 1.0 compare equal to 1 but are not what any writer of this format produces.
-        if type(version) is not int or version != SCHEMA_VERSION:
+        if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:
             raise TableFieldError(
                 "schema_version",
-                f"expected {SCHEMA_VERSION}, received {_echo(version)} (a table from another gdn2-tune version)",
+                f"expected one of {list(READABLE_SCHEMA_VERSIONS)}, received {_echo(version)} "
+                "(a table from another gdn2-tune version)",
             )
         roofs = _field(data, "roofs", "")
         header = {
             "device": DeviceInfo.from_dict(_field(data, "device", ""), "device"),
             "torch_version": _str(data, "torch_version", ""),
             "triton_version": _str(data, "triton_version", ""),
-            "kernel_hash": _str(data, "kernel_hash", ""),
+            "kernel_hash": _read_kernel_hash(data, version),
             "git_commit": _str(data, "git_commit", "") if "git_commit" in data else "",
             "created": _str(data, "created", ""),
             "sampler": _str(data, "sampler", ""),
@@ -674,7 +733,8 @@ class Profile:
                 if on_bad_item is None:
                     raise
                 on_bad_item(err)
-        return Profile(schema_version=version, entries=tuple(entries), trials=tuple(trials), **header)
+        # Migrated (a schema-1 fingerprint string becomes {its entries' op: it}), the record is this schema's.
+        return Profile(schema_version=SCHEMA_VERSION, entries=tuple(entries), trials=tuple(trials), **header)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -750,8 +810,11 @@ def merge_profiles(profiles: Sequence[Profile], names: Sequence[str] | None = No
 
     Returns the merged profile and notes saying, for each key more than one table has, which one was kept and
     why. ``names`` (e.g. the file names) label the tables in the notes; by default "#1", "#2", ...
-    Tables of different devices, kernel sources, Triton versions or modes (interpreter or GPU) are not
-    comparable; merging them raises ``ValueError`` naming the field.
+    Freshness is per op, and so is merging: an op whose entries were tuned against different fingerprints in
+    different tables takes its entries (and trials) from the last table holding it only, since times measured on
+    other kernels do not compare; give the tables oldest first. The other ops' entries and fingerprints are kept
+    as they are. Tables of different devices, Triton versions or modes (interpreter or GPU) are not comparable;
+    merging them raises ``ValueError`` naming the field.
     """
     if not profiles:
         raise ValueError("merge_profiles: expected at least one profile, received none")
@@ -761,7 +824,6 @@ def merge_profiles(profiles: Sequence[Profile], names: Sequence[str] | None = No
     first = profiles[0]
     fields: dict[str, Callable[[Profile], Any]] = {
         "device.device_id": lambda p: p.device.device_id,
-        "kernel_hash": lambda p: p.kernel_hash,
         "triton_version": lambda p: p.triton_version,
         "interpret": lambda p: p.interpret,
     }
@@ -770,14 +832,32 @@ def merge_profiles(profiles: Sequence[Profile], names: Sequence[str] | None = No
             if get(other) != get(first):
                 raise ValueError(
                     f"merge_profiles: {field} differs: {labels[0]} has {get(first)!r}, {label} has {get(other)!r}; "
-                    "only tables of one device tuned against the same kernels and Triton can be merged "
-                    "(re-tune the older one)"
+                    "only tables of one device tuned with the same Triton can be merged (re-tune the older one)"
                 )
 
-    kept: dict[str, tuple[Entry, str]] = {}
     notes: list[str] = []
-    for label, profile in zip(labels, profiles, strict=True):
+    kernel_hash = {op: fp for p in profiles for op, fp in p.kernel_hash.items()}  # the last table's wins
+    dropped: set[tuple[int, str]] = set()  # (table index, op) whose entries and trials are left out
+    for op in entry_ops([e for p in profiles for e in p.entries]):
+        holders = [i for i, p in enumerate(profiles) if op in entry_ops(p.entries)]
+        newest = profiles[holders[-1]].kernel_hash.get(op)
+        for i in holders:
+            if profiles[i].kernel_hash.get(op) != newest:
+                dropped.add((i, op))
+                notes.append(
+                    f"{op}: {labels[i]} was tuned against kernel fingerprint {profiles[i].kernel_hash.get(op)!r}, "
+                    f"{labels[holders[-1]]} against {newest!r}; kept {labels[holders[-1]]}'s {op} entries only"
+                )
+        if newest is None:
+            kernel_hash.pop(op, None)
+        else:
+            kernel_hash[op] = newest
+
+    kept: dict[str, tuple[Entry, str]] = {}
+    for i, (label, profile) in enumerate(zip(labels, profiles, strict=True)):
         for entry in profile.entries:
+            if (i, entry.stage) in dropped:
+                continue
             if entry.key not in kept:
                 kept[entry.key] = (entry, label)
                 continue
@@ -800,11 +880,15 @@ def merge_profiles(profiles: Sequence[Profile], names: Sequence[str] | None = No
     samplers = sorted({p.sampler for p in profiles})
     merged = dataclasses.replace(
         first,
+        kernel_hash=kernel_hash,
         created=max(p.created for p in profiles),
         sampler="+".join(samplers),
         roofs=next((p.roofs for p in profiles if p.roofs is not None), None),
         entries=tuple(kept[key][0] for key in sorted(kept)),
-        # Every study's history stays: the convergence report reads trials per key and number.
-        trials=tuple(t for p in profiles for t in p.trials),
+        # Every study's history stays (the convergence report reads trials per key and number), except that of
+        # entries left out for another fingerprint.
+        trials=tuple(
+            t for i, p in enumerate(profiles) for t in p.trials if (i, t.key.partition("/")[0]) not in dropped
+        ),
     )
     return merged, notes

@@ -153,7 +153,7 @@ def test_tune_interpret_writes_a_decode_entry_the_dispatcher_serves_to_the_op(
     shape = get_spec(DECODE_OP).interpret_shape
     assert entry.key == table.entry_key(DECODE_OP, shape) == "decode/K16-V16-fp32/T1-BH4"
     assert isinstance(entry.config, DecodeConfig) and set(entry.stage_ms) == {"step"}
-    assert profile.kernel_hash == get_spec(DECODE_OP).fingerprint()
+    assert profile.kernel_hash == {DECODE_OP: get_spec(DECODE_OP).fingerprint()}
     assert cli.main(["report", "--profile", str(out), "--view", "shape", "--shape", entry.key, "--width", "120"]) == 0
     assert entry.config.label() in capsys.readouterr().out
 

@@ -375,6 +375,46 @@ def test_stale_table_drops_entries_that_todays_constraints_reject(world: World) 
     assert any("BC" in m and str(path) in m for m in messages)
 
 
+def test_only_the_stale_op_of_a_table_warns_and_both_keep_serving(world: World) -> None:
+    decode = get_spec("decode")
+    step = Shape(B=128, T=1, H=16, K=128, V=128, dtype="bf16")
+    tuned = decode.from_flat({**decode.default_config(step).flat(), "num_warps": 2})
+    decode_entry = dataclasses.replace(
+        make_entry(step, USER), key=entry_key("decode", step), stage="decode", config=tuned,
+        stage_ms={"step": 0.05}, default_stage_ms={"step": 0.1},
+    )
+    path = world.user_table(make_profile(
+        [make_entry(DENSE, USER), decode_entry], kernel_hash={"fwd": kernel_source_hash(), "decode": "0" * 16}
+    ))
+    config, messages = lookup(DENSE)
+    assert config == USER and messages == []  # the forward's entries are fresh
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert select_config(step, "decode") == tuned
+        assert select_config(dataclasses.replace(step, B=64), "decode") == tuned  # one warning per table and op
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, TableWarning)]
+    assert str(path) in message and "decode entries stale" in message and "decode: kernel_hash:" in message
+    assert "fwd" not in message and "--op decode" in message
+
+
+@pytest.mark.parametrize("name", ["h100-80gb-hbm3.json", "h200.json"])
+def test_shipped_schema_1_tables_serve_their_own_forward_entries(name: str, world: World) -> None:
+    # The shipped tables predate per-op fingerprints; read from the repository as they are, every forward entry is
+    # served at its own shape on its own GPU.
+    shipped = dispatch.PROFILES_DIR / name
+    data = json.loads(shipped.read_text())
+    assert data["schema_version"] == 1 and data["entries"]
+    world.monkeypatch.setattr(dispatch, "SHIPPED_DIR", dispatch.PROFILES_DIR)
+    world.on_device(Device(data["device"]["device_id"], data["device"]["family"]))
+    for item in data["entries"]:
+        shape = Shape(**item["shape"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TableWarning)  # stale for Triton 3.6 (and the H100's kernels)
+            choice = dispatch.explain(shape)
+        assert (choice.source, choice.path, choice.key, choice.exact) == ("own", shipped, item["key"], True)
+        assert choice.config == FwdConfig.from_dict(item["config"])
+
+
 def _mangled(edit: Callable[[dict[str, Any]], None]) -> Callable[[], str]:
     def text() -> str:
         data = make_profile([make_entry(DENSE, USER)]).to_dict()

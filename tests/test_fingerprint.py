@@ -108,4 +108,6 @@ def test_shipped_h100_table_records_a_fingerprint_and_its_commit_is_optional() -
     data = json.loads((table.PROFILES_DIR / "h100-80gb-hbm3.json").read_text())
     profile, problems = table.load_profile(table.PROFILES_DIR / "h100-80gb-hbm3.json")
     assert profile is not None and problems == []
-    assert profile.kernel_hash == data["kernel_hash"] and profile.git_commit == data.get("git_commit", "")
+    # Schema 1: the one fingerprint string is the forward's (the table's entries' op).
+    assert data["schema_version"] == 1 and profile.kernel_hash == {"fwd": data["kernel_hash"]}
+    assert profile.git_commit == data.get("git_commit", "")

@@ -208,7 +208,7 @@ def test_a_toy_op_tunes_shows_reports_and_dispatches(
     assert entry.trials == 4 and entry.speedup > 0
     assert spec.infeasibility(entry.config, entry.shape) is None
     # Recorded against the toy's own fingerprint, so the table is fresh but for nothing.
-    assert profile.kernel_hash == spec.fingerprint() and not table.staleness(profile)
+    assert profile.kernel_hash == {"toy": spec.fingerprint()} and not table.staleness(profile)
     # The constraint pruned something: BLOCK=32 with 2 or 4 warps is never compiled.
     assert all(not (t.params.get("BLOCK") == 32 and t.params.get("num_warps", 1) > 1)
                for t in profile.trials if t.state == "COMPLETE")

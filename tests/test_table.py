@@ -14,7 +14,8 @@ import pytest
 import triton
 
 from gdn2_tune.kernels.config import FwdConfig, Shape, default_config
-from gdn2_tune.kernels.spec import family_from_capability
+from gdn2_tune.kernels.decode_spec import DECODE_OP
+from gdn2_tune.kernels.spec import family_from_capability, get_spec
 from gdn2_tune.profiles import table
 from gdn2_tune.profiles.table import (
     SCHEMA_VERSION,
@@ -305,7 +306,11 @@ def test_bad_entry_is_skipped_with_one_warning_naming_file_and_field(
 
 
 HEADER_PROBLEMS = [
-    pytest.param(_set("schema_version", 2), "schema_version", id="unknown-schema-version"),
+    pytest.param(_set("kernel_hash", "0123456789abcdef"), "kernel_hash", id="schema-2-hash-a-string"),
+    pytest.param(_set("kernel_hash", {"Fwd!": "0123456789abcdef"}), "kernel_hash.Fwd!", id="hash-of-a-bad-op-name"),
+    pytest.param(_set("kernel_hash", {"fwd": 5}), "kernel_hash.fwd", id="hash-not-a-string"),
+    pytest.param(_set("kernel_hash", {"fwd": ""}), "kernel_hash.fwd", id="empty-hash"),
+    pytest.param(_set("schema_version", 3), "schema_version", id="unknown-schema-version"),
     pytest.param(_set("schema_version", "1"), "schema_version", id="string-schema-version"),
     pytest.param(_set("schema_version", True), "schema_version", id="bool-schema-version"),
     pytest.param(_set("schema_version", 1.0), "schema_version", id="float-schema-version"),
@@ -412,7 +417,6 @@ def test_merge_keeps_the_earlier_table_on_a_tie() -> None:
     ("change", "field"),
     [
         pytest.param({"device_id": "h200"}, "device.device_id", id="other-device"),
-        pytest.param({"kernel_hash": "0123456789abcdef"}, "kernel_hash", id="other-kernels"),
         pytest.param({"triton_version": "0.0.1"}, "triton_version", id="other-triton"),
         pytest.param({"interpret": True}, "interpret", id="interpreter-with-gpu"),
     ],
@@ -490,3 +494,100 @@ def test_bad_incumbent_skips_its_entry_with_a_warning_naming_the_field(
     assert loaded is not None and len(warnings) == 1, warnings
     assert str(path) in warnings[0] and f"{field}:" in warnings[0]
     assert entry_key("fwd", DENSE) not in {e.key for e in loaded.entries}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Freshness per op: one fingerprint per op in a table that holds several
+
+
+DECODE = Shape(B=128, T=1, H=16, K=128, V=128, dtype="bf16")
+STALE = "0123456789abcdef"
+
+
+def make_decode_entry(shape: Shape = DECODE, p50: float = 0.08, **flat: Any) -> Entry:
+    spec = get_spec(DECODE_OP)
+    config = spec.from_flat({**spec.default_config(shape).flat(), **flat})
+    return dataclasses.replace(
+        make_entry(shape, p50=p50), key=entry_key(DECODE_OP, shape), stage=DECODE_OP, config=config,
+        stage_ms={"step": p50}, default_stage_ms={"step": 2 * p50},
+    )
+
+
+def mixed_profile(decode_hash: str = STALE, **header: Any) -> Profile:
+    """fwd + decode entries; fwd's fingerprint today's, decode's ``decode_hash``."""
+    fingerprints = {"fwd": kernel_source_hash(), DECODE_OP: decode_hash}
+    return make_profile((make_entry(DENSE), make_decode_entry()), kernel_hash=fingerprints, **header)
+
+
+def test_a_table_records_one_fingerprint_per_op_and_only_the_stale_op_is_named(tmp_path: Path) -> None:
+    save_profile(mixed_profile(), tmp_path / "t.json")
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["kernel_hash"] == {DECODE_OP: STALE, "fwd": kernel_source_hash()}
+    loaded, warnings = load_profile(tmp_path / "t.json")
+    assert loaded is not None and not warnings
+    # Stale entries keep serving: both ops' entries loaded (today's constraints accept them).
+    assert [e.stage for e in loaded.entries] == ["fwd", DECODE_OP]
+    assert list(table.stale_ops(loaded)) == [DECODE_OP]
+    (reason,) = table.staleness(loaded)
+    assert reason.startswith(f"{DECODE_OP}: kernel_hash:") and STALE in reason
+    assert table.staleness(loaded, "fwd") == () and table.staleness(loaded, DECODE_OP) == (reason,)
+    fresh = mixed_profile(get_spec(DECODE_OP).fingerprint())
+    assert table.staleness(fresh) == ()
+
+
+def test_an_op_with_entries_but_no_recorded_fingerprint_is_stale() -> None:
+    profile = make_profile((make_entry(DENSE), make_decode_entry()), kernel_hash={"fwd": kernel_source_hash()})
+    assert list(table.stale_ops(profile)) == [DECODE_OP]
+    assert "no fingerprint recorded" in table.stale_ops(profile)[DECODE_OP]
+
+
+@pytest.mark.parametrize("name", ["h100-80gb-hbm3.json", "h200.json"])
+def test_schema_1_shipped_tables_load_unchanged_with_their_hash_as_the_forwards(name: str, tmp_path: Path) -> None:
+    data = json.loads((table.PROFILES_DIR / name).read_text())
+    assert data["schema_version"] == 1 and isinstance(data["kernel_hash"], str)
+    loaded, warnings = load_profile(table.PROFILES_DIR / name)
+    assert loaded is not None and warnings == []
+    assert loaded.kernel_hash == {"fwd": data["kernel_hash"]} and loaded.schema_version == SCHEMA_VERSION
+    # Every entry as the file has it: same keys, same configs, same times.
+    assert [e.to_dict() for e in loaded.entries] == data["entries"]
+    assert len(loaded.trials) == len(data["trials"])
+    # The forward is stale exactly when the file's one fingerprint is not today's.
+    assert bool(table.stale_ops(loaded)) == (data["kernel_hash"] != kernel_source_hash())
+    # Re-saved, it is a schema-2 table that loads to the same record.
+    save_profile(loaded, tmp_path / name)
+    assert json.loads((tmp_path / name).read_text())["kernel_hash"] == {"fwd": data["kernel_hash"]}
+    assert load_profile(tmp_path / name) == (loaded, [])
+
+
+def test_a_schema_1_table_of_another_op_assigns_its_hash_to_that_op(tmp_path: Path) -> None:
+    data = make_profile((make_decode_entry(),)).to_dict()
+    data.update(schema_version=1, kernel_hash=get_spec(DECODE_OP).fingerprint())
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    loaded, warnings = load_profile(tmp_path / "t.json")
+    assert loaded is not None and not warnings
+    assert loaded.kernel_hash == {DECODE_OP: get_spec(DECODE_OP).fingerprint()} and not table.staleness(loaded)
+
+
+def test_merging_a_tune_of_one_op_leaves_the_other_ops_alone() -> None:
+    existing = mixed_profile()
+    old_trial = TrialRecord(existing.entries[1].key, 0, "COMPLETE", 0.08, existing.entries[1].config.flat(), None)
+    existing = dataclasses.replace(existing, trials=(*existing.trials, old_trial))
+    retuned = make_decode_entry(p50=0.5, num_warps=2)  # slower than the stale one: kernels changed, no comparison
+    run = make_profile((retuned,), kernel_hash={DECODE_OP: get_spec(DECODE_OP).fingerprint()})
+    merged, notes = merge_profiles([existing, run], names=["existing", "this run"])
+    assert merged.kernel_hash == {"fwd": kernel_source_hash(), DECODE_OP: get_spec(DECODE_OP).fingerprint()}
+    assert merged.entries == (retuned, existing.entries[0])  # sorted by key
+    assert any(n.startswith(f"{DECODE_OP}: existing") and "kept this run's" in n for n in notes)
+    assert not table.stale_ops(merged)
+    # The dropped decode entries' study history goes with them; the forward's and this run's stay.
+    assert merged.trials == (*(t for t in existing.trials if t.key.startswith("fwd/")), *run.trials)
+
+
+def test_merging_tables_of_the_same_fingerprints_keeps_the_faster_entry_of_each_op() -> None:
+    fingerprints = {"fwd": kernel_source_hash(), DECODE_OP: get_spec(DECODE_OP).fingerprint()}
+    a = make_profile((make_entry(DENSE, p50=1.0), make_decode_entry(p50=0.2)), kernel_hash=fingerprints)
+    b = make_profile((make_decode_entry(p50=0.1, num_warps=2),), kernel_hash={DECODE_OP: fingerprints[DECODE_OP]})
+    merged, _ = merge_profiles([a, b])
+    assert merged.kernel_hash == fingerprints
+    assert merged.entries == (b.entries[0], a.entries[0])  # sorted by key
