@@ -111,6 +111,42 @@ def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 @pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        pytest.param(["stream_state=true,false"], {"stream_state": [True, False]}, id="true-false"),
+        pytest.param(["one_pass=1", "stream_state=0"], {"one_pass": [True], "stream_state": [False]}, id="one-zero"),
+        pytest.param(["one_pass=TRUE"], {"one_pass": [True]}, id="any-case"),
+        pytest.param(["num_warps=1, 2"], {"num_warps": [1, 2]}, id="ints-beside-bools"),
+    ],
+)
+def test_param_parses_bools_as_bools(items: list[str], expected: dict[str, list[object]]) -> None:
+    from gdn2_tune.tuner.space import parse_param_choices
+
+    parsed = parse_param_choices(items, "decode")
+    assert parsed == expected
+    # True == 1 in Python; a constexpr flag must reach Triton as a bool, not as an int.
+    assert all(type(v) is type(e) for name in expected for v, e in zip(parsed[name], expected[name], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("param", "says"),
+    [
+        pytest.param("stream_state=yes", "--param stream_state: expected true, false, 1 or 0, received 'yes'",
+                     id="bool-word"),
+        pytest.param("one_pass=2", "--param one_pass: expected true, false, 1 or 0, received '2'", id="bool-number"),
+        pytest.param("num_warps=two", "--param num_warps: expected an integer among", id="int"),
+    ],
+)
+def test_a_bad_param_value_is_one_line_naming_parameter_expected_and_received(
+    param: str, says: str, capsys: pytest.CaptureFixture[str], no_tuning: None, tmp_path: Path
+) -> None:
+    code, _, err = run_main(capsys, "tune", "--op", "decode", "--interpret", "--param", param,
+                            "--run-dir", str(tmp_path / "run"))
+    assert code == cli.EXIT_USER_ERROR
+    assert says in one_line(err)
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         pytest.param(["show", "{bad}"], id="show"),

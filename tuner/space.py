@@ -261,8 +261,27 @@ def _parts(params: list[Param]) -> list[dict[str, Any]]:
     return [dict(zip(names, values)) for values in itertools.product(*(order(p) for p in params))]
 
 
+_BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _parse_value(name: str, legal: Sequence[Any], text: str) -> Any:
+    """One ``--param`` value as the type of the parameter's legal values (bool before int: bool is an int)."""
+    if all(isinstance(v, bool) for v in legal):
+        value = _BOOL_WORDS.get(text.lower())
+        if value is None:
+            raise ValueError(f"--param {name}: expected true, false, 1 or 0, received {text!r}")
+        return value
+    if all(isinstance(v, int) for v in legal):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--param {name}: expected an integer among {list(legal)}, received {text!r}") from None
+    return text
+
+
 def parse_param_choices(items: Sequence[str], op: str = DEFAULT_OP) -> dict[str, list[Any]]:
-    """``["chunk=64,128", "state.precision=input"]`` -> ``{"chunk": [64, 128], "state.precision": ["input"]}``."""
+    """``["chunk=64,128", "state.precision=input"]`` -> ``{"chunk": [64, 128], "state.precision": ["input"]}``;
+    a boolean parameter takes true/false/1/0 (``"stream_state=true,0"`` -> ``[True, False]``)."""
     by_name = {p.name: p for p in get_spec(op).space}
     out: dict[str, list[Any]] = {}
     for item in items:
@@ -270,9 +289,5 @@ def parse_param_choices(items: Sequence[str], op: str = DEFAULT_OP) -> dict[str,
         name = name.strip()
         if not sep or name not in by_name:
             raise ValueError(f"--param: expected NAME=V1,V2 with NAME one of {sorted(by_name)}, received {item!r}")
-        as_int = all(isinstance(v, int) for v in by_name[name].values)
-        try:
-            out[name] = [int(v) if as_int else v.strip() for v in rest.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--param {name}: expected integers, received {rest!r}") from None
+        out[name] = [_parse_value(name, by_name[name].values, v.strip()) for v in rest.split(",") if v.strip()]
     return out
