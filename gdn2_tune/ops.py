@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from gdn2_tune.kernels.bwd_spec import BWD_OP
 from gdn2_tune.kernels.chunk import checked_forward
+from gdn2_tune.kernels.chunk_bwd import BwdConfig
 from gdn2_tune.kernels.config import FwdConfig, Shape
 from gdn2_tune.kernels.decode import checked_decode
 from gdn2_tune.kernels.decode_config import DecodeConfig
@@ -40,12 +42,19 @@ def chunk_gdn2(
     The arguments and results are those of :func:`gdn2_tune.kernels.chunk.chunk_gdn2`, except that
     ``config=None`` asks the dispatcher (``profiles.dispatch.select_config``): ``GDN2_CONFIG``, ``GDN2_PROFILE``,
     this GPU's shipped table, a table of its family, then the built-in default. It never tunes at run time.
+    Inputs that require grad get the backward config the dispatcher serves for op ``"bwd"`` at the same shape
+    (kernels/bwd_spec.py), fitted to the forward's chunk length.
     """
     return checked_forward(
         q, k, v, g, b, w,
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, config=config, choose=select_config,
+        choose_bwd=_bwd_config,
     )
+
+
+def _bwd_config(shape: Shape) -> BwdConfig:
+    return select_config(shape, BWD_OP)
 
 
 def _decode_config(shape: Shape) -> DecodeConfig:

@@ -360,14 +360,6 @@ BWD_CONSTRAINTS: tuple[Callable[[BwdConfig, Shape, DeviceLimits], str | None], .
 )
 
 
-def tuned_default_bwd_config(shape: Shape, device: DeviceLimits) -> BwdConfig:
-    """:func:`default_bwd_config` fitted at the forward's chunk length on ``device``: the tuned op's default."""
-    chunk = forward_chunk(shape, device)
-    cfg = default_bwd_config(shape)
-    smem = device.shared_memory_per_block
-    return fit_bwd(cfg, shape, chunk, recompute_dtype(cfg, shape, chunk, smem).itemsize, smem)
-
-
 @triton.jit
 def _sequence_chunks(cu_seqlens, chunk_offsets, i_n, T, NC, C: tl.constexpr):
     """``(bos, T_seq, c0, n_chunks)`` of sequence ``i_n`` for the two per-sequence passes, as the forward's state

@@ -231,4 +231,4 @@ def registered() -> tuple[KernelSpec, ...]:
 def _load_builtin_ops() -> None:
     # The package's own ops register on import; importing them here makes a lookup work whatever was imported
     # first, without this module importing them at its top (they import it).
-    from gdn2_tune.kernels import decode_spec, fwd_spec  # noqa: F401
+    from gdn2_tune.kernels import bwd_spec, decode_spec, fwd_spec  # noqa: F401
