@@ -1,0 +1,216 @@
+"""The chunk backward through the toolkit (kernels/bwd_spec.py, issue 11 §5): its spec registers and validates
+its space and constraints (device-aware, at the forward's chunk), `tune --interpret --op bwd` writes an entry that
+the dispatcher serves to ``gdn2_tune.chunk_gdn2``'s backward, and the gate rejects a wrong backward as a recorded
+outcome."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from gdn2_tune import ops
+from gdn2_tune.kernels import chunk_bwd
+from gdn2_tune.kernels.bwd_spec import BWD_OP
+from gdn2_tune.kernels.chunk_bwd import BwdConfig, forward_chunk, value_side_fits
+from gdn2_tune.kernels.config import Shape
+from gdn2_tune.kernels.fingerprint import constraint_sources
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.spec import SM90, DeviceLimits, get_spec, registered
+from gdn2_tune.profiles import dispatch, table
+from gdn2_tune.tuner import cli, measure
+from gdn2_tune.tuner.outcome import Status
+
+REPO = Path(__file__).resolve().parent.parent
+WIDE = Shape(16, 2048, 8, 256, 256, "bf16")  # issue 11's K = V = 256 suite shape
+ANCHOR = Shape(8, 4096, 16, 128, 128, "bf16")
+# A GPU whose blocks get less shared memory than sm90's 227 KiB (sm80's 163 KiB).
+SMALLER = DeviceLimits("sm80", 163 * 1024)
+
+
+@pytest.fixture
+def no_tables(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(dispatch.ENV_PROFILE, raising=False)
+    monkeypatch.delenv(dispatch.ENV_CONFIG, raising=False)
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The spec
+
+
+def test_bwd_is_registered_after_the_forward_with_the_real_tunables() -> None:
+    names = [spec.name for spec in registered()]
+    assert names[0] == "fwd" and BWD_OP in names
+    spec = get_spec(BWD_OP)
+    assert spec.config_type is BwdConfig and spec.stages == ("recompute", "states", "reverse", "local")
+    assert [p.name for p in spec.space] == list(BwdConfig().flat())
+    assert {p.name.rsplit(".", 1)[-1] for p in spec.space} == {
+        "recompute_precision", "BV", "num_warps", "num_stages", "precision", "pair_BK", "pair_warps",
+        "pair_precision", "value_side", "value_tile", "value_BV", "value_BK", "value_warps",
+    }
+    assert spec.suite == (ANCHOR, Shape(1, 32768, 16, 128, 128, "bf16"), Shape(32, 1024, 16, 128, 128, "bf16"), WIDE)
+
+
+def test_defaults_are_admissible_and_round_trip_through_a_table_entry() -> None:
+    spec = get_spec(BWD_OP)
+    for shape in (*spec.suite, spec.interpret_shape):
+        for device in (SM90, SMALLER):
+            cfg = spec.default_config(shape, device)
+            assert spec.infeasibility(cfg, shape, device) is None, (shape, device, cfg)
+        cfg = spec.default_config(shape)
+        assert table.parse_config(cfg.to_dict(), op=BWD_OP) == cfg
+        assert spec.from_flat(cfg.flat()) == cfg
+    assert spec.default_config(WIDE).value_side == "torch" and spec.default_config(ANCHOR).value_side == "triton"
+
+
+def test_the_fused_value_side_is_refused_where_it_does_not_fit_on_chip() -> None:
+    spec = get_spec(BWD_OP)
+    fused = dataclasses.replace(spec.default_config(ANCHOR), value_side="triton")
+    chunk = forward_chunk(WIDE, SM90)
+    assert not value_side_fits(WIDE, chunk)
+    assert "fused value side" in (spec.infeasibility(fused, WIDE) or "")
+    # It fits an H200 at K = V = 128, not a GPU with less shared memory per block.
+    assert value_side_fits(ANCHOR, chunk) and spec.infeasibility(fused, ANCHOR) is None
+    assert "fused value side" in (spec.infeasibility(fused, ANCHOR, SMALLER) or "")
+    # A fitted neighbour moves it to torch, and drops the fused side's tiling with it.
+    tiled = dataclasses.replace(fused, value_BV=128, value_warps=4)
+    fitted = spec.fit_to_shape(tiled, WIDE)
+    assert fitted is not None and fitted.value_side == "torch" and spec.infeasibility(fitted, WIDE) is None
+
+
+def test_points_that_time_the_same_kernels_and_non_tunables_are_refused() -> None:
+    spec = get_spec(BWD_OP)
+    cfg = spec.default_config(ANCHOR)
+    idle = dataclasses.replace(cfg, value_side="torch", value_BV=32)
+    assert "value_BV has no effect" in (spec.infeasibility(idle, ANCHOR) or "")
+    assert "value_BK has no effect" in (spec.infeasibility(dataclasses.replace(cfg, value_BK=64), ANCHOR) or "")
+    assert "not a tunable" in (spec.infeasibility(dataclasses.replace(cfg, local="autograd"), ANCHOR) or "")
+    wide = dataclasses.replace(spec.default_config(WIDE), BV=128, num_stages=3)
+    assert "shared memory" in (spec.infeasibility(wide, WIDE) or "")
+    assert "state.BV" in (spec.infeasibility(dataclasses.replace(cfg, BV=True), ANCHOR) or "")
+    with pytest.raises(table.TableFieldError, match="BV"):
+        table.parse_config({**cfg.to_dict(), "BV": 64.0}, op=BWD_OP)
+
+
+def test_the_fingerprint_follows_the_constraints_into_the_backward_module() -> None:
+    names = {name for name, _ in constraint_sources(get_spec(BWD_OP).constraints)}
+    for helper in ("bwd_infeasibility", "value_side_fits", "recompute_dtype", "forward_chunk"):
+        assert f"gdn2_tune.kernels.chunk_bwd.{helper}" in names, helper
+    assert "gdn2_tune.kernels.chunk_bwd.VALUE_SIDE_MAX_FOOTPRINT" in names
+
+
+def test_shipped_forward_entries_run_the_chunk_the_backward_is_tuned_at() -> None:
+    """The backward follows the forward's chunk: a bwd entry is checked and timed at the forward's built-in chunk,
+    so a shipped forward entry with another chunk would run a backward tuned for a different pipeline (it still
+    runs: chunk_gdn2_bwd fits the config to the chunk the forward ran). Re-tune bwd if this fails."""
+    for path in sorted((REPO / "profiles").glob("*.json")):
+        profile, _ = table.load_profile(path)
+        assert profile is not None, path
+        for entry in profile.entries:
+            if entry.stage == "fwd":
+                assert entry.config.chunk == forward_chunk(entry.shape, SM90), (path.name, entry.key)
+
+
+def test_the_cost_has_every_stage_and_a_total_above_the_floor() -> None:
+    spec = get_spec(BWD_OP)
+    for shape in spec.suite:
+        costs = spec.cost(shape, spec.default_config(shape))
+        assert set(costs) == {*spec.stages, "total"}
+        total = sum((costs[s].bytes_min for s in spec.stages), 0.0)
+        assert costs["total"].bytes_min == pytest.approx(total)
+        assert spec.minimum_bytes(shape) < costs["total"].bytes_min <= costs["total"].bytes_moved
+    # The torch value side runs its products on the CUDA cores.
+    assert dict(spec.cost(WIDE, spec.default_config(WIDE))["local"].dot_mix).get("fp32", 0) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gate
+
+
+def test_the_gate_passes_the_default_and_records_a_corrupted_gradient_as_a_wrong_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = get_spec(BWD_OP)
+    bench = measure.Bench(spec.interpret_shape, "cpu", op=BWD_OP, strong_decay=True)
+    reference = bench.run.reference()
+    cfg = spec.default_config(spec.interpret_shape)
+    good = measure.gate(bench, reference, cfg)
+    assert good.status == Status.OK, good.reason
+    assert all(good.data[f"err_{name}"] < spec.gate_tolerance["fp32"] for name in spec.output_names)
+
+    real = chunk_bwd.state_bwd
+
+    def wrong(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dhc, dh0 = real(*args, **kwargs)  # type: ignore[arg-type]
+        return dhc * 1.01, dh0  # a 1% error in the state gradient reaching every chunk
+
+    monkeypatch.setattr(chunk_bwd, "state_bwd", wrong)
+    bad = measure.gate(bench, reference, cfg)
+    assert bad.status == Status.WRONG_ANSWER and "error above tolerance" in (bad.reason or "")
+    assert bad.data["err_dv"] > spec.gate_tolerance["fp32"] and bad.data["err_dh0"] < spec.gate_tolerance["fp32"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tune, then serve
+
+
+def _backward(shape: Shape, monkeypatch: pytest.MonkeyPatch) -> list[BwdConfig]:
+    """The backward configs ``gdn2_tune.chunk_gdn2``'s backward launched for one call at ``shape``."""
+    launched: list[BwdConfig] = []
+    real = chunk_bwd.chunk_gdn2_bwd
+
+    def spy(*args: object, bwd_config: BwdConfig, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        launched.append(bwd_config)
+        return real(*args, bwd_config=bwd_config, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(chunk_bwd, "chunk_gdn2_bwd", spy)
+    x = make_inputs(shape, "cpu", 0)
+    xs = [t.clone().requires_grad_(True) for t in x.args()]
+    o, _ = ops.chunk_gdn2(*xs, initial_state=x.initial_state)
+    o.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in xs)
+    return launched
+
+
+def test_without_a_table_the_backward_runs_the_built_in_default(
+    monkeypatch: pytest.MonkeyPatch, no_tables: None
+) -> None:
+    shape = get_spec(BWD_OP).interpret_shape
+    assert dispatch.explain(shape, BWD_OP).source == "default"
+    assert _backward(shape, monkeypatch) == [get_spec(BWD_OP).default_config(shape)]
+
+
+def test_tune_interpret_writes_a_bwd_entry_the_dispatcher_serves_to_the_backward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_tables: None
+) -> None:
+    spec = get_spec(BWD_OP)
+    shape = spec.interpret_shape
+    out = tmp_path / "bwd.json"
+    # Trials with two warps in the per-sequence passes (the default has four; it is re-timed too and may win).
+    code = cli.main(["tune", "--op", BWD_OP, "--interpret", "--no-progress", "--trials", "2",
+                     "--param", "state.num_warps=2", "--param", "local.value_side=triton",
+                     "--param", "local.value_tile=v", "--param", "local.value_BV=64",
+                     "--run-dir", str(tmp_path / "run"), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    profile, problems = table.load_profile(out)
+    assert profile is not None and not problems, problems
+    (entry,) = profile.entries
+    assert entry.key == table.entry_key(BWD_OP, shape) == "bwd/K16-V16-fp32/T40-BH1"
+    assert isinstance(entry.config, BwdConfig) and spec.infeasibility(entry.config, shape) is None
+    assert [t.params["state.num_warps"] for t in profile.trials if t.state == "COMPLETE"] == [2, 2]
+    assert set(entry.stage_ms) == set(spec.stages) and not table.staleness(profile)
+    assert cli.main(["report", "--profile", str(out), "--view", "shape", "--shape", entry.key, "--width", "120"]) == 0
+    assert entry.config.label() in capsys.readouterr().out
+
+    monkeypatch.setenv(dispatch.ENV_PROFILE, str(out))
+    dispatch.clear_cache()
+    choice = dispatch.explain(shape, BWD_OP)
+    assert (choice.config, choice.source, choice.key) == (entry.config, "user", entry.key)
+    assert dispatch.explain(shape).source == "default"  # the forward is not served a bwd entry
+    assert _backward(shape, monkeypatch) == [entry.config]
