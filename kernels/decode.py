@@ -53,6 +53,7 @@ from gdn2_tune.kernels.decode_config import (
     decode_infeasibility,
     default_decode_config,
     padded,
+    served_by_tables,
     table_shape,
 )
 
@@ -420,8 +421,9 @@ def checked_decode(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What every public ``fused_recurrent_gdn2`` runs (see :func:`fused_recurrent_gdn2` for the arguments): check
     the arguments, take ``config`` (checked) or, when None, ``choose`` of the call's table shape
-    (:func:`~kernels.decode_config.table_shape`; trusted: the dispatcher validates what it serves) or the built-in
-    default, then launch."""
+    (:func:`~kernels.decode_config.table_shape`; trusted: the dispatcher validates what it serves) where the
+    tables hold its state dtype (:func:`~kernels.decode_config.served_by_tables`), else the built-in default, then
+    launch."""
     n = _check_inputs(
         q, k, v, g, b, w,
         initial_state=initial_state, output_final_state=output_final_state, inplace_final_state=inplace_final_state,
@@ -435,7 +437,8 @@ def checked_decode(
     state_dtype = initial_state.dtype if initial_state is not None else torch.float32
     shape = decode_shape_of(q, v, n, state_dtype)
     if config is None:
-        config = default_decode_config(shape) if choose is None else choose(table_shape(shape))
+        served = choose is not None and served_by_tables(shape)  # a bf16 state has no entries of its own
+        config = choose(table_shape(shape)) if served else default_decode_config(shape)
     else:
         if not isinstance(config, DecodeConfig):
             raise TypeError(f"config: expected a kernels.DecodeConfig, received {type(config).__name__}")

@@ -6,7 +6,8 @@ fp32 registers while it loops over the sequence's tokens. What can be tuned:
 - ``BV``: the V tile. Smaller tiles mean more programs (the only parallelism at batch 1: N·H·V/BV programs) and
   shorter contiguous rows of the state (BV·4 bytes in fp32); larger ones fewer, longer transactions.
 - ``num_warps``: threads sharing the tile; the K axis reductions (the gated read r and the output) cross them.
-- ``num_stages``: software pipelining of the token loop; it only matters when sequences have several tokens.
+- ``num_stages``: software pipelining of the token loop; it only matters when sequences have several tokens, so
+  at T = 1 the constraints admit 1 only (the tuner spends no trials on copies of one program).
 - ``stream_state``: the evict_first cache policy on the state's load and store.
 - ``one_pass``: the output from the decayed state in the same reduction as the read (one reduction per token).
 
@@ -55,6 +56,10 @@ DEFAULT_MIN_BV = 16
 SMALL_TILE = 2048
 
 STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The state dtype of every decode table entry: the tuner times an fp32 pool (kernels/decode_spec.py DecodeRun). A
+# bf16 pool moves half the bytes per step, so its best tile need not be fp32's; its calls take the built-in default
+# rather than an fp32-state entry (see served_by_tables).
+TABLE_STATE_DTYPE = "fp32"
 
 
 @dataclass(frozen=True)
@@ -118,11 +123,16 @@ def table_shape(shape: DecodeShape) -> Shape:
     and T the tokens per sequence, so that the dispatcher's buckets are the batch (B·H) and the T of a step.
 
     A packed step (``cu_seqlens``) keys as the padded batch of the same sequences (its T the mean length, as
-    :func:`decode.decode_shape_of` takes it): the kernel runs one program per sequence either way. The state dtype
-    is not part of the key; bf16-state calls are served the fp32-state entries (the same programs and registers,
-    half the state traffic).
+    :func:`decode.decode_shape_of` takes it): the kernel runs one program per sequence either way. Every key is of
+    a :data:`TABLE_STATE_DTYPE` state; a call with another state dtype is not looked up (:func:`served_by_tables`).
     """
     return Shape(shape.N, shape.T, shape.H, shape.K, shape.V, shape.dtype)
+
+
+def served_by_tables(shape: DecodeShape) -> bool:
+    """Whether a call's config may come from the tables: only a :data:`TABLE_STATE_DTYPE` state's, the state dtype
+    every entry was timed with; a bf16-state call takes :func:`default_decode_config` instead."""
+    return shape.state_dtype == TABLE_STATE_DTYPE
 
 
 def decode_shape(shape: Shape, state_dtype: str = "fp32") -> DecodeShape:
@@ -180,6 +190,16 @@ def decode_tile_within_v(
     return None
 
 
+def decode_stages_need_tokens(
+    cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
+) -> str | None:
+    # The pipelined loop is the token loop: with one token every depth compiles to the same work, and each depth the
+    # tuner tried at T = 1 would be a wasted trial.
+    if shape.T == 1 and cfg.num_stages != 1:
+        return f"num_stages={cfg.num_stages} pipelines the token loop, which has one token at T=1 (use 1)"
+    return None
+
+
 def decode_register_budget(
     cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
 ) -> str | None:
@@ -194,6 +214,7 @@ def decode_register_budget(
 DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, Shape | DecodeShape, DeviceLimits], str | None], ...] = (
     decode_legal_values,
     decode_tile_within_v,
+    decode_stages_need_tokens,
     decode_register_budget,
 )
 

@@ -33,6 +33,7 @@ from gdn2_tune.kernels.decode_config import (
     DECODE_CONSTRAINTS,
     DECODE_SPACE,
     STATE_DTYPES,
+    TABLE_STATE_DTYPE,
     DecodeConfig,
     cdiv,
     decode_shape,
@@ -47,7 +48,7 @@ DECODE_OP = "decode"
 ALGORITHM_OP = "algorithm"
 _HERE = Path(__file__).resolve().parent
 INDEX_BYTES = 4  # the pool's slot indices and the accepted counts are int32, as serving passes them
-STATE_BYTES = STATE_DTYPES["fp32"].itemsize  # what is tuned: the default fp32 state pool
+STATE_BYTES = STATE_DTYPES[TABLE_STATE_DTYPE].itemsize  # what is tuned: the default fp32 state pool
 
 # T = 1 at the batches of issue 13's speed targets, the larger head dim at two of them, and one speculative step
 # (T = 4 draft tokens verified at once, a state stored per token).

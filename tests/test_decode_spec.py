@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import gdn2_tune.kernels.decode as decode_module
 from gdn2_tune import ops
@@ -100,6 +101,52 @@ def test_the_cost_counts_the_state_traffic_once_each_way_at_t1_and_per_token_whe
     assert spec.minimum_bytes(Shape(128, 1, 16, 128, 128)) == one.bytes_min
 
 
+def test_num_stages_is_one_at_a_single_token_and_free_with_several() -> None:
+    from gdn2_tune.tuner.space import SearchSpace
+
+    spec = get_spec(DECODE_OP)
+    one, four = Shape(32, 1, 16, 128, 128), Shape(32, 4, 16, 128, 128)
+    assert "one token at T=1" in spec.infeasibility(DecodeConfig(num_stages=2), one)
+    assert spec.infeasibility(DecodeConfig(num_stages=2), four) is None
+    # The tuner's space: no trial is spent on a pipelining depth of a one-token loop.
+    values = {p.name: p.values for p in SearchSpace(op=DECODE_OP).for_shape(one).params}
+    assert values["num_stages"] == (1,)
+    assert {p.name: p.values for p in SearchSpace(op=DECODE_OP).for_shape(four).params}["num_stages"] == (1, 2, 3)
+
+
+def test_a_bf16_state_call_is_not_served_the_tables_fp32_state_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_tables: None
+) -> None:
+    shape = Shape(2, 1, 2, 16, 16, "fp32")
+    default = get_spec(DECODE_OP).default_config(shape)
+    tuned = dataclasses.replace(default, num_warps=2 if default.num_warps != 2 else 1, stream_state=True)
+    timing = table.Timing(1.0, 1.0, 1.0, 0.0)
+    entry = table.Entry(table.entry_key(DECODE_OP, shape), DECODE_OP, shape, tuned, timing, timing, 1.0,
+                        {"step": 1.0}, {"step": 1.0}, None, 1, 0, 0)
+    device = table.DeviceInfo("h200", "NVIDIA H200", "sm90", (9, 0), 132, None, None, None, None)
+    table.save_profile(table.Profile(
+        schema_version=table.SCHEMA_VERSION, device=device, torch_version="x", triton_version=triton.__version__,
+        kernel_hash={DECODE_OP: get_spec(DECODE_OP).fingerprint()}, created="2026-12-01T00:00:00+00:00",
+        sampler="tpe", budget={}, interpret=True, roofs=None, entries=(entry,), trials=(),
+    ), tmp_path / "decode.json")
+    monkeypatch.setenv(dispatch.ENV_PROFILE, str(tmp_path / "decode.json"))
+    launched: list[DecodeConfig] = []
+    real = decode_module.decode_fwd
+
+    def spy(*args: object, cfg: DecodeConfig, **kwargs: object) -> None:
+        launched.append(cfg)
+        real(*args, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(decode_module, "decode_fwd", spy)
+    x = make_inputs(shape, "cpu", 0)
+    assert x.initial_state is not None
+    for state_dtype in (torch.float32, torch.bfloat16):
+        pool = x.initial_state.to(state_dtype)
+        ops.fused_recurrent_gdn2(*x.args(), initial_state=pool, inplace_final_state=True)
+    # The tables' entries are timed with an fp32 pool: a bf16 pool takes the built-in default.
+    assert launched == [tuned, default]
+
+
 @pytest.mark.parametrize("shape", [
     pytest.param(Shape(2, 1, 2, 16, 16, "fp32"), id="B2-T1-H2-K16-V16-fp32"),
     pytest.param(Shape(3, 3, 1, 16, 24, "bf16"), id="B3-T3-H1-K16-V24-bf16-speculative"),
@@ -179,6 +226,12 @@ def test_tune_interpret_writes_a_decode_entry_the_dispatcher_serves_to_the_op(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Recurrent or chunked
+
+
+def test_the_package_exports_the_dispatched_ops() -> None:
+    import gdn2_tune
+
+    assert gdn2_tune.auto_gdn2 is ops.auto_gdn2 and gdn2_tune.fused_recurrent_gdn2 is ops.fused_recurrent_gdn2
 
 
 def test_crossover_is_where_the_chunked_op_wins_from_on() -> None:
