@@ -25,5 +25,6 @@ if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init
 # dispatched chunk_gdn2 of gdn2_tune/ops.py, not the kernels-level one (explicit config or built-in default).
 from gdn2_tune.kernels import *
 from gdn2_tune.kernels import __all__ as __all__
+from gdn2_tune.ops import auto_gdn2 as auto_gdn2
 from gdn2_tune.ops import chunk_gdn2 as chunk_gdn2
 from gdn2_tune.ops import fused_recurrent_gdn2 as fused_recurrent_gdn2
