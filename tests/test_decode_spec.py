@@ -43,6 +43,19 @@ def no_tables(monkeypatch: pytest.MonkeyPatch):
     dispatch.clear_cache()
 
 
+def record_decode_launches(monkeypatch: pytest.MonkeyPatch) -> list[DecodeConfig]:
+    """The configs the decode launcher is called with from now on (it still runs)."""
+    launched: list[DecodeConfig] = []
+    real = decode_module.decode_fwd
+
+    def spy(*args: object, cfg: DecodeConfig, **kwargs: object) -> None:
+        launched.append(cfg)
+        real(*args, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(decode_module, "decode_fwd", spy)
+    return launched
+
+
 def relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double().cpu() - ref).norm() / ref.norm())
 
@@ -130,14 +143,7 @@ def test_a_bf16_state_call_is_not_served_the_tables_fp32_state_entry(
         sampler="tpe", budget={}, interpret=True, roofs=None, entries=(entry,), trials=(),
     ), tmp_path / "decode.json")
     monkeypatch.setenv(dispatch.ENV_PROFILE, str(tmp_path / "decode.json"))
-    launched: list[DecodeConfig] = []
-    real = decode_module.decode_fwd
-
-    def spy(*args: object, cfg: DecodeConfig, **kwargs: object) -> None:
-        launched.append(cfg)
-        real(*args, cfg=cfg, **kwargs)
-
-    monkeypatch.setattr(decode_module, "decode_fwd", spy)
+    launched = record_decode_launches(monkeypatch)
     x = make_inputs(shape, "cpu", 0)
     assert x.initial_state is not None
     for state_dtype in (torch.float32, torch.bfloat16):
@@ -211,14 +217,7 @@ def test_tune_interpret_writes_a_decode_entry_the_dispatcher_serves_to_the_op(
     # The forward's lookup is not served a decode entry.
     assert dispatch.explain(shape).source == "default"
 
-    launched: list[DecodeConfig] = []
-    real = decode_module.decode_fwd
-
-    def spy(*args: object, cfg: DecodeConfig, **kwargs: object) -> None:
-        launched.append(cfg)
-        real(*args, cfg=cfg, **kwargs)
-
-    monkeypatch.setattr(decode_module, "decode_fwd", spy)
+    launched = record_decode_launches(monkeypatch)
     x = make_inputs(shape, "cpu", 0)
     ops.fused_recurrent_gdn2(*x.args(), initial_state=x.initial_state, inplace_final_state=True)
     assert launched == [entry.config]
