@@ -2,8 +2,10 @@
 
 Lookup order (first that yields a config wins; see :func:`_resolve`):
 
-1. ``GDN2_CONFIG``: one config forced for every shape, as the JSON of the op's ``config.to_dict()``. Ignored,
-   with a warning, where it is invalid or cannot run at the shape.
+1. ``GDN2_CONFIG`` (the forward) or ``GDN2_CONFIG_<OP>`` (another op, e.g. ``GDN2_CONFIG_BWD``,
+   ``GDN2_CONFIG_DECODE``): one config forced for every shape of that op, as the JSON of its ``config.to_dict()``.
+   Ignored, with a warning, where it is invalid or cannot run at the shape. One variable per op, so that forcing
+   the forward's config does not make every other op warn that it cannot parse it.
 2. ``GDN2_PROFILE``: the path of a user table, consulted before the shipped one.
 3. The shipped table of the running GPU (``profiles/<device id>.json``); none on the CPU or the interpreter.
 4. Shipped tables of other GPUs of the same architecture family (e.g. sm90).
@@ -51,6 +53,11 @@ from gdn2_tune.profiles.table import (
 )
 
 ENV_CONFIG = "GDN2_CONFIG"
+
+
+def env_config_name(op: str) -> str:
+    """The variable that forces op ``op``'s config: GDN2_CONFIG for the forward, GDN2_CONFIG_<OP> for the others."""
+    return ENV_CONFIG if op == DEFAULT_OP else f"{ENV_CONFIG}_{op.upper()}"
 ENV_PROFILE = "GDN2_PROFILE"
 # The op served when none is named (the forward; its entries' stage is "fwd").
 STAGE = DEFAULT_OP
@@ -113,11 +120,12 @@ class Choice:
     key: str | None = None
     exact: bool = False
     device: Device | None = None
+    op: str = DEFAULT_OP
 
     def describe(self) -> str:
         """One sentence: which table and entry, and why that one."""
         if self.source == "forced":
-            return f"the config forced by {ENV_CONFIG}"
+            return f"the config forced by {env_config_name(self.op)}"
         if self.source == "default":
             why = "no GPU here" if self.device is None else f"no table of {self.device.family} has a usable entry"
             return f"the built-in default config ({why})"
@@ -185,11 +193,12 @@ def explain(shape: Shape, op: str = STAGE) -> Choice:
     if forced is not None:
         reason = spec.infeasibility(forced, shape, limits)
         if reason is None:
-            return Choice(forced, "forced", device=session.device)
+            return Choice(forced, "forced", device=session.device, op=spec.name)
+        name = env_config_name(spec.name)
         _warn(
-            ENV_CONFIG,
+            name,
             reason,
-            f"{ENV_CONFIG}: {forced.label()} cannot run at {shape.label()}: {reason}; ignored for this "
+            f"{name}: {forced.label()} cannot run at {shape.label()}: {reason}; ignored for this "
             "shape (set a config that fits, or unset the variable)",
         )
     # (2) to (4): the tables, in order; within each, the exact key, else the nearest bucket.
@@ -285,13 +294,16 @@ def _session() -> _Session:
 def _forced_config(session: _Session, spec: KernelSpec) -> Any:
     """GDN2_CONFIG parsed as op ``spec``'s config, once per op and session; None where unset or invalid."""
     if spec.name not in _FORCED:
-        _FORCED[spec.name] = _parse_forced(session.forced_text, spec) if session.forced_text else None
+        text = (session.forced_text if spec.name == DEFAULT_OP
+                else os.environ.get(env_config_name(spec.name), "").strip())
+        _FORCED[spec.name] = _parse_forced(text, spec) if text else None
     return _FORCED[spec.name]
 
 
 def _parse_forced(text: str, spec: KernelSpec) -> Any:
+    name = env_config_name(spec.name)
     try:
-        return parse_config(json.loads(text), ENV_CONFIG, spec.name)
+        return parse_config(json.loads(text), name, spec.name)
     except json.JSONDecodeError as err:
         problem = (f"expected the JSON of a {spec.name} config's to_dict(), received invalid JSON ({err.msg} at "
                    f"column {err.colno})")
@@ -299,7 +311,7 @@ def _parse_forced(text: str, spec: KernelSpec) -> Any:
         problem = f"{err.field}: {err.problem}"
     except RecursionError:
         problem = "JSON nested too deeply"
-    _warn(ENV_CONFIG, "parse", f"{ENV_CONFIG}: {problem}; ignored (fix or unset the variable)")
+    _warn(name, "parse", f"{name}: {problem}; ignored (fix or unset the variable)")
     return None
 
 

@@ -579,3 +579,21 @@ def test_chunk_gdn2_without_config_launches_the_dispatched_one(world: World, mon
 def test_the_package_exports_the_dispatched_op() -> None:
     assert gdn2_tune.chunk_gdn2 is ops.chunk_gdn2
     assert gdn2_tune.kernels.chunk_gdn2 is chunk_module.chunk_gdn2
+
+
+def test_the_forward_s_forced_config_leaves_other_ops_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GDN2_CONFIG forces the forward only; another op reads GDN2_CONFIG_<OP> and, without it, warns about
+    nothing and serves its usual config."""
+    from gdn2_tune.profiles import dispatch
+
+    monkeypatch.setenv(ENV_CONFIG, json.dumps(FORCED.to_dict()))
+    monkeypatch.delenv(dispatch.env_config_name("decode"), raising=False)
+    clear_cache()
+    shape = Shape(8, 1, 16, 128, 128, "bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TableWarning)
+        decode = select_config(shape, "decode")
+    assert type(decode).__name__ == "DecodeConfig"
+    assert dispatch.env_config_name("decode") == "GDN2_CONFIG_DECODE"
+    assert select_config(DENSE) == FORCED
+    clear_cache()

@@ -591,3 +591,25 @@ def test_merging_tables_of_the_same_fingerprints_keeps_the_faster_entry_of_each_
     merged, _ = merge_profiles([a, b])
     assert merged.kernel_hash == fingerprints
     assert merged.entries == (b.entries[0], a.entries[0])  # sorted by key
+
+
+def test_a_run_under_another_triton_keeps_the_table_s_other_ops_marked_stale(tmp_path: Path) -> None:
+    """Tuning decode under a new Triton into a table tuned with an older one cannot merge the two (their times do
+    not compare), but must not drop the table's forward entries: they are kept and recorded stale."""
+    from gdn2_tune.tuner.run import merge_with_existing
+
+    existing = make_profile((make_entry(DENSE),), triton_version="3.6.0")
+    new = make_profile((make_decode_entry(),), kernel_hash={DECODE_OP: get_spec(DECODE_OP).fingerprint()})
+    notes: list[str] = []
+    merged = merge_with_existing(new, existing, tmp_path / "h200.json", notes)
+    assert [e.stage for e in merged.entries] == [DECODE_OP, "fwd"]
+    assert merged.triton_version == new.triton_version
+    assert merged.kernel_hash[DECODE_OP] == get_spec(DECODE_OP).fingerprint()
+    assert merged.kernel_hash["fwd"] == f"{kernel_source_hash()}@triton3.6.0"
+    assert list(table.stale_ops(merged)) == ["fwd"]
+    assert len(notes) == 1 and "fwd" in notes[0] and "stale" in notes[0]
+    # Another device: nothing is carried over, the run's table replaces the file's (as before).
+    other = make_profile((make_entry(DENSE),), device_id="a100", triton_version="3.6.0")
+    notes = []
+    assert merge_with_existing(new, other, tmp_path / "x.json", notes) is new
+    assert "replaced" in notes[0]

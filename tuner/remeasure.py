@@ -36,7 +36,7 @@ def measure_profile(profile: Profile, warn: Callable[[str], None]) -> Profile:
     import triton
 
     from gdn2_tune.kernels.spec import device_limits, get_spec
-    from gdn2_tune.profiles.table import kernel_source_hash, table_op
+    from gdn2_tune.profiles.table import current_fingerprints, entry_ops
     from gdn2_tune.tuner.device import detect_device
     from gdn2_tune.tuner.measure import Bench, retime, stage_times
     from gdn2_tune.tuner.roofs import measure_roofs
@@ -70,5 +70,5 @@ def measure_profile(profile: Profile, warn: Callable[[str], None]) -> Profile:
     return dataclasses.replace(
         profile, device=device, roofs=measure_roofs(device), entries=tuple(entries), trials=(),
         torch_version=str(torch.__version__), triton_version=str(triton.__version__),
-        kernel_hash=kernel_source_hash(op=table_op(entries)), created=datetime.now(UTC).isoformat(timespec="seconds"),
+        kernel_hash=current_fingerprints(entry_ops(entries)), created=datetime.now(UTC).isoformat(timespec="seconds"),
     )

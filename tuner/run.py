@@ -632,7 +632,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
             ev.close()
     profile = table.Profile(
         schema_version=table.SCHEMA_VERSION, device=device, torch_version=_version("torch"),
-        triton_version=_version("triton"), kernel_hash=table.kernel_source_hash(op=options.op), git_commit=_git_commit(),
+        triton_version=_version("triton"), kernel_hash=table.current_fingerprints([options.op]), git_commit=_git_commit(),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), sampler=options.sampler,
         budget={"trials": options.trials, "timeout_s": options.timeout_s, "budget_minutes": options.budget_minutes,
                 "seed": options.seed, "gpus": ",".join(map(str, options.gpus or ())) or None,
@@ -665,10 +665,34 @@ def merge_with_existing(
     try:
         merged, merge_notes = table.merge_profiles([old, new], names=[f"existing {path.name}", "this run"])
     except ValueError as err:
-        notes.append(f"replaced {path} instead of merging: {err}")
-        return new
+        carried = _carry_other_ops(existing, new)
+        if carried is None:
+            notes.append(f"replaced {path} instead of merging: {err}")
+            return new
+        notes.append(f"{path}: {err}; this run's ops replace their entries, and the entries of "
+                     f"{', '.join(table.entry_ops(carried.entries[len(new.entries):]))} are kept, marked stale")
+        return carried
     notes.extend(merge_notes)
     return merged
+
+
+def _carry_other_ops(existing: table.Profile, new: table.Profile) -> table.Profile | None:
+    """``new`` plus the entries of ``existing`` for the ops ``new`` did not tune, when the two tables cannot merge
+    only because they were tuned with different Tritons (same device, same mode): tuning decode must not drop a
+    table's forward entries. The table records one Triton version, the new run's, so the carried ops' fingerprints
+    are recorded as "<fingerprint>@triton<version>": no running fingerprint matches that, and the dispatcher,
+    `show` and `report` call those entries stale (they keep serving) until those ops are re-tuned. None when there
+    is nothing to carry or the tables differ in more than the Triton version."""
+    if existing.device.device_id != new.device.device_id or existing.interpret != new.interpret:
+        return None
+    tuned = set(table.entry_ops(new.entries)) | set(new.kernel_hash)
+    others = tuple(e for e in existing.entries if e.stage not in tuned)
+    if not others:
+        return None
+    kernel_hash = dict(new.kernel_hash)
+    for op in table.entry_ops(others):
+        kernel_hash[op] = f"{existing.kernel_hash.get(op, '')}@triton{existing.triton_version}"
+    return dataclasses.replace(new, kernel_hash=kernel_hash, entries=new.entries + others)
 
 
 def _git_commit() -> str:
