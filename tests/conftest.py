@@ -42,3 +42,18 @@ def poisoned_outputs() -> Iterator[None]:
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def no_tables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No user table and no forced config of any op: the dispatcher sees only the shipped tables (none on the CPU)
+    and the built-in defaults."""
+    from gdn2_tune.kernels.spec import registered
+    from gdn2_tune.profiles import dispatch
+
+    monkeypatch.delenv(dispatch.ENV_PROFILE, raising=False)
+    for spec in registered():
+        monkeypatch.delenv(dispatch.env_config_name(spec.name), raising=False)
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()

@@ -30,15 +30,6 @@ ANCHOR = Shape(8, 4096, 16, 128, 128, "bf16")
 SMALLER = DeviceLimits("sm80", 163 * 1024)
 
 
-@pytest.fixture
-def no_tables(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(dispatch.ENV_PROFILE, raising=False)
-    monkeypatch.delenv(dispatch.ENV_CONFIG, raising=False)
-    dispatch.clear_cache()
-    yield
-    dispatch.clear_cache()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The spec
 

@@ -34,15 +34,6 @@ from gdn2_tune.tuner import cli
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def no_tables(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(dispatch.ENV_PROFILE, raising=False)
-    monkeypatch.delenv(dispatch.ENV_CONFIG, raising=False)
-    dispatch.clear_cache()
-    yield
-    dispatch.clear_cache()
-
-
 def record_decode_launches(monkeypatch: pytest.MonkeyPatch) -> list[DecodeConfig]:
     """The configs the decode launcher is called with from now on (it still runs)."""
     launched: list[DecodeConfig] = []
