@@ -205,3 +205,36 @@ def test_tune_interpret_writes_a_bwd_entry_the_dispatcher_serves_to_the_backward
     assert (choice.config, choice.source, choice.key) == (entry.config, "user", entry.key)
     assert dispatch.explain(shape).source == "default"  # the forward is not served a bwd entry
     assert _backward(shape, monkeypatch) == [entry.config]
+
+
+def test_one_command_tunes_several_ops_into_one_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_tables: None
+) -> None:
+    """`tune --op decode,bwd`: each op's study runs in turn and merges into the one output table, which then holds
+    both ops' entries and both fingerprints (a new GPU's whole table from one command)."""
+    from gdn2_tune.kernels.decode_spec import DECODE_OP
+
+    out = tmp_path / "both.json"
+    code = cli.main(["tune", "--op", f"{DECODE_OP},{BWD_OP}", "--interpret", "--no-progress", "--trials", "2",
+                     "--run-dir", str(tmp_path / "run"), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    profile, problems = table.load_profile(out)
+    assert profile is not None and not problems, problems
+    assert table.entry_ops(profile.entries) == (BWD_OP, DECODE_OP)
+    assert set(profile.kernel_hash) == {BWD_OP, DECODE_OP} and not table.stale_ops(profile)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    pytest.param(["--op", "fwd,nope"], "--op:", id="unknown-op"),
+    pytest.param(["--op", ","], "--op:", id="empty-list"),
+    pytest.param(["--op", "fwd,bwd", "--shapes", "2x64x2x32x32"], "--shapes: applies to one op", id="shapes-two-ops"),
+    pytest.param(["--op", "all", "--param", "chunk=32"], "--param: applies to one op", id="param-all-ops"),
+])
+def test_an_op_list_is_checked_before_any_work(argv: list[str], message: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["tune", *argv, "--interpret", "--no-progress", "--run-dir", str(tmp_path / "run"),
+                     "--output", str(tmp_path / "t.json")])
+    captured = capsys.readouterr()
+    assert code != 0 and message in captured.err, captured.err
+    assert not (tmp_path / "t.json").exists()

@@ -88,9 +88,10 @@ def _gpus(text: str) -> tuple[int, ...]:
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--op", default=DEFAULT_OP, metavar="OP",
-                   help=f"the registered op to tune, one of {[spec.name for spec in registered()]} (default "
-                        f"{DEFAULT_OP}); its spec gives the space, the suite and what is timed")
+    p.add_argument("--op", default=DEFAULT_OP, metavar="OP[,OP...]",
+                   help=f"the registered op(s) to tune, of {[spec.name for spec in registered()]}, comma-separated, "
+                        f"or 'all' (default {DEFAULT_OP}); each op's spec gives the space, the suite and what is "
+                        "timed. Several ops run one after another into one table, sharing --budget-minutes evenly")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
                    help=f"shapes to tune ({SHAPE_SYNTAX}); default: the op's suite ({len(SUITE)} shapes for "
                         f"{DEFAULT_OP})")
@@ -168,13 +169,32 @@ def _require_gpus(gpus: tuple[int, ...] | None) -> None:
                          f"{'s' if count != 1 else ''}), received {','.join(map(str, gpus))}")
 
 
-def tune_options(args: argparse.Namespace) -> TuneOptions:
-    """The run's :class:`tuner.run.TuneOptions`, after every check that needs no GPU time (raises UsageError)."""
+def tune_ops(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ops ``--op`` names, in its order (``all``: every registered op); UsageError for an unknown one, or for
+    --shapes or --param with several ops (their values belong to one op's space and shapes)."""
+    names = ([spec.name for spec in registered()] if args.op.strip() == "all"
+             else [name.strip() for name in args.op.split(",") if name.strip()])
+    if not names:
+        raise UsageError(f"--op: expected an op name, a comma-separated list or 'all', received {args.op!r}")
+    for name in names:
+        try:
+            get_spec(name)
+        except ValueError as err:
+            raise UsageError(f"--op: {str(err).removeprefix('op: ')}") from None
+    if len(names) > 1 and (args.shapes or args.param):
+        flag = "--shapes" if args.shapes else "--param"
+        raise UsageError(f"{flag}: applies to one op, received --op {','.join(names)}; tune the ops one at a time")
+    return tuple(dict.fromkeys(names))
+
+
+def tune_options(args: argparse.Namespace, op: str | None = None, share: int = 1) -> TuneOptions:
+    """The run's :class:`tuner.run.TuneOptions` for ``op`` (default: ``--op``, one op), after every check that
+    needs no GPU time (raises UsageError); with ``share`` ops in one command, each gets that share of the budget."""
     from gdn2_tune.tuner.run import RUNS_DIR, TuneOptions
     from gdn2_tune.tuner.space import parse_param_choices
 
     try:
-        spec = get_spec(args.op)
+        spec = get_spec(args.op if op is None else op)
     except ValueError as err:
         raise UsageError(f"--op: {str(err).removeprefix('op: ')}") from None
     if args.interpret:
@@ -184,7 +204,7 @@ def tune_options(args: argparse.Namespace) -> TuneOptions:
             raise UsageError("--gpus: not with --interpret (the interpreter runs on the CPU); drop one of them")
     else:
         shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else spec.suite
-        budget = 8.0 if args.budget_minutes is None else args.budget_minutes
+        budget = (8.0 if args.budget_minutes is None else args.budget_minutes) / share
         timeout = 90.0 if args.timeout is None else args.timeout
     choices = parse_param_choices(args.param, spec.name)
     run_dir = args.run_dir or (RUNS_DIR / ("interpret" if args.interpret else "default"))
@@ -232,15 +252,20 @@ def interrupted_message(options: TuneOptions, argv: Sequence[str]) -> str:
 def tune_command(args: argparse.Namespace) -> int:
     from gdn2_tune.tuner.run import tune
 
-    options = tune_options(args)
-    try:
-        result = tune(options)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        _stderr().print(markup(interrupted_message(options, args.argv), MESSAGE_CHARS), highlight=False)
-        return EXIT_INTERRUPTED
-    return 0 if result.profile_path is not None and result.entries else 1
+    ops = tune_ops(args)
+    runs = [tune_options(args, op, share=len(ops)) for op in ops]  # every check before any GPU time
+    code = 0
+    for options in runs:
+        try:
+            result = tune(options)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            _stderr().print(markup(interrupted_message(options, args.argv), MESSAGE_CHARS), highlight=False)
+            return EXIT_INTERRUPTED
+        # Each op's run merges into the same output table, leaving the other ops' entries as they are.
+        code = code or (0 if result.profile_path is not None and result.entries else 1)
+    return code
 
 
 def add_measure_arguments(p: argparse.ArgumentParser) -> None:
