@@ -31,7 +31,7 @@ from gdn2_tune.kernels.reference_grad import reference_grads
 from gdn2_tune.profiles.dispatch import select_config
 from gdn2_tune.tuner.suite import parse_shape
 
-DEFAULT_VARIANTS = ['torch={"key_side": "torch"}', 'triton={"key_side": "triton"}']
+DEFAULT_VARIANTS = ['fused={}', 'torch={"value_side": "torch"}']
 
 
 def main() -> None:
