@@ -1,6 +1,9 @@
-"""Cold start: the first forward call in a fresh process with an empty Triton cache (GPU only, not a test).
+"""Cold start: the first call in a fresh process with an empty Triton cache (GPU only, not a test).
 
-    python benchmarks/cold_start.py [--baseline]
+    python benchmarks/cold_start.py [--baseline] [--step]
+
+Without --step the call is a forward under no_grad; with --step it is a first training step: the forward with
+every input requiring grad, then the backward of a random upstream gradient.
 
 Each measurement runs in its own subprocess with TRITON_CACHE_DIR pointing at a new empty directory, so every
 kernel is compiled from scratch: ours through the dispatcher (shipped table, no run-time tuning), and with
@@ -32,36 +35,43 @@ if sys.argv[1] == "ours":
     from gdn2_tune import chunk_gdn2 as fn
 else:
     from fla.ops.gdn2 import chunk_gdn2 as fn
+step = sys.argv[2] == "step"
+xs = [x.detach().requires_grad_(step) for x in inp.args()]
+h0 = inp.initial_state.detach().requires_grad_(step)
+def call():
+    with torch.set_grad_enabled(step):
+        o, ht = fn(*xs, initial_state=h0, output_final_state=True)
+        if step:
+            torch.autograd.backward([o, ht], [torch.randn_like(o), torch.randn_like(ht)])
 t0 = time.perf_counter()
-with torch.no_grad():
-    fn(*inp.args(), initial_state=inp.initial_state, output_final_state=True)
+call()
 torch.cuda.synchronize()
 first = time.perf_counter() - t0
 t0 = time.perf_counter()
-with torch.no_grad():
-    fn(*inp.args(), initial_state=inp.initial_state, output_final_state=True)
+call()
 torch.cuda.synchronize()
-print(json.dumps({"impl": sys.argv[1], "shape": shape.label(), "first_call_s": round(first, 2),
+print(json.dumps({"impl": sys.argv[1], "mode": sys.argv[2], "shape": shape.label(), "first_call_s": round(first, 2),
                   "second_call_s": round(time.perf_counter() - t0, 4)}))
 """
 
 
-def measure(impl: str) -> dict:
+def measure(impl: str, mode: str) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TRITON_CACHE_DIR=cache)
-        p = subprocess.run([sys.executable, "-c", CHILD, impl], cwd=ROOT, env=env, capture_output=True, text=True,
+        p = subprocess.run([sys.executable, "-c", CHILD, impl, mode], cwd=ROOT, env=env, capture_output=True, text=True,
                            check=False)
     if p.returncode != 0:
-        return {"impl": impl, "error": p.stderr.strip().splitlines()[-1:]}
+        return {"impl": impl, "mode": mode, "error": p.stderr.strip().splitlines()[-1:]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", action="store_true", help="also time fla's first call (minutes)")
+    parser.add_argument("--step", action="store_true", help="a first training step (forward + backward)")
     args = parser.parse_args()
     for impl in ["ours"] + (["fla"] if args.baseline else []):
-        print(json.dumps(measure(impl)), flush=True)
+        print(json.dumps(measure(impl, "step" if args.step else "fwd")), flush=True)
     return 0
 
 
