@@ -38,6 +38,13 @@ import triton.language as tl
 from gdn2_tune.kernels.buffers import output_buffer
 from gdn2_tune.kernels.config import padded_dim
 
+# The value side's kernels (local_v_side's ``tile``): V tiles with K whole, K tiles with V whole, or two launches.
+VALUE_TILES = ("v", "k", "split")
+# Software pipelining of the split launches' tile loops. Each loop step loads two fp32 [BK, BV] state tiles (and
+# the rows kernel two [C, BK] factor tiles): 2 stages double-buffer them in shared memory, ~2·(2·BK·BV + ...)·4 B,
+# 64 KiB at BK = BV = 64, leaving room for the dot operands' layout conversions at 16 warps.
+SPLIT_STAGES = 2
+
 
 @triton.jit
 def _local_v_kernel(
@@ -194,6 +201,159 @@ def _local_vk_kernel(
 
 
 @triton.jit
+def _local_rows_kernel(
+    a, aqk, e_bar, k_tail, hc, dhc,
+    v, w, do, rows,
+    dv, dw, r_buf, dr_buf,
+    H, K, V,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The split value side's first launch, one program per (chunk, head, V tile): the V columns that need all of K,
+    R = A Z − Y S0 and dR = A_qkᵀ dO + K_tail dS_C, summed over K in tiles of BK (Y = A Ē re-formed per tile,
+    C·C·BK, rather than kept: no [C, K] tile is live), then dZ = Aᵀ dR → dv, dw, and R, dR to chunk-major fp32
+    scratch for :func:`_local_cols_kernel`. Live: A, A_qk [C, C], R, dR [C, BV] and one K tile's operands."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh = i_n.to(tl.int64) * H + i_h
+    # 64-bit scalar bases, 32-bit tile offsets: half the registers of 64-bit pointer tiles.
+    a += i_nh * C * C
+    e_bar += i_nh * C * K
+    k_tail += i_nh * C * K
+    hc += i_nh * K * V
+    dhc += i_nh * K * V
+    r_buf += i_nh * C * V
+    dr_buf += i_nh * C * V
+    o_c = tl.arange(0, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_rows = tl.load(rows + i_n.to(tl.int64) * C + o_c)
+    m_c = b_rows >= 0
+    live = tl.load(rows + i_n.to(tl.int64) * C) >= 0  # a packed index's phantom slot reads no per-chunk slot
+    m_vl = o_v < tl.where(live, V, 0)
+    tok = (tl.maximum(b_rows, 0) * H + i_h) * V
+    m_cv = m_c[:, None] & m_v[None, :]
+    p_t = tok[:, None] + o_v[None, :]
+
+    b_a = tl.load(a + o_c[:, None] * C + o_c[None, :], mask=(o_c < tl.where(live, C, 0))[:, None], other=0.0)
+    b_r = tl.zeros([C, BV], tl.float32)
+    b_dr = tl.zeros([C, BV], tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_ck = o_c[:, None] * K + o_k[None, :]
+        p_s = o_k[:, None] * V + o_v[None, :]
+        m_s = m_k[:, None] & m_vl[None, :]
+        b_e = tl.load(e_bar + p_ck, mask=m_k[None, :], other=0.0)
+        b_kt = tl.load(k_tail + p_ck, mask=m_k[None, :], other=0.0)
+        b_s0 = tl.load(hc + p_s, mask=m_s, other=0.0)
+        b_ds = tl.load(dhc + p_s, mask=m_s, other=0.0)
+        b_y = tl.dot(b_a, b_e, input_precision=PRECISION)
+        b_r -= tl.dot(b_y, b_s0, input_precision=PRECISION)
+        b_dr += tl.dot(b_kt, b_ds, input_precision=PRECISION)
+    b_v = tl.load(v + p_t, mask=m_cv, other=0.0).to(tl.float32)
+    b_w = tl.load(w + p_t, mask=m_cv, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_t, mask=m_cv, other=0.0).to(tl.float32)
+    b_aqk = tl.load(aqk + (tl.maximum(b_rows, 0) * H + i_h)[:, None] * C + o_c[None, :], mask=m_c[:, None],
+                    other=0.0).to(tl.float32)
+    b_r += tl.dot(b_a, b_w * b_v, input_precision=PRECISION)
+    b_dr += tl.dot(tl.trans(b_aqk), b_do, input_precision=PRECISION)
+    b_dz = tl.dot(tl.trans(b_a), b_dr, input_precision=PRECISION)
+    tl.store(dv + p_t, (b_dz * b_w).to(dv.dtype.element_ty), mask=m_cv)
+    tl.store(dw + p_t, (b_dz * b_v).to(dw.dtype.element_ty), mask=m_cv)
+    p_cv = o_c[:, None] * V + o_v[None, :]
+    tl.store(r_buf + p_cv, b_r, mask=m_v[None, :])
+    tl.store(dr_buf + p_cv, b_dr, mask=m_v[None, :])
+
+
+@triton.jit
+def _local_cols_kernel(
+    a, e_bar, G, hc, dhc,
+    v, w, do, rows, r_buf, dr_buf,
+    d_aqk, d_t, d_e, d_qg, d_kt, d_last,
+    H, K, V,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The split value side's second launch, one program per (chunk, head): every sum over V, from the first
+    launch's R and dR. A V walk forms the C×C sums dA_qk = mask(dO Rᵀ) and dR Zᵀ; then per K tile of BK, a V walk
+    in tiles of BV forms dQ_γ = dO S0ᵀ, dK_tail = R dS_Cᵀ, dY = −dR S0ᵀ and Σ_v dS_C⊙S0 ([C, BK] accumulators),
+    which are stored with dĒ = Aᵀ dY before the next tile, dY Ēᵀ adding into dA. Last, dT = −Aᵀ dA Aᵀ."""
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    i_nh = i_n.to(tl.int64) * H + i_h
+    a += i_nh * C * C
+    d_aqk += i_nh * C * C
+    d_t += i_nh * C * C
+    e_bar += i_nh * C * K
+    G += i_nh * C * K
+    d_e += i_nh * C * K
+    d_qg += i_nh * C * K
+    d_kt += i_nh * C * K
+    d_last += i_nh * K
+    hc += i_nh * K * V
+    dhc += i_nh * K * V
+    r_buf += i_nh * C * V
+    dr_buf += i_nh * C * V
+    o_c = tl.arange(0, C)
+    p_cc = o_c[:, None] * C + o_c[None, :]
+    b_rows = tl.load(rows + i_n.to(tl.int64) * C + o_c)
+    m_c = b_rows >= 0
+    live = tl.load(rows + i_n.to(tl.int64) * C) >= 0  # a packed index's phantom slot reads no per-chunk slot
+    tok = (tl.maximum(b_rows, 0) * H + i_h) * V
+
+    b_a = tl.load(a + p_cc, mask=(o_c < tl.where(live, C, 0))[:, None], other=0.0)
+    b_daqk = tl.zeros([C, C], tl.float32)
+    b_da = tl.zeros([C, C], tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_cv = m_c[:, None] & m_v[None, :]
+        p_t = tok[:, None] + o_v[None, :]
+        p_cv = o_c[:, None] * V + o_v[None, :]
+        b_r = tl.load(r_buf + p_cv, mask=m_v[None, :], other=0.0)
+        b_dr = tl.load(dr_buf + p_cv, mask=m_v[None, :], other=0.0)
+        b_do = tl.load(do + p_t, mask=m_cv, other=0.0).to(tl.float32)
+        b_z = tl.load(w + p_t, mask=m_cv, other=0.0).to(tl.float32) * tl.load(v + p_t, mask=m_cv,
+                                                                               other=0.0).to(tl.float32)
+        b_daqk += tl.dot(b_do, tl.trans(b_r), input_precision=PRECISION)
+        b_da += tl.dot(b_dr, tl.trans(b_z), input_precision=PRECISION)
+    tl.store(d_aqk + p_cc, tl.where(o_c[:, None] >= o_c[None, :], b_daqk, 0.0))
+
+    b_at = tl.trans(b_a)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_kl = o_k < tl.where(live, K, 0)
+        b_dqg = tl.zeros([C, BK], tl.float32)
+        b_dkt = tl.zeros([C, BK], tl.float32)
+        b_dy = tl.zeros([C, BK], tl.float32)
+        b_dss = tl.zeros([BK], tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_s = m_kl[:, None] & m_v[None, :]
+            p_s = o_k[:, None] * V + o_v[None, :]
+            p_cv = o_c[:, None] * V + o_v[None, :]
+            b_s0 = tl.load(hc + p_s, mask=m_s, other=0.0)
+            b_ds = tl.load(dhc + p_s, mask=m_s, other=0.0)
+            b_r = tl.load(r_buf + p_cv, mask=m_v[None, :], other=0.0)
+            b_dr = tl.load(dr_buf + p_cv, mask=m_v[None, :], other=0.0)
+            b_do = tl.load(do + tok[:, None] + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                           other=0.0).to(tl.float32)
+            b_dqg += tl.dot(b_do, tl.trans(b_s0), input_precision=PRECISION)
+            b_dkt += tl.dot(b_r, tl.trans(b_ds), input_precision=PRECISION)
+            b_dy -= tl.dot(b_dr, tl.trans(b_s0), input_precision=PRECISION)
+            b_dss += tl.sum(b_ds * b_s0, 1)
+        p_ck = o_c[:, None] * K + o_k[None, :]
+        b_e = tl.load(e_bar + p_ck, mask=m_k[None, :], other=0.0)
+        b_da += tl.dot(b_dy, tl.trans(b_e), input_precision=PRECISION)
+        tl.store(d_e + p_ck, tl.dot(b_at, b_dy, input_precision=PRECISION), mask=m_k[None, :])
+        tl.store(d_qg + p_ck, b_dqg, mask=m_k[None, :])
+        tl.store(d_kt + p_ck, b_dkt, mask=m_k[None, :])
+        b_glast = tl.load(G + (C - 1) * K + o_k, mask=m_k, other=0.0)
+        tl.store(d_last + o_k, tl.exp(b_glast) * b_dss, mask=m_k)
+    b_dt = tl.dot(b_at, tl.dot(b_da, b_at, input_precision=PRECISION), input_precision=PRECISION)
+    tl.store(d_t + p_cc, tl.where(o_c[:, None] > o_c[None, :], -b_dt, 0.0))
+
+
+@triton.jit
 def _key_factors_kernel(
     q, k, g, b, rows,
     qs, qn, kn, bk, bf, gf, G, e_bar, k_tail, rq, rk,
@@ -290,11 +450,12 @@ def local_v_side(
     stage's output, any float dtype); ``rows`` int64 [N, C].
     dv and dw come back in v's dtype and layout, zero on tokens no chunk row names; given ``dv`` and ``dw`` (zeroed,
     v's shape and dtype), the launch writes its chunks' rows into them instead, so that groups of chunks can share
-    one pair of buffers. ``tile`` picks the kernel: "v" (:func:`_local_v_kernel`, V in tiles of ``BV``, K whole) or
-    "k" (:func:`_local_vk_kernel`, K in tiles of ``BK``, V whole).
+    one pair of buffers. ``tile`` picks the kernels: "v" (:func:`_local_v_kernel`, V in tiles of ``BV``, K whole),
+    "k" (:func:`_local_vk_kernel`, K in tiles of ``BK``, V whole) or "split" (:func:`_local_rows_kernel` then
+    :func:`_local_cols_kernel`, [BK, BV] tiles of the state, R and dR through fp32 scratch).
     """
-    if tile not in ("v", "k"):
-        raise ValueError(f"tile: expected 'v' or 'k', received {tile!r}")
+    if tile not in VALUE_TILES:
+        raise ValueError(f"tile: expected one of {list(VALUE_TILES)}, received {tile!r}")
     N, H, C, K = e_bar.shape
     V = v.shape[-1]
     if a_qk.shape[:-2] != v.shape[:-2] or a_qk.shape[-2:] != (H, C) or not a_qk.is_contiguous():
@@ -322,6 +483,18 @@ def local_v_side(
     args = (a, a_qk, e_bar, k_tail, G, hc, dhc, v, w, do, rows, dv, dw, d_aqk, d_t, d_e, d_qg, d_kt, d_last, H, K, V)
     if N * H and tile == "v":
         _local_v_kernel[(N, H)](*args, C=C, KP=padded_dim(K), BV=BV, PRECISION=precision, num_warps=num_warps)
-    elif N * H:
+    elif N * H and tile == "k":
         _local_vk_kernel[(N, H)](*args, C=C, VP=padded_dim(V), BK=BK, PRECISION=precision, num_warps=num_warps)
+    elif N * H:
+        # R and dR go through chunk-major fp32 scratch from the first launch to the second.
+        r_buf, dr_buf = (output_buffer((N, H, C, V), torch.float32, v.device) for _ in range(2))
+        BK, BV = min(BK, padded_dim(K)), min(BV, padded_dim(V))
+        _local_rows_kernel[(N, H, triton.cdiv(V, BV))](
+            a, a_qk, e_bar, k_tail, hc, dhc, v, w, do, rows, dv, dw, r_buf, dr_buf, H, K, V,
+            C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=num_warps, num_stages=SPLIT_STAGES,
+        )
+        _local_cols_kernel[(N, H)](
+            a, e_bar, G, hc, dhc, v, w, do, rows, r_buf, dr_buf, d_aqk, d_t, d_e, d_qg, d_kt, d_last, H, K, V,
+            C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=num_warps, num_stages=SPLIT_STAGES,
+        )
     return dv, dw, d_aqk, d_t, d_e, d_qg, d_kt, d_last

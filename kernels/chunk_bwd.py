@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
-from gdn2_tune.kernels.bwd_local import key_factors, local_v_side
+from gdn2_tune.kernels.bwd_local import VALUE_TILES, key_factors, local_v_side
 from gdn2_tune.kernels.config import (
     INTRA_PRECISIONS,
     MAX_REGISTERS_PER_THREAD,
@@ -132,8 +132,9 @@ class BwdConfig:
     recompute_precision: str = "tf32x3"
 
     def label(self) -> str:
-        value = (f"-val{self.value_tile}{self.value_BV if self.value_tile == 'v' else self.value_BK}w{self.value_warps}"
-                 if self.value_side == "triton" else "-valtorch")
+        tile = {"v": f"{self.value_BV}", "k": f"{self.value_BK}"}.get(self.value_tile,
+                                                                      f"BK{self.value_BK}BV{self.value_BV}")
+        value = f"-val{self.value_tile}{tile}w{self.value_warps}" if self.value_side == "triton" else "-valtorch"
         pair = f"-pairBK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
                 f"-g{self.group_elements}-{self.local_dtype}{pair}{value}-rc{self.recompute_precision}")
@@ -180,9 +181,9 @@ BWD_SPACE: tuple[Param, ...] = (
     Param("local.pair_warps", (2, 4, 8), "warps of a pair-backward program"),
     Param("local.pair_precision", PAIR_PRECISIONS, "dot precision of the pair products' off-diagonal blocks"),
     Param("local.value_side", ("triton", "torch"), "the value side fused in one launch, or batched torch matmuls"),
-    Param("local.value_tile", ("v", "k"), "the fused value side walks V (K whole) or K (V whole)"),
-    Param("local.value_BV", (32, 64, 128), "V tile of the fused value side (value_tile='v')"),
-    Param("local.value_BK", (16, 32, 64), "K tile of the fused value side (value_tile='k')"),
+    Param("local.value_tile", VALUE_TILES, "the fused value side walks V (K whole), K (V whole), or splits in two"),
+    Param("local.value_BV", (32, 64, 128), "V tile of the fused value side (value_tile='v' or 'split')"),
+    Param("local.value_BK", (16, 32, 64), "K tile of the fused value side (value_tile='k' or 'split')"),
     Param("local.value_warps", (4, 8, 16), "warps of a fused value-side program"),
 )
 
@@ -227,8 +228,8 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"value_side={cfg.value_side!r} is not one of ['triton', 'torch']"
     if cfg.value_side == "triton" and cfg.key_side != "triton":
         return "value_side='triton' hands its results to the Triton key side: key_side must be 'triton' too"
-    if cfg.value_tile not in ("v", "k"):
-        return f"value_tile={cfg.value_tile!r} is not one of ['v', 'k']"
+    if cfg.value_tile not in VALUE_TILES:
+        return f"value_tile={cfg.value_tile!r} is not one of {list(VALUE_TILES)}"
     for name in ("value_BV", "value_BK"):
         x = getattr(cfg, name)
         if x < 16 or x & (x - 1):
@@ -258,11 +259,22 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
 # On an H200 (2026-11-30) both tilings ran at C = 32, K = V = 128 and failed to launch at C = 32, K = V = 256 (Triton
 # asked for 236 and 272 KiB of shared memory, 227 KiB available): allow it up to the measured footprint.
 VALUE_SIDE_MAX_FOOTPRINT = 32 * (128 + 128)
+# value_tile="split" holds no tile that grows with K or V, so it fits whatever K and V: its shared memory follows
+# C·(C + BK + BV) + BK·BV. Compiled for sm90 with triton 3.6 (the lead's toolchain; compiling needs no GPU), 2 stages,
+# 8 warps: at C = 32 the rows / cols launches asked for 36 / 32 KiB at BK 32, BV 64 and 96 / 96 KiB at BK 64, BV 128;
+# at C = 64, 160 / 160 KiB at BK = BV = 64 and 224 / 256 KiB at BK 64, BV 128 (over sm90's 227 KiB): allow up to
+# the C = 64, BK = BV = 64 footprint.
+VALUE_SPLIT_MAX_FOOTPRINT = 64 * (64 + 64 + 64) + 64 * 64
 
 
-def value_side_fits(shape: Shape, chunk: int, shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> bool:
-    """Whether the fused value side (kernels/bwd_local.py) fits on chip at ``shape`` and ``chunk``, on a GPU whose
-    blocks may use ``shared_memory`` bytes (the measured footprint scales with it; sm90's by default)."""
+def value_side_fits(shape: Shape, chunk: int, shared_memory: int = SHARED_MEMORY_LIMIT_BYTES,
+                    tile: str = "v", BK: int = 32, BV: int = 64) -> bool:
+    """Whether the fused value side (kernels/bwd_local.py) with ``tile`` (and, for "split", tiles ``BK``, ``BV``)
+    fits on chip at ``shape`` and ``chunk``, on a GPU whose blocks may use ``shared_memory`` bytes (the measured
+    footprint scales with it; sm90's by default)."""
+    if tile == "split":
+        footprint = chunk * (chunk + BK + BV) + BK * BV
+        return footprint * SHARED_MEMORY_LIMIT_BYTES <= VALUE_SPLIT_MAX_FOOTPRINT * shared_memory
     footprint = chunk * (_padded(shape.K) + _padded(shape.V))
     return footprint * SHARED_MEMORY_LIMIT_BYTES <= VALUE_SIDE_MAX_FOOTPRINT * shared_memory
 
@@ -289,7 +301,8 @@ def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
     """The nearest admissible backward config: the value side in torch where the fused one does not fit, BV
     clipped to V, then fewer stages, then a narrower V tile."""
     cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)))
-    if cfg.value_side == "triton" and not value_side_fits(shape, chunk, shared_memory):
+    if cfg.value_side == "triton" and not value_side_fits(shape, chunk, shared_memory, cfg.value_tile,
+                                                              cfg.value_BK, cfg.value_BV):
         cfg = dataclasses.replace(cfg, value_side="torch")
     while bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory) is not None:
         if cfg.num_stages > 1:
@@ -334,7 +347,8 @@ def bwd_fits_forward_chunk(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -
     length with the operands it recomputes (fp32 where they fit) on ``device``."""
     chunk = forward_chunk(shape, device)
     smem = device.shared_memory_per_block
-    if cfg.value_side == "triton" and not value_side_fits(shape, chunk, smem):
+    if cfg.value_side == "triton" and not value_side_fits(shape, chunk, smem, cfg.value_tile, cfg.value_BK,
+                                                             cfg.value_BV):
         return (f"the fused value side does not fit on chip at chunk={chunk}, K={shape.K}, V={shape.V} on "
                 f"{device.family}: value_side='torch'")
     operand_bytes = recompute_dtype(cfg, shape, chunk, smem).itemsize
@@ -346,7 +360,7 @@ def bwd_tiles_that_act(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> st
     built-in values otherwise), so that no two points of the space time the same kernels."""
     default = DEFAULT_BWD_CONFIG
     idle = ("value_tile", "value_BV", "value_BK", "value_warps") if cfg.value_side == "torch" else (
-        ("value_BK",) if cfg.value_tile == "v" else ("value_BV",))
+        {"v": ("value_BK",), "k": ("value_BV",)}.get(cfg.value_tile, ()))
     for name in idle:
         if getattr(cfg, name) != getattr(default, name):
             return f"{name} has no effect here (value_side={cfg.value_side!r}, value_tile={cfg.value_tile!r})"

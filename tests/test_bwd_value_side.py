@@ -1,0 +1,87 @@
+"""The backward's value side (kernels/bwd_local.py) in each of its tilings against float64 autograd through the
+token recurrence (kernels/reference_grad.py), with NaN-poisoned outputs and scratch (conftest.py).
+
+value_tile="split" (two launches, no tile that grows with K or V) is the one that fits at K = V = 256, where the
+single-launch tilings fall back to torch: it is checked there too, at a size the interpreter runs in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from gdn2_tune.kernels.chunk_bwd import BwdConfig, chunk_gdn2_bwd, fit_bwd
+from gdn2_tune.kernels.config import Shape, default_config
+from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.reference_grad import reference_grads
+from gdn2_tune.kernels.varlen import packed_index
+
+# Budgets as in tests/test_chunk_bwd.py (from the arithmetic): fp32 products and accumulators give ~1e-6, so 1e-4;
+# 16-bit gradients are rounded once (2^-9 relative for bf16, rms a third of it), so 4e-3.
+TOL = {"fp32": 1e-4, "bf16": 4e-3}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x = x.detach().to("cpu", torch.float64)
+    assert torch.isfinite(x).all(), "non-finite values (an unwritten NaN-poisoned element, or an overflow)"
+    return float((x - ref.cpu()).norm() / ref.cpu().norm().clamp_min(1e-300))
+
+
+def check(shape: Shape, bcfg: BwdConfig, *, seed: int, strong_decay: bool, lengths: list[int] | None = None) -> None:
+    inp = make_inputs(shape if lengths is None else dataclasses.replace(shape, num_seqs=len(lengths)), DEVICE, seed,
+                      strong_decay=strong_decay)
+    if lengths is not None:
+        assert sum(lengths) == shape.T
+        cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(DEVICE)
+        inp = dataclasses.replace(inp, cu_seqlens=cu)
+    cfg = default_config(shape)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    do = torch.randn(inp.v.shape, generator=gen).to(DEVICE, inp.v.dtype)
+    dht = torch.randn(inp.initial_state.shape, generator=gen).to(DEVICE)
+    num_seqs = shape.B if lengths is None else len(lengths)
+    cu = inp.cu_seqlens
+    index = None if cu is None else packed_index(cu, cfg.chunk, shape.T)
+    got = chunk_gdn2_bwd(*inp.args(), do, dht, scale=shape.K**-0.5, initial_state=inp.initial_state,
+                         cu_seqlens=None if index is None else index.offsets, use_qk_l2norm_in_kernel=False,
+                         config=cfg, bwd_config=bcfg, num_seqs=num_seqs, index=index)
+    ref = reference_grads(*inp.args(), do, dht, scale=shape.K**-0.5, initial_state=inp.initial_state,
+                          cu_seqlens=cu)
+    errs = {name: rel_err(x, r) for x, (name, r) in zip(got, ref.items())}
+    bad = {n: f"{e:.2e}" for n, e in errs.items() if not e < TOL[shape.dtype]}
+    assert not bad, f"gradient errors over the budget {TOL[shape.dtype]:.0e}: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize(("shape", "bcfg", "strong"), [
+    # K = 48 in three tiles of 16 (the last partial), V = 40 in three tiles of 16; groups of one chunk.
+    pytest.param(Shape(1, 70, 1, 48, 40, "fp32"), BwdConfig(value_tile="split", value_BK=16, value_BV=16,
+                                                            group_elements=1), True,
+                 id="split-B1-T70-H1-K48-V40-BK16-BV16-groups-fp32-strong-decay"),
+    pytest.param(Shape(1, 45, 1, 24, 80, "fp32"), BwdConfig(value_tile="split", value_BK=16, value_BV=32), False,
+                 id="split-B1-T45-H1-K24-V80-BK16-BV32-fp32"),
+    pytest.param(Shape(1, 40, 1, 96, 40, "bf16"), BwdConfig(value_tile="split", value_BK=32, value_BV=64), True,
+                 id="split-B1-T40-H1-K96-V40-BK32-BV64-bf16-strong-decay"),
+])
+def test_split_value_side_matches_float64_autograd(shape: Shape, bcfg: BwdConfig, strong: bool) -> None:
+    check(shape, bcfg, seed=7, strong_decay=strong)
+
+
+def test_split_value_side_on_a_packed_batch() -> None:
+    """Sequences shorter than a chunk, one ending inside a chunk, and the packed index's phantom chunk slots (their
+    per-chunk buffers never written: read as zeros, never reaching a gradient)."""
+    check(Shape(1, 60, 1, 32, 48, "fp32"), BwdConfig(value_tile="split", value_BK=16, value_BV=32), seed=3,
+          strong_decay=True, lengths=[5, 33, 1, 21])
+
+
+def test_split_value_side_fits_and_runs_at_k_v_256() -> None:
+    """At K = V = 256 (chunk 32) the single-launch tilings fall back to torch; "split" is kept fused, and its
+    gradients (BK = BV = 64: four tiles each way) match float64 autograd."""
+    shape = Shape(1, 20, 1, 256, 256, "bf16")
+    assert fit_bwd(BwdConfig(value_tile="v"), shape, 32, 4).value_side == "torch"
+    assert fit_bwd(BwdConfig(value_tile="k"), shape, 32, 4).value_side == "torch"
+    split = BwdConfig(value_tile="split", value_BK=64, value_BV=64)
+    fitted = fit_bwd(split, shape, 32, 4)
+    assert (fitted.value_side, fitted.value_tile, fitted.value_BK, fitted.value_BV) == ("triton", "split", 64, 64)
+    check(shape, split, seed=11, strong_decay=True)
