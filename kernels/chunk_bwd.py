@@ -69,7 +69,7 @@ from gdn2_tune.kernels.config import (
 from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
 from gdn2_tune.kernels.intra import L2NORM_EPS as _L2NORM_EPS
 from gdn2_tune.kernels.intra import IntraOutputs, intra_fwd
-from gdn2_tune.kernels.pairwise import PAIR_PRECISIONS, pairs_bwd, pairs_fwd
+from gdn2_tune.kernels.pairwise import PAIR_METHODS, PAIR_PRECISIONS, pairs_bwd, pairs_fwd
 from gdn2_tune.kernels.spec import DeviceLimits
 from gdn2_tune.kernels.varlen import PackedIndex, packed_index, sequence_bounds
 
@@ -111,6 +111,10 @@ class BwdConfig:
     pair_BK: int = 16  # K slice of the pair products
     pair_warps: int = 2
     pair_precision: str = "tf32x3"  # tl.dot input precision of the pair products' off-diagonal blocks
+    # How the pair backward forms the diagonal blocks' pairs (kernels/pairwise.py): "elementwise", a [BC, BC, BK]
+    # tensor of exp(G_r − G_s) on the CUDA cores, or "dot", factored through a reference row before each sub-block
+    # (exponents bounded by one sub-block's span) so that every product is a tensor-core dot.
+    pair: str = "elementwise"
     # The elementwise key-side tail (dq, dk, db, dg from the products' gradients): one Triton launch, or the same
     # equations as torch ops (about 25 launches over [chunks, H, C, K]). On an H200 (2026-11-30, anchor shape,
     # benchmarks/exp_bwd_variants.py) the Triton launch took forward + backward from 35.1 to 31.2 ms, its gradients
@@ -135,7 +139,7 @@ class BwdConfig:
         tile = {"v": f"{self.value_BV}", "k": f"{self.value_BK}"}.get(self.value_tile,
                                                                       f"BK{self.value_BK}BV{self.value_BV}")
         value = f"-val{self.value_tile}{tile}w{self.value_warps}" if self.value_side == "triton" else "-valtorch"
-        pair = f"-pairBK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
+        pair = f"-pair{'dot' if self.pair == 'dot' else ''}BK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
                 f"-g{self.group_elements}-{self.local_dtype}{pair}{value}-rc{self.recompute_precision}")
 
@@ -180,6 +184,7 @@ BWD_SPACE: tuple[Param, ...] = (
     Param("local.pair_BK", (16, 32, 64), "K slice of the pair backward"),
     Param("local.pair_warps", (2, 4, 8), "warps of a pair-backward program"),
     Param("local.pair_precision", PAIR_PRECISIONS, "dot precision of the pair products' off-diagonal blocks"),
+    Param("local.pair", PAIR_METHODS, "pair backward: diagonal blocks pair by pair, or every product a dot"),
     Param("local.value_side", ("triton", "torch"), "the value side fused in one launch, or batched torch matmuls"),
     Param("local.value_tile", VALUE_TILES, "the fused value side walks V (K whole), K (V whole), or splits in two"),
     Param("local.value_BV", (32, 64, 128), "V tile of the fused value side (value_tile='v' or 'split')"),
@@ -240,6 +245,8 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"recompute_precision={cfg.recompute_precision!r} is not one of {list(INTRA_PRECISIONS)}"
     if cfg.pair_precision not in PAIR_PRECISIONS:
         return f"pair_precision={cfg.pair_precision!r} is not one of {list(PAIR_PRECISIONS)}"
+    if cfg.pair not in PAIR_METHODS:
+        return f"pair={cfg.pair!r} is not one of {list(PAIR_METHODS)}"
     if cfg.pair_BC < 16 or chunk % cfg.pair_BC or cfg.pair_BK < 16 or cfg.pair_BK & (cfg.pair_BK - 1):
         return f"pair_BC={cfg.pair_BC} must divide chunk={chunk} (>= 16); pair_BK={cfg.pair_BK} a power of two >= 16"
     kp, vp = _padded(shape.K), _padded(shape.V)
@@ -646,7 +653,7 @@ def _key_side(
     gradients' shape; ``bk`` is b⊙k̂ when the caller has it."""
     if bk is None:
         bk = (b * kn).contiguous()
-    dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
+    dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair, method=cfg.pair)
     d_qn, d_kn, d_b, d_g = (output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
     n, H, C, K = q.shape
     if n * H:
@@ -731,7 +738,7 @@ def _local_grads(
         d_last = torch.exp(g_last[..., 0, :]) * (ds_c * s0).sum(-1)
         return _key_side(q, qn, kn, qs, b, g, G, r_q, r_k, d_t, d_aqk, d_e, d_qg, d_kt, d_last, d_z * w, d_z * v,
                          scale=scale, l2norm=l2norm, cfg=cfg, pair=pair)
-    dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair)
+    dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair, method=cfg.pair)
     d_bk = dx_t + d_e * gamma
     d_qs = dx_a + d_qg * gamma
     d_kn = dy_pairs + d_kt * tail + b * d_bk

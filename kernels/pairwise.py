@@ -34,6 +34,9 @@ import triton.language as tl
 from gdn2_tune.kernels.buffers import output_buffer
 
 PAIR_PRECISIONS = ("tf32", "tf32x3", "ieee")
+# How the pair backward forms its products: "elementwise" (:func:`_pairs_bwd_kernel`, diagonal blocks as a
+# [BC, BC, BK] pair tensor on the CUDA cores) or "dot" (:func:`_pairs_bwd_dot_kernel`, tensor-core products).
+PAIR_METHODS = ("elementwise", "dot")
 
 
 @triton.jit
@@ -172,6 +175,104 @@ def _pairs_bwd_kernel(
         tl.store(dy + p_r, b_dy, mask=m_k)
 
 
+# Decay span below which a diagonal block's pairs are tensor-core products (the "dot" pair backward). A factored
+# diagonal pair is exp(G_r − ref)·exp(ref − G_s) with ref the G before the block: the second factor reaches exp(span).
+# The dots sum C such products before the first factor scales them back, so exp(40) ≈ 2.4e17 leaves fp32 room for
+# |dM·Y| up to ~4e19 (C = 32), and exp(−40) ≈ 4e-18 is a normal number. Normal decay spans a sub-block of 16 steps by
+# a few units; a block that decays harder in some channel of the K slice takes the exact per-column loop instead.
+PAIR_SAFE_SPAN = tl.constexpr(40.0)
+
+
+@triton.jit
+def _pairs_bwd_dot_kernel(
+    dm1, dm2, x1, x2, y, G,
+    dx1, dx2, dy,
+    K,
+    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """:func:`_pairs_bwd_kernel`'s results with every product on the tensor cores (while the block's decay span over
+    the K slice is below PAIR_SAFE_SPAN). Row block I (rows n0..n1−1) takes, with ref = G at row n0 − 1 (0 for the
+    first block) and end = G at row n1 − 1:
+
+        DX_I = exp(G_I − ref) ⊙ (dM[I, :n1] (Y ⊙ exp(ref − G))[:n1])        first factor ≤ 1
+        DY_I = exp(end − G_I) ⊙ (dM[n0:, I]ᵀ (X ⊙ exp(G − end))[n0:])      first factor ≤ 1
+
+    The second factors are ≤ 1 outside block I and at most exp(span) inside it, so no exponent is positive beyond one
+    sub-block's decay. A block whose span reaches PAIR_SAFE_SPAN in some channel of the slice leaves its own pairs
+    out of the dots and forms them exactly, column by column, as exp(min(G_r − G_s, 0))."""
+    i_k, i_nh = tl.program_id(0), tl.program_id(1)
+    base = i_nh.to(tl.int64) * C * K
+    x1 += base
+    x2 += base
+    y += base
+    G += base
+    dx1 += base
+    dx2 += base
+    dy += base
+    dm1 += i_nh.to(tl.int64) * C * C
+    dm2 += i_nh.to(tl.int64) * C * C
+    o_c = tl.arange(0, C)
+    o_bc = tl.arange(0, BC)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_all = o_c[:, None] * K + o_k[None, :]
+    b_G = tl.load(G + p_all, mask=m_k[None, :], other=0.0)
+    b_y = tl.load(y + p_all, mask=m_k[None, :], other=0.0)
+    b_x1 = tl.load(x1 + p_all, mask=m_k[None, :], other=0.0)
+    b_x2 = tl.load(x2 + p_all, mask=m_k[None, :], other=0.0)
+    for i_blk in tl.static_range(NB):
+        n0 = i_blk * BC
+        n1 = n0 + BC
+        o_r = n0 + o_bc
+        p_r = o_r[:, None] * K + o_k[None, :]
+        b_Gr = tl.load(G + p_r, mask=m_k[None, :], other=0.0)
+        if n0 > 0:
+            b_ref = tl.load(G + (n0 - 1) * K + o_k, mask=m_k, other=0.0)
+        else:
+            b_ref = tl.zeros([BK], tl.float32)
+        b_end = tl.load(G + (n1 - 1) * K + o_k, mask=m_k, other=0.0)
+        span = tl.max(b_ref - b_end, 0)  # the block's strongest decay over one channel of the slice
+        safe = span < PAIR_SAFE_SPAN
+        n_lim = n0 + tl.where(safe, BC, 0)  # the DX dots cover columns s < n_lim
+        r_lim = n1 - tl.where(safe, BC, 0)  # the DY dots cover rows r >= r_lim
+        # The clamps only keep the entries the masks drop finite.
+        col = tl.where((o_c < n_lim)[:, None], tl.exp(tl.minimum(b_ref[None, :] - b_G, PAIR_SAFE_SPAN)), 0.0)
+        row = tl.where((o_c >= r_lim)[:, None], tl.exp(tl.minimum(b_G - b_end[None, :], PAIR_SAFE_SPAN)), 0.0)
+        b_yc = b_y * col
+        p_rows = o_r[:, None] * C + o_c[None, :]  # dM[I, :], [BC, C]
+        p_cols = o_c[:, None] * C + o_r[None, :]  # dM[:, I], [C, BC]
+        b_m1 = tl.load(dm1 + p_rows)
+        b_m2 = tl.load(dm2 + p_rows)
+        b_c1 = tl.load(dm1 + p_cols)
+        b_c2 = tl.load(dm2 + p_cols)
+        e_row = tl.exp(tl.minimum(b_Gr - b_ref[None, :], 0.0))
+        e_col = tl.exp(tl.minimum(b_end[None, :] - b_Gr, 0.0))
+        b_dx1 = e_row * tl.dot(b_m1, b_yc, input_precision=PRECISION)
+        b_dx2 = e_row * tl.dot(b_m2, b_yc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(b_c1), b_x1 * row, input_precision=PRECISION)
+        acc += tl.dot(tl.trans(b_c2), b_x2 * row, input_precision=PRECISION)
+        b_dy = e_col * acc
+        if span >= PAIR_SAFE_SPAN:
+            # Exact diagonal block, column j of it per step: exp(G_r − G_j) for r ≥ j (dM is 0 above its diagonal).
+            b_x1r = tl.load(x1 + p_r, mask=m_k[None, :], other=0.0)
+            b_x2r = tl.load(x2 + p_r, mask=m_k[None, :], other=0.0)
+            for j in range(BC):
+                p_j = (n0 + j) * K + o_k
+                b_Gj = tl.load(G + p_j, mask=m_k, other=0.0)
+                b_yj = tl.load(y + p_j, mask=m_k, other=0.0)
+                b_d1 = tl.load(dm1 + o_r * C + n0 + j)
+                b_d2 = tl.load(dm2 + o_r * C + n0 + j)
+                b_e = tl.exp(tl.minimum(b_Gr - b_Gj[None, :], 0.0))
+                b_dx1 += b_d1[:, None] * b_e * b_yj[None, :]
+                b_dx2 += b_d2[:, None] * b_e * b_yj[None, :]
+                b_dyj = tl.sum((b_d1[:, None] * b_x1r + b_d2[:, None] * b_x2r) * b_e, 0)
+                b_dy += tl.where((o_bc == j)[:, None], b_dyj[None, :], 0.0)
+        tl.store(dx1 + p_r, b_dx1, mask=m_k[None, :])
+        tl.store(dx2 + p_r, b_dx2, mask=m_k[None, :])
+        tl.store(dy + p_r, b_dy, mask=m_k[None, :])
+
+
 def _check_factors(named: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
     """The kernels address every operand as a dense [N, H, C, K] (or [N, H, C, C]) block from one program id, with
     no mask on N, H or C: each must be exactly that, contiguous, fp32. Shapes only, no sync."""
@@ -202,14 +303,17 @@ def pairs_fwd(
 
 def pairs_bwd(
     dm1: torch.Tensor, dm2: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, G: torch.Tensor,
-    *, BC: int, BK: int, num_warps: int, precision: str,
+    *, BC: int, BK: int, num_warps: int, precision: str, method: str = "elementwise",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(DX1, DX2, DY)`` [N, H, C, K] (see the module docstring)."""
+    """``(DX1, DX2, DY)`` [N, H, C, K] (see the module docstring); ``method`` one of :data:`PAIR_METHODS`."""
+    if method not in PAIR_METHODS:
+        raise ValueError(f"method: expected one of {list(PAIR_METHODS)}, received {method!r}")
     N, H, C, K = y.shape
     _check_factors({"dm1": dm1, "dm2": dm2, "x1": x1, "x2": x2, "y": y, "G": G}, (N, H, C, K))
     dx1, dx2, dy = (output_buffer((N, H, C, K), torch.float32, y.device) for _ in range(3))
+    kernel = _pairs_bwd_dot_kernel if method == "dot" else _pairs_bwd_kernel
     if N * H:
-        _pairs_bwd_kernel[(triton.cdiv(K, BK), N * H)](
+        kernel[(triton.cdiv(K, BK), N * H)](
             dm1, dm2, x1, x2, y, G, dx1, dx2, dy, K,
             C=C, BC=BC, NB=C // BC, BK=BK, PRECISION=precision, num_warps=num_warps,
         )

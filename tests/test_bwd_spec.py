@@ -42,7 +42,7 @@ def test_bwd_is_registered_after_the_forward_with_the_real_tunables() -> None:
     assert [p.name for p in spec.space] == list(BwdConfig().flat())
     assert {p.name.rsplit(".", 1)[-1] for p in spec.space} == {
         "recompute_precision", "BV", "num_warps", "num_stages", "precision", "pair_BK", "pair_warps",
-        "pair_precision", "value_side", "value_tile", "value_BV", "value_BK", "value_warps",
+        "pair_precision", "pair", "value_side", "value_tile", "value_BV", "value_BK", "value_warps",
     }
     assert spec.suite == (ANCHOR, Shape(1, 32768, 16, 128, 128, "bf16"), Shape(32, 1024, 16, 128, 128, "bf16"), WIDE)
 
