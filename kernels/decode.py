@@ -88,7 +88,16 @@ def _decode_kernel(
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, HAS_INDICES: tl.constexpr,
     HAS_ACCEPTED: tl.constexpr, PER_TOKEN_SLOTS: tl.constexpr, FINAL_AT: tl.constexpr,
     USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr, ONE_PASS: tl.constexpr,
+    STATIC_DIMS: tl.constexpr, H_C: tl.constexpr, K_C: tl.constexpr, V_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
+    if STATIC_DIMS:
+        # The head count and head dims as compile-time constants: the rows of the state tile are a constant stride
+        # apart, so each thread addresses all of its rows from one base register plus immediate offsets, and the
+        # row and column masks fold away when K and V are multiples of the tile.
+        H = H_C
+        K = K_C
+        V = V_C
     pid = tl.program_id(0)
     # V tiles of one (sequence, head) are neighbours in launch order: their state tiles are contiguous in memory.
     i_v = pid % NV
@@ -135,10 +144,20 @@ def _decode_kernel(
 
     b_s = tl.zeros([KP, BV], tl.float32)
     if USE_INITIAL_STATE:
-        b_s += tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s_ok, other=0.0,
-                       eviction_policy=STATE_EVICT).to(tl.float32)
+        if STATIC_DIMS:
+            # A branch on the uniform `ok` rather than a row limit in the mask, which would stay a runtime
+            # predicate per row.
+            if ok:
+                b_s = tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s, other=0.0,
+                              eviction_policy=STATE_EVICT).to(tl.float32)
+        else:
+            b_s += tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s_ok, other=0.0,
+                           eviction_policy=STATE_EVICT).to(tl.float32)
 
-    for i_t in range(T_seq):
+    # NUM_STAGES > 1 software-pipelines the input loads (cp.async into shared memory, issued ahead of their use),
+    # even for one token: the loop's prologue issues them, and the shared copy is read straight into the layout the
+    # state tile broadcasts them in. Without the loop's num_stages Triton pipelines no loop that has no dot.
+    for i_t in tl.range(0, T_seq, num_stages=NUM_STAGES):
         tok = (bos + i_t) * H + i_h
         b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -171,8 +190,13 @@ def _decode_kernel(
             s_t = tl.load(indices + i_n.to(tl.int64) * stride_in + i_t * stride_it, mask=t_ok, other=0).to(tl.int64)
             t_pad = t_ok & (s_t < 0)
             t_ok = t_ok & (s_t >= 0) & (s_t < P)
-            tl.store(ht + s_t * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty),
-                     mask=(o_k < tl.where(ok & t_ok, K, 0))[:, None] & m_v[None, :], eviction_policy=STATE_EVICT)
+            if STATIC_DIMS:
+                if ok & t_ok:
+                    tl.store(ht + s_t * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s,
+                             eviction_policy=STATE_EVICT)
+            else:
+                tl.store(ht + s_t * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty),
+                         mask=(o_k < tl.where(ok & t_ok, K, 0))[:, None] & m_v[None, :], eviction_policy=STATE_EVICT)
             b_o = tl.where(t_ok | t_pad, b_o, nan_v)
         tl.store(o + tok * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
@@ -181,8 +205,13 @@ def _decode_kernel(
         tl.store(ht + i_n.to(tl.int64) * stride_ht + head + p_s, b_f.to(ht.dtype.element_ty), mask=m_s,
                  eviction_policy=STATE_EVICT)
     elif FINAL_AT == 2:
-        tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s_ok,
-                 eviction_policy=STATE_EVICT)
+        if STATIC_DIMS:
+            if ok:
+                tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s,
+                         eviction_policy=STATE_EVICT)
+        else:
+            tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s_ok,
+                     eviction_policy=STATE_EVICT)
 
 
 def decode_fwd(
@@ -237,7 +266,11 @@ def decode_fwd(
         HAS_INDICES=ssm_state_indices is not None, HAS_ACCEPTED=num_accepted_tokens is not None,
         PER_TOKEN_SLOTS=per_token_slots, FINAL_AT=final_at, USE_L2NORM=use_qk_l2norm,
         STATE_EVICT="evict_first" if cfg.stream_state else "", ONE_PASS=cfg.one_pass,
+        # 0 when the dims stay runtime arguments: one compiled kernel per config serves every head count and size.
+        STATIC_DIMS=cfg.static_dims, H_C=H if cfg.static_dims else 0, K_C=K if cfg.static_dims else 0,
+        V_C=V if cfg.static_dims else 0, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )
 
 

@@ -6,10 +6,22 @@ fp32 registers while it loops over the sequence's tokens. What can be tuned:
 - ``BV``: the V tile. Smaller tiles mean more programs (the only parallelism at batch 1: N·H·V/BV programs) and
   shorter contiguous rows of the state (BV·4 bytes in fp32); larger ones fewer, longer transactions.
 - ``num_warps``: threads sharing the tile; the K axis reductions (the gated read r and the output) cross them.
-- ``num_stages``: software pipelining of the token loop; it only matters when sequences have several tokens, so
-  at T = 1 the constraints admit 1 only (the tuner spends no trials on copies of one program).
+- ``num_stages``: software pipelining of the token loop's input loads (``tl.range(num_stages=...)``: Triton
+  pipelines no dot-free loop without it). Even at T = 1 a depth of 2 changes the program: the loop's prologue
+  issues the input loads as cp.async copies into shared memory, from which each thread reads the q, k, gate
+  values of its own rows, instead of loading them spread over the threads and moving them into the state tile's
+  layout through shared memory with barriers. Deeper than T + 1 only prefetches tokens that do not exist.
 - ``stream_state``: the evict_first cache policy on the state's load and store.
 - ``one_pass``: the output from the decayed state in the same reduction as the read (one reduction per token).
+- ``static_dims``: H, K and V as compile-time constants instead of runtime arguments (one compiled kernel per head
+  shape): the state tile's rows are then a known stride apart, addressed from one base register with immediate
+  offsets, and its masks fold away where K and V are multiples of the tile; a padding or out-of-pool row skips
+  the state's load and store by a branch rather than by a mask per row.
+- ``max_registers``: a cap on registers per thread (Triton's ``maxnreg``; 0: ptxas's choice). The kernel streams
+  the state through registers and holds each program's tile across a few barriers, so how many programs an SM
+  keeps in flight (65536 registers / (threads · registers per thread)) sets how much state traffic overlaps those
+  waits: at K=V=256, BV=32, 4 warps, ptxas's own choice of ~150-165 registers leaves 3 programs per SM, a cap of
+  128 gives 4 (without spills with ``static_dims``, read off ptxas for sm_90); at K=128 a cap of 80, 6 instead of 4.
 
 K is never split across programs: the read r_t = S̄ᵀ(b ⊙ k) sums over all of K before any row can be updated, so a
 K split would need a cross-program reduction every token.
@@ -40,6 +52,10 @@ from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DeviceLimits
 MAX_REGISTERS_PER_THREAD = 255
 THREADS_PER_WARP = 32
 LIVE_STATE_TILES = 2
+# Registers a program needs besides its state tile under a register cap: ptxas for sm_90 fits the K=128, BV=32,
+# 4-warp program (32 tile registers per thread) in 80 without spills but spills 44 bytes at 64, and the K=256 one
+# (64 per thread) in 128. Below tile + this, a cap only spills.
+REGISTERS_BESIDES_TILE = 32
 # The largest head dims the op accepts (the chunk op's cap, kernels/config.py MAX_HEAD_DIM).
 MAX_HEAD_DIM = 256
 # Rules of the built-in config, read off the first H200 sweep (benchmarks/bench_decode.py, 2026-11-30, T=1, H=16,
@@ -76,6 +92,12 @@ class DecodeConfig:
     # instead of a second reduction after the update: one cross-thread reduction per token instead of two. Not yet
     # timed on a GPU (the first H200 sweep predates it), so the defaults leave it off.
     one_pass: bool = False
+    # Compile H, K, V into the kernel (see the module docstring). Not yet timed on a GPU (its compiled code, read
+    # off ptxas for sm_90 at K=V=256, BV=32, 4 warps, needs fewer registers and no per-row predicates), so the
+    # defaults leave it off.
+    static_dims: bool = False
+    # Registers per thread the compiler may use (0: its own choice). Not yet timed on a GPU; off by default.
+    max_registers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,7 +121,8 @@ class DecodeConfig:
 
     def label(self) -> str:
         return (f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}{'-stream' if self.stream_state else ''}"
-                f"{'-1pass' if self.one_pass else ''}")
+                f"{'-1pass' if self.one_pass else ''}{'-static' if self.static_dims else ''}"
+                f"{f'-r{self.max_registers}' if self.max_registers else ''}")
 
 
 @dataclass(frozen=True)
@@ -147,9 +170,12 @@ def decode_shape(shape: Shape, state_dtype: str = "fp32") -> DecodeShape:
 DECODE_SPACE: tuple[Param, ...] = (
     Param("BV", (8, 16, 32, 64, 128), "V tile per program (programs = N·H·ceil(V/BV))"),
     Param("num_warps", (1, 2, 4, 8), "warps per program"),
-    Param("num_stages", (1, 2, 3), "pipelining depth of the token loop (T > 1 only)"),
+    Param("num_stages", (1, 2, 3), "pipelining depth of the token loop's input loads (at most T + 1)"),
     Param("stream_state", (False, True), "evict_first cache policy on the state's load and store"),
     Param("one_pass", (False, True), "output from the decayed state in the read's reduction"),
+    Param("static_dims", (False, True), "H, K, V compiled in (immediate row offsets, folded masks)"),
+    # The occupancy steps at 4 warps: 128 registers → 4 programs per SM, 96 → 5, 80 → 6.
+    Param("max_registers", (0, 80, 96, 128), "registers per thread the compiler may use (0: its choice)"),
 )
 
 
@@ -190,13 +216,16 @@ def decode_tile_within_v(
     return None
 
 
-def decode_stages_need_tokens(
+def decode_stages_within_tokens(
     cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
 ) -> str | None:
-    # The pipelined loop is the token loop: with one token every depth compiles to the same work, and each depth the
-    # tuner tried at T = 1 would be a wasted trial.
-    if shape.T == 1 and cfg.num_stages != 1:
-        return f"num_stages={cfg.num_stages} pipelines the token loop, which has one token at T=1 (use 1)"
+    # The pipelined loop is the token loop: depth d prefetches d - 1 tokens ahead, so beyond T + 1 the extra stages
+    # only prefetch tokens that do not exist, the same program as depth T + 1 with more shared memory; each such
+    # depth the tuner tried would be a wasted trial. Depth 2 at T = 1 is a different program (see the module
+    # docstring), so it stays.
+    if cfg.num_stages > shape.T + 1:
+        return (f"num_stages={cfg.num_stages} pipelines the token loop deeper than its T={shape.T} token(s) + 1 "
+                f"(use at most {shape.T + 1})")
     return None
 
 
@@ -211,11 +240,27 @@ def decode_register_budget(
     return None
 
 
+def decode_register_cap_holds_the_tile(
+    cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
+) -> str | None:
+    # Below the state tile plus the registers every program needs besides it (pointers, the gate vectors of its
+    # rows, reduction partials) the cap can only spill the tile to local memory on every token.
+    if not cfg.max_registers:
+        return None
+    tile = padded(shape.K) * cfg.BV / (cfg.num_warps * THREADS_PER_WARP)
+    if cfg.max_registers < tile + REGISTERS_BESIDES_TILE:
+        return (f"max_registers={cfg.max_registers} is below the [K={padded(shape.K)}, BV={cfg.BV}] state tile's "
+                f"~{tile:.0f} registers per thread with {cfg.num_warps} warps + {REGISTERS_BESIDES_TILE} "
+                f"(raise it, or use 0)")
+    return None
+
+
 DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, Shape | DecodeShape, DeviceLimits], str | None], ...] = (
     decode_legal_values,
     decode_tile_within_v,
-    decode_stages_need_tokens,
+    decode_stages_within_tokens,
     decode_register_budget,
+    decode_register_cap_holds_the_tile,
 )
 
 
@@ -241,7 +286,8 @@ def decode_space(shape: DecodeShape) -> list[DecodeConfig]:
 @functools.lru_cache(maxsize=1024)  # asked on every decode step without an explicit config
 def default_decode_config(shape: DecodeShape) -> DecodeConfig:
     """The built-in config at ``shape``; no table yet, so these are rules fitted to the first H200 sweep (see the
-    constants above). Sequences of several tokens pipeline their token loop two deep."""
+    constants above). The token loop is not pipelined: the sweep's num_stages=2 at T > 1 compiled to the same
+    program as 1 then (the loop carried no num_stages), so no depth has been timed yet."""
     vp = max(padded(shape.V), min(DECODE_SPACE[0].values))
 
     def programs(bv: int) -> int:
@@ -254,7 +300,7 @@ def default_decode_config(shape: DecodeShape) -> DecodeConfig:
     if bv == 32 and vp >= 64 and programs(64) >= MANY_PROGRAMS and decode_infeasibility(wide, shape) is None:
         bv = 64
     warps = 2 if padded(shape.K) * bv <= SMALL_TILE else 4
-    cfg = DecodeConfig(BV=bv, num_warps=warps, num_stages=1 if shape.T == 1 else 2)
+    cfg = DecodeConfig(BV=bv, num_warps=warps, num_stages=1)
     while decode_infeasibility(cfg, shape) is not None and cfg.num_warps < 8:  # K=256 with a wide V tile
         cfg = dataclasses.replace(cfg, num_warps=cfg.num_warps * 2)
     assert decode_infeasibility(cfg, shape) is None, (cfg, shape)

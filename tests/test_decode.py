@@ -75,6 +75,15 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, float("nan"))
 
 
+# The kernel's code paths that a config selects beyond the tile: the built-in default (runtime dims, a row limit in
+# the state masks) and compiled-in dims (branches on the slot's validity instead of masks), with the token loop
+# pipelined and a register cap (launch options the interpreter ignores, so that only their plumbing is tested).
+PATHS = [
+    pytest.param(None, id="default"),
+    pytest.param(DecodeConfig(BV=8, num_warps=1, num_stages=2, static_dims=True, max_registers=80), id="static-dims"),
+]
+
+
 # --- chained decode against float64 ----------------------------------------------------------------------------
 
 
@@ -168,6 +177,8 @@ def test_prefill_with_chunk_gdn2_then_decode_matches_the_reference() -> None:
                      id="N2-T6-H2-K40-V24-one-pass-output"),
         pytest.param(1, 4, 1, 16, 16, "bf16", DecodeConfig(BV=16, num_warps=1, one_pass=True, stream_state=True),
                      id="N1-T4-K16-bf16-one-pass-streamed-state"),
+        pytest.param(2, 3, 2, 24, 40, "bf16", DecodeConfig(BV=16, num_warps=2, num_stages=3, static_dims=True),
+                     id="N2-T3-H2-K24-V40-static-dims-masks-kept"),
     ],
 )
 def test_tokens_in_one_call_match_float64(N, T, H, K, V, dtype, cfg) -> None:
@@ -206,11 +217,12 @@ def test_caller_output_buffer_is_filled_and_returned() -> None:
     assert o is out and torch.isfinite(out).all()
 
 
-def test_bf16_state_in_place_without_indices_rounds_once_per_call() -> None:
+@pytest.mark.parametrize("cfg", PATHS)
+def test_bf16_state_in_place_without_indices_rounds_once_per_call(cfg: DecodeConfig | None) -> None:
     args = inputs(2, 4, 1, 16, 16, seed=11)
     h0 = pool_of(2, 1, 16, 16, seed=11, dtype=torch.bfloat16)
     start = h0.double()
-    _, final = fused_recurrent_gdn2(*args, initial_state=h0, inplace_final_state=True)
+    _, final = fused_recurrent_gdn2(*args, initial_state=h0, inplace_final_state=True, config=cfg)
     assert final is h0 and h0.dtype == torch.bfloat16
     # the 4 tokens run in fp32 registers; only the final store rounds
     _, ref_states = recurrence(*args, start)
@@ -235,7 +247,8 @@ def test_1d_indices_padding_and_out_of_pool_rows_with_a_fresh_final_state() -> N
     assert o[3].isnan().all() and final[3].isnan().all()
 
 
-def test_2d_indices_store_every_token_and_accepted_drafts_pick_the_start() -> None:
+@pytest.mark.parametrize("cfg", PATHS)
+def test_2d_indices_store_every_token_and_accepted_drafts_pick_the_start(cfg: DecodeConfig | None) -> None:
     N, T, H, K, V = 3, 4, 2, 16, 16
     args = inputs(N, T, H, K, V, seed=13)
     pool = pool_of(16, H, K, V, seed=13)
@@ -244,7 +257,7 @@ def test_2d_indices_store_every_token_and_accepted_drafts_pick_the_start() -> No
     accepted = index([1, 2, 4])
     out = nan_like(args[2])
     o, final = fused_recurrent_gdn2(*args, initial_state=pool, inplace_final_state=True, ssm_state_indices=idx,
-                                    num_accepted_tokens=accepted, out=out)
+                                    num_accepted_tokens=accepted, out=out, config=cfg)
     assert o is out and final is pool
     start = before[[0, 5, 11]].double()  # slot [n, accepted - 1]
     ref_o, ref_states = recurrence(*args, start)
@@ -257,7 +270,8 @@ def test_2d_indices_store_every_token_and_accepted_drafts_pick_the_start() -> No
     assert torch.equal(bits(pool[[6, 12, 13, 14, 15]]), bits(before[[6, 12, 13, 14, 15]]))
 
 
-def test_2d_indices_without_accepted_start_at_column_0_and_bad_entries_are_masked() -> None:
+@pytest.mark.parametrize("cfg", PATHS)
+def test_2d_indices_without_accepted_start_at_column_0_and_bad_entries_are_masked(cfg: DecodeConfig | None) -> None:
     N, T, H, K, V = 3, 2, 1, 8, 8
     args = inputs(N, T, H, K, V, seed=14)
     pool = pool_of(6, H, K, V, seed=14)
@@ -266,7 +280,7 @@ def test_2d_indices_without_accepted_start_at_column_0_and_bad_entries_are_maske
     idx = index([[0, 1], [-1, 2], [3, 60]])
     accepted = None
     o, _ = fused_recurrent_gdn2(*args, initial_state=pool, inplace_final_state=True, ssm_state_indices=idx,
-                                num_accepted_tokens=accepted)
+                                num_accepted_tokens=accepted, config=cfg)
     ref_o, ref_states = recurrence(*(x[[0, 2]] for x in args), before[[0, 3]].double())
     assert rel_err(o[0], ref_o[0]) < FP32_STATE_TOL and rel_err(o[2, :1], ref_o[1, :1]) < FP32_STATE_TOL
     assert torch.equal(o[1], torch.zeros_like(o[1])), "a padding row writes zero outputs"
@@ -275,15 +289,37 @@ def test_2d_indices_without_accepted_start_at_column_0_and_bad_entries_are_maske
     assert torch.equal(bits(pool[[2, 4, 5]]), bits(before[[2, 4, 5]])), "slot 2 belongs to a padding row"
 
 
-def test_accepted_count_outside_the_indices_is_masked() -> None:
+@pytest.mark.parametrize("cfg", PATHS)
+def test_accepted_count_outside_the_indices_is_masked(cfg: DecodeConfig | None) -> None:
     args = inputs(2, 2, 1, 8, 8, seed=15)
     pool = pool_of(4, 1, 8, 8, seed=15)
     before = pool.clone()
     idx = index([[0, 1], [2, 3]])
     o, _ = fused_recurrent_gdn2(*args, initial_state=pool, inplace_final_state=True, ssm_state_indices=idx,
-                                num_accepted_tokens=index([0, 3]))  # 0 and 3 name no column of a [2, 2] index
+                                num_accepted_tokens=index([0, 3]), config=cfg)  # 0, 3: no column of [2, 2]
     assert o.isnan().all()
     assert torch.equal(bits(pool), bits(before))
+
+
+@pytest.mark.parametrize("cfg", PATHS)
+@pytest.mark.parametrize("state_dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_1d_indices_in_place_skip_padding_and_out_of_pool_rows(cfg: DecodeConfig | None,
+                                                               state_dtype: torch.dtype) -> None:
+    # serving's own call (the pool updated in place through 1-D indices), with a padding and an out-of-pool row
+    H, K, V = 2, 16, 24
+    args = inputs(4, 1, H, K, V, seed=20)
+    pool = pool_of(6, H, K, V, seed=20, dtype=state_dtype)
+    before = pool.clone()
+    idx = index([4, -1, 1, 6])  # live, padding, live, one past the pool
+    o, final = fused_recurrent_gdn2(*args, initial_state=pool, inplace_final_state=True, ssm_state_indices=idx,
+                                    config=cfg)
+    assert final is pool
+    ref_o, ref_states = recurrence(*(x[[0, 2]] for x in args), before[[4, 1]].double())
+    # a bf16 pool: the one token runs on the bf16-exact start in fp32 and only the store rounds
+    tol = FP32_STATE_TOL if state_dtype == torch.float32 else BF16_UNIT
+    assert rel_err(o[[0, 2]], ref_o) < FP32_STATE_TOL and rel_err(pool[[4, 1]], ref_states[:, -1]) < tol
+    assert torch.equal(o[1], torch.zeros_like(o[1])) and o[3].isnan().all()
+    assert torch.equal(bits(pool[[0, 2, 3, 5]]), bits(before[[0, 2, 3, 5]]))
 
 
 def test_strided_pool_slots_are_read_and_written_in_place() -> None:
@@ -301,8 +337,9 @@ def test_strided_pool_slots_are_read_and_written_in_place() -> None:
 # --- packed sequences ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cfg", PATHS)
 @pytest.mark.parametrize("two_d", [pytest.param(False, id="1d-indices"), pytest.param(True, id="2d-indices")])
-def test_packed_sequences_reset_the_state_at_each_start(two_d: bool) -> None:
+def test_packed_sequences_reset_the_state_at_each_start(two_d: bool, cfg: DecodeConfig | None) -> None:
     lengths = [3, 0, 4, 1]  # an empty sequence among them
     H, K, V = 2, 16, 16
     total = sum(lengths)
@@ -317,7 +354,7 @@ def test_packed_sequences_reset_the_state_at_each_start(two_d: bool) -> None:
         idx = index([7, 3, 12, 0])
         starts = idx.tolist()
     o, _ = fused_recurrent_gdn2(*args, initial_state=pool, inplace_final_state=True, ssm_state_indices=idx,
-                                cu_seqlens=cu)
+                                cu_seqlens=cu, config=cfg)
     touched = set()
     for n, (a, z) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
         if z == a:
@@ -385,11 +422,14 @@ def test_config_round_trips_and_rejects_bad_points() -> None:
     assert "registers" in decode_infeasibility(DecodeConfig(BV=128, num_warps=4), shape)
     assert "exceeds the padded V" in decode_infeasibility(DecodeConfig(BV=64), DecodeShape(1, 1, 1, 16, 16))
     assert "is not one of" in decode_infeasibility(DecodeConfig(BV=48), shape)
-    assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages", "stream_state", "one_pass"]
+    assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages", "stream_state", "one_pass",
+                                              "static_dims", "max_registers"]
+    assert "max_registers=80 is below" in decode_infeasibility(DecodeConfig(BV=32, max_registers=80), shape)
+    assert decode_infeasibility(DecodeConfig(BV=32, static_dims=True, max_registers=128), shape) is None
 
 
 @pytest.mark.parametrize("cfg", [pytest.param(c, id=c.label()) for c in
-                                 decode_space(DecodeShape(2, 3, 1, 16, 32))[::7]])
+                                 decode_space(DecodeShape(2, 3, 1, 16, 32))[::55]])  # ~20 points, every value
 def test_sampled_points_of_the_config_space(cfg: DecodeConfig) -> None:
     args = inputs(2, 3, 1, 16, 32, seed=cfg.BV + cfg.num_warps)
     h0 = pool_of(2, 1, 16, 32, seed=cfg.num_stages)

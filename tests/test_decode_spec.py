@@ -105,16 +105,18 @@ def test_the_cost_counts_the_state_traffic_once_each_way_at_t1_and_per_token_whe
     assert spec.minimum_bytes(Shape(128, 1, 16, 128, 128)) == one.bytes_min
 
 
-def test_num_stages_is_one_at_a_single_token_and_free_with_several() -> None:
+def test_num_stages_is_at_most_one_more_than_the_tokens() -> None:
     from gdn2_tune.tuner.space import SearchSpace
 
     spec = get_spec(DECODE_OP)
     one, four = Shape(32, 1, 16, 128, 128), Shape(32, 4, 16, 128, 128)
-    assert "one token at T=1" in spec.infeasibility(DecodeConfig(num_stages=2), one)
-    assert spec.infeasibility(DecodeConfig(num_stages=2), four) is None
-    # The tuner's space: no trial is spent on a pipelining depth of a one-token loop.
+    assert "deeper than its T=1 token(s) + 1" in spec.infeasibility(DecodeConfig(num_stages=3), one)
+    # depth 2 at one token is its own program: the loop's prologue issues the input loads as cp.async copies
+    assert spec.infeasibility(DecodeConfig(num_stages=2), one) is None
+    assert spec.infeasibility(DecodeConfig(num_stages=3), four) is None
+    # The tuner's space: no trial is spent on prefetching tokens that do not exist.
     values = {p.name: p.values for p in SearchSpace(op=DECODE_OP).for_shape(one).params}
-    assert values["num_stages"] == (1,)
+    assert values["num_stages"] == (1, 2)
     assert {p.name: p.values for p in SearchSpace(op=DECODE_OP).for_shape(four).params}["num_stages"] == (1, 2, 3)
 
 

@@ -1,0 +1,263 @@
+"""Decode kernel variants against the built-in default and the baseline on one GPU (an experiment, not a test).
+
+    python benchmarks/exp_decode_variants.py [--out DIR] [--rounds 3] [--reps 30]
+
+Issue 13's points (T=1, H=16, K=V ∈ {128, 256}, B ∈ {1, 8, 32, 128, 512}, fp32 state updated in place through 1-D
+indices, bf16 inputs, ``out`` given), timed exactly as benchmarks/bench_decode.py times them (its Problem, its
+CUDA-graph replay with L2 flushed before each replay, "cold", and without, "warm"). Each variant is the default
+config at that point with the structural knobs of kernels/decode_config.py switched on:
+
+- ``static``: H, K, V compiled in (one base register + immediate offsets per thread's rows; no per-row predicates).
+- ``static-pipe``: and the token loop pipelined two deep (the input loads become cp.async copies read from shared
+  memory straight into the state tile's row layout: fewer layout conversions and barriers, more registers).
+- ``static-cap``: static with a register cap one occupancy step down (K=256, BV=32, 4 warps: 128 → 4 programs per
+  SM instead of 3; K=128: 80 → 6 instead of 4-5).
+- ``static-pipe-cap``: both.
+
+Before any timing, each variant is checked on the GPU against the default at every point (outputs and the whole
+pool after one step) and on a pool with a padding row and an out-of-pool row (zero / NaN rows, slots no index names
+bitwise untouched); a variant that fails or does not compile is reported and left out of the timing. The timing
+alternates rounds (every callable once per round, the order rotated) and reports the median over rounds. The
+baseline (flash-linear-attention's ``fused_recurrent_gdn2_fwd``) is timed in the same rounds when it imports.
+
+Prints one JSON line per check and per measurement as it goes, a table last, and writes DIR/exp_decode_variants.json
+(DIR: --out, else $OUT when set). About 1-2 minutes on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_decode import (
+    BATCHES,
+    HEAD_DIMS,
+    HEADS,
+    Problem,
+    baseline_call,
+    copy_bandwidth,
+    environment,
+    graph_times,
+    load_baseline,
+)
+
+from gdn2_tune.kernels.decode_config import (
+    DecodeConfig,
+    DecodeShape,
+    decode_infeasibility,
+    default_decode_config,
+    padded,
+)
+
+# Against the default's own result after one step: the same fp32 operations in the same order (the variants change
+# addressing, masking, load paths and register allocation, not the arithmetic), so only FMA contraction choices may
+# differ: a few fp32 roundings, ~1e-7 relative; 1e-5 is two orders above. The bf16 output rounds once more (2^-8);
+# a flipped rounding of a few elements stays far below 2^-8 in the Frobenius norm.
+STATE_TOL = 1e-5
+OUT_TOL = 2.0**-8
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """kernels/reference.py's relative Frobenius error (inf for a non-finite x), in float64 on the GPU: a pool of
+    2 GiB would take seconds through the host."""
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    denom = float(ref.norm())
+    return float((x - ref).norm()) / (denom if denom > 0 else 1.0)
+
+
+def register_cap(cfg: DecodeConfig, K: int) -> int:
+    """One occupancy step below ptxas's own choice (read off ptxas for sm_90 with static dims): the state tile's
+    registers per thread, 64 at K=256, BV=32, 4 warps, fit 128 without spills; 32 (K=128, BV=32) fit 80."""
+    tile = padded(K) * cfg.BV // (cfg.num_warps * 32)
+    return 128 if tile > 32 else 80
+
+
+VARIANTS: dict[str, Callable[[DecodeConfig, int], DecodeConfig]] = {
+    "static": lambda c, K: dataclasses.replace(c, static_dims=True),
+    "static-pipe": lambda c, K: dataclasses.replace(c, static_dims=True, num_stages=2),
+    "static-cap": lambda c, K: dataclasses.replace(c, static_dims=True, max_registers=register_cap(c, K)),
+    "static-pipe-cap": lambda c, K: dataclasses.replace(c, static_dims=True, num_stages=2,
+                                                        max_registers=register_cap(c, K)),
+}
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def one_step(p: Problem, cfg: DecodeConfig | None, pool0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and pool after one step from ``pool0`` (``p.pool`` is restored to ``pool0`` for the next)."""
+    p.pool.copy_(pool0)
+    p.out.fill_(float("nan"))
+    p.ours(cfg)()
+    torch.cuda.synchronize()
+    o, s = p.out.clone(), p.pool.clone()
+    p.pool.copy_(pool0)
+    return o, s
+
+
+def check_against_default(p: Problem, name: str, cfg: DecodeConfig, ref: tuple[torch.Tensor, torch.Tensor],
+                          pool0: torch.Tensor) -> dict:
+    row: dict = {"kind": "check", "variant": name, "config": cfg.label()}
+    try:
+        o, s = one_step(p, cfg, pool0)
+    except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is a recorded outcome
+        row.update(ok=False, error=repr(exc)[:300])
+        return row
+    err_o, err_s = rel_err(o, ref[0]), rel_err(s, ref[1])
+    row.update(err_o=err_o, err_state=err_s, ok=bool(err_o < OUT_TOL and err_s < STATE_TOL))
+    return row
+
+
+def check_padding(K: int, name: str, make: Callable[[DecodeConfig, int], DecodeConfig] | None) -> dict:
+    """8 sequences, one a padding row (index -1) and one past the pool: zero and NaN outputs, the live rows equal to
+    the default's, and the two slots no index names bitwise untouched."""
+    N = 8
+    p = Problem(N, K, seed=3)
+    slots = p.idx.clone()
+    p.idx = slots.clone()
+    p.idx[1], p.idx[5] = -1, N + 7
+    cfg = default_decode_config(DecodeShape(N, 1, HEADS, K, K, "bf16", "fp32"))
+    variant = make(cfg, K) if make is not None else cfg
+    pool0 = p.pool.clone()
+    row: dict = {"kind": "padding_check", "K": K, "variant": name, "config": variant.label()}
+    try:
+        ref = one_step(p, cfg, pool0)
+        o, s = one_step(p, variant, pool0)
+    except Exception as exc:  # noqa: BLE001 - recorded, and the variant is left out
+        row.update(ok=False, error=repr(exc)[:300])
+        return row
+    live = [n for n in range(N) if n not in (1, 5)]
+    untouched = slots[[1, 5]]
+    row["padding_row_zero"] = bool((o[1] == 0).all())
+    row["out_of_pool_row_nan"] = bool(o[5].isnan().all())
+    row["untouched_slots_bitwise"] = bool(torch.equal(s[untouched].view(torch.int32),
+                                                      pool0[untouched].view(torch.int32)))
+    row["err_live"] = rel_err(o[live], ref[0][live])
+    row["ok"] = bool(row["padding_row_zero"] and row["out_of_pool_row_nan"] and row["untouched_slots_bitwise"]
+                     and row["err_live"] < OUT_TOL)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds (alternating, order rotated)")
+    ap.add_argument("--reps", type=int, default=30, help="graph replays per timing, cold and warm each")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    args = ap.parse_args(argv)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; expected names from {list(VARIANTS)}")
+    t_start = time.time()
+    env = environment()
+    emit({"kind": "env", **env})
+    baseline, signature = load_baseline()
+    emit({"kind": "baseline", "signature": signature})
+    bw = copy_bandwidth()
+    emit({"kind": "copy_roof", "bytes_per_s": bw})
+
+    broken: dict[int, set[str]] = {K: set() for K in HEAD_DIMS}
+    checks = []
+    for K in HEAD_DIMS:
+        for name in names:
+            row = check_padding(K, name, VARIANTS[name])
+            emit(row)
+            checks.append(row)
+            if not row["ok"]:
+                broken[K].add(name)
+
+    results = []
+    for K in HEAD_DIMS:
+        for N in BATCHES:
+            p = Problem(N, K)
+            shape = DecodeShape(N, 1, HEADS, K, K, "bf16", "fp32")
+            default = default_decode_config(shape)
+            floor_us = 2 * p.state_bytes / bw * 1e6
+            pool0 = p.pool.clone()
+            ref = one_step(p, default, pool0)
+            calls: dict[str, Callable[[], object]] = {"default": p.ours(default)}
+            labels = {"default": default.label()}
+            for name in names:
+                cfg = VARIANTS[name](default, K)
+                reason = decode_infeasibility(cfg, shape)
+                if name in broken[K] or reason is not None:
+                    emit({"kind": "skip", "K": K, "B": N, "variant": name, "config": cfg.label(),
+                          "why": reason or "failed the padding check"})
+                    continue
+                row = check_against_default(p, name, cfg, ref, pool0)
+                row.update(K=K, B=N)
+                emit(row)
+                checks.append(row)
+                if row["ok"]:
+                    calls[name] = p.ours(cfg)
+                    labels[name] = cfg.label()
+            if baseline is not None:
+                try:
+                    calls["fla"] = baseline_call(baseline, p)
+                    labels["fla"] = "fused_recurrent_gdn2_fwd"
+                except Exception as exc:  # noqa: BLE001 - a baseline that cannot be called is a result
+                    emit({"kind": "skip", "K": K, "B": N, "variant": "fla", "why": repr(exc)[:300]})
+            times: dict[str, list[dict]] = {name: [] for name in calls}
+            order = list(calls)
+            for r in range(args.rounds):
+                for name in order[r % len(order):] + order[: r % len(order)]:
+                    try:
+                        t = graph_times(calls[name], args.reps, eager=False)
+                    except Exception as exc:  # noqa: BLE001 - recorded; the other callables still run
+                        emit({"kind": "error", "K": K, "B": N, "variant": name, "error": repr(exc)[:300]})
+                        continue
+                    times[name].append(t)
+                    emit({"kind": "time", "K": K, "B": N, "round": r, "variant": name, "config": labels[name],
+                          "p50_us": round(t["p50"], 2), "warm_p50_us": round(t["warm_p50"], 2)})
+            summary: dict = {"kind": "summary", "K": K, "B": N, "floor_us": round(floor_us, 2), "variants": {}}
+            fla_us = statistics.median(t["p50"] for t in times["fla"]) if times.get("fla") else None
+            for name, ts in times.items():
+                if not ts:
+                    continue
+                cold = statistics.median(t["p50"] for t in ts)
+                warm = statistics.median(t["warm_p50"] for t in ts)
+                summary["variants"][name] = {
+                    "config": labels[name], "cold_us": round(cold, 2), "warm_us": round(warm, 2),
+                    "x_floor": round(cold / floor_us, 3), "vs_fla": round(cold / fla_us, 3) if fla_us else None,
+                }
+            emit(summary)
+            results.append(summary)
+            del p, pool0, ref
+            torch.cuda.empty_cache()
+
+    seconds = round(time.time() - t_start, 1)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "exp_decode_variants.json").write_text(json.dumps(
+            {"env": env, "baseline_signature": signature, "copy_bytes_per_s": bw, "variants": names,
+             "checks": checks, "results": results, "seconds": seconds}, indent=1))
+    cols = ["default", *names, "fla"]
+    print(f"\nT=1, H={HEADS}, fp32 state in place, CUDA-graph replay; cold (L2 flushed) p50 µs, median of "
+          f"{args.rounds} rounds; ×floor at {bw / 1e12:.2f} TB/s in brackets")
+    print(f"  {'K=V':>4} {'B':>4} {'floor':>7} " + " ".join(f"{c:>16}" for c in cols))
+    for s in results:
+        cells = []
+        for c in cols:
+            v = s["variants"].get(c)
+            cells.append(f"{v['cold_us']:8.1f} ({v['x_floor']:.2f})" if v else "-")
+        print(f"  {s['K']:>4} {s['B']:>4} {s['floor_us']:7.1f} " + " ".join(f"{c:>16}" for c in cells))
+    print(f"\n{seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
