@@ -46,7 +46,7 @@ cumsum, sum, triangular solve, gather, index_put onto distinct rows) have no ato
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -576,16 +576,18 @@ def _local_chunk(
 @triton.jit
 def _key_side_kernel(
     qs, kn, b, g, G, dx_t, dx_a, dy, d_e, d_qg, d_kt, d_last,
-    dq, dk, db, dg,
+    dq, dk, db, dg, rows,
     scale,
-    K,
-    C: tl.constexpr, BK: tl.constexpr,
+    H, K,
+    C: tl.constexpr, BK: tl.constexpr, TOKENS: tl.constexpr,
 ):
     """The key-side tail of the local gradients for one (K slice, chunk, head), [C, BK] tiles: the products'
     elementwise chain rule (Ē = γ⊙b⊙k, Q_γ = γ⊙scale·q, K_tail = (γ_C/γ)⊙k, exponents ≤ 0), dG and its reverse
     cumulative sum down the chunk, and the decay floor. K columns are independent here, so the tile stays small;
     the l2 norm's backward (a sum over all of K) is left to the caller. Inputs and outputs fp32 [N, H, C, K]:
-    ``qs`` = scale·q and ``kn`` = k after the l2 norm; ``dq`` receives the gradient of the normalised q."""
+    ``qs`` = scale·q and ``kn`` = k after the l2 norm; ``dq`` receives the gradient of the normalised q. With TOKENS
+    the four gradients go straight to the [B, T, H, K] token layout in their buffers' dtypes instead, at ``rows``
+    (int64 [N, C], the flat token row of each chunk row, −1 for padding: not stored)."""
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     base = i_nh.to(tl.int64) * C * K
     o_c = tl.arange(0, C)
@@ -617,10 +619,14 @@ def _key_side_kernel(
     d_g = tl.cumsum(d_G, 0, reverse=True)
     b_graw = tl.load(g + p, mask=m, other=0.0)
     d_g = tl.where(b_graw >= G_FLOOR_C, d_g, 0.0)
-    tl.store(dq + p, (b_dxa + b_dqg * b_gam) * scale, mask=m)
-    tl.store(dk + p, d_kn, mask=m)
-    tl.store(db + p, b_kn * d_bk, mask=m)
-    tl.store(dg + p, d_g, mask=m)
+    if TOKENS:
+        b_rows = tl.load(rows + (i_nh // H).to(tl.int64) * C + o_c)
+        p = (tl.maximum(b_rows, 0) * H + i_nh % H)[:, None] * K + o_k[None, :]
+        m = (b_rows >= 0)[:, None] & m_k[None, :]
+    tl.store(dq + p, ((b_dxa + b_dqg * b_gam) * scale).to(dq.dtype.element_ty), mask=m)
+    tl.store(dk + p, d_kn.to(dk.dtype.element_ty), mask=m)
+    tl.store(db + p, (b_kn * d_bk).to(db.dtype.element_ty), mask=m)
+    tl.store(dg + p, d_g.to(dg.dtype.element_ty), mask=m)
 
 
 @dataclass(frozen=True)
@@ -647,21 +653,28 @@ def _key_side(
     d_t: torch.Tensor, d_aqk: torch.Tensor, d_e: torch.Tensor, d_qg: torch.Tensor, d_kt: torch.Tensor,
     d_last: torch.Tensor, d_v: torch.Tensor | None, d_w: torch.Tensor | None,
     *, scale: float, l2norm: bool, cfg: BwdConfig, pair: dict, bk: torch.Tensor | None = None,
+    out: Sequence[torch.Tensor] | None = None, rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """From the products' gradients to (dq, dk, dv, dg, db, dw): the pair backward (kernels/pairwise.py), the
     Triton key-side tail (:func:`_key_side_kernel`), then the l2 norm's backward in torch. ``q`` gives the
-    gradients' shape; ``bk`` is b⊙k̂ when the caller has it."""
+    gradients' shape; ``bk`` is b⊙k̂ when the caller has it. ``out``: the (dq, dk, db, dg) buffers the tail writes,
+    chunk-major fp32 [n, H, C, K] (each may be a slice of a whole call's buffer), or with ``rows`` (and no l2 norm)
+    the whole call's [B, T, H, K] token-layout gradients, written at the chunk rows ``rows`` [n, C]."""
     if bk is None:
         bk = (b * kn).contiguous()
     dx_t, dx_a, dy_pairs = pairs_bwd(d_t.contiguous(), d_aqk.contiguous(), bk, qs, kn, G, **pair, method=cfg.pair)
-    d_qn, d_kn, d_b, d_g = (output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
+    tokens = rows is not None
+    assert not (tokens and (l2norm or out is None)), "token-layout outputs take the buffers and no l2 norm"
+    if out is None:
+        out = tuple(output_buffer(q.shape, torch.float32, q.device) for _ in range(4))
+    d_qn, d_kn, d_b, d_g = out
     n, H, C, K = q.shape
     if n * H:
         _key_side_kernel[(triton.cdiv(K, KEY_SIDE_BK), n * H)](
             qs, kn, b.contiguous(), g.contiguous(), G, dx_t, dx_a, dy_pairs,
             d_e.contiguous(), d_qg.contiguous(), d_kt.contiguous(), d_last.contiguous(),
-            d_qn, d_kn, d_b, d_g,
-            scale, K, C=C, BK=KEY_SIDE_BK,
+            d_qn, d_kn, d_b, d_g, rows,
+            scale, H, K, C=C, BK=KEY_SIDE_BK, TOKENS=tokens,
         )
     if l2norm:
         d_q = r_q * (d_qn - qn * (qn * d_qn).sum(-1, keepdim=True))
@@ -674,10 +687,12 @@ def _key_side(
 def _local_grads_fused(
     q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, b: torch.Tensor, tokens: ValueTokens,
     s0: torch.Tensor, ds_c: torch.Tensor, *, scale: float, l2norm: bool, cfg: BwdConfig,
+    out: Sequence[torch.Tensor], direct: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dg, db), fp32 [n, H, C, K], of one group of chunks, every step a Triton launch
-    (kernels/bwd_local.py's key factors and value side, the pair backward, the key-side tail) but the l2 norm's
-    backward; dv and dw land in ``tokens``' buffers. q, k, g, b are the call's contiguous [B, T, H, K] inputs."""
+    """(dq, dk, dg, db) of one group of chunks, every step a Triton launch (kernels/bwd_local.py's key factors and
+    value side, the pair backward, the key-side tail) but the l2 norm's backward; dv and dw land in ``tokens``'
+    buffers. q, k, g, b are the call's contiguous [B, T, H, K] inputs. ``out``: the (dq, dk, db, dg) buffers of the
+    key-side tail (see :func:`_key_side`); ``direct``: they are the call's token-layout gradients (no l2 norm)."""
     f = key_factors(q, k, g, b, tokens.rows, scale=scale, l2norm=l2norm, g_floor=G_FLOOR, eps=L2NORM_EPS)
     _, _, d_aqk, d_t, d_e, d_qg, d_kt, d_last = local_v_side(
         tokens.a, tokens.aqk, f.e_bar, f.k_tail, f.G, s0, ds_c,
@@ -687,7 +702,7 @@ def _local_grads_fused(
     pair = {"BC": cfg.pair_BC, "BK": cfg.pair_BK, "num_warps": cfg.pair_warps, "precision": cfg.pair_precision}
     d_q, d_k, _, d_g, d_b, _ = _key_side(
         f.kn, f.qn, f.kn, f.qs, f.b, f.g, f.G, f.r_q, f.r_k, d_t, d_aqk, d_e, d_qg, d_kt, d_last, None, None,
-        scale=scale, l2norm=l2norm, cfg=cfg, pair=pair, bk=f.bk,
+        scale=scale, l2norm=l2norm, cfg=cfg, pair=pair, bk=f.bk, out=out, rows=tokens.rows if direct else None,
     )
     return d_q, d_k, d_g, d_b
 
@@ -923,19 +938,31 @@ class BackwardLaunch:
         per_chunk = H * C * (C * _padded(K) if bcfg.local == "autograd" else max(C, K, V))
         step = max(1, bcfg.group_elements // per_chunk)
         if bcfg.local == "pairs" and bcfg.value_side == "triton":
-            # Every launch reads the token layout through the chunk rows; dv and dw are written there directly.
+            # Every launch reads the token layout through the chunk rows; dv and dw are written there directly, and
+            # so are dq, dk, db, dg without the l2 norm (whose backward, a sum over K, is torch on chunk-major
+            # tiles). Every token is the row of one chunk of one group, so each buffer is written whole: no zeroing.
             rows = layout.token_rows(q.device)
-            d_v, d_w = torch.zeros_like(v), torch.zeros_like(w)
-            key_grads = [torch.empty((layout.num_chunks, H, C, K), dtype=torch.float32, device=q.device)
-                         for _ in range(4)]
+            dev = q.device
+            d_v, d_w = output_buffer(v.shape, v.dtype, dev), output_buffer(w.shape, w.dtype, dev)
+            direct = not l2norm
+            if direct:
+                key_grads = [output_buffer(x.shape, dt, dev)
+                             for x, dt in ((q, q.dtype), (k, k.dtype), (b, b.dtype), (g, torch.float32))]
+            else:
+                key_grads = [output_buffer((layout.num_chunks, H, C, K), torch.float32, dev) for _ in range(4)]
             for c0 in range(0, layout.num_chunks, step):
                 sl = slice(c0, min(c0 + step, layout.num_chunks))
                 tokens = ValueTokens(a_all[sl], aqk, v, w, do, rows[sl], d_v, d_w)
-                got = _local_grads_fused(q, k, g, b, tokens, hc[sl], dhc[sl], scale=scale, l2norm=l2norm, cfg=bcfg)
-                for dst, src in zip(key_grads, got):
-                    dst[sl] = src
-            dq, dk, dg, db = (layout.from_chunks(x.transpose(1, 2)).to(dt)
-                              for x, dt in zip(key_grads, (q.dtype, k.dtype, torch.float32, b.dtype)))
+                out = key_grads if direct else [x[sl] for x in key_grads]
+                got = _local_grads_fused(q, k, g, b, tokens, hc[sl], dhc[sl], scale=scale, l2norm=l2norm, cfg=bcfg,
+                                         out=out, direct=direct)
+                if l2norm:  # the l2 norm's backward made new dq and dk
+                    key_grads[0][sl], key_grads[1][sl] = got[0], got[1]
+            if direct:
+                dq, dk, db, dg = key_grads
+            else:
+                dq, dk, db, dg = (layout.from_chunks(x.transpose(1, 2)).to(dt)
+                                  for x, dt in zip(key_grads, (q.dtype, k.dtype, b.dtype, torch.float32)))
             return dq, dk, d_v, dg, db, d_w, dh0
         ldt = torch.float64 if bcfg.local_dtype == "fp64" else torch.float32
         xs = [layout.to_chunks(x) for x in (q, k, v, g, b, w, do)]

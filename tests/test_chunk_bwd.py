@@ -17,7 +17,7 @@ import torch
 from conftest import DEVICE, INTERPRETED
 
 from gdn2_tune.kernels import chunk_gdn2
-from gdn2_tune.kernels.chunk_bwd import BwdConfig, bwd_infeasibility, fit_bwd
+from gdn2_tune.kernels.chunk_bwd import G_FLOOR, BwdConfig, bwd_infeasibility, fit_bwd
 from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, infeasibility
 from gdn2_tune.kernels.inputs import Inputs, make_inputs
 from gdn2_tune.kernels.reference_grad import reference_grads
@@ -519,3 +519,83 @@ def test_the_fused_value_side_falls_back_to_torch_where_it_does_not_fit(K: int, 
 
     cfg = fit_bwd(BwdConfig(), Shape(2, 256, 4, K, V, "bf16"), chunk, 4)
     assert cfg.value_side == ("triton" if fused else "torch")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pair backward's two methods (kernels/pairwise.py) against float64 pair tensors, and pair="dot" end to end.
+
+
+def _pairs_bwd_float64(dm1: torch.Tensor, dm2: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor,
+                       G: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """DX1, DX2, DY of the module docstring through the [C, C, K] tensor exp(G_r − G_s), r ≥ s, in float64."""
+    C = G.shape[-2]
+    diff = G.double()[..., :, None, :] - G.double()[..., None, :, :]
+    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()[:, :, None]
+    e = torch.exp(torch.where(causal, diff, torch.full((), float("-inf"), dtype=torch.float64, device=G.device)))
+    d1, d2, x1, x2, y = (t.double() for t in (dm1, dm2, x1, x2, y))
+    dx1 = torch.einsum("nhrs,nhsc,nhrsc->nhrc", d1, y, e)
+    dx2 = torch.einsum("nhrs,nhsc,nhrsc->nhrc", d2, y, e)
+    dy = torch.einsum("nhrs,nhrc,nhrsc->nhsc", d1, x1, e) + torch.einsum("nhrs,nhrc,nhrsc->nhsc", d2, x2, e)
+    return dx1, dx2, dy
+
+
+def _decay(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Per-step log-decays [N, H, C, K] of one regime (the pair kernels take G, their prefix sum)."""
+    u = torch.rand(shape, generator=gen)
+    if kind == "normal":  # every sub-block's span a few units: the factored dots only
+        return -0.5 * u
+    if kind == "strong":  # g = -10 per step at most: every sub-block exact, pair by pair
+        return -10.0 * u
+    if kind == "mixed":  # the first 16 channels strong, the others normal: K slices of both kinds in one chunk
+        return torch.where(torch.arange(shape[-1]) < 16, -10.0 * u, -0.5 * u)
+    if kind == "at-the-threshold":  # every sub-block spans 39.9 in one channel: the largest factor the dots take
+        g = -0.5 * u
+        g[..., 5] = -39.9 / 16
+        return g
+    assert kind == "floor", kind  # steps at the decay floor (g = -inf raised to G_FLOOR) among normal ones
+    g = -0.5 * u
+    g[..., ::7, 3] = G_FLOOR
+    return g
+
+
+@pytest.mark.parametrize("kind", ["normal", "strong", "mixed", "at-the-threshold", "floor"])
+@pytest.mark.parametrize("C", [32, 64, 128])
+def test_dot_pair_backward_agrees_with_float64_pair_tensors(C: int, kind: str) -> None:
+    """pair="dot" at every chunk length the op offers, in every decay regime (each of its paths: the factored dots,
+    the exact per-column loop, both in one chunk, the largest factor the dots take, the floor), two K slices, the
+    second partial: fp32 arithmetic throughout ("ieee" dots), so the error is a sum of at most C rounded terms,
+    ~C·2^-24 at worst."""
+    from gdn2_tune.kernels.pairwise import pairs_bwd
+
+    gen = torch.Generator().manual_seed(C + len(kind))
+    N, H, K = 1, 1, 40
+    G = _decay(kind, (N, H, C, K), gen).cumsum(-2)
+    x1, x2, y = (torch.randn(N, H, C, K, generator=gen) for _ in range(3))
+    dm1 = torch.randn(N, H, C, C, generator=gen).tril(-1)
+    dm2 = torch.randn(N, H, C, C, generator=gen).tril()
+    args = [t.to(DEVICE).contiguous() for t in (dm1, dm2, x1, x2, y, G)]
+    got = pairs_bwd(*args, BC=16, BK=32, num_warps=4, precision="ieee", method="dot")
+    for name, x, ref in zip(("dx1", "dx2", "dy"), got, _pairs_bwd_float64(dm1, dm2, x1, x2, y, G)):
+        assert rel_err(x, ref) < 1e-5, name
+
+
+@pytest.mark.parametrize(("shape", "chunk", "strong"), [
+    pytest.param(Shape(2, 70, 2, 32, 32, "fp32"), 32, False, id="B2-T70-H2-K32-V32-C32-fp32"),
+    pytest.param(Shape(1, 100, 2, 32, 32, "fp32"), 64, True, id="B1-T100-H2-K32-V32-C64-fp32-strong-decay"),
+])
+def test_the_dot_pair_backward_end_to_end(shape: Shape, chunk: int, strong: bool) -> None:
+    """pair="dot" through the whole backward (the fused value side, the token-layout key-side tail) against float64
+    autograd through the recurrence (every chunk length and decay regime of the pair kernel alone is above)."""
+    from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd
+
+    inp = make_inputs(shape, DEVICE, 40 + chunk, strong_decay=strong)
+    xs = [x.detach().clone().requires_grad_(True) for x in (*inp.args(), inp.initial_state)]
+    o, s = chunk_gdn2_autograd(*xs[:6], scale=shape.K**-0.5, initial_state=xs[6], output_final_state=True,
+                               cu_seqlens=None, use_qk_l2norm_in_kernel=False, config=with_chunk(shape, chunk),
+                               num_seqs=shape.B, bwd_config=BwdConfig(pair="dot", pair_BK=32, pair_warps=4))
+    gen = torch.Generator().manual_seed(chunk)
+    do, dht = torch.randn(o.shape, generator=gen).to(DEVICE), torch.randn(s.shape, generator=gen).to(DEVICE)
+    got = torch.autograd.grad((o, s), xs, (do, dht))
+    ref = reference_grads(*inp.args(), do, dht, initial_state=inp.initial_state)
+    for (name, want), ours in zip(ref.items(), got):
+        assert rel_err(ours, want) < TOL["fp32"], name
