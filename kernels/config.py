@@ -49,6 +49,9 @@ STATE_FAULT_FAMILIES = ("sm90",)
 INTRA_PRECISIONS = ("tf32", "tf32x3", "ieee")
 STATE_PRECISIONS = ("input", "tf32", "tf32x3")
 STATE_OUTPUTS = ("fused", "split")
+# Segment lengths (in chunks) of the state pass's sequence split. At C = 32 a 65536-token sequence has 2048 chunks:
+# 16 gives 128 segments, 256 gives 8; a few heads times 8-128 segments fill the 132 SMs of an H100/H200.
+SEGMENT_CHUNKS = (0, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class StateConfig:
     num_stages: int = 3
     precision: str = "input"  # state dots in the input dtype (bf16/fp16), or from fp32 operands in tf32 or 3xTF32
     output: str = "fused"  # O formed inside the sequential pass, or "split" into a parallel second launch
+    # Chunks per segment of the sequence split (kernels/state.py): 0 walks each sequence in one pass; n > 0 cuts
+    # it into segments of n chunks that three launches walk in parallel (more programs, about twice the FLOPs).
+    segment_chunks: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,14 @@ class FwdConfig:
     state: StateConfig = StateConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested dict; a field of LATER_FIELDS at the value older entries ran is left out, so that tables written
+        before it existed round-trip unchanged (from_dict fills it back in)."""
+        out = dataclasses.asdict(self)
+        for stage, fields in LATER_FIELDS.items():
+            for name, legacy in fields.items():
+                if out[stage][name] == legacy:
+                    del out[stage][name]
+        return out
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> FwdConfig:
@@ -98,6 +111,9 @@ class FwdConfig:
         for name, cls in (("intra", IntraConfig), ("state", StateConfig)):
             sub = data[name]
             fields = {f.name for f in dataclasses.fields(cls)}
+            if isinstance(sub, dict):
+                # A table written before a field existed ran that field's default, which the field names.
+                sub = {**{k: v for k, v in LATER_FIELDS.get(name, {}).items() if k not in sub}, **sub}
             if not isinstance(sub, dict) or set(sub) != fields:
                 got = sorted(sub) if isinstance(sub, dict) else type(sub).__name__
                 raise ValueError(f"config.{name}: expected keys {sorted(fields)}, received {got}")
@@ -126,10 +142,13 @@ class FwdConfig:
         return (
             f"C{self.chunk}/intra:BC{i.BC}-BK{i.BK}-BV{i.BV}-w{i.num_warps}-s{i.num_stages}-{i.precision}"
             f"/state:BV{s.BV}-w{s.num_warps}-s{s.num_stages}-{s.precision}{'-split' if s.output == 'split' else ''}"
+            f"{f'-seg{s.segment_chunks}' if s.segment_chunks else ''}"
         )
 
 
 DEFAULT_CONFIG = FwdConfig()
+# Fields added after tables were shipped, with the value every older entry ran: a missing one reads as that.
+LATER_FIELDS: dict[str, dict[str, Any]] = {"state": {"segment_chunks": 0}}
 
 
 @dataclass(frozen=True)
@@ -178,6 +197,8 @@ SPACE: tuple[Param, ...] = (
     Param("state.num_stages", (1, 2, 3, 4), "software pipelining depth of the chunk loop"),
     Param("state.precision", STATE_PRECISIONS, "operand precision of the state dots"),
     Param("state.output", STATE_OUTPUTS, "O inside the sequential pass, or in a parallel launch after it"),
+    Param("state.segment_chunks", SEGMENT_CHUNKS,
+          "0: one pass per sequence; n: the sequence cut into segments of n chunks, walked in parallel"),
 )
 
 
@@ -262,6 +283,20 @@ def state_pipelining_avoids_fault(cfg: FwdConfig, shape: Shape, device: DeviceLi
     return None
 
 
+def sequence_split_on_dense_batches(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
+    """The sequence split needs every sequence to have the same length (a packed batch's segments would depend on
+    its offsets), and at least two segments: with one it is the plain pass plus two launches of overhead."""
+    n = cfg.state.segment_chunks
+    if not n:
+        return None
+    if shape.num_seqs is not None:
+        return f"state.segment_chunks={n}: the sequence split takes dense batches only, not packed (cu_seqlens) ones"
+    chunks = -(-shape.T // cfg.chunk)
+    if n >= chunks:
+        return f"state.segment_chunks={n} leaves one segment: the sequence has {chunks} chunks of {cfg.chunk}"
+    return None
+
+
 def _type_name(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
@@ -312,6 +347,7 @@ CONSTRAINTS: tuple[Callable[[FwdConfig, Shape, DeviceLimits], str | None], ...] 
     state_register_budget,
     state_shared_memory,
     state_pipelining_avoids_fault,
+    sequence_split_on_dense_batches,
 )
 
 
@@ -331,6 +367,8 @@ def fit_to_shape(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> F
     intra = dataclasses.replace(cfg.intra, BK=min(cfg.intra.BK, kp), BV=min(cfg.intra.BV, vp))
     state = dataclasses.replace(cfg.state, BV=min(cfg.state.BV, vp))
     cfg = dataclasses.replace(cfg, intra=intra, state=state)
+    if sequence_split_on_dense_batches(cfg, shape, device) is not None:
+        cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, segment_chunks=0))
     while infeasibility(cfg, shape, device) is not None:
         faulty = device.family in STATE_FAULT_FAMILIES and shape.dtype != "fp32" and cfg.chunk >= LONG_CHUNK
         floor = STATE_MIN_STAGES_AT_LONG_CHUNKS if faulty else 1

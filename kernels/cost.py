@@ -258,8 +258,46 @@ def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, f
         handoff = 2 * (chunks * shape.K * shape.V + rows * shape.V) * dot_bytes
         bytes_min += handoff
         bytes_moved += handoff
-    mix = ((unit, float(passes * flops_tc)),)
-    return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), mix)
+    mix = {unit: float(passes * flops_tc)}
+    if config.state.segment_chunks:
+        # Sequence split (dense batches): launch 1 runs the pass's R and state dots on [K, K + V] columns per
+        # segment, launch 2 carries S_{p+1} = M_p S_p + E_p, and the pass reads S_p instead of h0.
+        seg_flops, seg_bytes = _segment_cost(shape, config)
+        flops_tc += seg_flops["pass"] + seg_flops["carry"]
+        mix[unit] += passes * seg_flops["pass"]
+        mix["tf32"] = mix.get("tf32", 0.0) + 3 * seg_flops["carry"]  # 3xTF32 (kernels/state.CARRY_PRECISION)
+        bytes_min += seg_bytes["min"]
+        bytes_moved += seg_bytes["moved"]
+    return Cost(float(flops_tc), float(flops_cuda), float(bytes_min), float(bytes_moved), tuple(sorted(mix.items())))
+
+
+def _segment_cost(shape: Shape, config: FwdConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """Launches 1 and 2 of the state stage's sequence split (kernels/state.py), FLOPs and bytes."""
+    C, BV, seg = config.chunk, config.state.BV, config.state.segment_chunks
+    es = element_size(shape.dtype)
+    rows = shape.B * shape.T * shape.H
+    chunks = num_chunks(shape, C) * shape.H
+    KP = max(16, _next_pow2(shape.K))
+    heads = num_sequences(shape) * shape.H
+    n_seg = _cdiv(_cdiv(shape.T, C), seg)
+    cols = (_cdiv(shape.K, BV) + _cdiv(shape.V, BV)) * BV  # M's K columns and E's V columns, in BV tiles
+    # Launch 1, per (chunk, head): Y [C, KP] × X [KP, cols] and K_tailᵀ [KP, C] × R [C, cols].
+    pass_flops = chunks * 2 * (2 * C * KP * cols)
+    BR = min(64, KP)  # kernels/state.CARRY_BLOCK
+    KR = _cdiv(shape.K, BR) * BR
+    # Launch 2, per segment and head: M_p [K, K] × S_p [K, V] in [BR, BR] × [BR, BV] blocks.
+    carry_flops = n_seg * heads * 2 * KR * KR * _cdiv(shape.V, BV) * BV
+    mx = n_seg * heads * shape.K * shape.K * STATE_BYTES
+    ex = n_seg * heads * shape.K * shape.V * STATE_BYTES
+    hs = (n_seg + 1) * heads * shape.K * shape.V * STATE_BYTES
+    # Launch 1 reads Y, K_tail (K wide), U (V wide) and γ_C once, writes M and E; launch 2 reads them and writes
+    # every S_p; the pass reads them back.
+    minimum = rows * (2 * shape.K + shape.V) * es + chunks * shape.K * GAMMA_BYTES + 2 * (mx + ex) + 2 * hs
+    # Every column tile of launch 1 re-reads Y, K_tail and γ_C; launch 2 reads S_p once per K row block.
+    n_cols = cols // BV
+    moved = minimum + (n_cols - 1) * (rows * 2 * shape.K * es + chunks * shape.K * GAMMA_BYTES)
+    moved += hs * (_cdiv(shape.K, BR) - 1)
+    return {"pass": float(pass_flops), "carry": float(carry_flops)}, {"min": float(minimum), "moved": float(moved)}
 
 
 def stage_costs(

@@ -168,3 +168,20 @@ def test_split_output_adds_the_state_and_r_handoff() -> None:
     assert handoff == 1_342_177_280
     assert split.bytes_moved - fused.bytes_moved == handoff
     assert split.flops_tc == fused.flops_tc
+
+
+def test_sequence_split_adds_the_transition_pass_and_the_carry() -> None:
+    long = Shape(1, 65536, 4, 128, 128, "bf16")
+    plain = state_cost(long, FwdConfig(state=StateConfig(BV=32)))
+    split = state_cost(long, FwdConfig(state=StateConfig(BV=32, segment_chunks=128)))
+    chunks = 2048 * 4  # 65536 / 32 chunks, 4 heads
+    # Launch 1: Y·X and K_tailᵀ·R over K + V = 256 columns per (chunk, head); the pass itself: four dots on V.
+    transition = chunks * 2 * (2 * 32 * 128 * 256)
+    # Launch 2: 16 segments × 4 heads, [128, 128] × [128, 128] each, in 3xTF32.
+    carry = 16 * 4 * 2 * 128 * 128 * 128
+    assert split.flops_tc - plain.flops_tc == transition + carry
+    assert dict(split.dot_mix) == {"bf16": plain.flops_tc + transition, "tf32": 3 * carry}
+    # M_p [K, K] and E_p [K, V] out and back, S_p for 17 slots out and back, and one read of Y, K_tail, U, γ_C.
+    states = 2 * (16 * 4 * 128 * 128 * 4) * 2 + 2 * 17 * 4 * 128 * 128 * 4
+    inputs = 65536 * 4 * 3 * 128 * 2 + chunks * 128 * 4
+    assert split.bytes_min - plain.bytes_min == states + inputs

@@ -15,7 +15,18 @@ import torch
 from conftest import DEVICE, INTERPRETED
 
 from gdn2_tune.kernels import chunk_gdn2, gdn2_reference
-from gdn2_tune.kernels.config import SPACE, FwdConfig, IntraConfig, Shape, StateConfig, default_config, infeasibility
+from gdn2_tune.kernels.chunk import forward_launch
+from gdn2_tune.kernels.config import (
+    DEFAULT_CONFIG,
+    SPACE,
+    FwdConfig,
+    IntraConfig,
+    Shape,
+    StateConfig,
+    default_config,
+    fit_to_shape,
+    infeasibility,
+)
 from gdn2_tune.kernels.inputs import make_inputs
 from gdn2_tune.kernels.reference import rel_err
 from gdn2_tune.kernels.varlen import chunk_index
@@ -147,6 +158,48 @@ def test_strong_decay_at_every_sub_block_size() -> None:
 def test_without_initial_state_and_with_l2norm() -> None:
     shape = Shape(2, 45, 2, 32, 32, "fp32")
     check(shape, seed=3, initial_state=False, l2norm=True)
+
+
+# The sequence split (StateConfig.segment_chunks) at segment lengths below the tuned space's (1-2 chunks), so that a
+# toy T has several segments, the last one partial. Launched through the forward's own launch path
+# (kernels.chunk.forward_launch), which takes any config; chunk_gdn2 admits only the space's values.
+SEGMENTS = [
+    pytest.param(Shape(2, 150, 2, 48, 40, "fp32"), 2, {"BV": 16}, False, True, id="B2-T150-K48-V40-seg2-fp32"),
+    pytest.param(Shape(1, 150, 2, 32, 32, "bf16"), 1, {"BV": 16}, True, False, id="T150-seg1-bf16-strong-no-h0"),
+    pytest.param(Shape(1, 100, 1, 100, 60, "fp32"), 2, {"BV": 32}, True, True, id="K100-V60-seg2-strong"),
+    pytest.param(Shape(1, 130, 2, 32, 48, "fp32"), 1, {"BV": 16, "output": "split"}, False, True,
+                 id="T130-seg1-split-output"),
+]
+
+
+@pytest.mark.parametrize(("shape", "seg", "state", "strong", "h0"), SEGMENTS)
+def test_sequence_split_state_pass(shape: Shape, seg: int, state: dict, strong: bool, h0: bool) -> None:
+    inp = make_inputs(shape, DEVICE, seed=seg + 20, strong_decay=strong, initial_state=h0)
+    cfg = default_config(shape)
+    cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, segment_chunks=seg, **state))
+    o, s = forward_launch(
+        *inp.args(), scale=shape.K**-0.5, initial_state=inp.initial_state, output_final_state=True,
+        cu_seqlens=None, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=shape.B,
+    )()
+    ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state)
+    tol = TOL[(shape.dtype, INTERPRETED)]
+    err_o, err_s = rel_err(o, ref_o), rel_err(s, ref_s)
+    assert err_o < tol and err_s < tol, f"o {err_o:.2e}, state {err_s:.2e} (budget {tol:.0e})"
+
+
+def test_sequence_split_constraints() -> None:
+    dense = Shape(1, 65536, 4, 128, 128, "bf16")
+    cfg = dataclasses.replace(DEFAULT_CONFIG, state=dataclasses.replace(DEFAULT_CONFIG.state, segment_chunks=128))
+    assert infeasibility(cfg, dense) is None
+    packed = Shape(1, 65536, 4, 128, 128, "bf16", num_seqs=3)
+    assert "dense batches only" in (infeasibility(cfg, packed) or "")
+    short = Shape(1, 4096, 4, 128, 128, "bf16")  # 128 chunks of 32: one segment
+    assert "leaves one segment" in (infeasibility(cfg, short) or "")
+    assert fit_to_shape(cfg, packed).state.segment_chunks == 0
+    # A table entry written before the field existed reads as the plain pass, and the plain pass writes no new key.
+    old = DEFAULT_CONFIG.to_dict()
+    assert "segment_chunks" not in old["state"] and FwdConfig.from_dict(old) == DEFAULT_CONFIG
+    assert FwdConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["state"]["segment_chunks"] == 128
 
 
 def test_l2norm_in_a_packed_batch_with_strong_decay() -> None:
