@@ -217,59 +217,59 @@ def _pairs_bwd_dot_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     p_all = o_c[:, None] * K + o_k[None, :]
-    b_G = tl.load(G + p_all, mask=m_k[None, :], other=0.0)
-    b_y = tl.load(y + p_all, mask=m_k[None, :], other=0.0)
-    b_x1 = tl.load(x1 + p_all, mask=m_k[None, :], other=0.0)
-    b_x2 = tl.load(x2 + p_all, mask=m_k[None, :], other=0.0)
-    for i_blk in tl.static_range(NB):
+    # A runtime loop over the row blocks, each reading the [C, BK] tiles it needs again (from cache): no tile of the
+    # whole chunk stays live across blocks, which kept registers within budget at C = 64 and 128.
+    for i_blk in range(NB):
         n0 = i_blk * BC
         n1 = n0 + BC
         o_r = n0 + o_bc
         p_r = o_r[:, None] * K + o_k[None, :]
         b_Gr = tl.load(G + p_r, mask=m_k[None, :], other=0.0)
-        if n0 > 0:
-            b_ref = tl.load(G + (n0 - 1) * K + o_k, mask=m_k, other=0.0)
-        else:
-            b_ref = tl.zeros([BK], tl.float32)
+        # G before the block: the previous row's, 0 before the chunk.
+        b_ref = tl.where(n0 > 0, tl.load(G + tl.maximum(n0 - 1, 0) * K + o_k, mask=m_k, other=0.0), 0.0)
         b_end = tl.load(G + (n1 - 1) * K + o_k, mask=m_k, other=0.0)
         span = tl.max(b_ref - b_end, 0)  # the block's strongest decay over one channel of the slice
         safe = span < PAIR_SAFE_SPAN
-        n_lim = n0 + tl.where(safe, BC, 0)  # the DX dots cover columns s < n_lim
-        r_lim = n1 - tl.where(safe, BC, 0)  # the DY dots cover rows r >= r_lim
-        # The clamps only keep the entries the masks drop finite.
-        col = tl.where((o_c < n_lim)[:, None], tl.exp(tl.minimum(b_ref[None, :] - b_G, PAIR_SAFE_SPAN)), 0.0)
-        row = tl.where((o_c >= r_lim)[:, None], tl.exp(tl.minimum(b_G - b_end[None, :], PAIR_SAFE_SPAN)), 0.0)
-        b_yc = b_y * col
+
+        # DX of rows I: columns s < n_lim through ref (the clamp only keeps rows the masks drop finite).
+        m_s = (o_c < n0 + tl.where(safe, BC, 0))[:, None] & m_k[None, :]
+        b_G = tl.load(G + p_all, mask=m_s, other=0.0)
+        b_yc = tl.load(y + p_all, mask=m_s, other=0.0) * tl.exp(tl.minimum(b_ref[None, :] - b_G, PAIR_SAFE_SPAN))
         p_rows = o_r[:, None] * C + o_c[None, :]  # dM[I, :], [BC, C]
-        p_cols = o_c[:, None] * C + o_r[None, :]  # dM[:, I], [C, BC]
-        b_m1 = tl.load(dm1 + p_rows)
-        b_m2 = tl.load(dm2 + p_rows)
-        b_c1 = tl.load(dm1 + p_cols)
-        b_c2 = tl.load(dm2 + p_cols)
         e_row = tl.exp(tl.minimum(b_Gr - b_ref[None, :], 0.0))
-        e_col = tl.exp(tl.minimum(b_end[None, :] - b_Gr, 0.0))
-        b_dx1 = e_row * tl.dot(b_m1, b_yc, input_precision=PRECISION)
-        b_dx2 = e_row * tl.dot(b_m2, b_yc, input_precision=PRECISION)
-        acc = tl.dot(tl.trans(b_c1), b_x1 * row, input_precision=PRECISION)
-        acc += tl.dot(tl.trans(b_c2), b_x2 * row, input_precision=PRECISION)
-        b_dy = e_col * acc
+        b_dx1 = e_row * tl.dot(tl.load(dm1 + p_rows), b_yc, input_precision=PRECISION)
+        b_dx2 = e_row * tl.dot(tl.load(dm2 + p_rows), b_yc, input_precision=PRECISION)
         if span >= PAIR_SAFE_SPAN:
-            # Exact diagonal block, column j of it per step: exp(G_r − G_j) for r ≥ j (dM is 0 above its diagonal).
+            # Exact diagonal block, column j per step: exp(G_r − G_j) for r ≥ j (dM is 0 above its diagonal).
+            for j in range(BC):
+                b_Gj = tl.load(G + (n0 + j) * K + o_k, mask=m_k, other=0.0)
+                b_ej = tl.exp(tl.minimum(b_Gr - b_Gj[None, :], 0.0)) * tl.load(y + (n0 + j) * K + o_k, mask=m_k,
+                                                                                other=0.0)[None, :]
+                b_dx1 += tl.load(dm1 + o_r * C + n0 + j)[:, None] * b_ej
+                b_dx2 += tl.load(dm2 + o_r * C + n0 + j)[:, None] * b_ej
+        tl.store(dx1 + p_r, b_dx1, mask=m_k[None, :])
+        tl.store(dx2 + p_r, b_dx2, mask=m_k[None, :])
+
+        # DY of columns I: rows r >= r_lim through end.
+        m_t = (o_c >= n1 - tl.where(safe, BC, 0))[:, None] & m_k[None, :]
+        b_G = tl.load(G + p_all, mask=m_t, other=0.0)
+        b_row = tl.exp(tl.minimum(b_G - b_end[None, :], PAIR_SAFE_SPAN))
+        p_cols = o_c[:, None] * C + o_r[None, :]  # dM[:, I], [C, BC]
+        acc = tl.dot(tl.trans(tl.load(dm1 + p_cols)), tl.load(x1 + p_all, mask=m_t, other=0.0) * b_row,
+                     input_precision=PRECISION)
+        acc += tl.dot(tl.trans(tl.load(dm2 + p_cols)), tl.load(x2 + p_all, mask=m_t, other=0.0) * b_row,
+                      input_precision=PRECISION)
+        b_dy = tl.exp(tl.minimum(b_end[None, :] - b_Gr, 0.0)) * acc
+        if span >= PAIR_SAFE_SPAN:
             b_x1r = tl.load(x1 + p_r, mask=m_k[None, :], other=0.0)
             b_x2r = tl.load(x2 + p_r, mask=m_k[None, :], other=0.0)
             for j in range(BC):
-                p_j = (n0 + j) * K + o_k
-                b_Gj = tl.load(G + p_j, mask=m_k, other=0.0)
-                b_yj = tl.load(y + p_j, mask=m_k, other=0.0)
+                b_Gj = tl.load(G + (n0 + j) * K + o_k, mask=m_k, other=0.0)
+                b_e = tl.exp(tl.minimum(b_Gr - b_Gj[None, :], 0.0))
                 b_d1 = tl.load(dm1 + o_r * C + n0 + j)
                 b_d2 = tl.load(dm2 + o_r * C + n0 + j)
-                b_e = tl.exp(tl.minimum(b_Gr - b_Gj[None, :], 0.0))
-                b_dx1 += b_d1[:, None] * b_e * b_yj[None, :]
-                b_dx2 += b_d2[:, None] * b_e * b_yj[None, :]
                 b_dyj = tl.sum((b_d1[:, None] * b_x1r + b_d2[:, None] * b_x2r) * b_e, 0)
                 b_dy += tl.where((o_bc == j)[:, None], b_dyj[None, :], 0.0)
-        tl.store(dx1 + p_r, b_dx1, mask=m_k[None, :])
-        tl.store(dx2 + p_r, b_dx2, mask=m_k[None, :])
         tl.store(dy + p_r, b_dy, mask=m_k[None, :])
 
 
