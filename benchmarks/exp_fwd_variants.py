@@ -102,6 +102,8 @@ def main() -> int:
     parser.add_argument("--rep", type=int, default=40, help="do_bench's rep (ms) per entry and round")
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="leave fla out (its first call at a new shape autotunes for a minute or more)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shapes = [parse_shape(s) for s in args.shapes]
@@ -136,6 +138,8 @@ def main() -> int:
                     row["error"] = err
                 emit(row, rows)
             try:
+                if args.no_baseline:
+                    raise RuntimeError("left out (--no-baseline)")
                 fla = baseline(inp)
                 fla()
                 fns["fla"] = fla
