@@ -108,13 +108,16 @@ class BwdConfig:
     # pairs as a [C, C, K] tensor (simple, memory-hungry: the cross-check of the first).
     local: str = "pairs"
     pair_BC: int = 16  # sub-block of the pair products (diagonal blocks are formed pair by pair)
-    pair_BK: int = 16  # K slice of the pair products
-    pair_warps: int = 2
+    # K slice and warps of the pair products. With pair="dot" on an H200 (2026-11-30, anchor, same run,
+    # benchmarks/exp_bwd_variants.py) BK 32 on 4 warps took forward + backward from 18.65 to 15.26 ms.
+    pair_BK: int = 32
+    pair_warps: int = 4
     pair_precision: str = "tf32x3"  # tl.dot input precision of the pair products' off-diagonal blocks
     # How the pair backward forms the diagonal blocks' pairs (kernels/pairwise.py): "elementwise", a [BC, BC, BK]
     # tensor of exp(G_r − G_s) on the CUDA cores, or "dot", factored through a reference row before each sub-block
-    # (exponents bounded by one sub-block's span) so that every product is a tensor-core dot.
-    pair: str = "elementwise"
+    # (exponents bounded by one sub-block's span) so that every product is a tensor-core dot: the default, 3.4 ms
+    # off forward + backward at the anchor (the 15.26 ms above), where the elementwise pair backward took 4.56.
+    pair: str = "dot"
     # The elementwise key-side tail (dq, dk, db, dg from the products' gradients): one Triton launch, or the same
     # equations as torch ops (about 25 launches over [chunks, H, C, K]). On an H200 (2026-11-30, anchor shape,
     # benchmarks/exp_bwd_variants.py) the Triton launch took forward + backward from 35.1 to 31.2 ms, its gradients
@@ -303,14 +306,23 @@ def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, torch.dty
     return fit_bwd(cfg, shape, chunk, dtype.itemsize), dtype
 
 
+# The value side where the "v" tiling does not fit (K = V = 256 asks for over 227 KiB of shared memory): two
+# launches with no tile growing with K or V. On an H200 (2026-11-30, 16x2048x8x256x256, same run, pair="dot")
+# forward + backward took 31.0 ms with these tiles and 37.0 with value_BV 32; with the torch value side (and the
+# elementwise pair backward, an earlier run that morning) it took 39.7.
+SPLIT_FALLBACK = {"value_tile": "split", "value_BK": 32, "value_BV": 64}
+
+
 def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
             shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> BwdConfig:
-    """The nearest admissible backward config: the value side in torch where the fused one does not fit, BV
-    clipped to V, then fewer stages, then a narrower V tile."""
+    """The nearest admissible backward config: where the fused value side does not fit, its split tiling
+    (SPLIT_FALLBACK), else the torch value side; BV clipped to V, then fewer stages, then a narrower V tile."""
     cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)))
     if cfg.value_side == "triton" and not value_side_fits(shape, chunk, shared_memory, cfg.value_tile,
                                                               cfg.value_BK, cfg.value_BV):
-        cfg = dataclasses.replace(cfg, value_side="torch")
+        split = dataclasses.replace(cfg, **SPLIT_FALLBACK)
+        fits = value_side_fits(shape, chunk, shared_memory, split.value_tile, split.value_BK, split.value_BV)
+        cfg = split if fits else dataclasses.replace(cfg, value_side="torch")
     while bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory) is not None:
         if cfg.num_stages > 1:
             cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)

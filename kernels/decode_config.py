@@ -283,6 +283,10 @@ def decode_space(shape: DecodeShape) -> list[DecodeConfig]:
     return [cfg for cfg in points if decode_infeasibility(cfg, shape) is None]
 
 
+STATIC_DIMS_MIN_K = 256  # padded K from which the built-in default compiles the head dims in
+STATIC_DIMS_MIN_BATCH = 512  # or sequences per call from which it does
+
+
 @functools.lru_cache(maxsize=1024)  # asked on every decode step without an explicit config
 def default_decode_config(shape: DecodeShape) -> DecodeConfig:
     """The built-in config at ``shape``; no table yet, so these are rules fitted to the first H200 sweep (see the
@@ -300,7 +304,12 @@ def default_decode_config(shape: DecodeShape) -> DecodeConfig:
     if bv == 32 and vp >= 64 and programs(64) >= MANY_PROGRAMS and decode_infeasibility(wide, shape) is None:
         bv = 64
     warps = 2 if padded(shape.K) * bv <= SMALL_TILE else 4
-    cfg = DecodeConfig(BV=bv, num_warps=warps, num_stages=1)
+    # Head dims compiled in where the state tile is widest: on an H200 (2026-11-30, benchmarks/exp_decode_variants.py,
+    # same run as the baseline) K = V = 256 took 286 µs against 314 at B = 128 and 1117 against 1232 at B = 512,
+    # faster than the baseline's 289 and 1136; at K = V = 128 it moved B = 512 from 286 to 279 µs and B = 32 from
+    # 24.8 to 25.5, so there the tuner decides per bucket.
+    static = padded(shape.K) >= STATIC_DIMS_MIN_K or shape.N >= STATIC_DIMS_MIN_BATCH
+    cfg = DecodeConfig(BV=bv, num_warps=warps, num_stages=1, static_dims=static)
     while decode_infeasibility(cfg, shape) is not None and cfg.num_warps < 8:  # K=256 with a wide V tile
         cfg = dataclasses.replace(cfg, num_warps=cfg.num_warps * 2)
     assert decode_infeasibility(cfg, shape) is None, (cfg, shape)
