@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 
+from gdn2_tune.kernels import compile_ahead
 from gdn2_tune.kernels.checks import DTYPE_NAMES, check_token_inputs
 from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, field_type_error, infeasibility
 from gdn2_tune.kernels.intra import INTERPRETED, IntraOutputs, intra_fwd
@@ -340,6 +341,13 @@ def checked_forward(
         from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd as run
 
         backward = {"bwd_config": None if choose_bwd is None else choose_bwd(shape)}
+    # The first call of a new config compiles every kernel it (and its backward) will launch at once, in threads.
+    compile_ahead.prepare(
+        q, k, v, g, b, w,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, config=config, num_seqs=n,
+        bwd_config=backward.get("bwd_config"), needs_grad=needs_grad,
+    )
     return run(
         q, k, v, g, b, w,
         scale=scale, initial_state=initial_state, output_final_state=output_final_state,
