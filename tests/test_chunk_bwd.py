@@ -507,18 +507,18 @@ def test_backward_launchers_reject_buffers_they_would_overrun() -> None:
         pairs_fwd(x, x, x, x[:1], strict1=True, strict2=False, BC=16, BK=16, num_warps=2, precision="ieee")
 
 
-@pytest.mark.parametrize(("K", "V", "chunk", "fused"), [
-    pytest.param(128, 128, 32, True, id="K128-V128-C32-fused"),
-    pytest.param(64, 64, 64, True, id="K64-V64-C64-fused"),
-    pytest.param(256, 256, 32, False, id="K256-V256-C32-torch"),
-    pytest.param(128, 128, 64, False, id="K128-V128-C64-torch"),
+@pytest.mark.parametrize(("K", "V", "chunk", "tile"), [
+    pytest.param(128, 128, 32, "v", id="K128-V128-C32-v"),
+    pytest.param(64, 64, 64, "v", id="K64-V64-C64-v"),
+    pytest.param(256, 256, 32, "split", id="K256-V256-C32-split"),
+    pytest.param(128, 128, 64, "split", id="K128-V128-C64-split"),
 ])
-def test_the_fused_value_side_falls_back_to_torch_where_it_does_not_fit(K: int, V: int, chunk: int,
-                                                                        fused: bool) -> None:
+def test_the_fused_value_side_falls_back_to_the_split_tiling_where_it_does_not_fit(K: int, V: int, chunk: int,
+                                                                                   tile: str) -> None:
     from gdn2_tune.kernels.chunk_bwd import fit_bwd
 
     cfg = fit_bwd(BwdConfig(), Shape(2, 256, 4, K, V, "bf16"), chunk, 4)
-    assert cfg.value_side == ("triton" if fused else "torch")
+    assert (cfg.value_side, cfg.value_tile) == ("triton", tile)
 
 
 # ---------------------------------------------------------------------------------------------------------------
