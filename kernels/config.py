@@ -46,8 +46,10 @@ LONG_CHUNK = 64
 # The families the fault above was seen on; no other GPU has been tested, so only these pay for the rule.
 STATE_FAULT_FAMILIES = ("sm90",)
 
-INTRA_PRECISIONS = ("tf32", "tf32x3", "ieee")
-STATE_PRECISIONS = ("input", "tf32", "tf32x3")
+# "tf32rn": tf32 dots whose error-carrying operands the kernels first round to nearest TF32 (kernels/intra.py
+# round_tf32); the tensor cores truncate a raw fp32 operand.
+INTRA_PRECISIONS = ("tf32", "tf32x3", "ieee", "tf32rn")
+STATE_PRECISIONS = ("input", "tf32", "tf32x3", "tf32rn")
 STATE_OUTPUTS = ("fused", "split")
 # Segment lengths (in chunks) of the state pass's sequence split. At C = 32 a 65536-token sequence has 2048 chunks:
 # 16 gives 128 segments, 256 gives 8; a few heads times 8-128 segments fill the 132 SMs of an H100/H200.
@@ -73,7 +75,7 @@ class StateConfig:
     BV: int = 64  # V tile of the state each program owns; more tiles = more parallel programs
     num_warps: int = 4
     num_stages: int = 3
-    precision: str = "input"  # state dots in the input dtype (bf16/fp16), or from fp32 operands in tf32 or 3xTF32
+    precision: str = "input"  # state dots in the input dtype (bf16/fp16), or fp32 operands: tf32, tf32rn, 3xTF32
     output: str = "fused"  # O formed inside the sequential pass, or "split" into a parallel second launch
     # Chunks per segment of the sequence split (kernels/state.py): 0 walks each sequence in one pass; n > 0 cuts
     # it into segments of n chunks that three launches walk in parallel (more programs, about twice the FLOPs).
@@ -388,17 +390,19 @@ def default_config(shape: Shape, device: DeviceLimits = SM90) -> FwdConfig:
     One default for every family today: it was chosen on sm90, and fitting it to the device's limits is what
     changes between families.
 
-    fp32 inputs get 3xTF32 dots in the intra stage and TF32 in the state pass. On an H200 (2026-11-30,
-    benchmarks/exp_fp32.py, every pair of precisions at the anchor shape): TF32 in both stages gave an output
-    error of 1.74e-3, above the baseline's 1.41e-3 (BASELINE.md); 3xTF32 in the intra stage alone 8.1e-4 (7.7e-4
-    under strong decay) at 4.24 ms; 3xTF32 in both 4.6e-7 at 9.64 ms, which stays available as a config (the
-    intra stage's triangular solve is where TF32 costs accuracy). bf16 and fp16 operands are exact in TF32.
+    fp32 inputs get "tf32rn" dots in both stages. On an H200 (2026-11-30, benchmarks/exp_fp32.py, every pair of
+    precisions at the anchor shape): TF32 in both stages gave an output error of 1.74e-3, above the baseline's
+    1.41e-3 (BASELINE.md); 3xTF32 in the intra stage alone 8.1e-4 (7.7e-4 under strong decay) at 4.24 ms; 3xTF32
+    in both 4.6e-7 at 9.64 ms, which stays available as a config. The TF32 error is the tensor cores' truncation
+    of fp32 operands (a coherent bias); rounding the operands that carry it to nearest first ("tf32rn") gives
+    4.8e-4 / 3.6e-4 in a CPU model at TF32's cost (benchmarks/analyze_fp32_precision.py). bf16 and fp16 operands
+    are exact in TF32.
     """
     cfg = DEFAULT_CONFIG
     if shape.dtype == "fp32":
         cfg = dataclasses.replace(
             cfg,
-            intra=dataclasses.replace(cfg.intra, precision="tf32x3"),
-            state=dataclasses.replace(cfg.state, precision="tf32"),
+            intra=dataclasses.replace(cfg.intra, precision="tf32rn"),
+            state=dataclasses.replace(cfg.state, precision="tf32rn"),
         )
     return fit_to_shape(cfg, shape, device)

@@ -127,13 +127,13 @@ def num_chunks(shape: Shape, chunk: int) -> int:
 def _dot_precision(precision: str) -> tuple[str, int]:
     """(unit, executed products per product) of the intra stage's T, A_qk, assembly, Y and U dots for
     ``IntraConfig.precision`` (the diagonal-block inversion is always ``ieee``)."""
-    if precision == "tf32":
-        return "tf32", 1
+    if precision in ("tf32", "tf32rn"):
+        return "tf32", 1  # tf32rn rounds some operands on the CUDA cores first, then one tf32 MMA
     if precision == "tf32x3":
         return "tf32", 3  # Triton's 3xTF32: hi·hi + hi·lo + lo·hi, three tf32 MMAs
     if precision == "ieee":
         return "fp32", 1  # fp32 FMAs on the CUDA cores
-    raise ValueError(f"intra.precision: expected 'tf32', 'tf32x3' or 'ieee', received {precision!r}")
+    raise ValueError(f"intra.precision: expected 'tf32', 'tf32rn', 'tf32x3' or 'ieee', received {precision!r}")
 
 
 def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
@@ -187,7 +187,9 @@ def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
     # Y pass, per [C, BK] element: cumsum, the last row's G, k·r, q·r, exp(G), γ⊙b⊙k, γ⊙q, exp(G_C − G)⊙k.
     cuda_pass2 = 11 * C * Kp
     cuda_u = C * Vp  # Z = w ⊙ v
-    flops_cuda = programs * (cuda_cols + cuda_rows + cuda_acc + cuda_solve + cuda_pass2 + cuda_u)
+    # tf32rn: one rounding per element of A_qk's column factors (per block and slice), of its row factors and of Z.
+    cuda_round = (NB * C * Kp + C * Kp + C * Vp) if config.intra.precision == "tf32rn" else 0
+    flops_cuda = programs * (cuda_cols + cuda_rows + cuda_acc + cuda_solve + cuda_pass2 + cuda_u + cuda_round)
 
     # --- bytes ---
     reads_k = rows * shape.K * (3 * es + G_BYTES)  # q, k, b in the input dtype and g in fp32, K wide
@@ -211,8 +213,8 @@ def intra_cost(shape: Shape, config: FwdConfig) -> Cost:
 
 def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, final_state: bool = False) -> Cost:
     """The state stage: one program per (sequence, head, V tile), walking the chunks in order. Its four dots run in
-    the input dtype (tf32 for fp32 inputs) with ``state.precision="input"``, in tf32 with ``"tf32"`` and as three
-    tf32 products with ``"tf32x3"``.
+    the input dtype (tf32 for fp32 inputs) with ``state.precision="input"``, in tf32 with ``"tf32"`` and
+    ``"tf32rn"`` and as three tf32 products with ``"tf32x3"``.
 
     ``initial_state``/``final_state``: whether the call reads h0 and writes the final state (fp32 [N, H, K, V]);
     the defaults match how the tuner times the op (kernels.inputs.make_inputs gives an initial state).
@@ -234,15 +236,18 @@ def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, f
     passes = 1
     if config.state.precision == "input":
         unit = "tf32" if shape.dtype == "fp32" else shape.dtype  # fp32 operands go through tl.dot as tf32
-    elif config.state.precision in ("tf32", "tf32x3"):
+    elif config.state.precision in ("tf32", "tf32rn", "tf32x3"):
         unit, passes = _dot_precision(config.state.precision)
     else:
         raise ValueError(
-            f"state.precision: expected 'input', 'tf32' or 'tf32x3', received {config.state.precision!r}"
+            f"state.precision: expected 'input', 'tf32', 'tf32rn' or 'tf32x3', received {config.state.precision!r}"
         )
 
     # --- CUDA cores, rough: the decay Diag(γ_C) S and state add on [KP, Vp]; R = U − ·, O = · + · on [C, Vp] ---
     flops_cuda = chunks * (2 * KP * Vp + 2 * C * Vp)
+    if config.state.precision == "tf32rn":
+        # One rounding per element of the Q_γ, K_tail [C, KP] and A_qk [C, C] tiles each V tile loads, and of R.
+        flops_cuda += chunks * ((2 * C * KP + C * C) * n_v + C * Vp)
 
     # --- bytes ---
     per_tile = rows * (3 * shape.K + C) * es + chunks * shape.K * GAMMA_BYTES  # Y, Q_γ, K_tail, A_qk, γ_C

@@ -19,7 +19,9 @@ full inverse as (I + N)^-1 D = D − N(D − N(D − …)) (Horner, NB − 1 pro
 and N = D L (L the block-strictly-lower part of T, so N is nilpotent of index NB).
 
 Every tl.dot with fp32 operands runs at ``IntraConfig.precision`` (tf32, 3xTF32 or ieee), except the
-diagonal-block inversion, which is always ieee.
+diagonal-block inversion, which is always ieee. "tf32rn" runs them in tf32 after rounding A_qk's two factors and
+Z to nearest TF32 (:func:`round_tf32`): those are the intra operands whose truncation by the tensor cores drives
+the fp32 output error (benchmarks/analyze_fp32_precision.py).
 
 A one-pass variant (all row blocks as [NB, BC, C] batched dots, every K slice loaded once) was tried on an
 H100 (2026-11-26, benchmarks/exp_intra_rewrite.py): 1.85 against 1.56 ms at the anchor shape with C=32, from
@@ -56,6 +58,38 @@ L2NORM_EPS = tl.constexpr(1e-6)
 # that the within-chunk sums stay accurate: each floored step adds 110 to |G|, whose ulp (2^-24 |G|) bounds the
 # error of the decays between the steps after it (1e-4 relative after ~15 resets in one chunk).
 G_FLOOR = tl.constexpr(-110.0)
+# How round_tf32 rounds: Triton's interpreter cannot run inline PTX, so under TRITON_INTERPRET=1 it takes the
+# integer version, which gives the same bits on finite inputs (both checked on an H200 by
+# benchmarks/analyze_fp32_precision.py --probe-gpu).
+ROUND_WITH_BITS = tl.constexpr(INTERPRETED)
+# Dot precisions that exist only here: the tl.dot input precision each runs, and whether its operands are first
+# rounded to nearest TF32 (round_tf32). See dot_precision.
+ROUNDED_PRECISIONS = {"tf32rn": "tf32"}
+
+
+def dot_precision(precision: str) -> tuple[str, bool]:
+    """A config's dot precision -> (tl.dot ``input_precision``, whether the kernels round the dots' chosen operands
+    to nearest TF32 first). "tf32rn" is a plain TF32 dot on operands the kernel rounded (see round_tf32)."""
+    if precision in ROUNDED_PRECISIONS:
+        return ROUNDED_PRECISIONS[precision], True
+    return precision, False
+
+
+@triton.jit
+def round_tf32(x):
+    # fp32 -> the nearest TF32 value (10 mantissa bits, ties away from zero), kept in fp32. The tensor cores read
+    # a raw fp32 operand of a tf32 dot by truncation (H200 probe, benchmarks/analyze_fp32_precision.py): every
+    # operand shrinks by up to 2^-10 relative, coherently, and that bias is most of the fp32 forward's TF32
+    # error. Rounded first, the operand reaches the tensor core exact (its low 13 bits are zero) and the error is
+    # unbiased, 2^-11 relative at most; cvt.rna.tf32.f32 is what Triton's own 3xTF32 split uses.
+    if ROUND_WITH_BITS:
+        # Add half a TF32 ulp to the magnitude (the sign bit is apart), clear the 13 bits TF32 drops; a carry out
+        # of the mantissa bumps the exponent, which is the right rounding.
+        y = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    else:
+        y = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return y
 
 
 @triton.jit
@@ -74,7 +108,7 @@ def _intra_kernel(
     H, K, V,
     C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, LOG2_BC: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ROUND: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_L2NORM: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -157,9 +191,14 @@ def _intra_kernel(
             expo = b_ref[None, :] - b_G  # ≤ 0 before the block, ≤ span inside it
             expo = tl.where(o_c[:, None] < n0, tl.minimum(expo, 0.0), tl.where(o_c[:, None] < n_lim, expo, 0.0))
             b_cf = tl.trans(b_k * tl.exp(expo))  # [BK, C]
+            b_qe = b_qr * e_row
+            if ROUND:
+                # A_qk's two factors (the column factor is T's too, where rounding it changes nothing measurable).
+                b_cf = round_tf32(b_cf)
+                b_qe = round_tf32(b_qe)
             keep = o_c[None, :] < n_lim
             acc_t += tl.where(keep, tl.dot(b_kbr * e_row, b_cf, input_precision=PRECISION), 0.0)
-            acc_a += tl.where(keep, tl.dot(b_qr * e_row, b_cf, input_precision=PRECISION), 0.0)
+            acc_a += tl.where(keep, tl.dot(b_qe, b_cf, input_precision=PRECISION), 0.0)
             if span >= SAFE_SPAN:
                 # Exact diagonal block: column j per step, exp(G_r − G_j) with r ≥ j only.
                 for j in range(BC):
@@ -235,6 +274,8 @@ def _intra_kernel(
         b_z = tl.load(w + p_v, mask=m_cv, other=0.0).to(tl.float32) * tl.load(v + p_v, mask=m_cv, other=0.0).to(
             tl.float32
         )
+        if ROUND:
+            b_z = round_tf32(b_z)
         b_A = tl.load(scr_base + o_c[:, None] * C + o_c[None, :])
         b_u = tl.dot(b_A, b_z, input_precision=PRECISION)
         tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m_cv)
@@ -311,6 +352,7 @@ def intra_fwd(
     varlen = cu_seqlens is not None
     nt = triton.cdiv(T, chunk)
     grid = (num_chunks, H) if varlen else (nt, B * H)
+    precision, round_operands = dot_precision(cfg.precision)
     _intra_kernel[grid](
         q, k, v, g, b, w,
         y, u, qg, kt, aqk, gam, scr,
@@ -320,7 +362,7 @@ def intra_fwd(
         H=H, K=K, V=V,
         C=chunk, BC=cfg.BC, NB=nb, LOG2_BC=cfg.BC.bit_length() - 1,
         BK=cfg.BK, BV=cfg.BV,
-        PRECISION=cfg.precision,
+        PRECISION=precision, ROUND=round_operands,
         IS_VARLEN=varlen, USE_L2NORM=use_qk_l2norm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -8,6 +8,9 @@ state tile S ∈ R^{K×BV} in fp32 registers. Per chunk, from the intra stage's 
     O   = Q_γ S0 + A_qk R               (Q_γ already carries the scale)
     S_C = Diag(γ_C) S0 + K_tailᵀ R
 
+With fp32 operands the dots run at ``StateConfig.precision``: tf32, 3xTF32, or "tf32rn", tf32 after rounding Q_γ,
+A_qk, K_tail and R to nearest TF32 (kernels/intra.round_tf32; S0 and Y are left as they are).
+
 O is written once, straight to the output; the state never leaves the chip between chunks, and only the
 final state is stored (when asked for). That is ``StateConfig.output = "fused"``. With ``"split"`` the pass
 only carries the recurrence and stores each chunk's entering state S0 and R; a second, fully parallel launch
@@ -40,7 +43,7 @@ import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
 from gdn2_tune.kernels.config import StateConfig, padded_dim
-from gdn2_tune.kernels.intra import IntraOutputs
+from gdn2_tune.kernels.intra import IntraOutputs, dot_precision, round_tf32
 from gdn2_tune.kernels.varlen import chunk_coords, sequence_bounds
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits (seen with triton 3.9: errors of 1e10),
@@ -76,7 +79,8 @@ def _state_kernel(
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    SPLIT: tl.constexpr, USE_SEGMENTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, USE_SEGMENTS: tl.constexpr, PRECISION: tl.constexpr, ROUND: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
@@ -150,8 +154,18 @@ def _state_kernel(
             if not SPLIT:
                 b_q = b_q.to(tl.float32)
                 b_a = b_a.to(tl.float32)
+        if ROUND:
+            # Q_γ, A_qk, K_tail and R to nearest TF32 (kernels/intra.round_tf32); Y and the state S0 stay as they
+            # are: Y S0's truncation moves the output by < 1% (benchmarks/analyze_fp32_precision.py), and S0 is
+            # the largest tile, on the recurrence's path.
+            b_kt = round_tf32(b_kt)
+            if not SPLIT:
+                b_q = round_tf32(b_q)
+                b_a = round_tf32(b_a)
         b_r = b_u - _mma(b_y, b_sd, UPCAST, PRECISION)
         b_rd = b_r.to(b_y.dtype)
+        if ROUND:
+            b_rd = round_tf32(b_rd)  # stored so by the split pass: the output launch reads it rounded
         if SPLIT:
             # The chunk's entering state and R, exactly as the fused product below would have used them.
             tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_sd.to(hc.dtype.element_ty), mask=m_s)
@@ -171,7 +185,7 @@ def _segment_kernel(
     T, NT, SEG, NH,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Launch 1 of the sequence split: segment i_p's [M | E] for one BV-column tile of [K + V] columns, from
     [I | 0], by the pass's own step with U = 0 on the M columns. Dense batches: sequence i_n is rows i_n·T…"""
@@ -214,8 +228,12 @@ def _segment_kernel(
             b_sd = b_s
             b_y = b_y.to(tl.float32)
             b_kt = b_kt.to(tl.float32)
+        if ROUND:
+            b_kt = round_tf32(b_kt)  # as the pass rounds K_tailᵀ R's operands: M and E carry its arithmetic
         b_r = b_u.to(tl.float32) - _mma(b_y, b_sd, UPCAST, PRECISION)
         b_rd = b_r.to(b_y.dtype)
+        if ROUND:
+            b_rd = round_tf32(b_rd)
         b_s = b_s * b_gc[:, None] + _mma(tl.trans(b_kt), b_rd, UPCAST, PRECISION)
 
     m_s = m_k[:, None] & m_j[None, :]
@@ -273,7 +291,7 @@ def _output_kernel(
     T, NT,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ROUND: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Split output: O = Q_γ S0 + A_qk R for one (V tile, chunk, head), from the states the pass stored."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -300,6 +318,10 @@ def _output_kernel(
     if PRECISION != "input":
         b_q = b_q.to(tl.float32)
         b_a = b_a.to(tl.float32)
+    if ROUND:
+        # As the fused pass rounds them; R arrives rounded already (the pass stores it so).
+        b_q = round_tf32(b_q)
+        b_a = round_tf32(b_a)
     b_o = _mma(b_q, b_h, UPCAST, PRECISION) + _mma(b_a, b_r, UPCAST, PRECISION)
     tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
 
@@ -334,6 +356,7 @@ def state_fwd(
     nt = triton.cdiv(T, chunk)
     n_v = triton.cdiv(V, cfg.BV)
     split = cfg.output == "split"
+    precision, round_operands = dot_precision(cfg.precision)
     hc = r = None
     if split:
         num_chunks = inter.num_chunks
@@ -359,7 +382,8 @@ def state_fwd(
         C=chunk, BV=cfg.BV,
         IS_VARLEN=varlen, USE_INITIAL_STATE=initial_state is not None and not seg,
         STORE_FINAL_STATE=output_final_state and not seg,
-        SPLIT=split, USE_SEGMENTS=bool(seg), PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+        SPLIT=split, USE_SEGMENTS=bool(seg), PRECISION=precision, ROUND=round_operands,
+        UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -371,7 +395,7 @@ def state_fwd(
             T, nt,
             H=H, K=K, V=V, KP=padded_dim(K),
             C=chunk, BV=cfg.BV,
-            IS_VARLEN=varlen, PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+            IS_VARLEN=varlen, PRECISION=precision, ROUND=round_operands, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
             num_warps=cfg.num_warps, num_stages=1,
         )
     return o, ht
@@ -397,12 +421,13 @@ def _segment_states(
     mx = output_buffer((n_seg, nh, K, K), torch.float32, y.device)
     ex = output_buffer((n_seg, nh, K, V), torch.float32, y.device)
     hs = output_buffer((n_seg + 1, nh, K, V), torch.float32, y.device)
+    precision, round_operands = dot_precision(cfg.precision)
     _segment_kernel[(triton.cdiv(K, cfg.BV) + triton.cdiv(V, cfg.BV), nh, n_seg)](
         y, inter.u, inter.kt, inter.gamma, mx, ex,
         T, nt, seg, nh,
         H=H, K=K, V=V, KP=padded_dim(K),
         C=chunk, BV=cfg.BV,
-        PRECISION=cfg.precision, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+        PRECISION=precision, ROUND=round_operands, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _carry_kernel[(triton.cdiv(V, cfg.BV), nh)](

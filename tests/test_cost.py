@@ -78,6 +78,7 @@ def test_tf32x3_and_ieee_move_every_intra_dot_but_the_diagonal_inverse() -> None
     diag, dots = 24 * 98_304, 24 * (262_144 + 327_680)
     for precision, mix in (
         ("tf32", {"tf32": dots, "fp32": diag}),
+        ("tf32rn", {"tf32": dots, "fp32": diag}),  # operands rounded on the CUDA cores, then one tf32 product
         ("tf32x3", {"tf32": 3 * dots, "fp32": diag}),
         ("ieee", {"fp32": diag + dots}),
     ):
@@ -158,6 +159,8 @@ def test_state_tf32x3_counts_three_tf32_products() -> None:
     triple = state_cost(fp32, FwdConfig(state=StateConfig(precision="tf32x3")))
     assert triple.flops_tc == plain.flops_tc
     assert dict(triple.dot_mix) == {"tf32": 3 * plain.flops_tc}
+    rounded = state_cost(fp32, FwdConfig(state=StateConfig(precision="tf32rn")))
+    assert dict(rounded.dot_mix) == dict(plain.dot_mix) and rounded.flops_cuda > plain.flops_cuda
 
 
 def test_split_output_adds_the_state_and_r_handoff() -> None:

@@ -12,6 +12,8 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICE, INTERPRETED
 
 from gdn2_tune.kernels import chunk_gdn2, gdn2_reference
@@ -28,6 +30,7 @@ from gdn2_tune.kernels.config import (
     infeasibility,
 )
 from gdn2_tune.kernels.inputs import make_inputs
+from gdn2_tune.kernels.intra import round_tf32
 from gdn2_tune.kernels.reference import rel_err
 from gdn2_tune.kernels.varlen import chunk_index
 
@@ -46,6 +49,21 @@ TOL = {
     ("fp16", True): 1e-2,
     ("fp16", False): 5e-3,
 }
+# fp32 with precision "tf32rn" (the fp32 default) in the interpreter: the dots stay exact but the kernels round
+# A_qk's two factors, Z, Q_γ, the A_qk tile, K_tail and R to nearest TF32, each a relative error of at most
+# u = 2^-11 and unbiased, so the errors add in quadrature: an output term passes through at most six roundings
+# (Z -> U -> R; A_qk's factors, then its tile), sqrt(6) u / sqrt(3) ≈ 1.4 u rms. 2u; the tests below see at most
+# 1.2 u (5.7e-4, the reset-channel test), most 0.75-0.85 u.
+# Compiled, the other dots truncate as with "tf32" (TOL covers that).
+TF32RN_TOL = 2**-10
+
+
+def tolerance(shape: Shape, cfg: FwdConfig | None = None) -> float:
+    """The error budget of a run at ``shape`` with ``cfg`` (None: the built-in default the op falls back to)."""
+    cfg = cfg or default_config(shape)
+    if INTERPRETED and shape.dtype == "fp32" and "tf32rn" in (cfg.intra.precision, cfg.state.precision):
+        return TF32RN_TOL
+    return TOL[(shape.dtype, INTERPRETED)]
 
 
 def config_for(shape: Shape, chunk: int | None = None, state: dict | None = None, **intra: int) -> FwdConfig:
@@ -70,7 +88,7 @@ def check(shape: Shape, seed: int, cfg: FwdConfig | None = None, *, strong_decay
                                   use_qk_l2norm_in_kernel=l2norm)
     assert o.dtype == inp.q.dtype and o.shape == inp.v.shape
     assert s.dtype == torch.float32 and s.shape == ref_s.shape
-    tol = TOL[(shape.dtype, INTERPRETED)]
+    tol = tolerance(shape, cfg)
     err_o, err_s = rel_err(o, ref_o), rel_err(s, ref_s)
     assert err_o < tol and err_s < tol, f"o {err_o:.2e}, state {err_s:.2e} (budget {tol:.0e})"
 
@@ -160,6 +178,61 @@ def test_without_initial_state_and_with_l2norm() -> None:
     check(shape, seed=3, initial_state=False, l2norm=True)
 
 
+@triton.jit
+def _round_kernel(x, y, N: tl.constexpr):
+    o_n = tl.arange(0, N)
+    tl.store(y + o_n, round_tf32(tl.load(x + o_n)))
+
+
+def _rna_tf32(x: torch.Tensor) -> torch.Tensor:
+    """x to 11 significant bits (TF32), ties away from zero, in float64 arithmetic: x = m 2^e with 1/2 ≤ |m| < 1."""
+    m, e = torch.frexp(x.double())
+    return torch.ldexp(torch.sign(m) * torch.floor(m.abs() * 2**11 + 0.5), e - 11).float()
+
+
+def test_round_tf32_rounds_to_nearest_ties_away() -> None:
+    one = 1.0 + 2.0**-10  # the TF32 neighbour above 1
+    special = [
+        (0.0, 0.0), (-0.0, 0.0), (1.0, 1.0), (-3.5, -3.5), (one, one),
+        (1.0 + 2.0**-11, one), (-(1.0 + 2.0**-11), -one),  # exactly halfway: away from zero (ties-to-even gives 1)
+        (1.0 + 2.0**-11 - 2.0**-23, 1.0),  # one fp32 ulp below halfway: down (truncation's answer too)
+        (1.0 + 2.0**-10 - 2.0**-23, one),  # one ulp below the neighbour: up (truncation gives 1)
+        (2.0 - 2.0**-11, 2.0),  # halfway below 2: the carry moves the exponent
+        (-(2.0**-100) * (1.0 + 3 * 2.0**-11), -(2.0**-100) * (1.0 + 2.0**-9)),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.pow(10.0, torch.empty(256 - len(special)).uniform_(-30.0, 30.0, generator=gen))
+    rand = torch.randn(256 - len(special), generator=gen) * scale
+    x = torch.cat([torch.tensor([a for a, _ in special]), rand]).to(DEVICE)
+    y = torch.full_like(x, float("nan"))
+    _round_kernel[(1,)](x, y, N=x.numel())
+    y = y.cpu()
+    assert torch.equal(y[: len(special)], torch.tensor([b for _, b in special]))
+    assert torch.equal(y, _rna_tf32(x.cpu()))
+    assert not (y.view(torch.int32) & 0x1FFF).any()  # the 13 bits TF32 drops are clear
+
+
+# fp32 at precision "tf32rn" in both stages (the fp32 default) at a size no tile divides.
+TF32RN = [
+    pytest.param(Shape(2, 95, 2, 48, 80, "fp32"), False, id="B2-T95-K48-V80-decay"),
+    pytest.param(Shape(2, 95, 2, 48, 80, "fp32"), True, id="B2-T95-K48-V80-strong-decay"),
+]
+
+
+@pytest.mark.parametrize(("shape", "strong"), TF32RN)
+def test_tf32rn_forward(shape: Shape, strong: bool) -> None:
+    cfg = config_for(shape, state={"precision": "tf32rn"}, precision="tf32rn")
+    inp = make_inputs(shape, DEVICE, seed=95 + strong, strong_decay=strong)
+    o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True, config=cfg)
+    ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state)
+    err_o, err_s = rel_err(o, ref_o), rel_err(s, ref_s)
+    tol = tolerance(shape, cfg)
+    assert err_o < tol and err_s < tol, f"o {err_o:.2e}, state {err_s:.2e} (budget {tol:.0e})"
+    if INTERPRETED:
+        # The interpreter's dots are exact (1e-6 here with tf32x3): an error at TF32's scale shows the rounding ran.
+        assert err_o > 2**-11 / 8 and err_s > 2**-11 / 8, f"o {err_o:.2e}, state {err_s:.2e}: operands not rounded?"
+
+
 # The sequence split (StateConfig.segment_chunks) at segment lengths below the tuned space's (1-2 chunks), so that a
 # toy T has several segments, the last one partial. Launched through the forward's own launch path
 # (kernels.chunk.forward_launch), which takes any config; chunk_gdn2 admits only the space's values.
@@ -182,7 +255,7 @@ def test_sequence_split_state_pass(shape: Shape, seg: int, state: dict, strong: 
         cu_seqlens=None, use_qk_l2norm_in_kernel=False, config=cfg, num_seqs=shape.B,
     )()
     ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state)
-    tol = TOL[(shape.dtype, INTERPRETED)]
+    tol = tolerance(shape, cfg)
     err_o, err_s = rel_err(o, ref_o), rel_err(s, ref_s)
     assert err_o < tol and err_s < tol, f"o {err_o:.2e}, state {err_s:.2e} (budget {tol:.0e})"
 
@@ -226,7 +299,7 @@ def test_packed_sequences_reset_the_state(lengths: list[int]) -> None:
     cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(DEVICE)
     o, s = chunk_gdn2(*inp.args(), initial_state=inp.initial_state, output_final_state=True, cu_seqlens=cu)
     ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, cu_seqlens=cu)
-    tol = TOL[("fp32", INTERPRETED)]
+    tol = tolerance(shape)
     assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
 
 
@@ -303,7 +376,7 @@ def test_tied_gates_reduce_to_kda_and_gated_deltanet(scalar_decay: bool) -> None
     w = beta[..., None].expand(B, T, H, shape.V).contiguous().to(DEVICE)
     o, s = chunk_gdn2(inp.q, inp.k, inp.v, g, b, w, initial_state=inp.initial_state, output_final_state=True)
     ref_o, ref_s = _delta_rule(inp.q, inp.k, inp.v, g.exp(), beta, K**-0.5, inp.initial_state)
-    tol = TOL[("fp32", INTERPRETED)]
+    tol = tolerance(shape)
     assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
 
 
@@ -395,7 +468,7 @@ def test_minus_inf_gates_are_exact_at_every_chunk_length(chunk: int, fraction: f
     o, s = chunk_gdn2(*args, initial_state=inp.initial_state, output_final_state=True, cu_seqlens=inp.cu_seqlens,
                       config=cfg)
     ref_o, ref_s = gdn2_reference(*args, initial_state=inp.initial_state, cu_seqlens=inp.cu_seqlens)
-    tol = TOL[("fp32", INTERPRETED)]
+    tol = tolerance(shape, cfg)
     assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
 
 
@@ -422,7 +495,7 @@ def test_a_reset_channel_forgets_only_itself() -> None:
     args = (inp.q, inp.k, inp.v, g, inp.b, inp.w)
     o, s = chunk_gdn2(*args, initial_state=inp.initial_state, output_final_state=True)
     ref_o, ref_s = gdn2_reference(*args, initial_state=inp.initial_state)
-    tol = TOL[("fp32", INTERPRETED)]
+    tol = tolerance(shape)
     assert rel_err(o, ref_o) < tol
     assert rel_err(s[..., 1:, :], ref_s[..., 1:, :]) < tol  # the other channels, on their own scale
     # Channel 0 after the last step: S̄ row 0 is 0, so S_T[0] = k_T0 (w_T v_T − r_T) with r_T from the other rows.
@@ -467,7 +540,7 @@ def test_invalid_offsets_give_the_result_of_the_sanitised_ones(cu: list[int], ex
                           cu_seqlens=torch.tensor(cu, device=DEVICE), use_qk_l2norm_in_kernel=False,
                           config=default_config(shape), num_seqs=shape.num_seqs)
     ref_o, ref_s = gdn2_reference(*inp.args(), initial_state=inp.initial_state, cu_seqlens=torch.tensor(expected))
-    tol = TOL[("fp32", INTERPRETED)]
+    tol = tolerance(shape)
     assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
 
 
