@@ -384,6 +384,34 @@ def fit_to_shape(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> F
     return cfg
 
 
+# Shape rules of the built-in default, each the winner of one same-run comparison on an H200 (2026-11-30,
+# benchmarks/exp_fwd_variants.py, BENCHMARKS.md "Forward variants"). The default is what an untabled shape gets
+# and every study's first warm start, so these make the tuner try the structural options where they pay.
+# - Few rows in the state pass and long sequences: split the sequence. At 1x32768x16 (16 rows, 1024 chunks) the
+#   split with 128-chunk segments and V tiles of 64 took 2.05 ms against 2.38; at 1x65536x4 1.27 against 2.93.
+SPLIT_MAX_STATE_ROWS = 32  # sequences x heads at or below which the sequence split is the default
+SPLIT_MIN_CHUNKS = 512  # chunks per sequence from which it is
+SPLIT_SEGMENT_CHUNKS = 128
+# - K = V = 256: state V tiles of 128 on 8 warps, 2.05 ms against 2.09 for V tiles of 64 on 4 warps.
+WIDE_HEAD_DIM = 256
+WIDE_STATE = StateConfig(BV=128, num_warps=8, num_stages=1)
+# - K an odd multiple of 32 (96, 160, ...): K slices of 32 need no padding to the next power of two; at K = 96
+#   1.71 ms against 1.88 with slices of 64.
+ODD_K_SLICE = 32
+
+
+def _shaped_default(shape: Shape) -> FwdConfig:
+    cfg = DEFAULT_CONFIG
+    if _padded(shape.K) >= WIDE_HEAD_DIM and _padded(shape.V) >= WIDE_HEAD_DIM:
+        cfg = dataclasses.replace(cfg, state=WIDE_STATE)
+    if shape.K > ODD_K_SLICE and shape.K % (2 * ODD_K_SLICE) == ODD_K_SLICE:
+        cfg = dataclasses.replace(cfg, intra=dataclasses.replace(cfg.intra, BK=ODD_K_SLICE))
+    rows = (shape.num_seqs or shape.B) * shape.H
+    if shape.num_seqs is None and rows <= SPLIT_MAX_STATE_ROWS and shape.T >= SPLIT_MIN_CHUNKS * cfg.chunk:
+        cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, segment_chunks=SPLIT_SEGMENT_CHUNKS))
+    return cfg
+
+
 def default_config(shape: Shape, device: DeviceLimits = SM90) -> FwdConfig:
     """The built-in configuration fitted to ``shape`` on ``device``: what the dispatcher falls back to.
 
@@ -398,7 +426,7 @@ def default_config(shape: Shape, device: DeviceLimits = SM90) -> FwdConfig:
     4.8e-4 / 3.6e-4 in a CPU model at TF32's cost (benchmarks/analyze_fp32_precision.py). bf16 and fp16 operands
     are exact in TF32.
     """
-    cfg = DEFAULT_CONFIG
+    cfg = _shaped_default(shape)
     if shape.dtype == "fp32":
         cfg = dataclasses.replace(
             cfg,

@@ -40,7 +40,10 @@ SUITE: tuple[Shape, ...] = (
 # The Triton interpreter runs every program instance in Python, so only a toy fits. T = 40 leaves a partial chunk
 # at chunk 32 and a single partial chunk at 64.
 INTERPRET_SHAPE = Shape(1, 40, 1, 32, 32, "fp32")
-GATE_TOLERANCE = {"fp32": 2e-3, "bf16": 1e-2, "fp16": 1e-2}
+# fp32: the baseline's own error on fp32 inputs (1.41e-3, BASELINE.md; its dots run in TF32), so that no tuned fp32
+# config is less accurate than the implementation it replaces; all-truncating TF32 measured 1.74e-3 at the accuracy
+# shape on an H200 (2026-11-30). 16-bit inputs: their operand rounding (bf16's 2^-8) with headroom for T.
+GATE_TOLERANCE = {"fp32": 1.4e-3, "bf16": 1e-2, "fp16": 1e-2}
 
 
 def _specialization(T: int, chunks: tuple[int, ...]) -> tuple[bool, ...]:
