@@ -418,19 +418,18 @@ def default_config(shape: Shape, device: DeviceLimits = SM90) -> FwdConfig:
     One default for every family today: it was chosen on sm90, and fitting it to the device's limits is what
     changes between families.
 
-    fp32 inputs get "tf32rn" dots in both stages. On an H200 (2026-11-30, benchmarks/exp_fp32.py, every pair of
-    precisions at the anchor shape): TF32 in both stages gave an output error of 1.74e-3, above the baseline's
-    1.41e-3 (BASELINE.md); 3xTF32 in the intra stage alone 8.1e-4 (7.7e-4 under strong decay) at 4.24 ms; 3xTF32
-    in both 4.6e-7 at 9.64 ms, which stays available as a config. The TF32 error is the tensor cores' truncation
-    of fp32 operands (a coherent bias); rounding the operands that carry it to nearest first ("tf32rn") gives
-    4.8e-4 / 3.6e-4 in a CPU model at TF32's cost (benchmarks/analyze_fp32_precision.py). bf16 and fp16 operands
-    are exact in TF32.
+    fp32 inputs get 3xTF32 dots in the intra stage and TF32 in the state pass. On an H200 (2026-11-30,
+    benchmarks/exp_fp32.py, the anchor shape, one run): TF32 in both stages 1.74e-3 output error at 3.51 ms, above
+    the baseline's 1.41e-3 (BASELINE.md); this default 8.1e-4 (7.7e-4 under strong decay) at 4.25 ms; "tf32rn" in
+    both stages (operands rounded to nearest TF32 first: the tensor cores truncate them) 4.7e-4 / 3.6e-4 but 4.76
+    ms, so it stays an option rather than the default; 3xTF32 in both 4.6e-7 at 9.64 ms (an earlier run). bf16
+    and fp16 operands are exact in TF32.
     """
     cfg = _shaped_default(shape)
     if shape.dtype == "fp32":
         cfg = dataclasses.replace(
             cfg,
-            intra=dataclasses.replace(cfg.intra, precision="tf32rn"),
-            state=dataclasses.replace(cfg.state, precision="tf32rn"),
+            intra=dataclasses.replace(cfg.intra, precision="tf32x3"),
+            state=dataclasses.replace(cfg.state, precision="tf32"),
         )
     return fit_to_shape(cfg, shape, device)

@@ -15,9 +15,8 @@ from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.inputs import make_inputs
 from gdn2_tune.kernels.reference import rel_err
 
-# fp32 budgets of tests/test_kernels.py for the default config (interpreter: exact products, but the default's
-# "tf32rn" rounds operands to TF32, TF32RN_TOL there; GPU: tf32 dots).
-TOL = 2**-10 if INTERPRETED else 2e-3
+# fp32 budgets of tests/test_kernels.py (interpreter: exact fp32 products; GPU: the default's 3xTF32 dots).
+TOL = 1e-4 if INTERPRETED else 2e-3
 
 MODES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "inference_mode": torch.inference_mode,

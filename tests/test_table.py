@@ -542,7 +542,8 @@ def test_an_op_with_entries_but_no_recorded_fingerprint_is_stale() -> None:
     assert "no fingerprint recorded" in table.stale_ops(profile)[DECODE_OP]
 
 
-@pytest.mark.parametrize("name", ["h100-80gb-hbm3.json", "h200.json"])
+# The H100 table is still a schema-1 file (no H100 has been lent since); the H200 table was re-tuned as schema 2.
+@pytest.mark.parametrize("name", ["h100-80gb-hbm3.json"])
 def test_schema_1_shipped_tables_load_unchanged_with_their_hash_as_the_forwards(name: str, tmp_path: Path) -> None:
     data = json.loads((table.PROFILES_DIR / name).read_text())
     assert data["schema_version"] == 1 and isinstance(data["kernel_hash"], str)
