@@ -123,7 +123,9 @@ def _served_before() -> dict:
     return json.loads((DATA / "dispatch_before_spec.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["h100-80gb-hbm3.json", "h200.json"])
+# The H100 table is the file the spec refactor had to keep serving unchanged; the H200 table has been re-tuned since
+# (tests/test_dispatch.py checks that it serves its own forward entries).
+@pytest.mark.parametrize("name", ["h100-80gb-hbm3.json"])
 def test_shipped_tables_load_as_before_and_serve_the_same_config_at_every_key(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
