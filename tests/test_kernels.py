@@ -614,3 +614,18 @@ def test_index_kernel_matches_its_torch_specification(cu: list[int], dtype: torc
         assert got.num_chunks == want.num_chunks == 150 // chunk + len(cu) - 1
         assert torch.equal(got.offsets, want.offsets) and torch.equal(got.first, want.first)
         assert torch.equal(got.pairs, want.pairs)
+
+
+@pytest.mark.parametrize(("shape", "want"), [
+    pytest.param(Shape(1, 65536, 4, 128, 128, "bf16"), {"segment_chunks": 128}, id="few-rows-long-seq-split"),
+    pytest.param(Shape(1, 65536, 4, 128, 128, "bf16", num_seqs=3), {"segment_chunks": 0}, id="packed-no-split"),
+    pytest.param(Shape(8, 4096, 16, 128, 128, "bf16"), {"segment_chunks": 0, "BK": 64}, id="anchor-unchanged"),
+    pytest.param(Shape(16, 2048, 8, 256, 256, "bf16"), {"state_BV": 128, "state_warps": 8}, id="K256-wide-state"),
+    pytest.param(Shape(8, 4096, 16, 96, 96, "bf16"), {"BK": 32}, id="K96-slices-of-32"),
+])
+def test_the_default_takes_the_measured_winners_by_shape(shape: Shape, want: dict) -> None:
+    cfg = default_config(shape)
+    got = {"segment_chunks": cfg.state.segment_chunks, "BK": cfg.intra.BK, "state_BV": cfg.state.BV,
+           "state_warps": cfg.state.num_warps}
+    assert {k: got[k] for k in want} == want
+    assert infeasibility(cfg, shape) is None
