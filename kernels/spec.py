@@ -123,6 +123,21 @@ Constraint = Callable[[Any, "Shape", DeviceLimits], "str | None"]
 
 
 @dataclass(frozen=True)
+class SearchRule:
+    """A rule the tuner applies on top of an op's constraints: the op runs such a config (an explicit
+    ``config=`` is accepted), but no study may select it, e.g. a precision measured less accurate than the
+    correctness gate's small shape can tell.
+
+    ``reads`` names the flat parameters ``check`` reads besides the shape (a rule may couple stages, which the
+    op's constraints never do): the tuner's feasible set is split on their values and ``check`` runs once per
+    combination, so it must read nothing else of the config.
+    """
+
+    check: Constraint  # None when a study may select the config, else why not
+    reads: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     """One tunable op. See the module docstring; the fields are in the order an op's author fills them in."""
 
@@ -144,11 +159,15 @@ class KernelSpec:
     # such a config is used as it is where it is admissible, and skipped where not.
     fit: Callable[[Any, Shape, DeviceLimits], Any] | None = None
     output_names: tuple[str, ...] = ("out",)  # names of forward()'s outputs in the gate's error record
+    search_rules: tuple[SearchRule, ...] = ()  # what the tuner refuses on top of ``constraints``
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.space]
         if len(set(names)) != len(names):
             raise ValueError(f"KernelSpec {self.name!r}: space: expected unique parameter names, received {names}")
+        unknown = [n for r in self.search_rules for n in r.reads if n not in names]
+        if unknown:
+            raise ValueError(f"KernelSpec {self.name!r}: search_rules read {unknown}, expected names of {names}")
 
     def infeasibility(self, cfg: Any, shape: Shape, device: DeviceLimits = DEFAULT_DEVICE) -> str | None:
         """The first constraint ``cfg`` violates at ``shape`` on ``device``, or None when it may be launched."""
@@ -157,6 +176,23 @@ class KernelSpec:
             if reason is not None:
                 return reason
         return None
+
+    def search_refusal(self, cfg: Any, shape: Shape, device: DeviceLimits = DEFAULT_DEVICE) -> str | None:
+        """Why no study may select ``cfg`` at ``shape`` although the op runs it (``search_rules``), or None."""
+        for rule in self.search_rules:
+            reason = rule.check(cfg, shape, device)
+            if reason is not None:
+                return f"refused for tuning: {reason}"
+        return None
+
+    def search_infeasibility(self, cfg: Any, shape: Shape, device: DeviceLimits = DEFAULT_DEVICE) -> str | None:
+        """What a study checks: :meth:`infeasibility`, then :meth:`search_refusal`."""
+        return self.infeasibility(cfg, shape, device) or self.search_refusal(cfg, shape, device)
+
+    @property
+    def fingerprinted_rules(self) -> tuple[Constraint, ...]:
+        """The constraints and the search rules: both decide what a study may select, so both are fingerprinted."""
+        return (*self.constraints, *(r.check for r in self.search_rules))
 
     def default_config(self, shape: Shape, device: DeviceLimits = DEFAULT_DEVICE) -> Any:
         return self.default(shape, device)
@@ -190,7 +226,7 @@ class KernelSpec:
         from gdn2_tune.kernels.fingerprint import fingerprint
 
         return fingerprint(
-            self.jit_files, [(p.name, p.values) for p in self.space], self.constraints, known_devices()
+            self.jit_files, [(p.name, p.values) for p in self.space], self.fingerprinted_rules, known_devices()
         )
 
 

@@ -234,7 +234,7 @@ def kernel_source_hash(root: Path = KERNELS_DIR, op: str = DEFAULT_OP) -> str:
     return fingerprint(
         [Path(root) / path.name for path in spec.jit_files],
         [(param.name, param.values) for param in spec.space],
-        spec.constraints,
+        spec.fingerprinted_rules,
         known_devices(),
     )
 
@@ -258,7 +258,8 @@ def current_fingerprints(ops: Sequence[str]) -> dict[str, str]:
 
 def stale_ops(profile: Profile) -> dict[str, str]:
     """op -> why its entries may be slower than a re-tune would make them, for each op of ``profile.entries``
-    whose recorded fingerprint is not today's (or is missing). Ops with a recorded fingerprint but no entries
+    whose recorded fingerprint is not today's (or is missing), or that holds entries carried over not re-tuned
+    (``Entry.tuned_against``). Ops with a recorded fingerprint but no entries
     serve nothing and are not listed."""
     out = {}
     for op in entry_ops(profile.entries):
@@ -268,6 +269,12 @@ def stale_ops(profile: Profile) -> dict[str, str]:
             out[op] = f"{op}: kernel_hash: no fingerprint recorded for its entries, running {running}"
         elif recorded != running:
             out[op] = f"{op}: kernel_hash: tuned against kernel fingerprint {_echo(recorded)}, running {running}"
+        carried = [e for e in profile.entries if e.stage == op and e.tuned_against is not None]
+        if carried:
+            why = (f"{op}: {len(carried)} entries not re-tuned (the run that wrote the table got no result for them), "
+                   f"tuned against {', '.join(sorted({_echo(e.tuned_against) for e in carried}))}: "
+                   f"{', '.join(e.key for e in carried)}")
+            out[op] = f"{out[op]}; {why}" if op in out else why
     return out
 
 
@@ -303,6 +310,16 @@ def _read_kernel_hash(data: dict[str, Any], version: int) -> str | dict[str, str
             )
         out[op] = fp
     return out
+
+
+def _fingerprint(data: dict[str, Any], name: str, path: str) -> str:
+    value = _field(data, name, path)
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_FINGERPRINT_CHARS:
+        raise TableFieldError(
+            _join(path, name),
+            f"expected a fingerprint string of 1 to {_MAX_FINGERPRINT_CHARS} characters, received {_echo(value)}",
+        )
+    return value
 
 
 def parse_config(data: Any, path: str = "config", op: str = DEFAULT_OP) -> Any:
@@ -534,6 +551,10 @@ class Entry:
     pruned: int
     # What was served before tuning, timed in the same re-time; None in tables written before it was recorded.
     incumbent: Incumbent | None = None
+    # None: tuned against the table's kernel_hash of its op. Else the fingerprint (with "@triton<version>" where
+    # the Triton differed) of the kernels it was tuned against: a run that studied its key got no result, so it
+    # carried the earlier table's entry over, not re-tuned, instead of dropping it (tuner.run.carry_untuned).
+    tuned_against: str | None = None
 
     @property
     def kept_incumbent(self) -> bool:
@@ -547,7 +568,9 @@ class Entry:
 
     def to_dict(self) -> dict[str, Any]:
         # Written only when known, so that re-saving an older table leaves its entries byte-identical.
-        extra = {} if self.incumbent is None else {"incumbent": self.incumbent.to_dict()}
+        extra: dict[str, Any] = {} if self.incumbent is None else {"incumbent": self.incumbent.to_dict()}
+        if self.tuned_against is not None:
+            extra["tuned_against"] = self.tuned_against
         return {
             **extra,
             "key": self.key,
@@ -601,6 +624,7 @@ class Entry:
             incumbent=None
             if data.get("incumbent") is None
             else Incumbent.from_dict(data["incumbent"], shape, f"{path}.incumbent", spec.name),
+            tuned_against=_fingerprint(data, "tuned_against", path) if data.get("tuned_against") is not None else None,
         )
 
 

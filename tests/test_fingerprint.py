@@ -94,7 +94,11 @@ def test_a_params_documentation_does_not_count() -> None:
     # The constraints see SPACE (legal_values reads it); only names and values may count, never the docs.
     texts = dict(fp.constraint_sources(kconfig.CONSTRAINTS))
     assert not any("doc=" in text or "window" in text for text in texts.values())
-    assert fp.fingerprint(files, space, kconfig.CONSTRAINTS, known_devices()) == table.kernel_source_hash()
+    # The fingerprint covers the constraints and the spec's search rules (kernels/fwd_spec.py SEARCH_RULES).
+    from gdn2_tune.kernels.fwd_spec import FWD
+
+    assert FWD.fingerprinted_rules[: len(kconfig.CONSTRAINTS)] == kconfig.CONSTRAINTS
+    assert fp.fingerprint(files, space, FWD.fingerprinted_rules, known_devices()) == table.kernel_source_hash()
 
 
 def test_canonical_text_ignores_formatting_and_version_only_fields() -> None:

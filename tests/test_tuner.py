@@ -25,7 +25,7 @@ import pytest
 from optuna.trial import TrialState
 
 from gdn2_tune.kernels.config import FwdConfig, Shape, default_config, fit_to_shape, infeasibility
-from gdn2_tune.kernels.spec import SM90, DeviceLimits
+from gdn2_tune.kernels.spec import SM90, DeviceLimits, get_spec
 from gdn2_tune.profiles import table
 from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.device import decode_throttle_reasons
@@ -222,7 +222,8 @@ def test_infeasible_points_are_pruned_with_a_reason_before_any_compile() -> None
     assert infeasible, "the random sampler should have proposed infeasible points"
     for t in infeasible:
         assert t.state == TrialState.PRUNED
-        assert t.user_attrs["reason"] == infeasibility(FwdConfig.from_flat(t.params), shape)
+        # The op's constraints, then its search rules (the fp32 precision rule of kernels/fwd_spec.py).
+        assert t.user_attrs["reason"] == get_spec("fwd").search_infeasibility(FwdConfig.from_flat(t.params), shape)
         assert not t.user_attrs["evaluated"]
     assert study.trials[0].params == default_config(shape).flat(), "the default config is the first trial"
 
@@ -914,3 +915,173 @@ def test_the_search_space_checks_the_tuned_gpus_limits() -> None:
 
     (spec,) = build_specs(TuneOptions(shapes=(shape,), trials=4), None, device=sm100)
     assert spec.space.device == sm100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2026-11-30 on two H200s: a duplicate flood on a 2-point space, studies that got no result, the fp32 accuracy bar
+
+
+class SlowEvaluator(RecordingEvaluator):
+    """Gates pass at once; each timing finishes ``delay_s`` later, on a thread (the GPU is busy)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def time(self, shape: Shape, params: Mapping[str, Any]) -> Future[Outcome]:
+        import threading
+
+        f: Future[Outcome] = Future()
+        threading.Timer(self.delay_s, lambda: f.set_result(ok(p50_ms=1.0))).start()
+        return f
+
+
+def test_a_tiny_space_waits_for_its_points_in_flight_instead_of_storing_duplicates() -> None:
+    # The algorithm op's space is {recurrent, chunk}. Another process is measuring "chunk" (a RUNNING trial it owns,
+    # finished 1.5 s in); this one measures "recurrent" (0.5 s). Nothing is left to ask meanwhile: the loop must
+    # wait, not ask the sampler again and again (5346 duplicates in 80 s), and end once both points are measured.
+    import threading
+
+    from gdn2_tune.kernels.decode_spec import ALGORITHM_SUITE
+
+    shape = ALGORITHM_SUITE[0]
+    space = SearchSpace(op="algorithm")
+    assert space.feasible(shape).size == 2
+    spec = study_mod.StudySpec(
+        key=table.entry_key("algorithm", shape), stage="algorithm", shape=shape, gate_shape=shape, space=space,
+        sampler="tpe", seed=0, trials=30, timeout_s=20.0, warm_start=({"algorithm": "recurrent"},),
+    )
+    sampler = study_mod.make_sampler("tpe", 0, 3, feasible=study_mod.Feasible.of(space, shape))
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), sampler=sampler)
+    other = study.ask(space.distributions())
+    while other.params != {"algorithm": "chunk"}:  # the other process's point
+        study.tell(other, state=TrialState.FAIL)
+        study._storage.set_trial_user_attr(other._trial_id, "status", Status.DUPLICATE.value)
+        other = study.ask(space.distributions())
+    for name, value in (("owner", study_mod.owner_token()), ("evaluated", True), ("status", None)):
+        other.set_user_attr(name, value)
+    threading.Timer(1.5, lambda: study.tell(other, 2.0)).start()
+    t0 = time.monotonic()
+    counts = study_mod.run_study(study, spec, SlowEvaluator(0.5))
+    assert time.monotonic() - t0 < 10, "ends when every feasible point is measured, well before its deadline"
+    assert counts.evaluated == 2 and counts.duplicates == 0
+    assert sorted(t.params["algorithm"] for t in study.trials if t.state == TrialState.COMPLETE) == ["chunk", "recurrent"]
+
+
+def test_duplicates_are_bounded_and_left_out_of_the_table() -> None:
+    # An unwrapped sampler on the 2-point space proposes measured points: each is a FAIL "duplicate", at most
+    # MAX_DUPLICATE_STREAK in a row, and the table's trial history keeps only the two real trials.
+    from gdn2_tune.kernels.decode_spec import ALGORITHM_SUITE
+    from gdn2_tune.tuner.run import trial_records
+
+    shape = ALGORITHM_SUITE[0]
+    space = SearchSpace(op="algorithm")
+    spec = study_mod.StudySpec(
+        key=table.entry_key("algorithm", shape), stage="algorithm", shape=shape, gate_shape=shape, space=space,
+        sampler="random", seed=0, trials=30, timeout_s=20.0, warm_start=({"algorithm": "chunk"},),
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    counts = study_mod.run_study(study, spec, SlowEvaluator(0.01))
+    assert counts.evaluated == 2
+    assert counts.duplicates <= study_mod.MAX_DUPLICATE_STREAK
+    assert len(study.trials) == 2 + counts.duplicates
+    records = trial_records(study, spec.key)
+    assert sorted(r.params["algorithm"] for r in records) == ["chunk", "recurrent"]
+
+
+def test_a_study_with_no_timed_trial_still_gets_an_entry_from_the_incumbent() -> None:
+    # Every trial of the study was interrupted by its deadline (cold compiles): the final re-time still gates and
+    # times the incumbent and the default, and the entry is one of them, not "no trial passed the gate".
+    from gdn2_tune.tuner import known
+    from gdn2_tune.tuner.run import finalize_entry
+
+    served = known.Served(H100_ANCHOR, table.ServedFrom.OWN, "h200.json", table.entry_key("fwd", ANCHOR))
+    timings = {default_config(ANCHOR): (1.9, 2.0, 2.1, 0.01), H100_ANCHOR: (1.59, 1.61, 1.63, 0.01)}
+    study = optuna.create_study()
+    for cfg in (H100_ANCHOR, FAST):
+        study.add_trial(optuna.trial.create_trial(
+            params=cfg.flat(), distributions=SearchSpace().distributions(), state=TrialState.FAIL,
+            user_attrs={"status": "interrupted", "reason": "study deadline passed while it compiled"}))
+    ev = FinalEvaluator(timings, set())
+    notes: list[str] = []
+    entry = finalize_entry(study, spec_for(ANCHOR, SearchSpace(), trials=30), ev, notes, served)  # type: ignore[arg-type]
+    assert entry is not None and entry.config == H100_ANCHOR and entry.kept_incumbent
+    assert set(ev.retimed) == set(timings) and entry.trials == 0
+    assert any("timed no trial (2 interrupted" in n for n in notes), notes
+
+
+def test_a_key_the_run_got_nothing_for_keeps_its_entry_marked_not_re_tuned(tmp_path: Path) -> None:
+    # The existing table was tuned against other kernels; merging keeps only the newest fingerprint's entries, so
+    # the key this run studied without a result would lose its entry. It is carried over, marked, and says so.
+    from gdn2_tune.tuner.run import carry_untuned, merge_with_existing
+
+    path = tmp_path / "h200.json"
+    other = Shape(1, 2048, 16, 128, 128)
+    write_table(path, "h200", "sm90", [(ANCHOR, H100_ANCHOR), (other, H100_NEAR)])
+    existing, _ = table.load_profile(path)
+    assert existing is not None
+    existing = dataclasses.replace(existing, kernel_hash={"fwd": "0123456789abcdef"})
+    timing = table.Timing(1.0, 1.0, 1.0, 0.0)
+    new_entry = table.Entry(table.entry_key("fwd", other), "fwd", other, FAST, timing, timing, 1.0, {}, {}, None,
+                            3, 0, 0)
+    new = dataclasses.replace(existing, kernel_hash=table.current_fingerprints(["fwd"]), entries=(new_entry,))
+    notes: list[str] = []
+    anchor_key = table.entry_key("fwd", ANCHOR)
+    merged = merge_with_existing(carry_untuned(new, existing, [anchor_key], notes), existing, path, notes)
+    by_key = {e.key: e for e in merged.entries}
+    assert by_key[anchor_key].config == H100_ANCHOR and by_key[anchor_key].tuned_against == "0123456789abcdef"
+    assert by_key[new_entry.key].config == FAST and by_key[new_entry.key].tuned_against is None
+    assert any(n.startswith(f"{anchor_key}: NOT RE-TUNED") for n in notes), notes
+    table.save_profile(merged, path)
+    loaded, warnings = table.load_profile(path)
+    assert loaded is not None and not warnings and loaded.entries == merged.entries
+    assert any("1 entries not re-tuned" in r and anchor_key in r for r in table.staleness(loaded, "fwd"))
+
+
+FP32_ANCHOR = Shape(8, 4096, 16, 128, 128, "fp32")
+PLAIN_TF32 = flat_config(FP32_ANCHOR, **{"intra.precision": "tf32", "state.precision": "tf32"})
+
+
+@pytest.mark.parametrize(
+    ("intra", "state", "refused"),
+    [pytest.param("tf32", "tf32", True, id="tf32-tf32"), pytest.param("tf32", "input", True, id="tf32-input"),
+     pytest.param("tf32x3", "tf32", False, id="tf32x3-tf32"), pytest.param("tf32", "tf32x3", False, id="tf32-tf32x3"),
+     pytest.param("tf32rn", "tf32rn", False, id="tf32rn-tf32rn")],
+)
+def test_fp32_studies_refuse_the_precision_pairs_less_accurate_than_the_baseline(
+    intra: str, state: str, refused: bool
+) -> None:
+    from gdn2_tune.kernels.fwd_spec import FWD
+
+    cfg = flat_config(FP32_ANCHOR, **{"intra.precision": intra, "state.precision": state})
+    assert FWD.infeasibility(cfg, FP32_ANCHOR) is None, "chunk_gdn2(config=...) keeps accepting it"
+    reason = SearchSpace().check(cfg.flat(), FP32_ANCHOR)[1]
+    assert (reason is not None and "1.74e-3" in reason) == refused
+    assert SearchSpace().check(cfg.flat(), ANCHOR.__class__(8, 4096, 16, 128, 128, "bf16"))[1] is None  # bf16: exact
+    # The feasible set the sampler draws from is exactly the checked grid (the rule couples the two stages).
+    narrowed = SearchSpace().narrowed({"intra.BV": [64], "intra.BK": [64], "state.BV": [64], "state.output": ["fused"],
+                                       "state.segment_chunks": [0], "intra.num_stages": [1], "state.num_stages": [3]})
+    grid = {study_mod._freeze(p) for p in narrowed.grid(FP32_ANCHOR)}
+    feasible = narrowed.feasible(FP32_ANCHOR)
+    assert feasible.size == len(grid) and (study_mod._freeze(cfg.flat()) in grid) != refused
+
+
+def test_an_fp32_incumbent_the_rule_refuses_is_neither_warm_started_nor_retimed() -> None:
+    from gdn2_tune.tuner import known
+    from gdn2_tune.tuner.run import finalize_entry
+
+    served = known.Served(PLAIN_TF32, table.ServedFrom.OWN, "h200.json", table.entry_key("fwd", FP32_ANCHOR))
+    points = known.warm_start(FP32_ANCHOR, "fwd", [], served, 30)
+    assert points == [default_config(FP32_ANCHOR).flat()]
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(params=FAST.flat(), value=1.0, user_attrs={"status": "ok"},
+                                              distributions=SearchSpace().distributions()))
+    timings = {FAST: (1.0, 1.0, 1.0, 0.01), default_config(FP32_ANCHOR): (2.0, 2.0, 2.0, 0.01),
+               PLAIN_TF32: (0.5, 0.5, 0.5, 0.01)}
+    ev = FinalEvaluator(timings, set())
+    notes: list[str] = []
+    spec = spec_for(FP32_ANCHOR, SearchSpace(), trials=2)
+    entry = finalize_entry(study, spec, ev, notes, served)  # type: ignore[arg-type]
+    assert entry is not None and entry.config != PLAIN_TF32 and PLAIN_TF32 not in ev.retimed
+    assert entry.incumbent is None
+    assert any("refused for tuning" in n and "not a candidate" in n for n in notes), notes

@@ -135,14 +135,17 @@ def warm_start(
     device: DeviceLimits = DEFAULT_DEVICE,
 ) -> list[dict[str, Any]]:
     """Flat points to enqueue, in order: the incumbent, the default, then table entries fitted to ``shape``, most
-    relevant first (see :func:`_relevance`; ties keep the table order), each point once. The default and the fits
-    are those of ``device``, the tuned GPU's limits."""
+    relevant first (see :func:`_relevance`; ties keep the table order), each point once, none that the op's search
+    rules refuse (``KernelSpec.search_refusal``). The default and the fits are those of ``device``, the tuned GPU's
+    limits."""
     spec = get_spec(stage)
     points: list[dict[str, Any]] = []
     seen: set[Any] = set()
 
     def add(config: Any) -> bool:
-        if config is None:  # an entry the op cannot fit to this shape
+        # None: an entry the op cannot fit to this shape. A config the op's search rules refuse (less accurate than
+        # the gate can see) would only be pruned by the study: its run reports a refused incumbent instead.
+        if config is None or spec.search_refusal(config, shape, device) is not None:
             return False
         point = config.flat()
         if freeze(point) in seen:
@@ -189,10 +192,14 @@ def beats(candidate: table.Timing, incumbent: table.Timing) -> bool:
     return candidate.p80_ms < incumbent.p20_ms and gain > max(candidate.spread, incumbent.spread) * incumbent.p50_ms
 
 
-def decide(timings: Sequence[table.Timing], incumbent: int | None) -> Decision:
+def decide(
+    timings: Sequence[table.Timing], incumbent: int | None, eligible: Sequence[int] | None = None
+) -> Decision:
     """The entry's config among re-timed candidates: the fastest median, unless that does not :func:`beats` the
-    incumbent, which then stays."""
-    best = min(range(len(timings)), key=lambda i: timings[i].p50_ms)
+    incumbent, which then stays. ``eligible``: the indices that may be chosen (default: all); the others were
+    timed only to compare with (a built-in default the op's search rules refuse)."""
+    pool = range(len(timings)) if eligible is None else eligible
+    best = min(pool, key=lambda i: timings[i].p50_ms)
     if incumbent is None:
         return Decision(best, best, Verdict.UNCHECKED)
     if best != incumbent and beats(timings[best], timings[incumbent]):

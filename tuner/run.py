@@ -36,7 +36,7 @@ from gdn2_tune.reports.roofline import percent_of_roof
 from gdn2_tune.tuner import known
 from gdn2_tune.tuner import study as study_mod
 from gdn2_tune.tuner.device import detect_device, telemetry
-from gdn2_tune.tuner.outcome import Outcome
+from gdn2_tune.tuner.outcome import Outcome, Status
 from gdn2_tune.tuner.progress import ProgressView
 from gdn2_tune.tuner.space import SearchSpace
 from gdn2_tune.tuner.suite import SUITE, format_shape
@@ -331,8 +331,9 @@ def finalize_entry(
         key=lambda t: t.value,  # type: ignore[arg-type, return-value]
     )
     op = get_spec(spec.stage)
-    default = op.default_config(spec.shape, spec.space.device)
-    if op.infeasibility(default, spec.shape, spec.space.device) is not None:
+    device = spec.space.device
+    default = op.default_config(spec.shape, device)
+    if op.infeasibility(default, spec.shape, device) is not None:
         notes.append(f"{spec.key}: the built-in default is infeasible here; entry skipped")
         return None
     dflat = default.flat()
@@ -340,22 +341,37 @@ def finalize_entry(
     if why is not None:
         notes.append(f"{spec.key}: the built-in default failed its gate ({why}); entry skipped: the kernels need fixing")
         return None
-    if served is not None and served.config != default:
-        why = _gate_failure(study, spec, evaluator, served.config.flat())
-        if why is not None:
-            notes.append(f"{spec.key}: the incumbent {served.config.label()} ({served.describe()}) failed its gate "
-                         f"here ({why}); it is not a candidate")
+    # The default is re-timed whatever happens (the entry's speedup is against it), but one the op's search rules
+    # refuse is not chosen.
+    default_refused = op.search_refusal(default, spec.shape, device)
+    if default_refused is not None:
+        notes.append(f"{spec.key}: the built-in default {default.label()} is {default_refused}; timed, not chosen")
+    if served is not None:
+        refused = op.search_refusal(served.config, spec.shape, device)
+        failure = None if refused is not None or served.config == default else _gate_failure(
+            study, spec, evaluator, served.config.flat())
+        if refused is not None or failure is not None:
+            why = f"is {refused}" if refused is not None else f"failed its gate here ({failure})"
+            notes.append(f"{spec.key}: the incumbent {served.config.label()} ({served.describe()}) {why}; "
+                         "it is not a candidate")
             served = None
-    if not complete:
-        notes.append(f"{spec.key}: no trial passed the gate; entry skipped")
-        return None
     candidates: list[dict[str, Any]] = []
     for t in complete:
         if len(candidates) < options.top_k and dict(t.params) not in candidates:
             candidates.append(dict(t.params))
+    if not complete:
+        # A study whose every trial a deadline interrupted (cold compiles, 2026-11-30 on two H200s) still re-times
+        # what was served before and the default, both gated above: the table must not lose the shape's entry.
+        interrupted = sum(1 for t in trials if t.user_attrs.get("status") == Status.INTERRUPTED)
+        notes.append(f"{spec.key}: the search timed no trial ({interrupted} interrupted by its deadline); "
+                     "the entry is chosen between the incumbent and the default only")
     for extra in (dflat, None if served is None else served.config.flat()):
         if extra is not None and extra not in candidates:
             candidates.append(extra)
+    eligible = [i for i, c in enumerate(candidates) if c != dflat or default_refused is None]
+    if not eligible:
+        notes.append(f"{spec.key}: no candidate the op's search rules accept was timed; entry skipped")
+        return None
     shape_d = dataclasses.asdict(spec.shape)
     # The re-time does top_k+1 configs × rounds blocks of the per-trial repetitions: allow it several trial timeouts.
     out = evaluator.call_timer({"op": "retime", "shape": shape_d, "configs": candidates, "rounds": options.retime_rounds},
@@ -366,7 +382,7 @@ def finalize_entry(
     timings = [table.Timing(**{k: t[k] for k in ("p20_ms", "p50_ms", "p80_ms", "spread")}) for t in out["timings"]]
     i_def = candidates.index(dflat)
     i_inc = None if served is None else candidates.index(served.config.flat())
-    decision = known.decide(timings, i_inc)
+    decision = known.decide(timings, i_inc, eligible)
     chosen = decision.chosen
     stages = evaluator.call_timer({"op": "stages", "shape": shape_d, "configs": [candidates[chosen], dflat]},
                                   options.time_timeout_s * 3)
@@ -374,7 +390,7 @@ def finalize_entry(
         notes.append(f"{spec.key}: stage timing failed ({stages.describe()}); entry skipped")
         return None
     c = study_mod.count(trials)
-    if decision.best != 0 and decision.verdict != known.Verdict.KEPT:
+    if complete and decision.best != 0 and decision.verdict != known.Verdict.KEPT:
         notes.append(f"{spec.key}: the interleaved re-time picked candidate #{decision.best + 1} over the search's best")
     if served is not None and i_inc is not None:
         best, inc = timings[decision.best], timings[i_inc]
@@ -421,7 +437,8 @@ def _finalize(
     prog.phase = "done" if entry is not None else "no entry"
     c = study_mod.count(study.get_trials(deepcopy=False))
     notes.append(f"{spec.key}: {c.evaluated} evaluated trials, {c.pruned} pruned (gate, compile), {c.failed} failed, "
-                 f"{rejected_draws(study)} infeasible draws rejected by the sampler (not trials)")
+                 f"{c.duplicates} duplicate proposals, {rejected_draws(study)} infeasible draws rejected by the "
+                 "sampler (neither kept in the table)")
     return Finalized(entry, tuple(notes), tuple(trial_records(study, spec.key)))
 
 
@@ -440,7 +457,8 @@ def roof_summary(entry: table.Entry, device: table.DeviceInfo) -> str:
 def trial_records(study: optuna.Study, key: str) -> list[table.TrialRecord]:
     out = []
     for t in study.get_trials(deepcopy=False):
-        if not t.state.is_finished():
+        # Duplicates are counted (study.Counts, the run's notes), never kept: they say nothing about a config.
+        if not t.state.is_finished() or t.user_attrs.get("status") == Status.DUPLICATE:
             continue
         out.append(table.TrialRecord(
             key=key, number=t.number, state=t.state.name,
@@ -560,6 +578,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     title = f"gdn2-tune on {device.name} ({options.sampler}, {evaluator.parallel} gate workers)"
     entries: list[table.Entry] = []
     records: list[table.TrialRecord] = []
+    untuned: list[str] = []  # keys studied without a result: the table's entries for them are carried over
     view = ProgressView(progresses, title=title, enabled=options.progress)
     # Without the live table (--no-progress, or output to a file), one line per finished trial.
     log_trials = not view.enabled
@@ -617,11 +636,13 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                 while not all(f.done() for f in futures):
                     time.sleep(0.5)
                     view.update(force=True)
-            for prog, fut in zip(progresses, futures):  # in the order of the studies, whichever finished first
+            for spec, prog, fut in zip(specs, progresses, futures):  # in the order of the studies
                 result = fut.result()
                 notes.extend(result.notes)
                 records.extend(result.records)
-                if result.entry is not None:
+                if result.entry is None:
+                    untuned.append(spec.key)
+                else:
                     entries.append(result.entry)
                     prog.best_ms = result.entry.timing.p50_ms
                     prog.roof = roof_summary(result.entry, device)
@@ -640,6 +661,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                 "wall_s": round(time.monotonic() - started, 1)},
         interpret=options.interpret, roofs=roofs, entries=tuple(entries), trials=tuple(records),
     )
+    profile = carry_untuned(profile, existing, untuned, notes)
     profile = merge_with_existing(profile, existing, out_path, notes)
     table.save_profile(profile, out_path)
     for e in entries:
@@ -652,6 +674,36 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
         view.log(f"note: {n}")
     view.log(f"wrote {out_path}" + (" (interpreter run: timings mean nothing)" if options.interpret else ""))
     return RunResult(out_path, tuple(entries), tuple(notes))
+
+
+def carry_untuned(
+    new: table.Profile, existing: table.Profile | None, keys: Sequence[str], notes: list[str]
+) -> table.Profile:
+    """``new`` plus the entries ``existing`` has for ``keys``, the keys this run studied and got no entry for.
+
+    Merging keeps only the newest fingerprint's entries of an op (profiles.table.merge_profiles), so without this
+    a run that changed the kernels and got no result at a shape would drop its entry (2026-11-30, two H200s: four
+    fwd studies whose cold compiles outlasted their deadline left the table without its anchor entry). A carried
+    entry records what it was tuned against (``Entry.tuned_against``), so the table reads as stale for its op until
+    a run re-tunes the key.
+    """
+    old = {} if existing is None else {e.key: e for e in existing.entries}
+    carried = []
+    for key in keys:
+        entry = old.get(key)
+        if entry is None or existing is None:
+            notes.append(f"{key}: NO ENTRY: this run got no result and the table had none; the dispatcher serves the "
+                         "nearest entry or the built-in default there")
+            continue
+        against = entry.tuned_against or existing.kernel_hash.get(entry.stage) or "unknown"
+        if existing.triton_version != new.triton_version and "@triton" not in against:
+            against = f"{against}@triton{existing.triton_version}"
+        fresh = against == new.kernel_hash.get(entry.stage)
+        carried.append(dataclasses.replace(entry, tuned_against=None if fresh else against))
+        how = "tuned against today's kernels" if fresh else f"marked not re-tuned (tuned against {against})"
+        notes.append(f"{key}: NOT RE-TUNED: this run got no result; kept the table's entry {entry.config.label()} "
+                     f"({entry.timing.p50_ms:.4f} ms), {how}")
+    return dataclasses.replace(new, entries=new.entries + tuple(carried)) if carried else new
 
 
 def merge_with_existing(

@@ -67,7 +67,8 @@ class SearchSpace:
             cfg = self.config(params)
         except (KeyError, ValueError, TypeError) as err:
             return None, f"not a config: {err}"
-        return (None, reason) if (reason := self.spec.infeasibility(cfg, shape, self.device)) else (cfg, None)
+        reason = self.spec.search_infeasibility(cfg, shape, self.device)
+        return (None, reason) if reason else (cfg, None)
 
     def narrowed(self, choices: Mapping[str, Sequence[Any]]) -> SearchSpace:
         """Keep only ``choices[name]`` for the named parameters; each must be a legal value of that parameter."""
@@ -243,11 +244,41 @@ class FeasibleSet:
 @functools.lru_cache(maxsize=64)
 def _feasible(space: SearchSpace, shape: Shape) -> FeasibleSet:
     blocks = tuple(
-        (chunk, tuple(freeze(p) for p in intra), tuple(freeze(p) for p in state))
+        block
         for chunk, intra, state in space.stage_parts(shape)
         if intra and state
+        for block in _split_by_search_rules(space, shape, chunk, intra, state)
     )
     return FeasibleSet(shape, blocks, space.params[0].name)
+
+
+def _split_by_search_rules(
+    space: SearchSpace, shape: Shape, chunk: Any, intra: list[dict[str, Any]], state: list[dict[str, Any]]
+) -> Iterator[tuple[Any, tuple[Point, ...], tuple[Point, ...]]]:
+    """One block of feasible parts as the blocks whose every pairing the op's search rules also accept.
+
+    A search rule may couple the stages (the forward's refuses some pairs of intra and state precisions), so the
+    parts are grouped by the values of the parameters the rules read (``SearchRule.reads``) and each pair of
+    groups is kept or dropped whole, checked once on one point of it.
+    """
+    rules = space.spec.search_rules
+    if not rules:
+        yield chunk, tuple(freeze(p) for p in intra), tuple(freeze(p) for p in state)
+        return
+    reads = sorted({name for rule in rules for name in rule.reads})
+
+    def groups(parts: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+        out: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for p in parts:
+            out.setdefault(tuple(p.get(name) for name in reads), []).append(p)
+        return out
+
+    coupling = space.params[0].name
+    for a in groups(intra).values():
+        for b in groups(state).values():
+            cfg = space.spec.from_flat({coupling: chunk, **a[0], **b[0]})
+            if space.spec.search_refusal(cfg, shape, space.device) is None:
+                yield chunk, tuple(freeze(p) for p in a), tuple(freeze(p) for p in b)
 
 
 def _parts(params: list[Param]) -> list[dict[str, Any]]:

@@ -14,8 +14,10 @@ reason, and one measured already (two processes asking at the same instant) is s
 
 Budget: ``trials`` counts evaluated trials (those that reached a worker), summed over every process working on
 the study, so a resumed or shared study stops at the same total. Infeasible and duplicate points cost nothing and
-do not count; the loop also stops when every feasible point has been tried, and a cap on asks keeps a sampler
-that proposes nothing new from looping.
+do not count. The loop asks only while some feasible point is open (no process has finished or is measuring it,
+:func:`survey`): otherwise it waits for the trials in flight, and stops once every feasible point has a verdict. A
+cap on asks and one on duplicates in a row (:data:`MAX_DUPLICATE_STREAK`) keep a sampler that proposes nothing
+new from looping; duplicates are counted, and left out of the table's trial history (tuner.run.trial_records).
 
 Outcome → Optuna state: ok → COMPLETE (value: median ms). A property of the config (infeasible, compile error,
 out of resources, wrong answer) → PRUNED, which TPE reads as "bad region". An event (timeout, crash, fault,
@@ -46,7 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.spec import get_spec
 from gdn2_tune.tuner.outcome import Outcome, Status
-from gdn2_tune.tuner.space import FeasibleSet, SearchSpace, freeze
+from gdn2_tune.tuner.space import FeasibleSet, Point, SearchSpace, freeze
 
 STALE_AFTER_S = 600.0  # no heartbeat for this long: the owner on another host is gone
 HEARTBEAT_EVERY_S = 60.0
@@ -63,6 +65,10 @@ CONFIG_OUTCOMES = frozenset({Status.INFEASIBLE, Status.COMPILE_ERROR, Status.OUT
 NOT_FAILURES = frozenset({Status.INTERRUPTED, Status.DUPLICATE})
 # Asks per evaluated trial before the loop concludes the sampler only proposes infeasible or known points.
 MAX_ASKS_PER_TRIAL = 40
+# Duplicate proposals in a row after which a process stops asking in a study. The loop asks only while some feasible
+# point is open (tuner.study.survey), so a duplicate means another process took the point in the same instant, or an
+# unwrapped sampler; a few in a row mean the sampler proposes nothing new.
+MAX_DUPLICATE_STREAK = 8
 # Draws of the wrapped sampler per proposal before FeasibleSampler takes a uniformly random unseen feasible point.
 # At the suite shapes ~40% of the shape-pruned box is feasible, so 16 draws all fail about once in 3500 proposals
 # while TPE explores; more often once it has converged on measured points, where a random point is the useful answer.
@@ -461,6 +467,40 @@ class Counts:
                 f"duplicates, {self.waiting} queued; best {best}")
 
 
+@dataclass(frozen=True)
+class Survey:
+    """Where a study's points stand, over every process sharing it: what the loop asks against."""
+
+    finished: dict[Point, FrozenTrial]  # points with a verdict (not interrupted, not a duplicate): the first trial
+    finished_feasible: frozenset[Point]  # of those, the ones that were not infeasible
+    running: frozenset[Point]  # points a worker of some process is measuring now
+    waiting: int  # enqueued trials not yet asked (warm starts, retries)
+
+    @property
+    def taken(self) -> frozenset[Point]:
+        """Feasible points a new ask must not repeat."""
+        return self.finished_feasible | self.running
+
+
+def survey(study: optuna.Study) -> Survey:
+    """The :class:`Survey` of ``study``."""
+    finished: dict[Point, FrozenTrial] = {}
+    running: set[Point] = set()
+    waiting = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING:
+            waiting += 1
+        elif not t.params:
+            continue
+        elif t.state == TrialState.RUNNING:
+            if t.user_attrs.get("evaluated"):
+                running.add(_freeze(t.params))
+        elif t.user_attrs.get("status") not in NOT_FAILURES:
+            finished.setdefault(_freeze(t.params), t)
+    feasible = frozenset(k for k, t in finished.items() if t.user_attrs.get("status") != Status.INFEASIBLE)
+    return Survey(finished, feasible, frozenset(running), waiting)
+
+
 def count(trials: Sequence[FrozenTrial]) -> Counts:
     evaluated = [t for t in trials if is_evaluated(t)]
     complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
@@ -529,22 +569,15 @@ def run_study(
     space = spec.space.for_shape(spec.shape)
     enqueue_warm_start(study, spec)
     dists = space.distributions()
-    # Every feasible point tried: nothing new to ask (a narrowed space, or a long run at a tiny shape).
     n_feasible = spec.space.feasible(spec.shape).size
-
-    finished: dict[tuple[tuple[str, Any], ...], FrozenTrial] = {}
-    for t in study.get_trials(deepcopy=False):
-        if t.state.is_finished() and t.user_attrs.get("status") not in NOT_FAILURES:
-            finished.setdefault(_freeze(t.params), t)
-    tried_feasible = {k for k, t in finished.items() if t.user_attrs.get("status") != Status.INFEASIBLE}
 
     gating: dict[Future[Outcome], optuna.trial.Trial] = {}
     queued: list[optuna.trial.Trial] = []  # passed the gate, waiting for the (single) timing worker
     timing: dict[Future[Outcome], optuna.trial.Trial] = {}
     inflight_params: set[tuple[tuple[str, Any], ...]] = set()
     asks = 0
+    duplicate_streak = 0  # proposals in a row that were duplicates: past MAX_DUPLICATE_STREAK, no more asking
     last_beat = time.time()
-
     def refresh() -> Counts:
         c = count(study.get_trials(deepcopy=False))
         progress.done, progress.pruned, progress.failed, progress.best_ms = c.evaluated, c.pruned, c.failed, c.best_ms
@@ -573,12 +606,7 @@ def run_study(
             frozen = study.tell(trial, state=TrialState.PRUNED)
         else:
             frozen = study.tell(trial, state=TrialState.FAIL)
-        key = _freeze(trial.params)
-        inflight_params.discard(key)
-        if status not in NOT_FAILURES:
-            finished.setdefault(key, frozen)
-            if status != Status.INFEASIBLE:
-                tried_feasible.add(key)
+        inflight_params.discard(_freeze(trial.params))
         report(frozen)
 
     def duplicate(trial: optuna.trial.Trial, of: FrozenTrial | None) -> None:
@@ -595,45 +623,51 @@ def run_study(
         if on_trial is not None:
             on_trial(TrialEvent.of(spec.key, frozen, count(study.get_trials(deepcopy=False)), spec.trials))
 
-    def running_elsewhere(number: int) -> set[tuple[tuple[str, Any], ...]]:
-        """Points other processes sharing the study are measuring now (a narrow race remains: two processes
-        asking the same point at the same instant both measure it)."""
-        return {
-            _freeze(t.params)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.number != number and t.user_attrs.get("evaluated")
-        }
+    def can_ask() -> bool:
+        """Whether the budget, the ask cap and the duplicate streak allow another ask and the study has a point to
+        give: an enqueued one, or a feasible point no trial of any process has finished or is measuring. On a
+        2-point space with both in flight the loop used to ask on, and stored 5346 duplicates in 80 s (2026-11-30)."""
+        if (c.evaluated + c.running >= spec.trials or asks >= MAX_ASKS_PER_TRIAL * max(1, spec.trials)
+                or duplicate_streak >= MAX_DUPLICATE_STREAK):
+            return False
+        trials = study.get_trials(deepcopy=False)
+        # Cheap answers first: this runs before every ask, and a grid study holds thousands of trials.
+        if sum(1 for t in trials if t.params) < n_feasible or any(t.state == TrialState.WAITING for t in trials):
+            return True
+        return len(survey(study).taken | inflight_params) < n_feasible
 
     c = refresh()
     while True:
         now = time.monotonic()
         past_deadline = deadline is not None and now >= deadline
-        in_flight = len(gating) + len(queued) + len(timing)
         # Ask ahead: keep every gate worker busy, but no more than that queued for timing, so that the sampler
         # hears back about points before proposing many more.
         while (
             not past_deadline
             and len(gating) < evaluator.parallel
             and len(queued) < max(1, evaluator.parallel // 2)
-            and c.evaluated + c.running < spec.trials
-            and asks < MAX_ASKS_PER_TRIAL * max(1, spec.trials)
-            and len(tried_feasible | inflight_params) < n_feasible
+            and can_ask()
         ):
             asks += 1
             trial = study.ask(dists)
             trial.set_user_attr("owner", token)
             params = dict(trial.params)
             key = _freeze(params)
-            if key in finished:
-                duplicate(trial, finished[key])
-                continue
-            if key in inflight_params or key in running_elsewhere(trial.number):
-                duplicate(trial, None)
+            # Another process may have asked for the same point since the survey: a duplicate, stored as a FAIL
+            # (of the finished trial when there is one), at most MAX_DUPLICATE_STREAK in a row.
+            same = [t for t in study.get_trials(deepcopy=False) if t.params == params and t.number != trial.number]
+            done = next((t for t in same if t.state.is_finished() and t.user_attrs.get("status") not in NOT_FAILURES),
+                        None)
+            if (done is not None or key in inflight_params
+                    or any(t.state == TrialState.RUNNING and t.user_attrs.get("evaluated") for t in same)):
+                duplicate_streak += 1
+                duplicate(trial, done)
                 continue
             cfg, reason = spec.space.check(params, spec.shape)
             if cfg is None:
                 finish(trial, Outcome(Status.INFEASIBLE, reason), evaluated=False)
                 continue
+            duplicate_streak = 0
             trial.set_user_attr("evaluated", True)  # counted as running by other processes sharing the study
             trial.set_user_attr("heartbeat", time.time())
             inflight_params.add(key)
@@ -645,15 +679,18 @@ def run_study(
         in_flight = len(gating) + len(queued) + len(timing)
         if in_flight == 0:
             c = refresh()
-            # Done, or nothing left to ask (budget met by running trials of other processes: wait for them).
-            exhausted = len(tried_feasible) >= n_feasible
-            if past_deadline or exhausted or c.evaluated >= spec.trials or asks >= MAX_ASKS_PER_TRIAL * max(1, spec.trials):
+            pts = survey(study)
+            # Every feasible point has a verdict (over every process), or the budget is met, or asking is pointless.
+            exhausted = pts.waiting == 0 and len(pts.finished_feasible) >= n_feasible
+            if (past_deadline or exhausted or c.evaluated >= spec.trials
+                    or asks >= MAX_ASKS_PER_TRIAL * max(1, spec.trials) or duplicate_streak >= MAX_DUPLICATE_STREAK):
                 break
-            if c.evaluated + c.running >= spec.trials:
+            if not can_ask():
+                # The budget is met by, or every open point is, running trials of other processes: wait for them
+                # (one that fails or whose process dies frees its point or its budget again).
                 time.sleep(0.5)
                 recover_stale(study)
                 c = refresh()
-                continue
             continue
         if past_deadline and gating and now >= deadline + DRAIN_S:  # type: ignore[operator]
             # Compiles still running after the drain are given up (their workers killed); points already
