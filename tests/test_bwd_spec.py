@@ -241,3 +241,21 @@ def test_an_op_list_is_checked_before_any_work(argv: list[str], message: str, tm
     captured = capsys.readouterr()
     assert code != 0 and message in captured.err, captured.err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_several_ops_share_the_budget_by_their_number_of_studies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tune --op fwd,bwd --budget-minutes 13`: each study (shape) gets an equal share of the budget, whichever op
+    it belongs to, rather than each op an equal share (which starved the op with the most shapes)."""
+    from gdn2_tune.kernels.fwd_spec import FWD
+    from gdn2_tune.tuner import run as run_mod
+
+    seen: list[run_mod.TuneOptions] = []
+    monkeypatch.setattr(cli, "_require_gpus", lambda gpus: None)
+    monkeypatch.setattr(run_mod, "tune", lambda options: seen.append(options) or run_mod.RunResult(None, (), ()))
+    bwd = get_spec(BWD_OP)
+    cli.main(["tune", "--op", f"fwd,{BWD_OP}", "--budget-minutes", "13", "--no-progress",
+              "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "t.json")])
+    assert [o.op for o in seen] == ["fwd", BWD_OP]
+    studies = len(FWD.suite) + len(bwd.suite)
+    assert seen[0].budget_minutes == pytest.approx(13 * len(FWD.suite) / studies)
+    assert seen[1].budget_minutes == pytest.approx(13 * len(bwd.suite) / studies)

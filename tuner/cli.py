@@ -187,9 +187,9 @@ def tune_ops(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def tune_options(args: argparse.Namespace, op: str | None = None, share: int = 1) -> TuneOptions:
+def tune_options(args: argparse.Namespace, op: str | None = None, share: float = 1.0) -> TuneOptions:
     """The run's :class:`tuner.run.TuneOptions` for ``op`` (default: ``--op``, one op), after every check that
-    needs no GPU time (raises UsageError); with ``share`` ops in one command, each gets that share of the budget."""
+    needs no GPU time (raises UsageError); with several ops in one command, this op gets ``share`` of the budget."""
     from gdn2_tune.tuner.run import RUNS_DIR, TuneOptions
     from gdn2_tune.tuner.space import parse_param_choices
 
@@ -204,7 +204,7 @@ def tune_options(args: argparse.Namespace, op: str | None = None, share: int = 1
             raise UsageError("--gpus: not with --interpret (the interpreter runs on the CPU); drop one of them")
     else:
         shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else spec.suite
-        budget = (8.0 if args.budget_minutes is None else args.budget_minutes) / share
+        budget = (8.0 if args.budget_minutes is None else args.budget_minutes) * share
         timeout = 90.0 if args.timeout is None else args.timeout
     choices = parse_param_choices(args.param, spec.name)
     run_dir = args.run_dir or (RUNS_DIR / ("interpret" if args.interpret else "default"))
@@ -253,7 +253,12 @@ def tune_command(args: argparse.Namespace) -> int:
     from gdn2_tune.tuner.run import tune
 
     ops = tune_ops(args)
-    runs = [tune_options(args, op, share=len(ops)) for op in ops]  # every check before any GPU time
+    runs = [tune_options(args, op) for op in ops]  # every check before any GPU time
+    # Several ops share --budget-minutes by their number of studies (shapes), so every shape gets a fair share:
+    # an even split per op gave the 9 forward shapes ~9 s each on an H200 (2026-11-30) while each of the 6
+    # two-point algorithm studies had 3x that.
+    studies = sum(len(o.shapes) for o in runs)
+    runs = [tune_options(args, o.op, share=len(o.shapes) / studies) for o in runs] if len(runs) > 1 else runs
     code = 0
     for options in runs:
         try:
