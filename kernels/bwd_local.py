@@ -90,8 +90,8 @@ def _local_v_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         m_s = m_live[:, None] & m_v[None, :]
-        b_s0 = tl.load(hc + p_s + o_v[None, :], mask=m_s, other=0.0)
-        b_ds = tl.load(dhc + p_s + o_v[None, :], mask=m_s, other=0.0)
+        b_s0 = tl.load(hc + p_s + o_v[None, :], mask=m_s, other=0.0).to(tl.float32)
+        b_ds = tl.load(dhc + p_s + o_v[None, :], mask=m_s, other=0.0).to(tl.float32)
         m_cv = m_c[:, None] & m_v[None, :]
         p_t = tok[:, None] + o_v[None, :]
         b_v = tl.load(v + p_t, mask=m_cv, other=0.0).to(tl.float32)
@@ -165,8 +165,8 @@ def _local_vk_kernel(
         m_s = m_k[:, None] & m_vl[None, :]
         b_e = tl.load(e_bar + p_ck, mask=m_k[None, :], other=0.0)
         b_kt = tl.load(k_tail + p_ck, mask=m_k[None, :], other=0.0)
-        b_s0 = tl.load(hc + p_s + o_k[:, None] * V, mask=m_s, other=0.0)
-        b_ds = tl.load(dhc + p_s + o_k[:, None] * V, mask=m_s, other=0.0)
+        b_s0 = tl.load(hc + p_s + o_k[:, None] * V, mask=m_s, other=0.0).to(tl.float32)
+        b_ds = tl.load(dhc + p_s + o_k[:, None] * V, mask=m_s, other=0.0).to(tl.float32)
         b_r -= tl.dot(tl.dot(b_a, b_e, input_precision=PRECISION), b_s0, input_precision=PRECISION)
         b_dr += tl.dot(b_kt, b_ds, input_precision=PRECISION)
 
@@ -178,8 +178,8 @@ def _local_vk_kernel(
         p_ck = i_nh * C * K + o_c[:, None] * K + o_k[None, :]
         m_s = m_k[:, None] & m_vl[None, :]
         b_e = tl.load(e_bar + p_ck, mask=m_k[None, :], other=0.0)
-        b_s0 = tl.load(hc + p_s + o_k[:, None] * V, mask=m_s, other=0.0)
-        b_ds = tl.load(dhc + p_s + o_k[:, None] * V, mask=m_s, other=0.0)
+        b_s0 = tl.load(hc + p_s + o_k[:, None] * V, mask=m_s, other=0.0).to(tl.float32)
+        b_ds = tl.load(dhc + p_s + o_k[:, None] * V, mask=m_s, other=0.0).to(tl.float32)
         b_dy = -tl.dot(b_dr, tl.trans(b_s0), input_precision=PRECISION)
         tl.store(d_qg + p_ck, tl.dot(b_do, tl.trans(b_s0), input_precision=PRECISION), mask=m_k[None, :])
         tl.store(d_kt + p_ck, tl.dot(b_r, tl.trans(b_ds), input_precision=PRECISION), mask=m_k[None, :])
@@ -244,8 +244,8 @@ def _local_rows_kernel(
         m_s = m_k[:, None] & m_vl[None, :]
         b_e = tl.load(e_bar + p_ck, mask=m_k[None, :], other=0.0)
         b_kt = tl.load(k_tail + p_ck, mask=m_k[None, :], other=0.0)
-        b_s0 = tl.load(hc + p_s, mask=m_s, other=0.0)
-        b_ds = tl.load(dhc + p_s, mask=m_s, other=0.0)
+        b_s0 = tl.load(hc + p_s, mask=m_s, other=0.0).to(tl.float32)
+        b_ds = tl.load(dhc + p_s, mask=m_s, other=0.0).to(tl.float32)
         b_y = tl.dot(b_a, b_e, input_precision=PRECISION)
         b_r -= tl.dot(b_y, b_s0, input_precision=PRECISION)
         b_dr += tl.dot(b_kt, b_ds, input_precision=PRECISION)
@@ -331,8 +331,8 @@ def _local_cols_kernel(
             m_s = m_kl[:, None] & m_v[None, :]
             p_s = o_k[:, None] * V + o_v[None, :]
             p_cv = o_c[:, None] * V + o_v[None, :]
-            b_s0 = tl.load(hc + p_s, mask=m_s, other=0.0)
-            b_ds = tl.load(dhc + p_s, mask=m_s, other=0.0)
+            b_s0 = tl.load(hc + p_s, mask=m_s, other=0.0).to(tl.float32)
+            b_ds = tl.load(dhc + p_s, mask=m_s, other=0.0).to(tl.float32)
             b_r = tl.load(r_buf + p_cv, mask=m_v[None, :], other=0.0)
             b_dr = tl.load(dr_buf + p_cv, mask=m_v[None, :], other=0.0)
             b_do = tl.load(do + tok[:, None] + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
@@ -462,9 +462,10 @@ def local_v_side(
         raise ValueError(f"a_qk: expected a contiguous [B, T, {H}, {C}] tensor, received {tuple(a_qk.shape)}")
     for name, x, want in (("a", a, (N, H, C, C)), ("k_tail", k_tail, (N, H, C, K)),
                           ("G", G, (N, H, C, K)), ("hc", hc, (N, H, K, V)), ("dhc", dhc, (N, H, K, V))):
-        if tuple(x.shape) != want or x.dtype != torch.float32 or not x.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous fp32 tensor of shape {want}, received "
-                             f"{tuple(x.shape)} {x.dtype}")
+        ok = (torch.float32, torch.bfloat16) if name in ("hc", "dhc") else (torch.float32,)  # states: fp32 or bf16
+        if tuple(x.shape) != want or x.dtype not in ok or not x.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {' or '.join(str(d) for d in ok)} tensor of shape "
+                             f"{want}, received {tuple(x.shape)} {x.dtype}")
     for name, x in (("v", v), ("w", w), ("do", do)):
         if x.shape[-2:] != (H, V) or not x.is_contiguous() or x.dtype != v.dtype:
             raise ValueError(f"{name}: expected a contiguous [B, T, {H}, {V}] {v.dtype} tensor, received "
