@@ -54,6 +54,7 @@ STATE_OUTPUTS = ("fused", "split")
 # Segment lengths (in chunks) of the state pass's sequence split. At C = 32 a 65536-token sequence has 2048 chunks:
 # 16 gives 128 segments, 256 gives 8; a few heads times 8-128 segments fill the 132 SMs of an H100/H200.
 SEGMENT_CHUNKS = (0, 16, 32, 64, 128, 256)
+STATE_K_PARTS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class StateConfig:
     # Chunks per segment of the sequence split (kernels/state.py): 0 walks each sequence in one pass; n > 0 cuts
     # it into segments of n chunks that three launches walk in parallel (more programs, about twice the FLOPs).
     segment_chunks: int = 0
+    # Row parts of the state tile: 1 holds S as one [KP, BV] tile, KP = K padded to a power of two; 2 holds it as
+    # two, [KA, BV] and [KB, BV] (state_row_parts), which pads K = 96, 160, 192 not at all (64 + 32, 128 + 32,
+    # 128 + 64 rows) where one tile pads them by a third, and halves every K-wide dot at a power-of-two K.
+    k_parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -144,13 +149,13 @@ class FwdConfig:
         return (
             f"C{self.chunk}/intra:BC{i.BC}-BK{i.BK}-BV{i.BV}-w{i.num_warps}-s{i.num_stages}-{i.precision}"
             f"/state:BV{s.BV}-w{s.num_warps}-s{s.num_stages}-{s.precision}{'-split' if s.output == 'split' else ''}"
-            f"{f'-seg{s.segment_chunks}' if s.segment_chunks else ''}"
+            f"{f'-seg{s.segment_chunks}' if s.segment_chunks else ''}{f'-k{s.k_parts}' if s.k_parts > 1 else ''}"
         )
 
 
 DEFAULT_CONFIG = FwdConfig()
 # Fields added after tables were shipped, with the value every older entry ran: a missing one reads as that.
-LATER_FIELDS: dict[str, dict[str, Any]] = {"state": {"segment_chunks": 0}}
+LATER_FIELDS: dict[str, dict[str, Any]] = {"state": {"segment_chunks": 0, "k_parts": 1}}
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,7 @@ SPACE: tuple[Param, ...] = (
     Param("state.output", STATE_OUTPUTS, "O inside the sequential pass, or in a parallel launch after it"),
     Param("state.segment_chunks", SEGMENT_CHUNKS,
           "0: one pass per sequence; n: the sequence cut into segments of n chunks, walked in parallel"),
+    Param("state.k_parts", STATE_K_PARTS, "the state tile as one padded [KP, BV] tile or two row parts"),
 )
 
 
@@ -212,6 +218,16 @@ def _padded(n: int) -> int:
 # launchers import this name; the constraints call ``_padded`` because the table fingerprint hashes the helper
 # functions they call by name (kernels/fingerprint.py), and a rename would mark every shipped table stale.
 padded_dim = _padded
+
+
+def state_row_parts(K: int, parts: int) -> tuple[int, int]:
+    """Rows (KA, KB) of the state tile's parts (StateConfig.k_parts): (KP, 0) in one; in two, the largest power of
+    two below K (half of a power-of-two K) and the rest padded to a power of two. K = 96 -> (64, 32), 100 -> (64,
+    64), 192 -> (128, 64), 256 -> (128, 128)."""
+    if parts == 1:
+        return _padded(K), 0
+    ka = max(MIN_DOT_DIM, 1 << ((K - 1).bit_length() - 1))
+    return ka, _padded(max(K - ka, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,7 +275,7 @@ def state_shared_memory(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM9
     bound follows the deeper of the two so that no admitted config fails to launch.
     """
     esize = 4 if shape.dtype == "fp32" else 2
-    c, kp = cfg.chunk, _padded(shape.K)
+    c, kp = cfg.chunk, sum(state_row_parts(shape.K, cfg.state.k_parts))
     per_stage = esize * (3 * c * kp + c * cfg.state.BV + c * c)
     total = int(1.1 * max(1, cfg.state.num_stages) * per_stage)
     if total > device.shared_memory_per_block:
@@ -269,7 +285,8 @@ def state_shared_memory(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM9
 
 
 def state_register_budget(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
-    live = _padded(shape.K) * cfg.state.BV + 2 * cfg.chunk * cfg.state.BV  # state + R + O accumulators
+    rows = sum(state_row_parts(shape.K, cfg.state.k_parts))
+    live = rows * cfg.state.BV + 2 * cfg.chunk * cfg.state.BV  # state + R + O accumulators
     per_thread = live / (cfg.state.num_warps * THREADS_PER_WARP)
     if per_thread > MAX_REGISTERS_PER_THREAD:
         return f"state stage holds ~{per_thread:.0f} fp32 values per thread (> {MAX_REGISTERS_PER_THREAD})"
@@ -296,6 +313,19 @@ def sequence_split_on_dense_batches(cfg: FwdConfig, shape: Shape, device: Device
     chunks = -(-shape.T // cfg.chunk)
     if n >= chunks:
         return f"state.segment_chunks={n} leaves one segment: the sequence has {chunks} chunks of {cfg.chunk}"
+    return None
+
+
+def state_parts_fit(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> str | None:
+    """Two row parts need a K beyond one MMA tile, and the plain pass: the sequence split's segment and carry
+    launches hold the state as one tile."""
+    if cfg.state.k_parts == 1:
+        return None
+    if shape.K <= MIN_DOT_DIM:
+        return f"state.k_parts={cfg.state.k_parts} needs K > {MIN_DOT_DIM}, received K={shape.K}"
+    if cfg.state.segment_chunks:
+        return (f"state.k_parts={cfg.state.k_parts} does not combine with "
+                f"state.segment_chunks={cfg.state.segment_chunks}")
     return None
 
 
@@ -350,6 +380,7 @@ CONSTRAINTS: tuple[Callable[[FwdConfig, Shape, DeviceLimits], str | None], ...] 
     state_shared_memory,
     state_pipelining_avoids_fault,
     sequence_split_on_dense_batches,
+    state_parts_fit,
 )
 
 
@@ -371,6 +402,8 @@ def fit_to_shape(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> F
     cfg = dataclasses.replace(cfg, intra=intra, state=state)
     if sequence_split_on_dense_batches(cfg, shape, device) is not None:
         cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, segment_chunks=0))
+    if state_parts_fit(cfg, shape, device) is not None:
+        cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, k_parts=1))
     while infeasibility(cfg, shape, device) is not None:
         faulty = device.family in STATE_FAULT_FAMILIES and shape.dtype != "fp32" and cfg.chunk >= LONG_CHUNK
         floor = STATE_MIN_STAGES_AT_LONG_CHUNKS if faulty else 1
@@ -398,6 +431,14 @@ WIDE_STATE = StateConfig(BV=128, num_warps=8, num_stages=1)
 # - K an odd multiple of 32 (96, 160, ...): K slices of 32 need no padding to the next power of two; at K = 96
 #   1.71 ms against 1.88 with slices of 64.
 ODD_K_SLICE = 32
+# fp32 inputs: intra V tiles of 128 on 4 warps, a one-stage state pass. The fp32 study of the H200 tune (2026-11-30)
+# ran plain TF32 in 2.50 ms on intra V tiles of 128 with one state stage, against 3.51 ms on the default's tiles
+# (intra V tiles of 64, three state stages; benchmarks/exp_fp32.py). Offline sm_90 compiles (triton 3.6, the anchor)
+# put the fp32 state pass at 896 bytes of spills with three stages and 272 with one, and the 3xTF32 intra with V
+# tiles of 128 at 216 bytes on 2 warps, none on 4 (238 registers).
+FP32_INTRA_BV = 128
+FP32_INTRA_WARPS = 4
+FP32_STATE_STAGES = 1
 
 
 def _shaped_default(shape: Shape) -> FwdConfig:
@@ -423,13 +464,14 @@ def default_config(shape: Shape, device: DeviceLimits = SM90) -> FwdConfig:
     the baseline's 1.41e-3 (BASELINE.md); this default 8.1e-4 (7.7e-4 under strong decay) at 4.25 ms; "tf32rn" in
     both stages (operands rounded to nearest TF32 first: the tensor cores truncate them) 4.7e-4 / 3.6e-4 but 4.76
     ms, so it stays an option rather than the default; 3xTF32 in both 4.6e-7 at 9.64 ms (an earlier run). bf16
-    and fp16 operands are exact in TF32.
+    and fp16 operands are exact in TF32. Those times are on the bf16 default's tiles; fp32 now takes its own
+    (FP32_INTRA_BV, FP32_INTRA_WARPS, FP32_STATE_STAGES), not yet timed with these precisions.
     """
     cfg = _shaped_default(shape)
     if shape.dtype == "fp32":
         cfg = dataclasses.replace(
             cfg,
-            intra=dataclasses.replace(cfg.intra, precision="tf32x3"),
-            state=dataclasses.replace(cfg.state, precision="tf32"),
+            intra=dataclasses.replace(cfg.intra, precision="tf32x3", BV=FP32_INTRA_BV, num_warps=FP32_INTRA_WARPS),
+            state=dataclasses.replace(cfg.state, precision="tf32", num_stages=FP32_STATE_STAGES),
         )
     return fit_to_shape(cfg, shape, device)

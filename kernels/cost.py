@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gdn2_tune.kernels.config import FwdConfig, Shape
+from gdn2_tune.kernels.config import FwdConfig, Shape, state_row_parts
 
 G_BYTES = 4  # g (log-decay) is fp32 in practice whatever the input dtype (kernels/inputs.py, BASELINE.md)
 GAMMA_BYTES = 4  # γ_C is written in fp32 by the intra stage
@@ -223,7 +223,9 @@ def state_cost(shape: Shape, config: FwdConfig, *, initial_state: bool = True, f
     es = element_size(shape.dtype)
     rows = shape.B * shape.T * shape.H
     chunks = num_chunks(shape, C) * shape.H  # (chunk, head) steps over all sequences
-    KP = max(16, _next_pow2(shape.K))  # the state tile is [KP, BV] with KP the padded K (kernels/state.py)
+    # Rows of the state tile [KP, BV]: K padded to a power of two, or the two row parts' sum (state.k_parts = 2,
+    # kernels/config.state_row_parts: 96 -> 64 + 32, 192 -> 128 + 64), whose K-wide dots are summed over both.
+    KP = sum(state_row_parts(shape.K, config.state.k_parts))
     n_v = _cdiv(shape.V, BV)
     Vp = n_v * BV
 

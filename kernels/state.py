@@ -18,6 +18,12 @@ forms O. It moves more bytes (a [K, V] state per chunk, written and read) but ta
 of the loads off the sequential critical path: the trade for batches of few, long sequences, where the pass
 has only N·H·V/BV programs for the whole GPU.
 
+``StateConfig.k_parts = 2`` holds S as two row tiles, [KA, BV] and [KB, BV] (kernels/config.state_row_parts), and
+sums every K-wide product over them: Y S0 = Y_A S0_A + Y_B S0_B, likewise Q_γ S0, while K_tailᵀ R and the decay
+update each part alone. A K that is not a power of two then pads to the parts' sum (96 = 64 + 32, 192 = 128 + 64)
+instead of the next power of two, and at K = 256 the two 128-row tiles compile without spills where one 256-row
+tile spills (triton 3.6, sm_90: BV 64 on 8 warps, 248 registers, against 72-568 bytes of stack in one part).
+
 ``StateConfig.segment_chunks = n > 0`` cuts each (dense) sequence into P segments of n chunks, for the few-head
 long sequences where even the split pass has too few programs. The step above is affine in S0,
 S_C = (Diag(γ_C) − K_tailᵀ Y) S0 + K_tailᵀ U, so a segment p maps its entering state to
@@ -42,7 +48,7 @@ import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
-from gdn2_tune.kernels.config import StateConfig, padded_dim
+from gdn2_tune.kernels.config import StateConfig, padded_dim, state_row_parts
 from gdn2_tune.kernels.intra import IntraOutputs, dot_precision, round_tf32
 from gdn2_tune.kernels.varlen import chunk_coords, sequence_bounds
 
@@ -76,7 +82,7 @@ def _state_kernel(
     o, h0, ht, hc, r, hs,
     cu_seqlens, chunk_offsets,
     T, NT, NC, SEG,
-    H, K, V, KP: tl.constexpr,
+    H, K, V, KP: tl.constexpr, KB: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     SPLIT: tl.constexpr, USE_SEGMENTS: tl.constexpr, PRECISION: tl.constexpr, ROUND: tl.constexpr,
@@ -121,6 +127,18 @@ def _state_kernel(
     b_s = tl.zeros([KP, BV], tl.float32)
     if USE_INITIAL_STATE:
         b_s += tl.load(h0 + p_s, mask=m_s, other=0.0).to(tl.float32)
+    if KB > 0:
+        # The state's second row part (StateConfig.k_parts = 2): rows KP .. KP + KB of S, as a tile of its own,
+        # so that a K that is not a power of two is not padded to the next one. Every K-wide dot is summed over
+        # the two parts; the sequence split never runs with them (kernels/config.state_parts_fit).
+        o_k2 = KP + tl.arange(0, KB)
+        m_k2 = o_k2 < K
+        p_s2 = ((i_n * H + i_h).to(tl.int64) * K + o_k2[:, None]) * V + o_v[None, :]
+        m_s2 = m_k2[:, None] & m_v[None, :]
+        p_h2 = o_k2[:, None] * V + o_v[None, :]
+        b_s2 = tl.zeros([KB, BV], tl.float32)
+        if USE_INITIAL_STATE:
+            b_s2 += tl.load(h0 + p_s2, mask=m_s2, other=0.0).to(tl.float32)
     t_lo = 0
     t_hi = n_chunks
     if USE_SEGMENTS:
@@ -162,21 +180,51 @@ def _state_kernel(
             if not SPLIT:
                 b_q = round_tf32(b_q)
                 b_a = round_tf32(b_a)
-        b_r = b_u - _mma(b_y, b_sd, UPCAST, PRECISION)
+        b_ys = _mma(b_y, b_sd, UPCAST, PRECISION)
+        if KB > 0:
+            m_ck2 = m_c[:, None] & m_k2[None, :]
+            p_k2 = t_c[:, None] * HK + o_k2[None, :]
+            b_y2 = tl.load(y + p_k2, mask=m_ck2, other=0.0)
+            b_kt2 = tl.load(kt + p_k2, mask=m_ck2, other=0.0)
+            b_gc2 = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k2, mask=m_k2, other=0.0)
+            if not SPLIT:
+                b_q2 = tl.load(qg + p_k2, mask=m_ck2, other=0.0)
+            if PRECISION == "input":
+                b_sd2 = b_s2.to(dt)
+            else:
+                b_sd2 = b_s2
+                b_y2 = b_y2.to(tl.float32)
+                b_kt2 = b_kt2.to(tl.float32)
+                if not SPLIT:
+                    b_q2 = b_q2.to(tl.float32)
+            if ROUND:
+                b_kt2 = round_tf32(b_kt2)
+                if not SPLIT:
+                    b_q2 = round_tf32(b_q2)
+            b_ys += _mma(b_y2, b_sd2, UPCAST, PRECISION)
+        b_r = b_u - b_ys
         b_rd = b_r.to(b_y.dtype)
         if ROUND:
             b_rd = round_tf32(b_rd)  # stored so by the split pass: the output launch reads it rounded
         if SPLIT:
             # The chunk's entering state and R, exactly as the fused product below would have used them.
             tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_sd.to(hc.dtype.element_ty), mask=m_s)
+            if KB > 0:
+                tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h2, b_sd2.to(hc.dtype.element_ty), mask=m_s2)
             tl.store(r + p_v, b_rd.to(r.dtype.element_ty), mask=m_cv)
         else:
             b_o = _mma(b_q, b_sd, UPCAST, PRECISION) + _mma(b_a, b_rd, UPCAST, PRECISION)
+            if KB > 0:
+                b_o += _mma(b_q2, b_sd2, UPCAST, PRECISION)
             tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_cv)
         b_s = b_s * b_gc[:, None] + _mma(tl.trans(b_kt), b_rd, UPCAST, PRECISION)
+        if KB > 0:
+            b_s2 = b_s2 * b_gc2[:, None] + _mma(tl.trans(b_kt2), b_rd, UPCAST, PRECISION)
 
     if STORE_FINAL_STATE:
         tl.store(ht + p_s, b_s, mask=m_s)
+        if KB > 0:
+            tl.store(ht + p_s2, b_s2, mask=m_s2)
 
 
 @triton.jit
@@ -365,6 +413,10 @@ def state_fwd(
         hc = output_buffer((num_chunks, H, K, V), dot_dtype, y.device)
         r = output_buffer(v_shape, dot_dtype, y.device)
     seg = cfg.segment_chunks
+    ka, kb = state_row_parts(K, cfg.k_parts)
+    if kb and (seg or K <= ka):
+        raise ValueError(f"state.k_parts={cfg.k_parts}: takes K > {ka} and no sequence split, received K={K}, "
+                         f"segment_chunks={seg}; use k_parts=1")
     hs = None
     n_seg = 1
     if seg:
@@ -378,7 +430,7 @@ def state_fwd(
         o, initial_state, ht, hc, r, hs,
         cu_seqlens, chunk_offsets,
         T, nt, inter.num_chunks, max(seg, 1),
-        H=H, K=K, V=V, KP=padded_dim(K),
+        H=H, K=K, V=V, KP=ka, KB=kb,
         C=chunk, BV=cfg.BV,
         IS_VARLEN=varlen, USE_INITIAL_STATE=initial_state is not None and not seg,
         STORE_FINAL_STATE=output_final_state and not seg,

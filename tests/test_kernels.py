@@ -28,6 +28,8 @@ from gdn2_tune.kernels.config import (
     default_config,
     fit_to_shape,
     infeasibility,
+    state_parts_fit,
+    state_row_parts,
 )
 from gdn2_tune.kernels.inputs import make_inputs
 from gdn2_tune.kernels.intra import round_tf32
@@ -258,6 +260,34 @@ def test_sequence_split_state_pass(shape: Shape, seg: int, state: dict, strong: 
     tol = tolerance(shape, cfg)
     err_o, err_s = rel_err(o, ref_o), rel_err(s, ref_s)
     assert err_o < tol and err_s < tol, f"o {err_o:.2e}, state {err_s:.2e} (budget {tol:.0e})"
+
+
+# The state tile in two row parts (StateConfig.k_parts = 2): K = 48 as 32 + 16 rows, 96 as 64 + 32, 40 as 32 + 16
+# (8 rows of padding), 64 as two halves; fused and split output, with and without h0, strong decay.
+K_PARTS = [
+    pytest.param(Shape(2, 70, 2, 48, 40, "fp32"), {"BV": 16}, False, True, id="B2-T70-K48-V40-k2-fp32"),
+    pytest.param(Shape(1, 60, 2, 96, 40, "bf16"), {"BV": 32}, True, True, id="T60-K96-V40-k2-bf16-strong"),
+    pytest.param(Shape(1, 50, 1, 40, 24, "fp32"), {"BV": 16, "output": "split"}, True, False,
+                 id="T50-K40-V24-k2-split-strong-no-h0"),
+    pytest.param(Shape(1, 40, 1, 64, 32, "bf16"), {"BV": 32}, False, True, id="T40-K64-V32-k2-halves-bf16"),
+]
+
+
+@pytest.mark.parametrize(("shape", "state", "strong", "h0"), K_PARTS)
+def test_state_in_two_row_parts(shape: Shape, state: dict, strong: bool, h0: bool) -> None:
+    cfg = config_for(shape, state={"k_parts": 2, **state})
+    check(shape, seed=41 + shape.K, cfg=cfg, strong_decay=strong, initial_state=h0)
+
+
+def test_state_row_parts_constraints() -> None:
+    shape = Shape(1, 8192, 2, 96, 64, "bf16")
+    parts = FwdConfig(state=StateConfig(k_parts=2))
+    assert infeasibility(parts, shape) is None
+    assert "segment_chunks" in infeasibility(FwdConfig(state=StateConfig(k_parts=2, segment_chunks=128)), shape)
+    narrow = Shape(1, 64, 2, 16, 64, "bf16")
+    assert "K > 16" in state_parts_fit(parts, narrow)
+    assert fit_to_shape(parts, narrow).state.k_parts == 1
+    assert [state_row_parts(k, 2) for k in (96, 100, 192, 256)] == [(64, 32), (64, 64), (128, 64), (128, 128)]
 
 
 def test_sequence_split_constraints() -> None:
