@@ -39,11 +39,12 @@ from gdn2_tune.kernels.buffers import output_buffer
 from gdn2_tune.kernels.config import padded_dim
 
 # The value side's kernels (local_v_side's ``tile``): V tiles with K whole, K tiles with V whole, or two launches.
-VALUE_TILES = ("v", "k", "split")
+VALUE_TILES = ("v", "k", "split", "stack")
 # Software pipelining of the split launches' tile loops. Each loop step loads two fp32 [BK, BV] state tiles (and
 # the rows kernel two [C, BK] factor tiles): 2 stages double-buffer them in shared memory, ~2·(2·BK·BV + ...)·4 B,
 # 64 KiB at BK = BV = 64, leaving room for the dot operands' layout conversions at 16 warps.
 SPLIT_STAGES = 2
+STACK_STAGES = 2
 
 
 @triton.jit
@@ -121,6 +122,110 @@ def _local_v_kernel(
     tl.store(d_kt + p_ck, b_dkt, mask=m_ck)
     b_glast = tl.load(G + i_nh * C * K + (C - 1) * K + o_k, mask=m_k, other=0.0)
     tl.store(d_last + i_nh * K + o_k, tl.exp(b_glast) * b_dss, mask=m_k)
+
+
+@triton.jit
+def _local_stacked_kernel(
+    a, aqk, e_bar, k_tail, G, hc, dhc,
+    v, w, do, rows,
+    dv, dw, d_aqk, d_t, d_e, d_qg, d_kt, d_last,
+    H, K, V,
+    C: tl.constexpr, VP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The same results as :func:`_local_v_kernel`, K in tiles of BK with V whole, every product a dot of 2C rows.
+
+    Y never forms: with X = Z − Ē S0, R = A X, dA = dR Xᵀ and dĒ = −dZ S0ᵀ (dZ = Aᵀ dR), so no dY. Pairs of C-row
+    products stack into one 2C-row dot (row r < C the chunk's row r, row r ≥ C its row r − C) through block
+    matrices: at C = 32 each dot has the 64 rows that Hopper's warpgroup MMA takes with operands in shared memory,
+    where a 32-row dot takes mma.sync with every operand in registers (the "v" and "k" kernels' spills).
+
+        P = [Ē; K_tail] S0,  P' = [Ē; K_tail] dS_C      (a first walk over K; the top of P, the bottom of P')
+        IN = [Z; dO],  MID = [X; dR] = [Z − P; P'] + diag(0, A_qkᵀ) IN,  OUT = [R; dZ] = diag(A, Aᵀ) MID
+        [·, ·; dA, ·] = MID MIDᵀ,  [·, ·; dA_qk, ·] = IN OUTᵀ
+        [dQ_γ; dĒ] = [dO; −dZ] S0ᵀ,  [dK_tail; ·] = OUT dS_Cᵀ   (a second walk over K, each tile stored at once)
+
+    No accumulator crosses the second walk; S0 and dS_C are read twice (the second time mostly from L2). The
+    unused blocks cost tensor-core time, which the kernel has to spare (it is bound by reading the state)."""
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    i_nh = i_n.to(tl.int64) * H + i_h
+    # 64-bit scalar bases, 32-bit tile offsets: half the registers of 64-bit pointer tiles.
+    a += i_nh * C * C
+    d_aqk += i_nh * C * C
+    d_t += i_nh * C * C
+    e_bar += i_nh * C * K
+    k_tail += i_nh * C * K
+    G += i_nh * C * K
+    d_e += i_nh * C * K
+    d_qg += i_nh * C * K
+    d_kt += i_nh * C * K
+    d_last += i_nh * K
+    hc += i_nh * K * V
+    dhc += i_nh * K * V
+    o_r = tl.arange(0, 2 * C)
+    top = o_r < C
+    o_c = o_r % C
+    o_v = tl.arange(0, VP)
+    m_v = o_v < V
+    b_rows = tl.load(rows + i_n.to(tl.int64) * C + o_c)
+    m_c = b_rows >= 0
+    live = tl.load(rows + i_n.to(tl.int64) * C) >= 0  # a packed index's phantom slot reads no per-chunk slot
+    m_vl = o_v < tl.where(live, V, 0)
+    tok = (tl.maximum(b_rows, 0) * H + i_h) * V  # int64 rows: no 32-bit overflow at large B·T·H·V
+    m_cv = m_c[:, None] & m_v[None, :]
+    m_top = m_cv & top[:, None]
+    m_bot = m_cv & (~top)[:, None]
+    p_t = tok[:, None] + o_v[None, :]
+
+    b_p = tl.zeros([2 * C, VP], tl.float32)
+    b_pd = tl.zeros([2 * C, VP], tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_s = m_k[:, None] & m_vl[None, :]
+        b_q = tl.load(tl.where(top[:, None], e_bar, k_tail) + o_c[:, None] * K + o_k[None, :], mask=m_k[None, :],
+                      other=0.0)
+        b_p += tl.dot(b_q, tl.load(hc + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.0).to(tl.float32),
+                      input_precision=PRECISION)
+        b_pd += tl.dot(b_q, tl.load(dhc + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.0).to(tl.float32),
+                       input_precision=PRECISION)
+
+    # diag(A, Aᵀ) and diag(0, A_qkᵀ), [2C, 2C].
+    b_ab = tl.load(a + tl.where(top[:, None], o_c[:, None] * C + o_c[None, :], o_c[None, :] * C + o_c[:, None]),
+                   mask=(top[:, None] == top[None, :]) & (o_r < tl.where(live, 2 * C, 0))[:, None],
+                   other=0.0)
+    b_dq = tl.load(aqk + (tl.maximum(b_rows, 0) * H + i_h)[None, :] * C + o_c[:, None],
+                   mask=(~top)[:, None] & (~top)[None, :] & m_c[None, :], other=0.0).to(tl.float32)
+    b_in = (tl.load(tl.where(top[:, None], v, do) + p_t, mask=m_cv, other=0.0).to(tl.float32)
+            * tl.load(w + p_t, mask=m_top, other=1.0).to(tl.float32))
+    b_mid = tl.where(top[:, None], b_in - b_p, b_pd) + tl.dot(b_dq, b_in, input_precision=PRECISION)
+    b_out = tl.dot(b_ab, b_mid, input_precision=PRECISION)
+    tl.store(dv + p_t, (b_out * tl.load(w + p_t, mask=m_bot, other=0.0).to(tl.float32)).to(dv.dtype.element_ty),
+             mask=m_bot)
+    tl.store(dw + p_t, (b_out * tl.load(v + p_t, mask=m_bot, other=0.0).to(tl.float32)).to(dw.dtype.element_ty),
+             mask=m_bot)
+    # The bottom-left blocks (chunk row r − C, column s); that of diag(A, Aᵀ) G diag(Aᵀ, A) is Aᵀ dA Aᵀ.
+    low = (~top)[:, None] & top[None, :]
+    p_cc = o_c[:, None] * C + o_c[None, :]
+    b_g = tl.dot(b_in, tl.trans(b_out), input_precision=PRECISION)
+    tl.store(d_aqk + p_cc, tl.where(o_c[:, None] >= o_c[None, :], b_g, 0.0), mask=low)
+    b_g = tl.dot(b_mid, tl.trans(b_mid), input_precision=PRECISION)
+    b_g = tl.dot(tl.dot(b_ab, b_g, input_precision=PRECISION), tl.trans(b_ab), input_precision=PRECISION)
+    tl.store(d_t + p_cc, tl.where(o_c[:, None] > o_c[None, :], -b_g, 0.0), mask=low)
+
+    b_lhs = tl.where(top[:, None], tl.load(do + p_t, mask=m_top, other=0.0).to(tl.float32), -b_out)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_s = m_k[:, None] & m_vl[None, :]
+        b_s0 = tl.load(hc + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.0).to(tl.float32)
+        b_ds = tl.load(dhc + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.0).to(tl.float32)
+        p_ck = o_c[:, None] * K + o_k[None, :]
+        tl.store(tl.where(top[:, None], d_qg, d_e) + p_ck, tl.dot(b_lhs, tl.trans(b_s0), input_precision=PRECISION),
+                 mask=m_k[None, :])
+        tl.store(d_kt + p_ck, tl.dot(b_out, tl.trans(b_ds), input_precision=PRECISION),
+                 mask=top[:, None] & m_k[None, :])
+        b_glast = tl.load(G + (C - 1) * K + o_k, mask=m_k, other=0.0)
+        tl.store(d_last + o_k, tl.exp(b_glast) * tl.sum(b_ds * b_s0, 1), mask=m_k)
 
 
 @triton.jit
@@ -484,6 +589,9 @@ def local_v_side(
     args = (a, a_qk, e_bar, k_tail, G, hc, dhc, v, w, do, rows, dv, dw, d_aqk, d_t, d_e, d_qg, d_kt, d_last, H, K, V)
     if N * H and tile == "v":
         _local_v_kernel[(N, H)](*args, C=C, KP=padded_dim(K), BV=BV, PRECISION=precision, num_warps=num_warps)
+    elif N * H and tile == "stack":
+        _local_stacked_kernel[(N, H)](*args, C=C, VP=padded_dim(V), BK=BK, PRECISION=precision,
+                                      num_warps=num_warps, num_stages=STACK_STAGES)
     elif N * H and tile == "k":
         _local_vk_kernel[(N, H)](*args, C=C, VP=padded_dim(V), BK=BK, PRECISION=precision, num_warps=num_warps)
     elif N * H:

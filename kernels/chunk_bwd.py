@@ -139,8 +139,8 @@ class BwdConfig:
     recompute_precision: str = "tf32x3"
 
     def label(self) -> str:
-        tile = {"v": f"{self.value_BV}", "k": f"{self.value_BK}"}.get(self.value_tile,
-                                                                      f"BK{self.value_BK}BV{self.value_BV}")
+        tile = {"v": f"{self.value_BV}", "k": f"{self.value_BK}", "stack": f"{self.value_BK}"}.get(
+            self.value_tile, f"BK{self.value_BK}BV{self.value_BV}")
         value = f"-val{self.value_tile}{tile}w{self.value_warps}" if self.value_side == "triton" else "-valtorch"
         pair = f"-pair{'dot' if self.pair == 'dot' else ''}BK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
@@ -379,7 +379,7 @@ def bwd_tiles_that_act(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> st
     built-in values otherwise), so that no two points of the space time the same kernels."""
     default = DEFAULT_BWD_CONFIG
     idle = ("value_tile", "value_BV", "value_BK", "value_warps") if cfg.value_side == "torch" else (
-        {"v": ("value_BK",), "k": ("value_BV",)}.get(cfg.value_tile, ()))
+        {"v": ("value_BK",), "k": ("value_BV",), "stack": ("value_BV",)}.get(cfg.value_tile, ()))
     for name in idle:
         if getattr(cfg, name) != getattr(default, name):
             return f"{name} has no effect here (value_side={cfg.value_side!r}, value_tile={cfg.value_tile!r})"

@@ -86,3 +86,22 @@ def test_split_value_side_fits_and_runs_at_k_v_256() -> None:
     fitted = fit_bwd(split, shape, 32, 4)
     assert (fitted.value_side, fitted.value_tile, fitted.value_BK, fitted.value_BV) == ("triton", "split", 64, 64)
     check(shape, split, seed=11, strong_decay=True)
+
+
+@pytest.mark.parametrize(("shape", "bcfg", "strong", "lengths"), [
+    # K = 48 in three tiles of 16 (the last partial), V = 40 padded to 64; groups of one chunk.
+    pytest.param(Shape(1, 70, 1, 48, 40, "fp32"), BwdConfig(value_tile="stack", value_BK=16, group_elements=1), True,
+                 None, id="stack-B1-T70-H1-K48-V40-BK16-groups-fp32-strong-decay"),
+    # K = 24 below one tile of 32, V = 80 not a power of two.
+    pytest.param(Shape(1, 45, 1, 24, 80, "fp32"), BwdConfig(value_tile="stack", value_BK=32), False, None,
+                 id="stack-B1-T45-H1-K24-V80-BK32-fp32"),
+    pytest.param(Shape(2, 40, 2, 96, 40, "bf16"), BwdConfig(value_tile="stack", value_BK=32), True, None,
+                 id="stack-B2-T40-H2-K96-V40-BK32-bf16-strong-decay"),
+    # A packed batch: sequences shorter than a chunk, one ending inside a chunk, the index's phantom chunk slots.
+    pytest.param(Shape(1, 60, 1, 32, 48, "fp32"), BwdConfig(value_tile="stack", value_BK=16), True, [5, 33, 1, 21],
+                 id="stack-packed-5-33-1-21-K32-V48-fp32-strong-decay"),
+])
+def test_stacked_value_side_matches_float64_autograd(shape: Shape, bcfg: BwdConfig, strong: bool,
+                                                     lengths: list[int] | None) -> None:
+    """value_tile="stack" (2C-row block products, Y never formed) on awkward sizes, padding rows and packing."""
+    check(shape, bcfg, seed=5, strong_decay=strong, lengths=lengths)
