@@ -331,11 +331,11 @@ def sweep(reps: int) -> tuple[list[dict], dict[tuple[int, int], DecodeConfig]]:
         # budget, what lost clearly in the first H200 run (benchmarks/results/decode-h200-2026-11-30.json) is left
         # out: the cache policy at T=4 and with the one-pass output; BV=8, 8 warps and 3 stages at T=4 (≥ 7% behind
         # the best, or within noise of 2 stages: that run's loop carried no num_stages, so depths were one program).
-        # The structural knobs (compiled-in dims, a register cap, a pipelined single token) are compared on the
-        # default tile by benchmarks/exp_decode_variants.py instead: crossed with every tile they would multiply
-        # this sweep eightfold.
+        # The structural knobs (compiled-in dims, a register cap, a pipelined single token, batched input loads) are
+        # compared on the default tile by benchmarks/exp_decode_variants.py instead: crossed with every tile they
+        # would multiply this sweep sixteenfold.
         space = [c for c in decode_space(shape)
-                 if not c.static_dims and not c.max_registers
+                 if not c.static_dims and not c.max_registers and not c.batch_inputs
                  and (c.num_stages == 1 and not (c.stream_state and c.one_pass) if T == 1
                       else not c.stream_state and c.BV >= 16 and c.num_warps <= 4 and c.num_stages <= 2)]
         p = Problem(N, K, T=T, two_d=T > 1)

@@ -9,10 +9,23 @@ config at that point with the structural knobs of kernels/decode_config.py switc
 
 - ``static``: H, K, V compiled in (one base register + immediate offsets per thread's rows; no per-row predicates).
 - ``static-pipe``: and the token loop pipelined two deep (the input loads become cp.async copies read from shared
-  memory straight into the state tile's row layout: fewer layout conversions and barriers, more registers).
+  memory straight into the state tile's row layout: fewer layout conversions and barriers, more registers). Since
+  session 7 of 2026-11-30 this is a different program at T = 1 (the baseline's structure); before, the one-trip
+  loop was folded away and it compiled to ``static`` itself.
 - ``static-cap``: static with a register cap one occupancy step down (K=256, BV=32, 4 warps: 128 → 4 programs per
   SM instead of 3; K=128: 80 → 6 instead of 4-5).
 - ``static-pipe-cap``: both.
+- ``batch``: the input loads of a token all issued before the first is moved into the state tile's layout
+  (``batch_inputs``); without it they arrive one memory round trip after another behind the state's.
+- ``static-batch``, ``static-batch-cap``, ``static-batch-1pass`` (and the one-pass output): combinations.
+- ``static-batch-narrow`` / ``static-batch-wide``: static-batch with half the V tile (twice the programs) / twice
+  the V tile on twice the warps (half the programs, longer contiguous rows).
+
+The default list leaves out static-cap and static-pipe-cap (no measurable change in the first run); --variants
+picks any. Two probes are timed in the same rounds (--no-probes leaves them out): ``skeleton``, a kernel with the
+default config's grid and tiles that only reads the slot index, loads the state tile and stores it back (what this
+structure costs without inputs or arithmetic), and at B = 1 ``empty``, one program storing 4 bytes (the launch and
+event overhead of a replay).
 
 Before any timing, each variant is checked on the GPU against the default at every point (outputs and the whole
 pool after one step) and on a pool with a padding row and an out-of-pool row (zero / NaN rows, slots no index names
@@ -21,7 +34,7 @@ alternates rounds (every callable once per round, the order rotated) and reports
 baseline (flash-linear-attention's ``fused_recurrent_gdn2_fwd``) is timed in the same rounds when it imports.
 
 Prints one JSON line per check and per measurement as it goes, a table last, and writes DIR/exp_decode_variants.json
-(DIR: --out, else $OUT when set). About 1-2 minutes on an H200.
+(DIR: --out, else $OUT when set). About 2-3 minutes on an H200.
 """
 
 from __future__ import annotations
@@ -37,6 +50,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,13 +100,67 @@ def register_cap(cfg: DecodeConfig, K: int) -> int:
     return 128 if tile > 32 else 80
 
 
+def narrow(c: DecodeConfig) -> DecodeConfig:
+    """Half the V tile (twice the programs, half the state per program), at least 8 wide."""
+    return dataclasses.replace(c, BV=max(8, c.BV // 2))
+
+
+def wide(c: DecodeConfig) -> DecodeConfig:
+    """Twice the V tile and twice the warps (the same state registers per thread, half the programs)."""
+    return dataclasses.replace(c, BV=c.BV * 2, num_warps=min(8, c.num_warps * 2))
+
+
 VARIANTS: dict[str, Callable[[DecodeConfig, int], DecodeConfig]] = {
     "static": lambda c, K: dataclasses.replace(c, static_dims=True),
     "static-pipe": lambda c, K: dataclasses.replace(c, static_dims=True, num_stages=2),
     "static-cap": lambda c, K: dataclasses.replace(c, static_dims=True, max_registers=register_cap(c, K)),
     "static-pipe-cap": lambda c, K: dataclasses.replace(c, static_dims=True, num_stages=2,
                                                         max_registers=register_cap(c, K)),
+    "batch": lambda c, K: dataclasses.replace(c, batch_inputs=True),
+    "static-batch": lambda c, K: dataclasses.replace(c, static_dims=True, batch_inputs=True),
+    "static-batch-cap": lambda c, K: dataclasses.replace(c, static_dims=True, batch_inputs=True,
+                                                         max_registers=register_cap(c, K)),
+    "static-batch-1pass": lambda c, K: dataclasses.replace(c, static_dims=True, batch_inputs=True, one_pass=True),
+    "static-batch-narrow": lambda c, K: narrow(dataclasses.replace(c, static_dims=True, batch_inputs=True)),
+    "static-batch-wide": lambda c, K: wide(dataclasses.replace(c, static_dims=True, batch_inputs=True)),
 }
+# Timed unless --variants says otherwise: static-cap and static-pipe-cap changed nothing at T = 1 in the 2026-11-30
+# run (benchmarks/results/decode-variants-h200-2026-11-30.json), and static-pipe was then the static program itself.
+DEFAULT_VARIANTS = ("static", "static-pipe", "batch", "static-batch", "static-batch-cap", "static-batch-1pass",
+                    "static-batch-narrow", "static-batch-wide")
+
+
+@triton.jit
+def _skeleton_kernel(idx, pool, stride, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                     NV: tl.constexpr):
+    """The decode kernel's memory traffic alone, on its grid and tiles: slot index, state tile in, state tile out."""
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_n = pid // NV // H
+    i_h = pid // NV % H
+    slot = tl.load(idx + i_n).to(tl.int64)
+    p = pool + slot * stride + i_h * K * V + tl.arange(0, K)[:, None] * V + i_v * BV + tl.arange(0, BV)[None, :]
+    tl.store(p, tl.load(p) * 1.0)
+
+
+@triton.jit
+def _empty_kernel(x):
+    """One program, one 4-byte store: the launch and event overhead of a graph replay."""
+    tl.store(x, 0)
+
+
+def probes(p: Problem, cfg: DecodeConfig, K: int) -> dict[str, Callable[[], object]]:
+    """Reference points for a shape, timed like the variants: ``skeleton`` (the default config's grid and tiles,
+    memory only: the floor this structure reaches without inputs or arithmetic) and, at B = 1, ``empty``."""
+    N = p.idx.shape[0]
+    NV = K // cfg.BV
+    calls: dict[str, Callable[[], object]] = {
+        "skeleton": lambda: _skeleton_kernel[(N * HEADS * NV,)](p.idx, p.pool, p.pool.stride(0), HEADS, K, K, cfg.BV,
+                                                                 NV, num_warps=cfg.num_warps),
+    }
+    if N == 1:
+        calls["empty"] = lambda: _empty_kernel[(1,)](p.out)
+    return calls
 
 
 def emit(row: dict) -> None:
@@ -157,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (alternating, order rotated)")
     ap.add_argument("--reps", type=int, default=30, help="graph replays per timing, cold and warm each")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated subset of {list(VARIANTS)}")
+    ap.add_argument("--no-probes", action="store_true", help="leave out the skeleton and empty-kernel probes")
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -192,9 +263,16 @@ def main(argv: list[str] | None = None) -> None:
             ref = one_step(p, default, pool0)
             calls: dict[str, Callable[[], object]] = {"default": p.ours(default)}
             labels = {"default": default.label()}
+            configs = {"default": default}
             for name in names:
                 cfg = VARIANTS[name](default, K)
                 reason = decode_infeasibility(cfg, shape)
+                same = next((n for n, c in configs.items() if c == cfg), None)
+                if same is not None:  # e.g. "static" where the default compiles the dims in: timed once
+                    emit({"kind": "skip", "K": K, "B": N, "variant": name, "config": cfg.label(),
+                          "why": f"the same config as {same}"})
+                    continue
+                configs[name] = cfg
                 if name in broken[K] or reason is not None:
                     emit({"kind": "skip", "K": K, "B": N, "variant": name, "config": cfg.label(),
                           "why": reason or "failed the padding check"})
@@ -212,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
                     labels["fla"] = "fused_recurrent_gdn2_fwd"
                 except Exception as exc:  # noqa: BLE001 - a baseline that cannot be called is a result
                     emit({"kind": "skip", "K": K, "B": N, "variant": "fla", "why": repr(exc)[:300]})
+            if not args.no_probes:
+                for name, fn in probes(p, default, K).items():
+                    calls[name] = fn
+                    labels[name] = f"{name} probe ({default.label()} grid)" if name == "skeleton" else "1 program"
             times: dict[str, list[dict]] = {name: [] for name in calls}
             order = list(calls)
             for r in range(args.rounds):
@@ -235,6 +317,12 @@ def main(argv: list[str] | None = None) -> None:
                     "config": labels[name], "cold_us": round(cold, 2), "warm_us": round(warm, 2),
                     "x_floor": round(cold / floor_us, 3), "vs_fla": round(cold / fla_us, 3) if fla_us else None,
                 }
+            ours = {n: v for n, v in summary["variants"].items() if n not in ("fla", "skeleton", "empty")}
+            if ours:
+                best = min(ours, key=lambda n: ours[n]["cold_us"])
+                summary.update(best=best, best_config=ours[best]["config"], best_us=ours[best]["cold_us"],
+                               best_vs_fla=ours[best]["vs_fla"], best_x_floor=ours[best]["x_floor"])
+            summary["state_bytes_each_way"] = p.state_bytes
             emit(summary)
             results.append(summary)
             del p, pool0, ref
@@ -246,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "exp_decode_variants.json").write_text(json.dumps(
             {"env": env, "baseline_signature": signature, "copy_bytes_per_s": bw, "variants": names,
              "checks": checks, "results": results, "seconds": seconds}, indent=1))
-    cols = ["default", *names, "fla"]
+    cols = ["default", *names, "fla", *([] if args.no_probes else ["skeleton", "empty"])]
     print(f"\nT=1, H={HEADS}, fp32 state in place, CUDA-graph replay; cold (L2 flushed) p50 µs, median of "
           f"{args.rounds} rounds; ×floor at {bw / 1e12:.2f} TB/s in brackets")
     print(f"  {'K=V':>4} {'B':>4} {'floor':>7} " + " ".join(f"{c:>16}" for c in cols))

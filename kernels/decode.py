@@ -76,12 +76,36 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
+def _load_token(q, k, g, b, v, w, tok, o_k, m_k, o_v, m_v, K, V, BATCH: tl.constexpr):
+    """One token-head's inputs in fp32: q, k, g, b over K and v, w over the program's V tile (masked lanes read 0).
+
+    The K-wide vectors are loaded spread over the threads and then moved into the state tile's row layout through
+    shared memory, a store that waits for the load and a barrier. ptxas hoists no global load above a barrier, so
+    loaded one by one each waits for the one before: with L2 cold, one memory round trip per input after the
+    state's. BATCH joins the four before any of them moves, so all their loads are issued before the first wait.
+    """
+    b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_g = tl.load(g + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_b = tl.load(b + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_w = tl.load(w + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    if BATCH:
+        b_qk, b_gb = tl.split(tl.join(tl.join(b_q, b_k), tl.join(b_g, b_b)))
+        b_q, b_k = tl.split(b_qk)
+        b_g, b_b = tl.split(b_gb)
+    return b_q, b_k, b_g, b_b, b_v, b_w
+
+
+# T_loop: the same T as a loop bound Triton does not specialize (an int argument equal to 1 otherwise becomes a
+# constant, and a one-trip loop is folded away before the pipeliner sees it).
+@triton.jit(do_not_specialize=["T_loop"])
 def _decode_kernel(
     q, k, v, g, b, w, o,
     h0, ht,
     cu_seqlens, indices, accepted,
     scale,
-    T, P, NI,
+    T, T_loop, P, NI,
     stride_h0, stride_ht, stride_in, stride_it,
     H, K, V,
     KP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
@@ -89,7 +113,7 @@ def _decode_kernel(
     HAS_ACCEPTED: tl.constexpr, PER_TOKEN_SLOTS: tl.constexpr, FINAL_AT: tl.constexpr,
     USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr, ONE_PASS: tl.constexpr,
     STATIC_DIMS: tl.constexpr, H_C: tl.constexpr, K_C: tl.constexpr, V_C: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, BATCH_INPUTS: tl.constexpr,
 ):
     if STATIC_DIMS:
         # The head count and head dims as compile-time constants: the rows of the state tile are a constant stride
@@ -112,6 +136,11 @@ def _decode_kernel(
         bos = i_n.to(tl.int64) * T
         eos = bos + T
     T_seq = (eos - bos).to(tl.int32)
+    if NUM_STAGES > 1 and not IS_VARLEN:
+        # The token loop stays a loop even for one token, so that its prologue issues the input loads (as
+        # cp.async copies) ahead of everything that waits: without it, at T == 1 the num_stages of the loop would
+        # change nothing.
+        T_seq = T_loop.to(tl.int32)
 
     o_k = tl.arange(0, KP)
     m_k = o_k < K
@@ -154,17 +183,12 @@ def _decode_kernel(
             b_s += tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s_ok, other=0.0,
                            eviction_policy=STATE_EVICT).to(tl.float32)
 
-    # NUM_STAGES > 1 software-pipelines the input loads (cp.async into shared memory, issued ahead of their use),
-    # even for one token: the loop's prologue issues them, and the shared copy is read straight into the layout the
-    # state tile broadcasts them in. Without the loop's num_stages Triton pipelines no loop that has no dot.
+    # NUM_STAGES > 1 software-pipelines the input loads (cp.async into shared memory, issued ahead of their use): the
+    # loop's prologue issues them all, and the shared copy is read straight into the layout the state tile
+    # broadcasts them in. Without the loop's num_stages Triton pipelines no loop that has no dot.
     for i_t in tl.range(0, T_seq, num_stages=NUM_STAGES):
         tok = (bos + i_t) * H + i_h
-        b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_g = tl.load(g + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_b = tl.load(b + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_w = tl.load(w + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_q, b_k, b_g, b_b, b_v, b_w = _load_token(q, k, g, b, v, w, tok, o_k, m_k, o_v, m_v, K, V, BATCH_INPUTS)
         if USE_L2NORM:
             b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + L2NORM_EPS)
             b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + L2NORM_EPS)
@@ -256,7 +280,7 @@ def decode_fwd(
         initial_state, final_state,
         cu_seqlens, ssm_state_indices, num_accepted_tokens,
         scale,
-        B * T if cu_seqlens is not None else T, pool, ni,
+        B * T if cu_seqlens is not None else T, T, pool, ni,
         initial_state.stride(0) if initial_state is not None else 0,
         final_state.stride(0) if final_state is not None else 0,
         stride_in, stride_it,
@@ -268,7 +292,7 @@ def decode_fwd(
         STATE_EVICT="evict_first" if cfg.stream_state else "", ONE_PASS=cfg.one_pass,
         # 0 when the dims stay runtime arguments: one compiled kernel per config serves every head count and size.
         STATIC_DIMS=cfg.static_dims, H_C=H if cfg.static_dims else 0, K_C=K if cfg.static_dims else 0,
-        V_C=V if cfg.static_dims else 0, NUM_STAGES=cfg.num_stages,
+        V_C=V if cfg.static_dims else 0, NUM_STAGES=cfg.num_stages, BATCH_INPUTS=cfg.batch_inputs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )

@@ -10,7 +10,19 @@ fp32 registers while it loops over the sequence's tokens. What can be tuned:
   pipelines no dot-free loop without it). Even at T = 1 a depth of 2 changes the program: the loop's prologue
   issues the input loads as cp.async copies into shared memory, from which each thread reads the q, k, gate
   values of its own rows, instead of loading them spread over the threads and moving them into the state tile's
-  layout through shared memory with barriers. Deeper than T + 1 only prefetches tokens that do not exist.
+  layout through shared memory with barriers. Deeper than T + 1 only prefetches tokens that do not exist. (Before
+  2026-11-30's session 7 a depth of 2 compiled at T = 1 to the very program of depth 1: Triton specializes an int
+  argument equal to 1, and the one-trip loop was folded away before the pipeliner saw it. The kernel now keeps the
+  loop at depth > 1; read off ptxas for sm_90, K=V=256, BV=32, 4 warps, static dims: 148 registers, 3.1 KB shared,
+  every input copy issued together with the state's loads, as the baseline's kernel does.)
+- ``batch_inputs``: issue the six input loads of a token before any of them is moved into the state tile's row
+  layout. Otherwise each K-wide input's move (a shared-memory store that waits for its load, then a barrier) comes
+  before the next input's load, since ptxas hoists no global load above a barrier: the inputs arrive one memory
+  round trip after another, behind the state's (read off ptxas for sm_90: q, then k, then g and b, then v and w).
+  With L2 flushed that is 3 more dependent round trips per program, the structural reason the baseline (whose
+  pipelined loop issues all inputs as cp.async at once) was faster at K=V=256, B=8. Registers for sm_90: K=128,
+  BV=32, 4 warps 80 → 80 (static dims 70 → 77); K=256, BV=32, static dims 121 → 152 (4 → 3 programs per SM; 128
+  without spills under ``max_registers=128``).
 - ``stream_state``: the evict_first cache policy on the state's load and store.
 - ``one_pass``: the output from the decayed state in the same reduction as the read (one reduction per token).
 - ``static_dims``: H, K and V as compile-time constants instead of runtime arguments (one compiled kernel per head
@@ -98,6 +110,9 @@ class DecodeConfig:
     static_dims: bool = False
     # Registers per thread the compiler may use (0: its own choice). Not yet timed on a GPU; off by default.
     max_registers: int = 0
+    # Issue all of a token's input loads before the first one is moved into the state tile's layout, so that their
+    # memory round trips overlap (see the module docstring). Not yet timed on a GPU, so the defaults leave it off.
+    batch_inputs: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,7 +137,7 @@ class DecodeConfig:
     def label(self) -> str:
         return (f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}{'-stream' if self.stream_state else ''}"
                 f"{'-1pass' if self.one_pass else ''}{'-static' if self.static_dims else ''}"
-                f"{f'-r{self.max_registers}' if self.max_registers else ''}")
+                f"{f'-r{self.max_registers}' if self.max_registers else ''}{'-batch' if self.batch_inputs else ''}")
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,7 @@ DECODE_SPACE: tuple[Param, ...] = (
     Param("static_dims", (False, True), "H, K, V compiled in (immediate row offsets, folded masks)"),
     # The occupancy steps at 4 warps: 128 registers → 4 programs per SM, 96 → 5, 80 → 6.
     Param("max_registers", (0, 80, 96, 128), "registers per thread the compiler may use (0: its choice)"),
+    Param("batch_inputs", (False, True), "a token's input loads all issued before the first one is used"),
 )
 
 

@@ -77,10 +77,12 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
 
 # The kernel's code paths that a config selects beyond the tile: the built-in default (runtime dims, a row limit in
 # the state masks) and compiled-in dims (branches on the slot's validity instead of masks), with the token loop
-# pipelined and a register cap (launch options the interpreter ignores, so that only their plumbing is tested).
+# pipelined (a loop even for one token) and a register cap (launch options the interpreter ignores, so that only
+# their plumbing is tested), and the batched input loads (joined and split before use) with runtime dims.
 PATHS = [
     pytest.param(None, id="default"),
     pytest.param(DecodeConfig(BV=8, num_warps=1, num_stages=2, static_dims=True, max_registers=80), id="static-dims"),
+    pytest.param(DecodeConfig(BV=8, num_warps=1, batch_inputs=True), id="batched-inputs"),
 ]
 
 
@@ -179,6 +181,8 @@ def test_prefill_with_chunk_gdn2_then_decode_matches_the_reference() -> None:
                      id="N1-T4-K16-bf16-one-pass-streamed-state"),
         pytest.param(2, 3, 2, 24, 40, "bf16", DecodeConfig(BV=16, num_warps=2, num_stages=3, static_dims=True),
                      id="N2-T3-H2-K24-V40-static-dims-masks-kept"),
+        pytest.param(1, 3, 2, 24, 40, "bf16", DecodeConfig(BV=16, num_warps=2, batch_inputs=True, static_dims=True,
+                                                           one_pass=True), id="N1-T3-H2-K24-V40-batched-inputs"),
     ],
 )
 def test_tokens_in_one_call_match_float64(N, T, H, K, V, dtype, cfg) -> None:
@@ -423,13 +427,13 @@ def test_config_round_trips_and_rejects_bad_points() -> None:
     assert "exceeds the padded V" in decode_infeasibility(DecodeConfig(BV=64), DecodeShape(1, 1, 1, 16, 16))
     assert "is not one of" in decode_infeasibility(DecodeConfig(BV=48), shape)
     assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages", "stream_state", "one_pass",
-                                              "static_dims", "max_registers"]
+                                              "static_dims", "max_registers", "batch_inputs"]
     assert "max_registers=80 is below" in decode_infeasibility(DecodeConfig(BV=32, max_registers=80), shape)
     assert decode_infeasibility(DecodeConfig(BV=32, static_dims=True, max_registers=128), shape) is None
 
 
 @pytest.mark.parametrize("cfg", [pytest.param(c, id=c.label()) for c in
-                                 decode_space(DecodeShape(2, 3, 1, 16, 32))[::55]])  # ~20 points, every value
+                                 decode_space(DecodeShape(2, 3, 1, 16, 32))[::111]])  # ~20 points, every value
 def test_sampled_points_of_the_config_space(cfg: DecodeConfig) -> None:
     args = inputs(2, 3, 1, 16, 32, seed=cfg.BV + cfg.num_warps)
     h0 = pool_of(2, 1, 16, 32, seed=cfg.num_stages)
