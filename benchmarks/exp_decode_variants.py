@@ -20,6 +20,7 @@ config at that point with the structural knobs of kernels/decode_config.py switc
 - ``static-batch``, ``static-batch-cap``, ``static-batch-1pass`` (and the one-pass output): combinations.
 - ``static-batch-narrow`` / ``static-batch-wide``: static-batch with half the V tile (twice the programs) / twice
   the V tile on twice the warps (half the programs, longer contiguous rows).
+- ``static-batch-w1``: one warp per program (BV=16 at K=128, 8 at K=256): the K reductions without block barriers.
 
 The default list leaves out static-cap and static-pipe-cap (no measurable change in the first run); --variants
 picks any. Two probes are timed in the same rounds (--no-probes leaves them out): ``skeleton``, a kernel with the
@@ -123,11 +124,15 @@ VARIANTS: dict[str, Callable[[DecodeConfig, int], DecodeConfig]] = {
     "static-batch-1pass": lambda c, K: dataclasses.replace(c, static_dims=True, batch_inputs=True, one_pass=True),
     "static-batch-narrow": lambda c, K: narrow(dataclasses.replace(c, static_dims=True, batch_inputs=True)),
     "static-batch-wide": lambda c, K: wide(dataclasses.replace(c, static_dims=True, batch_inputs=True)),
+    # One warp per program: the K reductions stay inside the warp (shuffles, no block barriers), 64 state registers
+    # per thread (BV=16 at K=128, BV=8 at K=256; ptxas for sm_90: 124 registers at K=128, no spills).
+    "static-batch-w1": lambda c, K: dataclasses.replace(c, BV=16 if K <= 128 else 8, num_warps=1, static_dims=True,
+                                                        batch_inputs=True, max_registers=0),
 }
 # Timed unless --variants says otherwise: static-cap and static-pipe-cap changed nothing at T = 1 in the 2026-11-30
 # run (benchmarks/results/decode-variants-h200-2026-11-30.json), and static-pipe was then the static program itself.
 DEFAULT_VARIANTS = ("static", "static-pipe", "batch", "static-batch", "static-batch-cap", "static-batch-1pass",
-                    "static-batch-narrow", "static-batch-wide")
+                    "static-batch-narrow", "static-batch-wide", "static-batch-w1")
 
 
 @triton.jit
