@@ -1,13 +1,17 @@
-"""Backward variants side by side at one shape, one run, one card (GPU only, not a test).
+"""Backward variants side by side at one or more shapes, one run, one card (GPU only, not a test).
 
-    python benchmarks/exp_bwd_variants.py [SHAPE] [--variants NAME=JSON ...]
+    python benchmarks/exp_bwd_variants.py [SHAPE ...] [--variants NAME=JSON ...] [--value-side] [--accuracy]
 
 Each variant is a BwdConfig override (JSON of its fields) on top of the built-in default; every variant's
 gradients are compared with the first variant's (relative Frobenius error, so a variant that is fast but wrong
 shows), then forward + backward is timed (median of triton.testing.do_bench, warm-up excluded, variants
 alternated over 3 rounds so that clock drift hits all). With ``--accuracy``, each variant's gradients are also
 compared with float64 autograd through the token recurrence at bench_bwd's accuracy shape (B=2, T=2048, H=4,
-K=V=128, the timed shape's dtype, strong decay). Prints one JSON line per variant.
+K=V=128, the timed shape's dtype, strong decay). With ``--value-side``, the value side's launch
+(kernels/bwd_local.py local_v_side) is also timed alone, on random chunk-major inputs at the shape with the
+forward's chunk, each variant's tiling as fitted at that shape (its label says which ran). Prints one JSON line per
+variant and shape, each with the median over the rounds; with $OUT set, also appends them to
+$OUT/exp_bwd_variants.jsonl.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +29,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd, default_bwd_config
+from gdn2_tune.kernels.bwd_local import local_v_side
+from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd, default_bwd_config, fit_bwd
 from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.inputs import make_inputs
 from gdn2_tune.kernels.reference import rel_err
@@ -34,13 +41,73 @@ from gdn2_tune.tuner.suite import parse_shape
 DEFAULT_VARIANTS = ['fused={}', 'torch={"value_side": "torch"}']
 
 
+def emit(row: dict) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "exp_bwd_variants.jsonl"), "a") as f:
+            f.write(line + "\n")
+
+
+def time_value_side(shape: Shape, chunk: int, variants: dict, rounds: int = 3) -> None:
+    """The value side's launch alone at ``shape`` (random fp32 chunk-major factors and states, 16-bit or fp32
+    token tensors), every variant's fitted tiling, alternated over ``rounds``."""
+    B, T, H, K, V = shape.B, shape.T, shape.H, shape.K, shape.V
+    N, C = B * (-(-T // chunk)), chunk
+    dt = shape.torch_dtype
+    gen = torch.Generator(device="cuda").manual_seed(5)
+
+    def rnd(*size, dtype=torch.float32, s=0.1):
+        return (torch.randn(size, generator=gen, device="cuda") * s).to(dtype)
+
+    a, e, kt, G = rnd(N, H, C, C), rnd(N, H, C, K), rnd(N, H, C, K), -rnd(N, H, C, K).abs()
+    hc, dhc = rnd(N, H, K, V), rnd(N, H, K, V)
+    aqk, v, w, do = rnd(B, T, H, C, dtype=dt), rnd(B, T, H, V, dtype=dt), rnd(B, T, H, V, dtype=dt), rnd(
+        B, T, H, V, dtype=dt)
+    rows = torch.arange(B * T, device="cuda").view(B, T)
+    rows = torch.nn.functional.pad(rows, (0, N // B * C - T), value=-1).view(N, C)  # -1: a padding row
+    fitted = {name: fit_bwd(cfg, shape, chunk, 4) for name, cfg in variants.items()}
+
+    def launch(cfg):
+        return local_v_side(a, aqk, e, kt, G, hc, dhc, v, w, do, rows, tile=cfg.value_tile, BV=cfg.value_BV,
+                            BK=cfg.value_BK, num_warps=cfg.value_warps, precision=cfg.precision)
+
+    first, rows_out = None, {}
+    for name, cfg in fitted.items():
+        row = rows_out[name] = {"variant": name, "stage": "value_side", "shape": shape.label(), "chunk": chunk,
+                                "config": cfg.label(), "ms": []}
+        if cfg.value_side != "triton":
+            row["error"] = "fitted to the torch value side"
+            continue
+        try:
+            got = launch(cfg)
+            first = got if first is None else first
+            row["vs_first"] = [float((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30))
+                               for x, y in zip(got, first)]
+        except Exception as exc:  # noqa: BLE001 - a variant that fails is a recorded outcome
+            row["error"] = repr(exc)[:300]
+    for _ in range(rounds):
+        for name, cfg in fitted.items():
+            if "error" not in rows_out[name]:
+                rows_out[name]["ms"].append(triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=10, rep=60))
+    for row in rows_out.values():
+        if row["ms"]:
+            row["median_ms"] = statistics.median(row["ms"])
+        emit(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("shape", nargs="?", type=parse_shape, default=Shape(8, 4096, 16, 128, 128, "bf16"))
+    parser.add_argument("shapes", nargs="*", type=parse_shape, default=[Shape(8, 4096, 16, 128, 128, "bf16")])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--accuracy", action="store_true")
+    parser.add_argument("--value-side", action="store_true", help="also time the value side's launch alone")
     args = parser.parse_args()
-    shape: Shape = args.shape
+    for shape in args.shapes:
+        run_shape(shape, args)
+
+
+def run_shape(shape: Shape, args: argparse.Namespace) -> None:
     inp = make_inputs(shape, "cuda", seed=0)
     fcfg = select_config(shape)
     xs = [x.detach().clone().requires_grad_(True) for x in (*inp.args(), inp.initial_state)]
@@ -75,7 +142,11 @@ def main() -> None:
                 rows[name]["ms"].append(triton.testing.do_bench(lambda cfg=cfg: step(cfg), warmup=10, rep=60))
     for row in rows.values():
         row["shape"] = shape.label()
-        print(json.dumps(row), flush=True)
+        if row["ms"]:
+            row["median_ms"] = statistics.median(row["ms"])
+        emit(row)
+    if args.value_side:
+        time_value_side(shape, fcfg.chunk, variants)
     if args.accuracy:
         small = Shape(2, 2048, 4, 128, 128, shape.dtype)
         acc = make_inputs(small, "cuda", seed=1, strong_decay=True)
@@ -95,7 +166,7 @@ def main() -> None:
                            "err_vs_fp64": [rel_err(x, r) for x, r in zip(got, ref)]}
             except Exception as exc:  # noqa: BLE001 - a variant that fails is a recorded outcome
                 acc_row = {"variant": name, "accuracy_error": repr(exc)[:300]}
-            print(json.dumps(acc_row), flush=True)
+            emit(acc_row)
 
 
 if __name__ == "__main__":
