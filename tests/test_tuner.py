@@ -42,7 +42,7 @@ ANCHOR = SUITE[0]
 TINY_PARAMS = [
     "chunk=32,64", "intra.BC=16", "intra.BK=16,32", "intra.BV=32", "intra.num_warps=4", "intra.num_stages=1",
     "intra.precision=tf32x3,ieee", "state.BV=16,32", "state.num_warps=4", "state.num_stages=1,2",
-    "state.precision=input",
+    "state.precision=input", "state.k_parts=1",
 ]
 
 
