@@ -63,8 +63,10 @@ from gdn2_tune.kernels.varlen import packed_index
 
 BWD_OP = "bwd"
 _HERE = Path(__file__).resolve().parent
-# What the backward launches: its own passes and local gradients, and the forward's intra stage (the recompute).
-JIT_FILES = tuple(_HERE / name for name in ("chunk_bwd.py", "bwd_local.py", "pairwise.py", "intra.py", "varlen.py"))
+# What the backward launches: its own passes and local gradients, the forward's intra stage (the recompute) and
+# its sequence split's transitions and carry (kernels/state.py, with segment_chunks).
+JIT_FILES = tuple(_HERE / name for name in ("chunk_bwd.py", "bwd_local.py", "pairwise.py", "intra.py", "varlen.py",
+                                            "state.py"))
 # Issue 11's four shapes, where forward + backward is compared with the baseline.
 SUITE: tuple[Shape, ...] = (
     Shape(8, 4096, 16, 128, 128, "bf16"),  # the anchor
@@ -148,15 +150,17 @@ class BwdRun:
         return tuple(grads)  # type: ignore[arg-type]
 
     def stage_fns(self, cfg: BwdConfig) -> dict[str, Callable[[], object]]:
-        """Each step alone, on the outputs of the steps before it (computed once, here)."""
+        """Each step alone, on the outputs of the steps before it (computed once, here). A sequence split's
+        transitions, shared by both passes, are timed with the entering states."""
         launch = self.launch(cfg)
         inter = launch.recompute()
-        hc = launch.states(inter)
-        dhc, dh0 = launch.reverse(inter)
+        segments = launch.segments(inter)
+        hc = launch.states(inter, segments)
+        dhc, dh0 = launch.reverse(inter, segments)
         return {
             "recompute": launch.recompute,
             "states": lambda: launch.states(inter),
-            "reverse": lambda: launch.reverse(inter),
+            "reverse": lambda: launch.reverse(inter, segments),
             "local": lambda: launch.local(inter.a, inter.aqk, hc, dhc, dh0),
         }
 
@@ -216,32 +220,73 @@ def recompute_cost(shape: Shape, cfg: BwdConfig) -> Cost:
     return intra + Cost(0.0, 0.0, float(wider), float(wider))
 
 
+def _state_store_bytes(cfg: BwdConfig) -> int:
+    """Bytes per element of the stored S0 and dS_C (BwdConfig.state_dtype)."""
+    return 2 if cfg.state_dtype == "bf16" else STATE_BYTES
+
+
+def _segment_count(shape: Shape, cfg: BwdConfig) -> int:
+    """Segments per sequence of the sequence split (0 without one)."""
+    if not cfg.segment_chunks:
+        return 0
+    chunks = -(-shape.T // sizes(shape, cfg).C)  # per sequence
+    return -(-chunks // cfg.segment_chunks)
+
+
+def segments_cost(shape: Shape, cfg: BwdConfig) -> Cost:
+    """The sequence split's shared work (zero without one): the transitions [M | E], the forward's recurrence on
+    KP + VP columns from [I | 0] (two dots per chunk, as the entering states but on K + V columns, nothing stored
+    per chunk), and the two fp32 carries over the P segments, a [K, K] × [K, V] product per segment in 3xTF32."""
+    P = _segment_count(shape, cfg)
+    if not P:
+        return Cost(0.0, 0.0, 0.0, 0.0)
+    z = sizes(shape, cfg)
+    C, KP, VP, NH, rows, ib = z.C, z.KP, z.VP, z.NH, z.rows, z.ib
+    seq_heads = shape.B * shape.H
+    trans = NH * 2 * (2 * C * KP * (KP + VP))
+    carry = 2 * P * seq_heads * 2 * KP * KP * VP
+    cuda = NH * (2 * KP * (KP + VP) + C * (KP + VP))
+    k_wide = rows * 2 * shape.K * ib  # Y and K_tail, read by every column tile of the transitions
+    # M and E written, read by the carries (M twice, transposed once in torch), every segment state written.
+    per_seg = P * seq_heads * shape.K * (shape.K + shape.V) * 4
+    bytes_min = k_wide + rows * shape.V * ib + NH * shape.K * GAMMA_BYTES + 5 * per_seg
+    n_c = -(-shape.K // cfg.BV) + -(-shape.V // cfg.BV)
+    return (Cost(float(trans), float(cuda), float(bytes_min), float(bytes_min + k_wide * (n_c - 1)),
+                 _dots(cfg.precision, trans))
+            + Cost(float(carry), 0.0, 0.0, 0.0, _dots("tf32x3", carry)))
+
+
 def states_cost(shape: Shape, cfg: BwdConfig) -> Cost:
-    """The entering states: the forward's recurrence storing each chunk's S0. Per (chunk, head) and V tile, two
-    dots: Y S0 [C, KP] × [KP, BV] and K_tailᵀ R [KP, C] × [C, BV]."""
+    """The entering states: the forward's recurrence storing each chunk's S0 (in ``cfg.state_dtype``). Per
+    (chunk, head) and V tile, two dots: Y S0 [C, KP] × [KP, BV] and K_tailᵀ R [KP, C] × [C, BV]; with a sequence
+    split, the transitions and both carries (:func:`segments_cost`: the stage times them) on top."""
     z = sizes(shape, cfg)
     C, KP, VP, NH, rows, ib = z.C, z.KP, z.VP, z.NH, z.rows, z.ib
     flops = NH * 2 * (2 * C * KP * VP)
     cuda = NH * (2 * KP * VP + C * VP)  # the decay Diag(γ_C) S and the add; R = U − ·
     k_wide = rows * 2 * shape.K * ib  # Y and K_tail
-    states = NH * shape.K * shape.V * STATE_BYTES  # S0 of every chunk, written
+    states = NH * shape.K * shape.V * _state_store_bytes(cfg)  # S0 of every chunk, written
     h0 = num_sequences(shape) * shape.H * shape.K * shape.V * STATE_BYTES
     bytes_min = k_wide + rows * shape.V * ib + NH * shape.K * GAMMA_BYTES + h0 + states
     n_v = -(-shape.V // cfg.BV)
-    return Cost(float(flops), float(cuda), float(bytes_min), float(bytes_min + k_wide * (n_v - 1)),
-                _dots(cfg.precision, flops))
+    own = Cost(float(flops), float(cuda), float(bytes_min), float(bytes_min + k_wide * (n_v - 1)),
+               _dots(cfg.precision, flops))
+    return own + segments_cost(shape, cfg) if cfg.segment_chunks else own
 
 
 def reverse_cost(shape: Shape, cfg: BwdConfig) -> Cost:
     """The reverse pass. Per (chunk, head) and V tile, four dots: A_qkᵀ dO [C, C] × [C, BV], K_tail dS_C
-    [C, KP] × [KP, BV], Q_γᵀ dO and Yᵀ dR [KP, C] × [C, BV]."""
+    [C, KP] × [KP, BV], Q_γᵀ dO and Yᵀ dR [KP, C] × [C, BV]. A sequence split runs it twice: once from dS = 0
+    for each segment's F (nothing stored per chunk), once from the carried gradients."""
     z = sizes(shape, cfg)
     C, KP, VP, NH, rows, es, ib = z.C, z.KP, z.VP, z.NH, z.rows, z.es, z.ib
-    flops = NH * (2 * C * C * VP + 3 * 2 * C * KP * VP)
-    cuda = NH * (2 * KP * VP)  # Diag(γ_C) dS_C and the add
-    k_wide = rows * (3 * shape.K * ib + C * 4)  # Q_γ, K_tail, Y and the fp32 A_qk
+    walks = 2 if cfg.segment_chunks else 1
+    flops = walks * NH * (2 * C * C * VP + 3 * 2 * C * KP * VP)
+    cuda = walks * NH * (2 * KP * VP)  # Diag(γ_C) dS_C and the add
+    k_wide = walks * rows * (3 * shape.K * ib + C * 4)  # Q_γ, K_tail, Y and the fp32 A_qk
     per_seq = num_sequences(shape) * shape.H * shape.K * shape.V * STATE_BYTES  # dht read, dh0 written
-    bytes_min = k_wide + rows * shape.V * es + NH * shape.K * GAMMA_BYTES + NH * shape.K * shape.V * STATE_BYTES
+    bytes_min = (k_wide + walks * (rows * shape.V * es + NH * shape.K * GAMMA_BYTES)
+                 + NH * shape.K * shape.V * _state_store_bytes(cfg))
     bytes_min += 2 * per_seq
     n_v = -(-shape.V // cfg.BV)
     return Cost(float(flops), float(cuda), float(bytes_min), float(bytes_min + k_wide * (n_v - 1)),
@@ -285,7 +330,7 @@ def local_cost(shape: Shape, cfg: BwdConfig) -> Cost:
     cuda = NH * C * (20 * K + 4 * V)  # exponentials, masks, the reverse cumulative sum and scalings (rough)
     k_io = rows * K * 2 * (3 * es + G_BYTES)  # q, k, b, g read; dq, dk, db, dg (fp32) written
     v_io = rows * V * 5 * es  # v, w, dO read; dv, dw written
-    per_chunk = NH * (C * C * 4 + 2 * K * V * STATE_BYTES)  # A, S0 and dS_C
+    per_chunk = NH * (C * C * 4 + 2 * K * V * _state_store_bytes(cfg))  # A, S0 and dS_C
     bytes_min = k_io + v_io + rows * C * 4 + per_chunk  # and the fp32 A_qk
     moved = bytes_min + NH * tiles * 4 * 2
     return Cost(float(value + pairs), float(cuda), float(bytes_min), float(moved), tuple(sorted(mix.items())))

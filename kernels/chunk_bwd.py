@@ -17,6 +17,13 @@ one call:
 
    dS0 of a sequence's first chunk is dh0. It is the forward state pass reversed: same tiles, same constraints,
    one program per state tile, no atomics.
+
+   Both passes can split each (dense) sequence into segments walked in parallel (``BwdConfig.segment_chunks``,
+   the default for few state rows along long sequences, as the forward's state pass does): each segment's affine
+   map S ↦ M S + E comes from kernels/state.py's transition launch, an fp32 carry over the segments gives every
+   segment's entering state, and the reverse pass, whose chunk step is the adjoint (Mᵀ per chunk), carries
+   dS ↦ Mᵀ dS + F the other way with the same M (:class:`Segments`). S0 and dS_C are stored in fp32, or in bf16
+   for 16-bit inputs (``state_dtype``), the passes carrying fp32 either way.
 3. **Local gradients.** Given S0 and dS_C every chunk is an independent function (q, k, v, g, b, w; S0) → (O, S_C),
    differentiated with upstream (dO, dS_C), chunks in groups of bounded memory (:func:`_local_grads`):
    - the value side, every sum over V (R, dR, dA_qk, dQ_γ, dK_tail, dY, dA, dT, dĒ, and dv, dw written straight
@@ -59,7 +66,10 @@ from gdn2_tune.kernels.bwd_local import VALUE_TILES, key_factors, local_v_side
 from gdn2_tune.kernels.config import (
     INTRA_PRECISIONS,
     MAX_REGISTERS_PER_THREAD,
+    SEGMENT_CHUNKS,
     SHARED_MEMORY_LIMIT_BYTES,
+    SPLIT_MAX_STATE_ROWS,
+    SPLIT_MIN_CHUNKS,
     THREADS_PER_WARP,
     FwdConfig,
     Param,
@@ -71,6 +81,10 @@ from gdn2_tune.kernels.intra import L2NORM_EPS as _L2NORM_EPS
 from gdn2_tune.kernels.intra import IntraOutputs, intra_fwd
 from gdn2_tune.kernels.pairwise import PAIR_METHODS, PAIR_PRECISIONS, pairs_bwd, pairs_fwd
 from gdn2_tune.kernels.spec import DeviceLimits
+
+# The sequence split reuses the forward's per-segment transitions and fp32 carry as they are (launches 1 and 2 of
+# kernels/state.py): the backward's passes run the same recurrence and its adjoint (see Segments).
+from gdn2_tune.kernels.state import CARRY_BLOCK, UPCAST_DOTS_WHEN_INTERPRETED, _carry_kernel, _segment_kernel
 from gdn2_tune.kernels.varlen import PackedIndex, packed_index, sequence_bounds
 
 G_FLOOR = float(getattr(_G_FLOOR, "value", _G_FLOOR))
@@ -79,6 +93,11 @@ L2NORM_EPS = float(getattr(_L2NORM_EPS, "value", _L2NORM_EPS))
 # K slice of the key-side kernel: ~15 live [C, BK] fp32 tiles, 7.5K values at C = 32 (60 per thread at 4 warps).
 KEY_SIDE_BK = 16
 BWD_STATE_PRECISIONS = ("tf32", "tf32x3", "ieee")
+STATE_DTYPES = ("fp32", "bf16")
+_STATE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Segment length of the default sequence split of the backward's passes (where the forward's rule splits its own):
+# 1x32768x16 at chunk 32 gives 8 segments, so 16 heads x 8 segments x V tiles fill the GPU as the anchor does.
+BWD_SEGMENT_CHUNKS = 128
 LOCAL_DTYPES = ("fp32", "fp64")
 LOCAL_METHODS = ("pairs", "autograd")
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -137,13 +156,23 @@ class BwdConfig:
     # tl.dot precision of the recompute (the forward's intra launch, kernels/intra.py): its A, Y, U, A_qk feed every
     # gradient.
     recompute_precision: str = "tf32x3"
+    # Chunks per segment of the sequence split of the two per-sequence passes (dense batches): 0 walks each
+    # sequence in one program per (head, V tile); n > 0 cuts it into segments of n chunks walked in parallel, from
+    # entering states found by a short fp32 carry over the segments (kernels/state.py's split for the forward, its
+    # transitions shared by both passes: see :func:`segment_transitions`).
+    segment_chunks: int = 0
+    # Storage of S0 and dS_C between the passes and the local step: "fp32", or "bf16" for 16-bit inputs (half the
+    # bytes of the two largest tensors of the backward, [chunks, H, K, V] each; the passes still carry fp32).
+    state_dtype: str = "fp32"
 
     def label(self) -> str:
         tile = {"v": f"{self.value_BV}", "k": f"{self.value_BK}", "stack": f"{self.value_BK}"}.get(
             self.value_tile, f"BK{self.value_BK}BV{self.value_BV}")
         value = f"-val{self.value_tile}{tile}w{self.value_warps}" if self.value_side == "triton" else "-valtorch"
         pair = f"-pair{'dot' if self.pair == 'dot' else ''}BK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
-        return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}"
+        seg = f"-seg{self.segment_chunks}" if self.segment_chunks else ""
+        store = "" if self.state_dtype == "fp32" else f"-st{self.state_dtype}"
+        return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}{seg}{store}"
                 f"-g{self.group_elements}-{self.local_dtype}{pair}{value}-rc{self.recompute_precision}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,6 +222,9 @@ BWD_SPACE: tuple[Param, ...] = (
     Param("local.value_BV", (32, 64, 128), "V tile of the fused value side (value_tile='v' or 'split')"),
     Param("local.value_BK", (16, 32, 64), "K tile of the fused value side (value_tile='k' or 'split')"),
     Param("local.value_warps", (4, 8, 16), "warps of a fused value-side program"),
+    Param("state.segment_chunks", SEGMENT_CHUNKS,
+          "0: one program per (sequence, head, V tile) along the sequence; n: segments of n chunks in parallel"),
+    Param("state.state_dtype", STATE_DTYPES, "storage of S0 and dS_C for the local step (bf16: 16-bit inputs)"),
 )
 
 
@@ -208,9 +240,16 @@ def default_bwd_config(shape: Shape) -> BwdConfig:
     benchmarks/exp_bwd_variants.py) a TF32 recompute took forward + backward from 22.05 to 20.28 ms, and every
     gradient's error against float64 (bf16, strong decay) moved by at most 1e-5 absolute (dg 6.9e-4 → 7.0e-4, the
     others 1.8e-3 to 2.4e-3, one bf16 rounding). fp32 inputs keep 3xTF32 throughout."""
-    if shape.dtype == "fp32":
-        return DEFAULT_BWD_CONFIG
-    return dataclasses.replace(DEFAULT_BWD_CONFIG, precision="tf32", recompute_precision="tf32")
+    cfg = DEFAULT_BWD_CONFIG
+    if shape.dtype != "fp32":
+        cfg = dataclasses.replace(cfg, precision="tf32", recompute_precision="tf32")
+    # The forward's rule for its own state pass (kernels/config.py): few state rows along long sequences leave
+    # most of the GPU idle in a per-sequence pass, and the backward has two of them.
+    rows = (shape.num_seqs or shape.B) * shape.H
+    if shape.num_seqs is None and rows <= SPLIT_MAX_STATE_ROWS and shape.T >= SPLIT_MIN_CHUNKS * default_config(
+            shape).chunk:
+        cfg = dataclasses.replace(cfg, segment_chunks=BWD_SEGMENT_CHUNKS)
+    return cfg
 
 
 def _padded(n: int) -> int:
@@ -246,6 +285,13 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"value_warps={cfg.value_warps} is not one of [1, 2, 4, 8, 16]"
     if cfg.recompute_precision not in INTRA_PRECISIONS:
         return f"recompute_precision={cfg.recompute_precision!r} is not one of {list(INTRA_PRECISIONS)}"
+    if cfg.state_dtype not in STATE_DTYPES:
+        return f"state_dtype={cfg.state_dtype!r} is not one of {list(STATE_DTYPES)}"
+    if cfg.state_dtype != "fp32" and shape.dtype == "fp32":
+        return f"state_dtype={cfg.state_dtype!r} would round an fp32 backward's states: 16-bit inputs only"
+    reason = segment_infeasibility(cfg.segment_chunks, shape, chunk)
+    if reason is not None:
+        return reason
     if cfg.pair_precision not in PAIR_PRECISIONS:
         return f"pair_precision={cfg.pair_precision!r} is not one of {list(PAIR_PRECISIONS)}"
     if cfg.pair not in PAIR_METHODS:
@@ -262,6 +308,22 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
     live = kp * cfg.BV + 2 * chunk * cfg.BV  # dS, dR and the dO tile
     if live / (cfg.num_warps * THREADS_PER_WARP) > MAX_REGISTERS_PER_THREAD:
         return "reverse pass holds more fp32 values per thread than the register file allows"
+    return None
+
+
+def segment_infeasibility(n: int, shape: Shape, chunk: int) -> str | None:
+    """Why the passes cannot split each sequence into segments of ``n`` chunks (None when they can, or n = 0): as
+    for the forward's split (kernels/config.py), dense batches only (a packed batch's segments would follow its
+    offsets) and at least two segments (one is the plain pass plus launches of overhead)."""
+    if not n:
+        return None
+    if n < 0:
+        return f"segment_chunks={n} must be 0 (no split) or a positive chunk count"
+    if shape.num_seqs is not None:
+        return f"segment_chunks={n}: the sequence split takes dense batches only, not packed (cu_seqlens) ones"
+    chunks = -(-shape.T // chunk)
+    if n >= chunks:
+        return f"segment_chunks={n} leaves one segment: the sequence has {chunks} chunks of {chunk}"
     return None
 
 
@@ -316,8 +378,13 @@ SPLIT_FALLBACK = {"value_tile": "split", "value_BK": 32, "value_BV": 64}
 def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
             shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> BwdConfig:
     """The nearest admissible backward config: where the fused value side does not fit, its split tiling
-    (SPLIT_FALLBACK), else the torch value side; BV clipped to V, then fewer stages, then a narrower V tile."""
+    (SPLIT_FALLBACK), else the torch value side; no sequence split where it cannot run (a packed batch, one
+    segment), fp32 states for fp32 inputs; BV clipped to V, then fewer stages, then a narrower V tile."""
     cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)))
+    if cfg.segment_chunks and segment_infeasibility(cfg.segment_chunks, shape, chunk) is not None:
+        cfg = dataclasses.replace(cfg, segment_chunks=0)
+    if shape.dtype == "fp32":
+        cfg = dataclasses.replace(cfg, state_dtype="fp32")
     if cfg.value_side == "triton" and not value_side_fits(shape, chunk, shared_memory, cfg.value_tile,
                                                               cfg.value_BK, cfg.value_BV):
         split = dataclasses.replace(cfg, **SPLIT_FALLBACK)
@@ -410,12 +477,16 @@ def _state_bwd_kernel(
     qg, kt, y, aqk, gam, do,
     dht, dhc, dh0,
     cu_seqlens, chunk_offsets,
-    T, NT, NC,
+    T, NT, NC, SEG, NP, NH,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    USE_SEGMENTS: tl.constexpr, STORE_CHUNKS: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """The reverse pass over one sequence, or with USE_SEGMENTS over segment i_p = program_id(2) of NP (chunks
+    i_p·SEG …, dense batches): then ``dht`` and ``dh0`` are [NP + 1, NH, K, V] and [NP, NH, K, V] in reverse segment
+    order, the gradient entering segment i_p from slot NP − 1 − i_p of ``dht`` and the one leaving it to slot
+    NP − 1 − i_p of ``dh0`` (see :func:`state_bwd`). STORE_CHUNKS=False runs the recurrence without storing dS_C."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -445,17 +516,26 @@ def _state_bwd_kernel(
     m_s = m_k[:, None] & m_v[None, :]
     p_h = o_k[:, None] * V + o_v[None, :]
 
+    t_hi = n_chunks
+    n_walk = n_chunks
+    if USE_SEGMENTS:
+        i_p = tl.program_id(2)
+        t_hi = tl.minimum((i_p + 1) * SEG, n_chunks)
+        n_walk = t_hi - i_p * SEG
+        p_s += (NP - 1 - i_p).to(tl.int64) * NH * K * V
+
     b_ds = tl.zeros([KP, BV], tl.float32)
     if USE_FINAL_GRAD:
         b_ds += tl.load(dht + p_s, mask=m_s, other=0.0)
-    for i_r in range(n_chunks):
-        i_t = n_chunks - 1 - i_r
+    for i_r in range(n_walk):
+        i_t = t_hi - 1 - i_r
         t_c = i_t * C + o_c
         m_c = t_c < T_seq
         m_ck = m_c[:, None] & m_k[None, :]
         p_k = t_c[:, None] * HK + o_k[None, :]
-        # The gradient reaching this chunk's final state, for the local-gradient step.
-        tl.store(dhc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_ds, mask=m_s)
+        if STORE_CHUNKS:
+            # The gradient reaching this chunk's final state, for the local-gradient step.
+            tl.store(dhc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_ds.to(dhc.dtype.element_ty), mask=m_s)
         b_do = tl.load(do + t_c[:, None] * HV + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
         b_do = b_do.to(tl.float32)
         b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0).to(tl.float32)
@@ -816,17 +896,84 @@ def _check_launch(
 
 
 def _state_launch(inter: dict[str, torch.Tensor], V: int, chunk: int, cfg: BwdConfig, num_seqs: int,
-                  cu_seqlens: torch.Tensor | None) -> tuple[tuple[int, int], dict]:
-    """Grid and common arguments of the two per-sequence passes. NC, the bound of every per-chunk slot, is the
-    length of the per-chunk buffers themselves (γ_C's rows), not anything derived from the offsets."""
+                  cu_seqlens: torch.Tensor | None, segments: Segments | None = None) -> tuple[tuple[int, ...], dict]:
+    """Grid and common arguments of the two per-sequence passes, one program per (V tile, sequence and head[,
+    segment]). NC, the bound of every per-chunk slot, is the length of the per-chunk buffers themselves (γ_C's
+    rows), not anything derived from the offsets."""
     _, T, H, K = inter["y"].shape
-    grid = (triton.cdiv(V, cfg.BV), num_seqs * H)
+    grid: tuple[int, ...] = (triton.cdiv(V, cfg.BV), num_seqs * H)
+    if segments is not None:
+        grid = (*grid, segments.count)
     common = {
-        "T": T, "NT": triton.cdiv(T, chunk), "NC": inter["gamma"].shape[0], "H": H, "K": K, "V": V,
+        "T": T, "NT": triton.cdiv(T, chunk), "NC": inter["gamma"].shape[0],
+        "SEG": 1 if segments is None else segments.chunks, "NP": 1 if segments is None else segments.count,
+        "NH": num_seqs * H, "H": H, "K": K, "V": V,
         "KP": _padded(K), "C": chunk, "BV": cfg.BV, "IS_VARLEN": cu_seqlens is not None,
+        "USE_SEGMENTS": segments is not None,
         "PRECISION": cfg.precision, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
     }
     return grid, common
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The sequence split of the two passes (BwdConfig.segment_chunks, dense batches): ``count`` segments of
+    ``chunks`` chunks per sequence (the last one ragged), and each segment's affine map of the forward recurrence,
+    S ↦ M S + E: ``m`` fp32 [count, N·H, K, K], ``e`` fp32 [count, N·H, K, V] (kernels/state.py's launch 1).
+
+    The reverse pass's step is the adjoint of the forward's, dS0 = (Diag(γ_C) − Yᵀ K_tail) dS_C + (Q_γᵀ − Yᵀ A_qkᵀ)
+    dO, and Diag(γ_C) − Yᵀ K_tail is the transpose of the forward's M for the chunk: a segment maps the gradient
+    leaving it to the one entering it as dS ↦ Mᵀ dS + F, with the same M. So one launch of M serves both passes;
+    F is the reverse pass over the segment from dS = 0 (:func:`state_bwd`)."""
+
+    chunks: int
+    count: int
+    m: torch.Tensor
+    e: torch.Tensor
+
+
+def segment_transitions(inter: dict[str, torch.Tensor], V: int, chunk: int, cfg: BwdConfig,
+                        num_seqs: int) -> Segments | None:
+    """Every segment's [M | E] of the forward recurrence in parallel (kernels/state.py's ``_segment_kernel``, at
+    the backward's dot precision), or None without a split. Dense batches only."""
+    seg = cfg.segment_chunks
+    if not seg:
+        return None
+    y = inter["y"]
+    _, T, H, K = y.shape
+    nt = triton.cdiv(T, chunk)
+    if inter["gamma"].shape[0] != num_seqs * nt:
+        raise ValueError(f"segment_chunks={seg}: the sequence split takes dense batches ({num_seqs} sequences of "
+                         f"{nt} chunks), received {inter['gamma'].shape[0]} chunks; set it to 0 with cu_seqlens")
+    n_seg, nh = triton.cdiv(nt, seg), num_seqs * H
+    m = output_buffer((n_seg, nh, K, K), torch.float32, y.device)
+    e = output_buffer((n_seg, nh, K, V), torch.float32, y.device)
+    if nh:
+        _segment_kernel[(triton.cdiv(K, cfg.BV) + triton.cdiv(V, cfg.BV), nh, n_seg)](
+            y, inter["u"], inter["kt"], inter["gamma"], m, e,
+            T, nt, seg, nh,
+            H=H, K=K, V=V, KP=_padded(K), C=chunk, BV=cfg.BV,
+            PRECISION=cfg.precision, ROUND=False, UPCAST=UPCAST_DOTS_WHEN_INTERPRETED,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return Segments(seg, n_seg, m, e)
+
+
+def _carry(m: torch.Tensor, e: torch.Tensor, first: torch.Tensor | None, BV: int) -> torch.Tensor:
+    """X_{p+1} = m_p X_p + e_p from X_0 = ``first`` (or 0) over the P slots of ``m`` [P, NH, K, K] and ``e``
+    [P, NH, K, V] in fp32 (kernels/state.py's ``_carry_kernel``): [P + 1, NH, K, V], every X_p."""
+    n_seg, nh, K, V = e.shape
+    xs = output_buffer((n_seg + 1, nh, K, V), torch.float32, e.device)
+    if nh:
+        _carry_kernel[(triton.cdiv(V, BV), nh)](
+            m, e, first, xs,
+            n_seg, nh,
+            K, V,
+            BR=min(CARRY_BLOCK, _padded(K)), BV=BV,
+            USE_INITIAL_STATE=first is not None,
+            num_warps=4, num_stages=1,
+        )
+    return xs
 
 
 def entering_states(
@@ -838,19 +985,25 @@ def entering_states(
     cu_seqlens: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
     num_seqs: int,
+    segments: Segments | None = None,
 ) -> torch.Tensor:
-    """Each chunk's entering state S0, fp32 [num_chunks, H, K, V], from the intra stage's Y, U, K_tail, γ_C
-    (:func:`_entering_states_kernel`). Slots of no chunk (the packed index's phantoms) are left unwritten."""
+    """Each chunk's entering state S0, [num_chunks, H, K, V] in ``cfg.state_dtype``, from the intra stage's Y, U,
+    K_tail, γ_C (:func:`_entering_states_kernel`). Slots of no chunk (the packed index's phantoms) are left
+    unwritten. With ``cfg.segment_chunks`` the segments' entering states come from the carry over ``segments``
+    (:func:`segment_transitions`, launched here when not given), then every segment runs at once."""
     y = inter["y"]
     _, _, H, K = y.shape
     V = inter["u"].shape[-1]
     tokens = {"y": (y, K), "u": (inter["u"], V), "kt": (inter["kt"], K)}
     _check_launch(inter, chunk, num_seqs, V, cu_seqlens, chunk_offsets, tokens, {"initial_state": initial_state})
-    grid, common = _state_launch(inter, V, chunk, cfg, num_seqs, cu_seqlens)
-    hc = output_buffer((inter["gamma"].shape[0], H, K, V), torch.float32, y.device)
+    if segments is None:
+        segments = segment_transitions(inter, V, chunk, cfg, num_seqs)
+    grid, common = _state_launch(inter, V, chunk, cfg, num_seqs, cu_seqlens, segments)
+    hc = output_buffer((inter["gamma"].shape[0], H, K, V), _STATE_TORCH_DTYPES[cfg.state_dtype], y.device)
+    first = initial_state if segments is None else _carry(segments.m, segments.e, initial_state, cfg.BV)
     if num_seqs * H:
         _entering_states_kernel[grid](
-            y, inter["u"], inter["kt"], inter["gamma"], initial_state, hc, cu_seqlens, chunk_offsets,
+            y, inter["u"], inter["kt"], inter["gamma"], first, hc, cu_seqlens, chunk_offsets,
             USE_INITIAL_STATE=initial_state is not None, **common,
         )
     return hc
@@ -867,25 +1020,50 @@ def state_bwd(
     cu_seqlens: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
     num_seqs: int,
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reverse state pass (:func:`_state_bwd_kernel`): ``(dS_C [num_chunks, H, K, V], dh0 [N, H, K, V] or
-    None)`` in fp32 from the intra stage's Q_γ, K_tail, Y, A_qk, γ_C, the contiguous output gradient ``do`` and the
-    final state's fp32 ``dht`` (or None)."""
+    """The reverse state pass (:func:`_state_bwd_kernel`): ``(dS_C [num_chunks, H, K, V] in cfg.state_dtype,
+    dh0 fp32 [N, H, K, V] or None)`` from the intra stage's Q_γ, K_tail, Y, A_qk, γ_C, the contiguous output
+    gradient ``do`` and the final state's fp32 ``dht`` (or None).
+
+    With ``cfg.segment_chunks`` (``segments``: :func:`segment_transitions`, launched here when not given), three
+    launches: every segment's F (the pass from dS = 0, nothing stored), an fp32 carry from the last segment to the
+    first with the transposed transitions, D ↦ Mᵀ D + F (its last slot is dh0), then every segment's pass from the
+    gradient leaving it. Slot q of the carry is the gradient leaving segment P − 1 − q, so F is stored and the
+    transitions are handed over in that reversed order."""
     y = inter["y"]
     _, _, H, K = y.shape
     V = do.shape[-1]
     tokens = {"do": (do, V), "y": (y, K), "kt": (inter["kt"], K), "qg": (inter["qg"], K), "aqk": (inter["aqk"], chunk)}
     _check_launch(inter, chunk, num_seqs, V, cu_seqlens, chunk_offsets, tokens, {"dht": dht})
-    grid, common = _state_launch(inter, V, chunk, cfg, num_seqs, cu_seqlens)
-    dhc = output_buffer((inter["gamma"].shape[0], H, K, V), torch.float32, y.device)
-    dh0 = output_buffer((num_seqs, H, K, V), torch.float32, y.device) if initial_grad else None
-    if num_seqs * H:
+    if segments is None:
+        segments = segment_transitions(inter, V, chunk, cfg, num_seqs)
+    grid, common = _state_launch(inter, V, chunk, cfg, num_seqs, cu_seqlens, segments)
+    dhc = output_buffer((inter["gamma"].shape[0], H, K, V), _STATE_TORCH_DTYPES[cfg.state_dtype], y.device)
+    args = (inter["qg"], inter["kt"], y, inter["aqk"], inter["gamma"], do)
+    if segments is None:
+        dh0 = output_buffer((num_seqs, H, K, V), torch.float32, y.device) if initial_grad else None
+        if num_seqs * H:
+            _state_bwd_kernel[grid](
+                *args, dht, dhc, dh0, cu_seqlens, chunk_offsets,
+                USE_FINAL_GRAD=dht is not None, STORE_INITIAL_GRAD=dh0 is not None, STORE_CHUNKS=True, **common,
+            )
+        return dhc, dh0
+    nh = num_seqs * H
+    f = output_buffer((segments.count, nh, K, V), torch.float32, y.device)
+    if nh:
         _state_bwd_kernel[grid](
-            inter["qg"], inter["kt"], y, inter["aqk"], inter["gamma"], do, dht, dhc, dh0,
-            cu_seqlens, chunk_offsets,
-            USE_FINAL_GRAD=dht is not None, STORE_INITIAL_GRAD=dh0 is not None, **common,
+            *args, None, None, f, cu_seqlens, chunk_offsets,
+            USE_FINAL_GRAD=False, STORE_INITIAL_GRAD=True, STORE_CHUNKS=False, **common,
         )
-    return dhc, dh0
+    m_t = segments.m.flip(0).transpose(-1, -2).contiguous()
+    leaving = _carry(m_t, f, dht, cfg.BV)
+    if nh:
+        _state_bwd_kernel[grid](
+            *args, leaving, dhc, None, cu_seqlens, chunk_offsets,
+            USE_FINAL_GRAD=True, STORE_INITIAL_GRAD=False, STORE_CHUNKS=True, **common,
+        )
+    return dhc, leaving[segments.count].view(num_seqs, H, K, V) if initial_grad else None
 
 
 @dataclass(frozen=True)
@@ -928,15 +1106,22 @@ class BackwardLaunch:
             use_qk_l2norm=self.use_qk_l2norm, out_dtype=self.inter_dtype, aqk_dtype=torch.float32,
         )
 
-    def states(self, inter: IntraOutputs) -> torch.Tensor:
-        """Each chunk's entering state S0 (the forward's recurrence again)."""
-        return entering_states(inter, initial_state=self.initial_state, chunk=self.config.chunk,
-                               cfg=self.bwd_config, **self._packed)
+    def segments(self, inter: IntraOutputs) -> Segments | None:
+        """The sequence split's transitions, shared by both passes (None without a split)."""
+        return segment_transitions(inter, self.v.shape[-1], self.config.chunk, self.bwd_config, self.num_seqs)
 
-    def reverse(self, inter: IntraOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """2. The reverse state pass: dS_C per chunk and dh0."""
+    def states(self, inter: IntraOutputs, segments: Segments | None = None) -> torch.Tensor:
+        """Each chunk's entering state S0 (the forward's recurrence again); the split's transitions are launched
+        here unless given."""
+        return entering_states(inter, initial_state=self.initial_state, chunk=self.config.chunk,
+                               cfg=self.bwd_config, segments=segments, **self._packed)
+
+    def reverse(self, inter: IntraOutputs, segments: Segments | None = None) -> tuple[torch.Tensor,
+                                                                                      torch.Tensor | None]:
+        """2. The reverse state pass: dS_C per chunk and dh0 (the split's transitions launched here unless
+        given)."""
         return state_bwd(inter, self.do, self.dht, initial_grad=self.initial_state is not None,
-                         chunk=self.config.chunk, cfg=self.bwd_config, **self._packed)
+                         chunk=self.config.chunk, cfg=self.bwd_config, segments=segments, **self._packed)
 
     def local(self, a_all: torch.Tensor | None, aqk: torch.Tensor, hc: torch.Tensor, dhc: torch.Tensor,
               dh0: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -1001,8 +1186,9 @@ class BackwardLaunch:
 
     def __call__(self) -> tuple[torch.Tensor | None, ...]:
         inter = self.recompute()
-        hc = self.states(inter)
-        dhc, dh0 = self.reverse(inter)
+        segments = self.segments(inter)
+        hc = self.states(inter, segments)
+        dhc, dh0 = self.reverse(inter, segments)
         a_all, aqk = inter.a, inter.aqk  # the fused value side's A and A_qk
         del inter  # the other intermediates are not needed again
         return self.local(a_all, aqk, hc, dhc, dh0)
@@ -1065,13 +1251,15 @@ def chunk_gdn2_bwd(
 def _entering_states_kernel(
     y, u, kt, gam, h0, hc,
     cu_seqlens, chunk_offsets,
-    T, NT, NC,
+    T, NT, NC, SEG, NP, NH,
     H, K, V, KP: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, USE_SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The forward's state recurrence (kernels/state.py) storing every chunk's entering state S0 in fp32:
-    R = U − Y S0, S_C = Diag(γ_C) S0 + K_tailᵀ R. Nothing else is written (no O, no R)."""
+    """The forward's state recurrence (kernels/state.py) storing every chunk's entering state S0 in ``hc``'s dtype:
+    R = U − Y S0, S_C = Diag(γ_C) S0 + K_tailᵀ R, carried in fp32. Nothing else is written (no O, no R). With
+    USE_SEGMENTS, segment i_p = program_id(2) of a dense batch's sequence (chunks i_p·SEG …) from its entering state
+    in ``h0`` [NP + 1, NH, K, V] (the carry's, kernels/state.py)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -1094,14 +1282,21 @@ def _entering_states_kernel(
     m_s = m_k[:, None] & m_v[None, :]
     p_h = o_k[:, None] * V + o_v[None, :]
     b_s = tl.zeros([KP, BV], tl.float32)
-    if USE_INITIAL_STATE:
+    t_lo = 0
+    t_hi = n_chunks
+    if USE_SEGMENTS:
+        i_p = tl.program_id(2)
+        t_lo = i_p * SEG
+        t_hi = tl.minimum(t_lo + SEG, n_chunks)
+        b_s += tl.load(h0 + (i_p.to(tl.int64) * NH + i_nh) * K * V + p_h, mask=m_s, other=0.0)
+    elif USE_INITIAL_STATE:
         b_s += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + p_h, mask=m_s, other=0.0)
-    for i_t in range(n_chunks):
+    for i_t in range(t_lo, t_hi):
         t_c = i_t * C + o_c
         m_c = t_c < T_seq
         m_ck = m_c[:, None] & m_k[None, :]
         p_k = t_c[:, None] * (H * K) + o_k[None, :]
-        tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_s, mask=m_s)
+        tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_s.to(hc.dtype.element_ty), mask=m_s)
         b_y = tl.load(y + p_k, mask=m_ck, other=0.0).to(tl.float32)
         b_kt = tl.load(kt + p_k, mask=m_ck, other=0.0).to(tl.float32)
         b_u = tl.load(u + t_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)

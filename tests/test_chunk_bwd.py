@@ -599,3 +599,153 @@ def test_the_dot_pair_backward_end_to_end(shape: Shape, chunk: int, strong: bool
     ref = reference_grads(*inp.args(), do, dht, initial_state=inp.initial_state)
     for (name, want), ours in zip(ref.items(), got):
         assert rel_err(ours, want) < TOL["fp32"], name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two per-sequence passes' options: the sequence split (segment_chunks) and bf16 storage of S0 and dS_C.
+
+
+def _grads_with(shape: Shape, bcfg: BwdConfig, *, seed: int, decay: str = "normal",
+                lengths: Sequence[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Ours through chunk_gdn2_autograd with ``bcfg`` (fitted by the backward as any config is) and float64
+    autograd's, for a dense batch or one packed from ``lengths``; decay "normal", "strong" (g down to -10 per step)
+    or "minus-inf" (strong, and some steps at g = -inf)."""
+    from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd
+
+    packed = None if lengths is None else dataclasses.replace(shape, num_seqs=len(lengths))
+    inp = make_inputs(packed or shape, DEVICE, seed, strong_decay=decay != "normal")
+    if lengths is not None:
+        inp = dataclasses.replace(inp, cu_seqlens=torch.tensor([0, *lengths]).cumsum(0).to(DEVICE))
+    if decay == "minus-inf":
+        g = inp.g.clone()
+        g[0, 3, 0, :5] = float("-inf")
+        g[-1, 70, -1, 2:9] = float("-inf")
+        inp = dataclasses.replace(inp, g=g)
+    xs = [x.detach().clone().requires_grad_(True) for x in (*inp.args(), inp.initial_state)]
+    n = shape.B if lengths is None else len(lengths)
+    o, s = chunk_gdn2_autograd(*xs[:6], scale=shape.K**-0.5, initial_state=xs[6], output_final_state=True,
+                               cu_seqlens=inp.cu_seqlens, use_qk_l2norm_in_kernel=False,
+                               config=default_config(packed or shape), num_seqs=n, bwd_config=bcfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(o.shape, generator=gen).to(DEVICE, o.dtype)
+    dht = torch.randn(s.shape, generator=gen).to(DEVICE)
+    got = torch.autograd.grad((o, s), xs, (do, dht))
+    ref = reference_grads(*inp.args(), do, dht, initial_state=inp.initial_state, cu_seqlens=inp.cu_seqlens)
+    want = dict(ref.items())
+    return dict(zip(want, got)), want
+
+
+def _passes_reference(x: dict[str, torch.Tensor], do: torch.Tensor, h0: torch.Tensor, dht: torch.Tensor,
+                      C: int) -> tuple[torch.Tensor, ...]:
+    """Both passes in float64 torch, chunk by chunk (../shared/GDN2.md): S0 of every chunk, dS_C of every chunk,
+    and dh0; [NC, H, K, V] with slot b·NT + t as the dense launchers store them."""
+    B, T, H, K = x["y"].shape
+    NT = -(-T // C)
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B, H, NT, C, D], zero padding rows
+        t = torch.cat([t, t.new_zeros(B, NT * C - T, *t.shape[2:])], 1).double()
+        return t.view(B, NT, C, H, -1).permute(0, 3, 1, 2, 4)
+
+    y, u, kt, qg, aqk = (chunks(x[n]) for n in ("y", "u", "kt", "qg", "aqk"))
+    d_o = chunks(do)
+    gam = x["gamma"].double().view(B, NT, H, K).transpose(1, 2)
+    s, hc = h0.double(), []
+    for t in range(NT):
+        hc.append(s)
+        s = gam[:, :, t, :, None] * s + kt[:, :, t].transpose(-1, -2) @ (u[:, :, t] - y[:, :, t] @ s)
+    ds, dhc = dht.double(), [torch.empty(0)] * NT
+    for t in reversed(range(NT)):
+        dhc[t] = ds
+        dr = aqk[:, :, t].transpose(-1, -2) @ d_o[:, :, t] + kt[:, :, t] @ ds
+        ds = (gam[:, :, t, :, None] * ds + qg[:, :, t].transpose(-1, -2) @ d_o[:, :, t]
+              - y[:, :, t].transpose(-1, -2) @ dr)
+    return torch.stack(hc, 1).reshape(B * NT, H, K, -1), torch.stack(dhc, 1).reshape(B * NT, H, K, -1), ds
+
+
+@pytest.mark.parametrize("decay", ["normal", "strong", "minus-inf"])
+def test_the_sequence_split_of_both_passes_against_float64(decay: str) -> None:
+    """entering_states and state_bwd with segments of 2 chunks (three segments over five chunks, the last ragged
+    and its last chunk partial) and of 3, against both recurrences in float64 on random per-chunk operands: the
+    passes are linear in them, so any Y, U, K_tail, Q_γ, A_qk and decay exercise them. Strong decay: γ_C =
+    exp(-10·C·r) (zero in fp32 for most channels); at g = -inf some channels' γ_C are exactly 0 and others 1. Two
+    sequences, K != V and two V tiles keep M [K, K] and E, F [K, V] apart and every index in play. bf16 storage
+    stores the fp32 run's values rounded once (the recurrences carry fp32 either way)."""
+    from gdn2_tune.kernels.chunk_bwd import entering_states, state_bwd
+
+    B, T, H, K, V, C = 2, 150, 1, 16, 32, 32
+    NT = -(-T // C)
+    gen = torch.Generator().manual_seed(70 + len(decay))
+
+    def rand(*shape: int, s: float = 0.3) -> torch.Tensor:
+        return (s * torch.randn(*shape, generator=gen)).to(DEVICE)
+
+    x = {"y": rand(B, T, H, K), "u": rand(B, T, H, V, s=1.0), "kt": rand(B, T, H, K), "qg": rand(B, T, H, K),
+         "aqk": rand(B, T, H, C, s=0.1)}
+    r = torch.rand(B * NT, H, K, generator=gen)
+    rate = {"normal": 0.02, "strong": 10.0, "minus-inf": 0.02}[decay]
+    gamma = torch.exp(-rate * C * r)
+    if decay == "minus-inf":
+        gamma[r < 0.3] = 0.0
+        gamma[r > 0.9] = 1.0
+    x["gamma"] = gamma.to(DEVICE)
+    do, h0, dht = rand(B, T, H, V, s=1.0), rand(B, H, K, V, s=1.0), rand(B, H, K, V, s=1.0)
+    want = _passes_reference(x, do, h0, dht, C)
+    common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
+    cfgs = [BwdConfig(BV=16, segment_chunks=2)] + ([BwdConfig(BV=32, segment_chunks=3)] if decay == "normal" else [])
+    for cfg in cfgs:
+        hc = entering_states(x, initial_state=h0, cfg=cfg, **common)
+        dhc, dh0 = state_bwd(x, do, dht, initial_grad=True, cfg=cfg, **common)
+        for name, got, ref in zip(("S0", "dS_C", "dh0"), (hc, dhc, dh0), want):
+            assert rel_err(got, ref) < TOL["fp32"], (cfg.label(), name, rel_err(got, ref))
+        if decay != "normal":
+            continue
+        cfg16 = dataclasses.replace(cfg, state_dtype="bf16")
+        hc16 = entering_states(x, initial_state=h0, cfg=cfg16, **common)
+        dhc16, dh0_16 = state_bwd(x, do, dht, initial_grad=True, cfg=cfg16, **common)
+        assert hc16.dtype == dhc16.dtype == torch.bfloat16 and dh0_16 is not None
+        for got, full in ((hc16, hc), (dhc16, dhc)):
+            # One conversion each: under 2^-7 relative, one bf16 ulp (Triton's interpreter truncates, GPUs round
+            # to nearest for half that).
+            assert ((got.float() - full).abs() <= 2**-7 * full.abs()).all()
+        assert torch.equal(dh0_16, dh0)
+
+
+# Stored S0 and dS_C in bf16 add one bf16 rounding of each (2^-9 relative at most) to the products that read them,
+# on top of the gradients' own rounding to bf16: twice TOL's one-rounding bound for bf16.
+BF16_STATES_TOL = 2 * TOL["bf16"]
+
+
+@pytest.mark.parametrize(("shape", "lengths", "bcfg"), [
+    # Five chunks of 32, the last partial: three segments of 2, the last ragged, under g down to -10 per step.
+    pytest.param(Shape(1, 150, 1, 16, 32, "bf16"), None,
+                 BwdConfig(BV=16, segment_chunks=2, state_dtype="bf16", precision="tf32"), id="dense-split-tile-v"),
+    # A packed batch of uneven sequences runs unsplit whatever the config says (fit_bwd); the split value side
+    # reads the bf16 states too.
+    pytest.param(Shape(1, 75, 1, 16, 32, "bf16"), [40, 5, 30],
+                 BwdConfig(BV=16, segment_chunks=2, state_dtype="bf16", value_tile="split", value_BK=16,
+                           value_BV=16), id="packed-uneven-tile-split"),
+])
+def test_bf16_states_and_the_split_end_to_end(shape: Shape, lengths: list[int] | None, bcfg: BwdConfig) -> None:
+    ours, ref = _grads_with(shape, bcfg, seed=62, decay="strong", lengths=lengths)
+    errs = {name: rel_err(ours[name], ref[name]) for name in ref}
+    assert all(e < BF16_STATES_TOL for e in errs.values()), errs
+
+
+def test_the_split_and_bf16_states_are_chosen_and_fitted_by_shape() -> None:
+    from gdn2_tune.kernels.chunk_bwd import BWD_SEGMENT_CHUNKS, default_bwd_config
+
+    long_few = Shape(1, 32768, 16, 128, 128, "bf16")
+    assert default_bwd_config(long_few).segment_chunks == BWD_SEGMENT_CHUNKS
+    for shape in (Shape(8, 4096, 16, 128, 128, "bf16"), dataclasses.replace(long_few, num_seqs=1),
+                  Shape(1, 8192, 16, 128, 128, "bf16")):
+        assert default_bwd_config(shape).segment_chunks == 0, shape
+    split = BwdConfig(BV=32, segment_chunks=4, state_dtype="bf16")
+    dense, packed = Shape(1, 200, 2, 32, 32, "bf16"), Shape(1, 200, 2, 32, 32, "bf16", num_seqs=3)
+    assert bwd_infeasibility(split, dense, 32, 4) is None
+    assert "dense" in str(bwd_infeasibility(split, packed, 32, 4))
+    assert "one segment" in str(bwd_infeasibility(split, dense, 64, 4))  # 4 chunks of 64
+    assert "16-bit" in str(bwd_infeasibility(split, dataclasses.replace(dense, dtype="fp32"), 32, 4))
+    assert fit_bwd(split, packed, 32, 4).segment_chunks == 0
+    assert fit_bwd(split, dense, 64, 4).segment_chunks == 0
+    assert fit_bwd(split, dense, 32, 4) == split
+    assert fit_bwd(split, dataclasses.replace(dense, dtype="fp32"), 32, 4).state_dtype == "fp32"
