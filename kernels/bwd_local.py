@@ -44,6 +44,9 @@ VALUE_TILES = ("v", "k", "split", "stack")
 # the rows kernel two [C, BK] factor tiles): 2 stages double-buffer them in shared memory, ~2·(2·BK·BV + ...)·4 B,
 # 64 KiB at BK = BV = 64, leaving room for the dot operands' layout conversions at 16 warps.
 SPLIT_STAGES = 2
+# Pipelining of the stacked kernel's K walks: compiled for sm90 (triton 3.6) at C = 32, K = V = 128, bf16, 8 warps,
+# 2 stages spill least (168 / 176 B per thread at BK 16 / 32, 98 KiB of shared memory; 1 stage 448 / 416 B, 3
+# stages 304 / 312 B; the "v" kernel at BV 64: 1072 B, 140 KiB).
 STACK_STAGES = 2
 
 
@@ -556,7 +559,8 @@ def local_v_side(
     dv and dw come back in v's dtype and layout, zero on tokens no chunk row names; given ``dv`` and ``dw`` (zeroed,
     v's shape and dtype), the launch writes its chunks' rows into them instead, so that groups of chunks can share
     one pair of buffers. ``tile`` picks the kernels: "v" (:func:`_local_v_kernel`, V in tiles of ``BV``, K whole),
-    "k" (:func:`_local_vk_kernel`, K in tiles of ``BK``, V whole) or "split" (:func:`_local_rows_kernel` then
+    "k" (:func:`_local_vk_kernel`, K in tiles of ``BK``, V whole), "stack" (:func:`_local_stacked_kernel`, K in
+    tiles of ``BK``, V whole, 2C-row block products) or "split" (:func:`_local_rows_kernel` then
     :func:`_local_cols_kernel`, [BK, BV] tiles of the state, R and dR through fp32 scratch).
     """
     if tile not in VALUE_TILES:
