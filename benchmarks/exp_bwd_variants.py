@@ -68,8 +68,13 @@ def time_value_side(shape: Shape, chunk: int, variants: dict, rounds: int = 3) -
     rows = torch.nn.functional.pad(rows, (0, N // B * C - T), value=-1).view(N, C)  # -1: a padding row
     fitted = {name: fit_bwd(cfg, shape, chunk, 4) for name, cfg in variants.items()}
 
+    states = {"fp32": (hc, dhc)}
+    if any(getattr(cfg, "state_dtype", "fp32") == "bf16" for cfg in fitted.values()):
+        states["bf16"] = (hc.bfloat16(), dhc.bfloat16())
+
     def launch(cfg):
-        return local_v_side(a, aqk, e, kt, G, hc, dhc, v, w, do, rows, tile=cfg.value_tile, BV=cfg.value_BV,
+        s0, ds = states[getattr(cfg, "state_dtype", "fp32")]
+        return local_v_side(a, aqk, e, kt, G, s0, ds, v, w, do, rows, tile=cfg.value_tile, BV=cfg.value_BV,
                             BK=cfg.value_BK, num_warps=cfg.value_warps, precision=cfg.precision)
 
     first, rows_out = None, {}
