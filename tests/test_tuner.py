@@ -1059,8 +1059,10 @@ def test_fp32_studies_refuse_the_precision_pairs_less_accurate_than_the_baseline
     assert (reason is not None and "1.74e-3" in reason) == refused
     assert SearchSpace().check(cfg.flat(), ANCHOR.__class__(8, 4096, 16, 128, 128, "bf16"))[1] is None  # bf16: exact
     # The feasible set the sampler draws from is exactly the checked grid (the rule couples the two stages).
-    narrowed = SearchSpace().narrowed({"intra.BV": [64], "intra.BK": [64], "state.BV": [64], "state.output": ["fused"],
-                                       "state.segment_chunks": [0], "intra.num_stages": [1], "state.num_stages": [3]})
+    # Pinned to the fp32 default's tiles (cfg's), so that cfg is in the grid unless the rule refuses it.
+    pinned = ("intra.BV", "intra.BK", "state.BV", "state.output", "state.segment_chunks", "intra.num_stages",
+              "state.num_stages", "state.k_parts")
+    narrowed = SearchSpace().narrowed({name: [cfg.flat()[name]] for name in pinned})
     grid = {study_mod._freeze(p) for p in narrowed.grid(FP32_ANCHOR)}
     feasible = narrowed.feasible(FP32_ANCHOR)
     assert feasible.size == len(grid) and (study_mod._freeze(cfg.flat()) in grid) != refused
