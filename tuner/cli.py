@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -187,9 +188,9 @@ def tune_ops(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def tune_options(args: argparse.Namespace, op: str | None = None, share: float = 1.0) -> TuneOptions:
+def tune_options(args: argparse.Namespace, op: str | None = None) -> TuneOptions:
     """The run's :class:`tuner.run.TuneOptions` for ``op`` (default: ``--op``, one op), after every check that
-    needs no GPU time (raises UsageError); with several ops in one command, this op gets ``share`` of the budget."""
+    needs no GPU time (raises UsageError)."""
     from gdn2_tune.tuner.run import RUNS_DIR, TuneOptions
     from gdn2_tune.tuner.space import parse_param_choices
 
@@ -204,7 +205,7 @@ def tune_options(args: argparse.Namespace, op: str | None = None, share: float =
             raise UsageError("--gpus: not with --interpret (the interpreter runs on the CPU); drop one of them")
     else:
         shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else spec.suite
-        budget = (8.0 if args.budget_minutes is None else args.budget_minutes) * share
+        budget = 8.0 if args.budget_minutes is None else args.budget_minutes
         timeout = 90.0 if args.timeout is None else args.timeout
     choices = parse_param_choices(args.param, spec.name)
     run_dir = args.run_dir or (RUNS_DIR / ("interpret" if args.interpret else "default"))
@@ -249,18 +250,29 @@ def interrupted_message(options: TuneOptions, argv: Sequence[str]) -> str:
     return f"interrupted: {kept} (run dir {run_dir}); resume with: {shlex.join(command)}"
 
 
+def study_weight(options: TuneOptions) -> float:
+    """How much of a budget shared by several ops ``options``' studies need: a study counts as one share, or as the
+    fraction of ``--trials`` its whole space amounts to when smaller (a two-point algorithm study needs two trials,
+    not thirty). The space's size before its constraints bounds the feasible count; counting those exactly takes
+    ~40 s for the backward on a CPU. An even split per op gave the 9 forward shapes ~9 s each on an H200
+    (2026-11-30) while the two-point algorithm studies finished in seconds."""
+    return len(options.shapes) * min(options.trials, options.space().size()) / options.trials
+
+
 def tune_command(args: argparse.Namespace) -> int:
     from gdn2_tune.tuner.run import tune
 
     ops = tune_ops(args)
     runs = [tune_options(args, op) for op in ops]  # every check before any GPU time
-    # Several ops share --budget-minutes by their number of studies (shapes), so every shape gets a fair share:
-    # an even split per op gave the 9 forward shapes ~9 s each on an H200 (2026-11-30) while each of the 6
-    # two-point algorithm studies had 3x that.
-    studies = sum(len(o.shapes) for o in runs)
-    runs = [tune_options(args, o.op, share=len(o.shapes) / studies) for o in runs] if len(runs) > 1 else runs
+    weights = [study_weight(o) for o in runs]
     code = 0
-    for options in runs:
+    started = time.monotonic()
+    for i, options in enumerate(runs):
+        if len(runs) > 1 and options.budget_minutes is not None:
+            # What is left of the budget goes to this op by its share of the remaining studies' weight, so time
+            # an earlier op did not use flows on to the later ones.
+            left = max(0.0, options.budget_minutes - (time.monotonic() - started) / 60)
+            options = dataclasses.replace(options, budget_minutes=left * weights[i] / sum(weights[i:]))
         try:
             result = tune(options)
         except KeyboardInterrupt:
