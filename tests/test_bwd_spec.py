@@ -269,3 +269,18 @@ def test_several_ops_share_the_budget_by_what_their_studies_need(tmp_path: Path,
     # the last gets all of it.
     assert seen[1].budget_minutes == pytest.approx(13 * weights[1] / sum(weights[1:]), rel=1e-3)
     assert seen[2].budget_minutes == pytest.approx(13, rel=1e-3)
+
+
+@pytest.mark.parametrize(("gpus", "expected"), [(None, (8.0, 90.0)), ("0,1", (4.0, 45.0)), ("0,1,2,3", (2.0, 22.5))])
+def test_the_default_budget_is_gpu_time(gpus: str | None, expected: tuple[float, float], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --budget-minutes or --timeout, a run on N GPUs gets 1/N of the default wall time: every GPU searches
+    every study, so the same trials take 1/N of the time."""
+    from gdn2_tune.tuner import run as run_mod
+
+    seen: list[run_mod.TuneOptions] = []
+    monkeypatch.setattr(cli, "_require_gpus", lambda gpus: None)
+    monkeypatch.setattr(run_mod, "tune", lambda options: seen.append(options) or run_mod.RunResult(None, (), ()))
+    cli.main(["tune", "--no-progress", *(["--gpus", gpus] if gpus else []), "--run-dir", str(tmp_path / "run"),
+              "--output", str(tmp_path / "t.json")])
+    assert (seen[0].budget_minutes, seen[0].timeout_s) == pytest.approx(expected)
