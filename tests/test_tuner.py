@@ -559,6 +559,10 @@ def test_late_studies_keep_half_a_share_when_early_ones_overrun() -> None:
     assert overrun == pytest.approx(0.5 * search / 8, rel=1e-3)
     capped = study_timeout(TuneOptions(budget_minutes=10.0, timeout_s=20.0), time.monotonic(), 8, 8)
     assert capped == 20.0
+    # A per-GPU child of a two-GPU run: the parent finalizes two studies at a time, so half the reserve.
+    child = TuneOptions(budget_minutes=10.0, timeout_s=None, gpus=(1,), search_only=True, finalizers=2)
+    search2 = 600 - 4 * FINALIZE_RESERVE_S - ROOFS_RESERVE_S
+    assert study_timeout(child, time.monotonic(), 8, 8) == pytest.approx(search2 / 8, rel=1e-3)
 
 
 def test_each_study_is_warm_started_with_every_table_entry_fitted_to_its_shape() -> None:

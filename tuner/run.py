@@ -74,6 +74,7 @@ class TuneOptions:
     retime_rounds: int = 5
     progress: bool = True
     search_only: bool = False  # a per-GPU child: search, do not finalize or write the table
+    finalizers: int = 1  # GPUs the parent finalizes the studies on at once (a per-GPU child: the run's GPU count)
     op: str = DEFAULT_OP  # the registered KernelSpec to tune (the table key's first part)
 
     def to_json(self) -> str:
@@ -246,7 +247,9 @@ def study_timeout(options: TuneOptions, started: float, remaining_studies: int, 
     if options.budget_minutes is None:
         return per_study
     reserve_each = INTERPRET_FINALIZE_RESERVE_S if options.interpret else FINALIZE_RESERVE_S
-    reserve = reserve_each * total_studies + (0 if options.interpret else ROOFS_RESERVE_S)
+    # The parent finalizes on every GPU of the run at once, so N GPUs need 1/N of the serial reserve.
+    finalizers = max(1, len(options.gpus or ()), options.finalizers)
+    reserve = reserve_each * -(-total_studies // finalizers) + (0 if options.interpret else ROOFS_RESERVE_S)
     search = options.budget_minutes * 60 - reserve
     left = search - (time.monotonic() - started)
     floor = max(1.0, 0.5 * search / max(1, total_studies))
@@ -496,7 +499,7 @@ def _spawn_children(options: TuneOptions, log_dir: Path) -> list[subprocess.Pope
     procs = []
     for i, gpu in enumerate(options.gpus):
         child = dataclasses.replace(options, gpus=(gpu,), search_only=True, progress=False,
-                                    parallel=options.gate_workers())
+                                    parallel=options.gate_workers(), finalizers=len(options.gpus))
         path = log_dir / f"options-gpu{gpu}.json"
         path.write_text(child.to_json())
         log = open(log_dir / f"search-gpu{gpu}.log", "ab")  # noqa: SIM115 - owned by the child
