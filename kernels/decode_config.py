@@ -101,17 +101,15 @@ class DecodeConfig:
     # and indices from L2.
     stream_state: bool = False
     # Form o_t = S̄ᵀq + (k·q)u from the decayed state in the same reduction as the read r (kernels/decode.py),
-    # instead of a second reduction after the update: one cross-thread reduction per token instead of two. Not yet
-    # timed on a GPU (the first H200 sweep predates it), so the defaults leave it off.
+    # instead of a second reduction after the update: one cross-thread reduction per token instead of two.
+    # (The fields' own defaults are the plain kernel; default_decode_config turns on what the H200 measured faster.)
     one_pass: bool = False
-    # Compile H, K, V into the kernel (see the module docstring). Not yet timed on a GPU (its compiled code, read
-    # off ptxas for sm_90 at K=V=256, BV=32, 4 warps, needs fewer registers and no per-row predicates), so the
-    # defaults leave it off.
+    # Compile H, K, V into the kernel (see the module docstring): fewer registers and no per-row predicates.
     static_dims: bool = False
-    # Registers per thread the compiler may use (0: its own choice). Not yet timed on a GPU; off by default.
+    # Registers per thread the compiler may use (0: its own choice). Within noise on the H200 (2026-11-30).
     max_registers: int = 0
     # Issue all of a token's input loads before the first one is moved into the state tile's layout, so that their
-    # memory round trips overlap (see the module docstring). Not yet timed on a GPU, so the defaults leave it off.
+    # memory round trips overlap (see the module docstring).
     batch_inputs: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,20 +297,40 @@ def decode_space(shape: DecodeShape) -> list[DecodeConfig]:
     return [cfg for cfg in points if decode_infeasibility(cfg, shape) is None]
 
 
-STATIC_DIMS_MIN_K = 256  # padded K from which the built-in default compiles the head dims in
-STATIC_DIMS_MIN_BATCH = 512  # or sequences per call from which it does
+# The structural knobs of the built-in config, read off benchmarks/exp_decode_variants.py on an H200 (2026-11-30
+# ~11:10 UTC, benchmarks/results/decode-variants-h200-2026-11-30-s7.json: T=1, H=16, fp32 state in place through
+# 1-D indices, CUDA-graph replay with L2 flushed, median of 3 alternating rounds; µs of this config / the previous
+# default / the baseline, flash-linear-attention's fused_recurrent_gdn2_fwd, timed in the same rounds):
+# - H, K, V compiled in, a token's input loads batched, and the one-pass output, everywhere below the wide tile:
+#   the fastest of the ten configs timed at 5 of the 8 points it serves, within 1% at K=256, B=32 and within 2% at
+#   B=1 (where every config sits at the memory-only probe's 7.1 and 9.1 µs). K=V=128: B=1 7.0 / 7.5 / 7.7
+#   (an empty kernel: 4.6), B=8 10.8 / 11.3 / 11.1, B=32 24.1 / 26.3 / 25.6, B=128 78.8 / 81.5 / 81.9, B=512
+#   277.2 / 278.8 / 311.3. K=V=256: B=1 8.8 / 9.1 / 9.0, B=8 24.0 / 26.5 / 24.3, B=32 76.7 / 78.6 / 76.9.
+# - At K=256 a V tile of 64 on 8 warps (the same 64 state registers per thread as BV=32 on 4, half the programs,
+#   256-byte rows; static dims and batched inputs, no one-pass: that combination was not timed) once BV=64 gives
+#   this many programs: B=128 272.7 / 286.3 / 288.8 (BV=32 with the knobs above: 288.6), B=512 1057.2 / 1118.0 /
+#   1136.9 (1136.4). At B=32 (2048 programs) it took 76.2 against 76.7, within noise, so the threshold stays where
+#   the gain was clear. At K=128 the same tile on 8 warps lost everywhere it was tried (B=32 33.5, B=128 103.3).
+WIDE_MIN_K = 256
+WIDE_PROGRAMS = 8192
+WIDE = DecodeConfig(BV=64, num_warps=8, static_dims=True, batch_inputs=True)
 
 
 @functools.lru_cache(maxsize=1024)  # asked on every decode step without an explicit config
 def default_decode_config(shape: DecodeShape) -> DecodeConfig:
-    """The built-in config at ``shape``; no table yet, so these are rules fitted to the first H200 sweep (see the
-    constants above). The token loop is not pipelined: the sweep's num_stages=2 at T > 1 compiled to the same
-    program as 1 then (the loop carried no num_stages), so no depth has been timed yet."""
+    """The built-in config at ``shape``, where no table entry serves it: rules fitted to the H200 runs of
+    2026-11-30 (the tile and warps to the first sweep, the structural knobs to the variants run; see the constants
+    above). The token loop is not pipelined: the variants run's two-deep pipeline at T = 1 (static-pipe) was at
+    best level with the batched loads and 5% behind at K=128, B=512; deeper ones have not been timed. All figures
+    are T = 1; a speculative step (T > 1) takes the same rules."""
     vp = max(padded(shape.V), min(DECODE_SPACE[0].values))
 
     def programs(bv: int) -> int:
         return shape.N * shape.H * cdiv(shape.V, bv)
 
+    if padded(shape.K) >= WIDE_MIN_K and vp >= WIDE.BV and programs(WIDE.BV) >= WIDE_PROGRAMS:
+        assert decode_infeasibility(WIDE, shape) is None, (WIDE, shape)
+        return WIDE
     bv = min(32, vp)
     while bv > min(DEFAULT_MIN_BV, vp) and programs(bv) < MIN_PROGRAMS:
         bv //= 2
@@ -320,12 +338,7 @@ def default_decode_config(shape: DecodeShape) -> DecodeConfig:
     if bv == 32 and vp >= 64 and programs(64) >= MANY_PROGRAMS and decode_infeasibility(wide, shape) is None:
         bv = 64
     warps = 2 if padded(shape.K) * bv <= SMALL_TILE else 4
-    # Head dims compiled in where the state tile is widest: on an H200 (2026-11-30, benchmarks/exp_decode_variants.py,
-    # same run as the baseline) K = V = 256 took 286 µs against 314 at B = 128 and 1117 against 1232 at B = 512,
-    # faster than the baseline's 289 and 1136; at K = V = 128 it moved B = 512 from 286 to 279 µs and B = 32 from
-    # 24.8 to 25.5, so there the tuner decides per bucket.
-    static = padded(shape.K) >= STATIC_DIMS_MIN_K or shape.N >= STATIC_DIMS_MIN_BATCH
-    cfg = DecodeConfig(BV=bv, num_warps=warps, num_stages=1, static_dims=static)
+    cfg = DecodeConfig(BV=bv, num_warps=warps, num_stages=1, one_pass=True, static_dims=True, batch_inputs=True)
     while decode_infeasibility(cfg, shape) is not None and cfg.num_warps < 8:  # K=256 with a wide V tile
         cfg = dataclasses.replace(cfg, num_warps=cfg.num_warps * 2)
     assert decode_infeasibility(cfg, shape) is None, (cfg, shape)

@@ -407,6 +407,8 @@ def test_packed_offsets_past_the_tokens_are_clamped_not_read() -> None:
         pytest.param(DecodeShape(1, 1, 16, 128, 128), id="B1-H16-K128"),
         pytest.param(DecodeShape(512, 1, 16, 128, 128), id="B512-H16-K128"),
         pytest.param(DecodeShape(32, 4, 16, 256, 256), id="B32-T4-K256"),
+        pytest.param(DecodeShape(128, 1, 16, 256, 256), id="B128-H16-K256-wide-tile"),
+        pytest.param(DecodeShape(128, 1, 16, 256, 200), id="B128-H16-K256-V200-wide-tile"),
         pytest.param(DecodeShape(2, 1, 1, 8, 3), id="K8-V3-tiny"),
         pytest.param(DecodeShape(1, 1, 1, 256, 200), id="K256-V200"),
     ],
