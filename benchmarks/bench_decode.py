@@ -1,7 +1,7 @@
 """Decode benchmark for ``fused_recurrent_gdn2`` on one GPU (not a test): correctness at real sizes, CUDA-graph
 timings against the baseline, and a sweep of the DecodeConfig space per batch size.
 
-    python benchmarks/bench_decode.py --out DIR [--quick]
+    python benchmarks/bench_decode.py [--out DIR] [--quick] [--parts correctness,sweep,timing,serving]
 
 (a) correctness: ≥ 1000 chained decode steps (T=1 per call) at H=16, K=V=128 over a state pool with a padding row
     and an out-of-pool index, fp32 and bf16 state, against the float64 recurrence (kernels/decode_reference.py);
@@ -15,8 +15,25 @@ timings against the baseline, and a sweep of the DecodeConfig space per batch si
     imports. The floor is the fp32 state read + written once at the device-to-device copy bandwidth measured here.
 (c) sweep: every admissible DecodeConfig at T=1 per (K, B) (num_stages only matters with several tokens, so it is
     swept at T=4 on one batch size), printing the best per batch size.
+(d) serving: the default config against the baseline at (b)'s points in two modes, timed in alternating rounds
+    (every callable once per round, the order rotated; medians over rounds):
+    - "cold", (b)'s measurement: one call per graph replay, L2 flushed before each. It isolates the kernel with
+      its state in DRAM, but each replay also pays the launch of a graph and two timing events, ~4.6 µs for an
+      empty kernel on an H200 (benchmarks/results/decode-variants-h200-2026-11-30-s7.json), more than the state
+      traffic itself up to B=8 at K=V=128 (a 0.5 µs floor at B=1): at small batches it measures that overhead.
+      It stays because every earlier result (and the tuner's trials) was timed this way, so it compares across
+      runs, and because it times the kernel alone, with nothing before it to overlap its start.
+    - "serving": what a served model sees, where a layer's decode kernel is one node among many in a graph. One
+      graph holds S consecutive decode steps, each on its own set of N slots of a pool of at least
+      SERVING_POOL_BYTES (several times L2), cycled so that a step's slots were last touched by the step that
+      many steps back (at least L2's worth of other state in between): the state is in DRAM, as after the other
+      layers' kernels, while the step's inputs and indices are as hot as a preceding projection leaves them. The
+      replays run back to back; the figure is the replay's time / S, so the launch overhead is what a graph's
+      node-to-node gap costs, amortised as in serving. An empty kernel is timed both ways at B=1.
+    Before timing, one step of each from the same pool is compared (outputs and touched slots).
 
-Writes DIR/decode.json and prints a short table last. About 2 minutes on an H200.
+Writes DIR/decode.json (DIR: --out, else $OUT) and DIR/bench_decode.jsonl (each JSON line as it is printed), and
+prints a short table last. About 2 minutes on an H200 for (a)-(c); (d) alone (``--parts serving``) under 1.5.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ import argparse
 import datetime
 import inspect
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -35,6 +53,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +79,14 @@ BF16_RATIO_BUDGET = 1.5
 BF16_SLACK = 2.0**-9
 FLUSH_BYTES = 256 << 20  # larger than the H200's 60 MB L2
 COPY_BYTES = 2 << 30
+# (d) serving: decode steps per graph (more where a step's state is small, so that the steps cycle through at least
+# the pool below), and the state the steps of one graph cycle through: at least 4x L2 (the H200's is 50 MB; the
+# device's own size is used when larger), so that a step's slots have left L2 before it comes back to them.
+SERVING_STEPS = 32
+SERVING_POOL_BYTES = 256 << 20
+SERVING_REPS = 10  # graph replays per round: each holds >= 32 steps
+ROUNDS = 3
+PARTS = ("correctness", "sweep", "timing", "serving")  # (a), (c), (b), (d); --parts picks
 
 
 def environment() -> dict:
@@ -249,9 +276,13 @@ def graph_times(fn: Callable[[], object], reps: int, eager: bool = True) -> dict
 
 
 class Problem:
-    """Decode-step buffers of one shape: T tokens per sequence, a pool of N slots in a shuffled order, ``out``."""
+    """Decode-step buffers of one shape: T tokens per sequence, a pool of N slots in a shuffled order, ``out``.
 
-    def __init__(self, N: int, K: int, T: int = 1, seed: int = 0, two_d: bool = False) -> None:
+    With ``ranges`` > 1 the pool holds that many times the slots, shuffled and split into disjoint index sets
+    ``sets[r]`` of one step each ((d)'s serving steps); ``idx`` is the first.
+    """
+
+    def __init__(self, N: int, K: int, T: int = 1, seed: int = 0, two_d: bool = False, ranges: int = 1) -> None:
         H, V = HEADS, K
         gen = torch.Generator(device="cuda").manual_seed(seed)
         inp = time_major_inputs(T, N, H, K, V, seed)
@@ -259,17 +290,20 @@ class Problem:
         self.scale = K**-0.5
         slots = N * T if two_d else N
         # Starting states as a layer leaves them: bounded, so that repeated in-place replays stay finite.
-        self.pool = 0.1 * torch.randn(slots, H, K, V, generator=gen, device="cuda")
-        perm = torch.randperm(slots, generator=gen, device="cuda")
-        self.idx = perm.view(N, T) if two_d else perm
+        self.pool = 0.1 * torch.randn(ranges * slots, H, K, V, generator=gen, device="cuda")
+        perm = torch.randperm(ranges * slots, generator=gen, device="cuda")
+        self.sets = perm.view(ranges, N, T) if two_d else perm.view(ranges, N)
+        self.idx = self.sets[0]
         self.accepted = torch.randint(1, T + 1, (N,), generator=gen, device="cuda") if two_d else None
         self.out = torch.empty_like(self.args[2])
         self.state_bytes = N * H * K * V * 4
 
-    def ours(self, cfg: DecodeConfig | None) -> Callable[[], object]:
+    def ours(self, cfg: DecodeConfig | None, idx: torch.Tensor | None = None) -> Callable[[], object]:
+        """One step of ``cfg`` (None: the op's own choice) on the slots ``idx`` (None: ``self.idx`` at call time)."""
         return lambda: fused_recurrent_gdn2(
             *self.args, scale=self.scale, initial_state=self.pool, inplace_final_state=True,
-            ssm_state_indices=self.idx, num_accepted_tokens=self.accepted, out=self.out, config=cfg,
+            ssm_state_indices=self.idx if idx is None else idx, num_accepted_tokens=self.accepted, out=self.out,
+            config=cfg,
         )
 
 
@@ -281,11 +315,12 @@ def load_baseline() -> tuple[Callable | None, str]:
     return fused_recurrent_gdn2_fwd, f"fused_recurrent_gdn2_fwd{inspect.signature(fused_recurrent_gdn2_fwd)}"
 
 
-def baseline_call(fn: Callable, p: Problem) -> Callable[[], object]:
+def baseline_call(fn: Callable, p: Problem, idx: torch.Tensor | None = None) -> Callable[[], object]:
+    """One step of the baseline on the slots ``idx`` (None: ``p.idx``)."""
     params = inspect.signature(fn).parameters
     q, k, v, g, b, w = p.args
     wanted = {"initial_state": p.pool, "scale": p.scale, "output_final_state": False, "inplace_final_state": True,
-              "ssm_state_indices": p.idx, "out": p.out}
+              "ssm_state_indices": p.idx if idx is None else idx, "out": p.out}
     kwargs = {name: value for name, value in wanted.items() if name in params}
     missing = sorted(set(wanted) - set(kwargs))
     if {"initial_state", "inplace_final_state", "ssm_state_indices"} & set(missing):
@@ -315,7 +350,7 @@ def timing(bw: float, baseline: Callable | None, best: dict[tuple[int, int], Dec
             for key in ("ours_default", "ours_best", "baseline"):
                 if key in row:
                     row[key]["pct_of_floor"] = 100 * floor_us / row[key]["p50"]
-            print(json.dumps(row), flush=True)
+            emit({"kind": "timing", **row})
             rows.append(row)
             del p
             torch.cuda.empty_cache()
@@ -355,48 +390,243 @@ def sweep(reps: int) -> tuple[list[dict], dict[tuple[int, int], DecodeConfig]]:
             best[(K, N)] = DecodeConfig(**top["config"])
         row = {"B": N, "T": T, "K": K, "V": K, "configs": len(space), "best": top and top["label"],
                "best_us": top and top["p50"], "default": default, "default_us": default_us, "results": results}
-        print(json.dumps({k: v for k, v in row.items() if k != "results"}), flush=True)
+        emit({"kind": "sweep", **{k: v for k, v in row.items() if k != "results"}})
         rows.append(row)
         del p
         torch.cuda.empty_cache()
     return rows, best
 
 
+# --- (d) serving -----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _empty_kernel(x):
+    """One program, one 4-byte store: what a launch costs in either mode."""
+    tl.store(x, 0)
+
+
+def l2_bytes() -> int:
+    return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)) or 50 << 20
+
+
+def serving_plan(step_bytes: int, steps: int, l2: int) -> tuple[int, int]:
+    """(R, S): R disjoint slot sets of one step each, holding at least max(SERVING_POOL_BYTES, 4·L2) together (at
+    least 2), and S ≥ ``steps`` steps per graph, a multiple of R so that every replay starts where the last left
+    off: step s runs on set s mod R, whose slots were last touched R steps before, R − 1 steps of state ago."""
+    sets = max(2, -(-max(SERVING_POOL_BYTES, 4 * l2) // step_bytes))
+    return sets, sets * -(-steps // sets)
+
+
+def serving_times(steps: list[Callable[[], object]], reps: int) -> dict[str, float]:
+    """Per-step µs (p20/p50/p80 over replays) of one CUDA graph holding ``steps`` in order, replayed back to back
+    without flushing L2 (the steps' slot sets keep the state out of it; see serving_plan): the replay's time / S."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for fn in steps:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in steps:
+            fn()
+    for _ in range(3):
+        graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    us = sorted(s.elapsed_time(e) * 1e3 / len(steps) for s, e in events)
+    q = statistics.quantiles(us, n=10)
+    del graph
+    return {"p20": q[1], "p50": statistics.median(us), "p80": q[7]}
+
+
+def step_check(p: Problem, calls: dict[str, Callable[[], object]]) -> dict:
+    """One step of each callable from the same slots: each one's output and touched slots against the first's."""
+    idx = p.idx.long()
+    start = p.pool[idx].clone()
+    got = {}
+    for name, fn in calls.items():
+        p.pool[idx] = start
+        p.out.fill_(float("nan"))
+        fn()
+        torch.cuda.synchronize()
+        got[name] = (p.out.double(), p.pool[idx].double())
+    p.pool[idx] = start
+    ref_name, (ref_o, ref_s) = next(iter(got.items()))
+    row: dict = {"kind": "check", "reference": ref_name}
+    for name, (o, s) in list(got.items())[1:]:
+        fin = bool(torch.isfinite(o).all() and torch.isfinite(s).all())
+        err_o = float((o - ref_o).norm() / ref_o.norm()) if fin else float("inf")
+        err_s = float((s - ref_s).norm() / ref_s.norm()) if fin else float("inf")
+        row[name] = {"err_o": err_o, "err_state": err_s,
+                     "ok": bool(err_o < BF16_OUTPUT_BUDGET and err_s < FP32_STATE_BUDGET)}
+    del got, start
+    return row
+
+
+def serving(bw: float, baseline: Callable | None, rounds: int, reps: int, serving_reps: int, steps: int,
+            head_dims: tuple[int, ...] = HEAD_DIMS, batches: tuple[int, ...] = BATCHES) -> list[dict]:
+    """(d): the default config and the baseline, cold (one call per replay, L2 flushed) and serving (S steps per
+    graph over a pool larger than L2), in alternating rounds; one JSON line per timing and a summary per point."""
+    l2 = l2_bytes()
+    rows = []
+    for K in head_dims:
+        for N in batches:
+            step_bytes = N * HEADS * K * K * 4
+            sets, S = serving_plan(step_bytes, steps, l2)
+            p = Problem(N, K, ranges=sets)
+            shape = DecodeShape(N, 1, HEADS, K, K, "bf16", "fp32")
+            cfg = default_decode_config(shape)
+            point = {"K": K, "B": N, "steps_per_graph": S, "slot_sets": sets,
+                     "pool_bytes": sets * step_bytes, "l2_bytes": l2}
+            makers: dict[str, Callable[[torch.Tensor], Callable[[], object]]] = {
+                "ours": lambda idx, p=p, cfg=cfg: p.ours(cfg, idx)}
+            labels = {"ours": cfg.label()}
+            if baseline is not None:
+                try:
+                    baseline_call(baseline, p)
+                    makers["fla"] = lambda idx, p=p: baseline_call(baseline, p, idx)
+                    labels["fla"] = "fused_recurrent_gdn2_fwd"
+                except Exception as exc:  # noqa: BLE001 - a baseline that cannot be called is a result
+                    emit({"kind": "skip", **point, "impl": "fla", "why": repr(exc)[:300]})
+            check = step_check(p, {name: make(p.idx) for name, make in makers.items()})
+            emit({**check, **point})
+            if N == 1:
+                makers["empty"] = lambda idx, p=p: lambda: _empty_kernel[(1,)](p.out)
+                labels["empty"] = "1 program, one store"
+            calls = [(name, mode) for name in makers for mode in ("cold", "serving")]
+            # Captured once per round: the rotation puts each callable after a different one.
+            times: dict[tuple[str, str], list[dict]] = {c: [] for c in calls}
+            for r in range(rounds):
+                for name, mode in calls[r % len(calls):] + calls[: r % len(calls)]:
+                    try:
+                        if mode == "cold":
+                            t = graph_times(makers[name](p.idx), reps, eager=False)
+                        else:
+                            t = serving_times([makers[name](p.sets[s % sets]) for s in range(S)], serving_reps)
+                    except Exception as exc:  # noqa: BLE001 - recorded; the other callables still run
+                        emit({"kind": "error", **point, "impl": name, "mode": mode, "error": repr(exc)[:300]})
+                        continue
+                    times[(name, mode)].append(t)
+                    emit({"kind": "time", **point, "round": r, "impl": name, "config": labels[name], "mode": mode,
+                          **{f"{q}_us": round(t[q], 3) for q in ("p20", "p50", "p80")},
+                          **({"warm_p50_us": round(t["warm_p50"], 3)} if "warm_p50" in t else {})})
+            floor_us = 2 * step_bytes / bw * 1e6
+            summary: dict = {"kind": "summary", **point, "floor_us": round(floor_us, 3), "impls": {}}
+            for name in makers:
+                entry: dict = {"config": labels[name]}
+                for mode in ("cold", "serving"):
+                    ts = times[(name, mode)]
+                    if ts:
+                        entry[f"{mode}_us"] = round(statistics.median(t["p50"] for t in ts), 3)
+                        entry[f"{mode}_x_floor"] = round(entry[f"{mode}_us"] / floor_us, 3)
+                if times[(name, "cold")]:
+                    entry["warm_us"] = round(statistics.median(t["warm_p50"] for t in times[(name, "cold")]), 3)
+                summary["impls"][name] = entry
+            fla = summary["impls"].get("fla", {})
+            for mode in ("cold", "serving"):
+                ours_us, fla_us = summary["impls"]["ours"].get(f"{mode}_us"), fla.get(f"{mode}_us")
+                summary[f"{mode}_ours_vs_fla"] = round(ours_us / fla_us, 3) if ours_us and fla_us else None
+            emit(summary)
+            rows.append(summary)
+            del p
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_serving(rows: list[dict], bw: float) -> None:
+    print(f"\n(d) T=1, H={HEADS}, fp32 state in place, default config vs fla; µs per step (median of rounds' p50), "
+          f"×floor at {bw / 1e12:.2f} TB/s in brackets. cold: one call per graph replay, L2 flushed. serving: S "
+          f"steps per graph over a pool of ≥ 4×L2, per step")
+    print(f"  {'K=V':>4} {'B':>4} {'S':>4} {'floor':>7} {'ours cold':>16} {'fla cold':>16} {'ours serving':>16} "
+          f"{'fla serving':>16} {'empty c/s':>11}  config")
+    for s in rows:
+        im = s["impls"]
+
+        def cell(name: str, mode: str, im: dict = im) -> str:
+            e = im.get(name, {})
+            return f"{e[f'{mode}_us']:8.1f} ({e[f'{mode}_x_floor']:.2f})" if f"{mode}_us" in e else "-"
+
+        empty = im.get("empty", {})
+        e_cells = "/".join(f"{empty[f'{m}_us']:.1f}" if f"{m}_us" in empty else "-" for m in ("cold", "serving"))
+        print(f"  {s['K']:>4} {s['B']:>4} {s['steps_per_graph']:>4} {s['floor_us']:7.1f} {cell('ours', 'cold'):>16} "
+              f"{cell('fla', 'cold'):>16} {cell('ours', 'serving'):>16} {cell('fla', 'serving'):>16} "
+              f"{e_cells if empty else '':>11}  {im['ours']['config']}")
+
+
+_jsonl: Path | None = None
+
+
+def emit(row: dict) -> None:
+    """Print one JSON line (flushed) and append it to the run's .jsonl file when there is one."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if _jsonl is not None:
+        with _jsonl.open("a") as f:
+            f.write(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                    help="directory for decode.json and bench_decode.jsonl (default: $OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer replays per timing (a smoke run)")
     ap.add_argument("--steps", type=int, default=STEPS, help="chained decode steps of the correctness check")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="(d): alternating timing rounds")
+    ap.add_argument("--serving-steps", type=int, default=SERVING_STEPS, help="(d): decode steps per graph (at least)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        ap.error("--out: expected a directory (or $OUT set), received neither")
+    parts = [x for x in args.parts.split(",") if x]
+    if not parts or set(parts) - set(PARTS):
+        ap.error(f"--parts: expected a comma-separated subset of {list(PARTS)}, received {args.parts!r}")
     args.out.mkdir(parents=True, exist_ok=True)
+    global _jsonl
+    _jsonl = args.out / "bench_decode.jsonl"
     reps = 30 if args.quick else 100
     t_start = time.time()
     env = environment()
-    print(json.dumps(env), flush=True)
+    emit({"kind": "env", **env})
     baseline, signature = load_baseline()
-    print(f"baseline: {signature}", flush=True)
+    emit({"kind": "baseline", "signature": signature})
 
-    correctness = [chained(torch.float32, args.steps), chained(torch.bfloat16, args.steps), speculative()]
-    for row in correctness:
-        print(json.dumps(row), flush=True)
+    correctness = []
+    if "correctness" in parts:
+        correctness = [chained(torch.float32, args.steps), chained(torch.bfloat16, args.steps), speculative()]
+        for row in correctness:
+            emit({"kind": "correctness", **row})
     bw = copy_bandwidth()
-    print(f"copy roof: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-    sweep_rows, best = sweep(max(20, reps // 2))
-    timing_rows = timing(bw, baseline, best, reps)
-    result = {"env": env, "baseline_signature": signature, "copy_bytes_per_s": bw, "correctness": correctness,
-              "timing": timing_rows, "sweep": sweep_rows, "seconds": round(time.time() - t_start, 1)}
+    emit({"kind": "copy_roof", "bytes_per_s": bw})
+    sweep_rows, best = sweep(max(20, reps // 2)) if "sweep" in parts else ([], {})
+    timing_rows = timing(bw, baseline, best, reps) if "timing" in parts else []
+    serving_rows = (serving(bw, baseline, args.rounds, 30, 5 if args.quick else SERVING_REPS, args.serving_steps)
+                    if "serving" in parts else [])
+    result = {"env": env, "baseline_signature": signature, "copy_bytes_per_s": bw, "parts": parts,
+              "correctness": correctness, "timing": timing_rows, "sweep": sweep_rows, "serving": serving_rows,
+              "seconds": round(time.time() - t_start, 1)}
     (args.out / "decode.json").write_text(json.dumps(result, indent=1))
 
-    print(f"\ncorrectness ({args.steps} chained steps, H={HEADS}, K=V=128; spec: T=4, 2-D indices):")
+    if serving_rows:
+        print_serving(serving_rows, bw)
+    if correctness:
+        print(f"\ncorrectness ({args.steps} chained steps, H={HEADS}, K=V=128; spec: T=4, 2-D indices):")
     for row in correctness:
         what = f"state {row['state']}" if "state" in row else f"speculative T={row['T']}"
         print(f"  {what:<16} err_o {row['err_o']:.2e}  err_state {row.get('err_state', row.get('err_states')):.2e}"
               + (f"  (bf16 storage alone: {row['bf16_storage_err_state']:.2e})" if "bf16_storage_err_state" in row
                  else "") + f"  {'PASS' if row['pass'] else 'FAIL'}")
-    print(f"\nT=1, H={HEADS}, fp32 state in place, CUDA-graph replay, L2 flushed; µs (p50) and % of the "
-          f"state-traffic floor at {bw / 1e12:.2f} TB/s; warm: L2 not flushed (ours default / baseline)")
-    print(f"  {'K=V':>4} {'B':>4} {'floor':>7} {'default':>16} {'best':>16} {'baseline':>16}  {'warm d/b':>13}"
-          f"  best config")
+    if timing_rows:
+        print(f"\nT=1, H={HEADS}, fp32 state in place, CUDA-graph replay, L2 flushed; µs (p50) and % of the "
+              f"state-traffic floor at {bw / 1e12:.2f} TB/s; warm: L2 not flushed (ours default / baseline)")
+        print(f"  {'K=V':>4} {'B':>4} {'floor':>7} {'default':>16} {'best':>16} {'baseline':>16}  {'warm d/b':>13}"
+              f"  best config")
     for row in timing_rows:
         keys = ("ours_default", "ours_best", "baseline")
         cells = [f"{row[key]['p50']:7.1f} ({row[key]['pct_of_floor']:4.0f}%)" if key in row else "-" for key in keys]
