@@ -417,39 +417,60 @@ def fit_to_shape(cfg: FwdConfig, shape: Shape, device: DeviceLimits = SM90) -> F
     return cfg
 
 
-# Shape rules of the built-in default, each the winner of one same-run comparison on an H200 (2026-11-30,
-# benchmarks/exp_fwd_variants.py, BENCHMARKS.md "Forward variants"). The default is what an untabled shape gets
-# and every study's first warm start, so these make the tuner try the structural options where they pay.
+# Shape rules of the built-in default, each the winner of a same-run comparison on an H200 (2026-11-30): the
+# sequence split from benchmarks/exp_fwd_variants.py (BENCHMARKS.md "Forward variants"), the rest from
+# benchmarks/exp_fwd_issue14.py (benchmarks/results/fwd-issue14-h200-2026-11-30.jsonl: torch 2.11, triton 3.6, median
+# of 3 alternating rounds of do_bench, L2 flushed). The default is what an untabled shape gets and every study's
+# first warm start, so these make the tuner try the structural options where they pay.
+# - Intra V tiles of 128 on 2 warps (K slices of 64), every dtype: the H200 table's pick at 6 of its 7 bf16 shapes,
+#   and the intra of the fastest entry at every shape of the issue-14 run. K = V = 96: 1.535 ms, against 1.607 with
+#   K slices of 32 (the old rule for odd multiples of 32) and 1.690 for the old default (those slices, V tiles of 64
+#   on 4 warps); K = 100, V = 60: 1.759 against 1.950 on 4 warps. Offline sm_90 compiles (triton 3.6): no spills at
+#   K = V = 128 in bf16 (254 registers) nor in fp32 with tf32rn (255).
+DEFAULT_INTRA = IntraConfig(BC=16, BK=64, BV=128, num_warps=2, num_stages=1)
 # - Few rows in the state pass and long sequences: split the sequence. At 1x32768x16 (16 rows, 1024 chunks) the
 #   split with 128-chunk segments and V tiles of 64 took 2.05 ms against 2.38; at 1x65536x4 1.27 against 2.93.
 SPLIT_MAX_STATE_ROWS = 32  # sequences x heads at or below which the sequence split is the default
 SPLIT_MIN_CHUNKS = 512  # chunks per sequence from which it is
 SPLIT_SEGMENT_CHUNKS = 128
-# - K = V = 256: state V tiles of 128 on 8 warps, 2.05 ms against 2.09 for V tiles of 64 on 4 warps.
+# - K >= 128: the state tile in two row parts (StateConfig.k_parts). 8x4096x16 K = V = 128: 1.539 ms against 1.582
+#   (state V tiles of 64 on 4 warps, 3 stages); 16x2048x8 K = V = 256: 1.946 against 2.035 (WIDE_STATE's tiles);
+#   4x4096x16 K = 192, V = 160: 1.575 against 1.736 (V tiles of 128 on 8 warps). Below it lost: K = 100, V = 60 1.882
+#   against 1.759 (V tiles of 64 on 4 warps, 3 stages), and at K = V = 96 one part (1.535) beat two (1.556).
+PARTS_MIN_K = 128
+# - Two-part state tiles of 256 rows (K > 192) at V padded to 256: V tiles of 128 on 8 warps, one stage; at
+#   16x2048x8 K = V = 256 1.946 ms against 1.968 for V tiles of 64 on 4 warps and 2.077 for the table's one-part tiles.
 WIDE_HEAD_DIM = 256
-WIDE_STATE = StateConfig(BV=128, num_warps=8, num_stages=1)
-# - K an odd multiple of 32 (96, 160, ...): K slices of 32 need no padding to the next power of two; at K = 96
-#   1.71 ms against 1.88 with slices of 64.
-ODD_K_SLICE = 32
-# fp32 inputs: intra V tiles of 128 on 4 warps, a one-stage state pass. The fp32 study of the H200 tune (2026-11-30)
-# ran plain TF32 in 2.50 ms on intra V tiles of 128 with one state stage, against 3.51 ms on the default's tiles
-# (intra V tiles of 64, three state stages; benchmarks/exp_fp32.py). Offline sm_90 compiles (triton 3.6, the anchor)
-# put the fp32 state pass at 896 bytes of spills with three stages and 272 with one, and the 3xTF32 intra with V
-# tiles of 128 at 216 bytes on 2 warps, none on 4 (238 registers).
-FP32_INTRA_BV = 128
-FP32_INTRA_WARPS = 4
+WIDE_STATE = StateConfig(BV=128, num_warps=8, num_stages=1, k_parts=2)
+# - Two-part state tiles between 128 and 256 rows (K = 160, 192: 128 + 32 or 64 rows): V tiles of 32 on 4 warps,
+#   3 stages; at 4x4096x16 K = 192, V = 160 1.511 ms against 1.575 on WIDE_STATE's and 1.598 on V tiles of 64
+#   (8 bytes of spills offline, against 208 for the anchor's two-part tiles).
+MID_STATE = StateConfig(BV=32, num_warps=4, num_stages=3, k_parts=2)
+# fp32 inputs: intra 'tf32rn' on DEFAULT_INTRA's tiles, state 'tf32' with V tiles of 64 on 4 warps, one stage, one
+# row part (two are untimed in fp32). At 8x4096x16 K = V = 128: 2.517 ms against 3.199 for 3xTF32 intra dots on 4
+# warps (benchmarks/exp_fwd_issue14.py); the error at the accuracy shape is under default_config. Offline sm_90
+# compiles (triton 3.6, the anchor): the fp32 state pass spills 896 bytes with three stages and 272 with one; the
+# tf32rn intra none on 2 warps (255 registers), where the 3xTF32 intra spills 216 bytes.
+FP32_INTRA_PRECISION = "tf32rn"
+FP32_STATE_PRECISION = "tf32"
 FP32_STATE_STAGES = 1
 
 
 def _shaped_default(shape: Shape) -> FwdConfig:
-    cfg = DEFAULT_CONFIG
-    if _padded(shape.K) >= WIDE_HEAD_DIM and _padded(shape.V) >= WIDE_HEAD_DIM:
-        cfg = dataclasses.replace(cfg, state=WIDE_STATE)
-    if shape.K > ODD_K_SLICE and shape.K % (2 * ODD_K_SLICE) == ODD_K_SLICE:
-        cfg = dataclasses.replace(cfg, intra=dataclasses.replace(cfg.intra, BK=ODD_K_SLICE))
-    rows = (shape.num_seqs or shape.B) * shape.H
-    if shape.num_seqs is None and rows <= SPLIT_MAX_STATE_ROWS and shape.T >= SPLIT_MIN_CHUNKS * cfg.chunk:
-        cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, segment_chunks=SPLIT_SEGMENT_CHUNKS))
+    state = DEFAULT_CONFIG.state
+    rows = sum(state_row_parts(shape.K, 2)) if shape.K >= PARTS_MIN_K else 0  # the two-part state tile's rows
+    if rows >= WIDE_HEAD_DIM and _padded(shape.V) >= WIDE_HEAD_DIM:
+        state = WIDE_STATE
+    elif PARTS_MIN_K < rows < WIDE_HEAD_DIM:
+        state = MID_STATE
+    elif rows:
+        state = dataclasses.replace(state, k_parts=2)
+    cfg = FwdConfig(chunk=DEFAULT_CONFIG.chunk, intra=DEFAULT_INTRA, state=state)
+    seqs_x_heads = (shape.num_seqs or shape.B) * shape.H
+    if shape.num_seqs is None and seqs_x_heads <= SPLIT_MAX_STATE_ROWS and shape.T >= SPLIT_MIN_CHUNKS * cfg.chunk:
+        # Measured with one row part, and the split's launches hold the state as one tile (state_parts_fit).
+        split = dataclasses.replace(cfg.state, segment_chunks=SPLIT_SEGMENT_CHUNKS, k_parts=1)
+        cfg = dataclasses.replace(cfg, state=split)
     return cfg
 
 
@@ -459,19 +480,21 @@ def default_config(shape: Shape, device: DeviceLimits = SM90) -> FwdConfig:
     One default for every family today: it was chosen on sm90, and fitting it to the device's limits is what
     changes between families.
 
-    fp32 inputs get 3xTF32 dots in the intra stage and TF32 in the state pass. On an H200 (2026-11-30,
-    benchmarks/exp_fp32.py, the anchor shape, one run): TF32 in both stages 1.74e-3 output error at 3.51 ms, above
-    the baseline's 1.41e-3 (BASELINE.md); this default 8.1e-4 (7.7e-4 under strong decay) at 4.25 ms; "tf32rn" in
-    both stages (operands rounded to nearest TF32 first: the tensor cores truncate them) 4.7e-4 / 3.6e-4 but 4.76
-    ms, so it stays an option rather than the default; 3xTF32 in both 4.6e-7 at 9.64 ms (an earlier run). bf16
-    and fp16 operands are exact in TF32. Those times are on the bf16 default's tiles; fp32 now takes its own
-    (FP32_INTRA_BV, FP32_INTRA_WARPS, FP32_STATE_STAGES), not yet timed with these precisions.
+    fp32 inputs get "tf32rn" dots in the intra stage (operands rounded to nearest TF32 first: the tensor cores
+    truncate them) and plain TF32 in the state pass. On an H200 (2026-11-30, benchmarks/exp_fwd_issue14.py, the
+    fp32 anchor 8x4096x16 K = V = 128 on this default's tiles; output error against float64 at the accuracy shape
+    B=2 T=2048 H=4, normal / strong decay): this default 2.517 ms, 8.8e-4 / 8.0e-4; 3xTF32 intra with TF32 state
+    4.221 ms, 8.1e-4 / 7.7e-4 (3.199 on 4 intra warps, the previous default); TF32 in both 2.463 ms but 1.74e-3,
+    above the baseline's 1.41e-3 (BASELINE.md; the baseline ran 3.23 ms), which studies refuse (kernels/fwd_spec.py);
+    tf32rn in both 4.352 ms, 4.7e-4 / 3.6e-4. 3xTF32 in both: 4.6e-7 at 9.64 ms (benchmarks/exp_fp32.py, an earlier
+    run on other tiles). bf16 and fp16 operands are exact in TF32.
     """
     cfg = _shaped_default(shape)
     if shape.dtype == "fp32":
         cfg = dataclasses.replace(
             cfg,
-            intra=dataclasses.replace(cfg.intra, precision="tf32x3", BV=FP32_INTRA_BV, num_warps=FP32_INTRA_WARPS),
-            state=dataclasses.replace(cfg.state, precision="tf32", num_stages=FP32_STATE_STAGES),
+            intra=dataclasses.replace(cfg.intra, precision=FP32_INTRA_PRECISION),
+            state=dataclasses.replace(cfg.state, precision=FP32_STATE_PRECISION, num_stages=FP32_STATE_STAGES,
+                                      k_parts=1),
         )
     return fit_to_shape(cfg, shape, device)

@@ -108,7 +108,7 @@ CHUNKS = [
 @pytest.mark.parametrize(("shape", "chunk"), CHUNKS)
 def test_every_chunk_length(shape: Shape, chunk: int) -> None:
     # The default's tiles are too big for long chunks (register and shared-memory budgets in kernels/config.py).
-    tiles: dict = {"BK": 32} if chunk == 64 else {}
+    tiles: dict = {"BK": 32, "num_warps": 4} if chunk == 64 else {}
     state = None
     if chunk == 128:
         tiles = {"BC": 32, "BK": 16, "num_warps": 8}
@@ -118,7 +118,7 @@ def test_every_chunk_length(shape: Shape, chunk: int) -> None:
 
 @pytest.mark.parametrize(("shape", "chunk"), CHUNKS)
 def test_split_output_at_every_chunk_length(shape: Shape, chunk: int) -> None:
-    tiles: dict = {"BK": 32} if chunk == 64 else {}
+    tiles: dict = {"BK": 32, "num_warps": 4} if chunk == 64 else {}
     state: dict = {"output": "split", "BV": 16}
     if chunk == 128:
         tiles = {"BC": 32, "BK": 16, "num_warps": 8}
@@ -172,7 +172,7 @@ def test_strong_decay_never_overflows(dtype: str) -> None:
 def test_strong_decay_at_every_sub_block_size() -> None:
     shape = Shape(1, 64, 1, 32, 32, "fp32")
     for bc in (16, 32, 64):
-        check(shape, seed=bc, cfg=config_for(shape, 64, BC=bc, BK=32), strong_decay=True)
+        check(shape, seed=bc, cfg=config_for(shape, 64, BC=bc, BK=32, num_warps=4), strong_decay=True)
 
 
 def test_without_initial_state_and_with_l2norm() -> None:
@@ -473,7 +473,7 @@ def test_gpu_long_sequence_stays_finite_and_accurate() -> None:
 def _tiles(chunk: int, dtype: str) -> tuple[dict, dict | None]:
     if chunk == 128:
         return {"BC": 32, "BK": 16, "num_warps": 8}, {"BV": 32, "num_stages": 1 if dtype == "fp32" else 2}
-    return ({"BK": 32} if chunk == 64 else {}), None
+    return ({"BK": 32, "num_warps": 4} if chunk == 64 else {}), None
 
 
 def _with_resets(g: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -646,16 +646,31 @@ def test_index_kernel_matches_its_torch_specification(cu: list[int], dtype: torc
         assert torch.equal(got.pairs, want.pairs)
 
 
+# The winners of benchmarks/exp_fwd_issue14.py on an H200 (2026-11-30), see kernels/config.py's shape rules.
 @pytest.mark.parametrize(("shape", "want"), [
-    pytest.param(Shape(1, 65536, 4, 128, 128, "bf16"), {"segment_chunks": 128}, id="few-rows-long-seq-split"),
-    pytest.param(Shape(1, 65536, 4, 128, 128, "bf16", num_seqs=3), {"segment_chunks": 0}, id="packed-no-split"),
-    pytest.param(Shape(8, 4096, 16, 128, 128, "bf16"), {"segment_chunks": 0, "BK": 64}, id="anchor-unchanged"),
-    pytest.param(Shape(16, 2048, 8, 256, 256, "bf16"), {"state_BV": 128, "state_warps": 8}, id="K256-wide-state"),
-    pytest.param(Shape(8, 4096, 16, 96, 96, "bf16"), {"BK": 32}, id="K96-slices-of-32"),
+    pytest.param(Shape(1, 65536, 4, 128, 128, "bf16"), {"segment_chunks": 128, "k_parts": 1},
+                 id="few-rows-long-seq-split-one-part"),
+    pytest.param(Shape(1, 65536, 4, 128, 128, "bf16", num_seqs=3), {"segment_chunks": 0, "k_parts": 2},
+                 id="packed-no-split"),
+    pytest.param(Shape(8, 4096, 16, 128, 128, "bf16"),
+                 {"segment_chunks": 0, "BK": 64, "BV": 128, "warps": 2, "state_BV": 64, "state_warps": 4,
+                  "state_stages": 3, "k_parts": 2}, id="anchor-two-row-parts"),
+    pytest.param(Shape(16, 2048, 8, 256, 256, "bf16"),
+                 {"state_BV": 128, "state_warps": 8, "state_stages": 1, "k_parts": 2}, id="K256-wide-state-two-parts"),
+    pytest.param(Shape(4, 4096, 16, 192, 160, "bf16"),
+                 {"state_BV": 32, "state_warps": 4, "state_stages": 3, "k_parts": 2}, id="K192-V160-mid-state"),
+    pytest.param(Shape(8, 4096, 16, 96, 96, "bf16"), {"BK": 64, "BV": 128, "warps": 2, "k_parts": 1},
+                 id="K96-one-part"),
+    pytest.param(Shape(8, 4096, 16, 100, 60, "bf16"), {"state_BV": 64, "k_parts": 1}, id="K100-V60-one-part"),
+    pytest.param(Shape(8, 4096, 16, 128, 128, "fp32"),
+                 {"precision": "tf32rn", "state_precision": "tf32", "BV": 128, "warps": 2, "state_BV": 64,
+                  "state_warps": 4, "state_stages": 1, "k_parts": 1}, id="fp32-anchor-tf32rn-intra"),
 ])
 def test_the_default_takes_the_measured_winners_by_shape(shape: Shape, want: dict) -> None:
     cfg = default_config(shape)
-    got = {"segment_chunks": cfg.state.segment_chunks, "BK": cfg.intra.BK, "state_BV": cfg.state.BV,
-           "state_warps": cfg.state.num_warps}
+    i, s = cfg.intra, cfg.state
+    got = {"segment_chunks": s.segment_chunks, "BK": i.BK, "BV": i.BV, "warps": i.num_warps, "precision": i.precision,
+           "state_BV": s.BV, "state_warps": s.num_warps, "state_stages": s.num_stages, "state_precision": s.precision,
+           "k_parts": s.k_parts}
     assert {k: got[k] for k in want} == want
     assert infeasibility(cfg, shape) is None
