@@ -239,10 +239,20 @@ def default_bwd_config(shape: Shape) -> BwdConfig:
     16-bit inputs take TF32 dots in the reverse pass and the recompute: on an H200 (2026-11-30, anchor shape,
     benchmarks/exp_bwd_variants.py) a TF32 recompute took forward + backward from 22.05 to 20.28 ms, and every
     gradient's error against float64 (bf16, strong decay) moved by at most 1e-5 absolute (dg 6.9e-4 → 7.0e-4, the
-    others 1.8e-3 to 2.4e-3, one bf16 rounding). fp32 inputs keep 3xTF32 throughout."""
+    others 1.8e-3 to 2.4e-3, one bf16 rounding). fp32 inputs keep 3xTF32 throughout.
+
+    bf16 inputs store S0 and dS_C in bf16 (``state_dtype``): on an H200 (2026-11-30, session 7,
+    benchmarks/results/bwd-state-h200-2026-11-30-s7.jsonl) forward + backward took 15.05 → 12.61 ms at the anchor
+    (the local step 9.19 → 6.99), 18.83 → 16.37 at 1x32768x16 (split in segments of 128) and 30.93 → 26.79 at
+    16x2048x8, K = V = 256; against float64 (2x2048x4, K = V = 128, g down to −10 per step) every gradient's error
+    stayed within 3e-4 of the fp32 states' (dg 7.0e-4 → 9.7e-4, the largest move; dq 1.82e-3, db 2.45e-3) and below
+    the baseline's on the same inputs. fp16 inputs keep fp32 states: their gradients round at 2^-12, and a bf16
+    state's 2^-9 would be the largest error of the backward."""
     cfg = DEFAULT_BWD_CONFIG
     if shape.dtype != "fp32":
         cfg = dataclasses.replace(cfg, precision="tf32", recompute_precision="tf32")
+    if shape.dtype == "bf16":
+        cfg = dataclasses.replace(cfg, state_dtype="bf16")
     # The forward's rule for its own state pass (kernels/config.py): few state rows along long sequences leave
     # most of the GPU idle in a per-sequence pass, and the backward has two of them.
     rows = (shape.num_seqs or shape.B) * shape.H
