@@ -291,7 +291,11 @@ def test_tune_interpret_then_the_auto_entry_follows_the_table_per_t_bucket(
         x = make_inputs(Shape(1, T, 1, 16, 16, "fp32"), "cpu", 0)
         o, ht = ops.auto_gdn2(*x.args(), initial_state=x.initial_state, output_final_state=True)
         ref_o, ref_ht = get_spec("fwd").prepare(Shape(1, T, 1, 16, 16, "fp32"), "cpu").reference()
-        assert relative(o, ref_o) < 1e-4 and relative(ht, ref_ht) < 1e-4
+        # Below the crossover (8) the recurrent kernel runs, exact in the interpreter; the chunked forward's fp32
+        # default rounds its intra operands to nearest TF32 ("tf32rn", kernels.config.default_config):
+        # tests/test_kernels.py's TF32RN_TOL budget, 2u of TF32's u = 2^-11.
+        tol = 1e-4 if T < 8 else 2**-10
+        assert relative(o, ref_o) < tol and relative(ht, ref_ht) < tol
 
 
 def test_the_decode_spec_module_never_imports_profiles_tuner_or_reports() -> None:

@@ -211,7 +211,7 @@ def test_user_table_of_another_gpu_is_used_with_a_warning(world: World) -> None:
 
 def test_forced_config_that_cannot_run_at_a_shape_is_ignored_there_only(world: World) -> None:
     world.on_device(None)
-    wide = make_config(**{"state.BV": 128, "state.num_warps": 8})
+    wide = make_config(**{"intra.BV": 64, "state.BV": 128, "state.num_warps": 8})
     world.force(wide)
     narrow = Shape(B=1, T=64, H=2, K=64, V=64)
     config, messages = lookup(narrow)

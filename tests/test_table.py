@@ -438,7 +438,7 @@ def test_merged_profile_saves_and_loads(tmp_path: Path) -> None:
 # The incumbent: what was served before tuning (optional, typed, validated)
 
 INCUMBENT = table.Incumbent(
-    config=make_config(**{"intra.num_warps": 2}),
+    config=make_config(**{"intra.num_warps": 4}),
     timing=Timing(p20_ms=1.5, p50_ms=1.6, p80_ms=1.7, spread=0.01),
     source=table.ServedFrom.FAMILY,
     table="h100-80gb-hbm3.json",

@@ -588,13 +588,13 @@ def test_warm_start_enqueues_only_points_of_a_narrowed_space() -> None:
 
     profile, _ = existing_profile(REPO / "profiles" / "h100-80gb-hbm3.json")
     assert profile is not None
-    options = TuneOptions(shapes=(Shape(8, 4096, 16, 128, 128),), param_choices={"intra.num_warps": (2,)})
+    options = TuneOptions(shapes=(Shape(8, 4096, 16, 128, 128),), param_choices={"state.k_parts": (1,)})
     spec = build_specs(options, profile)[0]
-    assert any(p["intra.num_warps"] != 2 for p in spec.warm_start)  # the default has 4: the case that crashed
+    assert any(p["state.k_parts"] != 1 for p in spec.warm_start)  # the default has 2: the case that crashed
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     assert study_mod.enqueue_warm_start(study, spec) > 0
     enqueued = [t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False)]
-    assert enqueued and all(p["intra.num_warps"] == 2 for p in enqueued)
+    assert enqueued and all(p["state.k_parts"] == 1 for p in enqueued)
     study.ask(spec.space.for_shape(spec.shape).distributions())  # Optuna accepts every enqueued point
 
 
@@ -673,7 +673,8 @@ def flat_config(base: Shape, **changes: Any) -> FwdConfig:
     return FwdConfig.from_flat({**default_config(base).flat(), **changes})
 
 
-H100_ANCHOR = flat_config(ANCHOR, **{"intra.BV": 128, "intra.num_warps": 2, "state.BV": 64})
+# The H100 table's anchor entry: the default's tiles before the state tile had row parts.
+H100_ANCHOR = flat_config(ANCHOR, **{"intra.BV": 128, "intra.num_warps": 2, "state.BV": 64, "state.k_parts": 1})
 H100_NEAR = flat_config(ANCHOR, **{"intra.num_warps": 2, "state.num_warps": 8})  # its T2048 bucket
 H100_OTHER_DIMS = flat_config(Shape(16, 2048, 8, 256, 256), **{"state.BV": 64, "state.num_stages": 1})
 A100_ANCHOR = flat_config(ANCHOR, **{"intra.num_warps": 8})
