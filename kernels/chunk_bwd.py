@@ -347,16 +347,28 @@ VALUE_SIDE_MAX_FOOTPRINT = 32 * (128 + 128)
 # at C = 64, 160 / 160 KiB at BK = BV = 64 and 224 / 256 KiB at BK 64, BV 128 (over sm90's 227 KiB): allow up to
 # the C = 64, BK = BV = 64 footprint.
 VALUE_SPLIT_MAX_FOOTPRINT = 64 * (64 + 64 + 64) + 64 * 64
+# value_tile="stack" holds [2C, V] fp32 tiles (V whole, K walked) and [2C, 2C] block matrices; K does not enter.
+# Compiled for sm90 with triton 3.6, 8 warps, 2 stages, its shared memory follows 2C·(V + C) at about 9.3 B each:
+# at C = 32, 98 KiB at V = 128 and 160 KiB at V = 256 (BK 16 or 32; 192 KiB at BK 64, 384 at BK 128); at C = 64,
+# V = 128, 224 KiB (BK 32 or 64). bf16 states change none of it (they are widened to fp32 before the dots). Allow up
+# to the C = 64, V = 128 footprint, BK <= 64. At C = 32, K = V = 256 it spills ~2.7 KB per thread (8 warps; 7 KB at
+# 16), where the split tiling spills nothing at BK 32, BV 64: the fallback stays split until timed.
+VALUE_STACK_MAX_FOOTPRINT = 2 * 64 * (128 + 64)
+VALUE_STACK_MAX_BK = 64
 
 
 def value_side_fits(shape: Shape, chunk: int, shared_memory: int = SHARED_MEMORY_LIMIT_BYTES,
                     tile: str = "v", BK: int = 32, BV: int = 64) -> bool:
-    """Whether the fused value side (kernels/bwd_local.py) with ``tile`` (and, for "split", tiles ``BK``, ``BV``)
-    fits on chip at ``shape`` and ``chunk``, on a GPU whose blocks may use ``shared_memory`` bytes (the measured
-    footprint scales with it; sm90's by default)."""
+    """Whether the fused value side (kernels/bwd_local.py) with ``tile`` (and, for "split", tiles ``BK``, ``BV``;
+    for "stack", ``BK``) fits on chip at ``shape`` and ``chunk``, on a GPU whose blocks may use ``shared_memory``
+    bytes (the measured footprint scales with it; sm90's by default)."""
     if tile == "split":
         footprint = chunk * (chunk + BK + BV) + BK * BV
         return footprint * SHARED_MEMORY_LIMIT_BYTES <= VALUE_SPLIT_MAX_FOOTPRINT * shared_memory
+    if tile == "stack":
+        footprint = 2 * chunk * (_padded(shape.V) + chunk)
+        return BK <= VALUE_STACK_MAX_BK and (footprint * SHARED_MEMORY_LIMIT_BYTES
+                                             <= VALUE_STACK_MAX_FOOTPRINT * shared_memory)
     footprint = chunk * (_padded(shape.K) + _padded(shape.V))
     return footprint * SHARED_MEMORY_LIMIT_BYTES <= VALUE_SIDE_MAX_FOOTPRINT * shared_memory
 
