@@ -58,7 +58,7 @@ def with_chunk(shape: Shape, chunk: int | None) -> FwdConfig:
     cfg = default_config(shape)
     if chunk is not None:
         # The default's tiles are too big for long chunks (as in test_kernels.py's test_every_chunk_length).
-        intra = {64: {"BK": 32}, 128: {"BC": 32, "BK": 16, "num_warps": 8}}.get(chunk, {})
+        intra = {64: {"BK": 32, "num_warps": 4}, 128: {"BC": 32, "BK": 16, "num_warps": 8}}.get(chunk, {})
         state = {128: {"BV": 32, "num_stages": 1 if shape.dtype == "fp32" else 2}}.get(chunk, {})
         cfg = dataclasses.replace(cfg, chunk=chunk, intra=dataclasses.replace(cfg.intra, BC=min(cfg.intra.BC, chunk)))
         cfg = dataclasses.replace(cfg, intra=dataclasses.replace(cfg.intra, **intra),
