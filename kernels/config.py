@@ -439,7 +439,8 @@ SPLIT_SEGMENT_CHUNKS = 128
 #   against 1.759 (V tiles of 64 on 4 warps, 3 stages), and at K = V = 96 one part (1.535) beat two (1.556).
 PARTS_MIN_K = 128
 # - Two-part state tiles of 256 rows (K > 192) at V padded to 256: V tiles of 128 on 8 warps, one stage; at
-#   16x2048x8 K = V = 256 1.946 ms against 1.968 for V tiles of 64 on 4 warps and 2.077 for the table's one-part tiles.
+#   16x2048x8 K = V = 256 1.946 ms against 1.968 for V tiles of 64 on 4 warps and 2.077 for the table's one-part tiles
+#   (offline sm_90: 392 bytes of spills, 528 in one part).
 WIDE_HEAD_DIM = 256
 WIDE_STATE = StateConfig(BV=128, num_warps=8, num_stages=1, k_parts=2)
 # - Two-part state tiles between 128 and 256 rows (K = 160, 192: 128 + 32 or 64 rows): V tiles of 32 on 4 warps,
