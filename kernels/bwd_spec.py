@@ -378,4 +378,7 @@ BWD = register(KernelSpec(
     gate_shape=FWD.gate_shape,
     fit=bwd_fit,
     output_names=OUTPUT_NAMES,
+    # On an H200 (2026-11-30, 14 gate workers on 16 cores) the workers held 6-17 GB each at 1 x 32768 x 16 and at
+    # K = V = 256, and the GPU's 140 GB ran out: two of the four bwd studies got no entry. Four keep it under half.
+    max_gate_workers=4,
 ))

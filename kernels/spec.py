@@ -160,6 +160,10 @@ class KernelSpec:
     fit: Callable[[Any, Shape, DeviceLimits], Any] | None = None
     output_names: tuple[str, ...] = ("out",)  # names of forward()'s outputs in the gate's error record
     search_rules: tuple[SearchRule, ...] = ()  # what the tuner refuses on top of ``constraints``
+    # At most this many gate workers per GPU (None: one per spare CPU core). Each gate worker keeps the tuned
+    # shape's inputs and runs the op there on the GPU, so an op with a large working set runs a GPU out of memory
+    # when a core-count of workers gate at once.
+    max_gate_workers: int | None = None
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.space]

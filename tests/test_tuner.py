@@ -1092,3 +1092,16 @@ def test_an_fp32_incumbent_the_rule_refuses_is_neither_warm_started_nor_retimed(
     assert entry is not None and entry.config != PLAIN_TF32 and PLAIN_TF32 not in ev.retimed
     assert entry.incumbent is None
     assert any("refused for tuning" in n and "not a candidate" in n for n in notes), notes
+
+
+def test_an_op_caps_its_gate_workers_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's gates hold GPU memory (6-17 GB each at 1x32768x16 on an H200): its cap bounds the workers a
+    run starts per GPU whatever the core count; an op without a cap keeps one per spare core."""
+    from gdn2_tune.kernels.bwd_spec import BWD_OP
+    from gdn2_tune.tuner.run import TuneOptions
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert TuneOptions(op=BWD_OP).gate_workers() == get_spec(BWD_OP).max_gate_workers == 4
+    assert TuneOptions(op="fwd").gate_workers() == 30
+    assert TuneOptions(op="fwd", gpus=(0, 1)).gate_workers() == 15
+    assert TuneOptions(op=BWD_OP, parallel=9).gate_workers() == 9  # --parallel is the user's explicit choice

@@ -112,7 +112,8 @@ class TuneOptions:
             return 1
         # Compiles are CPU-bound; keep one core for the study process and one for the timing worker's launches.
         per_gpu = max(1, (os.cpu_count() or 4) - 2) // max(1, len(self.gpus or (0,)))
-        return max(1, per_gpu)
+        cap = self.spec.max_gate_workers  # gates also hold GPU memory: an op's cap per GPU
+        return max(1, per_gpu if cap is None else min(per_gpu, cap))
 
 
 @dataclass(frozen=True)
