@@ -902,12 +902,15 @@ def merge_profiles(profiles: Sequence[Profile], names: Sequence[str] | None = No
                     f"({entry.timing.p50_ms:.4g} ms): {why}"
                 )
     samplers = sorted({p.sampler for p in profiles})
+    # The run's own record (budget, git commit, versions, roofs) is the newest table's: a merge into an existing
+    # file kept the oldest run's budget and commit, so an H200 table re-tuned on 2026-11-30 described another run.
+    latest = profiles[-1]
     merged = dataclasses.replace(
-        first,
+        latest,
         kernel_hash=kernel_hash,
         created=max(p.created for p in profiles),
         sampler="+".join(samplers),
-        roofs=next((p.roofs for p in profiles if p.roofs is not None), None),
+        roofs=next((p.roofs for p in reversed(profiles) if p.roofs is not None), None),
         entries=tuple(kept[key][0] for key in sorted(kept)),
         # Every study's history stays (the convergence report reads trials per key and number), except that of
         # entries left out for another fingerprint.

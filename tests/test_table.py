@@ -614,3 +614,12 @@ def test_a_run_under_another_triton_keeps_the_table_s_other_ops_marked_stale(tmp
     notes = []
     assert merge_with_existing(new, other, tmp_path / "x.json", notes) is new
     assert "replaced" in notes[0]
+
+
+def test_a_merged_table_records_the_newest_run() -> None:
+    """Merging a run into an existing table keeps the entries of both, but the run's record (budget, commit,
+    versions, roofs) is the newest table's: the older run's budget would describe a run that did not make it."""
+    old = make_profile((make_entry(DENSE),), budget={"budget_minutes": 5.0}, git_commit="old")
+    new = make_profile((make_entry(DENSE),), budget={"budget_minutes": 8.4}, git_commit="new")
+    merged, _ = merge_profiles([old, new])
+    assert merged.budget == {"budget_minutes": 8.4} and merged.git_commit == "new"
