@@ -43,7 +43,7 @@ from gdn2_tune.kernels.chunk_bwd import (
     forward_chunk,
     recompute_dtype,
 )
-from gdn2_tune.kernels.config import FwdConfig, Shape, padded_dim
+from gdn2_tune.kernels.config import FwdConfig, Shape, padded_dim, sequence_split_regime
 from gdn2_tune.kernels.cost import (
     G_BYTES,
     GAMMA_BYTES,
@@ -381,4 +381,5 @@ BWD = register(KernelSpec(
     # On an H200 (2026-11-30, 14 gate workers on 16 cores) the workers held 6-17 GB each at 1 x 32768 x 16 and at
     # K = V = 256, and the GPU's 140 GB ran out: two of the four bwd studies got no entry. Four keep it under half.
     max_gate_workers=4,
+    regime=sequence_split_regime,
 ))

@@ -457,6 +457,17 @@ FP32_STATE_PRECISION = "tf32"
 FP32_STATE_STAGES = 1
 
 
+def sequence_split_regime(shape: Shape) -> bool:
+    """Few state rows along long dense sequences: where the built-in defaults of the forward and the backward split
+    each sequence into segments walked in parallel, and elsewhere not.
+
+    Also the regime a table's nearest bucket must share with the shape it serves (KernelSpec.regime): an entry tuned
+    for many rows carries no split, and served at 1x32768x16 it denied the backward its split (20.56 ms against
+    16.37, H200, 2026-11-30)."""
+    rows = (shape.num_seqs or shape.B) * shape.H
+    return shape.num_seqs is None and rows <= SPLIT_MAX_STATE_ROWS and shape.T >= SPLIT_MIN_CHUNKS * DEFAULT_CONFIG.chunk
+
+
 def _shaped_default(shape: Shape) -> FwdConfig:
     state = DEFAULT_CONFIG.state
     rows = sum(state_row_parts(shape.K, 2)) if shape.K >= PARTS_MIN_K else 0  # the two-part state tile's rows
@@ -467,8 +478,7 @@ def _shaped_default(shape: Shape) -> FwdConfig:
     elif rows:
         state = dataclasses.replace(state, k_parts=2)
     cfg = FwdConfig(chunk=DEFAULT_CONFIG.chunk, intra=DEFAULT_INTRA, state=state)
-    seqs_x_heads = (shape.num_seqs or shape.B) * shape.H
-    if shape.num_seqs is None and seqs_x_heads <= SPLIT_MAX_STATE_ROWS and shape.T >= SPLIT_MIN_CHUNKS * cfg.chunk:
+    if sequence_split_regime(shape):
         # Measured with one row part, and the split's launches hold the state as one tile (state_parts_fit).
         split = dataclasses.replace(cfg.state, segment_chunks=SPLIT_SEGMENT_CHUNKS, k_parts=1)
         cfg = dataclasses.replace(cfg, state=split)

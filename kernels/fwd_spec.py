@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 
 from gdn2_tune.kernels.chunk import ForwardLaunch, forward_launch
-from gdn2_tune.kernels.config import CONSTRAINTS, SPACE, FwdConfig, Shape, default_config, fit_to_shape
+from gdn2_tune.kernels.config import (
+    CONSTRAINTS,
+    SPACE,
+    FwdConfig,
+    Shape,
+    default_config,
+    fit_to_shape,
+    sequence_split_regime,
+)
 from gdn2_tune.kernels.cost import Cost, minimum_bytes, stage_costs
 from gdn2_tune.kernels.inputs import Inputs, make_inputs
 from gdn2_tune.kernels.reference import gdn2_reference
@@ -173,4 +181,5 @@ FWD = register(KernelSpec(
     fit=fit_to_shape,
     output_names=("o", "state"),
     search_rules=SEARCH_RULES,
+    regime=sequence_split_regime,
 ))

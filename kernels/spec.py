@@ -13,7 +13,7 @@ This module imports nothing from the ops, so that an op's module can import it t
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -164,6 +164,10 @@ class KernelSpec:
     # shape's inputs and runs the op there on the GPU, so an op with a large working set runs a GPU out of memory
     # when a core-count of workers gate at once.
     max_gate_workers: int | None = None
+    # What a table's nearest bucket must share with the shape it serves, besides K, V and dtype (for the chunk ops,
+    # whether the sequence split is the built-in choice: kernels/config.py's sequence_split_regime); None: nothing.
+    # A tuned entry's structural choices hold only within its regime; across it, the shape-aware default serves.
+    regime: Callable[[Shape], Hashable] | None = None
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.space]

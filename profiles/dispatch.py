@@ -14,7 +14,9 @@ Lookup order (first that yields a config wins; see :func:`_resolve`):
 Every function takes the op by name (``op="fwd"``, the table key's first part) and reads its
 :class:`~gdn2_tune.kernels.spec.KernelSpec`; nothing here depends on an op's config type.
 
-Within a table: the exact key, else the nearest shape bucket of the same stage, K, V and dtype. :func:`explain` says
+Within a table: the exact key, else the nearest shape bucket of the same stage, K, V, dtype and regime (for the
+chunk ops, whether the sequence split is the built-in choice: a bucket of the other regime is not served, the next
+table or the shape-aware default is). :func:`explain` says
 which source, table and entry served a shape (a :class:`Choice`), for reports.
 
 A table that is missing, corrupt or hand-mangled warns once, naming the file and the field, and is skipped.
@@ -231,12 +233,16 @@ def _tables(session: _Session) -> Iterator[tuple[str, _Table]]:
 
 
 def _lookup(table: _Table, shape: Shape, spec: KernelSpec, limits: DeviceLimits) -> Entry | None:
-    """The exact key's entry, else the nearest bucket's of the same op, K, V and dtype; None if none fits."""
+    """The exact key's entry, else the nearest bucket's of the same op, K, V, dtype and regime (KernelSpec.regime);
+    None if none fits."""
     exact = table.by_key.get(entry_key(spec.name, shape))
+    regime = spec.regime(shape) if spec.regime is not None else None
     candidates = [
         e
         for e in table.profile.entries
-        if e.stage == spec.name and (e.shape.K, e.shape.V, e.shape.dtype) == (shape.K, shape.V, shape.dtype)
+        if e.stage == spec.name
+        and (e.shape.K, e.shape.V, e.shape.dtype) == (shape.K, shape.V, shape.dtype)
+        and (e is exact or spec.regime is None or spec.regime(e.shape) == regime)
     ]
     candidates.sort(key=lambda e: (e is not exact, bucket_distance(e.shape, shape), e.key))
     for entry in candidates:

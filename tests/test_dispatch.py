@@ -255,6 +255,8 @@ BUCKETS = {
     "varlen-T16384-N2-H16": (Shape(B=1, T=16384, H=16, K=128, V=128, num_seqs=2), _flavour(3)),
     "fp16-T4096-BH128": (Shape(B=8, T=4096, H=16, K=128, V=128, dtype="fp16"), _flavour(4)),
     "K64-V64-T4096-BH128": (Shape(B=8, T=4096, H=16, K=64, V=64), make_config(Shape(1, 64, 1, 64, 64), chunk=32)),
+    # Few rows along a long sequence: the other side of kernels/config.py's sequence_split_regime.
+    "split-T32768-BH16": (Shape(B=1, T=32768, H=16, K=128, V=128), _flavour(5)),
 }
 
 
@@ -278,6 +280,8 @@ BUCKETS = {
         pytest.param(Shape(B=8, T=16384, H=16, K=128, V=128, dtype="fp16"), "fp16-T4096-BH128", id="dtype-must-match"),
         pytest.param(Shape(B=1, T=100, H=3, K=64, V=64), "K64-V64-T4096-BH128", id="head-dims-must-match"),
         pytest.param(Shape(B=8, T=4096, H=16, K=96, V=128), None, id="no-bucket-with-these-head-dims"),
+        pytest.param(Shape(B=1, T=65536, H=8, K=128, V=128), "split-T32768-BH16", id="split-regime-takes-its-own"),
+        pytest.param(Shape(B=4, T=32768, H=16, K=128, V=128), "T16384-BH128", id="many-rows-skip-the-split-bucket"),
         pytest.param(Shape(B=8, T=4096, H=16, K=128, V=128, dtype="fp32"), None, id="no-bucket-with-this-dtype"),
     ],
 )
@@ -286,6 +290,16 @@ def test_nearest_bucket(shape: Shape, bucket: str | None, world: World) -> None:
     world.user_table(make_profile([make_entry(s, c) for s, c in BUCKETS.values()]))
     expected = BUCKETS[bucket][1] if bucket else default_config(shape)
     assert lookup(shape) == (expected, [])
+
+
+def test_no_bucket_across_the_sequence_split(world: World) -> None:
+    # An entry tuned for many rows carries no sequence split; served as the nearest bucket at one long sequence it
+    # denied the backward its split (H200, 2026-11-30). Across the regime the shape-aware default serves instead.
+    world.on_device(None)
+    world.user_table(make_profile([make_entry(s, c) for k, (s, c) in BUCKETS.items() if not k.startswith("split")]))
+    shape = Shape(B=1, T=32768, H=16, K=128, V=128)
+    assert lookup(shape) == (default_config(shape), [])
+    assert default_config(shape).state.segment_chunks > 0
 
 
 @pytest.mark.parametrize(
