@@ -7,8 +7,8 @@ gradients are compared with the first variant's (relative Frobenius error, so a 
 shows), then forward + backward is timed (median of triton.testing.do_bench, warm-up excluded, variants
 alternated over 3 rounds so that clock drift hits all). With ``--accuracy``, each variant's gradients are also
 compared with float64 autograd through the token recurrence at bench_bwd's accuracy shape (B=2, T=2048, H=4,
-K=V=128, the timed shape's dtype, strong decay). With ``--value-side``, the value side's launch
-(kernels/bwd_local.py local_v_side) is also timed alone, on random chunk-major inputs at the shape with the
+K=V=128, the first timed shape's dtype, strong decay; once, after the first shape). With ``--value-side``, the
+value side's launch (kernels/bwd_local.py local_v_side) is also timed alone, on random chunk-major inputs at the shape with the
 forward's chunk, each variant's tiling as fitted at that shape (its label says which ran). Prints one JSON line per
 variant and shape, each with the median over the rounds; with $OUT set, also appends them to
 $OUT/exp_bwd_variants.jsonl.
@@ -108,11 +108,12 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--value-side", action="store_true", help="also time the value side's launch alone")
     args = parser.parse_args()
-    for shape in args.shapes:
-        run_shape(shape, args)
+    for i, shape in enumerate(args.shapes):
+        # The accuracy check's shape is fixed (it does not follow the timed one): run it once, after the first.
+        run_shape(shape, args, accuracy=args.accuracy and i == 0)
 
 
-def run_shape(shape: Shape, args: argparse.Namespace) -> None:
+def run_shape(shape: Shape, args: argparse.Namespace, accuracy: bool) -> None:
     inp = make_inputs(shape, "cuda", seed=0)
     fcfg = select_config(shape)
     xs = [x.detach().clone().requires_grad_(True) for x in (*inp.args(), inp.initial_state)]
@@ -152,7 +153,7 @@ def run_shape(shape: Shape, args: argparse.Namespace) -> None:
         emit(row)
     if args.value_side:
         time_value_side(shape, fcfg.chunk, variants)
-    if args.accuracy:
+    if accuracy:
         small = Shape(2, 2048, 4, 128, 128, shape.dtype)
         acc = make_inputs(small, "cuda", seed=1, strong_decay=True)
         gen = torch.Generator(device="cuda").manual_seed(2)

@@ -37,9 +37,12 @@ import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
 from gdn2_tune.kernels.config import padded_dim
+from gdn2_tune.kernels.state import UPCAST_DOTS_WHEN_INTERPRETED
 
-# The value side's kernels (local_v_side's ``tile``): V tiles with K whole, K tiles with V whole, or two launches.
-VALUE_TILES = ("v", "k", "split", "stack")
+# The value side's kernels (local_v_side's ``tile``): V tiles with K whole, K tiles with V whole, or two launches
+# ("split": programs per V tile then per chunk; "kv" and "kv16": per V tile then per K tile, "kv16" with the
+# products that read S0 and dS_C in the states' dtype).
+VALUE_TILES = ("v", "k", "split", "stack", "kv", "kv16")
 # Software pipelining of the split launches' tile loops. Each loop step loads two fp32 [BK, BV] state tiles (and
 # the rows kernel two [C, BK] factor tiles): 2 stages double-buffer them in shared memory, ~2·(2·BK·BV + ...)·4 B,
 # 64 KiB at BK = BV = 64, leaving room for the dot operands' layout conversions at 16 warps.
@@ -462,6 +465,179 @@ def _local_cols_kernel(
 
 
 @triton.jit
+def _state_dot(x, s, acc, PRECISION: tl.constexpr, IN_STATE_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + x s for a tile s of S0 or dS_C as stored: in the state's dtype (x rounded to it: bf16 states give a
+    bf16 tensor-core dot, half the operand bytes of a TF32 one) or in fp32 (s widened: a PRECISION dot). UPCAST
+    (the interpreter, see kernels/state.py): the rounded operands multiplied in fp32, the same exact products."""
+    if IN_STATE_DTYPE and UPCAST:
+        acc = tl.dot(x.to(s.dtype).to(tl.float32), s.to(tl.float32), acc, input_precision="ieee")
+    elif IN_STATE_DTYPE:
+        acc = tl.dot(x.to(s.dtype), s, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(x.to(tl.float32), s.to(tl.float32), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _local_kv_rows_kernel(
+    a, aqk, e_bar, k_tail, hc, dhc,
+    v, w, do, rows,
+    dv, dw, r_buf, dz_buf, cc_buf,
+    H, K, V,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE_DOTS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """value_tile="kv", first launch, one program per (chunk, V tile, head): the V columns that need all of K. As in
+    the stacked kernel, Y never forms: a K walk in tiles of BK sums P = Ē S0 and P' = K_tail dS_C ([C, BV]), then
+
+        X = Z − P,  R = A X,  dR = A_qkᵀ dO + P',  dZ = Aᵀ dR  →  dv = W⊙dZ, dw = V⊙dZ
+
+    R and dZ go to chunk-major scratch for :func:`_local_kv_cols_kernel`, and so do this V tile's parts of the two
+    C×C sums over V, dA = dR Xᵀ (= dR Zᵀ + dY Ēᵀ with dY = −dR S0ᵀ) and dO Rᵀ (dA_qk before its mask). The V tiles
+    of a chunk are neighbouring programs, so the tiles after the first read Ē and K_tail from L2."""
+    NV = tl.cdiv(V, BV)
+    i_nv, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_v = i_nv // NV, i_nv % NV
+    i_nh = i_n.to(tl.int64) * H + i_h
+    # 64-bit scalar bases, 32-bit tile offsets: half the registers of 64-bit pointer tiles.
+    a += i_nh * C * C
+    e_bar += i_nh * C * K
+    k_tail += i_nh * C * K
+    hc += i_nh * K * V
+    dhc += i_nh * K * V
+    r_buf += i_nh * C * V
+    dz_buf += i_nh * C * V
+    cc_buf += (i_nh * NV + i_v) * 2 * C * C
+    o_c = tl.arange(0, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_rows = tl.load(rows + i_n.to(tl.int64) * C + o_c)
+    m_c = b_rows >= 0
+    live = tl.load(rows + i_n.to(tl.int64) * C) >= 0  # a packed index's phantom slot reads no per-chunk slot
+    m_vl = o_v < tl.where(live, V, 0)
+    tok = (tl.maximum(b_rows, 0) * H + i_h) * V  # int64 rows: no 32-bit overflow at large B·T·H·V
+    m_cv = m_c[:, None] & m_v[None, :]
+    p_t = tok[:, None] + o_v[None, :]
+
+    b_p = tl.zeros([C, BV], tl.float32)
+    b_pd = tl.zeros([C, BV], tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_ck = o_c[:, None] * K + o_k[None, :]
+        p_s = o_k[:, None] * V + o_v[None, :]
+        m_s = m_k[:, None] & m_vl[None, :]
+        b_s0 = tl.load(hc + p_s, mask=m_s, other=0.0)
+        b_ds = tl.load(dhc + p_s, mask=m_s, other=0.0)
+        b_p = _state_dot(tl.load(e_bar + p_ck, mask=m_k[None, :], other=0.0), b_s0, b_p, PRECISION, STATE_DOTS,
+                         UPCAST)
+        b_pd = _state_dot(tl.load(k_tail + p_ck, mask=m_k[None, :], other=0.0), b_ds, b_pd, PRECISION,
+                          STATE_DOTS, UPCAST)
+
+    p_cc = o_c[:, None] * C + o_c[None, :]
+    b_a = tl.load(a + p_cc, mask=(o_c < tl.where(live, C, 0))[:, None], other=0.0)
+    b_aqk = tl.load(aqk + (tl.maximum(b_rows, 0) * H + i_h)[:, None] * C + o_c[None, :], mask=m_c[:, None],
+                    other=0.0).to(tl.float32)
+    # Each [C, BV] tile stored or used up as soon as it can be, v and w loaded again for dv and dw (from cache)
+    # rather than kept live: fewer live tiles, more programs per SM.
+    b_do = tl.load(do + p_t, mask=m_cv, other=0.0).to(tl.float32)
+    b_dr = tl.dot(tl.trans(b_aqk), b_do, input_precision=PRECISION) + b_pd
+    b_x = (tl.load(w + p_t, mask=m_cv, other=0.0).to(tl.float32)
+           * tl.load(v + p_t, mask=m_cv, other=0.0).to(tl.float32) - b_p)
+    tl.store(cc_buf + p_cc, tl.dot(b_dr, tl.trans(b_x), input_precision=PRECISION))
+    b_r = tl.dot(b_a, b_x, input_precision=PRECISION)
+    tl.store(cc_buf + C * C + p_cc, tl.dot(b_do, tl.trans(b_r), input_precision=PRECISION))
+    p_cv = o_c[:, None] * V + o_v[None, :]
+    tl.store(r_buf + p_cv, b_r.to(r_buf.dtype.element_ty), mask=m_v[None, :])
+    b_dz = tl.dot(tl.trans(b_a), b_dr, input_precision=PRECISION)
+    tl.store(dz_buf + p_cv, b_dz.to(dz_buf.dtype.element_ty), mask=m_v[None, :])
+    tl.store(dv + p_t, (b_dz * tl.load(w + p_t, mask=m_cv, other=0.0).to(tl.float32)).to(dv.dtype.element_ty),
+             mask=m_cv)
+    tl.store(dw + p_t, (b_dz * tl.load(v + p_t, mask=m_cv, other=0.0).to(tl.float32)).to(dw.dtype.element_ty),
+             mask=m_cv)
+
+
+@triton.jit
+def _local_kv_cols_kernel(
+    a, G, hc, dhc, do, rows, r_buf, dz_buf, cc_buf,
+    d_aqk, d_t, d_e, d_qg, d_kt, d_last,
+    H, K, V,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE_DOTS: tl.constexpr,
+    DO_DOTS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """value_tile="kv", second launch, one program per (chunk, K tile, head): a V walk in tiles of BV forms the
+    [C, BK] sums over V
+
+        dQ_γ = dO S0ᵀ,  dK_tail = R dS_Cᵀ,  dĒ = −dZ S0ᵀ (= Aᵀ dY),  Σ_v dS_C⊙S0
+
+    from the first launch's R and dZ (no accumulator is shared between K tiles, so K is a grid axis). The K tile 0
+    program also sums the first launch's C×C parts over the V tiles: dA_qk = mask(dO Rᵀ), dT = −Aᵀ dA Aᵀ.
+    DO_DOTS: dO S0ᵀ in the state's dtype (exact when dO has it)."""
+    NK = tl.cdiv(K, BK)
+    i_nk, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_k = i_nk // NK, i_nk % NK
+    i_nh = i_n.to(tl.int64) * H + i_h
+    G += i_nh * C * K
+    d_e += i_nh * C * K
+    d_qg += i_nh * C * K
+    d_kt += i_nh * C * K
+    d_last += i_nh * K
+    hc += i_nh * K * V
+    dhc += i_nh * K * V
+    r_buf += i_nh * C * V
+    dz_buf += i_nh * C * V
+    o_c = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_rows = tl.load(rows + i_n.to(tl.int64) * C + o_c)
+    m_c = b_rows >= 0
+    live = tl.load(rows + i_n.to(tl.int64) * C) >= 0  # a packed index's phantom slot reads no per-chunk slot
+    m_kl = o_k < tl.where(live, K, 0)
+    tok = (tl.maximum(b_rows, 0) * H + i_h) * V
+
+    b_dqg = tl.zeros([C, BK], tl.float32)
+    b_dkt = tl.zeros([C, BK], tl.float32)
+    b_de = tl.zeros([C, BK], tl.float32)
+    b_dss = tl.zeros([BK], tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_s = o_k[:, None] * V + o_v[None, :]
+        m_s = m_kl[:, None] & m_v[None, :]
+        p_cv = o_c[:, None] * V + o_v[None, :]
+        b_s0 = tl.load(hc + p_s, mask=m_s, other=0.0)
+        b_ds = tl.load(dhc + p_s, mask=m_s, other=0.0)
+        b_do = tl.load(do + tok[:, None] + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        b_r = tl.load(r_buf + p_cv, mask=m_v[None, :], other=0.0)
+        b_dz = tl.load(dz_buf + p_cv, mask=m_v[None, :], other=0.0)
+        b_dqg = _state_dot(b_do, tl.trans(b_s0), b_dqg, PRECISION, DO_DOTS, UPCAST)
+        b_dkt = _state_dot(b_r, tl.trans(b_ds), b_dkt, PRECISION, STATE_DOTS, UPCAST)
+        b_de = _state_dot(b_dz, tl.trans(b_s0), b_de, PRECISION, STATE_DOTS, UPCAST)
+        b_dss += tl.sum(b_ds.to(tl.float32) * b_s0.to(tl.float32), 1)
+    p_ck = o_c[:, None] * K + o_k[None, :]
+    tl.store(d_qg + p_ck, b_dqg, mask=m_k[None, :])
+    tl.store(d_kt + p_ck, b_dkt, mask=m_k[None, :])
+    tl.store(d_e + p_ck, -b_de, mask=m_k[None, :])
+    b_glast = tl.load(G + (C - 1) * K + o_k, mask=m_k, other=0.0)
+    tl.store(d_last + o_k, tl.exp(b_glast) * b_dss, mask=m_k)
+
+    if i_k == 0:
+        p_cc = o_c[:, None] * C + o_c[None, :]
+        b_a = tl.load(a + i_nh * C * C + p_cc, mask=(o_c < tl.where(live, C, 0))[:, None], other=0.0)
+        b_da = tl.zeros([C, C], tl.float32)
+        b_daqk = tl.zeros([C, C], tl.float32)
+        NV = tl.cdiv(V, BV)
+        for i_v in range(NV):
+            p_part = cc_buf + (i_nh * NV + i_v) * 2 * C * C + p_cc
+            b_da += tl.load(p_part)
+            b_daqk += tl.load(p_part + C * C)
+        tl.store(d_aqk + i_nh * C * C + p_cc, tl.where(o_c[:, None] >= o_c[None, :], b_daqk, 0.0))
+        b_at = tl.trans(b_a)
+        b_dt = tl.dot(b_at, tl.dot(b_da, b_at, input_precision=PRECISION), input_precision=PRECISION)
+        tl.store(d_t + i_nh * C * C + p_cc, tl.where(o_c[:, None] > o_c[None, :], -b_dt, 0.0))
+
+
+@triton.jit
 def _key_factors_kernel(
     q, k, g, b, rows,
     qs, qn, kn, bk, bf, gf, G, e_bar, k_tail, rq, rk,
@@ -561,7 +737,9 @@ def local_v_side(
     one pair of buffers. ``tile`` picks the kernels: "v" (:func:`_local_v_kernel`, V in tiles of ``BV``, K whole),
     "k" (:func:`_local_vk_kernel`, K in tiles of ``BK``, V whole), "stack" (:func:`_local_stacked_kernel`, K in
     tiles of ``BK``, V whole, 2C-row block products) or "split" (:func:`_local_rows_kernel` then
-    :func:`_local_cols_kernel`, [BK, BV] tiles of the state, R and dR through fp32 scratch).
+    :func:`_local_cols_kernel`, [BK, BV] tiles of the state, R and dR through fp32 scratch), or "kv" / "kv16"
+    (:func:`_local_kv_rows_kernel` per V tile then :func:`_local_kv_cols_kernel` per K tile, R and dZ through
+    scratch; "kv16" forms the products that read S0 and dS_C in their dtype).
     """
     if tile not in VALUE_TILES:
         raise ValueError(f"tile: expected one of {list(VALUE_TILES)}, received {tile!r}")
@@ -598,6 +776,24 @@ def local_v_side(
                                       num_warps=num_warps, num_stages=STACK_STAGES)
     elif N * H and tile == "k":
         _local_vk_kernel[(N, H)](*args, C=C, VP=padded_dim(V), BK=BK, PRECISION=precision, num_warps=num_warps)
+    elif N * H and tile in ("kv", "kv16"):
+        # R and dZ go through chunk-major scratch (in the states' dtype under "kv16", whose dots round them to it),
+        # each V tile's C×C parts through fp32 scratch, from the first launch to the second.
+        state_dots = tile == "kv16"
+        BK, BV = min(BK, padded_dim(K)), min(BV, padded_dim(V))
+        nv, nk = triton.cdiv(V, BV), triton.cdiv(K, BK)
+        scratch = hc.dtype if state_dots else torch.float32
+        r_buf, dz_buf = (output_buffer((N, H, C, V), scratch, v.device) for _ in range(2))
+        cc_buf = output_buffer((N, H, nv, 2, C, C), torch.float32, v.device)
+        consts = {"C": C, "BK": BK, "BV": BV, "PRECISION": precision, "STATE_DOTS": state_dots,
+                  "UPCAST": UPCAST_DOTS_WHEN_INTERPRETED, "num_warps": num_warps, "num_stages": SPLIT_STAGES}
+        _local_kv_rows_kernel[(N * nv, H)](
+            a, a_qk, e_bar, k_tail, hc, dhc, v, w, do, rows, dv, dw, r_buf, dz_buf, cc_buf, H, K, V, **consts,
+        )
+        _local_kv_cols_kernel[(N * nk, H)](
+            a, G, hc, dhc, do, rows, r_buf, dz_buf, cc_buf, d_aqk, d_t, d_e, d_qg, d_kt, d_last, H, K, V, **consts,
+            DO_DOTS=state_dots or do.dtype == hc.dtype,
+        )
     elif N * H:
         # R and dR go through chunk-major fp32 scratch from the first launch to the second.
         r_buf, dr_buf = (output_buffer((N, H, C, V), torch.float32, v.device) for _ in range(2))

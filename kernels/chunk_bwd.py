@@ -345,7 +345,9 @@ VALUE_SIDE_MAX_FOOTPRINT = 32 * (128 + 128)
 # C·(C + BK + BV) + BK·BV. Compiled for sm90 with triton 3.6 (the lead's toolchain; compiling needs no GPU), 2 stages,
 # 8 warps: at C = 32 the rows / cols launches asked for 36 / 32 KiB at BK 32, BV 64 and 96 / 96 KiB at BK 64, BV 128;
 # at C = 64, 160 / 160 KiB at BK = BV = 64 and 224 / 256 KiB at BK 64, BV 128 (over sm90's 227 KiB): allow up to
-# the C = 64, BK = BV = 64 footprint.
+# the C = 64, BK = BV = 64 footprint. value_tile="kv" / "kv16" (the same tiles, K a grid axis of the second launch)
+# asked for less under the same rule: at C = 32, K = V = 256, bf16 states, 4 warps, 20 / 28 KiB at BK 32, BV 64 and
+# 32 / 36 at BK = BV = 64; at C = 64, K = V = 128, fp32 states, 8 warps, 128 / 104 KiB at BK = BV = 64.
 VALUE_SPLIT_MAX_FOOTPRINT = 64 * (64 + 64 + 64) + 64 * 64
 # value_tile="stack" holds [2C, V] fp32 tiles (V whole, K walked) and [2C, 2C] block matrices; K does not enter.
 # Compiled for sm90 with triton 3.6, 8 warps, 2 stages, its shared memory follows 2C·(V + C) at about 9.3 B each:
@@ -359,10 +361,10 @@ VALUE_STACK_MAX_BK = 64
 
 def value_side_fits(shape: Shape, chunk: int, shared_memory: int = SHARED_MEMORY_LIMIT_BYTES,
                     tile: str = "v", BK: int = 32, BV: int = 64) -> bool:
-    """Whether the fused value side (kernels/bwd_local.py) with ``tile`` (and, for "split", tiles ``BK``, ``BV``;
-    for "stack", ``BK``) fits on chip at ``shape`` and ``chunk``, on a GPU whose blocks may use ``shared_memory``
-    bytes (the measured footprint scales with it; sm90's by default)."""
-    if tile == "split":
+    """Whether the fused value side (kernels/bwd_local.py) with ``tile`` (and, for "split", "kv" and "kv16",
+    tiles ``BK``, ``BV``; for "stack", ``BK``) fits on chip at ``shape`` and ``chunk``, on a GPU whose blocks may
+    use ``shared_memory`` bytes (the measured footprint scales with it; sm90's by default)."""
+    if tile in ("split", "kv", "kv16"):
         footprint = chunk * (chunk + BK + BV) + BK * BV
         return footprint * SHARED_MEMORY_LIMIT_BYTES <= VALUE_SPLIT_MAX_FOOTPRINT * shared_memory
     if tile == "stack":

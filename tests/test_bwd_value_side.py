@@ -122,3 +122,50 @@ def test_stacked_value_side_reads_bf16_states() -> None:
     check(Shape(1, 70, 2, 48, 40, "bf16"), BwdConfig(value_tile="stack", value_BK=16, state_dtype="bf16",
                                                      precision="tf32"), seed=9, strong_decay=True,
           tol=2 * TOL["bf16"])
+
+
+@pytest.mark.parametrize(("shape", "bcfg", "strong", "lengths"), [
+    # K = 48 in three tiles of 16 (a grid axis of the second launch), V = 40 in three of 16 (the last partial).
+    pytest.param(Shape(1, 70, 1, 48, 40, "fp32"), BwdConfig(value_tile="kv", value_BK=16, value_BV=16,
+                                                            group_elements=1), True, None,
+                 id="kv-B1-T70-H1-K48-V40-BK16-BV16-groups-fp32-strong-decay"),
+    # K = 24 below one tile of 32, V = 80 in three tiles of 32.
+    pytest.param(Shape(1, 45, 1, 24, 80, "fp32"), BwdConfig(value_tile="kv", value_BK=32, value_BV=32), False, None,
+                 id="kv-B1-T45-H1-K24-V80-BK32-BV32-fp32"),
+    pytest.param(Shape(1, 40, 1, 96, 40, "bf16"), BwdConfig(value_tile="kv", value_BK=64, value_BV=32), True, None,
+                 id="kv-B1-T40-H1-K96-V40-BK64-BV32-bf16-strong-decay"),
+    # A packed batch: sequences shorter than a chunk, one ending inside a chunk, the index's phantom chunk slots.
+    pytest.param(Shape(1, 60, 1, 32, 48, "fp32"), BwdConfig(value_tile="kv", value_BK=16, value_BV=16), True,
+                 [5, 33, 1, 21], id="kv-packed-5-33-1-21-K32-V48-fp32-strong-decay"),
+])
+def test_kv_value_side_matches_float64_autograd(shape: Shape, bcfg: BwdConfig, strong: bool,
+                                                lengths: list[int] | None) -> None:
+    """value_tile="kv" (a launch per V tile, then one per K tile; Y never formed) on awkward sizes, padding rows
+    and packing. With fp32 states it is also what "kv16" runs (the states' dtype is fp32)."""
+    check(shape, bcfg, seed=5, strong_decay=strong, lengths=lengths)
+
+
+@pytest.mark.parametrize("tile", ["kv", "kv16"])
+def test_kv_value_side_reads_bf16_states(tile: str) -> None:
+    """S0 and dS_C stored in bf16. "kv" widens them for fp32 dots (its dO S0ᵀ is a bf16 dot: both operands are bf16
+    already, so the products are exact): the bf16 states' budget of tests/test_chunk_bwd.py, twice the bf16 one.
+    "kv16" also rounds the other operand of each state product (Ē, K_tail, R, dZ) to bf16, one more rounding of
+    the same size as the states': three times the bf16 budget."""
+    check(Shape(1, 70, 1, 48, 40, "bf16"), BwdConfig(value_tile=tile, value_BK=16, value_BV=16, state_dtype="bf16",
+                                                     precision="tf32"), seed=9, strong_decay=True,
+          tol=(2 if tile == "kv" else 3) * TOL["bf16"])
+
+
+def test_kv_value_side_fits_and_runs_at_k_v_256() -> None:
+    """At K = V = 256 (chunk 32) "kv" and "kv16" are kept as asked (their tiles do not grow with K or V, as the
+    split's), not at BK = BV = 128 at chunk 64 (over the split's measured footprint); "kv16" with bf16 states (BK
+    32, BV 64: eight K tiles, four V tiles) matches float64 autograd."""
+    shape = Shape(1, 20, 1, 256, 256, "bf16")
+    for tile in ("kv", "kv16"):
+        asked = BwdConfig(value_tile=tile, value_BK=32, value_BV=64)
+        fitted = fit_bwd(asked, shape, 32, 4)
+        assert (fitted.value_side, fitted.value_tile, fitted.value_BK, fitted.value_BV) == ("triton", tile, 32, 64)
+        wide = fit_bwd(BwdConfig(value_tile=tile, value_BK=128, value_BV=128), shape, 64, 2)
+        assert (wide.value_side, wide.value_tile) == ("triton", "split"), tile
+    check(shape, BwdConfig(value_tile="kv16", value_BK=32, value_BV=64, state_dtype="bf16", precision="tf32"),
+          seed=13, strong_decay=True, tol=3 * TOL["bf16"])
