@@ -535,13 +535,17 @@ def _local_kv_rows_kernel(
                           STATE_DOTS, UPCAST)
 
     p_cc = o_c[:, None] * C + o_c[None, :]
-    b_a = tl.load(a + p_cc, mask=(o_c < tl.where(live, C, 0))[:, None], other=0.0)
-    b_aqk = tl.load(aqk + (tl.maximum(b_rows, 0) * H + i_h)[:, None] * C + o_c[None, :], mask=m_c[:, None],
-                    other=0.0).to(tl.float32)
-    # Each [C, BV] tile stored or used up as soon as it can be, v and w loaded again for dv and dw (from cache)
-    # rather than kept live: fewer live tiles, more programs per SM.
+    m_a = o_c < tl.where(live, C, 0)
+    b_a = tl.load(a + p_cc, mask=m_a[:, None], other=0.0)
+    # Aᵀ and A_qkᵀ loaded transposed (from cache) rather than tl.trans'd, and each [C, BV] tile stored or used up
+    # as soon as it can be, v and w loaded again for dv and dw: compiled for sm90 (triton 3.6, C = 32, K = V = 256,
+    # bf16 states, 4 warps) 152 / 168 registers at BK 32 / 64 (BV 64), where tl.trans and tiles kept live took
+    # 255: three programs per SM instead of two.
+    b_at = tl.load(a + o_c[None, :] * C + o_c[:, None], mask=m_a[None, :], other=0.0)
+    b_aqkt = tl.load(aqk + (tl.maximum(b_rows, 0) * H + i_h)[None, :] * C + o_c[:, None], mask=m_c[None, :],
+                     other=0.0).to(tl.float32)
     b_do = tl.load(do + p_t, mask=m_cv, other=0.0).to(tl.float32)
-    b_dr = tl.dot(tl.trans(b_aqk), b_do, input_precision=PRECISION) + b_pd
+    b_dr = tl.dot(b_aqkt, b_do, input_precision=PRECISION) + b_pd
     b_x = (tl.load(w + p_t, mask=m_cv, other=0.0).to(tl.float32)
            * tl.load(v + p_t, mask=m_cv, other=0.0).to(tl.float32) - b_p)
     tl.store(cc_buf + p_cc, tl.dot(b_dr, tl.trans(b_x), input_precision=PRECISION))
@@ -549,7 +553,7 @@ def _local_kv_rows_kernel(
     tl.store(cc_buf + C * C + p_cc, tl.dot(b_do, tl.trans(b_r), input_precision=PRECISION))
     p_cv = o_c[:, None] * V + o_v[None, :]
     tl.store(r_buf + p_cv, b_r.to(r_buf.dtype.element_ty), mask=m_v[None, :])
-    b_dz = tl.dot(tl.trans(b_a), b_dr, input_precision=PRECISION)
+    b_dz = tl.dot(b_at, b_dr, input_precision=PRECISION)
     tl.store(dz_buf + p_cv, b_dz.to(dz_buf.dtype.element_ty), mask=m_v[None, :])
     tl.store(dv + p_t, (b_dz * tl.load(w + p_t, mask=m_cv, other=0.0).to(tl.float32)).to(dv.dtype.element_ty),
              mask=m_cv)
