@@ -21,12 +21,22 @@ config at that point with the structural knobs of kernels/decode_config.py switc
 - ``static-batch-narrow`` / ``static-batch-wide``: static-batch with half the V tile (twice the programs) / twice
   the V tile on twice the warps (half the programs, longer contiguous rows).
 - ``static-batch-w1``: one warp per program (BV=16 at K=128, 8 at K=256): the K reductions without block barriers.
+- ``persist``, ``persist-prefetch``, ``persist-prefetch-stream``, ``persist-items2``, ``persist-items3`` (issue 13):
+  the default on a persistent grid of ``programs_per_sm`` programs per SM (as many as the register cap that fits
+  them holds the state tiles), each looping over every G-th work item; plain, with the next item's state load
+  issued before this item's work (two tiles in registers), that with evict_first on the state, and Triton's
+  pipelined item loop 2 and 3 deep (cp.async of the state into shared memory).
 
 The default list leaves out static-cap and static-pipe-cap (no measurable change in the first run); --variants
 picks any. Two probes are timed in the same rounds (--no-probes leaves them out): ``skeleton``, a kernel with the
 default config's grid and tiles that only reads the slot index, loads the state tile and stores it back (what this
-structure costs without inputs or arithmetic), and at B = 1 ``empty``, one program storing 4 bytes (the launch and
-event overhead of a replay).
+structure costs without inputs or arithmetic), ``skeleton-persist``, the same on a persistent grid with the next
+tile loaded before this one is stored, at B = 1 ``empty``, one program storing 4 bytes (the launch and
+event overhead of a replay), and ``copy``, torch's device copy of the state's bytes (contiguous, no indices: what
+moving this many bytes costs at this size, ramp and tail included).
+
+With --serving each variant and the baseline are also timed in benchmarks/bench_decode.py's serving mode (S steps
+in one CUDA graph, each on its own slot set of a pool of at least 4x L2; per step), in the same alternating rounds.
 
 Before any timing, each variant is checked on the GPU against the default at every point (outputs and the whole
 pool after one step) and on a pool with a padding row and an out-of-pool row (zero / NaN rows, slots no index names
@@ -34,8 +44,10 @@ bitwise untouched); a variant that fails or does not compile is reported and lef
 alternates rounds (every callable once per round, the order rotated) and reports the median over rounds. The
 baseline (flash-linear-attention's ``fused_recurrent_gdn2_fwd``) is timed in the same rounds when it imports.
 
-Prints one JSON line per check and per measurement as it goes, a table last, and writes DIR/exp_decode_variants.json
-(DIR: --out, else $OUT when set). About 2-3 minutes on an H200.
+Prints one JSON line per check and per measurement as it goes (also appended to DIR/exp_decode_variants.jsonl), a
+table last, and writes DIR/exp_decode_variants.json (DIR: --out, else $OUT when set). About 2-3 minutes on an H200
+with the default list; issue 13's command (--variants persist,persist-prefetch,persist-items2 --serving) about as
+long.
 """
 
 from __future__ import annotations
@@ -60,15 +72,21 @@ from bench_decode import (
     BATCHES,
     HEAD_DIMS,
     HEADS,
+    SERVING_REPS,
+    SERVING_STEPS,
     Problem,
     baseline_call,
     copy_bandwidth,
     environment,
     graph_times,
+    l2_bytes,
     load_baseline,
+    serving_plan,
+    serving_times,
 )
 
 from gdn2_tune.kernels.decode_config import (
+    DECODE_SPACE,
     DecodeConfig,
     DecodeShape,
     decode_infeasibility,
@@ -111,6 +129,34 @@ def wide(c: DecodeConfig) -> DecodeConfig:
     return dataclasses.replace(c, BV=c.BV * 2, num_warps=min(8, c.num_warps * 2))
 
 
+# Registers per thread a program needs besides its state tiles, for sizing a persistent grid: ptxas for sm_90 (triton
+# 3.6, static dims, batched inputs, one pass) gives K=128, BV=32, 4 warps 72 registers (32 of them the tile) as one
+# program per item, 120 with the next item's tile prefetched under the cap of 4 programs per SM (128), no spills.
+PERSIST_BESIDES_TILES = 48
+
+
+def _programs(c: DecodeConfig, tile: int, prefetch: bool) -> int:
+    """The most programs per SM (of the space's values) whose register cap holds ``c``'s state tiles (two with
+    ``prefetch``; ``tile`` registers per thread each) plus PERSIST_BESIDES_TILES: K=128, BV=32, 4 warps: 6 (80
+    registers), 4 with prefetch (128); K=256, BV=32, 4 warps: 4 / 2; K=256, BV=64, 8 warps: 2 / 1."""
+    need = tile * (2 if prefetch else 1) + PERSIST_BESIDES_TILES
+    values = next(p.values for p in DECODE_SPACE if p.name == "programs_per_sm")
+    fits = [p for p in values if p and min(255, 65536 // (p * c.num_warps * 32)) // 8 * 8 >= need
+            and p * c.num_warps <= 64]
+    return max(fits) if fits else 1
+
+
+def persistent_at(prefetch: bool = False, item_stages: int = 1,
+                  stream: bool = False) -> Callable[[DecodeConfig, int], DecodeConfig]:
+    """The default on a persistent grid (see _programs), fetching the next item ahead through registers
+    (``prefetch``) or Triton's pipelined item loop (``item_stages`` deep; as many registers as prefetch)."""
+    def make(c: DecodeConfig, K: int) -> DecodeConfig:
+        tile = padded(K) * c.BV // (c.num_warps * 32)
+        return dataclasses.replace(c, programs_per_sm=_programs(c, tile, prefetch or item_stages > 1),
+                                   prefetch=prefetch, item_stages=item_stages, stream_state=stream or c.stream_state)
+    return make
+
+
 VARIANTS: dict[str, Callable[[DecodeConfig, int], DecodeConfig]] = {
     "static": lambda c, K: dataclasses.replace(c, static_dims=True),
     "static-pipe": lambda c, K: dataclasses.replace(c, static_dims=True, num_stages=2),
@@ -128,6 +174,15 @@ VARIANTS: dict[str, Callable[[DecodeConfig, int], DecodeConfig]] = {
     # per thread (BV=16 at K=128, BV=8 at K=256; ptxas for sm_90: 124 registers at K=128, no spills).
     "static-batch-w1": lambda c, K: dataclasses.replace(c, BV=16 if K <= 128 else 8, num_warps=1, static_dims=True,
                                                         batch_inputs=True, max_registers=0),
+    # Issue 13: a persistent grid (programs_per_sm programs per SM, each looping over every G-th work item), plain,
+    # with the next item's state load issued before this item's work, and with that and evict_first on the state.
+    "persist": persistent_at(),
+    "persist-prefetch": persistent_at(prefetch=True),
+    "persist-prefetch-stream": persistent_at(prefetch=True, stream=True),
+    # Triton's software pipelining of the item loop: the state copied by cp.async into shared memory 1 (2) items
+    # ahead (read off the sm_90 compile at K=128, BV=32: LDGSTS.128 of the tiles, 18.5 / 35.6 KB shared).
+    "persist-items2": persistent_at(item_stages=2),
+    "persist-items3": persistent_at(item_stages=3),
 }
 # Timed unless --variants says otherwise: static-cap and static-pipe-cap changed nothing at T = 1 in the 2026-11-30
 # run (benchmarks/results/decode-variants-h200-2026-11-30.json), and static-pipe was then the static program itself.
@@ -149,6 +204,27 @@ def _skeleton_kernel(idx, pool, stride, H: tl.constexpr, K: tl.constexpr, V: tl.
 
 
 @triton.jit
+def _skeleton_persistent_kernel(idx, pool, stride, N_ITEMS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                                BV: tl.constexpr, NV: tl.constexpr):
+    """The skeleton on a persistent grid: each program loops over every G-th item and loads the next item's tile
+    before it stores this one's (the memory side of ``programs_per_sm`` with ``prefetch``)."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    o_s = tl.arange(0, K)[:, None] * V + tl.arange(0, BV)[None, :]
+    p = pool + tl.load(idx + pid // NV // H).to(tl.int64) * stride + (pid // NV % H) * K * V + pid % NV * BV + o_s
+    b_s = tl.load(p)
+    for item in tl.range(pid, N_ITEMS, G):
+        nxt = item + G
+        live = nxt < N_ITEMS
+        slot = tl.load(idx + nxt // NV // H, mask=live, other=0).to(tl.int64)
+        p1 = pool + slot * stride + (nxt // NV % H) * K * V + nxt % NV * BV + o_s
+        b_s1 = tl.load(p1, mask=(tl.arange(0, K) < tl.where(live, K, 0))[:, None], other=0.0)
+        tl.store(p, b_s)
+        p = p1
+        b_s = b_s1
+
+
+@triton.jit
 def _empty_kernel(x):
     """One program, one 4-byte store: the launch and event overhead of a graph replay."""
     tl.store(x, 0)
@@ -159,17 +235,40 @@ def probes(p: Problem, cfg: DecodeConfig, K: int) -> dict[str, Callable[[], obje
     memory only: the floor this structure reaches without inputs or arithmetic) and, at B = 1, ``empty``."""
     N = p.idx.shape[0]
     NV = K // cfg.BV
+    # The persistent skeleton: as many programs per SM as hold two tiles (+ 24 registers) in 64K registers.
+    threads = cfg.num_warps * 32
+    need = -(-(2 * K * cfg.BV // threads + 24) // 8) * 8
+    grid = min(N * HEADS * NV, max(1, min(8, 65536 // (threads * need))) * torch.cuda.get_device_properties(
+        p.pool.device).multi_processor_count)
     calls: dict[str, Callable[[], object]] = {
         "skeleton": lambda: _skeleton_kernel[(N * HEADS * NV,)](p.idx, p.pool, p.pool.stride(0), HEADS, K, K, cfg.BV,
                                                                  NV, num_warps=cfg.num_warps),
+        "skeleton-persist": lambda: _skeleton_persistent_kernel[(grid,)](
+            p.idx, p.pool, p.pool.stride(0), N * HEADS * NV, HEADS, K, K, cfg.BV, NV, num_warps=cfg.num_warps),
     }
     if N == 1:
         calls["empty"] = lambda: _empty_kernel[(1,)](p.out)
+    # The same bytes moved by the device's own copy (contiguous, no indices): what this many bytes cost at this
+    # size, launch, ramp and tail included, against the roof measured on 2 GiB.
+    src = torch.empty(p.state_bytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    calls["copy"] = lambda: dst.copy_(src)
     return calls
 
 
+_jsonl: Path | None = None
+
+
+PROBES = ("skeleton", "skeleton-persist", "copy", "empty")
+
+
 def emit(row: dict) -> None:
-    print(json.dumps(row), flush=True)
+    """Print one JSON line (flushed) and append it to DIR/exp_decode_variants.jsonl when there is a DIR."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if _jsonl is not None:
+        with _jsonl.open("a") as f:
+            f.write(line + "\n")
 
 
 def one_step(p: Problem, cfg: DecodeConfig | None, pool0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,12 +332,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=30, help="graph replays per timing, cold and warm each")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help=f"comma-separated subset of {list(VARIANTS)}")
-    ap.add_argument("--no-probes", action="store_true", help="leave out the skeleton and empty-kernel probes")
+    ap.add_argument("--no-probes", action="store_true", help="leave out the skeleton, empty-kernel and copy probes")
+    ap.add_argument("--serving", action="store_true",
+                    help="also time every variant and the baseline in bench_decode.py's serving mode (S steps in one "
+                         "graph on distinct slot sets of a pool of at least 4x L2, per step)")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated B values")
+    ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma-separated K=V values")
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; expected names from {list(VARIANTS)}")
+    global _jsonl
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        _jsonl = args.out / "exp_decode_variants.jsonl"
     t_start = time.time()
     env = environment()
     emit({"kind": "env", **env})
@@ -247,9 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     bw = copy_bandwidth()
     emit({"kind": "copy_roof", "bytes_per_s": bw})
 
-    broken: dict[int, set[str]] = {K: set() for K in HEAD_DIMS}
+    batches = tuple(int(x) for x in args.batches.split(",") if x)
+    head_dims = tuple(int(x) for x in args.head_dims.split(",") if x)
+    broken: dict[int, set[str]] = {K: set() for K in head_dims}
     checks = []
-    for K in HEAD_DIMS:
+    for K in head_dims:
         for name in names:
             row = check_padding(K, name, VARIANTS[name])
             emit(row)
@@ -258,15 +368,20 @@ def main(argv: list[str] | None = None) -> None:
                 broken[K].add(name)
 
     results = []
-    for K in HEAD_DIMS:
-        for N in BATCHES:
-            p = Problem(N, K)
+    l2 = l2_bytes()
+    for K in head_dims:
+        for N in batches:
+            sets, S = serving_plan(N * HEADS * K * K * 4, SERVING_STEPS, l2) if args.serving else (1, 0)
+            p = Problem(N, K, ranges=sets)
             shape = DecodeShape(N, 1, HEADS, K, K, "bf16", "fp32")
             default = default_decode_config(shape)
             floor_us = 2 * p.state_bytes / bw * 1e6
             pool0 = p.pool.clone()
             ref = one_step(p, default, pool0)
             calls: dict[str, Callable[[], object]] = {"default": p.ours(default)}
+            # Serving mode's step on a given slot set, per callable that has one (not the probes).
+            makers: dict[str, Callable[[torch.Tensor], Callable[[], object]]] = {
+                "default": lambda idx, p=p, c=default: p.ours(c, idx)}
             labels = {"default": default.label()}
             configs = {"default": default}
             for name in names:
@@ -288,31 +403,46 @@ def main(argv: list[str] | None = None) -> None:
                 checks.append(row)
                 if row["ok"]:
                     calls[name] = p.ours(cfg)
+                    makers[name] = lambda idx, p=p, c=cfg: p.ours(c, idx)
                     labels[name] = cfg.label()
             if baseline is not None:
                 try:
                     calls["fla"] = baseline_call(baseline, p)
+                    makers["fla"] = lambda idx, p=p: baseline_call(baseline, p, idx)
                     labels["fla"] = "fused_recurrent_gdn2_fwd"
                 except Exception as exc:  # noqa: BLE001 - a baseline that cannot be called is a result
                     emit({"kind": "skip", "K": K, "B": N, "variant": "fla", "why": repr(exc)[:300]})
             if not args.no_probes:
                 for name, fn in probes(p, default, K).items():
                     calls[name] = fn
-                    labels[name] = f"{name} probe ({default.label()} grid)" if name == "skeleton" else "1 program"
+                    labels[name] = {"skeleton": f"skeleton probe ({default.label()} grid)", "empty": "1 program",
+                                    "skeleton-persist": f"persistent skeleton probe ({default.label()} tile)",
+                                    "copy": "torch copy_ of the state's bytes"}[name]
             times: dict[str, list[dict]] = {name: [] for name in calls}
-            order = list(calls)
+            serving_us: dict[str, list[float]] = {name: [] for name in makers}
+            order = [(name, "cold") for name in calls] + [(name, "serving") for name in makers if args.serving]
             for r in range(args.rounds):
-                for name in order[r % len(order):] + order[: r % len(order)]:
+                for name, mode in order[r % len(order):] + order[: r % len(order)]:
                     try:
-                        t = graph_times(calls[name], args.reps, eager=False)
+                        if mode == "cold":
+                            t = graph_times(calls[name], args.reps, eager=False)
+                        else:
+                            t = serving_times([makers[name](p.sets[s % sets]) for s in range(S)], SERVING_REPS)
                     except Exception as exc:  # noqa: BLE001 - recorded; the other callables still run
-                        emit({"kind": "error", "K": K, "B": N, "variant": name, "error": repr(exc)[:300]})
+                        emit({"kind": "error", "K": K, "B": N, "variant": name, "mode": mode, "error": repr(exc)[:300]})
                         continue
-                    times[name].append(t)
-                    emit({"kind": "time", "K": K, "B": N, "round": r, "variant": name, "config": labels[name],
-                          "p50_us": round(t["p50"], 2), "warm_p50_us": round(t["warm_p50"], 2)})
+                    if mode == "cold":
+                        times[name].append(t)
+                        emit({"kind": "time", "K": K, "B": N, "round": r, "variant": name, "config": labels[name],
+                              "mode": "cold", "p50_us": round(t["p50"], 2), "warm_p50_us": round(t["warm_p50"], 2)})
+                    else:
+                        serving_us[name].append(t["p50"])
+                        emit({"kind": "time", "K": K, "B": N, "round": r, "variant": name, "config": labels[name],
+                              "mode": "serving", "steps_per_graph": S, "slot_sets": sets,
+                              "p50_us": round(t["p50"], 2)})
             summary: dict = {"kind": "summary", "K": K, "B": N, "floor_us": round(floor_us, 2), "variants": {}}
             fla_us = statistics.median(t["p50"] for t in times["fla"]) if times.get("fla") else None
+            fla_serving = statistics.median(serving_us["fla"]) if serving_us.get("fla") else None
             for name, ts in times.items():
                 if not ts:
                     continue
@@ -322,7 +452,12 @@ def main(argv: list[str] | None = None) -> None:
                     "config": labels[name], "cold_us": round(cold, 2), "warm_us": round(warm, 2),
                     "x_floor": round(cold / floor_us, 3), "vs_fla": round(cold / fla_us, 3) if fla_us else None,
                 }
-            ours = {n: v for n, v in summary["variants"].items() if n not in ("fla", "skeleton", "empty")}
+                if serving_us.get(name):
+                    serve = statistics.median(serving_us[name])
+                    summary["variants"][name].update(
+                        serving_us=round(serve, 2), serving_x_floor=round(serve / floor_us, 3),
+                        serving_vs_fla=round(serve / fla_serving, 3) if fla_serving else None)
+            ours = {n: v for n, v in summary["variants"].items() if n not in ("fla", *PROBES)}
             if ours:
                 best = min(ours, key=lambda n: ours[n]["cold_us"])
                 summary.update(best=best, best_config=ours[best]["config"], best_us=ours[best]["cold_us"],
@@ -339,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "exp_decode_variants.json").write_text(json.dumps(
             {"env": env, "baseline_signature": signature, "copy_bytes_per_s": bw, "variants": names,
              "checks": checks, "results": results, "seconds": seconds}, indent=1))
-    cols = ["default", *names, "fla", *([] if args.no_probes else ["skeleton", "empty"])]
+    cols = ["default", *names, "fla", *([] if args.no_probes else PROBES)]
     print(f"\nT=1, H={HEADS}, fp32 state in place, CUDA-graph replay; cold (L2 flushed) p50 µs, median of "
           f"{args.rounds} rounds; ×floor at {bw / 1e12:.2f} TB/s in brackets")
     print(f"  {'K=V':>4} {'B':>4} {'floor':>7} " + " ".join(f"{c:>16}" for c in cols))
@@ -349,6 +484,17 @@ def main(argv: list[str] | None = None) -> None:
             v = s["variants"].get(c)
             cells.append(f"{v['cold_us']:8.1f} ({v['x_floor']:.2f})" if v else "-")
         print(f"  {s['K']:>4} {s['B']:>4} {s['floor_us']:7.1f} " + " ".join(f"{c:>16}" for c in cells))
+    if args.serving:
+        cols = ["default", *names, "fla"]
+        print("\nserving mode (S steps per graph on distinct slot sets of a pool of >= 4x L2): µs per step, median of "
+              "rounds")
+        print(f"  {'K=V':>4} {'B':>4} {'floor':>7} " + " ".join(f"{c:>16}" for c in cols))
+        for s in results:
+            cells = []
+            for c in cols:
+                v = s["variants"].get(c, {})
+                cells.append(f"{v['serving_us']:8.1f} ({v['serving_x_floor']:.2f})" if "serving_us" in v else "-")
+            print(f"  {s['K']:>4} {s['B']:>4} {s['floor_us']:7.1f} " + " ".join(f"{c:>16}" for c in cells))
     print(f"\n{seconds:.0f} s")
 
 

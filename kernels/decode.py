@@ -12,6 +12,10 @@ sequence's tokens in order, per token, in the symbols of ../shared/GDN2.md:
 The state is read once and written once per call (per token for 2-D slot indices), which is all the traffic that
 matters: at H=16, K=V=128 an fp32 state is 1 MiB per sequence each way, against 1.5 KiB of inputs per token.
 
+A config may instead launch a persistent grid (``programs_per_sm`` programs per SM), each program looping over the
+work items pid, pid + G, ... and fetching the next item's state tile ahead of this item's work, through registers
+(``prefetch``) or through Triton's pipelined item loop (``item_stages``): see kernels/decode_config.py.
+
 State storage and indexing (the arguments of flash-linear-attention's ``fused_recurrent_gdn2_fwd``):
 
 - Without ``ssm_state_indices`` the state is ``initial_state[n]`` for sequence n.
@@ -36,6 +40,7 @@ an out-of-bounds access either; they are not checked on the host (that would syn
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -53,6 +58,7 @@ from gdn2_tune.kernels.decode_config import (
     decode_infeasibility,
     default_decode_config,
     padded,
+    register_limit,
     served_by_tables,
     table_shape,
 )
@@ -68,6 +74,22 @@ DecodeChooser = Callable[[Shape], DecodeConfig]
 FINAL_NONE = 0
 FINAL_AT_SEQUENCE = 1  # ht[n]: a fresh [N, H, K, V] buffer, or initial_state itself in place without indices
 FINAL_AT_SLOT = 2  # ht[idx[n]]: the pool, in place, with 1-D indices
+
+# The SMs a persistent grid is sized for where there are none (the interpreter): one, so that a test's few programs
+# each loop over several items, the last ones ragged.
+INTERPRETER_SMS = 1
+
+
+@functools.lru_cache(maxsize=16)  # asked on every step of a persistent config; a device query costs microseconds
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def persistent_programs(cfg: DecodeConfig, device: torch.device) -> int:
+    """The persistent grid of ``cfg`` on ``device``: ``programs_per_sm`` programs on each SM."""
+    return cfg.programs_per_sm * sm_count(device)
 
 
 @triton.jit
@@ -97,37 +119,82 @@ def _load_token(q, k, g, b, v, w, tok, o_k, m_k, o_v, m_v, K, V, BATCH: tl.const
     return b_q, b_k, b_g, b_b, b_v, b_w
 
 
-# T_loop: the same T as a loop bound Triton does not specialize (an int argument equal to 1 otherwise becomes a
-# constant, and a one-trip loop is folded away before the pipeliner sees it).
-@triton.jit(do_not_specialize=["T_loop"])
-def _decode_kernel(
-    q, k, v, g, b, w, o,
-    h0, ht,
-    cu_seqlens, indices, accepted,
-    scale,
-    T, T_loop, P, NI,
-    stride_h0, stride_ht, stride_in, stride_it,
+@triton.jit
+def _item_coords(item, H, NV: tl.constexpr):
+    """(i_v, i_n, i_h) of a work item. V tiles of one (sequence, head) are neighbours in item order: their state
+    tiles are contiguous in memory."""
+    i_v = item % NV
+    i_nh = item // NV
+    return i_v, i_nh // H, i_nh % H
+
+
+@triton.jit
+def _start_slot(indices, accepted, i_n, live, P, NI, stride_in, stride_it,
+                HAS_INDICES: tl.constexpr, HAS_ACCEPTED: tl.constexpr):
+    """Sequence i_n's starting slot, whether it is inside the pool (ok), and whether it is a padding entry (pad).
+
+    ``live``: the work item exists. A persistent program looks up to two items past its last one ahead of time; an
+    item that does not exist reads nothing and is neither ok nor padding.
+    """
+    if HAS_INDICES:
+        if HAS_ACCEPTED:
+            col = tl.load(accepted + i_n, mask=live, other=0).to(tl.int64) - 1
+        else:
+            col = i_n.to(tl.int64) * 0
+        col_ok = live & (col >= 0) & (col < NI)
+        slot = tl.load(indices + i_n.to(tl.int64) * stride_in + col * stride_it, mask=col_ok, other=0).to(tl.int64)
+        pad = col_ok & (slot < 0)
+        ok = col_ok & (slot >= 0) & (slot < P)
+    else:
+        slot = i_n.to(tl.int64)
+        pad = i_n < 0  # never; a scalar of the same type as with indices
+        ok = live & (i_n >= 0)
+    return slot, ok, pad
+
+
+@triton.jit
+def _load_state(h0, slot, ok, stride_h0, i_h, i_v, K, V,
+                KP: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATIC_DIMS: tl.constexpr,
+                STATE_EVICT: tl.constexpr, BRANCH: tl.constexpr = True):
+    """The [KP, BV] fp32 state tile of (slot, head i_h, V tile i_v); zeros where ``ok`` is false (nothing read).
+
+    BRANCH (with static dims): skip the load by a branch on ``ok`` rather than a row limit in the mask. A prefetch
+    takes the mask: ptxas schedules no load of the code after a branch above it, so the next item's loads would
+    wait behind whatever of this item's input arithmetic it put first (read off ptxas for sm_90: the decay's exp,
+    which waits for g's load).
+    """
+    b_s = tl.zeros([KP, BV], tl.float32)
+    if USE_INITIAL_STATE:
+        o_k = tl.arange(0, KP)
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_s = h0 + slot * stride_h0 + i_h * K * V + o_k[:, None] * V + o_v[None, :]
+        if STATIC_DIMS and BRANCH:
+            # A branch on the uniform `ok` rather than a row limit in the mask, which would stay a runtime
+            # predicate per row.
+            if ok:
+                b_s = tl.load(p_s, mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0,
+                              eviction_policy=STATE_EVICT).to(tl.float32)
+        else:
+            # Masks take the validity through a row limit (K, or 0 to mask every row): the Triton 3.9 interpreter
+            # turns `block_mask & scalar_bool` into an int32 mask that tl.load rejects.
+            b_s += tl.load(p_s, mask=(o_k < tl.where(ok, K, 0))[:, None] & (o_v < V)[None, :], other=0.0,
+                           eviction_policy=STATE_EVICT).to(tl.float32)
+    return b_s
+
+
+@triton.jit
+def _run_item(
+    q, k, v, g, b, w, o, ht,
+    cu_seqlens, indices,
+    scale, b_s, i_v, i_n, i_h, slot, ok, pad,
+    T, T_loop, P, NI, stride_ht, stride_in, stride_it,
     H, K, V,
-    KP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, HAS_INDICES: tl.constexpr,
-    HAS_ACCEPTED: tl.constexpr, PER_TOKEN_SLOTS: tl.constexpr, FINAL_AT: tl.constexpr,
-    USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr, ONE_PASS: tl.constexpr,
-    STATIC_DIMS: tl.constexpr, H_C: tl.constexpr, K_C: tl.constexpr, V_C: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PER_TOKEN_SLOTS: tl.constexpr, FINAL_AT: tl.constexpr,
+    USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr, ONE_PASS: tl.constexpr, STATIC_DIMS: tl.constexpr,
     NUM_STAGES: tl.constexpr, BATCH_INPUTS: tl.constexpr,
 ):
-    if STATIC_DIMS:
-        # The head count and head dims as compile-time constants: the rows of the state tile are a constant stride
-        # apart, so each thread addresses all of its rows from one base register plus immediate offsets, and the
-        # row and column masks fold away when K and V are multiples of the tile.
-        H = H_C
-        K = K_C
-        V = V_C
-    pid = tl.program_id(0)
-    # V tiles of one (sequence, head) are neighbours in launch order: their state tiles are contiguous in memory.
-    i_v = pid % NV
-    i_nh = pid // NV
-    i_n = i_nh // H
-    i_h = i_nh % H
+    """One work item from its loaded state tile ``b_s``: the sequence's tokens, their outputs, the state's stores."""
     if IS_VARLEN:
         # Clamped to [0, T] so that offsets the host never checked cannot point outside the inputs.
         bos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n).to(tl.int64), 0), T)
@@ -151,37 +218,7 @@ def _decode_kernel(
     head = i_h * K * V
     zero_v = tl.zeros([BV], tl.float32)
     nan_v = tl.full([BV], float("nan"), tl.float32)  # marks results of an index outside the pool
-
-    # ok: the sequence's starting slot is inside the pool; pad: it is a padding entry (negative).
-    if HAS_INDICES:
-        if HAS_ACCEPTED:
-            col = tl.load(accepted + i_n).to(tl.int64) - 1
-        else:
-            col = i_n.to(tl.int64) * 0
-        col_ok = (col >= 0) & (col < NI)
-        slot = tl.load(indices + i_n.to(tl.int64) * stride_in + col * stride_it, mask=col_ok, other=0).to(tl.int64)
-        pad = col_ok & (slot < 0)
-        ok = col_ok & (slot >= 0) & (slot < P)
-    else:
-        slot = i_n.to(tl.int64)
-        pad = i_n < 0
-        ok = i_n >= 0
     b_fill = tl.where(pad, zero_v, nan_v)
-    # Masks take the validity through a row limit (K, or 0 to mask every row): the Triton 3.9 interpreter turns
-    # `block_mask & scalar_bool` into an int32 mask that tl.load rejects.
-    m_s_ok = (o_k < tl.where(ok, K, 0))[:, None] & m_v[None, :]
-
-    b_s = tl.zeros([KP, BV], tl.float32)
-    if USE_INITIAL_STATE:
-        if STATIC_DIMS:
-            # A branch on the uniform `ok` rather than a row limit in the mask, which would stay a runtime
-            # predicate per row.
-            if ok:
-                b_s = tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s, other=0.0,
-                              eviction_policy=STATE_EVICT).to(tl.float32)
-        else:
-            b_s += tl.load(h0 + slot * stride_h0 + head + p_s, mask=m_s_ok, other=0.0,
-                           eviction_policy=STATE_EVICT).to(tl.float32)
 
     # NUM_STAGES > 1 software-pipelines the input loads (cp.async into shared memory, issued ahead of their use): the
     # loop's prologue issues them all, and the shared copy is read straight into the layout the state tile
@@ -234,8 +271,91 @@ def _decode_kernel(
                 tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s,
                          eviction_policy=STATE_EVICT)
         else:
-            tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty), mask=m_s_ok,
-                     eviction_policy=STATE_EVICT)
+            tl.store(ht + slot * stride_ht + head + p_s, b_s.to(ht.dtype.element_ty),
+                     mask=(o_k < tl.where(ok, K, 0))[:, None] & m_v[None, :], eviction_policy=STATE_EVICT)
+
+
+# T_loop: the same T as a loop bound Triton does not specialize (an int argument equal to 1 otherwise becomes a
+# constant, and a one-trip loop is folded away before the pipeliner sees it).
+@triton.jit(do_not_specialize=["T_loop"])
+def _decode_kernel(
+    q, k, v, g, b, w, o,
+    h0, ht,
+    cu_seqlens, indices, accepted,
+    scale,
+    T, T_loop, P, NI, N_ITEMS,
+    stride_h0, stride_ht, stride_in, stride_it,
+    H, K, V,
+    KP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, HAS_INDICES: tl.constexpr,
+    HAS_ACCEPTED: tl.constexpr, PER_TOKEN_SLOTS: tl.constexpr, FINAL_AT: tl.constexpr,
+    USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr, ONE_PASS: tl.constexpr,
+    STATIC_DIMS: tl.constexpr, H_C: tl.constexpr, K_C: tl.constexpr, V_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr, BATCH_INPUTS: tl.constexpr, PERSISTENT: tl.constexpr, PREFETCH: tl.constexpr,
+    ITEM_STAGES: tl.constexpr,
+):
+    if STATIC_DIMS:
+        # The head count and head dims as compile-time constants: the rows of the state tile are a constant stride
+        # apart, so each thread addresses all of its rows from one base register plus immediate offsets, and the
+        # row and column masks fold away when K and V are multiples of the tile.
+        H = H_C
+        K = K_C
+        V = V_C
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        # A grid of a few programs per SM, each looping over the work items pid, pid + G, pid + 2G, ...: the items
+        # in flight at any moment are G neighbours in memory, and no program ends (and none starts) until the end.
+        G = tl.num_programs(0)
+        if PREFETCH:
+            # Software pipelining across items: the next item's state load is issued before this item's inputs,
+            # reductions and stores, so that each program always has a state tile on its way (two tiles of
+            # registers), and its slot index two items ahead, so that the next load's address never waits.
+            i_v, i_n, i_h = _item_coords(pid, H, NV)
+            slot, ok, pad = _start_slot(indices, accepted, i_n, pid < N_ITEMS, P, NI, stride_in, stride_it,
+                                        HAS_INDICES, HAS_ACCEPTED)
+            b_s = _load_state(h0, slot, ok, stride_h0, i_h, i_v, K, V, KP, BV, USE_INITIAL_STATE, STATIC_DIMS,
+                              STATE_EVICT)
+            slot1, ok1, pad1 = _start_slot(indices, accepted, (pid + G) // NV // H, pid + G < N_ITEMS, P, NI,
+                                           stride_in, stride_it, HAS_INDICES, HAS_ACCEPTED)
+            for item in tl.range(pid, N_ITEMS, G):
+                i_v1, _, i_h1 = _item_coords(item + G, H, NV)
+                b_s1 = _load_state(h0, slot1, ok1, stride_h0, i_h1, i_v1, K, V, KP, BV, USE_INITIAL_STATE,
+                                   STATIC_DIMS, STATE_EVICT, BRANCH=False)
+                slot2, ok2, pad2 = _start_slot(indices, accepted, (item + 2 * G) // NV // H, item + 2 * G < N_ITEMS,
+                                               P, NI, stride_in, stride_it, HAS_INDICES, HAS_ACCEPTED)
+                i_v, i_n, i_h = _item_coords(item, H, NV)
+                _run_item(q, k, v, g, b, w, o, ht, cu_seqlens, indices, scale, b_s, i_v, i_n, i_h, slot, ok, pad,
+                          T, T_loop, P, NI, stride_ht, stride_in, stride_it, H, K, V, KP, BV, IS_VARLEN,
+                          PER_TOKEN_SLOTS, FINAL_AT, USE_L2NORM, STATE_EVICT, ONE_PASS, STATIC_DIMS, NUM_STAGES,
+                          BATCH_INPUTS)
+                b_s = b_s1
+                slot, ok, pad = slot1, ok1, pad1
+                slot1, ok1, pad1 = slot2, ok2, pad2
+        else:
+            # ITEM_STAGES > 1: Triton's software pipelining of the item loop (the state tile copied by cp.async
+            # into shared memory ITEM_STAGES - 1 items ahead, no registers held while in flight). Its loads must not
+            # sit under a branch, so the state's is masked. Only an innermost loop is pipelined: at T = 1 the token
+            # loop is folded away (T is specialized to 1); with several tokens the item loop stays a plain loop.
+            for item in tl.range(pid, N_ITEMS, G, num_stages=ITEM_STAGES):
+                i_v, i_n, i_h = _item_coords(item, H, NV)
+                slot, ok, pad = _start_slot(indices, accepted, i_n, item < N_ITEMS, P, NI, stride_in, stride_it,
+                                            HAS_INDICES, HAS_ACCEPTED)
+                b_s = _load_state(h0, slot, ok, stride_h0, i_h, i_v, K, V, KP, BV, USE_INITIAL_STATE, STATIC_DIMS,
+                                  STATE_EVICT, BRANCH=ITEM_STAGES == 1)
+                _run_item(q, k, v, g, b, w, o, ht, cu_seqlens, indices, scale, b_s, i_v, i_n, i_h, slot, ok, pad,
+                          T, T_loop, P, NI, stride_ht, stride_in, stride_it, H, K, V, KP, BV, IS_VARLEN,
+                          PER_TOKEN_SLOTS, FINAL_AT, USE_L2NORM, STATE_EVICT, ONE_PASS, STATIC_DIMS, NUM_STAGES,
+                          BATCH_INPUTS)
+    else:
+        # One program per work item.
+        i_v, i_n, i_h = _item_coords(pid, H, NV)
+        slot, ok, pad = _start_slot(indices, accepted, i_n, pid < N_ITEMS, P, NI, stride_in, stride_it,
+                                    HAS_INDICES, HAS_ACCEPTED)
+        b_s = _load_state(h0, slot, ok, stride_h0, i_h, i_v, K, V, KP, BV, USE_INITIAL_STATE, STATIC_DIMS,
+                          STATE_EVICT)
+        _run_item(q, k, v, g, b, w, o, ht, cu_seqlens, indices, scale, b_s, i_v, i_n, i_h, slot, ok, pad,
+                  T, T_loop, P, NI, stride_ht, stride_in, stride_it, H, K, V, KP, BV, IS_VARLEN, PER_TOKEN_SLOTS,
+                  FINAL_AT, USE_L2NORM, STATE_EVICT, ONE_PASS, STATIC_DIMS, NUM_STAGES, BATCH_INPUTS)
 
 
 def decode_fwd(
@@ -274,13 +394,14 @@ def decode_fwd(
         stride_in, stride_it = ssm_state_indices.stride()
         ni = ssm_state_indices.shape[1]
     pool = initial_state.shape[0] if initial_state is not None else num_seqs
-    grid = (num_seqs * H * NV,)
+    items = num_seqs * H * NV
+    grid = (min(items, persistent_programs(cfg, q.device)) if cfg.programs_per_sm else items,)
     _decode_kernel[grid](
         q, k, v, g, b, w, out,
         initial_state, final_state,
         cu_seqlens, ssm_state_indices, num_accepted_tokens,
         scale,
-        B * T if cu_seqlens is not None else T, T, pool, ni,
+        B * T if cu_seqlens is not None else T, T, pool, ni, items,
         initial_state.stride(0) if initial_state is not None else 0,
         final_state.stride(0) if final_state is not None else 0,
         stride_in, stride_it,
@@ -293,8 +414,9 @@ def decode_fwd(
         # 0 when the dims stay runtime arguments: one compiled kernel per config serves every head count and size.
         STATIC_DIMS=cfg.static_dims, H_C=H if cfg.static_dims else 0, K_C=K if cfg.static_dims else 0,
         V_C=V if cfg.static_dims else 0, NUM_STAGES=cfg.num_stages, BATCH_INPUTS=cfg.batch_inputs,
+        PERSISTENT=cfg.programs_per_sm > 0, PREFETCH=cfg.prefetch, ITEM_STAGES=cfg.item_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
+        **({"maxnreg": register_limit(cfg)} if register_limit(cfg) else {}),
     )
 
 

@@ -35,6 +35,23 @@ fp32 registers while it loops over the sequence's tokens. What can be tuned:
   waits: at K=V=256, BV=32, 4 warps, ptxas's own choice of ~150-165 registers leaves 3 programs per SM, a cap of
   128 gives 4 (without spills with ``static_dims``, read off ptxas for sm_90); at K=128 a cap of 80, 6 instead of 4.
 
+- ``programs_per_sm``: a persistent grid (issue 13). One program per work item starts each item's state load only
+  when a program slot frees up, and every program runs load, then arithmetic, then store: the state loads in flight
+  on an SM come and go in bursts (the memory-only "skeleton" probe on the default grid takes 78.5 µs cold at K=V=128,
+  B=128 against the 63.2 µs floor). A grid of this many programs per SM instead loops each program over the items
+  pid, pid + G, pid + 2G, ... (G the grid): the G items in flight at any moment are neighbours in memory, and no
+  program launches or retires until the end. All of them must be resident at once, so the kernel is launched with
+  the register cap that fits them on an SM (:func:`register_limit`; 4 programs of 4 warps: 128).
+- ``prefetch``: with a persistent grid, the next item's state load is issued before this item's inputs, reductions
+  and stores (and its slot index two items ahead), so that each program always has a state tile on its way: two
+  tiles of registers (K=128, BV=32, 4 warps: 120 registers under the cap of 128 for 4 programs, no spills;
+  ptxas for sm_90, triton 3.6).
+- ``item_stages``: with a persistent grid, Triton's software pipelining of the item loop: the state tile is copied
+  by cp.async (LDGSTS.128, L1 bypassed) into shared memory item_stages - 1 items ahead, its slot index a stage
+  earlier, holding no registers while in flight (K=128, BV=32, 4 warps: 117 / 125 registers and 18.1 / 34.8 KiB
+  shared at depth 2 / 3). Only an innermost loop is pipelined: at T = 1 the token loop is folded away, with several
+  tokens the item loop stays plain.
+
 K is never split across programs: the read r_t = S̄ᵀ(b ⊙ k) sums over all of K before any row can be updated, so a
 K split would need a cross-program reduction every token.
 
@@ -68,6 +85,17 @@ LIVE_STATE_TILES = 2
 # 4-warp program (32 tile registers per thread) in 80 without spills but spills 44 bytes at 64, and the K=256 one
 # (64 per thread) in 128. Below tile + this, a cap only spills.
 REGISTERS_BESIDES_TILE = 32
+# sm_90 (and sm_80): 64K 32-bit registers and 64 resident warps per SM (the space's 6 programs of 8 warps fit);
+# registers are allocated to a warp in units of 256, i.e. 8 per thread. A persistent grid needs all its programs
+# resident at once: a program that waits for an SM slot would run its whole share of the items after the others.
+REGISTERS_PER_SM = 65536
+REGISTER_ALLOCATION_UNIT = 8
+# sm_90: 228 KiB of shared memory per SM (227 of them for one block).
+SHARED_MEMORY_PER_SM = 228 * 1024
+# Shared memory per program besides the pipelined state tiles: the inputs' copies and the reductions' scratch (read
+# off the sm_90 compile, triton 3.6: 2.1-4.5 KiB above the tiles at K=128/256, BV=16-64, depth 2-3, e.g. 18.1 KiB
+# at K=128, BV=32, depth 2; 132.5 at K=256, BV=64, depth 3) and the 1 KiB the driver reserves per block.
+SHARED_BESIDES_TILES = 6 * 1024
 # The largest head dims the op accepts (the chunk op's cap, kernels/config.py MAX_HEAD_DIM).
 MAX_HEAD_DIM = 256
 # Rules of the built-in config, read off the first H200 sweep (benchmarks/bench_decode.py, 2026-11-30, T=1, H=16,
@@ -111,6 +139,15 @@ class DecodeConfig:
     # Issue all of a token's input loads before the first one is moved into the state tile's layout, so that their
     # memory round trips overlap (see the module docstring).
     batch_inputs: bool = False
+    # A persistent grid of this many programs per SM (0: one program per work item, a (sequence, head, V tile)),
+    # each looping over every G-th item (G the grid), under the register cap that lets them all share an SM
+    # (register_limit).
+    programs_per_sm: int = 0
+    # With a persistent grid: issue the next item's state load before this item's work (two state tiles live).
+    prefetch: bool = False
+    # With a persistent grid: Triton's pipelining of the item loop this deep (cp.async of the state into shared
+    # memory item_stages - 1 items ahead; 1: none).
+    item_stages: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +156,7 @@ class DecodeConfig:
     def from_dict(data: dict[str, Any]) -> DecodeConfig:
         if not isinstance(data, dict):
             raise TypeError(f"config: expected a dict, received {type(data).__name__}")
-        expected = {f.name for f in dataclasses.fields(DecodeConfig)}
+        expected = _CONFIG_FIELDS
         if set(data) != expected:
             raise ValueError(f"config: expected keys {sorted(expected)}, received {sorted(data)}")
         return DecodeConfig(**data)
@@ -135,7 +172,15 @@ class DecodeConfig:
     def label(self) -> str:
         return (f"BV{self.BV}-w{self.num_warps}-s{self.num_stages}{'-stream' if self.stream_state else ''}"
                 f"{'-1pass' if self.one_pass else ''}{'-static' if self.static_dims else ''}"
-                f"{f'-r{self.max_registers}' if self.max_registers else ''}{'-batch' if self.batch_inputs else ''}")
+                f"{f'-r{self.max_registers}' if self.max_registers else ''}{'-batch' if self.batch_inputs else ''}"
+                f"{f'-persist{self.programs_per_sm}' if self.programs_per_sm else ''}"
+                f"{'-prefetch' if self.prefetch else ''}"
+                f"{f'-items{self.item_stages}' if self.item_stages > 1 else ''}")
+
+
+# The tuner checks every point of the space through from_dict: asking dataclasses for the fields each time was a
+# third of it.
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(DecodeConfig))
 
 
 @dataclass(frozen=True)
@@ -190,6 +235,9 @@ DECODE_SPACE: tuple[Param, ...] = (
     # The occupancy steps at 4 warps: 128 registers → 4 programs per SM, 96 → 5, 80 → 6.
     Param("max_registers", (0, 80, 96, 128), "registers per thread the compiler may use (0: its choice)"),
     Param("batch_inputs", (False, True), "a token's input loads all issued before the first one is used"),
+    Param("programs_per_sm", (0, 1, 2, 4, 6), "a persistent grid of this many programs per SM (0: per item)"),
+    Param("prefetch", (False, True), "persistent: the next item's state load issued before this item's work"),
+    Param("item_stages", (1, 2, 3), "persistent: Triton's pipelining depth of the item loop (cp.async of the state)"),
 )
 
 
@@ -213,12 +261,15 @@ def cdiv(a: int, b: int) -> int:
 def decode_legal_values(
     cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
 ) -> str | None:
-    for p in DECODE_SPACE:
-        value = getattr(cfg, p.name)
+    for name, legal in _LEGAL_VALUES:
+        value = getattr(cfg, name)
         # The type too: True would pass for 1 and 64.0 for 64, and reach Triton as the wrong constexpr.
-        if type(value) is not type(p.values[0]) or value not in p.values:
-            return f"{p.name}={value!r} is not one of {list(p.values)}"
+        if (type(value), value) not in legal:
+            return f"{name}={value!r} is not one of {[v for _, v in sorted(legal, key=lambda tv: tv[1])]}"
     return None
+
+
+_LEGAL_VALUES = tuple((p.name, frozenset((type(v), v) for v in p.values)) for p in DECODE_SPACE)
 
 
 def decode_tile_within_v(
@@ -243,10 +294,35 @@ def decode_stages_within_tokens(
     return None
 
 
+def state_tiles_in_registers(cfg: DecodeConfig) -> int:
+    """State tiles a program holds in registers: its item's, and the next item's when it prefetches. Triton's
+    pipelined item loop costs about as much (read off ptxas for sm_90, K=128, BV=32, 4 warps, static dims, batched
+    inputs, one pass, under the 128-register cap of 4 programs per SM: prefetch 120, item_stages 2 117, 3 125; one
+    program per item 72)."""
+    return 2 if cfg.prefetch or cfg.item_stages > 1 else 1
+
+
+def live_state_tiles(cfg: DecodeConfig) -> int:
+    """State-sized tiles a program keeps live: its state tiles and one product of a tile's size."""
+    return LIVE_STATE_TILES - 1 + state_tiles_in_registers(cfg)
+
+
+def register_limit(cfg: DecodeConfig) -> int:
+    """The ``maxnreg`` a config launches with (0: ptxas's choice): ``max_registers``, and for a persistent grid at
+    most the registers per thread that let ``programs_per_sm`` programs share an SM."""
+    if not cfg.programs_per_sm:
+        return cfg.max_registers
+    fit = REGISTERS_PER_SM // (cfg.programs_per_sm * cfg.num_warps * THREADS_PER_WARP)
+    if fit > MAX_REGISTERS_PER_THREAD:
+        return cfg.max_registers
+    fit -= fit % REGISTER_ALLOCATION_UNIT
+    return min(cfg.max_registers, fit) if cfg.max_registers else fit
+
+
 def decode_register_budget(
     cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
 ) -> str | None:
-    live = LIVE_STATE_TILES * padded(shape.K) * cfg.BV
+    live = live_state_tiles(cfg) * padded(shape.K) * cfg.BV
     per_thread = live / (cfg.num_warps * THREADS_PER_WARP)
     if per_thread > MAX_REGISTERS_PER_THREAD:
         return (f"the [K={padded(shape.K)}, BV={cfg.BV}] state tile needs ~{per_thread:.0f} fp32 registers per "
@@ -261,11 +337,44 @@ def decode_register_cap_holds_the_tile(
     # rows, reduction partials) the cap can only spill the tile to local memory on every token.
     if not cfg.max_registers:
         return None
-    tile = padded(shape.K) * cfg.BV / (cfg.num_warps * THREADS_PER_WARP)
+    tiles = state_tiles_in_registers(cfg)
+    tile = tiles * padded(shape.K) * cfg.BV / (cfg.num_warps * THREADS_PER_WARP)
     if cfg.max_registers < tile + REGISTERS_BESIDES_TILE:
-        return (f"max_registers={cfg.max_registers} is below the [K={padded(shape.K)}, BV={cfg.BV}] state tile's "
+        what = "state tiles' (this item's and the next)" if tiles > 1 else "state tile's"
+        return (f"max_registers={cfg.max_registers} is below the [K={padded(shape.K)}, BV={cfg.BV}] {what} "
                 f"~{tile:.0f} registers per thread with {cfg.num_warps} warps + {REGISTERS_BESIDES_TILE} "
                 f"(raise it, or use 0)")
+    return None
+
+
+def decode_persistent_programs_fit_an_sm(
+    cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
+) -> str | None:
+    # All the persistent programs must be resident at once (see REGISTERS_PER_SM), so the register cap that fits
+    # them on an SM must hold their state tiles without spilling on every item. (Their warps always fit: the
+    # space's largest programs_per_sm times its largest num_warps, 48, is below the 64 warps an SM holds.)
+    if not cfg.programs_per_sm:
+        if cfg.prefetch or cfg.item_stages > 1:
+            return (f"{'prefetch=True' if cfg.prefetch else f'item_stages={cfg.item_stages}'} needs a persistent "
+                    f"grid (programs_per_sm > 0): without one a program has no next item")
+        return None
+    if cfg.prefetch and cfg.item_stages > 1:
+        return "prefetch=True and item_stages > 1 are two ways to fetch the next item ahead; take one"
+    # Triton's pipelined loop keeps item_stages - 1 state tiles in shared memory per program, and every program is
+    # resident at once.
+    shared = cfg.programs_per_sm * ((cfg.item_stages - 1) * padded(shape.K) * cfg.BV * 4 + SHARED_BESIDES_TILES)
+    if shared > SHARED_MEMORY_PER_SM:
+        return (f"programs_per_sm={cfg.programs_per_sm} programs pipelining item_stages={cfg.item_stages} deep hold "
+                f"{shared // 1024} KiB of state tiles in shared memory, more than an SM has "
+                f"({SHARED_MEMORY_PER_SM // 1024} KiB)")
+    limit = register_limit(cfg)
+    tiles = state_tiles_in_registers(cfg)
+    tile = tiles * padded(shape.K) * cfg.BV / (cfg.num_warps * THREADS_PER_WARP)
+    if limit and limit < tile + REGISTERS_BESIDES_TILE:
+        what = "state tiles (this item's and the next)" if tiles > 1 else "state tile"
+        return (f"programs_per_sm={cfg.programs_per_sm} leaves {limit} registers per thread, below the "
+                f"[K={padded(shape.K)}, BV={cfg.BV}] {what}: ~{tile:.0f} per thread with {cfg.num_warps} warps "
+                f"+ {REGISTERS_BESIDES_TILE}")
     return None
 
 
@@ -275,6 +384,7 @@ DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, Shape | DecodeShape, DeviceLim
     decode_stages_within_tokens,
     decode_register_budget,
     decode_register_cap_holds_the_tile,
+    decode_persistent_programs_fit_an_sm,
 )
 
 
@@ -292,8 +402,14 @@ def decode_infeasibility(
 
 def decode_space(shape: DecodeShape) -> list[DecodeConfig]:
     """Every admissible point of :data:`DECODE_SPACE` at ``shape``, in grid order."""
-    points = (DecodeConfig(**dict(zip([p.name for p in DECODE_SPACE], values, strict=True)))
-              for values in itertools.product(*(p.values for p in DECODE_SPACE)))
+    names = [p.name for p in DECODE_SPACE]
+    persist, prefetch, stages = (names.index(n) for n in ("programs_per_sm", "prefetch", "item_stages"))
+    # The fetch-ahead knobs without a persistent grid, or both at once, are refused at every shape
+    # (decode_persistent_programs_fit_an_sm): skipped before a config is built, most of the product.
+    points = (DecodeConfig(**dict(zip(names, values, strict=True)))
+              for values in itertools.product(*(p.values for p in DECODE_SPACE))
+              if (values[persist] or not (values[prefetch] or values[stages] > 1))
+              and not (values[prefetch] and values[stages] > 1))
     return [cfg for cfg in points if decode_infeasibility(cfg, shape) is None]
 
 

@@ -24,6 +24,7 @@ from gdn2_tune.kernels.decode_config import (
     decode_infeasibility,
     decode_space,
     default_decode_config,
+    register_limit,
 )
 from gdn2_tune.kernels.decode_reference import recurrence
 from gdn2_tune.kernels.inputs import make_inputs
@@ -78,11 +79,18 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
 # The kernel's code paths that a config selects beyond the tile: the built-in default (runtime dims, a row limit in
 # the state masks) and compiled-in dims (branches on the slot's validity instead of masks), with the token loop
 # pipelined (a loop even for one token) and a register cap (launch options the interpreter ignores, so that only
-# their plumbing is tested), and the batched input loads (joined and split before use) with runtime dims.
+# their plumbing is tested), and the batched input loads (joined and split before use) with runtime dims; a
+# persistent grid (kernels/decode.py sizes it for one SM in the interpreter: 2 or 6 programs, each looping over
+# one or several work items, ragged in the packed and 2-D cases) with runtime dims and the item loop pipelined (a
+# plain loop in the interpreter; the state's load masked rather than branched on), and with the next item's state
+# prefetched (masked, up to two items past a program's last) with compiled-in dims.
 PATHS = [
     pytest.param(None, id="default"),
     pytest.param(DecodeConfig(BV=8, num_warps=1, num_stages=2, static_dims=True, max_registers=80), id="static-dims"),
     pytest.param(DecodeConfig(BV=8, num_warps=1, batch_inputs=True), id="batched-inputs"),
+    pytest.param(DecodeConfig(BV=8, num_warps=1, programs_per_sm=2, item_stages=2), id="persistent"),
+    pytest.param(DecodeConfig(BV=8, num_warps=1, static_dims=True, one_pass=True, batch_inputs=True,
+                              programs_per_sm=6, prefetch=True), id="persistent-prefetch"),
 ]
 
 
@@ -183,6 +191,9 @@ def test_prefill_with_chunk_gdn2_then_decode_matches_the_reference() -> None:
                      id="N2-T3-H2-K24-V40-static-dims-masks-kept"),
         pytest.param(1, 3, 2, 24, 40, "bf16", DecodeConfig(BV=16, num_warps=2, batch_inputs=True, static_dims=True,
                                                            one_pass=True), id="N1-T3-H2-K24-V40-batched-inputs"),
+        pytest.param(3, 3, 2, 24, 40, "fp32", DecodeConfig(BV=16, num_warps=2, num_stages=2, programs_per_sm=4,
+                                                           prefetch=True),
+                     id="N3-T3-H2-K24-V40-persistent-prefetch-pipelined-tokens"),
     ],
 )
 def test_tokens_in_one_call_match_float64(N, T, H, K, V, dtype, cfg) -> None:
@@ -429,13 +440,42 @@ def test_config_round_trips_and_rejects_bad_points() -> None:
     assert "exceeds the padded V" in decode_infeasibility(DecodeConfig(BV=64), DecodeShape(1, 1, 1, 16, 16))
     assert "is not one of" in decode_infeasibility(DecodeConfig(BV=48), shape)
     assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages", "stream_state", "one_pass",
-                                              "static_dims", "max_registers", "batch_inputs"]
+                                              "static_dims", "max_registers", "batch_inputs", "programs_per_sm",
+                                              "prefetch", "item_stages"]
     assert "max_registers=80 is below" in decode_infeasibility(DecodeConfig(BV=32, max_registers=80), shape)
     assert decode_infeasibility(DecodeConfig(BV=32, static_dims=True, max_registers=128), shape) is None
 
 
+def test_a_persistent_grid_fits_its_programs_on_an_sm() -> None:
+    k128, k256 = DecodeShape(128, 1, 16, 128, 128), DecodeShape(128, 1, 16, 256, 256)
+    # 65536 registers / (programs · threads), in allocation units of 8: 4 programs of 4 warps get 128, 6 get 80
+    # (85 rounded down); one program of 4 warps needs no cap; an explicit cap below that stays.
+    assert register_limit(DecodeConfig(BV=32, programs_per_sm=4)) == 128
+    assert register_limit(DecodeConfig(BV=32, programs_per_sm=6)) == 80
+    assert register_limit(DecodeConfig(BV=32, programs_per_sm=1)) == 0
+    assert register_limit(DecodeConfig(BV=32, programs_per_sm=4, max_registers=96)) == 96
+    assert register_limit(DecodeConfig(BV=32, max_registers=96)) == 96
+    assert decode_infeasibility(DecodeConfig(BV=32, programs_per_sm=4, prefetch=True), k128) is None
+    # two [128, 32] tiles on 4 warps (64 registers) + 32 do not fit 80
+    assert "leaves 80 registers" in decode_infeasibility(DecodeConfig(BV=32, programs_per_sm=6, prefetch=True), k128)
+    assert "leaves 128 registers" in decode_infeasibility(
+        DecodeConfig(BV=64, num_warps=8, programs_per_sm=2, prefetch=True), k256)
+    assert "leaves 40 registers" in decode_infeasibility(DecodeConfig(BV=64, num_warps=8, programs_per_sm=6), k256)
+    assert "needs a persistent grid" in decode_infeasibility(DecodeConfig(BV=32, prefetch=True), k128)
+    assert "this item's and the next" in decode_infeasibility(
+        DecodeConfig(BV=32, programs_per_sm=1, prefetch=True, max_registers=80), k128)
+    # Triton's pipelined item loop: a persistent grid, not with prefetch, its state tiles within shared memory
+    # (4 programs · 2 tiles of [256, 64] fp32 are 512 KiB).
+    assert "item_stages=2 needs a persistent grid" in decode_infeasibility(DecodeConfig(BV=32, item_stages=2), k128)
+    assert "take one" in decode_infeasibility(DecodeConfig(BV=32, programs_per_sm=4, prefetch=True, item_stages=2),
+                                              k128)
+    assert decode_infeasibility(DecodeConfig(BV=32, programs_per_sm=4, item_stages=3), k128) is None
+    assert "more than an SM has" in decode_infeasibility(
+        DecodeConfig(BV=64, num_warps=8, programs_per_sm=4, item_stages=3), k256)
+
+
 @pytest.mark.parametrize("cfg", [pytest.param(c, id=c.label()) for c in
-                                 decode_space(DecodeShape(2, 3, 1, 16, 32))[::111]])  # ~20 points, every value
+                                 decode_space(DecodeShape(2, 3, 1, 16, 32))[::1900]])  # ~20 points, every value
 def test_sampled_points_of_the_config_space(cfg: DecodeConfig) -> None:
     args = inputs(2, 3, 1, 16, 32, seed=cfg.BV + cfg.num_warps)
     h0 = pool_of(2, 1, 16, 32, seed=cfg.num_stages)
