@@ -235,16 +235,19 @@ def probes(p: Problem, cfg: DecodeConfig, K: int) -> dict[str, Callable[[], obje
     memory only: the floor this structure reaches without inputs or arithmetic) and, at B = 1, ``empty``."""
     N = p.idx.shape[0]
     NV = K // cfg.BV
-    # The persistent skeleton: as many programs per SM as hold two tiles (+ 24 registers) in 64K registers.
+    # The persistent skeleton: as many programs per SM as hold two tiles (+ 48 registers) in 64K registers, under
+    # the register cap that keeps them all resident.
     threads = cfg.num_warps * 32
-    need = -(-(2 * K * cfg.BV // threads + 24) // 8) * 8
-    grid = min(N * HEADS * NV, max(1, min(8, 65536 // (threads * need))) * torch.cuda.get_device_properties(
-        p.pool.device).multi_processor_count)
+    need = -(-(2 * K * cfg.BV // threads + 48) // 8) * 8
+    per_sm = max(1, min(8, 65536 // (threads * need)))
+    cap = min(255, 65536 // (threads * per_sm)) // 8 * 8
+    grid = min(N * HEADS * NV, per_sm * torch.cuda.get_device_properties(p.pool.device).multi_processor_count)
     calls: dict[str, Callable[[], object]] = {
         "skeleton": lambda: _skeleton_kernel[(N * HEADS * NV,)](p.idx, p.pool, p.pool.stride(0), HEADS, K, K, cfg.BV,
                                                                  NV, num_warps=cfg.num_warps),
         "skeleton-persist": lambda: _skeleton_persistent_kernel[(grid,)](
-            p.idx, p.pool, p.pool.stride(0), N * HEADS * NV, HEADS, K, K, cfg.BV, NV, num_warps=cfg.num_warps),
+            p.idx, p.pool, p.pool.stride(0), N * HEADS * NV, HEADS, K, K, cfg.BV, NV, num_warps=cfg.num_warps,
+            maxnreg=cap),
     }
     if N == 1:
         calls["empty"] = lambda: _empty_kernel[(1,)](p.out)
