@@ -647,7 +647,10 @@ def _key_factors_kernel(
     qs, qn, kn, bk, bf, gf, G, e_bar, k_tail, rq, rk,
     scale, H, K,
     C: tl.constexpr, KP: tl.constexpr, G_MIN: tl.constexpr, EPS: tl.constexpr, USE_L2NORM: tl.constexpr,
+    ALL_FACTORS: tl.constexpr,
 ):
+    """ALL_FACTORS=False stores only what the value side and the fused key tail (kernels/chunk_bwd.py) read back:
+    G, Ē, K_tail, and under the l2 norm q̂, k̂ and the reciprocal norms (the tail re-forms the others from q, k, b)."""
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     i_nh = i_n.to(tl.int64) * H + i_h
     o_c = tl.arange(0, C)
@@ -672,11 +675,13 @@ def _key_factors_kernel(
     b_G = tl.cumsum(tl.maximum(b_g, G_MIN), 0)
     b_last = tl.sum(tl.where((o_c == C - 1)[:, None], b_G, 0.0), 0)
     b_bk = b_b * b_k
-    tl.store(qs + p_ck, b_q * scale, mask=m_k[None, :])
-    tl.store(kn + p_ck, b_k, mask=m_k[None, :])
-    tl.store(bk + p_ck, b_bk, mask=m_k[None, :])
-    tl.store(bf + p_ck, b_b, mask=m_k[None, :])
-    tl.store(gf + p_ck, b_g, mask=m_k[None, :])
+    if ALL_FACTORS:
+        tl.store(qs + p_ck, b_q * scale, mask=m_k[None, :])
+        tl.store(bk + p_ck, b_bk, mask=m_k[None, :])
+        tl.store(bf + p_ck, b_b, mask=m_k[None, :])
+        tl.store(gf + p_ck, b_g, mask=m_k[None, :])
+    if ALL_FACTORS or USE_L2NORM:
+        tl.store(kn + p_ck, b_k, mask=m_k[None, :])
     tl.store(G + p_ck, b_G, mask=m_k[None, :])
     tl.store(e_bar + p_ck, tl.exp(b_G) * b_bk, mask=m_k[None, :])
     tl.store(k_tail + p_ck, tl.exp(tl.minimum(b_last[None, :] - b_G, 0.0)) * b_k, mask=m_k[None, :])
@@ -685,13 +690,14 @@ def _key_factors_kernel(
 @dataclass(frozen=True)
 class KeyFactors:
     """The chunk-major fp32 [n, H, C, K] factors of one group of chunks (see the module docstring); ``qn``,
-    ``r_q`` and ``r_k`` ([n, H, C, 1]) only under the l2 norm."""
+    ``r_q`` and ``r_k`` ([n, H, C, 1]) only under the l2 norm. With ``all_factors=False`` (:func:`key_factors`)
+    ``qs``, ``bk``, ``b`` and ``g`` are None, and so is ``kn`` without the l2 norm."""
 
-    qs: torch.Tensor
-    kn: torch.Tensor
-    bk: torch.Tensor
-    b: torch.Tensor
-    g: torch.Tensor
+    qs: torch.Tensor | None
+    kn: torch.Tensor | None
+    bk: torch.Tensor | None
+    b: torch.Tensor | None
+    g: torch.Tensor | None
     G: torch.Tensor
     e_bar: torch.Tensor
     k_tail: torch.Tensor
@@ -702,10 +708,12 @@ class KeyFactors:
 
 def key_factors(
     q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, *,
-    scale: float, l2norm: bool, g_floor: float, eps: float, num_warps: int = 4,
+    scale: float, l2norm: bool, g_floor: float, eps: float, num_warps: int = 4, all_factors: bool = True,
 ) -> KeyFactors:
     """:class:`KeyFactors` of the chunks whose token rows are ``rows`` (int64 [n, C], −1 for padding: such rows
-    read as zeros, as the chunk layout's padding rows do) from contiguous [B, T, H, K] q, k, g, b."""
+    read as zeros, as the chunk layout's padding rows do) from contiguous [B, T, H, K] q, k, g, b.
+    ``all_factors=False`` writes only G, Ē, K_tail (and q̂, k̂, the norms under the l2 norm): 3 of the 8 fp32 tiles,
+    for the fused key tail (kernels/chunk_bwd.py), which re-forms the others from the token layout."""
     n, C = rows.shape
     H, K = k.shape[-2:]
     for name, x in (("q", q), ("k", k), ("g", g), ("b", b)):
@@ -713,14 +721,17 @@ def key_factors(
             raise ValueError(f"{name}: expected a contiguous {tuple(k.shape)} tensor, received {tuple(x.shape)}")
     if rows.dtype != torch.int64 or rows.dim() != 2:
         raise ValueError(f"rows: expected int64 [n, C], received {tuple(rows.shape)} {rows.dtype}")
-    out = [output_buffer((n, H, C, K), torch.float32, k.device) for _ in range(8)]
+    # qs, kn, bk, b, g, G, Ē, K_tail; the first five only where they are read back.
+    kept = [all_factors, all_factors or l2norm] + [all_factors] * 3 + [True] * 3
+    out = [output_buffer((n, H, C, K), torch.float32, k.device) if keep else None for keep in kept]
     qn = output_buffer((n, H, C, K), torch.float32, k.device) if l2norm else None
     r_q, r_k = ((output_buffer((n, H, C, 1), torch.float32, k.device) for _ in range(2)) if l2norm
                 else (None, None))
     if n * H:
         _key_factors_kernel[(n, H)](
             q, k, g, b, rows, out[0], qn, *out[1:], r_q, r_k, scale, H, K,
-            C=C, KP=padded_dim(K), G_MIN=g_floor, EPS=eps, USE_L2NORM=l2norm, num_warps=num_warps,
+            C=C, KP=padded_dim(K), G_MIN=g_floor, EPS=eps, USE_L2NORM=l2norm, ALL_FACTORS=all_factors,
+            num_warps=num_warps,
         )
     return KeyFactors(*out, qn, r_q, r_k)
 

@@ -297,6 +297,10 @@ def reverse_cost(shape: Shape, cfg: BwdConfig) -> Cost:
 # tiles: the key factors (q̂·scale, k̂, b⊙k̂, b, g, G, Ē, K_tail) and the value side's results for the key side
 # (dĒ, dQ_γ, dK_tail, and dq dk dg db before the token layout).
 LOCAL_FUSED_TILES = 15
+# key_side="fused" (kernels/chunk_bwd.py's _key_tail_kernel) re-forms q̂·scale, k̂, b⊙k̂, b, g from the token layout
+# and keeps the pair backward's results in registers: the key factors store G, Ē, K_tail and the value side its
+# three, each written once and read once.
+LOCAL_KEY_TAIL_TILES = 6
 # value_side="torch" keeps about 30 such [C, max(K, V)] fp32 tensors (kernels/chunk_bwd.py, group_elements).
 LOCAL_TORCH_TILES = 30
 
@@ -326,7 +330,7 @@ def local_cost(shape: Shape, cfg: BwdConfig) -> Cost:
         mix = dict(_dots(cfg.pair_precision, pairs))
         for unit, flops in _dots(cfg.precision, value):
             mix[unit] = mix.get(unit, 0.0) + flops
-        tiles = LOCAL_FUSED_TILES * C * K
+        tiles = (LOCAL_KEY_TAIL_TILES if cfg.key_side == "fused" else LOCAL_FUSED_TILES) * C * K
     cuda = NH * C * (20 * K + 4 * V)  # exponentials, masks, the reverse cumulative sum and scalings (rough)
     k_io = rows * K * 2 * (3 * es + G_BYTES)  # q, k, b, g read; dq, dk, db, dg (fp32) written
     v_io = rows * V * 5 * es  # v, w, dO read; dv, dw written

@@ -33,7 +33,9 @@ one call:
    - the backward of the decay-weighted pair products in Triton (kernels/pairwise.py): every decay factor is
      exp(G_r − G_s) with r ≥ s, so neither exp(−G) nor k/γ exists and dg stays finite under g = −10 per step;
    - the key-side elementwise tail (dq, dk, db, dg with its reverse cumulative sum inside the chunk, the decay
-     floor) in one Triton launch (:func:`_key_side_kernel`), then the l2 norm's backward in torch.
+     floor) in one Triton launch (:func:`_key_side_kernel`), then the l2 norm's backward in torch;
+     ``key_side="fused"`` runs the pair backward and that tail as one launch (:func:`_key_tail_kernel`), which
+     re-forms the pair factors from q, k, b in the token layout instead of reading them back as fp32.
    ``BwdConfig(local="autograd")`` instead runs torch autograd through :func:`_local_chunk` (pairs as a masked
    [C, C, K] tensor): simple, memory-hungry, and the cross-check of the others.
 
@@ -62,7 +64,7 @@ import triton
 import triton.language as tl
 
 from gdn2_tune.kernels.buffers import output_buffer
-from gdn2_tune.kernels.bwd_local import VALUE_TILES, key_factors, local_v_side
+from gdn2_tune.kernels.bwd_local import VALUE_TILES, KeyFactors, key_factors, local_v_side
 from gdn2_tune.kernels.config import (
     INTRA_PRECISIONS,
     MAX_REGISTERS_PER_THREAD,
@@ -79,7 +81,7 @@ from gdn2_tune.kernels.config import (
 from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
 from gdn2_tune.kernels.intra import L2NORM_EPS as _L2NORM_EPS
 from gdn2_tune.kernels.intra import IntraOutputs, intra_fwd
-from gdn2_tune.kernels.pairwise import PAIR_METHODS, PAIR_PRECISIONS, pairs_bwd, pairs_fwd
+from gdn2_tune.kernels.pairwise import PAIR_METHODS, PAIR_PRECISIONS, PAIR_SAFE_SPAN, pairs_bwd, pairs_fwd
 from gdn2_tune.kernels.spec import DeviceLimits
 
 # The sequence split reuses the forward's per-segment transitions and fp32 carry as they are (launches 1 and 2 of
@@ -100,6 +102,16 @@ _STATE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BWD_SEGMENT_CHUNKS = 128
 LOCAL_DTYPES = ("fp32", "fp64")
 LOCAL_METHODS = ("pairs", "autograd")
+# The key side after the value side: "triton" (the pair backward, then _key_side_kernel, on stored fp32 factors),
+# "torch" (the same equations as torch ops; torch value side only) or "fused" (_key_tail_kernel: one launch).
+KEY_SIDES = ("triton", "torch", "fused")
+# The fused key tail's launch. Compiled for sm90 with triton 3.6 at the anchor (C = 32, pair_BK 32, 4 warps,
+# tf32x3), ptxas took 255 registers (2 programs per SM) at 2 or 3 stages and 242 at 1, no spills; capped at 168
+# (3 programs per SM) it spills nothing at BK 32 (88 B at BK 16), capped at 128 it spills 160 B. One stage: its row
+# block loop has NB = C / BC = 2 steps, nothing to pipeline.
+KEY_TAIL_STAGES = 1
+KEY_TAIL_MAX_REGISTERS = 168  # Triton's maxnreg; 0: ptxas's choice
+RECOMPUTE_STORES = ("fp32", "input")
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -142,6 +154,10 @@ class BwdConfig:
     # benchmarks/exp_bwd_variants.py) the Triton launch took forward + backward from 35.1 to 31.2 ms, its gradients
     # within 7e-6 (relative) of the torch ops'.
     key_side: str = "triton"
+    # key_side="fused" (kernels/chunk_bwd.py's _key_tail_kernel): the pair backward and the tail in one launch that
+    # re-forms b⊙k̂, scale·q̂, k̂ from q, k, b in the token layout, so the key factors store 3 fp32 [C, K] tiles per
+    # chunk instead of 8 and DX_T, DX_A, DY never leave registers: ~4.5 GB fewer bytes at the anchor (see
+    # kernels/bwd_spec.py), timed by benchmarks/exp_key_tail.py.
     # The value side (everything that sums over V: R, dR, dA_qk, dQ_γ, dK_tail, dY, dA, dT, dĒ, dv, dw): one
     # fused Triton launch per (chunk, head) (kernels/bwd_local.py), or batched torch matmuls ("torch").
     value_side: str = "triton"
@@ -156,6 +172,10 @@ class BwdConfig:
     # tl.dot precision of the recompute (the forward's intra launch, kernels/intra.py): its A, Y, U, A_qk feed every
     # gradient.
     recompute_precision: str = "tf32x3"
+    # Storage of the recomputed Y, U, Q_γ, K_tail that the two per-sequence passes read: "fp32" where the reverse
+    # pass can stage fp32 operands, or "input" (the input dtype, as the forward keeps them): at the anchor, bf16
+    # halves ~4 GB of writes and re-reads over the recompute and both passes (A and A_qk stay fp32 either way).
+    recompute_store: str = "fp32"
     # Chunks per segment of the sequence split of the two per-sequence passes (dense batches): 0 walks each
     # sequence in one program per (head, V tile); n > 0 cuts it into segments of n chunks walked in parallel, from
     # entering states found by a short fp32 carry over the segments (kernels/state.py's split for the forward, its
@@ -172,6 +192,8 @@ class BwdConfig:
         pair = f"-pair{'dot' if self.pair == 'dot' else ''}BK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
         seg = f"-seg{self.segment_chunks}" if self.segment_chunks else ""
         store = "" if self.state_dtype == "fp32" else f"-st{self.state_dtype}"
+        store += "" if self.recompute_store == "fp32" else f"-rs{self.recompute_store}"
+        store += "" if self.key_side == "triton" else f"-key{self.key_side}"
         return (f"bwd:BV{self.BV}-w{self.num_warps}-s{self.num_stages}-{self.precision}{seg}{store}"
                 f"-g{self.group_elements}-{self.local_dtype}{pair}{value}-rc{self.recompute_precision}")
 
@@ -218,6 +240,8 @@ BWD_SPACE: tuple[Param, ...] = (
     Param("local.pair_precision", PAIR_PRECISIONS, "dot precision of the pair products' off-diagonal blocks"),
     Param("local.pair", PAIR_METHODS, "pair backward: diagonal blocks pair by pair, or every product a dot"),
     Param("local.value_side", ("triton", "torch"), "the value side fused in one launch, or batched torch matmuls"),
+    Param("local.key_side", ("triton", "fused"),
+          "pair backward and key-side tail: two launches on stored fp32 factors, or one re-forming them"),
     Param("local.value_tile", VALUE_TILES, "the fused value side walks V (K whole), K (V whole), or splits in two"),
     Param("local.value_BV", (32, 64, 128), "V tile of the fused value side (value_tile='v' or 'split')"),
     Param("local.value_BK", (16, 32, 64), "K tile of the fused value side (value_tile='k' or 'split')"),
@@ -225,6 +249,8 @@ BWD_SPACE: tuple[Param, ...] = (
     Param("state.segment_chunks", SEGMENT_CHUNKS,
           "0: one program per (sequence, head, V tile) along the sequence; n: segments of n chunks in parallel"),
     Param("state.state_dtype", STATE_DTYPES, "storage of S0 and dS_C for the local step (bf16: 16-bit inputs)"),
+    # Written by the recompute, read by the two passes (the recompute's precision stays the coupling parameter).
+    Param("state.recompute_store", RECOMPUTE_STORES, "storage of the recomputed Y, U, Q_γ, K_tail the passes read"),
 )
 
 
@@ -279,12 +305,14 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"local={cfg.local!r} is not one of {list(LOCAL_METHODS)}"
     if cfg.local == "pairs" and cfg.local_dtype != "fp32":
         return "local='pairs' computes in fp32 (the Triton pair kernels take fp32 factors)"
-    if cfg.key_side not in ("triton", "torch"):
-        return f"key_side={cfg.key_side!r} is not one of ['triton', 'torch']"
+    if cfg.key_side not in KEY_SIDES:
+        return f"key_side={cfg.key_side!r} is not one of {list(KEY_SIDES)}"
     if cfg.value_side not in ("triton", "torch"):
         return f"value_side={cfg.value_side!r} is not one of ['triton', 'torch']"
-    if cfg.value_side == "triton" and cfg.key_side != "triton":
-        return "value_side='triton' hands its results to the Triton key side: key_side must be 'triton' too"
+    if cfg.value_side == "triton" and cfg.key_side == "torch":
+        return "value_side='triton' hands its results to the Triton key side: key_side must be 'triton' or 'fused'"
+    if cfg.value_side == "torch" and cfg.key_side == "fused":
+        return "key_side='fused' reads the token layout beside the fused value side: value_side must be 'triton'"
     if cfg.value_tile not in VALUE_TILES:
         return f"value_tile={cfg.value_tile!r} is not one of {list(VALUE_TILES)}"
     for name in ("value_BV", "value_BK"):
@@ -293,6 +321,8 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
             return f"{name}={x} must be a power of two >= 16"
     if cfg.value_warps not in (1, 2, 4, 8, 16):
         return f"value_warps={cfg.value_warps} is not one of [1, 2, 4, 8, 16]"
+    if cfg.recompute_store not in RECOMPUTE_STORES:
+        return f"recompute_store={cfg.recompute_store!r} is not one of {list(RECOMPUTE_STORES)}"
     if cfg.recompute_precision not in INTRA_PRECISIONS:
         return f"recompute_precision={cfg.recompute_precision!r} is not one of {list(INTRA_PRECISIONS)}"
     if cfg.state_dtype not in STATE_DTYPES:
@@ -379,7 +409,9 @@ def recompute_dtype(cfg: BwdConfig, shape: Shape, chunk: int,
                     shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> torch.dtype:
     """The dtype of the recomputed intermediates: fp32 when the reverse pass can stage fp32 operands at the
     forward's chunk length (at its smallest footprint), else the input dtype (which fits wherever the forward
-    does)."""
+    does); the input dtype too under ``recompute_store="input"``."""
+    if cfg.recompute_store == "input":
+        return shape.torch_dtype
     smallest = dataclasses.replace(cfg, num_stages=1, BV=16)
     if bwd_infeasibility(smallest, shape, chunk, 4, shared_memory) is None:
         return torch.float32
@@ -469,8 +501,12 @@ def bwd_tiles_that_act(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> st
     """One point per distinct launch: the fused value side's tiling parameters only where they act (at their
     built-in values otherwise), so that no two points of the space time the same kernels."""
     default = DEFAULT_BWD_CONFIG
-    idle = ("value_tile", "value_BV", "value_BK", "value_warps") if cfg.value_side == "torch" else (
+    idle = ("value_tile", "value_BV", "value_BK", "value_warps", "key_side") if cfg.value_side == "torch" else (
         {"v": ("value_BK",), "k": ("value_BV",), "stack": ("value_BV",)}.get(cfg.value_tile, ()))
+    if cfg.key_side == "fused":  # its pair backward is the dot one whatever ``pair`` says
+        idle = (*idle, "pair")
+    if shape.dtype == "fp32":  # the input dtype is fp32 already
+        idle = (*idle, "recompute_store")
     for name in idle:
         if getattr(cfg, name) != getattr(default, name):
             return f"{name} has no effect here (value_side={cfg.value_side!r}, value_tile={cfg.value_tile!r})"
@@ -745,6 +781,138 @@ def _key_side_kernel(
     tl.store(dg + p, d_g.to(dg.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _key_rows(q, k, b, r_q, r_k, p_tok, m, o_r, i_nh, scale, C: tl.constexpr, USE_L2NORM: tl.constexpr):
+    """(scale·q̂, k̂, b⊙k̂, b) of chunk rows ``o_r`` of chunk-head ``i_nh``, fp32, from the token layout at ``p_tok``
+    (masked by ``m``): the products :func:`kernels.bwd_local.key_factors` stores, formed in the same order."""
+    b_q = tl.load(q + p_tok, mask=m, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_tok, mask=m, other=0.0).to(tl.float32)
+    b_b = tl.load(b + p_tok, mask=m, other=0.0).to(tl.float32)
+    if USE_L2NORM:
+        b_q = b_q * tl.load(r_q + i_nh * C + o_r)[:, None]
+        b_k = b_k * tl.load(r_k + i_nh * C + o_r)[:, None]
+    return b_q * scale, b_k, b_b * b_k, b_b
+
+
+@triton.jit
+def _key_tail_kernel(
+    q, k, g, b, rows, r_q, r_k, G,
+    dm1, dm2, d_e, d_qg, d_kt, d_last,
+    dq, dk, db, dg,
+    scale, H, K,
+    C: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, USE_L2NORM: tl.constexpr, TOKENS: tl.constexpr,
+):
+    """The pair backward (kernels/pairwise.py's ``_pairs_bwd_dot_kernel``) and the key-side tail
+    (:func:`_key_side_kernel`) in one launch per (K slice, chunk, head), with dT = ``dm1``, dA_qk = ``dm2``:
+    X1 = b⊙k̂, X2 = scale·q̂ and Y = k̂ are formed from q, k, b in the token layout at ``rows`` (int64 [N, C], −1 for
+    padding) instead of being read back as chunk-major fp32, and DX1, DX2, DY stay in registers.
+
+    Row blocks run last to first, so that dg's reverse cumulative sum down the chunk carries over the blocks: the
+    carry starts at the last row's extra terms (γ_C's gradient ``d_last`` and K_tail's numerator, a sum over every
+    row of the chunk, taken first). G is the key factors' (exponents as in the pair kernel, never positive beyond one
+    sub-block's decay). Outputs as :func:`_key_side_kernel`'s: chunk-major fp32 [N, H, C, K], or with TOKENS the
+    [B, T, H, K] token layout in the buffers' dtypes."""
+    i_k, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    base = i_nh * C * K
+    G += base
+    d_e += base
+    d_qg += base
+    d_kt += base
+    dm1 += i_nh * C * C
+    dm2 += i_nh * C * C
+    o_c = tl.arange(0, C)
+    o_bc = tl.arange(0, BC)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_all = o_c[:, None] * K + o_k[None, :]
+    b_rows = tl.load(rows + i_n * C + o_c)
+    m_all = (b_rows >= 0)[:, None] & m_k[None, :]
+    p_tok = ((tl.maximum(b_rows, 0) * H + i_h) * K)[:, None] + o_k[None, :]
+    b_last = tl.load(G + (C - 1) * K + o_k, mask=m_k, other=0.0)
+
+    # The last row's extra terms, which dg's reverse sum carries to every row: γ_C's, and K_tail's numerator.
+    _, b_kn, _, _ = _key_rows(q, k, b, r_q, r_k, p_tok, m_all, o_c, i_nh, scale, C, USE_L2NORM)
+    b_tail = tl.exp(tl.minimum(b_last[None, :] - tl.load(G + p_all, mask=m_k[None, :], other=0.0), 0.0))
+    b_carry = tl.load(d_last + i_nh * K + o_k, mask=m_k, other=0.0)
+    b_carry += tl.sum(tl.load(d_kt + p_all, mask=m_k[None, :], other=0.0) * b_tail * b_kn, 0)
+
+    for i_rev in range(NB):
+        n0 = (NB - 1 - i_rev) * BC
+        n1 = n0 + BC
+        o_r = n0 + o_bc
+        p_r = o_r[:, None] * K + o_k[None, :]
+        b_rr = tl.load(rows + i_n * C + o_r)
+        m_r = (b_rr >= 0)[:, None] & m_k[None, :]
+        p_tr = ((tl.maximum(b_rr, 0) * H + i_h) * K)[:, None] + o_k[None, :]
+        b_Gr = tl.load(G + p_r, mask=m_k[None, :], other=0.0)
+        b_ref = tl.where(n0 > 0, tl.load(G + tl.maximum(n0 - 1, 0) * K + o_k, mask=m_k, other=0.0), 0.0)
+        b_end = tl.load(G + (n1 - 1) * K + o_k, mask=m_k, other=0.0)
+        span = tl.max(b_ref - b_end, 0)
+        safe = span < PAIR_SAFE_SPAN
+
+        # DX of rows I (columns s < n1 through ref; the block's own pairs exactly where its decay is too steep).
+        m_s = (o_c < n0 + tl.where(safe, BC, 0))[:, None] & m_all
+        _, b_y, _, _ = _key_rows(q, k, b, r_q, r_k, p_tok, m_s, o_c, i_nh, scale, C, USE_L2NORM)
+        b_yc = b_y * tl.exp(tl.minimum(b_ref[None, :] - tl.load(G + p_all, mask=m_s, other=0.0), PAIR_SAFE_SPAN))
+        p_rows = o_r[:, None] * C + o_c[None, :]
+        e_row = tl.exp(tl.minimum(b_Gr - b_ref[None, :], 0.0))
+        b_dxt = e_row * tl.dot(tl.load(dm1 + p_rows), b_yc, input_precision=PRECISION)
+        b_dxa = e_row * tl.dot(tl.load(dm2 + p_rows), b_yc, input_precision=PRECISION)
+        b_qr, b_kr, b_bkr, b_br = _key_rows(q, k, b, r_q, r_k, p_tr, m_r, o_r, i_nh, scale, C, USE_L2NORM)
+        if span >= PAIR_SAFE_SPAN:
+            for j in range(BC):
+                b_Gj = tl.load(G + (n0 + j) * K + o_k, mask=m_k, other=0.0)
+                b_yj = tl.sum(tl.where((o_bc == j)[:, None], b_kr, 0.0), 0)
+                b_ej = tl.exp(tl.minimum(b_Gr - b_Gj[None, :], 0.0)) * b_yj[None, :]
+                b_dxt += tl.load(dm1 + o_r * C + n0 + j)[:, None] * b_ej
+                b_dxa += tl.load(dm2 + o_r * C + n0 + j)[:, None] * b_ej
+
+        # DY of columns I (rows r >= n0 through end).
+        m_t = (o_c >= n1 - tl.where(safe, BC, 0))[:, None] & m_all
+        b_qs, _, b_bk, _ = _key_rows(q, k, b, r_q, r_k, p_tok, m_t, o_c, i_nh, scale, C, USE_L2NORM)
+        b_row = tl.exp(tl.minimum(tl.load(G + p_all, mask=m_t, other=0.0) - b_end[None, :], PAIR_SAFE_SPAN))
+        p_cols = o_c[:, None] * C + o_r[None, :]
+        acc = tl.dot(tl.trans(tl.load(dm1 + p_cols)), b_bk * b_row, input_precision=PRECISION)
+        acc += tl.dot(tl.trans(tl.load(dm2 + p_cols)), b_qs * b_row, input_precision=PRECISION)
+        b_dy = tl.exp(tl.minimum(b_end[None, :] - b_Gr, 0.0)) * acc
+        if span >= PAIR_SAFE_SPAN:
+            for j in range(BC):
+                b_Gj = tl.load(G + (n0 + j) * K + o_k, mask=m_k, other=0.0)
+                b_e = tl.exp(tl.minimum(b_Gr - b_Gj[None, :], 0.0))
+                b_d1 = tl.load(dm1 + o_r * C + n0 + j)
+                b_d2 = tl.load(dm2 + o_r * C + n0 + j)
+                b_dyj = tl.sum((b_d1[:, None] * b_bkr + b_d2[:, None] * b_qr) * b_e, 0)
+                b_dy += tl.where((o_bc == j)[:, None], b_dyj[None, :], 0.0)
+
+        # The key-side tail of rows I (as _key_side_kernel), dg's reverse sum continued from the rows after I.
+        b_gam = tl.exp(b_Gr)
+        b_tr = tl.exp(tl.minimum(b_last[None, :] - b_Gr, 0.0))
+        b_de = tl.load(d_e + p_r, mask=m_k[None, :], other=0.0)
+        b_dqg = tl.load(d_qg + p_r, mask=m_k[None, :], other=0.0)
+        b_dkt = tl.load(d_kt + p_r, mask=m_k[None, :], other=0.0)
+        d_bk = b_dxt + b_de * b_gam
+        d_kn = b_dy + b_dkt * b_tr + b_br * d_bk
+        d_G = (b_bkr * b_dxt + b_qr * b_dxa - b_kr * b_dy + b_de * b_gam * b_bkr + b_dqg * b_gam * b_qr
+               - b_dkt * b_tr * b_kr)
+        d_g = tl.cumsum(d_G, 0, reverse=True) + b_carry[None, :]
+        b_carry += tl.sum(d_G, 0)
+        b_graw = tl.load(g + p_tr, mask=m_r, other=0.0).to(tl.float32)
+        d_g = tl.where(b_graw >= G_FLOOR_C, d_g, 0.0)
+        if TOKENS:
+            p_o = p_tr
+            m_o = m_r
+        else:
+            p_o = base + p_r
+            m_o = m_k[None, :] & (o_bc >= 0)[:, None]
+        tl.store(dq + p_o, ((b_dxa + b_dqg * b_gam) * scale).to(dq.dtype.element_ty), mask=m_o)
+        tl.store(dk + p_o, d_kn.to(dk.dtype.element_ty), mask=m_o)
+        tl.store(db + p_o, (b_kr * d_bk).to(db.dtype.element_ty), mask=m_o)
+        tl.store(dg + p_o, d_g.to(dg.dtype.element_ty), mask=m_o)
+
+
 @dataclass(frozen=True)
 class ValueTokens:
     """What the fused value side reads and writes for one group of chunks: the recomputed A of the group's chunks
@@ -793,11 +961,57 @@ def _key_side(
             scale, H, K, C=C, BK=KEY_SIDE_BK, TOKENS=tokens,
         )
     if l2norm:
-        d_q = r_q * (d_qn - qn * (qn * d_qn).sum(-1, keepdim=True))
-        d_k = r_k * (d_kn - kn * (kn * d_kn).sum(-1, keepdim=True))
+        d_q, d_k = _l2norm_bwd(d_qn, qn, r_q), _l2norm_bwd(d_kn, kn, r_k)
     else:
         d_q, d_k = d_qn, d_kn
     return d_q, d_k, d_v, d_g, d_b, d_w
+
+
+def _l2norm_bwd(d_xn: torch.Tensor, xn: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The gradient of x from that of x̂ = r·x, r = (x·x + eps)^-1/2: r (dx̂ − x̂ (x̂·dx̂))."""
+    return r * (d_xn - xn * (xn * d_xn).sum(-1, keepdim=True))
+
+
+def key_tail(
+    q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, f: KeyFactors,
+    d_t: torch.Tensor, d_aqk: torch.Tensor, d_e: torch.Tensor, d_qg: torch.Tensor, d_kt: torch.Tensor,
+    d_last: torch.Tensor, out: Sequence[torch.Tensor], *, scale: float, l2norm: bool, tokens: bool,
+    BC: int, BK: int, num_warps: int, precision: str,
+) -> None:
+    """The pair backward and the key-side tail in one launch (:func:`_key_tail_kernel`, ``key_side="fused"``) for
+    the chunks whose token rows are ``rows`` (int64 [n, C]): from contiguous [B, T, H, K] q, k, g, b, the key
+    factors ``f`` (G, and under the l2 norm the norms) and the value side's chunk-major fp32 gradients, into
+    ``out`` = (dq, dk, db, dg): with ``tokens`` the call's [B, T, H, K] gradients (no l2 norm), else chunk-major
+    fp32 [n, H, C, K] (of the l2-normalised q and k). Shapes only are checked (no sync)."""
+    n, C = rows.shape
+    H, K = k.shape[-2:]
+    if C % BC or BC < 16 or BK < 16 or BK & (BK - 1):
+        raise ValueError(f"BC={BC} must divide the chunk {C} (>= 16); BK={BK} a power of two >= 16")
+    for name, x in (("q", q), ("k", k), ("g", g), ("b", b)):
+        if x.shape != k.shape or not x.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {tuple(k.shape)} tensor, received {tuple(x.shape)}")
+    assert not (tokens and l2norm), "the l2 norm's backward needs chunk-major outputs"
+    chunked = (n, H, C, K)
+    want = {"G": (f.G, chunked), "d_t": (d_t, (n, H, C, C)), "d_aqk": (d_aqk, (n, H, C, C)), "d_e": (d_e, chunked),
+            "d_qg": (d_qg, chunked), "d_kt": (d_kt, chunked), "d_last": (d_last, (n, H, K))}
+    if l2norm:
+        want |= {"r_q": (f.r_q, (n, H, C, 1)), "r_k": (f.r_k, (n, H, C, 1))}
+    for i, x in enumerate(out):
+        want[f"out{i}"] = (x, k.shape if tokens else chunked)
+    for name, (x, shape) in want.items():
+        if x is None or tuple(x.shape) != tuple(shape) or not x.is_contiguous():
+            got = None if x is None else tuple(x.shape)
+            raise ValueError(f"{name}: expected a contiguous tensor of shape {tuple(shape)}, received {got}")
+    if tuple(rows.shape) != (n, C) or rows.dtype != torch.int64:
+        raise ValueError(f"rows: expected int64 [{n}, {C}], received {tuple(rows.shape)} {rows.dtype}")
+    if n * H:
+        _key_tail_kernel[(triton.cdiv(K, BK), n * H)](
+            q, k, g, b, rows, f.r_q, f.r_k, f.G, d_t, d_aqk, d_e, d_qg, d_kt, d_last, *out,
+            scale, H, K,
+            C=C, BC=BC, NB=C // BC, BK=BK, PRECISION=precision, USE_L2NORM=l2norm, TOKENS=tokens,
+            num_warps=num_warps, num_stages=KEY_TAIL_STAGES,
+            **({"maxnreg": KEY_TAIL_MAX_REGISTERS} if KEY_TAIL_MAX_REGISTERS else {}),
+        )
 
 
 def _local_grads_fused(
@@ -809,12 +1023,21 @@ def _local_grads_fused(
     value side, the pair backward, the key-side tail) but the l2 norm's backward; dv and dw land in ``tokens``'
     buffers. q, k, g, b are the call's contiguous [B, T, H, K] inputs. ``out``: the (dq, dk, db, dg) buffers of the
     key-side tail (see :func:`_key_side`); ``direct``: they are the call's token-layout gradients (no l2 norm)."""
-    f = key_factors(q, k, g, b, tokens.rows, scale=scale, l2norm=l2norm, g_floor=G_FLOOR, eps=L2NORM_EPS)
+    fused = cfg.key_side == "fused"
+    f = key_factors(q, k, g, b, tokens.rows, scale=scale, l2norm=l2norm, g_floor=G_FLOOR, eps=L2NORM_EPS,
+                    all_factors=not fused)
     _, _, d_aqk, d_t, d_e, d_qg, d_kt, d_last = local_v_side(
         tokens.a, tokens.aqk, f.e_bar, f.k_tail, f.G, s0, ds_c,
         tokens.v, tokens.w, tokens.do, tokens.rows, dv=tokens.dv, dw=tokens.dw,
         tile=cfg.value_tile, BV=cfg.value_BV, BK=cfg.value_BK, num_warps=cfg.value_warps, precision=cfg.precision,
     )
+    if fused:
+        key_tail(q, k, g, b, tokens.rows, f, d_t, d_aqk, d_e, d_qg, d_kt, d_last, out, scale=scale, l2norm=l2norm,
+                 tokens=direct, BC=cfg.pair_BC, BK=cfg.pair_BK, num_warps=cfg.pair_warps, precision=cfg.pair_precision)
+        d_q, d_k, d_b, d_g = out
+        if l2norm:
+            d_q, d_k = _l2norm_bwd(d_q, f.qn, f.r_q), _l2norm_bwd(d_k, f.kn, f.r_k)
+        return d_q, d_k, d_g, d_b
     pair = {"BC": cfg.pair_BC, "BK": cfg.pair_BK, "num_warps": cfg.pair_warps, "precision": cfg.pair_precision}
     d_q, d_k, _, d_g, d_b, _ = _key_side(
         f.kn, f.qn, f.kn, f.qs, f.b, f.g, f.G, f.r_q, f.r_k, d_t, d_aqk, d_e, d_qg, d_kt, d_last, None, None,

@@ -764,3 +764,61 @@ def test_the_split_and_bf16_states_are_chosen_and_fitted_by_shape() -> None:
     assert fit_bwd(split, dense, 64, 4).segment_chunks == 0
     assert fit_bwd(split, dense, 32, 4) == split
     assert fit_bwd(split, dataclasses.replace(dense, dtype="fp32"), 32, 4).state_dtype == "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# key_side="fused": the pair backward and the key-side tail in one launch on factors re-formed from the token layout.
+
+
+@pytest.mark.parametrize(("shape", "chunk", "lengths", "l2norm", "bcfg"), [
+    # g down to -10 per step: every 16-row block's span passes PAIR_SAFE_SPAN, so the exact diagonal loops run.
+    pytest.param(Shape(2, 40, 1, 32, 16, "fp32"), 32, None, False, BwdConfig(key_side="fused", pair_BK=16),
+                 id="B2-T40-H1-K32-V16-C32-fp32-strong-decay"),
+    # Four row blocks (dg's carry over three of them), K = 48 across two slices of 32 (the second half masked),
+    # the l2 norm (chunk-major outputs, the torch norm backward).
+    pytest.param(Shape(1, 70, 1, 48, 16, "fp32"), 64, None, True, BwdConfig(key_side="fused", pair_BK=32),
+                 id="B1-T70-H1-K48-V16-C64-fp32-strong-decay-l2norm"),
+    # A packed batch of uneven sequences (padding rows, a single short sequence), bf16 with bf16 states.
+    pytest.param(Shape(1, 75, 1, 16, 32, "bf16"), 32, [40, 5, 30], False,
+                 BwdConfig(key_side="fused", pair_BK=16, BV=16, state_dtype="bf16", precision="tf32"),
+                 id="packed-40-5-30-K16-V32-bf16-strong-decay"),
+    # With the recomputed Y, U, Q_γ, K_tail stored in bf16 (recompute_store="input") for the passes.
+    pytest.param(Shape(1, 75, 1, 16, 32, "bf16"), 32, None, False,
+                 BwdConfig(key_side="fused", pair_BK=16, BV=16, state_dtype="bf16", precision="tf32",
+                           recompute_store="input"), id="B1-T75-K16-V32-bf16-strong-decay-bf16-intermediates"),
+])
+def test_the_fused_key_tail_against_float64(shape: Shape, chunk: int, lengths: list[int] | None, l2norm: bool,
+                                            bcfg: BwdConfig) -> None:
+    from gdn2_tune.kernels.chunk_bwd import chunk_gdn2_autograd
+
+    packed = None if lengths is None else dataclasses.replace(shape, num_seqs=len(lengths))
+    inp = make_inputs(packed or shape, DEVICE, 70 + chunk, strong_decay=True)
+    if lengths is not None:
+        inp = dataclasses.replace(inp, cu_seqlens=torch.tensor([0, *lengths]).cumsum(0).to(DEVICE))
+    xs = [x.detach().clone().requires_grad_(True) for x in (*inp.args(), inp.initial_state)]
+    o, s = chunk_gdn2_autograd(*xs[:6], scale=shape.K**-0.5, initial_state=xs[6], output_final_state=True,
+                               cu_seqlens=inp.cu_seqlens, use_qk_l2norm_in_kernel=l2norm,
+                               config=with_chunk(packed or shape, chunk), num_seqs=len(lengths or [0] * shape.B),
+                               bwd_config=bcfg)
+    gen = torch.Generator().manual_seed(chunk)
+    do = torch.randn(o.shape, generator=gen).to(DEVICE, o.dtype)
+    dht = torch.randn(s.shape, generator=gen).to(DEVICE)
+    got = torch.autograd.grad((o, s), xs, (do, dht))
+    ref = reference_grads(*inp.args(), do, dht, initial_state=inp.initial_state, cu_seqlens=inp.cu_seqlens,
+                          use_qk_l2norm_in_kernel=l2norm)
+    tol = BF16_STATES_TOL if shape.dtype == "bf16" else TOL[shape.dtype]
+    errs = {name: rel_err(ours, want) for (name, want), ours in zip(ref.items(), got)}
+    assert all(e < tol for e in errs.values()), errs
+
+
+def test_the_fused_key_tail_is_a_tunable_of_the_triton_value_side_only() -> None:
+    from gdn2_tune.kernels.chunk_bwd import bwd_tiles_that_act
+
+    shape = Shape(2, 256, 4, 64, 64, "bf16")
+    assert bwd_infeasibility(BwdConfig(key_side="fused"), shape, 32, 4) is None
+    assert "value_side" in str(bwd_infeasibility(BwdConfig(key_side="fused", value_side="torch"), shape, 32, 4))
+    assert "key_side" in str(bwd_infeasibility(BwdConfig(key_side="other"), shape, 32, 4))
+    device = None
+    # Its pair backward is the dot one: pair="elementwise" beside it would time the same kernels twice.
+    assert "pair" in str(bwd_tiles_that_act(BwdConfig(key_side="fused", pair="elementwise"), shape, device))
+    assert bwd_tiles_that_act(BwdConfig(key_side="fused"), shape, device) is None
