@@ -58,7 +58,7 @@ from gdn2_tune.kernels.cost import (
 from gdn2_tune.kernels.fwd_spec import FWD
 from gdn2_tune.kernels.inputs import make_inputs
 from gdn2_tune.kernels.reference_grad import reference_grads
-from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DeviceLimits, KernelSpec, register
+from gdn2_tune.kernels.spec import DEFAULT_DEVICE, DeviceLimits, KernelSpec, SearchRule, register
 from gdn2_tune.kernels.varlen import packed_index
 
 BWD_OP = "bwd"
@@ -87,6 +87,20 @@ INTERPRET_SHAPE = Shape(1, 40, 1, 16, 16, "fp32")
 # - fp16: one rounding is 2^-12, but the TF32 dots (unit roundoff 2^-11) dominate: half of bf16's budget.
 GATE_TOLERANCE = {"fp32": 1e-4, "bf16": 8e-3, "fp16": 4e-3}
 OUTPUT_NAMES = ("dq", "dk", "dv", "dg", "db", "dw", "dh0")
+
+
+def recompute_store_as_accurate_as_the_baseline(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> str | None:
+    """The gate's 8e-3 bounds every gradient at once; issue 11's bar is the baseline's error per gradient. The
+    recomputed intermediates stored in bf16 (recompute_store="input") gave dh0 1.60e-3 against float64 on an H200
+    (session 8, 2x2048x4, K = V = 128, g down to −10), above the baseline's 1.5e-3 on such inputs, where the fp32
+    store gives 4.9e-4; the other gradients moved by under 3e-5."""
+    if cfg.recompute_store == "fp32":
+        return None
+    return (f"recompute_store={cfg.recompute_store!r} measured dh0 1.60e-3 against float64, above the baseline's "
+            "1.5e-3")
+
+
+SEARCH_RULES = (SearchRule(recompute_store_as_accurate_as_the_baseline, ("state.recompute_store",)),)
 
 
 def bwd_fit(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> BwdConfig | None:
@@ -386,4 +400,5 @@ BWD = register(KernelSpec(
     # K = V = 256, and the GPU's 140 GB ran out: two of the four bwd studies got no entry. Four keep it under half.
     max_gate_workers=4,
     regime=sequence_split_regime,
+    search_rules=SEARCH_RULES,
 ))

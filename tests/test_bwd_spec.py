@@ -57,29 +57,34 @@ def test_defaults_are_admissible_and_round_trip_through_a_table_entry() -> None:
         cfg = spec.default_config(shape)
         assert table.parse_config(cfg.to_dict(), op=BWD_OP) == cfg
         assert spec.from_flat(cfg.flat()) == cfg
-    # K = V = 256: the "v" tiling does not fit on chip, so the default takes the split tiling (still fused).
+    # bf16: the "kv" tiling (measured faster at both K); fp16 keeps "v" where it fits on chip, and at K = V = 256,
+    # where it does not, falls back to "kv" (still fused).
     wide = spec.default_config(WIDE)
-    assert (wide.value_side, wide.value_tile) == ("triton", "split") and spec.default_config(ANCHOR).value_tile == "v"
+    assert (wide.value_side, wide.value_tile) == ("triton", "kv") and spec.default_config(ANCHOR).value_tile == "kv"
+    assert spec.default_config(dataclasses.replace(ANCHOR, dtype="fp16")).value_tile == "v"
+    assert spec.default_config(dataclasses.replace(WIDE, dtype="fp16")).value_tile == "kv"
 
 
 def test_the_fused_value_side_is_refused_where_it_does_not_fit_on_chip() -> None:
     spec = get_spec(BWD_OP)
-    fused = dataclasses.replace(spec.default_config(ANCHOR), value_side="triton")
+    # The "v" tiling with its idle K tile left at the built-in value (a tile that has no effect is refused).
+    fused = dataclasses.replace(spec.default_config(ANCHOR), value_side="triton", value_tile="v", value_BK=32,
+                                value_BV=64, value_warps=8)
     chunk = forward_chunk(WIDE, SM90)
     assert not value_side_fits(WIDE, chunk)
     assert "fused value side" in (spec.infeasibility(fused, WIDE) or "")
     # It fits an H200 at K = V = 128, not a GPU with less shared memory per block.
     assert value_side_fits(ANCHOR, chunk) and spec.infeasibility(fused, ANCHOR) is None
     assert "fused value side" in (spec.infeasibility(fused, ANCHOR, SMALLER) or "")
-    # A fitted neighbour moves to the split tiling, which fits.
+    # A fitted neighbour moves to the "kv" tiling, which fits.
     tiled = dataclasses.replace(fused, value_BV=128, value_warps=4)
     fitted = spec.fit_to_shape(tiled, WIDE)
-    assert fitted is not None and fitted.value_tile == "split" and spec.infeasibility(fitted, WIDE) is None
+    assert fitted is not None and fitted.value_tile == "kv" and spec.infeasibility(fitted, WIDE) is None
 
 
 def test_points_that_time_the_same_kernels_and_non_tunables_are_refused() -> None:
     spec = get_spec(BWD_OP)
-    cfg = spec.default_config(ANCHOR)
+    cfg = dataclasses.replace(spec.default_config(ANCHOR), value_tile="v", value_BK=32, value_BV=64, value_warps=8)
     idle = dataclasses.replace(cfg, value_side="torch", value_BV=32)
     assert "value_BV has no effect" in (spec.infeasibility(idle, ANCHOR) or "")
     assert "value_BK has no effect" in (spec.infeasibility(dataclasses.replace(cfg, value_BK=64), ANCHOR) or "")

@@ -78,7 +78,7 @@ def test_split_value_side_on_a_packed_batch() -> None:
 
 
 def test_split_value_side_fits_and_runs_at_k_v_256() -> None:
-    """At K = V = 256 (chunk 32) the "v" and "k" tilings do not fit and are fitted to the split tiling; "stack"
+    """At K = V = 256 (chunk 32) the "v" and "k" tilings do not fit and are fitted to the "kv" tiling; "stack"
     (160 KiB of shared memory compiled for sm90, 192 at BK 64, 384 at BK 128) is kept up to BK 64, not at chunk 64;
     "split" is kept as asked; its gradients (BK = BV = 64: four tiles each way) and the stack's (BK 64) match float64
     autograd."""
@@ -86,7 +86,7 @@ def test_split_value_side_fits_and_runs_at_k_v_256() -> None:
     for tile, chunk, BK in (("v", 32, 32), ("k", 32, 32), ("stack", 32, 128), ("stack", 64, 32)):
         # bf16 operands for the reverse pass: at chunk 64 it cannot stage fp32 ones (recompute_dtype).
         fitted = fit_bwd(BwdConfig(value_tile=tile, value_BK=BK), shape, chunk, 2)
-        assert (fitted.value_side, fitted.value_tile) == ("triton", "split"), (tile, chunk, BK)
+        assert (fitted.value_side, fitted.value_tile) == ("triton", "kv"), (tile, chunk, BK)
     for BK in (16, 32, 64):
         fitted = fit_bwd(BwdConfig(value_tile="stack", value_BK=BK), shape, 32, 4)
         assert (fitted.value_side, fitted.value_tile, fitted.value_BK) == ("triton", "stack", BK)
@@ -158,7 +158,8 @@ def test_kv_value_side_reads_bf16_states(tile: str) -> None:
 
 def test_kv_value_side_fits_and_runs_at_k_v_256() -> None:
     """At K = V = 256 (chunk 32) "kv" and "kv16" are kept as asked (their tiles do not grow with K or V, as the
-    split's), not at BK = BV = 128 at chunk 64 (over the split's measured footprint); "kv16" with bf16 states (BK
+    split's), not at BK = BV = 128 at chunk 64 (over the split's measured footprint: fitted to SPLIT_FALLBACK's
+    tiles); "kv16" with bf16 states (BK
     32, BV 64: eight K tiles, four V tiles) matches float64 autograd."""
     shape = Shape(1, 20, 1, 256, 256, "bf16")
     for tile in ("kv", "kv16"):
@@ -166,6 +167,6 @@ def test_kv_value_side_fits_and_runs_at_k_v_256() -> None:
         fitted = fit_bwd(asked, shape, 32, 4)
         assert (fitted.value_side, fitted.value_tile, fitted.value_BK, fitted.value_BV) == ("triton", tile, 32, 64)
         wide = fit_bwd(BwdConfig(value_tile=tile, value_BK=128, value_BV=128), shape, 64, 2)
-        assert (wide.value_side, wide.value_tile) == ("triton", "split"), tile
+        assert (wide.value_side, wide.value_tile, wide.value_BK, wide.value_BV) == ("triton", "kv", 64, 64), tile
     check(shape, BwdConfig(value_tile="kv16", value_BK=32, value_BV=64, state_dtype="bf16", precision="tf32"),
           seed=13, strong_decay=True, tol=3 * TOL["bf16"])

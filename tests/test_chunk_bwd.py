@@ -524,10 +524,10 @@ def test_backward_launchers_reject_buffers_they_would_overrun() -> None:
 @pytest.mark.parametrize(("K", "V", "chunk", "tile"), [
     pytest.param(128, 128, 32, "v", id="K128-V128-C32-v"),
     pytest.param(64, 64, 64, "v", id="K64-V64-C64-v"),
-    pytest.param(256, 256, 32, "split", id="K256-V256-C32-split"),
-    pytest.param(128, 128, 64, "split", id="K128-V128-C64-split"),
+    pytest.param(256, 256, 32, "kv", id="K256-V256-C32-kv"),
+    pytest.param(128, 128, 64, "kv", id="K128-V128-C64-kv"),
 ])
-def test_the_fused_value_side_falls_back_to_the_split_tiling_where_it_does_not_fit(K: int, V: int, chunk: int,
+def test_the_fused_value_side_falls_back_to_the_kv_tiling_where_it_does_not_fit(K: int, V: int, chunk: int,
                                                                                    tile: str) -> None:
     from gdn2_tune.kernels.chunk_bwd import fit_bwd
 
