@@ -578,6 +578,9 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     # A per-GPU child searches studies whose warm starts (the incumbent first) the parent has already enqueued.
     served = {} if options.search_only else query_served(evaluator, options.shapes, notes)
     specs = build_specs(options, existing, tables=tables, served=served, device=limits)
+    # Wall time by phase, for the log: where a run's time goes beyond the search (its fixed costs decide whether
+    # a second GPU shortens a run: benchmarks/halving.py).
+    phases: dict[str, float] = {"setup": time.monotonic() - started}
     progresses = [study_mod.StudyProgress(s.key, s.trials, phase="waiting") for s in specs]
     title = f"gdn2-tune on {device.name} ({options.sampler}, {evaluator.parallel} gate workers)"
     entries: list[table.Entry] = []
@@ -625,7 +628,9 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                 for p in children:
                     if p.returncode:
                         notes.append(f"a per-GPU search process exited with code {p.returncode} (see {log_dir})")
+            phases["search"] = time.monotonic() - started - sum(phases.values())
             if options.search_only:
+                view.log(f"search process of GPU {gpu}: setup {phases['setup']:.1f} s, search {phases['search']:.1f} s")
                 return RunResult(None, (), tuple(notes))
             if multi:
                 # The per-GPU searches are over and their GPUs idle: finalize on all of them at once (each study's
@@ -651,7 +656,9 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                     prog.best_ms = result.entry.timing.p50_ms
                     prog.roof = roof_summary(result.entry, device)
             view.update(force=True)
+            phases["finalize"] = time.monotonic() - started - sum(phases.values())
             roofs = _measure_roofs(evaluator, device, notes)
+            phases["roofs"] = time.monotonic() - started - sum(phases.values())
     finally:
         for ev in finalizers:
             ev.close()
@@ -665,6 +672,8 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                 "wall_s": round(time.monotonic() - started, 1)},
         interpret=options.interpret, roofs=roofs, entries=tuple(entries), trials=tuple(records),
     )
+    notes.append("wall time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+                 + f" (setup: devices, workers, the incumbents timed; {len(specs)} studies)")
     profile = carry_untuned(profile, existing, untuned, notes)
     profile = merge_with_existing(profile, existing, out_path, notes)
     table.save_profile(profile, out_path)
