@@ -70,13 +70,12 @@ from gdn2_tune.kernels.config import (
     MAX_REGISTERS_PER_THREAD,
     SEGMENT_CHUNKS,
     SHARED_MEMORY_LIMIT_BYTES,
-    SPLIT_MAX_STATE_ROWS,
-    SPLIT_MIN_CHUNKS,
     THREADS_PER_WARP,
     FwdConfig,
     Param,
     Shape,
     default_config,
+    sequence_split_regime,
 )
 from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
 from gdn2_tune.kernels.intra import L2NORM_EPS as _L2NORM_EPS
@@ -175,7 +174,7 @@ class BwdConfig:
     # Storage of the recomputed Y, U, Q_γ, K_tail that the two per-sequence passes read: "fp32" where the reverse
     # pass can stage fp32 operands, or "input" (the input dtype, as the forward keeps them): at the anchor, bf16
     # halves ~4 GB of writes and re-reads over the recompute and both passes (A and A_qk stay fp32 either way).
-    # On an H200 (session 8) "input" took forward + backward 12.63 → 11.08 ms at the anchor, but dh0's error rose
+    # On an H200 (session 8) "input" took forward + backward 12.64 → 11.08 ms at the anchor, but dh0's error rose
     # from 4.9e-4 to 1.60e-3 (bf16, g down to −10), above the baseline's 1.5e-3: an explicit option, refused for
     # tuning (kernels/bwd_spec.py SEARCH_RULES).
     recompute_store: str = "fp32"
@@ -282,15 +281,13 @@ def default_bwd_config(shape: Shape) -> BwdConfig:
         cfg = dataclasses.replace(cfg, precision="tf32", recompute_precision="tf32")
     if shape.dtype == "bf16":
         # The value side too: at the anchor "kv" (SPLIT_FALLBACK's tiles) took 2.36 ms against 3.94 for "v" (V tiles of
-        # 64 on 8 warps, ~1 KB of spills per thread), forward + backward 11.00 against 12.74 (H200, session 8, same
-        # run); against float64 (2x2048x4, g down to −10) every gradient within 2e-6 of v's. Measured with bf16 states
+        # 64 on 8 warps, ~1 KB of spills per thread), forward + backward 11.01 against 12.74 (H200, session 8, same
+        # run); against float64 (2x2048x4, g down to −10) every gradient within 4e-6 of v's. Measured with bf16 states
         # only: fp16 and fp32 inputs keep "v" where it fits.
         cfg = dataclasses.replace(cfg, state_dtype="bf16", **SPLIT_FALLBACK)
     # The forward's rule for its own state pass (kernels/config.py): few state rows along long sequences leave
     # most of the GPU idle in a per-sequence pass, and the backward has two of them.
-    rows = (shape.num_seqs or shape.B) * shape.H
-    if shape.num_seqs is None and rows <= SPLIT_MAX_STATE_ROWS and shape.T >= SPLIT_MIN_CHUNKS * default_config(
-            shape).chunk:
+    if sequence_split_regime(shape):
         cfg = dataclasses.replace(cfg, segment_chunks=BWD_SEGMENT_CHUNKS)
     return cfg
 
@@ -433,7 +430,7 @@ def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, torch.dty
 
 # The value side where the "v" tiling does not fit (K = V = 256 asks for over 227 KiB of shared memory): two
 # launches with no tile growing with K or V, the second with K a grid axis ("kv"). On an H200 (2026-11-30, session 8,
-# benchmarks/results/bwd-kv-h200-2026-11-30-s8.jsonl, bf16 states) at 16x2048x8x256x256 the value side took 3.19 ms
+# benchmarks/results/bwd-kv-h200-2026-11-30-s8.jsonl, bf16 states) at 16x2048x8x256x256 the value side took 3.20 ms
 # with these tiles against 11.80 for "split" (BK 32, BV 64, 8 warps: one program per SM at 242 registers) and 5.12
 # at BK 32; forward + backward 17.88 against 26.58 ms, every gradient within 1.2e-3 of split's.
 SPLIT_FALLBACK = {"value_tile": "kv", "value_BK": 64, "value_BV": 64, "value_warps": 4}

@@ -289,3 +289,13 @@ def test_the_default_budget_is_gpu_time(gpus: str | None, expected: tuple[float,
     cli.main(["tune", "--no-progress", *(["--gpus", gpus] if gpus else []), "--run-dir", str(tmp_path / "run"),
               "--output", str(tmp_path / "t.json")])
     assert (seen[0].budget_minutes, seen[0].timeout_s) == pytest.approx(expected)
+
+
+def test_the_bf16_recompute_store_runs_but_no_study_selects_it() -> None:
+    # Measured over the baseline's dh0 error on an H200 (kernels/bwd_spec.py SEARCH_RULES): an explicit option only.
+    spec = get_spec(BWD_OP)
+    cfg = spec.default_config(ANCHOR)
+    store = dataclasses.replace(cfg, recompute_store="input")
+    assert spec.infeasibility(store, ANCHOR) is None
+    assert "dh0" in (spec.search_refusal(store, ANCHOR) or "")
+    assert spec.search_refusal(cfg, ANCHOR) is None
