@@ -43,7 +43,7 @@ from gdn2_tune.kernels.chunk_bwd import (
     forward_chunk,
     recompute_dtype,
 )
-from gdn2_tune.kernels.config import FwdConfig, Shape, padded_dim, sequence_split_regime
+from gdn2_tune.kernels.config import FwdConfig, Shape, padded_dim, sequence_split_regime, state_row_parts
 from gdn2_tune.kernels.cost import (
     G_BYTES,
     GAMMA_BYTES,
@@ -220,6 +220,13 @@ def sizes(shape: Shape, cfg: BwdConfig) -> Sizes:
                  shape.B * shape.T * shape.H, element_size(shape.dtype), recompute_dtype(cfg, shape, C).itemsize)
 
 
+def pass_rows(shape: Shape, cfg: BwdConfig) -> int:
+    """Rows of the two passes' [rows, BV] tiles (BwdConfig.k_parts): K padded to a power of two in one part, to the
+    parts' sum in two (K = 96: 128 against 64 + 32; K = 256: 256 either way). The dots of the passes run over
+    these rows; the segment transitions keep one part."""
+    return sum(state_row_parts(shape.K, cfg.k_parts))
+
+
 def recompute_cost(shape: Shape, cfg: BwdConfig) -> Cost:
     """The forward's intra stage (kernels.cost.intra_cost at the recompute's precision), writing Y, Q_γ, K_tail
     and U in ``ib`` bytes instead of es, A_qk in fp32, and keeping A (fp32 [C, C] per program) for the local step."""
@@ -272,10 +279,12 @@ def segments_cost(shape: Shape, cfg: BwdConfig) -> Cost:
 
 def states_cost(shape: Shape, cfg: BwdConfig) -> Cost:
     """The entering states: the forward's recurrence storing each chunk's S0 (in ``cfg.state_dtype``). Per
-    (chunk, head) and V tile, two dots: Y S0 [C, KP] × [KP, BV] and K_tailᵀ R [KP, C] × [C, BV]; with a sequence
-    split, the transitions and both carries (:func:`segments_cost`: the stage times them) on top."""
+    (chunk, head) and V tile, two dots: Y S0 [C, KP] × [KP, BV] and K_tailᵀ R [KP, C] × [C, BV], KP the passes'
+    rows (:func:`pass_rows`, two parts summed); with a sequence split, the transitions and both carries
+    (:func:`segments_cost`: the stage times them) on top."""
     z = sizes(shape, cfg)
-    C, KP, VP, NH, rows, ib = z.C, z.KP, z.VP, z.NH, z.rows, z.ib
+    C, VP, NH, rows, ib = z.C, z.VP, z.NH, z.rows, z.ib
+    KP = pass_rows(shape, cfg)
     flops = NH * 2 * (2 * C * KP * VP)
     cuda = NH * (2 * KP * VP + C * VP)  # the decay Diag(γ_C) S and the add; R = U − ·
     k_wide = rows * 2 * shape.K * ib  # Y and K_tail
@@ -290,10 +299,12 @@ def states_cost(shape: Shape, cfg: BwdConfig) -> Cost:
 
 def reverse_cost(shape: Shape, cfg: BwdConfig) -> Cost:
     """The reverse pass. Per (chunk, head) and V tile, four dots: A_qkᵀ dO [C, C] × [C, BV], K_tail dS_C
-    [C, KP] × [KP, BV], Q_γᵀ dO and Yᵀ dR [KP, C] × [C, BV]. A sequence split runs it twice: once from dS = 0
-    for each segment's F (nothing stored per chunk), once from the carried gradients."""
+    [C, KP] × [KP, BV], Q_γᵀ dO and Yᵀ dR [KP, C] × [C, BV], KP the passes' rows (:func:`pass_rows`). A sequence
+    split runs it twice: once from dS = 0 for each segment's F (nothing stored per chunk), once from the carried
+    gradients."""
     z = sizes(shape, cfg)
-    C, KP, VP, NH, rows, es, ib = z.C, z.KP, z.VP, z.NH, z.rows, z.es, z.ib
+    C, VP, NH, rows, es, ib = z.C, z.VP, z.NH, z.rows, z.es, z.ib
+    KP = pass_rows(shape, cfg)
     walks = 2 if cfg.segment_chunks else 1
     flops = walks * NH * (2 * C * C * VP + 3 * 2 * C * KP * VP)
     cuda = walks * NH * (2 * KP * VP)  # Diag(γ_C) dS_C and the add

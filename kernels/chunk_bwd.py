@@ -24,6 +24,14 @@ one call:
    segment's entering state, and the reverse pass, whose chunk step is the adjoint (Mᵀ per chunk), carries
    dS ↦ Mᵀ dS + F the other way with the same M (:class:`Segments`). S0 and dS_C are stored in fp32, or in bf16
    for 16-bit inputs (``state_dtype``), the passes carrying fp32 either way.
+
+   ``BwdConfig.k_parts = 2`` holds S and dS in both passes as two row tiles, [KA, BV] and [KB, BV]
+   (kernels/config.state_row_parts), as the forward's state pass can: Y S0 and K_tail dS_C sum over the parts, the
+   decay, K_tailᵀ R, Q_γᵀ dO and Yᵀ dR update each part alone. K = 96 or 192 then pads to the parts' sum, not the
+   next power of two, and at K = 256 the [256, BV] tile stops spilling (sm_90, triton 3.6, fp32 operands, one stage:
+   the entering states / reverse pass spill 1184 / 1328 bytes per thread at BV 64 on 4 warps in one part, 0 / 80 on
+   8 warps in two, 0 / 0 at BV 32 on 8 warps in two; benchmarks/compile_bwd_parts.py). The segment transitions and
+   the carry (kernels/state.py) hold one tile either way.
 3. **Local gradients.** Given S0 and dS_C every chunk is an independent function (q, k, v, g, b, w; S0) → (O, S_C),
    differentiated with upstream (dO, dS_C), chunks in groups of bounded memory (:func:`_local_grads`):
    - the value side, every sum over V (R, dR, dA_qk, dQ_γ, dK_tail, dY, dA, dT, dĒ, and dv, dw written straight
@@ -68,14 +76,17 @@ from gdn2_tune.kernels.bwd_local import VALUE_TILES, KeyFactors, key_factors, lo
 from gdn2_tune.kernels.config import (
     INTRA_PRECISIONS,
     MAX_REGISTERS_PER_THREAD,
+    MIN_DOT_DIM,
     SEGMENT_CHUNKS,
     SHARED_MEMORY_LIMIT_BYTES,
+    STATE_K_PARTS,
     THREADS_PER_WARP,
     FwdConfig,
     Param,
     Shape,
     default_config,
     sequence_split_regime,
+    state_row_parts,
 )
 from gdn2_tune.kernels.intra import G_FLOOR as _G_FLOOR
 from gdn2_tune.kernels.intra import L2NORM_EPS as _L2NORM_EPS
@@ -186,6 +197,11 @@ class BwdConfig:
     # Storage of S0 and dS_C between the passes and the local step: "fp32", or "bf16" for 16-bit inputs (half the
     # bytes of the two largest tensors of the backward, [chunks, H, K, V] each; the passes still carry fp32).
     state_dtype: str = "fp32"
+    # Row parts of the two per-sequence passes' [K, BV] tiles (S in the entering states, dS in the reverse pass), as
+    # the forward's StateConfig.k_parts: 1 holds one [KP, BV] tile, KP = K padded to a power of two; 2 holds two,
+    # [KA, BV] and [KB, BV] (kernels/config.state_row_parts), every K-wide product summed over them. The segment
+    # transitions and the carry (kernels/state.py) keep one tile either way.
+    k_parts: int = 1
 
     def label(self) -> str:
         tile = {"v": f"{self.value_BV}", "k": f"{self.value_BK}", "stack": f"{self.value_BK}"}.get(
@@ -193,6 +209,7 @@ class BwdConfig:
         value = f"-val{self.value_tile}{tile}w{self.value_warps}" if self.value_side == "triton" else "-valtorch"
         pair = f"-pair{'dot' if self.pair == 'dot' else ''}BK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
         seg = f"-seg{self.segment_chunks}" if self.segment_chunks else ""
+        seg += f"-k{self.k_parts}" if self.k_parts > 1 else ""
         store = "" if self.state_dtype == "fp32" else f"-st{self.state_dtype}"
         store += "" if self.recompute_store == "fp32" else f"-rs{self.recompute_store}"
         store += "" if self.key_side == "triton" else f"-key{self.key_side}"
@@ -200,12 +217,20 @@ class BwdConfig:
                 f"-g{self.group_elements}-{self.local_dtype}{pair}{value}-rc{self.recompute_precision}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; one of BWD_LATER_FIELDS at the value older entries ran is left out, so that tables written
+        before it existed round-trip unchanged (from_dict fills it back in)."""
+        out = dataclasses.asdict(self)
+        for name, legacy in BWD_LATER_FIELDS.items():
+            if out[name] == legacy:
+                del out[name]
+        return out
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> BwdConfig:
         if not isinstance(data, dict):
             raise TypeError(f"config: expected a dict, received {type(data).__name__}")
+        # A table written before a field existed ran that field's default, which BWD_LATER_FIELDS names.
+        data = {**{k: v for k, v in BWD_LATER_FIELDS.items() if k not in data}, **data}
         expected = {f.name for f in dataclasses.fields(BwdConfig)}
         if set(data) != expected:
             raise ValueError(f"config: expected keys {sorted(expected)}, received {sorted(data)}")
@@ -217,14 +242,20 @@ class BwdConfig:
 
     @staticmethod
     def from_flat(params: dict[str, Any]) -> BwdConfig:
-        """The built-in config with the space's tunables set from ``params`` (every name of the space, no other)."""
+        """The built-in config with the space's tunables set from ``params`` (every name of the space, no other; a
+        later field's name may be missing from trials recorded before it existed)."""
         names = [p.name for p in BWD_SPACE]
+        params = {**{n: v for n, v in BWD_LATER_FLAT.items() if n not in params}, **params}
         if set(params) != set(names):
             raise ValueError(f"config: expected keys {sorted(names)}, received {sorted(params)}")
         return dataclasses.replace(DEFAULT_BWD_CONFIG, **{_field(name): params[name] for name in names})
 
 
 DEFAULT_BWD_CONFIG = BwdConfig()
+# Fields added after bwd tables were written, at the value those entries ran (see BwdConfig.to_dict), and the same
+# under the space's names for recorded trials.
+BWD_LATER_FIELDS: dict[str, Any] = {"k_parts": 1}
+BWD_LATER_FLAT: dict[str, Any] = {"state.k_parts": 1}
 
 # What the tuner searches (op "bwd", kernels/bwd_spec.py). The recompute's precision comes first: it couples the
 # stages (its A, Y, U, A_qk feed both of the others). Then the two per-sequence passes ("state.": the entering
@@ -253,6 +284,7 @@ BWD_SPACE: tuple[Param, ...] = (
     Param("state.state_dtype", STATE_DTYPES, "storage of S0 and dS_C for the local step (bf16: 16-bit inputs)"),
     # Written by the recompute, read by the two passes (the recompute's precision stays the coupling parameter).
     Param("state.recompute_store", RECOMPUTE_STORES, "storage of the recomputed Y, U, Q_γ, K_tail the passes read"),
+    Param("state.k_parts", STATE_K_PARTS, "the passes' [K, BV] tiles as one padded tile or two row parts"),
 )
 
 
@@ -342,7 +374,11 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"pair={cfg.pair!r} is not one of {list(PAIR_METHODS)}"
     if cfg.pair_BC < 16 or chunk % cfg.pair_BC or cfg.pair_BK < 16 or cfg.pair_BK & (cfg.pair_BK - 1):
         return f"pair_BC={cfg.pair_BC} must divide chunk={chunk} (>= 16); pair_BK={cfg.pair_BK} a power of two >= 16"
-    kp, vp = _padded(shape.K), _padded(shape.V)
+    reason = state_parts_infeasibility(cfg.k_parts, shape.K)
+    if reason is not None:
+        return reason
+    # The passes' [K, BV] tiles: K padded to a power of two in one part, to the parts' sum in two.
+    kp, vp = sum(state_row_parts(shape.K, cfg.k_parts)), _padded(shape.V)
     if cfg.BV < 16 or cfg.BV > vp or cfg.BV & (cfg.BV - 1):
         return f"BV={cfg.BV} must be a power of two in [16, {vp}]"
     # A_qk is recomputed in fp32 whatever the other operands' dtype (the fused value side reads it too).
@@ -352,6 +388,16 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
     live = kp * cfg.BV + 2 * chunk * cfg.BV  # dS, dR and the dO tile
     if live / (cfg.num_warps * THREADS_PER_WARP) > MAX_REGISTERS_PER_THREAD:
         return "reverse pass holds more fp32 values per thread than the register file allows"
+    return None
+
+
+def state_parts_infeasibility(parts: int, K: int) -> str | None:
+    """Why the passes cannot hold their [K, BV] tiles in ``parts`` row parts (None when they can): two parts need a
+    K beyond one MMA tile (MIN_DOT_DIM rows; below it the second part would be all padding)."""
+    if parts not in STATE_K_PARTS:
+        return f"k_parts={parts!r} is not one of {list(STATE_K_PARTS)}"
+    if parts > 1 and K <= MIN_DOT_DIM:
+        return f"k_parts={parts} needs K > {MIN_DOT_DIM} (one MMA tile per part), received K={K}; use k_parts=1"
     return None
 
 
@@ -440,10 +486,13 @@ def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
             shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> BwdConfig:
     """The nearest admissible backward config: where the fused value side does not fit, its split tiling
     (SPLIT_FALLBACK), else the torch value side; no sequence split where it cannot run (a packed batch, one
-    segment), fp32 states for fp32 inputs; BV clipped to V, then fewer stages, then a narrower V tile."""
+    segment), one row part where two cannot run (K <= MIN_DOT_DIM), fp32 states for fp32 inputs; BV clipped to V,
+    then fewer stages, then a narrower V tile."""
     cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)))
     if cfg.segment_chunks and segment_infeasibility(cfg.segment_chunks, shape, chunk) is not None:
         cfg = dataclasses.replace(cfg, segment_chunks=0)
+    if cfg.k_parts > 1 and state_parts_infeasibility(cfg.k_parts, shape.K) is not None:
+        cfg = dataclasses.replace(cfg, k_parts=1)
     if shape.dtype == "fp32":
         cfg = dataclasses.replace(cfg, state_dtype="fp32")
     if cfg.value_side == "triton" and not value_side_fits(shape, chunk, shared_memory, cfg.value_tile,
@@ -543,7 +592,7 @@ def _state_bwd_kernel(
     dht, dhc, dh0,
     cu_seqlens, chunk_offsets,
     T, NT, NC, SEG, NP, NH,
-    H, K, V, KP: tl.constexpr,
+    H, K, V, KP: tl.constexpr, KB: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
     USE_SEGMENTS: tl.constexpr, STORE_CHUNKS: tl.constexpr, PRECISION: tl.constexpr,
@@ -577,7 +626,7 @@ def _state_bwd_kernel(
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    p_s = ((i_n * H + i_h).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    s0 = (i_n * H + i_h).to(tl.int64) * K * V  # this (sequence, head)'s [K, V] in dht / dh0
     m_s = m_k[:, None] & m_v[None, :]
     p_h = o_k[:, None] * V + o_v[None, :]
 
@@ -587,11 +636,22 @@ def _state_bwd_kernel(
         i_p = tl.program_id(2)
         t_hi = tl.minimum((i_p + 1) * SEG, n_chunks)
         n_walk = t_hi - i_p * SEG
-        p_s += (NP - 1 - i_p).to(tl.int64) * NH * K * V
+        s0 += (NP - 1 - i_p).to(tl.int64) * NH * K * V
 
     b_ds = tl.zeros([KP, BV], tl.float32)
     if USE_FINAL_GRAD:
-        b_ds += tl.load(dht + p_s, mask=m_s, other=0.0)
+        b_ds += tl.load(dht + s0 + p_h, mask=m_s, other=0.0)
+    if KB > 0:
+        # dS's second row part (BwdConfig.k_parts = 2): rows KP .. KP + KB of dS as a tile of its own. Every
+        # K-wide product sums over the parts (K_tail dS = K_tail,A dS_A + K_tail,B dS_B); the decay and the
+        # Q_γᵀ dO − Yᵀ dR update act on each part alone.
+        o_k2 = KP + tl.arange(0, KB)
+        m_k2 = o_k2 < K
+        m_s2 = m_k2[:, None] & m_v[None, :]
+        p_h2 = o_k2[:, None] * V + o_v[None, :]
+        b_ds2 = tl.zeros([KB, BV], tl.float32)
+        if USE_FINAL_GRAD:
+            b_ds2 += tl.load(dht + s0 + p_h2, mask=m_s2, other=0.0)
     for i_r in range(n_walk):
         i_t = t_hi - 1 - i_r
         t_c = i_t * C + o_c
@@ -601,6 +661,8 @@ def _state_bwd_kernel(
         if STORE_CHUNKS:
             # The gradient reaching this chunk's final state, for the local-gradient step.
             tl.store(dhc + ((c0 + i_t) * H + i_h) * K * V + p_h, b_ds.to(dhc.dtype.element_ty), mask=m_s)
+            if KB > 0:
+                tl.store(dhc + ((c0 + i_t) * H + i_h) * K * V + p_h2, b_ds2.to(dhc.dtype.element_ty), mask=m_s2)
         b_do = tl.load(do + t_c[:, None] * HV + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
         b_do = b_do.to(tl.float32)
         b_a = tl.load(aqk + t_c[:, None] * (H * C) + o_c[None, :], mask=m_c[:, None], other=0.0).to(tl.float32)
@@ -610,10 +672,24 @@ def _state_bwd_kernel(
         b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
         b_dr = tl.dot(tl.trans(b_a), b_do, input_precision=PRECISION)
         b_dr += tl.dot(b_kt, b_ds, input_precision=PRECISION)
+        if KB > 0:
+            m_ck2 = m_c[:, None] & m_k2[None, :]
+            p_k2 = t_c[:, None] * HK + o_k2[None, :]
+            b_kt2 = tl.load(kt + p_k2, mask=m_ck2, other=0.0).to(tl.float32)
+            b_dr += tl.dot(b_kt2, b_ds2, input_precision=PRECISION)
         b_ds = b_ds * b_gc[:, None] + tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
         b_ds -= tl.dot(tl.trans(b_y), b_dr, input_precision=PRECISION)
+        if KB > 0:
+            # After dR is whole: it takes both parts of the dS leaving the chunk.
+            b_q2 = tl.load(qg + p_k2, mask=m_ck2, other=0.0).to(tl.float32)
+            b_y2 = tl.load(y + p_k2, mask=m_ck2, other=0.0).to(tl.float32)
+            b_gc2 = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k2, mask=m_k2, other=0.0)
+            b_ds2 = b_ds2 * b_gc2[:, None] + tl.dot(tl.trans(b_q2), b_do, input_precision=PRECISION)
+            b_ds2 -= tl.dot(tl.trans(b_y2), b_dr, input_precision=PRECISION)
     if STORE_INITIAL_GRAD:
-        tl.store(dh0 + p_s, b_ds, mask=m_s)
+        tl.store(dh0 + s0 + p_h, b_ds, mask=m_s)
+        if KB > 0:
+            tl.store(dh0 + s0 + p_h2, b_ds2, mask=m_s2)
 
 
 @dataclass(frozen=True)
@@ -1156,11 +1232,15 @@ def _state_launch(inter: dict[str, torch.Tensor], V: int, chunk: int, cfg: BwdCo
     grid: tuple[int, ...] = (triton.cdiv(V, cfg.BV), num_seqs * H)
     if segments is not None:
         grid = (*grid, segments.count)
+    reason = state_parts_infeasibility(cfg.k_parts, K)
+    if reason is not None:
+        raise ValueError(f"{reason} (BwdConfig.k_parts)")
+    kp, kb = state_row_parts(K, cfg.k_parts)
     common = {
         "T": T, "NT": triton.cdiv(T, chunk), "NC": inter["gamma"].shape[0],
         "SEG": 1 if segments is None else segments.chunks, "NP": 1 if segments is None else segments.count,
         "NH": num_seqs * H, "H": H, "K": K, "V": V,
-        "KP": _padded(K), "C": chunk, "BV": cfg.BV, "IS_VARLEN": cu_seqlens is not None,
+        "KP": kp, "KB": kb, "C": chunk, "BV": cfg.BV, "IS_VARLEN": cu_seqlens is not None,
         "USE_SEGMENTS": segments is not None,
         "PRECISION": cfg.precision, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
     }
@@ -1504,7 +1584,7 @@ def _entering_states_kernel(
     y, u, kt, gam, h0, hc,
     cu_seqlens, chunk_offsets,
     T, NT, NC, SEG, NP, NH,
-    H, K, V, KP: tl.constexpr,
+    H, K, V, KP: tl.constexpr, KB: tl.constexpr,
     C: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, USE_SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -1536,13 +1616,24 @@ def _entering_states_kernel(
     b_s = tl.zeros([KP, BV], tl.float32)
     t_lo = 0
     t_hi = n_chunks
+    s0 = (i_n * H + i_h).to(tl.int64) * K * V  # this (sequence, head)'s [K, V] in h0
     if USE_SEGMENTS:
         i_p = tl.program_id(2)
         t_lo = i_p * SEG
         t_hi = tl.minimum(t_lo + SEG, n_chunks)
-        b_s += tl.load(h0 + (i_p.to(tl.int64) * NH + i_nh) * K * V + p_h, mask=m_s, other=0.0)
-    elif USE_INITIAL_STATE:
-        b_s += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + p_h, mask=m_s, other=0.0)
+        s0 = (i_p.to(tl.int64) * NH + i_nh) * K * V
+    if USE_SEGMENTS or USE_INITIAL_STATE:
+        b_s += tl.load(h0 + s0 + p_h, mask=m_s, other=0.0)
+    if KB > 0:
+        # S's second row part (BwdConfig.k_parts = 2), rows KP .. KP + KB, as kernels/state.py holds it: Y S0 sums
+        # over the parts, the decay and K_tailᵀ R update each part alone.
+        o_k2 = KP + tl.arange(0, KB)
+        m_k2 = o_k2 < K
+        m_s2 = m_k2[:, None] & m_v[None, :]
+        p_h2 = o_k2[:, None] * V + o_v[None, :]
+        b_s2 = tl.zeros([KB, BV], tl.float32)
+        if USE_SEGMENTS or USE_INITIAL_STATE:
+            b_s2 += tl.load(h0 + s0 + p_h2, mask=m_s2, other=0.0)
     for i_t in range(t_lo, t_hi):
         t_c = i_t * C + o_c
         m_c = t_c < T_seq
@@ -1554,6 +1645,15 @@ def _entering_states_kernel(
         b_u = tl.load(u + t_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
         b_gc = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)
         b_r = b_u.to(tl.float32) - tl.dot(b_y, b_s, input_precision=PRECISION)
+        if KB > 0:
+            tl.store(hc + ((c0 + i_t) * H + i_h) * K * V + p_h2, b_s2.to(hc.dtype.element_ty), mask=m_s2)
+            m_ck2 = m_c[:, None] & m_k2[None, :]
+            p_k2 = t_c[:, None] * (H * K) + o_k2[None, :]
+            b_y2 = tl.load(y + p_k2, mask=m_ck2, other=0.0).to(tl.float32)
+            b_r -= tl.dot(b_y2, b_s2, input_precision=PRECISION)
+            b_kt2 = tl.load(kt + p_k2, mask=m_ck2, other=0.0).to(tl.float32)
+            b_gc2 = tl.load(gam + ((c0 + i_t) * H + i_h) * K + o_k2, mask=m_k2, other=0.0)
+            b_s2 = b_s2 * b_gc2[:, None] + tl.dot(tl.trans(b_kt2), b_r, input_precision=PRECISION)
         b_s = b_s * b_gc[:, None] + tl.dot(tl.trans(b_kt), b_r, input_precision=PRECISION)
 
 

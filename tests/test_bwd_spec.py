@@ -43,7 +43,7 @@ def test_bwd_is_registered_after_the_forward_with_the_real_tunables() -> None:
     assert {p.name.rsplit(".", 1)[-1] for p in spec.space} == {
         "recompute_precision", "BV", "num_warps", "num_stages", "precision", "pair_BK", "pair_warps",
         "pair_precision", "pair", "value_side", "value_tile", "value_BV", "value_BK", "value_warps",
-        "segment_chunks", "state_dtype", "key_side", "recompute_store",
+        "segment_chunks", "state_dtype", "key_side", "recompute_store", "k_parts",
     }
     assert spec.suite == (ANCHOR, Shape(1, 32768, 16, 128, 128, "bf16"), Shape(32, 1024, 16, 128, 128, "bf16"), WIDE)
 

@@ -822,3 +822,82 @@ def test_the_fused_key_tail_is_a_tunable_of_the_triton_value_side_only() -> None
     # Its pair backward is the dot one: pair="elementwise" beside it would time the same kernels twice.
     assert "pair" in str(bwd_tiles_that_act(BwdConfig(key_side="fused", pair="elementwise"), shape, device))
     assert bwd_tiles_that_act(BwdConfig(key_side="fused"), shape, device) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The passes' [K, BV] tiles in two row parts (BwdConfig.k_parts = 2).
+
+
+@pytest.mark.parametrize(("decay", "segments"), [("normal", 0), ("strong", 0), ("strong", 2), ("normal", 3)])
+def test_both_passes_in_two_row_parts_against_float64(decay: str, segments: int) -> None:
+    """entering_states and state_bwd with S and dS as two row parts, against both recurrences in float64 on random
+    per-chunk operands (as the split's test above): K = 40 is held as 32 + 16 rows, so the second part is partly
+    padding and the first ends inside K; V = 32 in two V tiles of 16; five chunks of 32, the last partial; with
+    and without the sequence split (segments of 2 and 3 chunks, the last ragged). Strong decay: γ_C = exp(-10·C·r).
+    bf16 storage stores the fp32 run's values rounded once."""
+    from gdn2_tune.kernels.chunk_bwd import entering_states, state_bwd
+
+    B, T, H, K, V, C = 2, 150, 1, 40, 32, 32
+    NT = -(-T // C)
+    gen = torch.Generator().manual_seed(90 + segments + len(decay))
+
+    def rand(*shape: int, s: float = 0.3) -> torch.Tensor:
+        return (s * torch.randn(*shape, generator=gen)).to(DEVICE)
+
+    x = {"y": rand(B, T, H, K, s=0.2), "u": rand(B, T, H, V, s=1.0), "kt": rand(B, T, H, K, s=0.2),
+         "qg": rand(B, T, H, K), "aqk": rand(B, T, H, C, s=0.1)}
+    rate = {"normal": 0.02, "strong": 10.0}[decay]
+    x["gamma"] = torch.exp(-rate * C * torch.rand(B * NT, H, K, generator=gen)).to(DEVICE)
+    do, h0, dht = rand(B, T, H, V, s=1.0), rand(B, H, K, V, s=1.0), rand(B, H, K, V, s=1.0)
+    want = _passes_reference(x, do, h0, dht, C)
+    common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
+    cfg = BwdConfig(BV=16, segment_chunks=segments, k_parts=2)
+    hc = entering_states(x, initial_state=h0, cfg=cfg, **common)
+    dhc, dh0 = state_bwd(x, do, dht, initial_grad=True, cfg=cfg, **common)
+    for name, got, ref in zip(("S0", "dS_C", "dh0"), (hc, dhc, dh0), want):
+        assert rel_err(got, ref) < TOL["fp32"], (cfg.label(), name, rel_err(got, ref))
+    if segments:
+        return
+    cfg16 = dataclasses.replace(cfg, state_dtype="bf16")
+    hc16 = entering_states(x, initial_state=h0, cfg=cfg16, **common)
+    dhc16, dh0_16 = state_bwd(x, do, dht, initial_grad=True, cfg=cfg16, **common)
+    assert hc16.dtype == dhc16.dtype == torch.bfloat16 and dh0_16 is not None
+    for got, full in ((hc16, hc), (dhc16, dhc)):
+        assert ((got.float() - full).abs() <= 2**-7 * full.abs()).all()  # one bf16 conversion (see above)
+    assert torch.equal(dh0_16, dh0)
+
+
+@pytest.mark.parametrize(("shape", "lengths", "bcfg"), [
+    # K = 48 as 32 + 16 rows (no padding), V = 40 in V tiles of 16 (the last partial); three segments of 2 chunks
+    # over five, under g down to -10 per step, fp32 states.
+    pytest.param(Shape(1, 150, 1, 48, 40, "fp32"), None, BwdConfig(BV=16, segment_chunks=2, k_parts=2),
+                 id="dense-fp32-split-K48"),
+    # A packed batch of uneven sequences (one of 5 tokens), K = 40 as 32 + 16 rows (8 of padding), bf16 states.
+    pytest.param(Shape(1, 75, 1, 40, 32, "bf16"), [40, 5, 30],
+                 BwdConfig(BV=16, state_dtype="bf16", precision="tf32", k_parts=2), id="packed-bf16-K40"),
+])
+def test_two_row_parts_end_to_end(shape: Shape, lengths: list[int] | None, bcfg: BwdConfig) -> None:
+    ours, ref = _grads_with(shape, bcfg, seed=64, decay="strong", lengths=lengths)
+    errs = {name: rel_err(ours[name], ref[name]) for name in ref}
+    tol = BF16_STATES_TOL if bcfg.state_dtype == "bf16" else TOL[shape.dtype]
+    assert all(e < tol for e in errs.values()), errs
+
+
+def test_two_row_parts_are_refused_where_they_cannot_apply_and_read_back_from_older_tables() -> None:
+    from gdn2_tune.kernels.chunk_bwd import BWD_SPACE, DEFAULT_BWD_CONFIG
+
+    two = BwdConfig(k_parts=2)
+    small, wide = Shape(2, 256, 4, 16, 64, "bf16"), Shape(2, 256, 4, 256, 256, "bf16")
+    assert "K > 16" in str(bwd_infeasibility(two, small, 32, 4))
+    assert fit_bwd(two, small, 32, 4).k_parts == 1
+    assert bwd_infeasibility(two, Shape(2, 256, 4, 24, 64, "bf16"), 32, 4) is None
+    assert "k_parts" in str(bwd_infeasibility(BwdConfig(k_parts=3), wide, 32, 4))
+    assert fit_bwd(two, wide, 32, 2).k_parts == 2 and "-k2" in two.label() and "-k" not in BwdConfig().label()
+    # Entries and trials written before the field existed ran one part: they read back so, and a one-part
+    # config writes what they hold.
+    old = DEFAULT_BWD_CONFIG.to_dict()
+    assert "k_parts" not in old and BwdConfig.from_dict(old) == DEFAULT_BWD_CONFIG
+    assert BwdConfig.from_dict(two.to_dict()) == two
+    flat = {k: v for k, v in DEFAULT_BWD_CONFIG.flat().items() if k != "state.k_parts"}
+    assert BwdConfig.from_flat(flat) == DEFAULT_BWD_CONFIG
+    assert BwdConfig.from_flat(two.flat()) == two and any(p.name == "state.k_parts" for p in BWD_SPACE)

@@ -1,0 +1,77 @@
+"""Registers and spills of the backward's two per-sequence passes, one or two row parts (no GPU needed).
+
+    /tmp/v36/bin/python benchmarks/compile_bwd_parts.py [--K 256] [--V 256] [--chunk 32]
+
+Records the specializations of ``_entering_states_kernel`` and ``_state_bwd_kernel`` that kernels/chunk_bwd.py's
+launchers ask for at K x V (bf16 inputs as the built-in backward runs them: recomputed operands in fp32 where the
+pass can stage them, bf16 S0 / dS_C, TF32 dots), for BwdConfig.k_parts 1 and 2, V tiles of 32 / 64 / 128 and 4 / 8
+warps, then compiles each for sm90 as benchmarks/compile_cost.py does and prints registers and stack bytes (spills)
+from the cubin. One JSON line per kernel. Needs Triton >= 3.4 with its NVIDIA backend, TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import torch
+import triton
+from compile_cost import StandInDriver, compile_one, record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--K", type=int, default=256)
+    parser.add_argument("--V", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--stages", type=int, default=3,
+                        help="num_stages asked for (the default's 3); fit_bwd lowers it to what fits, as a run does")
+    parser.add_argument("--no-fit", action="store_true",
+                        help="compile the asked tiles and stages as they are (the shared memory may not fit)")
+    args = parser.parse_args()
+    triton.runtime.driver.set_active(StandInDriver())
+    from gdn2_tune.kernels.chunk_bwd import default_bwd_config, entering_states, fit_bwd, recompute_dtype, state_bwd
+    from gdn2_tune.kernels.config import Shape
+
+    # Small B, T, H (only the constexprs, dtypes and 16-divisibility of the ints decide the compile); none is 1,
+    # which Triton would specialise.
+    B, T, H, K, V, C = 2, 4 * args.chunk, 2, args.K, args.V, args.chunk
+    shape = Shape(16, 2048, 8, K, V, "bf16")
+    base = dataclasses.replace(default_bwd_config(shape), num_stages=args.stages)
+    dt = recompute_dtype(base, shape, C)
+    nc = B * triton.cdiv(T, C)
+    inter = {"y": torch.zeros(B, T, H, K, dtype=dt), "u": torch.zeros(B, T, H, V, dtype=dt),
+             "kt": torch.zeros(B, T, H, K, dtype=dt), "qg": torch.zeros(B, T, H, K, dtype=dt),
+             "aqk": torch.zeros(B, T, H, C), "gamma": torch.zeros(nc, H, K)}
+    do = torch.zeros(B, T, H, V, dtype=torch.bfloat16)
+    h0, dht = torch.zeros(B, H, K, V), torch.zeros(B, H, K, V)
+    common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
+    for parts in (1, 2):
+        for bv in (32, 64, 128):
+            for warps in (4, 8):
+                cfg = dataclasses.replace(base, k_parts=parts, BV=bv, num_warps=warps)
+                if not args.no_fit:
+                    cfg = fit_bwd(cfg, shape, C, dt.itemsize)  # fewer stages or a narrower tile, as a run fits
+
+                def step(cfg=cfg) -> None:
+                    entering_states(inter, initial_state=h0, cfg=cfg, **common)
+                    state_bwd(inter, do, dht, initial_grad=True, cfg=cfg, **common)
+
+                for fn, spec in record(step):
+                    row = compile_one(fn, spec)
+                    print(json.dumps({"K": K, "V": V, "C": C, "k_parts": parts, "BV": cfg.BV, "operands": str(dt),
+                                      "state_dtype": cfg.state_dtype, "precision": cfg.precision,
+                                      **{k: row[k] for k in ("kernel", "num_warps", "num_stages", "regs",
+                                                             "stack_bytes", "shared_bytes", "wall_s")}}),
+                          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
