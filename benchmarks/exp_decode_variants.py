@@ -185,9 +185,10 @@ VARIANTS: dict[str, Callable[[DecodeConfig, int], DecodeConfig]] = {
     "persist-items3": persistent_at(item_stages=3),
     # Issue 13, session 9: the V tile of 64 at the same warps (exp_decode_walk.py's memory-only probes at K=128,
     # B=128: [K, 64] tiles 69.6 µs serving against 75.5-76.1 for [K, 32], at 2, 4 or 8 warps alike).
-    "bv64": lambda c, K: dataclasses.replace(c, BV=64) if c.BV < 64 else c,
-    "bv64-w2": lambda c, K: dataclasses.replace(c, BV=64, num_warps=2) if c.BV < 64 else c,
-    "bv64-w8": lambda c, K: dataclasses.replace(c, BV=64, num_warps=8) if c.BV < 64 else c,
+    # At K=256 a [256, 64] tile needs 8 warps (bv64-w4 is then the w8 tile); the first try (session 9, 15:32) kept the
+    # default's warps, 2 at B=8, which no [K, 64] tile fits.
+    "bv64-w4": lambda c, K: dataclasses.replace(c, BV=64, num_warps=4 if K <= 128 else 8),
+    "bv64-w8": lambda c, K: dataclasses.replace(c, BV=64, num_warps=8),
 }
 # Timed unless --variants says otherwise: static-cap and static-pipe-cap changed nothing at T = 1 in the 2026-11-30
 # run (benchmarks/results/decode-variants-h200-2026-11-30.json), and static-pipe was then the static program itself.
