@@ -687,6 +687,20 @@ def _key_factors_kernel(
     tl.store(k_tail + p_ck, tl.exp(tl.minimum(b_last[None, :] - b_G, 0.0)) * b_k, mask=m_k[None, :])
 
 
+# The key factors' program holds several fp32 [C, K] tiles at once (q, k, g, b, G, b⊙k, ...). Read off the sm_90
+# compile (triton 3.6): at C = 32 on 4 warps, K = 128 (32 elements of a tile per thread) takes 255 registers and no
+# spills; K = 256 (64 per thread) spills 656 bytes per thread, and 8 warps hold it without spills (16: 128
+# registers). So the warps grow with the tile, to at most this many elements of one tile per thread.
+FACTOR_TILE_PER_THREAD = 32
+
+
+def factor_warps(C: int, K: int) -> int:
+    """Warps of the key factors' program at chunk length C and head dim K: 4 up to [32, 128], then doubling with
+    the tile, at most 16."""
+    per_warp = FACTOR_TILE_PER_THREAD * 32
+    return min(16, max(4, triton.next_power_of_2(C * padded_dim(K) // per_warp)))
+
+
 @dataclass(frozen=True)
 class KeyFactors:
     """The chunk-major fp32 [n, H, C, K] factors of one group of chunks (see the module docstring); ``qn``,
@@ -708,14 +722,16 @@ class KeyFactors:
 
 def key_factors(
     q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, *,
-    scale: float, l2norm: bool, g_floor: float, eps: float, num_warps: int = 4, all_factors: bool = True,
+    scale: float, l2norm: bool, g_floor: float, eps: float, num_warps: int = 0, all_factors: bool = True,
 ) -> KeyFactors:
     """:class:`KeyFactors` of the chunks whose token rows are ``rows`` (int64 [n, C], −1 for padding: such rows
     read as zeros, as the chunk layout's padding rows do) from contiguous [B, T, H, K] q, k, g, b.
     ``all_factors=False`` writes only G, Ē, K_tail (and q̂, k̂, the norms under the l2 norm): 3 of the 8 fp32 tiles,
-    for the fused key tail (kernels/chunk_bwd.py), which re-forms the others from the token layout."""
+    for the fused key tail (kernels/chunk_bwd.py), which re-forms the others from the token layout. ``num_warps``
+    0 takes :func:`factor_warps`."""
     n, C = rows.shape
     H, K = k.shape[-2:]
+    num_warps = num_warps or factor_warps(C, K)
     for name, x in (("q", q), ("k", k), ("g", g), ("b", b)):
         if x.shape != k.shape or not x.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous {tuple(k.shape)} tensor, received {tuple(x.shape)}")
