@@ -559,10 +559,66 @@ def test_late_studies_keep_half_a_share_when_early_ones_overrun() -> None:
     assert overrun == pytest.approx(0.5 * search / 8, rel=1e-3)
     capped = study_timeout(TuneOptions(budget_minutes=10.0, timeout_s=20.0), time.monotonic(), 8, 8)
     assert capped == 20.0
-    # A per-GPU child of a two-GPU run: the parent finalizes two studies at a time, so half the reserve.
+    # A per-GPU child of a two-GPU run: the parent finalizes two studies at a time, so half the reserve; and two
+    # studies are searched at once, so each of the 8 gets a quarter of the wall time.
     child = TuneOptions(budget_minutes=10.0, timeout_s=None, gpus=(1,), search_only=True, finalizers=2)
     search2 = 600 - 4 * FINALIZE_RESERVE_S - ROOFS_RESERVE_S
-    assert study_timeout(child, time.monotonic(), 8, 8) == pytest.approx(search2 / 8, rel=1e-3)
+    assert study_timeout(child, time.monotonic(), 8, 8) == pytest.approx(search2 / 4, rel=1e-3)
+    # The other GPU's running study holds a quarter until its deadline: the 7 left share the rest of both GPUs.
+    second = study_timeout(child, time.monotonic(), 7, 8, committed_s=search2 / 4)
+    assert second == pytest.approx((2 * search2 - search2 / 4) / 7, rel=1e-3)
+    # The last study never runs past the budget's end, however many GPUs are free.
+    assert study_timeout(child, time.monotonic() - search2 / 2, 1, 8) == pytest.approx(search2 / 2, rel=1e-3)
+
+
+def test_gpus_take_unstarted_studies_first_then_join_the_least_helped_open_one() -> None:
+    from gdn2_tune.tuner.run import Claim, pick_study
+
+    order = ["a", "b", "c"]
+    assert pick_study(order, {}, now=0.0) == ("a", False)
+    assert pick_study(order, {"a": Claim(1)}, now=0.0) == ("b", False)  # a second GPU: another study, not "a"
+    assert pick_study(order, {"a": Claim(1), "b": Claim(1)}, now=0.0) == ("c", False)
+    assert pick_study(order, {}, now=0.0, skip=frozenset({"a"})) == ("b", False)
+    # Every study started: join an open one, the one with the fewest searchers, the earliest on ties.
+    claims = {"a": Claim(2), "b": Claim(1), "c": Claim(1)}
+    assert pick_study(order, claims, now=0.0) == ("b", True)
+    assert pick_study(order, claims, now=0.0, skip=frozenset({"b"})) == ("c", True)
+    # Done studies, and studies whose deadline has passed, are not joined; nothing left: None.
+    claims = {"a": Claim(0, done=True), "b": Claim(1, deadline=10.0), "c": Claim(1, deadline=30.0)}
+    assert pick_study(order, claims, now=20.0) == ("c", True)
+    assert pick_study(order, claims, now=40.0) is None
+    assert pick_study(order, {k: Claim(0, done=True) for k in order}, now=0.0) is None
+
+
+def test_two_gpus_search_different_studies_through_the_queue_each_with_its_share(tmp_path: Path) -> None:
+    import time
+
+    from gdn2_tune.tuner.run import FINALIZE_RESERVE_S, ROOFS_RESERVE_S, StudyQueue, TuneOptions
+
+    child = TuneOptions(budget_minutes=10.0, timeout_s=None, gpus=(0,), search_only=True, finalizers=2)
+    search = 600 - 2 * FINALIZE_RESERVE_S - ROOFS_RESERVE_S  # 4 studies finalized two at a time
+    queue = StudyQueue(tmp_path / "studies.json")
+    assert not queue.wait(0.2)  # the parent has not written it yet
+    queue.create(["a", "b", "c", "d"])
+    assert queue.wait(0.2)
+    started = time.monotonic()
+    first, second = queue.take(child, started), queue.take(child, started)  # GPU 0, then GPU 1
+    assert first is not None and second is not None
+    assert (first.key, first.joined, second.key, second.joined) == ("a", False, "b", False)
+    assert first.timeout_s == pytest.approx(search / 2, rel=1e-2)  # 4 studies over 2 GPUs: half of each GPU's time
+    assert second.timeout_s == pytest.approx(search / 2, rel=1e-2)  # "a" holds the rest of GPU 0's half
+    queue.leave("a", done=True)
+    third = queue.take(child, started, frozenset({"a"}))
+    assert third is not None and third.key == "c"
+    fourth = queue.take(child, started, frozenset({"b"}))
+    assert fourth is not None and fourth.key == "d"
+    queue.leave("c", done=True)
+    # Nothing unstarted: GPU 0 joins the open study with the fewest searchers, up to its deadline.
+    joined = queue.take(child, started, frozenset({"a", "c"}))
+    assert joined is not None and joined.joined and joined.key == "b"
+    assert joined.timeout_s is not None and joined.timeout_s <= second.timeout_s
+    _, claims = queue.read()
+    assert claims["b"].searchers == 2 and claims["a"].done and not claims["d"].done
 
 
 def test_each_study_is_warm_started_with_every_table_entry_fitted_to_its_shape() -> None:
@@ -890,6 +946,10 @@ def test_a_multi_gpu_run_logs_each_trial_and_finalizes_on_every_gpu(
         assert sum(1 for line in lines if line.startswith(f"{e.key} #")) == e.trials, lines
     logs = {p.name for p in (tmp_path / "run" / "logs").glob("worker-*-time.log")}
     assert any(name.startswith("worker-cpu1-") for name in logs), logs  # the second finalizer timed a study
+    # Each study was taken from the run's queue by exactly one search process (another may only join it later).
+    taken = [line.split(":")[0] for p in sorted((tmp_path / "run" / "logs").glob("search-gpu*.log"))
+             for line in p.read_text().splitlines() if ": search taken by this process done in" in line]
+    assert sorted(taken) == sorted(e.key for e in result.entries), taken
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1100,8 +1160,21 @@ def test_an_op_caps_its_gate_workers_per_gpu(monkeypatch: pytest.MonkeyPatch) ->
     from gdn2_tune.kernels.bwd_spec import BWD_OP
     from gdn2_tune.tuner.run import TuneOptions
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
     assert TuneOptions(op=BWD_OP).gate_workers() == get_spec(BWD_OP).max_gate_workers == 4
     assert TuneOptions(op="fwd").gate_workers() == 30
     assert TuneOptions(op="fwd", gpus=(0, 1)).gate_workers() == 15
     assert TuneOptions(op=BWD_OP, parallel=9).gate_workers() == 9  # --parallel is the user's explicit choice
+
+
+def test_gate_workers_count_the_cores_the_run_may_use_not_the_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run pinned to 16 of a host's 32 cores (taskset; a one-H200 machine's CPU in benchmarks/halving.py) starts
+    one gate worker per spare core it may run on: 30 would share 16 cores."""
+    from gdn2_tune.tuner.run import TuneOptions, available_cores
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert available_cores() == 16
+    assert TuneOptions(op="fwd", gpus=(0,)).gate_workers() == 14
+    monkeypatch.delattr(os, "sched_getaffinity")  # not Linux: the host's count
+    assert TuneOptions(op="fwd", gpus=(0,)).gate_workers() == 30

@@ -105,8 +105,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluated trials per study, summed over resumed runs and processes (default 30; "
                         "infeasible points are free and not counted)")
     p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="search time per study (default: 90 s on one GPU, 90/N with N GPUs, none with "
-                        "--interpret); also capped by the study's share of --budget-minutes")
+                   help="search time per study (default: 90 s, none with --interpret); also capped by the "
+                        "study's share of --budget-minutes")
     p.add_argument("--budget-minutes", type=_positive_float, default=None,
                    help="wall time for the whole run, final re-times included (default 8 on one GPU, 8/N with N "
                         "GPUs, none with --interpret); split across the studies still to run")
@@ -117,7 +117,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the journal, worker logs and interpreter tables go (default runs/default, "
                         "runs/interpret with --interpret); rerunning with the same run dir resumes")
     p.add_argument("--gpus", type=_gpus, default=None,
-                   help="GPU indices, e.g. 0,1: one search process per GPU on the same studies")
+                   help="GPU indices, e.g. 0,1: one search process per GPU, each taking the next study no GPU "
+                        "has started (N studies at once)")
     p.add_argument("--interpret", action="store_true",
                    help=f"run everything on the CPU through the Triton interpreter at {INTERPRET_SHAPE.label()} "
                         "(timings mean nothing; the table says so)")
@@ -127,7 +128,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2",
                    help="narrow one parameter of the space, e.g. --param chunk=64,128 (repeatable)")
     p.add_argument("--parallel", type=_positive_int, default=None,
-                   help="gate/compile worker processes per GPU (default: CPU cores - 2, split across GPUs)")
+                   help="gate/compile worker processes per GPU (default: the cores this process may use - 2, split across GPUs)")
     p.add_argument("--gate-timeout", type=_positive_float, default=240.0, metavar="SECONDS",
                    help="compile + correctness gate of one config before it counts as a hang (default 240)")
     p.add_argument("--time-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
@@ -210,11 +211,12 @@ def tune_options(args: argparse.Namespace, op: str | None = None) -> TuneOptions
             raise UsageError("--gpus: not with --interpret (the interpreter runs on the CPU); drop one of them")
     else:
         shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else spec.suite
-        # The defaults are GPU time: with --gpus 0,1 every study is searched by two GPUs at once, so the same
-        # number of timed trials takes half the wall time (benchmarks/halving.py measures it).
+        # The budget is GPU time: with --gpus 0,1 two studies are searched at once, one per GPU, so the run takes
+        # half the wall time (benchmarks/halving.py measures it). A study is searched on one GPU, so its own limit
+        # stays the same.
         gpus = len(args.gpus or ()) or 1
         budget = DEFAULT_BUDGET_GPU_MINUTES / gpus if args.budget_minutes is None else args.budget_minutes
-        timeout = DEFAULT_STUDY_GPU_SECONDS / gpus if args.timeout is None else args.timeout
+        timeout = DEFAULT_STUDY_GPU_SECONDS if args.timeout is None else args.timeout
     choices = parse_param_choices(args.param, spec.name)
     run_dir = args.run_dir or (RUNS_DIR / ("interpret" if args.interpret else "default"))
     _check_directory(run_dir, "--run-dir")

@@ -7,7 +7,11 @@
 
 The study process never launches a kernel: gate workers (one per spare CPU core) compile and gate candidates in
 parallel, one timing worker per GPU measures them one at a time (tuner.worker). With ``gpus=(0, 1, ...)`` one child
-process per GPU searches every study on shared storage; the parent then finalizes the studies on every GPU at once.
+process per GPU, started with the run, takes the next study no GPU has started (StudyQueue, pick_study), so N
+studies are searched at once; a child with none left joins a running study that still has trials to give (trials
+are shared through the storage). The budget is GPU time: each study gets its share of N GPUs' time
+(study_timeout). The parent then finalizes the studies on every GPU at once. Every worker process starts with the
+run (its imports paid while the incumbents are timed), once per run.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import datetime as dt
 import functools
 import json
 import os
+import queue as queue_mod
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +56,15 @@ ROOFS_RESERVE_S = 30.0
 INTERPRET_FINALIZE_RESERVE_S = 20.0
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on: its affinity (taskset, a container's cpuset), not the host's count,
+    which os.cpu_count() gives even when the run is pinned to part of the host."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity outside Linux
+        return os.cpu_count() or 4
+
+
 @dataclass(frozen=True)
 class TuneOptions:
     """Everything a tuning run depends on; JSON-able so that per-GPU children get exactly the parent's view."""
@@ -74,7 +88,10 @@ class TuneOptions:
     retime_rounds: int = 5
     progress: bool = True
     search_only: bool = False  # a per-GPU child: search, do not finalize or write the table
-    finalizers: int = 1  # GPUs the parent finalizes the studies on at once (a per-GPU child: the run's GPU count)
+    # GPUs of the run, searching and finalizing studies at once (a per-GPU child: the run's GPU count).
+    finalizers: int = 1
+    study_queue: Path | None = None  # a per-GPU child: the file it takes its studies from (StudyQueue)
+    run_started: float | None = None  # a per-GPU child: time.time() at the parent's start, which the budget counts from
     op: str = DEFAULT_OP  # the registered KernelSpec to tune (the table key's first part)
 
     def to_json(self) -> str:
@@ -82,6 +99,7 @@ class TuneOptions:
         d["shapes"] = [format_shape(s) for s in self.shapes]
         d["run_dir"] = str(self.run_dir)
         d["output"] = None if self.output is None else str(self.output)
+        d["study_queue"] = None if self.study_queue is None else str(self.study_queue)
         d["param_choices"] = {k: list(v) for k, v in self.param_choices.items()}
         return json.dumps(d)
 
@@ -93,6 +111,7 @@ class TuneOptions:
         d["shapes"] = tuple(parse_shape(s) for s in d["shapes"])
         d["run_dir"] = Path(d["run_dir"])
         d["output"] = None if d["output"] is None else Path(d["output"])
+        d["study_queue"] = None if d["study_queue"] is None else Path(d["study_queue"])
         d["gpus"] = None if d["gpus"] is None else tuple(d["gpus"])
         d["param_choices"] = {k: tuple(v) for k, v in d["param_choices"].items()}
         return TuneOptions(**d)
@@ -111,7 +130,7 @@ class TuneOptions:
         if self.interpret:
             return 1
         # Compiles are CPU-bound; keep one core for the study process and one for the timing worker's launches.
-        per_gpu = max(1, (os.cpu_count() or 4) - 2) // max(1, len(self.gpus or (0,)))
+        per_gpu = max(1, available_cores() - 2) // max(1, len(self.gpus or (0,)))
         cap = self.spec.max_gate_workers  # gates also hold GPU memory: an op's cap per GPU
         return max(1, per_gpu if cap is None else min(per_gpu, cap))
 
@@ -127,11 +146,15 @@ class RunResult:
 # Workers
 
 
-def worker_env(gpu: int | None, interpret: bool) -> dict[str, str]:
+def worker_env(gpu: int | None, interpret: bool, preload: str | None = None) -> dict[str, str]:
     from gdn2_tune.tuner.device import NVML_INDEX_ENV
+    from gdn2_tune.tuner.worker import PRELOAD_ENV
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop(PRELOAD_ENV, None)
+    if preload is not None:
+        env[PRELOAD_ENV] = preload
     if interpret:
         env["TRITON_INTERPRET"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -147,7 +170,7 @@ class WorkerEvaluator:
     """The :class:`tuner.study.Evaluator` of a real run: a pool of gate workers and one timing worker."""
 
     def __init__(self, options: TuneOptions, gpu: int | None, log_dir: Path) -> None:
-        env = worker_env(gpu, options.interpret)
+        env = worker_env(gpu, options.interpret, preload=options.spec.module)
         self.options = options
         # The pid keeps the logs of several search processes sharing a run dir apart.
         tag = f"{'cpu' if options.interpret else 'gpu'}{'' if gpu is None else gpu}-{os.getpid()}"
@@ -170,6 +193,13 @@ class WorkerEvaluator:
 
     def call_timer(self, req: Mapping[str, Any], timeout: float) -> Outcome:
         return self.timer.call(self.request(req), timeout)
+
+    def start(self, gates: bool = True) -> None:
+        """Start the workers now, while the run sets up, rather than at their first request (``gates=False``: only
+        the timing worker, for a process that never gates)."""
+        self.timer.start()
+        if gates:
+            self.gates.start()
 
     def abandon(self) -> None:
         for w in self.gates.workers:
@@ -236,9 +266,16 @@ def build_specs(
     return specs
 
 
-def study_timeout(options: TuneOptions, started: float, remaining_studies: int, total_studies: int) -> float | None:
+def study_timeout(
+    options: TuneOptions, started: float, remaining_studies: int, total_studies: int, committed_s: float = 0.0
+) -> float | None:
     """This study's share of what is left of --budget-minutes (unused time of earlier studies flows on), after
     keeping back the time the final re-time of every study and the roofs need (done by the parent process).
+
+    With N GPUs (``options.finalizers`` in a per-GPU child) N studies are searched at once, one per GPU: what is
+    left is N GPUs' time, less ``committed_s``, the seconds the studies running on the other GPUs still have until
+    their deadlines; ``remaining_studies`` counts the studies no process has started, this one included. A share
+    never runs past the budget's end.
 
     A study never gets less than half of an equal share: trials in flight at a deadline still finish, so early
     studies overrun, and on an H100 (2026-11-26, a 6.3-minute budget) the last two suite shapes were left ~1 s
@@ -249,13 +286,143 @@ def study_timeout(options: TuneOptions, started: float, remaining_studies: int, 
         return per_study
     reserve_each = INTERPRET_FINALIZE_RESERVE_S if options.interpret else FINALIZE_RESERVE_S
     # The parent finalizes on every GPU of the run at once, so N GPUs need 1/N of the serial reserve.
-    finalizers = max(1, len(options.gpus or ()), options.finalizers)
-    reserve = reserve_each * -(-total_studies // finalizers) + (0 if options.interpret else ROOFS_RESERVE_S)
+    gpus = max(1, len(options.gpus or ()), options.finalizers)
+    reserve = reserve_each * -(-total_studies // gpus) + (0 if options.interpret else ROOFS_RESERVE_S)
     search = options.budget_minutes * 60 - reserve
     left = search - (time.monotonic() - started)
-    floor = max(1.0, 0.5 * search / max(1, total_studies))
-    share = max(floor, left / max(1, remaining_studies))
+    floor = max(1.0, 0.5 * search * gpus / max(1, total_studies))
+    share = max(floor, min(left, (left * gpus - committed_s) / max(1, remaining_studies)))
     return share if per_study is None else min(per_study, share)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Studies across GPUs
+
+
+@dataclass
+class Claim:
+    """Where one study stands among the per-GPU search processes of a run (:class:`StudyQueue`)."""
+
+    searchers: int = 0  # processes searching it now
+    done: bool = False  # a process finished searching it (its budget, deadline or space is spent)
+    deadline: float | None = None  # time.time() at which its search ends; None: no deadline
+
+    def open(self, now: float) -> bool:
+        return not self.done and (self.deadline is None or self.deadline > now)
+
+
+def pick_study(
+    order: Sequence[str], claims: Mapping[str, Claim], now: float, skip: frozenset[str] = frozenset()
+) -> tuple[str, bool] | None:
+    """The study a per-GPU search process takes next: ``(key, False)``, the first in ``order`` no process has
+    started, so that the GPUs search different studies at once; once every study is started, ``(key, True)``, an
+    open one (not done, deadline not passed) to join, the one with the fewest searchers (the earliest on ties),
+    so that no GPU idles while a study still has trials to give; None when there is nothing left (``skip``: keys
+    this process has searched or found full already).
+
+    Trial-level sharing of every study by every GPU (the earlier scheme) ran the GPUs one after another: with as
+    many gate workers as trials, the first process asked for every trial of the study and the second waited
+    (2026-11-30, two H200s: 93 s on two GPUs against 76 s on one).
+    """
+    for key in order:
+        if key not in claims and key not in skip:
+            return key, False
+    running = [k for k in order if k in claims and k not in skip and claims[k].open(now)]
+    if not running:
+        return None
+    return min(running, key=lambda k: claims[k].searchers), True
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A study a per-GPU search process took from the queue, and its search time (None: no limit)."""
+
+    key: str
+    timeout_s: float | None
+    joined: bool  # another process started it; this one helps with what is left of its trials
+
+
+class StudyQueue:
+    """The file through which the per-GPU search processes of one run take their studies (:func:`pick_study`),
+    under an exclusive lock: ``{"order": [keys], "claims": {key: Claim}}``. The parent writes it once every study
+    exists with its warm starts enqueued; until then the children wait for it (:meth:`wait`), their workers already
+    starting. The processes share one host (the parent spawns them), so a file lock is enough, whatever the
+    Optuna storage."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+
+    def create(self, order: Sequence[str]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"order": list(order), "claims": {}}))
+        os.replace(tmp, self.path)
+
+    def wait(self, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+        """Until the parent has written the queue; False if it did not within ``timeout_s`` or ``alive()`` failed."""
+        end = time.monotonic() + timeout_s
+        while not self.path.exists():
+            if time.monotonic() > end or not alive():
+                return False
+            time.sleep(0.1)
+        return True
+
+    def read(self) -> tuple[list[str], dict[str, Claim]]:
+        if not self.path.exists():
+            return [], {}
+        data = json.loads(self.path.read_text())
+        return list(data["order"]), {k: Claim(**v) for k, v in data["claims"].items()}
+
+    def _update(self, change: Callable[[list[str], dict[str, Claim]], Any]) -> Any:
+        import fcntl
+
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                order, claims = self.read()
+                result = change(order, claims)
+                data = {"order": order, "claims": {k: dataclasses.asdict(c) for k, c in claims.items()}}
+                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, self.path)
+                return result
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def take(self, options: TuneOptions, started: float, skip: frozenset[str] = frozenset()) -> Taken | None:
+        """Claim the next study (:func:`pick_study`) with its search time: a new study gets its share of the budget
+        (:func:`study_timeout`, started: the run's start on time.monotonic()), a joined one what is left of its
+        deadline."""
+
+        def change(order: list[str], claims: dict[str, Claim]) -> Taken | None:
+            now = time.time()
+            picked = pick_study(order, claims, now, skip)
+            if picked is None:
+                return None
+            key, joined = picked
+            if joined:
+                claim = claims[key]
+                timeout = None if claim.deadline is None else claim.deadline - now
+            else:
+                remaining = sum(1 for k in order if k not in claims)
+                committed = sum(max(0.0, c.deadline - now) for c in claims.values()
+                                if c.searchers > 0 and not c.done and c.deadline is not None)
+                timeout = study_timeout(options, started, remaining, len(order), committed_s=committed)
+                claim = claims[key] = Claim(deadline=None if timeout is None else now + timeout)
+            claim.searchers += 1
+            return Taken(key, timeout, joined)
+
+        return self._update(change)
+
+    def leave(self, key: str, done: bool) -> None:
+        """This process stops searching ``key``; ``done``: because the study's search is over."""
+
+        def change(order: list[str], claims: dict[str, Claim]) -> None:
+            claim = claims[key]
+            claim.searchers = max(0, claim.searchers - 1)
+            claim.done = claim.done or done
+
+        self._update(change)
 
 
 def load_study(
@@ -495,12 +662,17 @@ def _measure_roofs(evaluator: WorkerEvaluator, device: table.DeviceInfo, notes: 
     return table.Roofs.from_dict(out["roofs"])
 
 
-def _spawn_children(options: TuneOptions, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+def _spawn_children(
+    options: TuneOptions, log_dir: Path, queue: StudyQueue, run_started: float
+) -> list[subprocess.Popen[bytes]]:
+    """One search process per GPU, started at once: each sets up and starts its workers while the parent asks what
+    is served and enqueues the warm starts, then takes studies from ``queue`` once the parent has written it."""
     assert options.gpus is not None
     procs = []
     for i, gpu in enumerate(options.gpus):
         child = dataclasses.replace(options, gpus=(gpu,), search_only=True, progress=False,
-                                    parallel=options.gate_workers(), finalizers=len(options.gpus))
+                                    parallel=options.gate_workers(), finalizers=len(options.gpus),
+                                    study_queue=queue.path, run_started=run_started)
         path = log_dir / f"options-gpu{gpu}.json"
         path.write_text(child.to_json())
         log = open(log_dir / f"search-gpu{gpu}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -519,6 +691,7 @@ def _watch_children(
     storage: optuna.storages.BaseStorage,
     view: ProgressView,
     log_trials: bool,
+    queue: StudyQueue,
 ) -> None:
     """Until every per-GPU search process exits, show each study's progress as read back from the storage; with
     ``log_trials`` (no live view) also one line per trial finished since the last look."""
@@ -530,11 +703,14 @@ def _watch_children(
     }  # what the resume summary already covered
     while any(p.poll() is None for p in children):
         time.sleep(2.0)
+        _, claims = queue.read()
         for spec, prog in zip(specs, progresses):
             st = optuna.load_study(study_name=names[spec.key], storage=storage)
             trials = st.get_trials(deepcopy=False)
             c = study_mod.count(trials)
-            prog.phase = "search" if c.evaluated < spec.trials else "searched"
+            claim = claims.get(spec.key)
+            prog.phase = ("waiting" if claim is None else "searched" if claim.done or c.evaluated >= spec.trials
+                          else "search")
             prog.done, prog.pruned, prog.failed, prog.best_ms = c.evaluated, c.pruned, c.failed, c.best_ms
             if log_trials:
                 for t in trials:
@@ -542,6 +718,62 @@ def _watch_children(
                         logged[spec.key].add(t.number)
                         view.log(study_mod.TrialEvent.of(spec.key, t, c, spec.trials).line())
         view.update(force=True)
+
+
+def _stop(children: Sequence[subprocess.Popen[bytes]], evaluators: Sequence[WorkerEvaluator]) -> None:
+    """End what a run started: per-GPU search processes still running (a parent that failed or was interrupted;
+    their workers exit with their pipes) and the workers of this process."""
+    for p in children:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for ev in evaluators:
+        ev.close()
+
+
+# A per-GPU child waits this long for its parent to write the study queue (the parent's setup: the incumbents).
+CHILD_WAIT_S = 900.0
+
+
+def _search_queue(
+    queue: StudyQueue,
+    specs: Sequence[study_mod.StudySpec],
+    progresses: Sequence[study_mod.StudyProgress],
+    storage: optuna.storages.BaseStorage,
+    evaluator: WorkerEvaluator,
+    options: TuneOptions,
+    started: float,
+    worker_index: int,
+    view: ProgressView,
+    log_trials: bool,
+) -> None:
+    """A per-GPU child's search: the studies it takes from the run's queue (:func:`pick_study`), one at a time,
+    until none is left; a study another GPU started is joined only while its budget has trials to give."""
+    parent = os.getppid()
+    if not queue.wait(CHILD_WAIT_S, alive=lambda: os.getppid() == parent):
+        raise RuntimeError(f"the tuning process never wrote the study queue {queue.path}, or exited")
+    by_key = {s.key: (s, p) for s, p in zip(specs, progresses, strict=True)}
+    skip: set[str] = set()
+    while (taken := queue.take(options, started, frozenset(skip))) is not None:
+        skip.add(taken.key)
+        spec, prog = by_key[taken.key]
+        spec = dataclasses.replace(spec, timeout_s=taken.timeout_s)
+        study = load_study(spec, storage, worker_index)
+        done = False
+        try:
+            if taken.joined:
+                c = study_mod.count(study.get_trials(deepcopy=False))
+                if c.evaluated + c.running >= spec.trials:
+                    continue  # every trial of its budget is asked for: nothing to help with
+            prog.started, prog.phase = time.monotonic(), "search"
+            on_trial = (lambda ev: view.log(ev.line())) if log_trials else None
+            c = study_mod.run_study(study, spec, evaluator, progress=prog, on_update=view.update, on_trial=on_trial)
+            done = True
+            view.log(f"{spec.key}: search {'joined' if taken.joined else 'taken'} by this process done in "
+                     f"{time.monotonic() - prog.started:.0f} s (limit "
+                     f"{'none' if spec.timeout_s is None else f'{spec.timeout_s:.0f} s'}): {c.summary()}")
+        finally:
+            queue.leave(taken.key, done)
 
 
 def _resume_summary(study: optuna.Study, spec: study_mod.StudySpec) -> str | None:
@@ -575,9 +807,30 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     storage = study_mod.open_storage(options.storage, run_dir)
     evaluator = WorkerEvaluator(options, gpu, log_dir)
     finalizers = [evaluator]
-    # A per-GPU child searches studies whose warm starts (the incumbent first) the parent has already enqueued.
-    served = {} if options.search_only else query_served(evaluator, options.shapes, notes)
-    specs = build_specs(options, existing, tables=tables, served=served, device=limits)
+    children: list[subprocess.Popen[bytes]] = []
+    queue: StudyQueue | None = None
+    if options.run_started is not None:  # a per-GPU child: the budget counts from the parent's start
+        started = time.monotonic() - (time.time() - options.run_started)
+    # Start now whatever the run will need, so that it starts while the incumbents are asked for and timed: the
+    # per-GPU search processes (their setup, their workers), and the workers of this process.
+    if multi:
+        assert options.gpus is not None
+        queue = StudyQueue(log_dir / f"studies-{os.getpid()}.json")
+        queue.path.unlink(missing_ok=True)
+        children = _spawn_children(options, log_dir, queue, time.time() - (time.monotonic() - started))
+        # The per-GPU searches gate; this process only times (the incumbents, then the finalize on every GPU).
+        finalizers += [WorkerEvaluator(options, g, log_dir) for g in options.gpus[1:]]
+        for ev in finalizers:
+            ev.start(gates=False)
+    else:
+        evaluator.start()
+    try:
+        # A per-GPU child searches studies whose warm starts (the incumbent first) the parent has already enqueued.
+        served = {} if options.search_only else query_served(evaluator, options.shapes, notes)
+        specs = build_specs(options, existing, tables=tables, served=served, device=limits)
+    except BaseException:
+        _stop(children, finalizers)
+        raise
     # Wall time by phase, for the log: where a run's time goes beyond the search (its fixed costs decide whether
     # a second GPU shortens a run: benchmarks/halving.py).
     phases: dict[str, float] = {"setup": time.monotonic() - started}
@@ -599,19 +852,23 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                     if inc is not None:
                         view.log(f"{spec.key}: serving {inc.config.label()} from {inc.describe()} before tuning; "
                                  f"{len(spec.warm_start)} warm-start points")
-            children = []
-            for spec in specs:
-                # Create the studies and their warm starts up front: --gpus children must not race to create the
-                # same study or enqueue the same points, and a resumed run says what it found before any work.
-                study = load_study(spec, storage, worker_index, search=False)
-                found = _resume_summary(study, spec)
-                if found is not None and not options.search_only:
-                    view.log(found)
-                study_mod.enqueue_warm_start(study, spec)
-            if multi:
-                children = _spawn_children(options, log_dir)
+            if options.study_queue is None:
+                for spec in specs:
+                    # Create the studies and their warm starts up front: --gpus children must not race to create
+                    # the same study or enqueue the same points, and a resumed run says what it found before any
+                    # work. (A per-GPU child finds them created once its parent has written the study queue.)
+                    study = load_study(spec, storage, worker_index, search=False)
+                    found = _resume_summary(study, spec)
+                    if found is not None and not options.search_only:
+                        view.log(found)
+                    study_mod.enqueue_warm_start(study, spec)
+            if queue is not None:
+                queue.create([s.key for s in specs])  # the per-GPU search processes start taking studies
+            if options.study_queue is not None:
+                _search_queue(StudyQueue(options.study_queue), specs, progresses, storage, evaluator, options, started,
+                              worker_index, view, log_trials)
             for i, (spec, prog) in enumerate(zip(specs, progresses)):
-                if not multi:
+                if not multi and options.study_queue is None:
                     study = load_study(spec, storage, worker_index)
                     timeout = study_timeout(options, started, len(specs) - i, len(specs))
                     spec = dataclasses.replace(spec, timeout_s=timeout)
@@ -623,8 +880,8 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                     if log_trials:
                         view.log(f"{spec.key}: search done in {time.monotonic() - prog.started:.0f} s: {c.summary()}; "
                                  f"{prog.rejected} infeasible draws rejected by the sampler")
-            if multi:
-                _watch_children(children, specs, progresses, storage, view, log_trials)
+            if queue is not None:
+                _watch_children(children, specs, progresses, storage, view, log_trials, queue)
                 for p in children:
                     if p.returncode:
                         notes.append(f"a per-GPU search process exited with code {p.returncode} (see {log_dir})")
@@ -632,17 +889,38 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
             if options.search_only:
                 view.log(f"search process of GPU {gpu}: setup {phases['setup']:.1f} s, search {phases['search']:.1f} s")
                 return RunResult(None, (), tuple(notes))
-            if multi:
-                # The per-GPU searches are over and their GPUs idle: finalize on all of them at once (each study's
-                # re-time and stage timing take ~10 s of one GPU), so that this part of the run halves too.
-                finalizers += [WorkerEvaluator(options, g, log_dir) for g in (options.gpus or ())[1:]]
+            # With --gpus the per-GPU searches are over and their GPUs idle: finalize on all of them at once (each
+            # study's re-time and stage timing take ~10 s of one GPU), each study on the next GPU that is free.
+            free: queue_mod.Queue[WorkerEvaluator] = queue_mod.Queue()
+            for ev in finalizers:
+                free.put(ev)
+
+            def finalize_on_a_free_gpu(spec: study_mod.StudySpec, prog: study_mod.StudyProgress) -> Finalized:
+                ev = free.get()
+                try:
+                    return _finalize(spec, prog, load_study(spec, storage, worker_index, search=False), ev,
+                                     served.get(spec.key))
+                finally:
+                    free.put(ev)
+
+            roofs_notes: list[str] = []
+            roofs_s: list[float] = []
+
+            def roofs_on_a_free_gpu() -> table.Roofs | None:
+                ev = free.get()
+                t0 = time.monotonic()
+                try:
+                    return _measure_roofs(ev, device, roofs_notes)
+                finally:
+                    roofs_s.append(time.monotonic() - t0)
+                    free.put(ev)
+
             with ThreadPoolExecutor(len(finalizers), thread_name_prefix="finalize") as pool:
-                futures = [
-                    pool.submit(_finalize, spec, prog, load_study(spec, storage, worker_index, search=False),
-                                finalizers[i % len(finalizers)], served.get(spec.key))
-                    for i, (spec, prog) in enumerate(zip(specs, progresses))
-                ]
-                while not all(f.done() for f in futures):
+                # With several GPUs the roofs are measured on one of them (first: the longest task) while the
+                # others finalize studies; with one, after the studies as before.
+                roofs_future = pool.submit(roofs_on_a_free_gpu) if multi else None
+                futures = [pool.submit(finalize_on_a_free_gpu, spec, prog) for spec, prog in zip(specs, progresses)]
+                while not all(f.done() for f in [*futures, *([roofs_future] if roofs_future else [])]):
                     time.sleep(0.5)
                     view.update(force=True)
             for spec, prog, fut in zip(specs, progresses, futures):  # in the order of the studies
@@ -657,11 +935,16 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                     prog.roof = roof_summary(result.entry, device)
             view.update(force=True)
             phases["finalize"] = time.monotonic() - started - sum(phases.values())
-            roofs = _measure_roofs(evaluator, device, notes)
-            phases["roofs"] = time.monotonic() - started - sum(phases.values())
+            if roofs_future is not None:
+                roofs = roofs_future.result()
+                notes.extend(roofs_notes)
+                if roofs is not None:
+                    notes.append(f"the roofs took {roofs_s[0]:.1f} s of one GPU during the finalize")
+            else:
+                roofs = _measure_roofs(evaluator, device, notes)
+                phases["roofs"] = time.monotonic() - started - sum(phases.values())
     finally:
-        for ev in finalizers:
-            ev.close()
+        _stop(children, finalizers)
     profile = table.Profile(
         schema_version=table.SCHEMA_VERSION, device=device, torch_version=_version("torch"),
         triton_version=_version("triton"), kernel_hash=table.current_fingerprints([options.op]), git_commit=_git_commit(),

@@ -37,6 +37,8 @@ from gdn2_tune.tuner.outcome import FATAL, Outcome, Status, failed, ok
 
 STDERR_TAIL_CHARS = 2000
 REFERENCE_THREADS = 2
+# A module a worker imports as it starts, before its first request (the tuned op's kernels: tuner.run.worker_env).
+PRELOAD_ENV = "GDN2_TUNE_WORKER_PRELOAD"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,6 +142,15 @@ class _Child:
 
 def child_main(stdin: TextIO, reply: TextIO) -> int:
     child: _Child | None = None
+    # Pay for torch and the op's kernels (Triton) before the first request, while the parent is still setting up
+    # (WorkerPool.start): 30 workers importing them in the first study cost seconds of its search. A failure here
+    # is left for the first request to raise and answer.
+    try:
+        child = _Child()
+        if os.environ.get(PRELOAD_ENV):
+            importlib.import_module(os.environ[PRELOAD_ENV])
+    except Exception:  # noqa: BLE001 - answered by the first request
+        child = None
     for line in stdin:
         if not line.strip():
             continue
@@ -238,6 +249,12 @@ class WorkerProcess:
             except OSError:
                 pass
 
+    def start(self) -> None:
+        """Start the child now (it imports torch and the preloaded module at once) rather than at the first
+        request. Does not wait; call it only before the worker serves requests."""
+        if self._proc is None:
+            self._start()
+
     def call(self, request: Mapping[str, Any], timeout: float) -> Outcome:
         if self._proc is None or self._proc.poll() is not None:
             if self._proc is not None:
@@ -297,6 +314,11 @@ class WorkerPool:
             return worker.call(request, timeout)
         finally:
             self._free.put(worker)
+
+    def start(self) -> None:
+        """Start every worker process now, without waiting (before the pool serves requests)."""
+        for w in self.workers:
+            w.start()
 
     def submit(self, request: Mapping[str, Any], timeout: float) -> Future[Outcome]:
         return self._executor.submit(self.call, request, timeout)
