@@ -104,8 +104,12 @@ MAX_HEAD_DIM = 256
 # - BV=32 (128-byte fp32 rows) unless that leaves fewer programs than this; then BV=16 (B=8 at K=128: 10.4 µs
 #   against 10.9 at BV=32). Below 16 nothing was gained even at B=1.
 MIN_PROGRAMS = 1024
-# - BV=64 once even BV=64 gives this many programs (B=512 at K=128: 289.8 µs against 300.5 at BV=32).
-MANY_PROGRAMS = 16384
+# - BV=64 once even BV=64 gives this many programs. First set at 16384 (B=512 at K=128: 289.8 µs against 300.5 at
+#   BV=32); lowered in session 9 (2026-11-30, H200, benchmarks/exp_decode_variants.py, K=128, serving mode): BV=64
+#   on 4 warps took 70.9 µs at B=128 against 75.9 for BV=32 (1.12x against 1.20x the state-traffic floor), and
+#   20.6 against 21.3 at B=32 (cold: 74.2 / 79.1 and 24.1 / 24.1). exp_decode_walk.py's memory-only probes showed
+#   the same: [K, 64] tiles walk the state at 69.6 µs where [K, 32] tiles take 75.5-76.1.
+MANY_PROGRAMS = 1024
 DEFAULT_MIN_BV = 16
 # - 4 warps, or 2 for tiles of at most this many elements (B=8, K=128, BV=16: 10.4 µs against 10.8 with 4); 8 warps
 #   lost everywhere (K=256, B=512: 1287 µs against 1240 with 4).
