@@ -34,6 +34,8 @@ def main() -> int:
                         help="num_stages asked for (the default's 3); fit_bwd lowers it to what fits, as a run does")
     parser.add_argument("--no-fit", action="store_true",
                         help="compile the asked tiles and stages as they are (the shared memory may not fit)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="the built-in config's two passes only, each at its own tile (BwdConfig.reverse_*)")
     args = parser.parse_args()
     triton.runtime.driver.set_active(StandInDriver())
     from gdn2_tune.kernels.chunk_bwd import default_bwd_config, entering_states, fit_bwd, recompute_dtype, state_bwd
@@ -52,24 +54,28 @@ def main() -> int:
     do = torch.zeros(B, T, H, V, dtype=torch.bfloat16)
     h0, dht = torch.zeros(B, H, K, V), torch.zeros(B, H, K, V)
     common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
-    for parts in (1, 2):
-        for bv in (32, 64, 128):
-            for warps in (4, 8):
-                cfg = dataclasses.replace(base, k_parts=parts, BV=bv, num_warps=warps)
-                if not args.no_fit:
-                    cfg = fit_bwd(cfg, shape, C, dt.itemsize)  # fewer stages or a narrower tile, as a run fits
+    # With --defaults, the built-in config alone (each pass at its own tile, BwdConfig.reverse_*); else the sweep,
+    # both passes at the swept tile.
+    sweep = [(None, None, None)] if args.defaults else [(p, b, w) for p in (1, 2) for b in (32, 64, 128)
+                                                         for w in (4, 8)]
+    for parts, bv, warps in sweep:
+        cfg = base if parts is None else dataclasses.replace(
+            base, k_parts=parts, BV=bv, num_warps=warps, reverse_BV=0, reverse_warps=0, reverse_k_parts=0)
+        if not args.no_fit:
+            cfg = fit_bwd(cfg, shape, C, dt.itemsize)  # fewer stages or a narrower tile, as a run fits
 
-                def step(cfg=cfg) -> None:
-                    entering_states(inter, initial_state=h0, cfg=cfg, **common)
-                    state_bwd(inter, do, dht, initial_grad=True, cfg=cfg, **common)
+        def step(cfg=cfg) -> None:
+            entering_states(inter, initial_state=h0, cfg=cfg, **common)
+            state_bwd(inter, do, dht, initial_grad=True, cfg=cfg, **common)
 
-                for fn, spec in record(step):
-                    row = compile_one(fn, spec)
-                    print(json.dumps({"K": K, "V": V, "C": C, "k_parts": parts, "BV": cfg.BV, "operands": str(dt),
-                                      "state_dtype": cfg.state_dtype, "precision": cfg.precision,
-                                      **{k: row[k] for k in ("kernel", "num_warps", "num_stages", "regs",
-                                                             "stack_bytes", "shared_bytes", "wall_s")}}),
-                          flush=True)
+        for fn, spec in record(step):
+            row = compile_one(fn, spec)
+            tile = cfg.reverse_pass() if "state_bwd" in row["kernel"] else cfg
+            print(json.dumps({"K": K, "V": V, "C": C, "k_parts": tile.k_parts, "BV": tile.BV, "operands": str(dt),
+                              "state_dtype": cfg.state_dtype, "precision": cfg.precision,
+                              **{k: row[k] for k in ("kernel", "num_warps", "num_stages", "regs",
+                                                     "stack_bytes", "shared_bytes", "wall_s")}}),
+                  flush=True)
     return 0
 
 

@@ -15,8 +15,8 @@ one call:
 
        store dS_C;   dR = A_qkᵀ dO + K_tail dS_C;   dS0 = Q_γᵀ dO + Diag(γ_C) dS_C − Yᵀ dR
 
-   dS0 of a sequence's first chunk is dh0. It is the forward state pass reversed: same tiles, same constraints,
-   one program per state tile, no atomics.
+   dS0 of a sequence's first chunk is dh0. It is the forward state pass reversed: the same kind of tiles and
+   constraints, one program per state tile, no atomics.
 
    Both passes can split each (dense) sequence into segments walked in parallel (``BwdConfig.segment_chunks``,
    the default for few state rows along long sequences, as the forward's state pass does): each segment's affine
@@ -31,7 +31,8 @@ one call:
    next power of two, and at K = 256 the [256, BV] tile stops spilling (sm_90, triton 3.6, fp32 operands, one stage:
    the entering states / reverse pass spill 1184 / 1328 bytes per thread at BV 64 on 4 warps in one part, 0 / 80 on
    8 warps in two, 0 / 0 at BV 32 on 8 warps in two; benchmarks/compile_bwd_parts.py). The segment transitions and
-   the carry (kernels/state.py) hold one tile either way.
+   the carry (kernels/state.py) hold one tile either way. The reverse pass may take its own V tile, warps and row
+   parts (``BwdConfig.reverse_BV``, ``reverse_warps``, ``reverse_k_parts``; 0: the entering states').
 3. **Local gradients.** Given S0 and dS_C every chunk is an independent function (q, k, v, g, b, w; S0) → (O, S_C),
    differentiated with upstream (dO, dS_C), chunks in groups of bounded memory (:func:`_local_grads`):
    - the value side, every sum over V (R, dR, dA_qk, dQ_γ, dK_tail, dY, dA, dT, dĒ, and dv, dw written straight
@@ -121,7 +122,20 @@ KEY_SIDES = ("triton", "torch", "fused")
 # block loop has NB = C / BC = 2 steps, nothing to pipeline.
 KEY_TAIL_STAGES = 1
 KEY_TAIL_MAX_REGISTERS = 168  # Triton's maxnreg; 0: ptxas's choice
-RECOMPUTE_STORES = ("fp32", "input")
+# The recomputed tensors each BwdConfig.recompute_store keeps in the input dtype (the others fp32 where the passes
+# can stage it). The entering states read Y, U, K_tail (and the split's transitions Y, U, K_tail), the reverse pass
+# Q_γ, K_tail, Y: dh0 comes out of the reverse pass, so U's rounding never reaches it ("u" leaves dh0 as "fp32"
+# computes it), Q_γ's only through the reverse pass, Y's and K_tail's through both. "input": all four.
+RECOMPUTE_STORE_TENSORS: dict[str, tuple[str, ...]] = {
+    "fp32": (),
+    "input": ("y", "u", "qg", "kt"),
+    "u": ("u",),
+    "uqg": ("u", "qg"),
+    "uy": ("u", "y"),
+    "ukt": ("u", "kt"),
+    "uykt": ("u", "y", "kt"),
+}
+RECOMPUTE_STORES = tuple(RECOMPUTE_STORE_TENSORS)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -187,7 +201,9 @@ class BwdConfig:
     # halves ~4 GB of writes and re-reads over the recompute and both passes (A and A_qk stay fp32 either way).
     # On an H200 (session 8) "input" took forward + backward 12.64 → 11.08 ms at the anchor, but dh0's error rose
     # from 4.9e-4 to 1.60e-3 (bf16, g down to −10), above the baseline's 1.5e-3: an explicit option, refused for
-    # tuning (kernels/bwd_spec.py SEARCH_RULES).
+    # tuning (kernels/bwd_spec.py SEARCH_RULES). The subsets ("u", "uqg", "uy", "ukt", "uykt") store only the named
+    # tensors in the input dtype (RECOMPUTE_STORE_TENSORS): "u" leaves dh0 untouched (the reverse pass never reads
+    # U), benchmarks/exp_bwd_store.py measures the others.
     recompute_store: str = "fp32"
     # Chunks per segment of the sequence split of the two per-sequence passes (dense batches): 0 walks each
     # sequence in one program per (head, V tile); n > 0 cuts it into segments of n chunks walked in parallel, from
@@ -202,6 +218,22 @@ class BwdConfig:
     # [KA, BV] and [KB, BV] (kernels/config.state_row_parts), every K-wide product summed over them. The segment
     # transitions and the carry (kernels/state.py) keep one tile either way.
     k_parts: int = 1
+    # The reverse pass's own tile: V tile, warps and row parts, 0 for the entering states' (BV, num_warps,
+    # k_parts). The two passes hold the same [K, BV] state but read different operands (Y, U, K_tail against
+    # Q_γ, K_tail, Y, dO, A_qk) and do two dots per chunk against four, so their best tiles differ: on an H200
+    # (session 9, anchor, benchmarks/exp_bwd_parts.py) the entering states took 0.66 ms at k_parts 2 on 4 warps
+    # and the reverse 1.46 at one part on 8 warps, where either shared tile lost ~0.45 ms. num_stages, the
+    # precision and the sequence split stay shared (the split's transitions and carries run at the entering
+    # states' tile).
+    reverse_BV: int = 0
+    reverse_warps: int = 0
+    reverse_k_parts: int = 0
+
+    def reverse_pass(self) -> BwdConfig:
+        """The config the reverse pass launches with: its own tile where set, the entering states' elsewhere."""
+        return dataclasses.replace(self, BV=self.reverse_BV or self.BV, num_warps=self.reverse_warps or self.num_warps,
+                                   k_parts=self.reverse_k_parts or self.k_parts, reverse_BV=0, reverse_warps=0,
+                                   reverse_k_parts=0)
 
     def label(self) -> str:
         tile = {"v": f"{self.value_BV}", "k": f"{self.value_BK}", "stack": f"{self.value_BK}"}.get(
@@ -210,6 +242,9 @@ class BwdConfig:
         pair = f"-pair{'dot' if self.pair == 'dot' else ''}BK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
         seg = f"-seg{self.segment_chunks}" if self.segment_chunks else ""
         seg += f"-k{self.k_parts}" if self.k_parts > 1 else ""
+        if self.reverse_BV or self.reverse_warps or self.reverse_k_parts:
+            rev = self.reverse_pass()
+            seg += f"-revBV{rev.BV}w{rev.num_warps}k{rev.k_parts}"
         store = "" if self.state_dtype == "fp32" else f"-st{self.state_dtype}"
         store += "" if self.recompute_store == "fp32" else f"-rs{self.recompute_store}"
         store += "" if self.key_side == "triton" else f"-key{self.key_side}"
@@ -254,12 +289,14 @@ class BwdConfig:
 DEFAULT_BWD_CONFIG = BwdConfig()
 # Fields added after bwd tables were written, at the value those entries ran (see BwdConfig.to_dict), and the same
 # under the space's names for recorded trials.
-BWD_LATER_FIELDS: dict[str, Any] = {"k_parts": 1}
-BWD_LATER_FLAT: dict[str, Any] = {"state.k_parts": 1}
+BWD_LATER_FIELDS: dict[str, Any] = {"k_parts": 1, "reverse_BV": 0, "reverse_warps": 0, "reverse_k_parts": 0}
+BWD_LATER_FLAT: dict[str, Any] = {"state.k_parts": 1, "state.reverse_BV": 0, "state.reverse_warps": 0,
+                                  "state.reverse_k_parts": 0}
 
 # What the tuner searches (op "bwd", kernels/bwd_spec.py). The recompute's precision comes first: it couples the
 # stages (its A, Y, U, A_qk feed both of the others). Then the two per-sequence passes ("state.": the entering
-# states and the reverse pass share the tile, warps, stages and precision), then the local gradients ("local.":
+# states' tile, warps and row parts, the reverse pass's own where its reverse_* fields are set, shared stages and
+# precision), then the local gradients ("local.":
 # the pair backward and the fused value side). Fields left out are not tunables: local="autograd" is the
 # cross-check, group_elements bounds memory, pair_BC is the exact-diagonal sub-block.
 BWD_SPACE: tuple[Param, ...] = (
@@ -285,7 +322,24 @@ BWD_SPACE: tuple[Param, ...] = (
     # Written by the recompute, read by the two passes (the recompute's precision stays the coupling parameter).
     Param("state.recompute_store", RECOMPUTE_STORES, "storage of the recomputed Y, U, Q_γ, K_tail the passes read"),
     Param("state.k_parts", STATE_K_PARTS, "the passes' [K, BV] tiles as one padded tile or two row parts"),
+    # 0: the entering states' value (one point per distinct launch: an explicit copy of it is refused).
+    Param("state.reverse_BV", (0, 16, 32, 64, 128), "V tile of the reverse pass (0: the entering states' BV)"),
+    Param("state.reverse_warps", (0, 2, 4, 8), "warps of a reverse-pass program (0: the entering states')"),
+    Param("state.reverse_k_parts", (0, *STATE_K_PARTS), "row parts of the reverse pass's dS (0: the entering states')"),
 )
+
+
+# The two per-sequence passes' tiles for 16-bit inputs, each pass alone on an H200 (session 9, bf16, bf16 states,
+# fp32 recomputed operands, benchmarks/exp_bwd_parts.py), ms as entering states / reverse:
+# - K = V = 128, 8x4096x16: BV 64 w4 one part 0.93 / 1.65, two parts 0.66 / 1.79, BV 64 w8 one part 0.87 / 1.46;
+#   1x32768x16 (split in segments of 128): one part w4 2.46 / 2.97, two parts 2.22 / 3.62, one part w8 2.42 / 2.96.
+#   So the entering states in two parts on 4 warps, the reverse in one part on 8.
+# - K = V = 256, 16x2048x8 (one stage: fit_bwd): BV 64 w4 one part 2.99 / 4.65, two parts BV 64 w8 2.04 / 3.04,
+#   two parts BV 128 w8 2.03 / 2.73, one part BV 64 w8 1.91 / 3.58. The entering states at BV 64 (sm_90, triton
+#   3.6: no spills, where BV 128 spills 680 B per thread), the reverse at BV 128 in two parts on 8 warps.
+# fp32 inputs (3xTF32 dots, fp32 states) were not measured and keep one shared tile.
+PASS_TILES: dict[str, int] = {"k_parts": 2, "reverse_k_parts": 1, "reverse_warps": 8}
+PASS_TILES_WIDE: dict[str, int] = {"k_parts": 2, "num_warps": 8, "BV": 64, "reverse_BV": 128}
 
 
 def _field(name: str) -> str:
@@ -317,6 +371,8 @@ def default_bwd_config(shape: Shape) -> BwdConfig:
         # run); against float64 (2x2048x4, g down to −10) every gradient within 4e-6 of v's. Measured with bf16 states
         # only: fp16 and fp32 inputs keep "v" where it fits.
         cfg = dataclasses.replace(cfg, state_dtype="bf16", **SPLIT_FALLBACK)
+    if shape.dtype != "fp32":
+        cfg = dataclasses.replace(cfg, **(PASS_TILES_WIDE if shape.K > 128 else PASS_TILES))
     # The forward's rule for its own state pass (kernels/config.py): few state rows along long sequences leave
     # most of the GPU idle in a per-sequence pass, and the backward has two of them.
     if sequence_split_regime(shape):
@@ -374,20 +430,38 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"pair={cfg.pair!r} is not one of {list(PAIR_METHODS)}"
     if cfg.pair_BC < 16 or chunk % cfg.pair_BC or cfg.pair_BK < 16 or cfg.pair_BK & (cfg.pair_BK - 1):
         return f"pair_BC={cfg.pair_BC} must divide chunk={chunk} (>= 16); pair_BK={cfg.pair_BK} a power of two >= 16"
+    for name, value, legal in (("reverse_BV", cfg.reverse_BV, (0, 16, 32, 64, 128, 256)),
+                               ("reverse_warps", cfg.reverse_warps, (0, 1, 2, 4, 8, 16)),
+                               ("reverse_k_parts", cfg.reverse_k_parts, (0, *STATE_K_PARTS))):
+        if value not in legal:
+            return f"{name}={value!r} is not one of {list(legal)} (0: the entering states' value)"
+    reason = _pass_infeasibility("entering states", cfg, shape, chunk, operand_bytes, shared_memory)
+    if reason is None:
+        reason = _pass_infeasibility("reverse pass", cfg.reverse_pass(), shape, chunk, operand_bytes, shared_memory)
+    return reason
+
+
+def _pass_infeasibility(which: str, cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
+                        shared_memory: int) -> str | None:
+    """Why one per-sequence pass cannot run its tile (``cfg``'s BV, num_warps, k_parts; None when it can). Per
+    chunk the reverse pass stages Q_γ, K_tail, Y [C, K], dO [C, BV] and A_qk [C, C], the entering states Y,
+    K_tail [C, K] and U [C, BV]."""
     reason = state_parts_infeasibility(cfg.k_parts, shape.K)
     if reason is not None:
-        return reason
+        return f"{which}: {reason}"
     # The passes' [K, BV] tiles: K padded to a power of two in one part, to the parts' sum in two.
     kp, vp = sum(state_row_parts(shape.K, cfg.k_parts)), _padded(shape.V)
     if cfg.BV < 16 or cfg.BV > vp or cfg.BV & (cfg.BV - 1):
-        return f"BV={cfg.BV} must be a power of two in [16, {vp}]"
-    # A_qk is recomputed in fp32 whatever the other operands' dtype (the fused value side reads it too).
-    per_stage = operand_bytes * (3 * chunk * kp + chunk * cfg.BV) + 4 * chunk * chunk
+        return f"{which}: BV={cfg.BV} must be a power of two in [16, {vp}]"
+    if which == "reverse pass":  # A_qk is recomputed in fp32 whatever the other operands' dtype
+        per_stage = operand_bytes * (3 * chunk * kp + chunk * cfg.BV) + 4 * chunk * chunk
+    else:
+        per_stage = operand_bytes * (2 * chunk * kp + chunk * cfg.BV)
     if int(1.1 * max(1, cfg.num_stages) * per_stage) > shared_memory:
-        return f"reverse pass needs ~{int(1.1 * cfg.num_stages * per_stage) // 1024} KiB of shared memory"
-    live = kp * cfg.BV + 2 * chunk * cfg.BV  # dS, dR and the dO tile
+        return f"{which} needs ~{int(1.1 * cfg.num_stages * per_stage) // 1024} KiB of shared memory"
+    live = kp * cfg.BV + 2 * chunk * cfg.BV  # S or dS, and two [C, BV] tiles (R or dR, U or dO)
     if live / (cfg.num_warps * THREADS_PER_WARP) > MAX_REGISTERS_PER_THREAD:
-        return "reverse pass holds more fp32 values per thread than the register file allows"
+        return f"{which} holds more fp32 values per thread than the register file allows"
     return None
 
 
@@ -462,16 +536,30 @@ def recompute_dtype(cfg: BwdConfig, shape: Shape, chunk: int,
     does); the input dtype too under ``recompute_store="input"``."""
     if cfg.recompute_store == "input":
         return shape.torch_dtype
-    smallest = dataclasses.replace(cfg, num_stages=1, BV=16)
-    if bwd_infeasibility(smallest, shape, chunk, 4, shared_memory) is None:
+    # The reverse pass's footprint alone (the entering states' is smaller): the config's other fields are fitted
+    # after this, so none of their infeasibilities (row parts at a small K, a split of a packed batch) may decide it.
+    rev = cfg.reverse_pass()
+    parts = rev.k_parts if state_parts_infeasibility(rev.k_parts, shape.K) is None else 1
+    smallest = dataclasses.replace(rev, num_stages=1, BV=16, k_parts=parts)
+    if _pass_infeasibility("reverse pass", smallest, shape, chunk, 4, shared_memory) is None:
         return torch.float32
     return shape.torch_dtype
 
 
-def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, torch.dtype]:
-    """The backward config fitted at the forward's chunk length, and the dtype of the recomputed intermediates."""
-    dtype = recompute_dtype(cfg, shape, chunk)
-    return fit_bwd(cfg, shape, chunk, dtype.itemsize), dtype
+def recompute_dtypes(cfg: BwdConfig, shape: Shape, chunk: int,
+                     shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> dict[str, torch.dtype]:
+    """The dtype of each recomputed tensor the passes read (``y``, ``u``, ``qg``, ``kt``): the input dtype for those
+    ``cfg.recompute_store`` names (RECOMPUTE_STORE_TENSORS), :func:`recompute_dtype` for the others (which is also
+    what the passes' budgets are checked at: the widest)."""
+    wide = recompute_dtype(cfg, shape, chunk, shared_memory)
+    narrow = RECOMPUTE_STORE_TENSORS.get(cfg.recompute_store, ())
+    return {name: shape.torch_dtype if name in narrow else wide for name in ("y", "u", "qg", "kt")}
+
+
+def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, dict[str, torch.dtype]]:
+    """The backward config fitted at the forward's chunk length, and the dtypes of the recomputed intermediates."""
+    dtypes = recompute_dtypes(cfg, shape, chunk)
+    return fit_bwd(cfg, shape, chunk, max(d.itemsize for d in dtypes.values())), dtypes
 
 
 # The value side where the "v" tiling does not fit (K = V = 256 asks for over 227 KiB of shared memory): two
@@ -487,12 +575,17 @@ def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
     """The nearest admissible backward config: where the fused value side does not fit, its split tiling
     (SPLIT_FALLBACK), else the torch value side; no sequence split where it cannot run (a packed batch, one
     segment), one row part where two cannot run (K <= MIN_DOT_DIM), fp32 states for fp32 inputs; BV clipped to V,
-    then fewer stages, then a narrower V tile."""
-    cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)))
+    then fewer stages, then a narrower V tile (the reverse pass's own where it has one and is what does not fit,
+    else the entering states'). A reverse tile that ends up equal to the entering states' reads back as 0 (the
+    same launch: one point of the space)."""
+    cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)),
+                              reverse_BV=min(cfg.reverse_BV, _padded(shape.V)))
     if cfg.segment_chunks and segment_infeasibility(cfg.segment_chunks, shape, chunk) is not None:
         cfg = dataclasses.replace(cfg, segment_chunks=0)
     if cfg.k_parts > 1 and state_parts_infeasibility(cfg.k_parts, shape.K) is not None:
         cfg = dataclasses.replace(cfg, k_parts=1)
+    if cfg.reverse_k_parts > 1 and state_parts_infeasibility(cfg.reverse_k_parts, shape.K) is not None:
+        cfg = dataclasses.replace(cfg, reverse_k_parts=1)
     if shape.dtype == "fp32":
         cfg = dataclasses.replace(cfg, state_dtype="fp32")
     if cfg.value_side == "triton" and not value_side_fits(shape, chunk, shared_memory, cfg.value_tile,
@@ -501,13 +594,18 @@ def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
         fits = value_side_fits(shape, chunk, shared_memory, split.value_tile, split.value_BK, split.value_BV)
         cfg = split if fits else dataclasses.replace(cfg, value_side="torch")
     while bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory) is not None:
+        reverse_fails = _pass_infeasibility("reverse pass", cfg.reverse_pass(), shape, chunk, operand_bytes,
+                                            shared_memory) is not None
         if cfg.num_stages > 1:
             cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif reverse_fails and cfg.reverse_BV > 16:
+            cfg = dataclasses.replace(cfg, reverse_BV=cfg.reverse_BV // 2)
         elif cfg.BV > 16:
             cfg = dataclasses.replace(cfg, BV=cfg.BV // 2)
         else:
             raise ValueError(f"{cfg.label()}: {bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory)}")
-    return cfg
+    own = {"reverse_BV": cfg.BV, "reverse_warps": cfg.num_warps, "reverse_k_parts": cfg.k_parts}
+    return dataclasses.replace(cfg, **{name: 0 for name, same in own.items() if getattr(cfg, name) == same})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -564,6 +662,10 @@ def bwd_tiles_that_act(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> st
     for name in idle:
         if getattr(cfg, name) != getattr(default, name):
             return f"{name} has no effect here (value_side={cfg.value_side!r}, value_tile={cfg.value_tile!r})"
+    # The reverse pass's own tile set to the entering states' is the 0 point's launch (fit_bwd writes it as 0).
+    for name, same in (("reverse_BV", "BV"), ("reverse_warps", "num_warps"), ("reverse_k_parts", "k_parts")):
+        if getattr(cfg, name) == getattr(cfg, same):
+            return f"{name}={getattr(cfg, name)} repeats {same}: 0 runs the same reverse pass"
     return None
 
 
@@ -1370,7 +1472,8 @@ def state_bwd(
     _check_launch(inter, chunk, num_seqs, V, cu_seqlens, chunk_offsets, tokens, {"dht": dht})
     if segments is None:
         segments = segment_transitions(inter, V, chunk, cfg, num_seqs)
-    grid, common = _state_launch(inter, V, chunk, cfg, num_seqs, cu_seqlens, segments)
+    # Its own tile (BwdConfig.reverse_*); the split's transitions and carries keep the entering states'.
+    grid, common = _state_launch(inter, V, chunk, cfg.reverse_pass(), num_seqs, cu_seqlens, segments)
     dhc = output_buffer((inter["gamma"].shape[0], H, K, V), _STATE_TORCH_DTYPES[cfg.state_dtype], y.device)
     args = (inter["qg"], inter["kt"], y, inter["aqk"], inter["gamma"], do)
     if segments is None:
@@ -1402,7 +1505,8 @@ def state_bwd(
 class BackwardLaunch:
     """The backward's four steps bound to contiguous inputs, the forward's config and the backward config fitted at
     its chunk length (:func:`backward_launch`): what ``chunk_gdn2_bwd`` runs, and what the tuner times stage by
-    stage (kernels/bwd_spec.py). ``inter_dtype``: the dtype of the recomputed intermediates."""
+    stage (kernels/bwd_spec.py). ``inter_dtypes``: the dtype of each recomputed intermediate the passes read
+    (:func:`recompute_dtypes`)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -1417,7 +1521,7 @@ class BackwardLaunch:
     use_qk_l2norm: bool
     config: FwdConfig
     bwd_config: BwdConfig
-    inter_dtype: torch.dtype
+    inter_dtypes: dict[str, torch.dtype]
     layout: ChunkLayout
     num_seqs: int
 
@@ -1428,14 +1532,16 @@ class BackwardLaunch:
 
     def recompute(self) -> IntraOutputs:
         """1. The forward's per-chunk intermediates (its own intra launcher, at its chunk length), in fp32 when the
-        reverse pass can stage fp32 operands (else in the input dtype, as the forward keeps them)."""
+        reverse pass can stage fp32 operands (else in the input dtype, as the forward keeps them), the input dtype
+        for those BwdConfig.recompute_store names."""
         layout = self.layout
+        dtypes = self.inter_dtypes
         return intra_fwd(
             self.q, self.k, self.v, self.g, self.b, self.w,
             scale=self.scale, chunk=self.config.chunk,
             cfg=dataclasses.replace(self.config.intra, precision=self.bwd_config.recompute_precision),
             cu_seqlens=layout.offsets, chunk_indices=layout.chunk_indices, num_chunks=layout.num_chunks,
-            use_qk_l2norm=self.use_qk_l2norm, out_dtype=self.inter_dtype, aqk_dtype=torch.float32,
+            use_qk_l2norm=self.use_qk_l2norm, out_dtype=dtypes["y"], aqk_dtype=torch.float32, dtypes=dtypes,
         )
 
     def segments(self, inter: IntraOutputs) -> Segments | None:
@@ -1549,9 +1655,9 @@ def backward_launch(
     if cu_seqlens is not None and index is None:
         index = packed_index(cu_seqlens, C, T)
     layout = chunk_layout(B, T, C, index, q.device)
-    bcfg, inter_dtype = _fit(bwd_config, shape, C)
+    bcfg, inter_dtypes = _fit(bwd_config, shape, C)
     return BackwardLaunch(q, k, v, g, b, w, do.contiguous(), dht, scale, initial_state, use_qk_l2norm_in_kernel,
-                          config, bcfg, inter_dtype, layout, num_seqs)
+                          config, bcfg, inter_dtypes, layout, num_seqs)
 
 
 def chunk_gdn2_bwd(

@@ -332,20 +332,26 @@ def intra_fwd(
     use_qk_l2norm: bool,
     out_dtype: torch.dtype,
     aqk_dtype: torch.dtype | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> IntraOutputs:
     """Launch the intra stage. Inputs are contiguous ``[B, T, H, *]``; returns the state stage's inputs.
 
     ``num_chunks`` is the total number of chunks (over all sequences); outputs come from
     :func:`kernels.buffers.output_buffer` (NaN-filled under :func:`kernels.buffers.poisoned`). ``aqk_dtype``
     (default ``out_dtype``) is A_qk's: the backward keeps it in fp32 whatever the other outputs' dtype.
+    ``dtypes``: per-output dtypes of ``y``, ``u``, ``qg``, ``kt`` where they differ from ``out_dtype`` (the
+    backward's recompute_store subsets; the kernel stores each in its buffer's dtype).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
     nb = chunk // cfg.BC
-    y = output_buffer(k.shape, out_dtype, k.device)
-    qg = output_buffer(k.shape, out_dtype, k.device)
-    kt = output_buffer(k.shape, out_dtype, k.device)
-    u = output_buffer((B, T, H, V), out_dtype, k.device)
+    own = dict(dtypes or {})
+    if set(own) - {"y", "u", "qg", "kt"}:
+        raise ValueError(f"dtypes: expected keys among ['kt', 'qg', 'u', 'y'], received {sorted(own)}")
+    y = output_buffer(k.shape, own.get("y", out_dtype), k.device)
+    qg = output_buffer(k.shape, own.get("qg", out_dtype), k.device)
+    kt = output_buffer(k.shape, own.get("kt", out_dtype), k.device)
+    u = output_buffer((B, T, H, V), own.get("u", out_dtype), k.device)
     aqk = output_buffer((B, T, H, chunk), out_dtype if aqk_dtype is None else aqk_dtype, k.device)
     gam = output_buffer((num_chunks, H, K), torch.float32, k.device)
     scr = torch.empty((num_chunks, H, chunk, chunk), dtype=torch.float32, device=k.device)  # T, per program

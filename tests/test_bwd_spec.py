@@ -43,7 +43,8 @@ def test_bwd_is_registered_after_the_forward_with_the_real_tunables() -> None:
     assert {p.name.rsplit(".", 1)[-1] for p in spec.space} == {
         "recompute_precision", "BV", "num_warps", "num_stages", "precision", "pair_BK", "pair_warps",
         "pair_precision", "pair", "value_side", "value_tile", "value_BV", "value_BK", "value_warps",
-        "segment_chunks", "state_dtype", "key_side", "recompute_store", "k_parts",
+        "segment_chunks", "state_dtype", "key_side", "recompute_store", "k_parts", "reverse_BV", "reverse_warps",
+        "reverse_k_parts",
     }
     assert spec.suite == (ANCHOR, Shape(1, 32768, 16, 128, 128, "bf16"), Shape(32, 1024, 16, 128, 128, "bf16"), WIDE)
 
@@ -90,7 +91,15 @@ def test_points_that_time_the_same_kernels_and_non_tunables_are_refused() -> Non
     assert "value_BK has no effect" in (spec.infeasibility(dataclasses.replace(cfg, value_BK=64), ANCHOR) or "")
     assert "not a tunable" in (spec.infeasibility(dataclasses.replace(cfg, local="autograd"), ANCHOR) or "")
     wide = dataclasses.replace(spec.default_config(WIDE), BV=128, num_stages=3)
+    # The default's reverse tile is BV 128: the same tile set twice is the 0 point's launch.
+    assert "repeats BV" in (spec.infeasibility(wide, WIDE) or "")
+    wide = dataclasses.replace(wide, reverse_BV=0)
     assert "shared memory" in (spec.infeasibility(wide, WIDE) or "")
+    # Only the reverse pass's tile too wide for two stages (fp32 operands): fitting lowers the stages to one.
+    own = dataclasses.replace(spec.default_config(WIDE), num_stages=2, reverse_BV=128)
+    assert "reverse pass needs" in (spec.infeasibility(own, WIDE) or "")
+    fitted = spec.fit_to_shape(own, WIDE)
+    assert fitted is not None and (fitted.num_stages, fitted.BV, fitted.reverse_BV) == (1, 64, 128)
     assert "state.BV" in (spec.infeasibility(dataclasses.replace(cfg, BV=True), ANCHOR) or "")
     with pytest.raises(table.TableFieldError, match="BV"):
         table.parse_config({**cfg.to_dict(), "BV": 64.0}, op=BWD_OP)
@@ -299,3 +308,20 @@ def test_the_bf16_recompute_store_runs_but_no_study_selects_it() -> None:
     assert spec.infeasibility(store, ANCHOR) is None
     assert "dh0" in (spec.search_refusal(store, ANCHOR) or "")
     assert spec.search_refusal(cfg, ANCHOR) is None
+    # The subsets run too, are refused until measured, and cost fewer bytes the more tensors they narrow.
+    from gdn2_tune.kernels.bwd_spec import bwd_costs
+    from gdn2_tune.kernels.chunk_bwd import RECOMPUTE_STORE_TENSORS
+
+    moved = {}
+    for name, narrow in RECOMPUTE_STORE_TENSORS.items():
+        sub = dataclasses.replace(cfg, recompute_store=name)
+        assert spec.infeasibility(sub, ANCHOR) is None, name
+        assert (spec.search_refusal(sub, ANCHOR) is None) == (name == "fp32"), name
+        moved[narrow] = bwd_costs(ANCHOR, sub)["total"].bytes_min
+    rows = ANCHOR.B * ANCHOR.T * ANCHOR.H
+    # U is [rows, V] written once and read by the entering states; Q_γ [rows, K] read by the reverse pass; fp32 -> bf16
+    # saves 2 bytes an element on each write and read.
+    assert moved[()] - moved[("u",)] == 2 * 2 * rows * ANCHOR.V
+    assert moved[("u",)] - moved[("u", "qg")] == 2 * 2 * rows * ANCHOR.K
+    assert moved[("u", "y")] == moved[("u", "kt")] < moved[("u", "qg")]
+    assert moved[("y", "u", "qg", "kt")] < moved[("u", "y", "kt")] < moved[("u", "y")]

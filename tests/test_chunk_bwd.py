@@ -901,3 +901,118 @@ def test_two_row_parts_are_refused_where_they_cannot_apply_and_read_back_from_ol
     flat = {k: v for k, v in DEFAULT_BWD_CONFIG.flat().items() if k != "state.k_parts"}
     assert BwdConfig.from_flat(flat) == DEFAULT_BWD_CONFIG
     assert BwdConfig.from_flat(two.flat()) == two and any(p.name == "state.k_parts" for p in BWD_SPACE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reverse pass on a tile of its own (BwdConfig.reverse_BV, reverse_warps, reverse_k_parts; 0: the entering
+# states').
+
+
+@pytest.mark.parametrize(("decay", "segments"), [("strong", 0), ("normal", 2)])
+def test_the_reverse_pass_on_its_own_tile_against_float64(decay: str, segments: int) -> None:
+    """As test_both_passes_in_two_row_parts_against_float64, with the entering states in two row parts over one V
+    tile of 32 and the reverse pass in one part over two V tiles of 16 on 2 warps (K = 40, V = 32, five chunks of
+    32, the last partial), unsplit and split in segments of 2 chunks (whose transitions and carries run at the
+    entering states' tile)."""
+    from gdn2_tune.kernels.chunk_bwd import entering_states, state_bwd
+
+    B, T, H, K, V, C = 2, 150, 1, 40, 32, 32
+    NT = -(-T // C)
+    gen = torch.Generator().manual_seed(95 + segments + len(decay))
+
+    def rand(*shape: int, s: float = 0.3) -> torch.Tensor:
+        return (s * torch.randn(*shape, generator=gen)).to(DEVICE)
+
+    x = {"y": rand(B, T, H, K, s=0.2), "u": rand(B, T, H, V, s=1.0), "kt": rand(B, T, H, K, s=0.2),
+         "qg": rand(B, T, H, K), "aqk": rand(B, T, H, C, s=0.1)}
+    rate = {"normal": 0.02, "strong": 10.0}[decay]
+    x["gamma"] = torch.exp(-rate * C * torch.rand(B * NT, H, K, generator=gen)).to(DEVICE)
+    do, h0, dht = rand(B, T, H, V, s=1.0), rand(B, H, K, V, s=1.0), rand(B, H, K, V, s=1.0)
+    want = _passes_reference(x, do, h0, dht, C)
+    common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
+    cfg = BwdConfig(BV=32, k_parts=2, segment_chunks=segments, reverse_BV=16, reverse_warps=2, reverse_k_parts=1)
+    hc = entering_states(x, initial_state=h0, cfg=cfg, **common)
+    dhc, dh0 = state_bwd(x, do, dht, initial_grad=True, cfg=cfg, **common)
+    for name, got, ref in zip(("S0", "dS_C", "dh0"), (hc, dhc, dh0), want):
+        assert rel_err(got, ref) < TOL["fp32"], (cfg.label(), name, rel_err(got, ref))
+
+
+@pytest.mark.parametrize(("shape", "bcfg"), [
+    # bf16 with bf16 states under g down to -10 per step: the entering states in two parts (K = 40 as 32 + 16),
+    # the reverse in one over V tiles of 16 (V = 32).
+    pytest.param(Shape(1, 75, 1, 40, 32, "bf16"),
+                 BwdConfig(BV=32, k_parts=2, state_dtype="bf16", precision="tf32", reverse_BV=16, reverse_warps=2,
+                           reverse_k_parts=1), id="B1-T75-K40-V32-bf16-rev-BV16-k1"),
+    # Awkward sizes (K = 24, V = 20, T = 33: one row in the second chunk), fp32: the reverse in two parts, the
+    # entering states in one; two heads.
+    pytest.param(Shape(1, 33, 2, 24, 20, "fp32"), BwdConfig(BV=32, reverse_BV=16, reverse_k_parts=2),
+                 id="B1-T33-H2-K24-V20-fp32-rev-BV16-k2"),
+])
+def test_the_reverse_pass_on_its_own_tile_end_to_end(shape: Shape, bcfg: BwdConfig) -> None:
+    ours, ref = _grads_with(shape, bcfg, seed=66, decay="strong")
+    errs = {name: rel_err(ours[name], ref[name]) for name in ref}
+    tol = BF16_STATES_TOL if bcfg.state_dtype == "bf16" else TOL[shape.dtype]
+    assert all(e < tol for e in errs.values()), errs
+
+
+def test_the_reverse_tile_is_fitted_on_its_own_and_reads_back_from_older_tables() -> None:
+    from gdn2_tune.kernels.chunk_bwd import BWD_SPACE, DEFAULT_BWD_CONFIG, default_bwd_config, recompute_dtype
+
+    own = BwdConfig(BV=32, k_parts=2, reverse_BV=128, reverse_warps=8, reverse_k_parts=1)
+    rev = own.reverse_pass()
+    assert (rev.BV, rev.num_warps, rev.k_parts) == (128, 8, 1) and not (rev.reverse_BV or rev.reverse_warps)
+    assert "-revBV128w8k1" in own.label() and "-rev" not in BwdConfig().label()
+    # Clipped to V, and an own tile equal to the entering states' reads back as 0 (the same launch).
+    narrow = Shape(2, 256, 4, 64, 32, "bf16")
+    fitted = fit_bwd(own, narrow, 32, 4)
+    assert (fitted.BV, fitted.reverse_BV, fitted.reverse_warps, fitted.reverse_k_parts) == (32, 0, 8, 1)
+    assert fit_bwd(BwdConfig(k_parts=2, reverse_k_parts=2), Shape(2, 256, 4, 16, 64, "bf16"), 32, 4).k_parts == 1
+    # The recomputed operands stay fp32 where the config's row parts are fitted away only later (K = 16).
+    k16 = Shape(2, 256, 4, 16, 64, "bf16")
+    assert recompute_dtype(default_bwd_config(k16), k16, 32) == torch.float32 == recompute_dtype(own, k16, 32)
+    # Where only the reverse pass's tile does not fit (one stage, a smaller shared memory), only it narrows.
+    wide = Shape(2, 256, 4, 256, 256, "bf16")
+    tight = BwdConfig(BV=32, num_stages=1, k_parts=2, reverse_BV=128, reverse_warps=8)
+    # (fp32 operands at K = 256, one stage: the reverse pass asks for ~128 KiB at BV 128, ~119 at 64.)
+    assert "reverse pass" in str(bwd_infeasibility(tight, wide, 32, 4, shared_memory=120 * 1024))
+    small = fit_bwd(tight, wide, 32, 4, shared_memory=120 * 1024)
+    assert (small.BV, small.reverse_BV) == (32, 64) and bwd_infeasibility(small, wide, 32, 4, 120 * 1024) is None
+    assert "reverse_warps" in str(bwd_infeasibility(BwdConfig(reverse_warps=3), wide, 32, 4))
+    # Entries and trials written before the fields existed ran one shared tile: they read back so.
+    old = {k: v for k, v in own.to_dict().items() if not k.startswith("reverse_")}
+    assert BwdConfig.from_dict(old) == dataclasses.replace(own, reverse_BV=0, reverse_warps=0, reverse_k_parts=0)
+    assert "reverse_BV" not in DEFAULT_BWD_CONFIG.to_dict() and BwdConfig.from_dict(own.to_dict()) == own
+    flat = {k: v for k, v in DEFAULT_BWD_CONFIG.flat().items() if ".reverse_" not in k}
+    assert BwdConfig.from_flat(flat) == DEFAULT_BWD_CONFIG
+    assert BwdConfig.from_flat(own.flat()) == own and {"state.reverse_BV", "state.reverse_warps",
+                                                       "state.reverse_k_parts"} <= {p.name for p in BWD_SPACE}
+    # The built-in tiles (the measured per-pass bests for 16-bit inputs; fp32 keeps one shared tile).
+    for shape in (Shape(8, 4096, 16, 128, 128, "bf16"), Shape(1, 32768, 16, 128, 128, "bf16")):
+        d = default_bwd_config(shape).reverse_pass()
+        assert (default_bwd_config(shape).k_parts, d.BV, d.num_warps, d.k_parts) == (2, 64, 8, 1), shape
+    w = default_bwd_config(Shape(16, 2048, 8, 256, 256, "bf16"))
+    assert (w.BV, w.num_warps, w.k_parts, w.reverse_pass().BV, w.reverse_pass().num_warps) == (64, 8, 2, 128, 8)
+    assert default_bwd_config(Shape(8, 4096, 16, 128, 128, "fp32")).reverse_pass() == default_bwd_config(
+        Shape(8, 4096, 16, 128, 128, "fp32"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subsets of the recomputed Y, U, Q_γ, K_tail stored in the input dtype (BwdConfig.recompute_store).
+
+
+@pytest.mark.parametrize("store", ["u", "uqg", "uy", "ukt", "uykt"])
+def test_recompute_store_subsets_against_float64(store: str) -> None:
+    """Each subset stores exactly its tensors in bf16 (the rest fp32), and the gradients stay within the budget of
+    the all-bf16 store (test_the_fused_key_tail_against_float64's "input" case) under g down to -10 per step."""
+    from gdn2_tune.kernels.bwd_spec import BwdRun
+    from gdn2_tune.kernels.chunk_bwd import RECOMPUTE_STORE_TENSORS
+
+    shape = Shape(1, 75, 1, 16, 32, "bf16")
+    bcfg = BwdConfig(BV=16, state_dtype="bf16", precision="tf32", recompute_store=store)
+    inter = BwdRun(Shape(1, 40, 1, 16, 16, "bf16"), DEVICE).launch(bcfg).recompute()
+    for name in ("y", "u", "qg", "kt"):
+        want = torch.bfloat16 if name in RECOMPUTE_STORE_TENSORS[store] else torch.float32
+        assert getattr(inter, name).dtype == want, (store, name)
+    ours, ref = _grads_with(shape, bcfg, seed=68, decay="strong")
+    errs = {name: rel_err(ours[name], ref[name]) for name in ref}
+    assert all(e < BF16_STATES_TOL for e in errs.values()), errs
