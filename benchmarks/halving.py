@@ -5,8 +5,10 @@
 The same tune, with a fixed number of trials per study and no time limit that could bind (so every run does the
 same work and ends when each study has its trials), each into a throwaway run dir and table, three ways:
 
-    (i)   --gpus 0   pinned to --cores cores (the one-H200 machine has 16; the two-H200 machine 32): the issue's
-          "one H200", whose gate workers are counted from the cores it may use (tuner.run.available_cores)
+    (i)   --gpus 0   pinned to --cores logical CPUs (the one-H200 machine has 16; the two-H200 machine 32), taken
+          as whole physical cores with their hyperthreads (--first-cores: the first --cores CPUs, as session 9's
+          first run did): the issue's "one H200", whose gate workers are counted from the cores it may use
+          (tuner.run.available_cores)
     (ii)  --gpus 0,1 on every core of this host
     (iii) --gpus 0   on every core of this host: the same-machine comparison
 
@@ -56,6 +58,32 @@ def searches(text: str) -> list[list]:
     return [[m.group(1), int(m.group(2))] for line in text.splitlines() if (m := SEARCH_DONE.match(line.strip()))]
 
 
+def physical_cores(cpus: list[int]) -> list[list[int]]:
+    """``cpus`` grouped by physical core (the hyperthreads of one core together, as the kernel's topology lists
+    them), in the order of each core's first logical CPU; one group per CPU where the topology is not readable."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            key = ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+        except OSError:
+            key = ("cpu", str(c))
+        groups.setdefault(key, []).append(c)
+    return list(groups.values())
+
+
+def pinned_cpus(cpus: list[int], n: int) -> list[int]:
+    """``n`` logical CPUs of ``cpus`` made of whole physical cores: a machine sold as n cores with hyperthreading
+    is n / 2 physical cores and their siblings, so taking the first n logical CPUs of a host whose siblings are
+    numbered apart (0-15 and 16-31) would give run (i) n physical cores, twice a one-H200 machine's."""
+    use: list[int] = []
+    for group in physical_cores(cpus):
+        if len(use) + len(group) > n:
+            break
+        use += group
+    return use or cpus[:n]
+
+
 def run(name: str, args: argparse.Namespace, out: Path | None) -> None:
     gpus, pinned = RUNS[name]
     tag = f"{args.op}-{name}-{os.getpid()}"
@@ -68,7 +96,7 @@ def run(name: str, args: argparse.Namespace, out: Path | None) -> None:
            "--output", str(table), "--shapes", *args.shapes]
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
     cores = sorted(os.sched_getaffinity(0))
-    use = cores[: args.cores] if pinned else cores
+    use = (cores[: args.cores] if args.first_cores else pinned_cpus(cores, args.cores)) if pinned else cores
     t0 = time.monotonic()
     timed_out = False
     with open(log_path, "w") as log:
@@ -87,7 +115,8 @@ def run(name: str, args: argparse.Namespace, out: Path | None) -> None:
             rc = proc.wait()
     wall = time.monotonic() - t0
     text = log_path.read_text(errors="replace")
-    row: dict = {"run": name, "op": args.op, "gpus": gpus, "cores": len(use), "rc": rc, "timed_out": timed_out,
+    row: dict = {"run": name, "op": args.op, "gpus": gpus, "cores": len(use), "cpus": use,
+                 "physical_cores": len(physical_cores(use)), "rc": rc, "timed_out": timed_out,
                  "wall_s": round(wall, 1), "trials_per_study": args.trials, "shapes": args.shapes}
     m = PHASES.search(text)
     if m:
@@ -121,6 +150,9 @@ def main() -> None:
     ap.add_argument("--runs", default="ii,i,iii", help="which of i, ii, iii to run, in this order (default ii,i,iii)")
     ap.add_argument("--cores", type=int, default=16, help="cores of run (i), the one-H200 machine's (default 16)")
     ap.add_argument("--limit", type=float, default=150.0, help="seconds before a run is killed (default 150)")
+    ap.add_argument("--first-cores", action="store_true",
+                    help="pin run (i) to the first --cores logical CPUs, whatever physical cores they are (session "
+                         "9's first measurement); default: --cores logical CPUs made of whole physical cores")
     args = ap.parse_args()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in runs if r not in RUNS]
