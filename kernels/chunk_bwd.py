@@ -371,6 +371,11 @@ def default_bwd_config(shape: Shape) -> BwdConfig:
         # run); against float64 (2x2048x4, g down to −10) every gradient within 4e-6 of v's. Measured with bf16 states
         # only: fp16 and fp32 inputs keep "v" where it fits.
         cfg = dataclasses.replace(cfg, state_dtype="bf16", **SPLIT_FALLBACK)
+        # U, Y and K_tail stored in bf16 for the passes, Q_γ in fp32: on an H200 (session 9,
+        # benchmarks/exp_bwd_store.py, 2x2048x4, K = V = 128, g down to −10) dh0's error against float64 stayed at the
+        # fp32 store's 4.86e-4 (Q_γ in bf16 gave 1.60e-3, over the baseline's 1.5e-3), the other gradients within
+        # 3e-5 of it; the bytes of the recompute and both passes fall by a quarter at the anchor (kernels/bwd_spec.py).
+        cfg = dataclasses.replace(cfg, recompute_store="uykt")
     if shape.dtype != "fp32":
         cfg = dataclasses.replace(cfg, **(PASS_TILES_WIDE if shape.K > 128 else PASS_TILES))
     # The forward's rule for its own state pass (kernels/config.py): few state rows along long sequences leave
