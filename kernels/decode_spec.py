@@ -211,6 +211,9 @@ DECODE = register(KernelSpec(
     jit_files=(_HERE / "decode.py",),
     gate_shape=decode_gate_shape,
     output_names=("o", "pool"),
+    # On an H200 (2026-11-30, session 9, `--gpus 1` on a 32-core host: 30 gate workers on one GPU, 2.8 GB each) the
+    # GPU's 140 GB ran out at K = V = 256, B = 512 (a 2 GB state pool): every trial of that study failed its gate.
+    max_gate_workers=8,
 ))
 
 
