@@ -1178,3 +1178,35 @@ def test_gate_workers_count_the_cores_the_run_may_use_not_the_hosts(monkeypatch:
     assert TuneOptions(op="fwd", gpus=(0,)).gate_workers() == 14
     monkeypatch.delattr(os, "sched_getaffinity")  # not Linux: the host's count
     assert TuneOptions(op="fwd", gpus=(0,)).gate_workers() == 30
+
+
+@pytest.mark.parametrize(
+    ("mask", "gpu", "cuda", "nvml"),
+    [(None, 1, "1", "1"), ("2,3", 1, "3", "3"), (" 5 , 4 ", 0, "5", "5"), ("GPU-0f1e", 0, "GPU-0f1e", None)],
+)
+def test_a_worker_is_pinned_to_the_gpu_its_index_names_among_the_visible_ones(
+    mask: str | None, gpu: int, cuda: str, nvml: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --gpus counts the GPUs CUDA_VISIBLE_DEVICES leaves visible, as torch does; a UUID entry passes through, and
+    # NVML (which ignores the mask) gets no index it cannot resolve (no NVML on the CPU machine).
+    from gdn2_tune.tuner import device as device_mod
+    from gdn2_tune.tuner.run import worker_env
+
+    if mask is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
+    monkeypatch.setenv(device_mod.NVML_INDEX_ENV, "7")  # a stale value from a parent must not survive
+    if nvml is None:
+        monkeypatch.setattr(device_mod, "_nvml", lambda: (_ for _ in ()).throw(RuntimeError("no NVML")))
+    env = worker_env(gpu, interpret=False)
+    assert env["CUDA_VISIBLE_DEVICES"] == cuda
+    assert env.get(device_mod.NVML_INDEX_ENV) == nvml
+
+
+def test_a_gpu_index_past_the_visible_ones_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gdn2_tune.tuner.run import worker_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(ValueError, match=r"--gpus: expected an index below 1 .*received 1"):
+        worker_env(1, interpret=False)

@@ -102,6 +102,30 @@ def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def visible_gpu(index: int) -> tuple[str, int | None]:
+    """``--gpus`` counts the GPUs this process sees, as CUDA and torch number them. The CUDA_VISIBLE_DEVICES entry
+    that pins a worker to the index-th of them (the index itself without a mask, else the mask's entry: a number,
+    a UUID or a MIG id), and that GPU's NVML index (NVML ignores the mask; None where it cannot be resolved).
+
+    Before 2026-11-30 a worker got the bare index, so ``CUDA_VISIBLE_DEVICES=1 tune.py tune --gpus 0`` tuned on
+    GPU 0 (session 9: a tune meant for the second GPU ran beside experiments on the first)."""
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return str(index), index
+    entries = [e.strip() for e in mask.split(",") if e.strip()]
+    if not 0 <= index < len(entries):
+        raise ValueError(f"--gpus: expected an index below {len(entries)} (CUDA_VISIBLE_DEVICES={mask!r} makes "
+                         f"{len(entries)} GPU{'s' if len(entries) != 1 else ''} visible), received {index}")
+    entry = entries[index]
+    if entry.isdigit():
+        return entry, int(entry)
+    try:
+        nv = _nvml()
+        return entry, int(nv.nvmlDeviceGetIndex(nv.nvmlDeviceGetHandleByUUID(entry)))
+    except Exception:  # noqa: BLE001 - no NVML, or a MIG id it does not resolve: the telemetry falls back
+        return entry, None
+
+
 def nvml_index() -> int:
     """The NVML index of this process's GPU: set by the tuner, else the first of CUDA_VISIBLE_DEVICES, else 0."""
     if os.environ.get(NVML_INDEX_ENV):

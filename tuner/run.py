@@ -40,7 +40,7 @@ from gdn2_tune.profiles import table
 from gdn2_tune.reports.roofline import percent_of_roof
 from gdn2_tune.tuner import known
 from gdn2_tune.tuner import study as study_mod
-from gdn2_tune.tuner.device import detect_device, telemetry
+from gdn2_tune.tuner.device import detect_device, telemetry, visible_gpu
 from gdn2_tune.tuner.outcome import Outcome, Status
 from gdn2_tune.tuner.progress import ProgressView
 from gdn2_tune.tuner.space import SearchSpace
@@ -161,8 +161,12 @@ def worker_env(gpu: int | None, interpret: bool, preload: str | None = None) -> 
     else:
         env.pop("TRITON_INTERPRET", None)
         if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-            env[NVML_INDEX_ENV] = str(gpu)
+            entry, nvml = visible_gpu(gpu)
+            env["CUDA_VISIBLE_DEVICES"] = entry
+            if nvml is None:
+                env.pop(NVML_INDEX_ENV, None)
+            else:
+                env[NVML_INDEX_ENV] = str(nvml)
     return env
 
 
@@ -795,7 +799,8 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
     log_dir.mkdir(parents=True, exist_ok=True)
     multi = options.gpus is not None and len(options.gpus) > 1
     gpu = None if options.interpret else (options.gpus[0] if options.gpus else None)
-    device = detect_device(gpu, interpret=options.interpret)
+    nvml = None if gpu is None or options.interpret else visible_gpu(gpu)[1]  # NVML numbers GPUs unmasked
+    device = detect_device(nvml, interpret=options.interpret)
     # The constraints check the tuned GPU's limits; the interpreter has none and gets sm90's, as the dispatcher
     # does without a GPU.
     limits = device_limits(None if options.interpret else device.family)
@@ -873,7 +878,7 @@ def tune(options: TuneOptions, worker_index: int = 0) -> RunResult:
                     timeout = study_timeout(options, started, len(specs) - i, len(specs))
                     spec = dataclasses.replace(spec, timeout_s=timeout)
                     prog.started, prog.phase = time.monotonic(), "search"
-                    prog.clocks = telemetry(gpu, interpret=options.interpret).short()
+                    prog.clocks = telemetry(nvml, interpret=options.interpret).short()
                     on_trial = (lambda ev: view.log(ev.line())) if log_trials else None
                     c = study_mod.run_study(study, spec, evaluator, progress=prog, on_update=view.update,
                                             on_trial=on_trial)
