@@ -392,7 +392,7 @@ def test_stale_table_drops_entries_that_todays_constraints_reject(world: World) 
 def test_only_the_stale_op_of_a_table_warns_and_both_keep_serving(world: World) -> None:
     decode = get_spec("decode")
     step = Shape(B=128, T=1, H=16, K=128, V=128, dtype="bf16")
-    tuned = decode.from_flat({**decode.default_config(step).flat(), "num_warps": 2})
+    tuned = decode.from_flat({**decode.default_config(step).flat(), "num_warps": 8})  # not the default's 4
     decode_entry = dataclasses.replace(
         make_entry(step, USER), key=entry_key("decode", step), stage="decode", config=tuned,
         stage_ms={"step": 0.05}, default_stage_ms={"step": 0.1},
