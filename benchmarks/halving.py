@@ -19,6 +19,11 @@ each, so that the three runs fit ~4.5 minutes on the two-H200 host (expected: ~1
 --trials 16 to see (i)'s 14 gate workers take two waves where (iii)'s 30 take one. --limit caps each run (killed,
 reported timed_out).
 
+With --gpu-minutes X the runs are time-boxed as `tune.py tune` is by default instead: each gets X GPU-minutes of
+budget (the wall time X on one GPU, X / 2 with --gpus 0,1) and --trials as its per-study cap, so the question is
+whether two GPUs give each study as many timed trials and as good a best time in half the wall time (session 9
+measured only the fixed-work comparison, 0.78x; a time-boxed run cannot be held up by one long study).
+
 For each run one JSON line (also appended to $OUT/halving.jsonl when $OUT is set): the wall time, the run's own
 "wall time by phase" (setup, search, finalize, roofs), the search time of each study (per search process with
 --gpus 0,1), the gate workers, the timed trials, and per study the best time of the search and the final entry's
@@ -91,9 +96,12 @@ def run(name: str, args: argparse.Namespace, out: Path | None) -> None:
     shutil.rmtree(base, ignore_errors=True)
     run_dir, table, cache, log_path = base / "run", base / "table.json", base / "triton-cache", base / "tune.log"
     cache.mkdir(parents=True)
+    if args.gpu_minutes is None:  # fixed work: no time limit binds
+        limits = ["--timeout", "3000", "--budget-minutes", "100"]
+    else:  # time-boxed: the budget is GPU time, so two GPUs get half the wall time; --timeout stays its default
+        limits = ["--budget-minutes", f"{args.gpu_minutes / len(gpus.split(',')):g}"]
     cmd = [sys.executable, str(ROOT / "tune.py"), "tune", "--op", args.op, "--gpus", gpus, "--trials", str(args.trials),
-           "--timeout", "3000", "--budget-minutes", "100", "--no-progress", "--run-dir", str(run_dir),
-           "--output", str(table), "--shapes", *args.shapes]
+           *limits, "--no-progress", "--run-dir", str(run_dir), "--output", str(table), "--shapes", *args.shapes]
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
     cores = sorted(os.sched_getaffinity(0))
     use = (cores[: args.cores] if args.first_cores else pinned_cpus(cores, args.cores)) if pinned else cores
@@ -117,7 +125,8 @@ def run(name: str, args: argparse.Namespace, out: Path | None) -> None:
     text = log_path.read_text(errors="replace")
     row: dict = {"run": name, "op": args.op, "gpus": gpus, "cores": len(use), "cpus": use,
                  "physical_cores": len(physical_cores(use)), "rc": rc, "timed_out": timed_out,
-                 "wall_s": round(wall, 1), "trials_per_study": args.trials, "shapes": args.shapes}
+                 "wall_s": round(wall, 1), "trials_per_study": args.trials, "gpu_minutes": args.gpu_minutes,
+                 "shapes": args.shapes}
     m = PHASES.search(text)
     if m:
         row["phases_s"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m.group(1))}
@@ -130,9 +139,12 @@ def run(name: str, args: argparse.Namespace, out: Path | None) -> None:
         row["gate_workers"] = data.get("budget", {}).get("gate_workers")
         row["timed_trials"] = sum(1 for t in trials if t.get("state") == "COMPLETE" and t.get("value_ms") is not None)
         best: dict[str, float] = {}
+        timed: dict[str, int] = {}
         for t in trials:
             if t.get("value_ms") is not None:
                 best[t["key"]] = min(best.get(t["key"], float("inf")), t["value_ms"])
+                timed[t["key"]] = timed.get(t["key"], 0) + (t.get("state") == "COMPLETE")
+        row["timed_trials_per_study"] = timed
         row["search_best_ms"] = best
         row["entry_p50_ms"] = {e.get("key", "?"): e.get("timing", {}).get("p50_ms") for e in data.get("entries", [])}
         row["table_wall_s"] = data.get("budget", {}).get("wall_s")
@@ -150,6 +162,9 @@ def main() -> None:
     ap.add_argument("--runs", default="ii,i,iii", help="which of i, ii, iii to run, in this order (default ii,i,iii)")
     ap.add_argument("--cores", type=int, default=16, help="cores of run (i), the one-H200 machine's (default 16)")
     ap.add_argument("--limit", type=float, default=150.0, help="seconds before a run is killed (default 150)")
+    ap.add_argument("--gpu-minutes", type=float, default=None,
+                    help="time-boxed runs: this many GPU-minutes each (wall time X on one GPU, X/2 on two) instead "
+                         "of fixed work; raise --limit to cover it")
     ap.add_argument("--first-cores", action="store_true",
                     help="pin run (i) to the first --cores logical CPUs, whatever physical cores they are (session "
                          "9's first measurement); default: --cores logical CPUs made of whole physical cores")
