@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -828,18 +829,14 @@ def test_the_fused_key_tail_is_a_tunable_of_the_triton_value_side_only() -> None
 # The passes' [K, BV] tiles in two row parts (BwdConfig.k_parts = 2).
 
 
-@pytest.mark.parametrize(("decay", "segments"), [("normal", 0), ("strong", 0), ("strong", 2), ("normal", 3)])
-def test_both_passes_in_two_row_parts_against_float64(decay: str, segments: int) -> None:
-    """entering_states and state_bwd with S and dS as two row parts, against both recurrences in float64 on random
-    per-chunk operands (as the split's test above): K = 40 is held as 32 + 16 rows, so the second part is partly
-    padding and the first ends inside K; V = 32 in two V tiles of 16; five chunks of 32, the last partial; with
-    and without the sequence split (segments of 2 and 3 chunks, the last ragged). Strong decay: γ_C = exp(-10·C·r).
-    bf16 storage stores the fp32 run's values rounded once."""
-    from gdn2_tune.kernels.chunk_bwd import entering_states, state_bwd
-
+def _random_pass_operands(seed: int, decay: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Random per-chunk operands of both passes at B = 2, T = 150, H = 1, K = 40, V = 32, C = 32 (five chunks, the
+    last partial), γ_C = exp(-rate·C·r) with rate 0.02 ("normal") or 10 ("strong"): ``(x, do, h0, dht, the float64
+    reference of both passes, the launchers' common arguments)``."""
     B, T, H, K, V, C = 2, 150, 1, 40, 32, 32
     NT = -(-T // C)
-    gen = torch.Generator().manual_seed(90 + segments + len(decay))
+    gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, s: float = 0.3) -> torch.Tensor:
         return (s * torch.randn(*shape, generator=gen)).to(DEVICE)
@@ -849,8 +846,20 @@ def test_both_passes_in_two_row_parts_against_float64(decay: str, segments: int)
     rate = {"normal": 0.02, "strong": 10.0}[decay]
     x["gamma"] = torch.exp(-rate * C * torch.rand(B * NT, H, K, generator=gen)).to(DEVICE)
     do, h0, dht = rand(B, T, H, V, s=1.0), rand(B, H, K, V, s=1.0), rand(B, H, K, V, s=1.0)
-    want = _passes_reference(x, do, h0, dht, C)
     common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
+    return x, do, h0, dht, _passes_reference(x, do, h0, dht, C), common
+
+
+@pytest.mark.parametrize(("decay", "segments"), [("normal", 0), ("strong", 0), ("strong", 2), ("normal", 3)])
+def test_both_passes_in_two_row_parts_against_float64(decay: str, segments: int) -> None:
+    """entering_states and state_bwd with S and dS as two row parts, against both recurrences in float64 on random
+    per-chunk operands (as the split's test above): K = 40 is held as 32 + 16 rows, so the second part is partly
+    padding and the first ends inside K; V = 32 in two V tiles of 16; five chunks of 32, the last partial; with
+    and without the sequence split (segments of 2 and 3 chunks, the last ragged). Strong decay: γ_C = exp(-10·C·r).
+    bf16 storage stores the fp32 run's values rounded once."""
+    from gdn2_tune.kernels.chunk_bwd import entering_states, state_bwd
+
+    x, do, h0, dht, want, common = _random_pass_operands(90 + segments + len(decay), decay)
     cfg = BwdConfig(BV=16, segment_chunks=segments, k_parts=2)
     hc = entering_states(x, initial_state=h0, cfg=cfg, **common)
     dhc, dh0 = state_bwd(x, do, dht, initial_grad=True, cfg=cfg, **common)
@@ -916,20 +925,7 @@ def test_the_reverse_pass_on_its_own_tile_against_float64(decay: str, segments: 
     entering states' tile)."""
     from gdn2_tune.kernels.chunk_bwd import entering_states, state_bwd
 
-    B, T, H, K, V, C = 2, 150, 1, 40, 32, 32
-    NT = -(-T // C)
-    gen = torch.Generator().manual_seed(95 + segments + len(decay))
-
-    def rand(*shape: int, s: float = 0.3) -> torch.Tensor:
-        return (s * torch.randn(*shape, generator=gen)).to(DEVICE)
-
-    x = {"y": rand(B, T, H, K, s=0.2), "u": rand(B, T, H, V, s=1.0), "kt": rand(B, T, H, K, s=0.2),
-         "qg": rand(B, T, H, K), "aqk": rand(B, T, H, C, s=0.1)}
-    rate = {"normal": 0.02, "strong": 10.0}[decay]
-    x["gamma"] = torch.exp(-rate * C * torch.rand(B * NT, H, K, generator=gen)).to(DEVICE)
-    do, h0, dht = rand(B, T, H, V, s=1.0), rand(B, H, K, V, s=1.0), rand(B, H, K, V, s=1.0)
-    want = _passes_reference(x, do, h0, dht, C)
-    common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
+    x, do, h0, dht, want, common = _random_pass_operands(95 + segments + len(decay), decay)
     cfg = BwdConfig(BV=32, k_parts=2, segment_chunks=segments, reverse_BV=16, reverse_warps=2, reverse_k_parts=1)
     hc = entering_states(x, initial_state=h0, cfg=cfg, **common)
     dhc, dh0 = state_bwd(x, do, dht, initial_grad=True, cfg=cfg, **common)
