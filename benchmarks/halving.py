@@ -48,6 +48,7 @@ DEFAULT_SHAPES = ["8x4096x16x128x128:bf16", "16x2048x8x256x256:bf16", "4x4096x32
 RUNS = {"i": ("0", True), "ii": ("0,1", False), "iii": ("0", False)}  # name: (--gpus, pinned to --cores)
 PHASES = re.compile(r"wall time by phase: (.*?) \(setup")
 SEARCH_DONE = re.compile(r"^(\S+): search (?:taken by this process |joined by this process )?done in (\d+) s")
+TRIAL_LINE = re.compile(r"^(\S+) #\d+: ")  # one per trial a process told (tuner.study.TrialEvent.line)
 
 
 def emit(row: dict, out: Path | None) -> None:
@@ -132,7 +133,14 @@ def run(name: str, args: argparse.Namespace, out: Path | None) -> None:
         row["phases_s"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m.group(1))}
     row["study_search_s"] = searches(text)
     for child in sorted((run_dir / "logs").glob("search-gpu*.log")):
-        row[f"study_search_s_{child.stem}"] = searches(child.read_text(errors="replace"))
+        child_text = child.read_text(errors="replace")
+        row[f"study_search_s_{child.stem}"] = searches(child_text)
+        # Trials each search process told per study: a study both GPUs took trials of was shared (issue 12).
+        told: dict[str, int] = {}
+        for line in child_text.splitlines():
+            if m := TRIAL_LINE.match(line.strip()):
+                told[m.group(1)] = told.get(m.group(1), 0) + 1
+        row[f"trials_told_{child.stem}"] = told
     if table.exists():
         data = json.loads(table.read_text())
         trials = data.get("trials", [])

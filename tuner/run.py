@@ -9,9 +9,10 @@ The study process never launches a kernel: gate workers (one per spare CPU core)
 parallel, one timing worker per GPU measures them one at a time (tuner.worker). With ``gpus=(0, 1, ...)`` one child
 process per GPU, started with the run, takes the next study no GPU has started (StudyQueue, pick_study), so N
 studies are searched at once; a child with none left joins a running study that still has trials to give (trials
-are shared through the storage). The budget is GPU time: each study gets its share of N GPUs' time
-(study_timeout). The parent then finalizes the studies on every GPU at once. Every worker process starts with the
-run (its imports paid while the incumbents are timed), once per run.
+are shared through the storage; the run's last N studies hand theirs out a share at a time, study_sharers). The
+budget is GPU time: each study gets its share of N GPUs' time (study_timeout). The parent then finalizes the
+studies on every GPU at once. Every worker process starts with the run (its imports paid while the incumbents are
+timed), once per run.
 """
 
 from __future__ import annotations
@@ -344,6 +345,14 @@ class Taken:
     key: str
     timeout_s: float | None
     joined: bool  # another process started it; this one helps with what is left of its trials
+    sharers: int = 1  # processes that may search it at once (tuner.study.StudySpec.sharers)
+
+
+def study_sharers(gpus: int, unstarted: int) -> int:
+    """How many per-GPU processes may share a study taken with ``unstarted`` studies left to start: the run's
+    GPUs for one of its last ``gpus`` studies, which a GPU that has finished its own may join; 1 for an earlier
+    one, which is searched alone (no GPU joins while studies are left to start), every gate worker busy."""
+    return max(1, gpus) if unstarted < gpus else 1
 
 
 class StudyQueue:
@@ -404,17 +413,18 @@ class StudyQueue:
             if picked is None:
                 return None
             key, joined = picked
+            remaining = sum(1 for k in order if k not in claims)
             if joined:
                 claim = claims[key]
                 timeout = None if claim.deadline is None else claim.deadline - now
             else:
-                remaining = sum(1 for k in order if k not in claims)
                 committed = sum(max(0.0, c.deadline - now) for c in claims.values()
                                 if c.searchers > 0 and not c.done and c.deadline is not None)
                 timeout = study_timeout(options, started, remaining, len(order), committed_s=committed)
                 claim = claims[key] = Claim(deadline=None if timeout is None else now + timeout)
+                remaining -= 1
             claim.searchers += 1
-            return Taken(key, timeout, joined)
+            return Taken(key, timeout, joined, study_sharers(options.finalizers, remaining))
 
         return self._update(change)
 
@@ -761,7 +771,7 @@ def _search_queue(
     while (taken := queue.take(options, started, frozenset(skip))) is not None:
         skip.add(taken.key)
         spec, prog = by_key[taken.key]
-        spec = dataclasses.replace(spec, timeout_s=taken.timeout_s)
+        spec = dataclasses.replace(spec, timeout_s=taken.timeout_s, sharers=taken.sharers)
         study = load_study(spec, storage, worker_index)
         done = False
         try:
