@@ -3,8 +3,8 @@
     python benchmarks/exp_bwd_parts.py [SHAPE ...] [--rounds N] [--no-accuracy]
 
 Variants are BwdConfig overrides on the built-in default at each shape: ``k_parts`` (the [K, BV] tiles of the
-entering states and the reverse pass as one padded tile or two row parts, kernels/chunk_bwd.py), the passes' V tile
-and warps. Each is fitted as a run fits it (fit_bwd: at K = V = 256 the passes' shared memory leaves one stage), and
+entering states and the reverse pass as one padded tile or two row parts, kernels/chunk_bwd.py), the passes' V tile,
+warps and stages, and the sequence split (WIDE_VARIANTS, ANCHOR_VARIANTS). Each is fitted as a run fits it (fit_bwd: at K = V = 256 the passes' shared memory leaves one stage), and
 its fitted label is printed. Offline sm_90 compiles (benchmarks/compile_bwd_parts.py, triton 3.6) at K = V = 256,
 C = 32, fp32 operands, bf16 S0 / dS_C, one stage: stack bytes (entering states / reverse) one part BV 64 w4 (the
 default) 1184 / 1328, BV 32 w8 0 / 8, BV 64 w8 0 / 576; two parts BV 32 w4 40 / 16, BV 32 w8 0 / 0, BV 64 w8 0 / 80,
@@ -47,22 +47,23 @@ from gdn2_tune.tuner.suite import parse_shape
 
 WIDE = Shape(16, 2048, 8, 256, 256, "bf16")
 ANCHOR = Shape(8, 4096, 16, 128, 128, "bf16")
-# name: BwdConfig overrides of the passes (the built-in bf16 default: BV 64 on 4 warps, one part).
+# name: BwdConfig overrides of the passes on the built-in default (session 10: at K = V = 256 the entering states
+# BV 64 w8 in two parts with two stages, the reverse pass BV 128 w8 in two parts with one, each pass fitting its own
+# stages; session 9 ran both at one). The sequence split cuts each sequence's 64 chunks into segments walked in
+# parallel: 2 or 4 times the programs of the unsplit passes (256 at BV 64 against the H200's 132 SMs).
 WIDE_VARIANTS: dict[str, dict] = {
     "default": {},
-    "k1-BV32-w8": {"BV": 32, "num_warps": 8},
-    "k1-BV64-w8": {"num_warps": 8},
-    "k2-BV32-w4": {"k_parts": 2, "BV": 32},
-    "k2-BV32-w8": {"k_parts": 2, "BV": 32, "num_warps": 8},
-    "k2-BV64-w4": {"k_parts": 2},
-    "k2-BV64-w8": {"k_parts": 2, "num_warps": 8},
-    "k2-BV128-w8": {"k_parts": 2, "BV": 128, "num_warps": 8},
+    "states-s1": {"num_stages": 1},
+    "states-BV32-s3": {"BV": 32, "num_stages": 3},
+    "rev-BV64": {"reverse_BV": 64},
+    "rev-BV64-w4": {"reverse_BV": 64, "reverse_warps": 4},
+    "seg32": {"segment_chunks": 32},
+    "seg16": {"segment_chunks": 16},
 }
 ANCHOR_VARIANTS: dict[str, dict] = {
     "default": {},
-    "k2": {"k_parts": 2},
-    "k2-BV64-w8": {"k_parts": 2, "num_warps": 8},
-    "k1-BV64-w8": {"num_warps": 8},
+    "seg64": {"segment_chunks": 64},
+    "seg32": {"segment_chunks": 32},
 }
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "db", "dw", "dh0")
 PASSES = ("states", "reverse")

@@ -42,6 +42,7 @@ from gdn2_tune.kernels.chunk_bwd import (
     default_bwd_config,
     fit_bwd,
     forward_chunk,
+    pass_operand_bytes,
     recompute_dtype,
     recompute_dtypes,
 )
@@ -114,7 +115,7 @@ def bwd_fit(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> BwdConfig | N
     chunk = forward_chunk(shape, device)
     smem = device.shared_memory_per_block
     try:
-        cfg = fit_bwd(cfg, shape, chunk, recompute_dtype(cfg, shape, chunk, smem).itemsize, smem)
+        cfg = fit_bwd(cfg, shape, chunk, pass_operand_bytes(shape, chunk, smem), smem)
     except ValueError:
         return None
     if cfg.value_side == "torch":

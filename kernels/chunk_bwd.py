@@ -31,8 +31,9 @@ one call:
    next power of two, and at K = 256 the [256, BV] tile stops spilling (sm_90, triton 3.6, fp32 operands, one stage:
    the entering states / reverse pass spill 1184 / 1328 bytes per thread at BV 64 on 4 warps in one part, 0 / 80 on
    8 warps in two, 0 / 0 at BV 32 on 8 warps in two; benchmarks/compile_bwd_parts.py). The segment transitions and
-   the carry (kernels/state.py) hold one tile either way. The reverse pass may take its own V tile, warps and row
-   parts (``BwdConfig.reverse_BV``, ``reverse_warps``, ``reverse_k_parts``; 0: the entering states').
+   the carry (kernels/state.py) hold one tile either way. The reverse pass may take a tile of its own: V tile,
+   warps, row parts and stages (``BwdConfig.reverse_BV``, ``reverse_warps``, ``reverse_k_parts``,
+   ``reverse_stages``; 0: the entering states').
 3. **Local gradients.** Given S0 and dS_C every chunk is an independent function (q, k, v, g, b, w; S0) → (O, S_C),
    differentiated with upstream (dO, dS_C), chunks in groups of bounded memory (:func:`_local_grads`):
    - the value side, every sum over V (R, dR, dA_qk, dQ_γ, dK_tail, dY, dA, dT, dĒ, and dv, dw written straight
@@ -64,6 +65,7 @@ cumsum, sum, triangular solve, gather, index_put onto distinct rows) have no ato
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -218,22 +220,31 @@ class BwdConfig:
     # [KA, BV] and [KB, BV] (kernels/config.state_row_parts), every K-wide product summed over them. The segment
     # transitions and the carry (kernels/state.py) keep one tile either way.
     k_parts: int = 1
-    # The reverse pass's own tile: V tile, warps and row parts, 0 for the entering states' (BV, num_warps,
-    # k_parts). The two passes hold the same [K, BV] state but read different operands (Y, U, K_tail against
-    # Q_γ, K_tail, Y, dO, A_qk) and do two dots per chunk against four, so their best tiles differ: on an H200
-    # (session 9, anchor, benchmarks/exp_bwd_parts.py) the entering states took 0.66 ms at k_parts 2 on 4 warps
-    # and the reverse 1.46 at one part on 8 warps, where either shared tile lost ~0.45 ms. num_stages, the
-    # precision and the sequence split stay shared (the split's transitions and carries run at the entering
-    # states' tile).
+    # The reverse pass's own tile: V tile, warps, row parts and pipelining depth, 0 for the entering states' (BV,
+    # num_warps, k_parts, num_stages; fit_bwd writes them out, as do tables). The two passes hold the same [K, BV] state but read different operands
+    # (Y, U, K_tail against Q_γ, K_tail, Y, dO, A_qk) and do two dots per chunk against four, so their best tiles
+    # differ: on an H200 (session 9, anchor, benchmarks/exp_bwd_parts.py) the entering states took 0.66 ms at
+    # k_parts 2 on 4 warps and the reverse 1.46 at one part on 8 warps, where either shared tile lost ~0.45 ms.
+    # Their shared-memory budgets differ too (the reverse pass stages three [C, K] operands, the entering states
+    # two), so each pass fits its own stages. The precision and the sequence split stay shared (the split's
+    # transitions and carries run at the entering states' tile).
     reverse_BV: int = 0
     reverse_warps: int = 0
     reverse_k_parts: int = 0
+    reverse_stages: int = 0
 
     def reverse_pass(self) -> BwdConfig:
         """The config the reverse pass launches with: its own tile where set, the entering states' elsewhere."""
         return dataclasses.replace(self, BV=self.reverse_BV or self.BV, num_warps=self.reverse_warps or self.num_warps,
-                                   k_parts=self.reverse_k_parts or self.k_parts, reverse_BV=0, reverse_warps=0,
-                                   reverse_k_parts=0)
+                                   k_parts=self.reverse_k_parts or self.k_parts,
+                                   num_stages=self.reverse_stages or self.num_stages, reverse_BV=0, reverse_warps=0,
+                                   reverse_k_parts=0, reverse_stages=0)
+
+    def resolved(self) -> BwdConfig:
+        """The same launches with the reverse pass's tile written out (no field 0): what the space and tables hold."""
+        rev = self.reverse_pass()
+        return dataclasses.replace(self, reverse_BV=rev.BV, reverse_warps=rev.num_warps, reverse_k_parts=rev.k_parts,
+                                   reverse_stages=rev.num_stages)
 
     def label(self) -> str:
         tile = {"v": f"{self.value_BV}", "k": f"{self.value_BK}", "stack": f"{self.value_BK}"}.get(
@@ -242,9 +253,10 @@ class BwdConfig:
         pair = f"-pair{'dot' if self.pair == 'dot' else ''}BK{self.pair_BK}w{self.pair_warps}-{self.pair_precision}"
         seg = f"-seg{self.segment_chunks}" if self.segment_chunks else ""
         seg += f"-k{self.k_parts}" if self.k_parts > 1 else ""
-        if self.reverse_BV or self.reverse_warps or self.reverse_k_parts:
-            rev = self.reverse_pass()
-            seg += f"-revBV{rev.BV}w{rev.num_warps}k{rev.k_parts}"
+        rev = self.reverse_pass()
+        if (rev.BV, rev.num_warps, rev.k_parts, rev.num_stages) != (self.BV, self.num_warps, self.k_parts,
+                                                                    self.num_stages):
+            seg += f"-revBV{rev.BV}w{rev.num_warps}k{rev.k_parts}s{rev.num_stages}"
         store = "" if self.state_dtype == "fp32" else f"-st{self.state_dtype}"
         store += "" if self.recompute_store == "fp32" else f"-rs{self.recompute_store}"
         store += "" if self.key_side == "triton" else f"-key{self.key_side}"
@@ -272,39 +284,49 @@ class BwdConfig:
         return BwdConfig(**data)
 
     def flat(self) -> dict[str, Any]:
-        """The tunables under the space's names (:data:`BWD_SPACE`), e.g. ``{"state.BV": 64, ...}``."""
-        return {p.name: getattr(self, _field(p.name)) for p in BWD_SPACE}
+        """The tunables under the space's names (:data:`BWD_SPACE`), e.g. ``{"state.BV": 64, ...}``, the reverse
+        pass's tile written out (:meth:`resolved`)."""
+        cfg = self.resolved()
+        return {name: getattr(cfg, field) for name, field in BWD_FIELDS.items()}
 
     @staticmethod
     def from_flat(params: dict[str, Any]) -> BwdConfig:
         """The built-in config with the space's tunables set from ``params`` (every name of the space, no other; a
         later field's name may be missing from trials recorded before it existed)."""
-        names = [p.name for p in BWD_SPACE]
         params = {**{n: v for n, v in BWD_LATER_FLAT.items() if n not in params}, **params}
-        if set(params) != set(names):
-            raise ValueError(f"config: expected keys {sorted(names)}, received {sorted(params)}")
-        return dataclasses.replace(DEFAULT_BWD_CONFIG, **{_field(name): params[name] for name in names})
+        if params.keys() != BWD_FIELDS.keys():
+            raise ValueError(f"config: expected keys {sorted(BWD_FIELDS)}, received {sorted(params)}")
+        return BwdConfig(**{field: params[name] for name, field in BWD_FIELDS.items()})  # the rest at the built-in
 
 
 DEFAULT_BWD_CONFIG = BwdConfig()
 # Fields added after bwd tables were written, at the value those entries ran (see BwdConfig.to_dict), and the same
 # under the space's names for recorded trials.
-BWD_LATER_FIELDS: dict[str, Any] = {"k_parts": 1, "reverse_BV": 0, "reverse_warps": 0, "reverse_k_parts": 0}
-BWD_LATER_FLAT: dict[str, Any] = {"state.k_parts": 1, "state.reverse_BV": 0, "state.reverse_warps": 0,
-                                  "state.reverse_k_parts": 0}
+BWD_LATER_FIELDS: dict[str, Any] = {"k_parts": 1, "reverse_BV": 0, "reverse_warps": 0, "reverse_k_parts": 0,
+                                    "reverse_stages": 0}
+BWD_LATER_FLAT: dict[str, Any] = {"state.k_parts": 1}
 
-# What the tuner searches (op "bwd", kernels/bwd_spec.py). The recompute's precision comes first: it couples the
-# stages (its A, Y, U, A_qk feed both of the others). Then the two per-sequence passes ("state.": the entering
-# states' tile, warps and row parts, the reverse pass's own where its reverse_* fields are set, shared stages and
-# precision), then the local gradients ("local.":
-# the pair backward and the fused value side). Fields left out are not tunables: local="autograd" is the
-# cross-check, group_elements bounds memory, pair_BC is the exact-diagonal sub-block.
+# What the tuner searches (op "bwd", kernels/bwd_spec.py), one group per launch that reads the values, so that no
+# constraint reads two groups (the tuner lists each group's feasible values on its own, tuner/space.py): the
+# recompute's precision ("recompute."), the entering states and what both passes share ("state.": tile, stages,
+# precision, sequence split, the stores they read and write), the reverse pass's own tile ("reverse."), the local
+# gradients ("local.": the pair backward and the fused value side). Fields left out are not tunables:
+# local="autograd" is the cross-check, group_elements bounds memory, pair_BC is the exact-diagonal sub-block.
 BWD_SPACE: tuple[Param, ...] = (
-    Param("recompute_precision", INTRA_PRECISIONS, "tl.dot precision of the recomputed intra stage"),
-    Param("state.BV", (16, 32, 64, 128), "V tile of the two per-sequence passes"),
-    Param("state.num_warps", (2, 4, 8), "warps of a per-sequence program"),
-    Param("state.num_stages", (1, 2, 3), "software pipelining depth of the chunk loops"),
+    Param("recompute.precision", INTRA_PRECISIONS, "tl.dot precision of the recomputed intra stage"),
+    Param("state.BV", (16, 32, 64, 128), "V tile of the entering states"),
+    Param("state.num_warps", (2, 4, 8), "warps of an entering-states program"),
+    Param("state.num_stages", (1, 2, 3), "software pipelining depth of the entering states' chunk loop"),
     Param("state.precision", BWD_STATE_PRECISIONS, "dot precision of the passes and the fused value side"),
+    Param("state.segment_chunks", SEGMENT_CHUNKS,
+          "0: one program per (sequence, head, V tile) along the sequence; n: segments of n chunks in parallel"),
+    Param("state.state_dtype", STATE_DTYPES, "storage of S0 and dS_C for the local step (bf16: 16-bit inputs)"),
+    Param("state.recompute_store", RECOMPUTE_STORES, "storage of the recomputed Y, U, Q_γ, K_tail the passes read"),
+    Param("state.k_parts", STATE_K_PARTS, "the entering states' [K, BV] tile as one padded tile or two row parts"),
+    Param("reverse.BV", (16, 32, 64, 128), "V tile of the reverse pass"),
+    Param("reverse.num_warps", (2, 4, 8), "warps of a reverse-pass program"),
+    Param("reverse.k_parts", STATE_K_PARTS, "the reverse pass's [K, BV] tile as one padded tile or two row parts"),
+    Param("reverse.num_stages", (1, 2, 3), "software pipelining depth of the reverse pass's chunk loop"),
     Param("local.pair_BK", (16, 32, 64), "K slice of the pair backward"),
     Param("local.pair_warps", (2, 4, 8), "warps of a pair-backward program"),
     Param("local.pair_precision", PAIR_PRECISIONS, "dot precision of the pair products' off-diagonal blocks"),
@@ -316,17 +338,13 @@ BWD_SPACE: tuple[Param, ...] = (
     Param("local.value_BV", (32, 64, 128), "V tile of the fused value side (value_tile='v' or 'split')"),
     Param("local.value_BK", (16, 32, 64), "K tile of the fused value side (value_tile='k' or 'split')"),
     Param("local.value_warps", (4, 8, 16), "warps of a fused value-side program"),
-    Param("state.segment_chunks", SEGMENT_CHUNKS,
-          "0: one program per (sequence, head, V tile) along the sequence; n: segments of n chunks in parallel"),
-    Param("state.state_dtype", STATE_DTYPES, "storage of S0 and dS_C for the local step (bf16: 16-bit inputs)"),
-    # Written by the recompute, read by the two passes (the recompute's precision stays the coupling parameter).
-    Param("state.recompute_store", RECOMPUTE_STORES, "storage of the recomputed Y, U, Q_γ, K_tail the passes read"),
-    Param("state.k_parts", STATE_K_PARTS, "the passes' [K, BV] tiles as one padded tile or two row parts"),
-    # 0: the entering states' value (one point per distinct launch: an explicit copy of it is refused).
-    Param("state.reverse_BV", (0, 16, 32, 64, 128), "V tile of the reverse pass (0: the entering states' BV)"),
-    Param("state.reverse_warps", (0, 2, 4, 8), "warps of a reverse-pass program (0: the entering states')"),
-    Param("state.reverse_k_parts", (0, *STATE_K_PARTS), "row parts of the reverse pass's dS (0: the entering states')"),
 )
+# The BwdConfig field of each space name: the name without its group ("state.BV" -> "BV"), except where the group
+# names a launch with fields of its own.
+_OWN_FIELDS = {"recompute.precision": "recompute_precision", "reverse.BV": "reverse_BV",
+               "reverse.num_warps": "reverse_warps", "reverse.k_parts": "reverse_k_parts",
+               "reverse.num_stages": "reverse_stages"}
+BWD_FIELDS: dict[str, str] = {p.name: _OWN_FIELDS.get(p.name, p.name.rsplit(".", 1)[-1]) for p in BWD_SPACE}
 
 
 # The two per-sequence passes' tiles for 16-bit inputs, each pass alone on an H200 (session 9, bf16, bf16 states,
@@ -340,11 +358,6 @@ BWD_SPACE: tuple[Param, ...] = (
 # fp32 inputs (3xTF32 dots, fp32 states) were not measured and keep one shared tile.
 PASS_TILES: dict[str, int] = {"k_parts": 2, "reverse_k_parts": 1, "reverse_warps": 8}
 PASS_TILES_WIDE: dict[str, int] = {"k_parts": 2, "num_warps": 8, "BV": 64, "reverse_BV": 128}
-
-
-def _field(name: str) -> str:
-    """The BwdConfig field of a space name: ``"state.BV"`` -> ``"BV"``."""
-    return name.rsplit(".", 1)[-1]
 
 
 def default_bwd_config(shape: Shape) -> BwdConfig:
@@ -391,9 +404,10 @@ def _padded(n: int) -> int:
 
 def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
                       shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> str | None:
-    """Why the reverse pass cannot run ``cfg`` at ``shape`` (None when it can). Its per-chunk operands are those of
-    the fused forward state pass (Q_γ, K_tail, Y [C, K], dO [C, BV], A_qk [C, C]), so the same budgets apply;
-    ``shared_memory``: what one block may use on the GPU (sm90's by default)."""
+    """Why the backward cannot run ``cfg`` at ``shape`` (None when it can): each field one of its legal values, and
+    each per-sequence pass's tile within its budgets (:func:`_pass_infeasibility`) with recomputed operands of
+    ``operand_bytes`` (:func:`pass_operand_bytes`); ``shared_memory``: what one block may use on the GPU (sm90's by
+    default)."""
     if cfg.precision not in BWD_STATE_PRECISIONS:
         return f"precision={cfg.precision!r} is not one of {list(BWD_STATE_PRECISIONS)}"
     if cfg.local_dtype not in LOCAL_DTYPES:
@@ -437,7 +451,8 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
         return f"pair_BC={cfg.pair_BC} must divide chunk={chunk} (>= 16); pair_BK={cfg.pair_BK} a power of two >= 16"
     for name, value, legal in (("reverse_BV", cfg.reverse_BV, (0, 16, 32, 64, 128, 256)),
                                ("reverse_warps", cfg.reverse_warps, (0, 1, 2, 4, 8, 16)),
-                               ("reverse_k_parts", cfg.reverse_k_parts, (0, *STATE_K_PARTS))):
+                               ("reverse_k_parts", cfg.reverse_k_parts, (0, *STATE_K_PARTS)),
+                               ("reverse_stages", cfg.reverse_stages, (0, 1, 2, 3, 4))):
         if value not in legal:
             return f"{name}={value!r} is not one of {list(legal)} (0: the entering states' value)"
     reason = _pass_infeasibility("entering states", cfg, shape, chunk, operand_bytes, shared_memory)
@@ -534,28 +549,33 @@ def value_side_fits(shape: Shape, chunk: int, shared_memory: int = SHARED_MEMORY
     return footprint * SHARED_MEMORY_LIMIT_BYTES <= VALUE_SIDE_MAX_FOOTPRINT * shared_memory
 
 
+def pass_operand_bytes(shape: Shape, chunk: int, shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> int:
+    """The bytes per element of the recomputed operands the passes' budgets are checked at: 4 (fp32) when the
+    reverse pass can stage fp32 operands at the forward's chunk length at its smallest footprint (a V tile of 16,
+    one stage, its K rows in as few padded rows as they fit), else the input dtype's (which fits wherever the
+    forward does). Read from the shape alone, so that no tunable's value changes another's budget: a store of
+    fewer bytes (``recompute_store``) only leaves a budget unspent."""
+    parts = 2 if state_parts_infeasibility(2, shape.K) is None else 1
+    smallest = dataclasses.replace(DEFAULT_BWD_CONFIG, num_stages=1, BV=16, k_parts=parts)
+    if _pass_infeasibility("reverse pass", smallest, shape, chunk, 4, shared_memory) is None:
+        return 4
+    return shape.torch_dtype.itemsize
+
+
 def recompute_dtype(cfg: BwdConfig, shape: Shape, chunk: int,
                     shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> torch.dtype:
-    """The dtype of the recomputed intermediates: fp32 when the reverse pass can stage fp32 operands at the
-    forward's chunk length (at its smallest footprint), else the input dtype (which fits wherever the forward
-    does); the input dtype too under ``recompute_store="input"``."""
-    if cfg.recompute_store == "input":
+    """The dtype of the recomputed intermediates: fp32 where the passes' budgets are checked at fp32
+    (:func:`pass_operand_bytes`), else the input dtype; the input dtype too under ``recompute_store="input"``."""
+    if cfg.recompute_store == "input" or pass_operand_bytes(shape, chunk, shared_memory) < 4:
         return shape.torch_dtype
-    # The reverse pass's footprint alone (the entering states' is smaller): the config's other fields are fitted
-    # after this, so none of their infeasibilities (row parts at a small K, a split of a packed batch) may decide it.
-    rev = cfg.reverse_pass()
-    parts = rev.k_parts if state_parts_infeasibility(rev.k_parts, shape.K) is None else 1
-    smallest = dataclasses.replace(rev, num_stages=1, BV=16, k_parts=parts)
-    if _pass_infeasibility("reverse pass", smallest, shape, chunk, 4, shared_memory) is None:
-        return torch.float32
-    return shape.torch_dtype
+    return torch.float32
 
 
 def recompute_dtypes(cfg: BwdConfig, shape: Shape, chunk: int,
                      shared_memory: int = SHARED_MEMORY_LIMIT_BYTES) -> dict[str, torch.dtype]:
     """The dtype of each recomputed tensor the passes read (``y``, ``u``, ``qg``, ``kt``): the input dtype for those
-    ``cfg.recompute_store`` names (RECOMPUTE_STORE_TENSORS), :func:`recompute_dtype` for the others (which is also
-    what the passes' budgets are checked at: the widest)."""
+    ``cfg.recompute_store`` names (RECOMPUTE_STORE_TENSORS), :func:`recompute_dtype` for the others (none wider
+    than the passes' budgets are checked at)."""
     wide = recompute_dtype(cfg, shape, chunk, shared_memory)
     narrow = RECOMPUTE_STORE_TENSORS.get(cfg.recompute_store, ())
     return {name: shape.torch_dtype if name in narrow else wide for name in ("y", "u", "qg", "kt")}
@@ -563,8 +583,7 @@ def recompute_dtypes(cfg: BwdConfig, shape: Shape, chunk: int,
 
 def _fit(cfg: BwdConfig, shape: Shape, chunk: int) -> tuple[BwdConfig, dict[str, torch.dtype]]:
     """The backward config fitted at the forward's chunk length, and the dtypes of the recomputed intermediates."""
-    dtypes = recompute_dtypes(cfg, shape, chunk)
-    return fit_bwd(cfg, shape, chunk, max(d.itemsize for d in dtypes.values())), dtypes
+    return fit_bwd(cfg, shape, chunk, pass_operand_bytes(shape, chunk)), recompute_dtypes(cfg, shape, chunk)
 
 
 # The value side where the "v" tiling does not fit (K = V = 256 asks for over 227 KiB of shared memory): two
@@ -580,9 +599,9 @@ def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
     """The nearest admissible backward config: where the fused value side does not fit, its split tiling
     (SPLIT_FALLBACK), else the torch value side; no sequence split where it cannot run (a packed batch, one
     segment), one row part where two cannot run (K <= MIN_DOT_DIM), fp32 states for fp32 inputs; BV clipped to V,
-    then fewer stages, then a narrower V tile (the reverse pass's own where it has one and is what does not fit,
-    else the entering states'). A reverse tile that ends up equal to the entering states' reads back as 0 (the
-    same launch: one point of the space)."""
+    then, in each pass whose tile does not fit, fewer stages, then a narrower V tile. The reverse pass's tile comes
+    back written out (:meth:`BwdConfig.resolved`)."""
+    cfg = cfg.resolved()
     cfg = dataclasses.replace(cfg, BV=min(cfg.BV, _padded(shape.V)),
                               reverse_BV=min(cfg.reverse_BV, _padded(shape.V)))
     if cfg.segment_chunks and segment_infeasibility(cfg.segment_chunks, shape, chunk) is not None:
@@ -598,19 +617,21 @@ def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
         split = dataclasses.replace(cfg, **SPLIT_FALLBACK)
         fits = value_side_fits(shape, chunk, shared_memory, split.value_tile, split.value_BK, split.value_BV)
         cfg = split if fits else dataclasses.replace(cfg, value_side="torch")
-    while bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory) is not None:
-        reverse_fails = _pass_infeasibility("reverse pass", cfg.reverse_pass(), shape, chunk, operand_bytes,
-                                            shared_memory) is not None
-        if cfg.num_stages > 1:
-            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-        elif reverse_fails and cfg.reverse_BV > 16:
-            cfg = dataclasses.replace(cfg, reverse_BV=cfg.reverse_BV // 2)
-        elif cfg.BV > 16:
-            cfg = dataclasses.replace(cfg, BV=cfg.BV // 2)
-        else:
-            raise ValueError(f"{cfg.label()}: {bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory)}")
-    own = {"reverse_BV": cfg.BV, "reverse_warps": cfg.num_warps, "reverse_k_parts": cfg.k_parts}
-    return dataclasses.replace(cfg, **{name: 0 for name, same in own.items() if getattr(cfg, name) == same})
+    while (reason := bwd_infeasibility(cfg, shape, chunk, operand_bytes, shared_memory)) is not None:
+        narrower = cfg
+        for which, stages, tile in (("entering states", "num_stages", "BV"),
+                                    ("reverse pass", "reverse_stages", "reverse_BV")):
+            own = narrower if which == "entering states" else narrower.reverse_pass()
+            if _pass_infeasibility(which, own, shape, chunk, operand_bytes, shared_memory) is None:
+                continue
+            if getattr(narrower, stages) > 1:
+                narrower = dataclasses.replace(narrower, **{stages: getattr(narrower, stages) - 1})
+            elif getattr(narrower, tile) > 16:
+                narrower = dataclasses.replace(narrower, **{tile: getattr(narrower, tile) // 2})
+        if narrower == cfg:
+            raise ValueError(f"{cfg.label()}: {reason}")
+        cfg = narrower
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -619,21 +640,24 @@ def fit_bwd(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
 # forward_chunk); a config is admissible when chunk_gdn2_bwd runs it as it is, without fitting it.
 
 
+@functools.lru_cache(maxsize=256)
 def forward_chunk(shape: Shape, device: DeviceLimits) -> int:
-    """The chunk length the backward is tuned and checked at: the forward's built-in config's at ``shape``."""
+    """The chunk length the backward is tuned and checked at: the forward's built-in config's at ``shape`` (kept:
+    every constraint check asks, and fitting the forward's config takes a millisecond)."""
     return default_config(shape, device).chunk
 
 
 def bwd_legal_values(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> str | None:
     """Each tunable one of its space's values, of its type (True would pass for 1 and reach Triton as a bool);
-    every other field at its built-in value (tables serve tunables only)."""
+    every other field at its built-in value (tables serve tunables only). A reverse-pass field at 0 reads as the
+    entering states' value it stands for."""
     if not isinstance(cfg, BwdConfig):
         return f"config: expected a BwdConfig, received {type(cfg).__name__}"
     for p in BWD_SPACE:
-        value = getattr(cfg, _field(p.name))
+        value = getattr(cfg.resolved(), BWD_FIELDS[p.name])
         if type(value) is not type(p.values[0]) or value not in p.values:
             return f"{p.name}={value!r} is not one of {list(p.values)}"
-    tuned = {_field(p.name) for p in BWD_SPACE}
+    tuned = set(BWD_FIELDS.values())
     for f in dataclasses.fields(BwdConfig):
         if f.name not in tuned and getattr(cfg, f.name) != getattr(DEFAULT_BWD_CONFIG, f.name):
             return (f"{f.name}={getattr(cfg, f.name)!r} is not a tunable: the tuned op runs "
@@ -650,8 +674,7 @@ def bwd_fits_forward_chunk(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -
                                                              cfg.value_BV):
         return (f"the fused value side does not fit on chip at chunk={chunk}, K={shape.K}, V={shape.V} on "
                 f"{device.family}: value_side='torch'")
-    operand_bytes = recompute_dtype(cfg, shape, chunk, smem).itemsize
-    return bwd_infeasibility(cfg, shape, chunk, operand_bytes, smem)
+    return bwd_infeasibility(cfg, shape, chunk, pass_operand_bytes(shape, chunk, smem), smem)
 
 
 def bwd_tiles_that_act(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> str | None:
@@ -667,10 +690,6 @@ def bwd_tiles_that_act(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> st
     for name in idle:
         if getattr(cfg, name) != getattr(default, name):
             return f"{name} has no effect here (value_side={cfg.value_side!r}, value_tile={cfg.value_tile!r})"
-    # The reverse pass's own tile set to the entering states' is the 0 point's launch (fit_bwd writes it as 0).
-    for name, same in (("reverse_BV", "BV"), ("reverse_warps", "num_warps"), ("reverse_k_parts", "k_parts")):
-        if getattr(cfg, name) == getattr(cfg, same):
-            return f"{name}={getattr(cfg, name)} repeats {same}: 0 runs the same reverse pass"
     return None
 
 

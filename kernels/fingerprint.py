@@ -101,7 +101,8 @@ def constraint_sources(constraints: Iterable[Callable[..., Any]]) -> list[tuple[
         for node in ast.walk(tree):
             if not isinstance(node, ast.Name):
                 continue
-            value = fn.__globals__.get(node.id)
+            # A cached helper (functools.lru_cache) is followed into the function it wraps.
+            value = getattr(fn.__globals__.get(node.id), "__wrapped__", fn.__globals__.get(node.id))
             if isinstance(value, types.FunctionType) and value.__module__ == fn.__module__:
                 pending.append(value)
             elif isinstance(value, tuple) and any(isinstance(item, types.FunctionType) for item in value):

@@ -14,7 +14,7 @@ import torch
 from gdn2_tune import ops
 from gdn2_tune.kernels import chunk_bwd
 from gdn2_tune.kernels.bwd_spec import BWD_OP
-from gdn2_tune.kernels.chunk_bwd import BwdConfig, forward_chunk, value_side_fits
+from gdn2_tune.kernels.chunk_bwd import BWD_FIELDS, BwdConfig, forward_chunk, value_side_fits
 from gdn2_tune.kernels.config import Shape
 from gdn2_tune.kernels.fingerprint import constraint_sources
 from gdn2_tune.kernels.inputs import make_inputs
@@ -40,12 +40,12 @@ def test_bwd_is_registered_after_the_forward_with_the_real_tunables() -> None:
     spec = get_spec(BWD_OP)
     assert spec.config_type is BwdConfig and spec.stages == ("recompute", "states", "reverse", "local")
     assert [p.name for p in spec.space] == list(BwdConfig().flat())
-    assert {p.name.rsplit(".", 1)[-1] for p in spec.space} == {
+    assert set(BWD_FIELDS.values()) == {
         "recompute_precision", "BV", "num_warps", "num_stages", "precision", "pair_BK", "pair_warps",
         "pair_precision", "pair", "value_side", "value_tile", "value_BV", "value_BK", "value_warps",
         "segment_chunks", "state_dtype", "key_side", "recompute_store", "k_parts", "reverse_BV", "reverse_warps",
-        "reverse_k_parts",
-    }
+        "reverse_k_parts", "reverse_stages",
+    } and list(BWD_FIELDS) == [p.name for p in spec.space]
     assert spec.suite == (ANCHOR, Shape(1, 32768, 16, 128, 128, "bf16"), Shape(32, 1024, 16, 128, 128, "bf16"), WIDE)
 
 
@@ -90,16 +90,15 @@ def test_points_that_time_the_same_kernels_and_non_tunables_are_refused() -> Non
     assert "value_BV has no effect" in (spec.infeasibility(idle, ANCHOR) or "")
     assert "value_BK has no effect" in (spec.infeasibility(dataclasses.replace(cfg, value_BK=64), ANCHOR) or "")
     assert "not a tunable" in (spec.infeasibility(dataclasses.replace(cfg, local="autograd"), ANCHOR) or "")
-    wide = dataclasses.replace(spec.default_config(WIDE), BV=128, num_stages=3)
-    # The default's reverse tile is BV 128: the same tile set twice is the 0 point's launch.
-    assert "repeats BV" in (spec.infeasibility(wide, WIDE) or "")
-    wide = dataclasses.replace(wide, reverse_BV=0)
-    assert "shared memory" in (spec.infeasibility(wide, WIDE) or "")
-    # Only the reverse pass's tile too wide for two stages (fp32 operands): fitting lowers the stages to one.
-    own = dataclasses.replace(spec.default_config(WIDE), num_stages=2, reverse_BV=128)
-    assert "reverse pass needs" in (spec.infeasibility(own, WIDE) or "")
-    fitted = spec.fit_to_shape(own, WIDE)
-    assert fitted is not None and (fitted.num_stages, fitted.BV, fitted.reverse_BV) == (1, 64, 128)
+    # K = V = 256 (fp32 operands): each pass fits its own stages, the reverse pass (three [C, K] operands staged
+    # per chunk against the entering states' two) one at a V tile of 128, the entering states two at 64.
+    wide = spec.default_config(WIDE)
+    assert (wide.BV, wide.num_stages, wide.reverse_BV, wide.reverse_stages) == (64, 2, 128, 1)
+    assert "entering states needs" in (spec.infeasibility(dataclasses.replace(wide, num_stages=3), WIDE) or "")
+    assert "reverse pass needs" in (spec.infeasibility(dataclasses.replace(wide, reverse_stages=2), WIDE) or "")
+    fitted = spec.fit_to_shape(dataclasses.replace(wide, num_stages=3, reverse_stages=3), WIDE)
+    assert fitted is not None and (fitted.num_stages, fitted.BV, fitted.reverse_stages, fitted.reverse_BV) == (
+        2, 64, 1, 128)
     assert "state.BV" in (spec.infeasibility(dataclasses.replace(cfg, BV=True), ANCHOR) or "")
     with pytest.raises(table.TableFieldError, match="BV"):
         table.parse_config({**cfg.to_dict(), "BV": 64.0}, op=BWD_OP)
@@ -107,7 +106,7 @@ def test_points_that_time_the_same_kernels_and_non_tunables_are_refused() -> Non
 
 def test_the_fingerprint_follows_the_constraints_into_the_backward_module() -> None:
     names = {name for name, _ in constraint_sources(get_spec(BWD_OP).constraints)}
-    for helper in ("bwd_infeasibility", "value_side_fits", "recompute_dtype", "forward_chunk"):
+    for helper in ("bwd_infeasibility", "value_side_fits", "pass_operand_bytes", "forward_chunk"):
         assert f"gdn2_tune.kernels.chunk_bwd.{helper}" in names, helper
     assert "gdn2_tune.kernels.chunk_bwd.VALUE_SIDE_MAX_FOOTPRINT" in names
 
@@ -202,12 +201,13 @@ def test_tune_interpret_writes_a_bwd_entry_the_dispatcher_serves_to_the_backward
     out = tmp_path / "bwd.json"
     # Trials with two warps in the per-sequence passes (the default has four; it is re-timed too and may win).
     code = cli.main(["tune", "--op", BWD_OP, "--interpret", "--no-progress", "--trials", "2",
-                     "--param", "state.num_warps=2", "--param", "local.value_side=triton",
+                     "--param", "state.num_warps=2", "--param", "reverse.num_warps=2",
+                     "--param", "local.value_side=triton",
                      "--param", "local.value_tile=v", "--param", "local.value_BV=64",
                      # Neither the sequence split (one segment at T=40) nor bf16 states (fp32 inputs) fit here, and a
                      # TF32 recompute fails the fp32 gate: pinned, so that both trials complete whatever is drawn.
                      "--param", "state.segment_chunks=0", "--param", "state.state_dtype=fp32",
-                     "--param", "recompute_precision=tf32x3",
+                     "--param", "recompute.precision=tf32x3",
                      "--run-dir", str(tmp_path / "run"), "--output", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.out + captured.err

@@ -908,13 +908,13 @@ def test_two_row_parts_are_refused_where_they_cannot_apply_and_read_back_from_ol
     assert "k_parts" not in old and BwdConfig.from_dict(old) == DEFAULT_BWD_CONFIG
     assert BwdConfig.from_dict(two.to_dict()) == two
     flat = {k: v for k, v in DEFAULT_BWD_CONFIG.flat().items() if k != "state.k_parts"}
-    assert BwdConfig.from_flat(flat) == DEFAULT_BWD_CONFIG
-    assert BwdConfig.from_flat(two.flat()) == two and any(p.name == "state.k_parts" for p in BWD_SPACE)
+    assert BwdConfig.from_flat(flat) == DEFAULT_BWD_CONFIG.resolved()
+    assert BwdConfig.from_flat(two.flat()) == two.resolved() and any(p.name == "state.k_parts" for p in BWD_SPACE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reverse pass on a tile of its own (BwdConfig.reverse_BV, reverse_warps, reverse_k_parts; 0: the entering
-# states').
+# The reverse pass on a tile of its own (BwdConfig.reverse_BV, reverse_warps, reverse_k_parts, reverse_stages; 0:
+# the entering states').
 
 
 @pytest.mark.parametrize(("decay", "segments"), [("strong", 0), ("normal", 2)])
@@ -956,13 +956,16 @@ def test_the_reverse_tile_is_fitted_on_its_own_and_reads_back_from_older_tables(
 
     own = BwdConfig(BV=32, k_parts=2, reverse_BV=128, reverse_warps=8, reverse_k_parts=1)
     rev = own.reverse_pass()
-    assert (rev.BV, rev.num_warps, rev.k_parts) == (128, 8, 1) and not (rev.reverse_BV or rev.reverse_warps)
-    assert "-revBV128w8k1" in own.label() and "-rev" not in BwdConfig().label()
-    # Clipped to V, and an own tile equal to the entering states' reads back as 0 (the same launch).
+    assert (rev.BV, rev.num_warps, rev.k_parts, rev.num_stages) == (128, 8, 1, 3) and not rev.reverse_BV
+    assert "-revBV128w8k1s3" in own.label() and "-rev" not in BwdConfig().label()
+    # Fitted, the tile is written out (0 fields become the entering states' values, as tables hold them) and
+    # clipped to V.
     narrow = Shape(2, 256, 4, 64, 32, "bf16")
     fitted = fit_bwd(own, narrow, 32, 4)
-    assert (fitted.BV, fitted.reverse_BV, fitted.reverse_warps, fitted.reverse_k_parts) == (32, 0, 8, 1)
-    assert fit_bwd(BwdConfig(k_parts=2, reverse_k_parts=2), Shape(2, 256, 4, 16, 64, "bf16"), 32, 4).k_parts == 1
+    assert (fitted.BV, fitted.reverse_BV, fitted.reverse_warps, fitted.reverse_k_parts, fitted.reverse_stages) == (
+        32, 32, 8, 1, 3)
+    parts = fit_bwd(BwdConfig(k_parts=2, reverse_k_parts=2), Shape(2, 256, 4, 16, 64, "bf16"), 32, 4)
+    assert (parts.k_parts, parts.reverse_k_parts) == (1, 1)
     # The recomputed operands stay fp32 where the config's row parts are fitted away only later (K = 16).
     k16 = Shape(2, 256, 4, 16, 64, "bf16")
     assert recompute_dtype(default_bwd_config(k16), k16, 32) == torch.float32 == recompute_dtype(own, k16, 32)
@@ -973,15 +976,20 @@ def test_the_reverse_tile_is_fitted_on_its_own_and_reads_back_from_older_tables(
     assert "reverse pass" in str(bwd_infeasibility(tight, wide, 32, 4, shared_memory=120 * 1024))
     small = fit_bwd(tight, wide, 32, 4, shared_memory=120 * 1024)
     assert (small.BV, small.reverse_BV) == (32, 64) and bwd_infeasibility(small, wide, 32, 4, 120 * 1024) is None
+    # Each pass its own stages: the entering states keep three where the reverse pass drops to one.
+    staged = fit_bwd(BwdConfig(BV=32, k_parts=2, reverse_BV=128, reverse_warps=8), wide, 32, 4)
+    assert (staged.num_stages, staged.reverse_stages, staged.reverse_BV) == (3, 1, 128)
     assert "reverse_warps" in str(bwd_infeasibility(BwdConfig(reverse_warps=3), wide, 32, 4))
-    # Entries and trials written before the fields existed ran one shared tile: they read back so.
+    assert "reverse_stages" in str(bwd_infeasibility(BwdConfig(reverse_stages=5), wide, 32, 4))
+    # Entries written before the fields existed ran one shared tile: they read back so (0 is the entering value).
     old = {k: v for k, v in own.to_dict().items() if not k.startswith("reverse_")}
     assert BwdConfig.from_dict(old) == dataclasses.replace(own, reverse_BV=0, reverse_warps=0, reverse_k_parts=0)
     assert "reverse_BV" not in DEFAULT_BWD_CONFIG.to_dict() and BwdConfig.from_dict(own.to_dict()) == own
-    flat = {k: v for k, v in DEFAULT_BWD_CONFIG.flat().items() if ".reverse_" not in k}
-    assert BwdConfig.from_flat(flat) == DEFAULT_BWD_CONFIG
-    assert BwdConfig.from_flat(own.flat()) == own and {"state.reverse_BV", "state.reverse_warps",
-                                                       "state.reverse_k_parts"} <= {p.name for p in BWD_SPACE}
+    # The space holds the tile written out: a config flattens to the launches it runs, and reads back so.
+    assert BwdConfig.from_flat(DEFAULT_BWD_CONFIG.flat()) == DEFAULT_BWD_CONFIG.resolved()
+    assert DEFAULT_BWD_CONFIG.resolved().reverse_pass() == DEFAULT_BWD_CONFIG.reverse_pass()
+    assert BwdConfig.from_flat(own.flat()) == own.resolved() and {
+        "reverse.BV", "reverse.num_warps", "reverse.k_parts", "reverse.num_stages"} <= {p.name for p in BWD_SPACE}
     # The built-in tiles (the measured per-pass bests for 16-bit inputs; fp32 keeps one shared tile).
     for shape in (Shape(8, 4096, 16, 128, 128, "bf16"), Shape(1, 32768, 16, 128, 128, "bf16")):
         d = default_bwd_config(shape).reverse_pass()

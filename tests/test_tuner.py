@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import os
 import shutil
 import signal
@@ -678,6 +679,41 @@ def test_the_sampler_proposes_only_feasible_points_never_twice(shape: Shape, sam
     assert len({study_mod._freeze(p) for p in ev.gated}) == len(ev.gated)
     # The box is mostly infeasible at these shapes: the sampler did reject draws, without storing them.
     assert study.sampler.rejected > 0
+
+
+def _in_feasible_set(feasible: Any, point: Mapping[str, Any]) -> bool:
+    """Whether ``point`` is one of the factored set's: some block's head matches and each group holds its part."""
+    for head, groups in feasible.blocks:
+        if any(point[k] != v for k, v in head):
+            continue
+        if all(tuple(sorted((k, point[k]) for k, _ in parts[0])) in set(parts) for parts in groups):
+            return True
+    return False
+
+
+@pytest.mark.parametrize(("op", "shape"), [
+    pytest.param("fwd", INTERPRET_SHAPE, id="fwd-K32-V32-fp32"),
+    pytest.param("bwd", get_spec("bwd").interpret_shape, id="bwd-interpret"),
+    pytest.param("bwd", Shape(16, 2048, 8, 256, 256, "bf16"), id="bwd-K256-bf16"),
+    pytest.param("decode", get_spec("decode").suite[0], id="decode-B1"),
+])
+def test_the_factored_feasible_set_is_exactly_the_feasible_points(op: str, shape: Shape) -> None:
+    """Every drawn point passes the op's constraints and search rules, and every point of the whole box that passes
+    them is in the set: the groups' separability (SearchSpace.stage_parts) holds for each op's space, the
+    backward's four groups included (fresh random points, a different draw per run)."""
+    space = SearchSpace(op=op)
+    spec, feasible = space.spec, space.feasible(shape)
+    rng = random.Random()
+    for _ in range(200):
+        point = feasible.sample(rng)
+        assert point is not None and spec.search_infeasibility(spec.from_flat(point), shape) is None, point
+    inside = 0
+    for _ in range(3000):
+        point = {p.name: rng.choice(p.values) for p in space.params}
+        ok = spec.search_infeasibility(spec.from_flat(point), shape) is None
+        assert ok == _in_feasible_set(feasible, point), (ok, point)
+        inside += ok
+    assert feasible.size > 0 and (inside > 0 or feasible.size < 1e-3 * space.size()), (inside, feasible.size)
 
 
 def test_an_exhausted_space_ends_the_study_without_duplicates() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -97,10 +98,8 @@ class SearchSpace:
         still be infeasible; the study's sampler proposes only feasible ones.
         """
         seen: dict[str, set[Any]] = {p.name: set() for p in self.params}
-        coupling = self.params[0].name
-        for chunk, intra_parts, state_parts in self.feasible(shape).blocks:
-            seen[coupling].add(chunk)
-            for part in (*intra_parts, *state_parts):
+        for head, groups in self.feasible(shape).blocks:
+            for part in (head, *(part for group in groups for part in group)):
                 for name, value in part:
                     seen[name].add(value)
         return SearchSpace(
@@ -109,85 +108,93 @@ class SearchSpace:
             self.device,
         )
 
-    def stage_parts(self, shape: Shape) -> Iterator[tuple[int, list[dict[str, Any]], list[dict[str, Any]]]]:
-        """Per chunk length: the feasible intra parts and the feasible state parts (each a dict of flat names).
+    def stage_parts(self, shape: Shape) -> Iterator[tuple[dict[str, Any], list[list[dict[str, Any]]]]]:
+        """Per value of the coupling parameter (``{}`` where there is none): each group's feasible parts (dicts of
+        flat names), in the order of :meth:`_factors`.
 
-        Every constraint reads the chunk and one stage's parameters, never both stages, so at a fixed chunk a point
-        is feasible exactly when its intra part and its state part each are. Each part is tested against one
-        feasible partner of the other stage, found first by a short search.
+        No constraint reads two groups' parameters (it may read the coupling one), so at a fixed coupling value a
+        point is feasible exactly when each of its parts is. Each part is tested against one feasible part of
+        every other group, found first by :meth:`_anchor`. The checks grow with the sum of the groups' sizes, not
+        their product: the backward's four groups hold 4 + 18144 + 72 + 34992 parts.
         """
-        chunk_p, intra_p, state_p = self._factors()
-        intra_all = _parts(intra_p)
-        state_all = _parts(state_p)
-        for chunk in chunk_p.values:
-            anchor = self._anchor(shape, chunk, intra_all, state_all)
+        coupling, groups = self._factors()
+        every = [_parts(g) for g in groups]
+        for value in coupling.values if coupling else (None,):
+            head = {coupling.name: value} if coupling else {}
+            anchor = self._anchor(shape, head, every)
             if anchor is None:
                 continue
-            a_intra, a_state = anchor
-            intra_ok = [p for p in intra_all if self._admissible({chunk_p.name: chunk, **p, **a_state}, shape)]
-            state_ok = [p for p in state_all if self._admissible({chunk_p.name: chunk, **a_intra, **p}, shape)]
-            yield chunk, intra_ok, state_ok
+            feasible = []
+            for i, parts in enumerate(every):
+                others = {k: v for j, part in enumerate(anchor) if j != i for k, v in part.items()}
+                feasible.append([p for p in parts if self._admissible({**head, **others, **p}, shape)])
+            yield head, feasible
 
-    def _factors(self) -> tuple[Param, list[Param], list[Param]]:
-        """(coupling parameter, first stage's, second stage's): the space's first parameter couples the stages
-        (the forward's chunk); the others are grouped by their ``stage.`` prefix, in order. A space with one stage
-        (or none) gets an empty second group, which pairs with one empty part."""
-        coupling, rest = self.params[0], list(self.params[1:])
-        prefixes = list(dict.fromkeys(p.name.split(".", 1)[0] for p in rest if "." in p.name))
-        if len(prefixes) > 2 or any("." not in p.name for p in rest) and prefixes:
-            raise ValueError(
-                f"{self.op}: space: expected a coupling parameter then at most two stage.-prefixed groups, "
-                f"received {[p.name for p in self.params]}"
-            )
-        first = [p for p in rest if not prefixes or p.name.startswith(prefixes[0] + ".")]
-        second = [p for p in rest if len(prefixes) == 2 and p.name.startswith(prefixes[1] + ".")]
-        return coupling, first, second
+    def _factors(self) -> tuple[Param | None, list[list[Param]]]:
+        """(coupling parameter or None, groups): a first parameter without a ``group.`` prefix couples the groups
+        (the forward's chunk); the others are grouped by their prefix, in order of first appearance, and unprefixed
+        ones after the first form one group of their own (the decode's: its space has no prefixes)."""
+        coupling = None if "." in self.params[0].name else self.params[0]
+        rest = self.params[1:] if coupling else self.params
+
+        def group(p: Param) -> str:
+            return p.name.split(".", 1)[0] if "." in p.name else ""
+
+        names = list(dict.fromkeys(group(p) for p in rest))
+        return coupling, [[p for p in rest if group(p) == name] for name in names] or [[]]
 
     def _anchor(
-        self, shape: Shape, chunk: int, intra_all: list[dict[str, Any]], state_all: list[dict[str, Any]]
-    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """One feasible (intra part, state part) at ``chunk``, or None when the chunk admits no point.
+        self, shape: Shape, head: dict[str, Any], every: list[list[dict[str, Any]]]
+    ) -> list[dict[str, Any]] | None:
+        """One part per group that together with ``head`` is feasible, or None when ``head`` admits no point.
 
-        Parts are ordered cheapest first (small tiles, many warps), so a feasible pair is usually among the
-        first few; the search gives up after :data:`ANCHOR_SEARCH_LIMIT` checks.
+        The op's built-in config at ``shape`` first, where the space holds its values; then parts in order,
+        cheapest first (small tiles, many warps), so a feasible combination is usually among the first few: the
+        first :data:`ANCHOR_HEAD` of each group, then all, giving up after :data:`ANCHOR_SEARCH_LIMIT` checks.
         """
-        n = 0
-        for i_head in (intra_all[:ANCHOR_HEAD], intra_all):
-            for s in state_all:
-                for p in i_head:
-                    n += 1
-                    if n > ANCHOR_SEARCH_LIMIT:
-                        return None
-                    if self._admissible({self.params[0].name: chunk, **p, **s}, shape):
-                        return p, s
+        candidates = itertools.chain(
+            self._default_parts(shape, every),
+            itertools.product(*(parts[:ANCHOR_HEAD] for parts in every)),
+            itertools.product(*every),
+        )
+        for parts in itertools.islice(candidates, ANCHOR_SEARCH_LIMIT):
+            if self._admissible({**head, **{k: v for part in parts for k, v in part.items()}}, shape):
+                return list(parts)
         return None
 
+    def _default_parts(self, shape: Shape, every: list[list[dict[str, Any]]]) -> Iterator[tuple[dict[str, Any], ...]]:
+        """The op's built-in config at ``shape`` as one part per group, where each part is one of the space's."""
+        flat = self.spec.default_config(shape, self.device).flat()
+        parts = tuple({k: flat[k] for k in group[0]} for group in every)
+        if all(part in group for part, group in zip(parts, every)):
+            yield parts
+
     def grid(self, shape: Shape) -> Iterator[dict[str, Any]]:
-        """Every feasible point at ``shape``, per chunk length as (feasible intra part) x (feasible state part)."""
-        for chunk, intra_parts, state_parts in self.stage_parts(shape):
-            for a, b in itertools.product(intra_parts, state_parts):
-                point = {self.params[0].name: chunk, **a, **b}
+        """Every feasible point at ``shape``, per coupling value as the product of the groups' feasible parts."""
+        for head, groups in self.stage_parts(shape):
+            for parts in itertools.product(*groups):
+                point = {**head, **{k: v for part in parts for k, v in part.items()}}
                 # The separability argument of stage_parts is checked, not assumed: a constraint added later that
-                # couples the stages must not let an infeasible point into the grid.
+                # reads two groups must not let an infeasible point into the grid.
                 if self.check(point, shape)[0] is not None:
                     yield point
 
-
     def _admissible(self, params: dict[str, Any], shape: Shape) -> bool:
-        """:meth:`check` for points built from the space's own values, minus a constraint named ``legal_values``:
-        every value of a SearchSpace is legal by construction (``narrowed`` rejects others), and the forward's
-        re-flattens the config per parameter, 95% of the time of :meth:`stage_parts` (14 s of 15 at the anchor)."""
+        """:meth:`check` for points built from the space's own values, minus the op's legality constraint (named
+        ``legal_values`` or ``<op>_legal_values``): every value of a SearchSpace is legal by construction
+        (``narrowed`` rejects others), and the forward's re-flattens the config per parameter, 95% of the time of
+        :meth:`stage_parts` (14 s of 15 at the anchor)."""
         spec = self.spec
         cfg = spec.from_flat(params)
-        return all(rule(cfg, shape, self.device) is None for rule in spec.constraints if rule.__name__ != "legal_values")
+        return all(
+            rule(cfg, shape, self.device) is None for rule in spec.constraints if not rule.__name__.endswith("legal_values")
+        )
 
     def feasible(self, shape: Shape) -> FeasibleSet:
         """The feasible points at ``shape`` in the factored form of :meth:`stage_parts`. Computed once per process,
         space and shape (~2.5 s at a suite shape on this repo's CPU), and the same for a space and its
         :meth:`for_shape`, which drops only values no feasible point takes."""
         return _feasible(self, shape)
-
-
 
 
 ANCHOR_HEAD = 24
@@ -208,23 +215,26 @@ def freeze(params: Mapping[str, Any]) -> Point:
 
 @dataclass(frozen=True)
 class FeasibleSet:
-    """Every feasible point of a space at one shape, kept factored: per chunk length, the feasible intra parts and
-    the feasible state parts, whose every pairing is feasible (see :meth:`SearchSpace.stage_parts`). Sized and
-    sampled uniformly without listing its (up to ~10^5) points."""
+    """Every feasible point of a space at one shape, kept factored: per block, the coupling value (``head``) and
+    each group's feasible parts, whose every combination is feasible (see :meth:`SearchSpace.stage_parts`). Sized
+    and sampled uniformly without listing its (up to ~10^8) points."""
 
     shape: Shape
-    blocks: tuple[tuple[Any, tuple[Point, ...], tuple[Point, ...]], ...]  # (chunk, intra parts, state parts)
-    coupling: str = "chunk"  # the name of the parameter the blocks are keyed on (the space's first)
+    blocks: tuple[tuple[Point, tuple[tuple[Point, ...], ...]], ...]  # (head, each group's parts)
 
     @property
     def size(self) -> int:
-        return sum(len(intra) * len(state) for _, intra, state in self.blocks)
+        return sum(math.prod(len(parts) for parts in groups) for _, groups in self.blocks)
 
     def _at(self, index: int) -> dict[str, Any]:
-        for chunk, intra, state in self.blocks:
-            n = len(intra) * len(state)
+        for head, groups in self.blocks:
+            n = math.prod(len(parts) for parts in groups)
             if index < n:
-                return {self.coupling: chunk, **dict(intra[index // len(state)]), **dict(state[index % len(state)])}
+                point = dict(head)
+                for parts in reversed(groups):
+                    index, i = divmod(index, len(parts))
+                    point.update(parts[i])
+                return point
             index -= n
         raise IndexError(index)
 
@@ -245,40 +255,35 @@ class FeasibleSet:
 def _feasible(space: SearchSpace, shape: Shape) -> FeasibleSet:
     blocks = tuple(
         block
-        for chunk, intra, state in space.stage_parts(shape)
-        if intra and state
-        for block in _split_by_search_rules(space, shape, chunk, intra, state)
+        for head, groups in space.stage_parts(shape)
+        if all(groups)
+        for block in _split_by_search_rules(space, shape, head, groups)
     )
-    return FeasibleSet(shape, blocks, space.params[0].name)
+    return FeasibleSet(shape, blocks)
 
 
 def _split_by_search_rules(
-    space: SearchSpace, shape: Shape, chunk: Any, intra: list[dict[str, Any]], state: list[dict[str, Any]]
-) -> Iterator[tuple[Any, tuple[Point, ...], tuple[Point, ...]]]:
-    """One block of feasible parts as the blocks whose every pairing the op's search rules also accept.
+    space: SearchSpace, shape: Shape, head: dict[str, Any], groups: list[list[dict[str, Any]]]
+) -> Iterator[tuple[Point, tuple[tuple[Point, ...], ...]]]:
+    """One block of feasible parts as the blocks whose every combination the op's search rules also accept.
 
-    A search rule may couple the stages (the forward's refuses some pairs of intra and state precisions), so the
-    parts are grouped by the values of the parameters the rules read (``SearchRule.reads``) and each pair of
-    groups is kept or dropped whole, checked once on one point of it.
+    A search rule may read several groups (the forward's refuses some pairs of intra and state precisions), so
+    each group's parts are split by the values of the parameters the rules read (``SearchRule.reads``) and each
+    combination of splits is kept or dropped whole, checked once on one point of it.
     """
     rules = space.spec.search_rules
-    if not rules:
-        yield chunk, tuple(freeze(p) for p in intra), tuple(freeze(p) for p in state)
-        return
     reads = sorted({name for rule in rules for name in rule.reads})
 
-    def groups(parts: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    def split(parts: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         out: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for p in parts:
             out.setdefault(tuple(p.get(name) for name in reads), []).append(p)
-        return out
+        return list(out.values())
 
-    coupling = space.params[0].name
-    for a in groups(intra).values():
-        for b in groups(state).values():
-            cfg = space.spec.from_flat({coupling: chunk, **a[0], **b[0]})
-            if space.spec.search_refusal(cfg, shape, space.device) is None:
-                yield chunk, tuple(freeze(p) for p in a), tuple(freeze(p) for p in b)
+    for combo in itertools.product(*(split(parts) for parts in groups)):
+        cfg = space.spec.from_flat({**head, **{k: v for parts in combo for k, v in parts[0].items()}})
+        if not rules or space.spec.search_refusal(cfg, shape, space.device) is None:
+            yield freeze(head), tuple(tuple(freeze(p) for p in parts) for parts in combo)
 
 
 def _parts(params: list[Param]) -> list[dict[str, Any]]:
