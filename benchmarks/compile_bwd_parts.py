@@ -36,20 +36,33 @@ def main() -> int:
                         help="compile the asked tiles and stages as they are (the shared memory may not fit)")
     parser.add_argument("--defaults", action="store_true",
                         help="the built-in config's two passes only, each at its own tile (BwdConfig.reverse_*)")
+    parser.add_argument("--reverse-stages", type=int, default=0,
+                        help="with --defaults: the reverse pass's num_stages (0: the default's)")
+    parser.add_argument("--store", default=None,
+                        help="recompute_store (default: the built-in's); the recomputed operands take its dtypes")
     args = parser.parse_args()
     triton.runtime.driver.set_active(StandInDriver())
-    from gdn2_tune.kernels.chunk_bwd import default_bwd_config, entering_states, fit_bwd, recompute_dtype, state_bwd
+    from gdn2_tune.kernels.chunk_bwd import (
+        default_bwd_config,
+        entering_states,
+        fit_bwd,
+        pass_operand_bytes,
+        recompute_dtypes,
+        state_bwd,
+    )
     from gdn2_tune.kernels.config import Shape
 
     # Small B, T, H (only the constexprs, dtypes and 16-divisibility of the ints decide the compile); none is 1,
     # which Triton would specialise.
     B, T, H, K, V, C = 2, 4 * args.chunk, 2, args.K, args.V, args.chunk
     shape = Shape(16, 2048, 8, K, V, "bf16")
-    base = dataclasses.replace(default_bwd_config(shape), num_stages=args.stages)
-    dt = recompute_dtype(base, shape, C)
+    base = default_bwd_config(shape).resolved()
+    base = dataclasses.replace(base, num_stages=args.stages, reverse_stages=args.reverse_stages or base.reverse_stages,
+                               recompute_store=args.store or base.recompute_store)
+    dts = recompute_dtypes(base, shape, C)
     nc = B * triton.cdiv(T, C)
-    inter = {"y": torch.zeros(B, T, H, K, dtype=dt), "u": torch.zeros(B, T, H, V, dtype=dt),
-             "kt": torch.zeros(B, T, H, K, dtype=dt), "qg": torch.zeros(B, T, H, K, dtype=dt),
+    inter = {"y": torch.zeros(B, T, H, K, dtype=dts["y"]), "u": torch.zeros(B, T, H, V, dtype=dts["u"]),
+             "kt": torch.zeros(B, T, H, K, dtype=dts["kt"]), "qg": torch.zeros(B, T, H, K, dtype=dts["qg"]),
              "aqk": torch.zeros(B, T, H, C), "gamma": torch.zeros(nc, H, K)}
     do = torch.zeros(B, T, H, V, dtype=torch.bfloat16)
     h0, dht = torch.zeros(B, H, K, V), torch.zeros(B, H, K, V)
@@ -60,9 +73,10 @@ def main() -> int:
                                                          for w in (4, 8)]
     for parts, bv, warps in sweep:
         cfg = base if parts is None else dataclasses.replace(
-            base, k_parts=parts, BV=bv, num_warps=warps, reverse_BV=0, reverse_warps=0, reverse_k_parts=0)
+            base, k_parts=parts, BV=bv, num_warps=warps, reverse_BV=0, reverse_warps=0, reverse_k_parts=0,
+            reverse_stages=0)
         if not args.no_fit:
-            cfg = fit_bwd(cfg, shape, C, dt.itemsize)  # fewer stages or a narrower tile, as a run fits
+            cfg = fit_bwd(cfg, shape, C, pass_operand_bytes(shape, C))  # fewer stages or a narrower tile, as a run fits
 
         def step(cfg=cfg) -> None:
             entering_states(inter, initial_state=h0, cfg=cfg, **common)
@@ -71,7 +85,8 @@ def main() -> int:
         for fn, spec in record(step):
             row = compile_one(fn, spec)
             tile = cfg.reverse_pass() if "state_bwd" in row["kernel"] else cfg
-            print(json.dumps({"K": K, "V": V, "C": C, "k_parts": tile.k_parts, "BV": tile.BV, "operands": str(dt),
+            print(json.dumps({"K": K, "V": V, "C": C, "k_parts": tile.k_parts, "BV": tile.BV,
+                              "store": cfg.recompute_store, "operands": {k: str(v) for k, v in dts.items()},
                               "state_dtype": cfg.state_dtype, "precision": cfg.precision,
                               **{k: row[k] for k in ("kernel", "num_warps", "num_stages", "regs",
                                                      "stack_bytes", "shared_bytes", "wall_s")}}),

@@ -105,7 +105,7 @@ def recompute_store_as_accurate_as_the_baseline(cfg: BwdConfig, shape: Shape, de
     return None
 
 
-SEARCH_RULES = (SearchRule(recompute_store_as_accurate_as_the_baseline, ("state.recompute_store",)),)
+SEARCH_RULES = (SearchRule(recompute_store_as_accurate_as_the_baseline, ("recompute_store",)),)
 
 
 def bwd_fit(cfg: BwdConfig, shape: Shape, device: DeviceLimits) -> BwdConfig | None:

@@ -305,14 +305,22 @@ DEFAULT_BWD_CONFIG = BwdConfig()
 BWD_LATER_FIELDS: dict[str, Any] = {"k_parts": 1, "reverse_BV": 0, "reverse_warps": 0, "reverse_k_parts": 0,
                                     "reverse_stages": 0}
 BWD_LATER_FLAT: dict[str, Any] = {"state.k_parts": 1}
+# Measured shared memory of the passes against this budget (sm_90, triton 3.6, benchmarks/compile_bwd_parts.py, C =
+# 32): the per-chunk operands times the stages came within 0.96-1.09 of the compiled footprint (K = V = 256 reverse
+# pass at BV 128, two stages, fp32 operands: 258 KB against 237 counted), never above 1.1 with dO counted at the wide
+# operands' width; with bf16 U, Y, K_tail ("uykt") that pass takes 176 KB at two stages (189 counted), 237 at three.
+PASS_SHARED_MEMORY_MARGIN = 1.1
 
-# What the tuner searches (op "bwd", kernels/bwd_spec.py), one group per launch that reads the values, so that no
-# constraint reads two groups (the tuner lists each group's feasible values on its own, tuner/space.py): the
-# recompute's precision ("recompute."), the entering states and what both passes share ("state.": tile, stages,
-# precision, sequence split, the stores they read and write), the reverse pass's own tile ("reverse."), the local
-# gradients ("local.": the pair backward and the fused value side). Fields left out are not tunables:
-# local="autograd" is the cross-check, group_elements bounds memory, pair_BC is the exact-diagonal sub-block.
+# What the tuner searches (op "bwd", kernels/bwd_spec.py): first the store of the recomputed operands, which couples
+# the groups after it (both passes' shared-memory budgets read its dtypes); then one group per launch that reads the
+# values, so that no constraint reads two groups (the tuner lists each group's feasible values on its own,
+# tuner/space.py): the recompute's precision ("recompute."), the entering states and what both passes share
+# ("state.": tile, stages, precision, sequence split, the stored states), the reverse pass's own tile ("reverse."),
+# the pair backward's tile ("pair.") and the rest of the local gradients ("local.": the pair method, the key side,
+# the fused value side). Fields left out are not tunables: local="autograd" is the cross-check, group_elements
+# bounds memory, pair_BC is the exact-diagonal sub-block.
 BWD_SPACE: tuple[Param, ...] = (
+    Param("recompute_store", RECOMPUTE_STORES, "storage of the recomputed Y, U, Q_γ, K_tail the passes read"),
     Param("recompute.precision", INTRA_PRECISIONS, "tl.dot precision of the recomputed intra stage"),
     Param("state.BV", (16, 32, 64, 128), "V tile of the entering states"),
     Param("state.num_warps", (2, 4, 8), "warps of an entering-states program"),
@@ -321,15 +329,14 @@ BWD_SPACE: tuple[Param, ...] = (
     Param("state.segment_chunks", SEGMENT_CHUNKS,
           "0: one program per (sequence, head, V tile) along the sequence; n: segments of n chunks in parallel"),
     Param("state.state_dtype", STATE_DTYPES, "storage of S0 and dS_C for the local step (bf16: 16-bit inputs)"),
-    Param("state.recompute_store", RECOMPUTE_STORES, "storage of the recomputed Y, U, Q_γ, K_tail the passes read"),
     Param("state.k_parts", STATE_K_PARTS, "the entering states' [K, BV] tile as one padded tile or two row parts"),
     Param("reverse.BV", (16, 32, 64, 128), "V tile of the reverse pass"),
     Param("reverse.num_warps", (2, 4, 8), "warps of a reverse-pass program"),
     Param("reverse.k_parts", STATE_K_PARTS, "the reverse pass's [K, BV] tile as one padded tile or two row parts"),
     Param("reverse.num_stages", (1, 2, 3), "software pipelining depth of the reverse pass's chunk loop"),
-    Param("local.pair_BK", (16, 32, 64), "K slice of the pair backward"),
-    Param("local.pair_warps", (2, 4, 8), "warps of a pair-backward program"),
-    Param("local.pair_precision", PAIR_PRECISIONS, "dot precision of the pair products' off-diagonal blocks"),
+    Param("pair.BK", (16, 32, 64), "K slice of the pair backward"),
+    Param("pair.num_warps", (2, 4, 8), "warps of a pair-backward program"),
+    Param("pair.precision", PAIR_PRECISIONS, "dot precision of the pair products' off-diagonal blocks"),
     Param("local.pair", PAIR_METHODS, "pair backward: diagonal blocks pair by pair, or every product a dot"),
     Param("local.value_side", ("triton", "torch"), "the value side fused in one launch, or batched torch matmuls"),
     Param("local.key_side", ("triton", "fused"),
@@ -343,7 +350,8 @@ BWD_SPACE: tuple[Param, ...] = (
 # names a launch with fields of its own.
 _OWN_FIELDS = {"recompute.precision": "recompute_precision", "reverse.BV": "reverse_BV",
                "reverse.num_warps": "reverse_warps", "reverse.k_parts": "reverse_k_parts",
-               "reverse.num_stages": "reverse_stages"}
+               "reverse.num_stages": "reverse_stages", "pair.BK": "pair_BK", "pair.num_warps": "pair_warps",
+               "pair.precision": "pair_precision"}
 BWD_FIELDS: dict[str, str] = {p.name: _OWN_FIELDS.get(p.name, p.name.rsplit(".", 1)[-1]) for p in BWD_SPACE}
 
 
@@ -463,9 +471,10 @@ def bwd_infeasibility(cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: i
 
 def _pass_infeasibility(which: str, cfg: BwdConfig, shape: Shape, chunk: int, operand_bytes: int,
                         shared_memory: int) -> str | None:
-    """Why one per-sequence pass cannot run its tile (``cfg``'s BV, num_warps, k_parts; None when it can). Per
-    chunk the reverse pass stages Q_γ, K_tail, Y [C, K], dO [C, BV] and A_qk [C, C], the entering states Y,
-    K_tail [C, K] and U [C, BV]."""
+    """Why one per-sequence pass cannot run its tile (``cfg``'s BV, num_warps, k_parts, num_stages; None when it
+    can). Per chunk the reverse pass stages Q_γ, K_tail, Y [C, K], dO [C, BV] and A_qk [C, C], the entering states Y,
+    K_tail [C, K] and U [C, BV]: each recomputed operand at ``operand_bytes``, or the input dtype's where
+    ``cfg.recompute_store`` stores it so, dO at ``operand_bytes`` (see PASS_SHARED_MEMORY_MARGIN)."""
     reason = state_parts_infeasibility(cfg.k_parts, shape.K)
     if reason is not None:
         return f"{which}: {reason}"
@@ -473,12 +482,16 @@ def _pass_infeasibility(which: str, cfg: BwdConfig, shape: Shape, chunk: int, op
     kp, vp = sum(state_row_parts(shape.K, cfg.k_parts)), _padded(shape.V)
     if cfg.BV < 16 or cfg.BV > vp or cfg.BV & (cfg.BV - 1):
         return f"{which}: BV={cfg.BV} must be a power of two in [16, {vp}]"
+    narrow = RECOMPUTE_STORE_TENSORS.get(cfg.recompute_store, ())
+    size = {name: min(operand_bytes, shape.torch_dtype.itemsize) if name in narrow else operand_bytes
+            for name in ("y", "u", "qg", "kt")}
     if which == "reverse pass":  # A_qk is recomputed in fp32 whatever the other operands' dtype
-        per_stage = operand_bytes * (3 * chunk * kp + chunk * cfg.BV) + 4 * chunk * chunk
+        per_stage = chunk * kp * (size["qg"] + size["kt"] + size["y"]) + chunk * cfg.BV * operand_bytes + 4 * chunk * chunk
     else:
-        per_stage = operand_bytes * (2 * chunk * kp + chunk * cfg.BV)
-    if int(1.1 * max(1, cfg.num_stages) * per_stage) > shared_memory:
-        return f"{which} needs ~{int(1.1 * cfg.num_stages * per_stage) // 1024} KiB of shared memory"
+        per_stage = chunk * kp * (size["y"] + size["kt"]) + chunk * cfg.BV * size["u"]
+    need = int(PASS_SHARED_MEMORY_MARGIN * max(1, cfg.num_stages) * per_stage)
+    if need > shared_memory:
+        return f"{which} needs ~{need // 1024} KiB of shared memory"
     live = kp * cfg.BV + 2 * chunk * cfg.BV  # S or dS, and two [C, BV] tiles (R or dR, U or dO)
     if live / (cfg.num_warps * THREADS_PER_WARP) > MAX_REGISTERS_PER_THREAD:
         return f"{which} holds more fp32 values per thread than the register file allows"

@@ -90,13 +90,15 @@ def test_points_that_time_the_same_kernels_and_non_tunables_are_refused() -> Non
     assert "value_BV has no effect" in (spec.infeasibility(idle, ANCHOR) or "")
     assert "value_BK has no effect" in (spec.infeasibility(dataclasses.replace(cfg, value_BK=64), ANCHOR) or "")
     assert "not a tunable" in (spec.infeasibility(dataclasses.replace(cfg, local="autograd"), ANCHOR) or "")
-    # K = V = 256 (fp32 operands): each pass fits its own stages, the reverse pass (three [C, K] operands staged
-    # per chunk against the entering states' two) one at a V tile of 128, the entering states two at 64.
+    # K = V = 256: each pass fits its own stages, against the bytes of the operands it stages (the reverse pass
+    # three [C, K] operands per chunk, the entering states two; the built-in store keeps Q_γ alone in fp32).
     wide = spec.default_config(WIDE)
-    assert (wide.BV, wide.num_stages, wide.reverse_BV, wide.reverse_stages) == (64, 2, 128, 1)
-    assert "entering states needs" in (spec.infeasibility(dataclasses.replace(wide, num_stages=3), WIDE) or "")
-    assert "reverse pass needs" in (spec.infeasibility(dataclasses.replace(wide, reverse_stages=2), WIDE) or "")
-    fitted = spec.fit_to_shape(dataclasses.replace(wide, num_stages=3, reverse_stages=3), WIDE)
+    assert (wide.BV, wide.num_stages, wide.reverse_BV, wide.reverse_stages, wide.recompute_store) == (
+        64, 3, 128, 2, "uykt")
+    assert "reverse pass needs" in (spec.infeasibility(dataclasses.replace(wide, reverse_stages=3), WIDE) or "")
+    fp32 = dataclasses.replace(wide, recompute_store="fp32")
+    assert "entering states needs" in (spec.infeasibility(fp32, WIDE) or "")
+    fitted = spec.fit_to_shape(fp32, WIDE)
     assert fitted is not None and (fitted.num_stages, fitted.BV, fitted.reverse_stages, fitted.reverse_BV) == (
         2, 64, 1, 128)
     assert "state.BV" in (spec.infeasibility(dataclasses.replace(cfg, BV=True), ANCHOR) or "")

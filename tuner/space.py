@@ -148,26 +148,37 @@ class SearchSpace:
     ) -> list[dict[str, Any]] | None:
         """One part per group that together with ``head`` is feasible, or None when ``head`` admits no point.
 
-        The op's built-in config at ``shape`` first, where the space holds its values; then parts in order,
-        cheapest first (small tiles, many warps), so a feasible combination is usually among the first few: the
-        first :data:`ANCHOR_HEAD` of each group, then all, giving up after :data:`ANCHOR_SEARCH_LIMIT` checks.
+        First the op's built-in config at ``shape`` with ``head`` set, as it is and fitted to the shape (where the
+        space holds its values); then, from the fitted one (or each group's first part), one group at a time
+        through all its parts with the others held, giving up after :data:`ANCHOR_SEARCH_LIMIT` checks.
         """
-        candidates = itertools.chain(
-            self._default_parts(shape, every),
-            itertools.product(*(parts[:ANCHOR_HEAD] for parts in every)),
-            itertools.product(*every),
-        )
-        for parts in itertools.islice(candidates, ANCHOR_SEARCH_LIMIT):
+        starts = list(self._default_parts(shape, head, every))
+        start = starts[-1] if starts else tuple(parts[0] for parts in every)
+
+        def swaps() -> Iterator[tuple[dict[str, Any], ...]]:
+            for i, parts in enumerate(every):
+                for p in parts:
+                    yield (*start[:i], p, *start[i + 1 :])
+
+        for parts in itertools.islice(itertools.chain(starts, swaps()), ANCHOR_SEARCH_LIMIT):
             if self._admissible({**head, **{k: v for part in parts for k, v in part.items()}}, shape):
                 return list(parts)
         return None
 
-    def _default_parts(self, shape: Shape, every: list[list[dict[str, Any]]]) -> Iterator[tuple[dict[str, Any], ...]]:
-        """The op's built-in config at ``shape`` as one part per group, where each part is one of the space's."""
-        flat = self.spec.default_config(shape, self.device).flat()
-        parts = tuple({k: flat[k] for k in group[0]} for group in every)
-        if all(part in group for part, group in zip(parts, every)):
-            yield parts
+    def _default_parts(
+        self, shape: Shape, head: dict[str, Any], every: list[list[dict[str, Any]]]
+    ) -> Iterator[tuple[dict[str, Any], ...]]:
+        """The op's built-in config at ``shape`` with ``head`` set, then the same fitted to ``shape`` (the op's
+        ``fit``), each as one part per group where each part is one of the space's."""
+        spec = self.spec
+        default = {**spec.default_config(shape, self.device).flat(), **head}
+        fitted = spec.fit_to_shape(spec.from_flat(default), shape, self.device)
+        for flat in (default, None if fitted is None else fitted.flat()):
+            if flat is None:
+                continue
+            parts = tuple({k: flat[k] for k in group[0]} for group in every)
+            if all(part in group for part, group in zip(parts, every)):
+                yield parts
 
     def grid(self, shape: Shape) -> Iterator[dict[str, Any]]:
         """Every feasible point at ``shape``, per coupling value as the product of the groups' feasible parts."""
@@ -197,7 +208,6 @@ class SearchSpace:
         return _feasible(self, shape)
 
 
-ANCHOR_HEAD = 24
 ANCHOR_SEARCH_LIMIT = 4_000  # ~0.5 s: a chunk length with no feasible point must not stall a study
 # Below this many feasible points a sampler that wants an unseen one gets it by listing them all; above, by drawing
 # (with at most a few thousand trials per study, a draw from a larger set is almost never a seen point).
