@@ -253,12 +253,13 @@ def build_specs(
         warm = known.warm_start(shape, op.name, tables, (served or {}).get(key), options.trials, device)
         trials = options.trials
         if options.sampler == "grid":
-            grid = list(space.grid(shape))
-            if len(grid) > study_mod.GRID_MAX_POINTS:
+            size = space.feasible(shape).size  # counted, not listed: the bwd space holds ~10^10 points
+            if size > study_mod.GRID_MAX_POINTS:
                 raise ValueError(
-                    f"--sampler grid: {len(grid)} feasible points at {shape.label()}, expected at most "
+                    f"--sampler grid: {size} feasible points at {shape.label()}, expected at most "
                     f"{study_mod.GRID_MAX_POINTS}; narrow the space with --param NAME=V1,V2"
                 )
+            grid = list(space.grid(shape))
             warm = warm + grid
             trials = len(grid)
         specs.append(
