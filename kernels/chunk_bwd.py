@@ -364,8 +364,13 @@ BWD_FIELDS: dict[str, str] = {p.name: _OWN_FIELDS.get(p.name, p.name.rsplit(".",
 #   two parts BV 128 w8 2.03 / 2.73, one part BV 64 w8 1.91 / 3.58. The entering states at BV 64 (sm_90, triton
 #   3.6: no spills, where BV 128 spills 680 B per thread), the reverse at BV 128 in two parts on 8 warps.
 # fp32 inputs (3xTF32 dots, fp32 states) were not measured and keep one shared tile.
+# Session 10 (each pass its own stages, the "uykt" store; benchmarks/results/bwd-parts-stages-h200-2026-11-30-s10.jsonl
+# and bench_bwd the same day), K = V = 256, forward + backward: entering states 2 stages / reverse 1 took 12.60 ms
+# (the passes 1.13 / 1.91), both at 1 13.08 (states 1.61), 3 / 2 (the most that fit: 74 / 176 KB of shared memory,
+# so one reverse-pass block per SM where one stage's 98 KB leaves room for two) 12.97.
 PASS_TILES: dict[str, int] = {"k_parts": 2, "reverse_k_parts": 1, "reverse_warps": 8}
-PASS_TILES_WIDE: dict[str, int] = {"k_parts": 2, "num_warps": 8, "BV": 64, "reverse_BV": 128}
+PASS_TILES_WIDE: dict[str, int] = {"k_parts": 2, "num_warps": 8, "BV": 64, "num_stages": 2, "reverse_BV": 128,
+                                   "reverse_stages": 1}
 
 
 def default_bwd_config(shape: Shape) -> BwdConfig:

@@ -94,9 +94,10 @@ def test_points_that_time_the_same_kernels_and_non_tunables_are_refused() -> Non
     # three [C, K] operands per chunk, the entering states two; the built-in store keeps Q_γ alone in fp32).
     wide = spec.default_config(WIDE)
     assert (wide.BV, wide.num_stages, wide.reverse_BV, wide.reverse_stages, wide.recompute_store) == (
-        64, 3, 128, 2, "uykt")
+        64, 2, 128, 1, "uykt")
+    assert spec.infeasibility(dataclasses.replace(wide, num_stages=3, reverse_stages=2), WIDE) is None
     assert "reverse pass needs" in (spec.infeasibility(dataclasses.replace(wide, reverse_stages=3), WIDE) or "")
-    fp32 = dataclasses.replace(wide, recompute_store="fp32")
+    fp32 = dataclasses.replace(wide, recompute_store="fp32", num_stages=3, reverse_stages=3)
     assert "entering states needs" in (spec.infeasibility(fp32, WIDE) or "")
     fitted = spec.fit_to_shape(fp32, WIDE)
     assert fitted is not None and (fitted.num_stages, fitted.BV, fitted.reverse_stages, fitted.reverse_BV) == (
