@@ -60,6 +60,8 @@ def main() -> int:
     assert profile is not None, problems
     baseline = fla_op(untuned=True)  # its errors barely depend on the tiling (bench_bwd.fla_op)
     out = Path(os.environ["OUT"]) / "bwd_entry_accuracy.jsonl" if os.environ.get("OUT") else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
     for entry in profile.entries:
         if entry.stage != "bwd":
             continue
