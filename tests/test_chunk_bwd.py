@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1020,3 +1021,28 @@ def test_recompute_store_subsets_against_float64(store: str) -> None:
     ours, ref = _grads_with(shape, bcfg, seed=68, decay="strong")
     errs = {name: rel_err(ours[name], ref[name]) for name in ref}
     assert all(e < BF16_STATES_TOL for e in errs.values()), errs
+
+
+def test_the_passes_budget_refuses_every_config_measured_over_the_shared_memory_limit() -> None:
+    """tests/data/bwd_pass_shared_memory.json holds the compiled shared memory of both passes (sm_90, triton 3.6,
+    benchmarks/compile_bwd_smem.py: every store, V tiles 64 and 128, 1-3 stages, K = V = 128 and 256). Every config
+    over the limit is refused by the budget (one that is not fails to compile where it is launched), and the budget
+    still accepts most of those that fit."""
+    import json
+
+    from gdn2_tune.kernels.chunk_bwd import _pass_infeasibility, default_bwd_config, pass_operand_bytes
+
+    data = json.loads((Path(__file__).parent / "data" / "bwd_pass_shared_memory.json").read_text())
+    limit, accepted_that_fit, fit = data["limit"], 0, 0
+    for row in data["rows"]:
+        shape = Shape(16, 2048, 8, row["K"], row["K"], "bf16")
+        cfg = dataclasses.replace(
+            default_bwd_config(shape).resolved(), recompute_store=row["store"], BV=row["BV"], num_stages=row["stages"],
+            reverse_BV=row["BV"], reverse_stages=row["stages"], k_parts=2, reverse_k_parts=2, num_warps=8,
+            reverse_warps=8)
+        tile = cfg.reverse_pass() if row["pass"] == "reverse pass" else cfg
+        ok = _pass_infeasibility(row["pass"], tile, shape, 32, pass_operand_bytes(shape, 32), limit) is None
+        assert not (ok and row["smem"] > limit), row
+        fit += row["smem"] <= limit
+        accepted_that_fit += ok
+    assert len(data["rows"]) == 120 and accepted_that_fit >= 0.85 * fit, (accepted_that_fit, fit)
