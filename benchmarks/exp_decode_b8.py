@@ -20,12 +20,16 @@ six input loads as cp.async together with the state's), keeps every load masked 
 issue the input loads before the slot index arrives; ours (static dims) loads the state under a branch on the slot's
 validity, after which come the inputs. The candidates (all existing DecodeConfig options; no kernel change):
 
-- ``fla-grid`` (K=128): the baseline's tile and warps, BV=32 on 4 warps: half the programs, 128-byte rows.
+- ``fla-grid`` (K=128): the baseline's tile and warps, BV=32 on 4 warps: half the programs, 128-byte rows (64
+  registers; 96 pipelined). Every candidate compiles for sm_90 (triton 3.6) without spills.
 - ``fla-grid-pipe`` (K=128) / ``pipe`` (K=256): that grid with the token loop pipelined 2 deep, the baseline's
   structure (K=256: 159 registers, 3 programs per SM as the baseline's 148).
 - ``pipe`` (K=128): the table's tile, pipelined 2 deep (96 registers).
 - ``masked``: the table config without static dims: no branch on the slot's validity, so the input loads may be
-  issued before the slot index arrives, as in the baseline.
+  issued before the slot index arrives, as in the baseline. Read off the sm_90 SASS at K=128, B=8: the table
+  config issues the index load, branches, then the 8 LDG.128 of the state, then the inputs; ``masked`` issues the
+  index load, then the inputs, then the state's predicated loads (the baseline: the index, its prologue's LDGSTS
+  copies, then the state). 76 registers at K=128 (64 with static dims), 138 at K=256 (3 programs per SM).
 - ``w4`` (K=128): the table's [128, 16] tile on 4 warps (48 registers): twice the loads in flight per program.
 - ``w8`` (K=256): [256, 32] on 8 warps (64 registers, 4 programs per SM).
 - ``narrow`` (K=256): [256, 16] on 2 warps (120 registers, 8 programs per SM, 2048 programs).
