@@ -25,6 +25,29 @@ import triton
 from compile_cost import StandInDriver, compile_one, record
 
 
+def pass_step(cfg, shape, C: int):
+    """A callable that launches both passes once at ``cfg`` on zero operands of ``shape``'s K and V and chunk ``C``
+    (the recomputed operands in ``cfg``'s stored dtypes): what :func:`compile_cost.record` records. Small B, T, H
+    (only the constexprs, dtypes and 16-divisibility of the ints decide the compile); none is 1, which Triton would
+    specialise."""
+    from gdn2_tune.kernels.chunk_bwd import entering_states, recompute_dtypes, state_bwd
+
+    B, T, H, K, V = 2, 4 * C, 2, shape.K, shape.V
+    dts = recompute_dtypes(cfg, shape, C)
+    inter = {"y": torch.zeros(B, T, H, K, dtype=dts["y"]), "u": torch.zeros(B, T, H, V, dtype=dts["u"]),
+             "kt": torch.zeros(B, T, H, K, dtype=dts["kt"]), "qg": torch.zeros(B, T, H, K, dtype=dts["qg"]),
+             "aqk": torch.zeros(B, T, H, C), "gamma": torch.zeros(B * triton.cdiv(T, C), H, K)}
+    do = torch.zeros(B, T, H, V, dtype=torch.bfloat16)
+    h0, dht = torch.zeros(B, H, K, V), torch.zeros(B, H, K, V)
+    common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
+
+    def step() -> None:
+        entering_states(inter, initial_state=h0, cfg=cfg, **common)
+        state_bwd(inter, do, dht, initial_grad=True, cfg=cfg, **common)
+
+    return step
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--K", type=int, default=256)
@@ -42,31 +65,15 @@ def main() -> int:
                         help="recompute_store (default: the built-in's); the recomputed operands take its dtypes")
     args = parser.parse_args()
     triton.runtime.driver.set_active(StandInDriver())
-    from gdn2_tune.kernels.chunk_bwd import (
-        default_bwd_config,
-        entering_states,
-        fit_bwd,
-        pass_operand_bytes,
-        recompute_dtypes,
-        state_bwd,
-    )
+    from gdn2_tune.kernels.chunk_bwd import default_bwd_config, fit_bwd, pass_operand_bytes, recompute_dtypes
     from gdn2_tune.kernels.config import Shape
 
-    # Small B, T, H (only the constexprs, dtypes and 16-divisibility of the ints decide the compile); none is 1,
-    # which Triton would specialise.
-    B, T, H, K, V, C = 2, 4 * args.chunk, 2, args.K, args.V, args.chunk
+    K, V, C = args.K, args.V, args.chunk
     shape = Shape(16, 2048, 8, K, V, "bf16")
     base = default_bwd_config(shape).resolved()
     base = dataclasses.replace(base, num_stages=args.stages, reverse_stages=args.reverse_stages or base.reverse_stages,
                                recompute_store=args.store or base.recompute_store)
     dts = recompute_dtypes(base, shape, C)
-    nc = B * triton.cdiv(T, C)
-    inter = {"y": torch.zeros(B, T, H, K, dtype=dts["y"]), "u": torch.zeros(B, T, H, V, dtype=dts["u"]),
-             "kt": torch.zeros(B, T, H, K, dtype=dts["kt"]), "qg": torch.zeros(B, T, H, K, dtype=dts["qg"]),
-             "aqk": torch.zeros(B, T, H, C), "gamma": torch.zeros(nc, H, K)}
-    do = torch.zeros(B, T, H, V, dtype=torch.bfloat16)
-    h0, dht = torch.zeros(B, H, K, V), torch.zeros(B, H, K, V)
-    common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
     # With --defaults, the built-in config alone (each pass at its own tile, BwdConfig.reverse_*); else the sweep,
     # both passes at the swept tile.
     sweep = [(None, None, None)] if args.defaults else [(p, b, w) for p in (1, 2) for b in (32, 64, 128)
@@ -77,12 +84,7 @@ def main() -> int:
             reverse_stages=0)
         if not args.no_fit:
             cfg = fit_bwd(cfg, shape, C, pass_operand_bytes(shape, C))  # fewer stages or a narrower tile, as a run fits
-
-        def step(cfg=cfg) -> None:
-            entering_states(inter, initial_state=h0, cfg=cfg, **common)
-            state_bwd(inter, do, dht, initial_grad=True, cfg=cfg, **common)
-
-        for fn, spec in record(step):
+        for fn, spec in record(pass_step(cfg, shape, C)):
             row = compile_one(fn, spec)
             tile = cfg.reverse_pass() if "state_bwd" in row["kernel"] else cfg
             print(json.dumps({"K": K, "V": V, "C": C, "k_parts": tile.k_parts, "BV": tile.BV,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch
 import triton
+from compile_bwd_parts import pass_step
 from compile_cost import StandInDriver, compile_one, record
 
 LIMIT = 232448  # sm_90's shared memory per block
@@ -31,8 +31,8 @@ def main() -> int:
     from gdn2_tune.kernels.config import Shape
 
     K = int(sys.argv[1]) if len(sys.argv) > 1 else 256
-    V, C, B, T, H = K, 32, 2, 128, 2
-    shape = Shape(16, 2048, 8, K, V, "bf16")
+    C = 32
+    shape = Shape(16, 2048, 8, K, K, "bf16")
     operand_bytes = cb.pass_operand_bytes(shape, C)
     for store in STORES:
         for bv in (64, 128):
@@ -40,20 +40,7 @@ def main() -> int:
                 cfg = dataclasses.replace(
                     cb.default_bwd_config(shape).resolved(), recompute_store=store, BV=bv, num_stages=stages,
                     reverse_BV=bv, reverse_stages=stages, k_parts=2, reverse_k_parts=2, num_warps=8, reverse_warps=8)
-                dts = cb.recompute_dtypes(cfg, shape, C)
-                nc = B * triton.cdiv(T, C)
-                inter = {"y": torch.zeros(B, T, H, K, dtype=dts["y"]), "u": torch.zeros(B, T, H, V, dtype=dts["u"]),
-                         "kt": torch.zeros(B, T, H, K, dtype=dts["kt"]), "qg": torch.zeros(B, T, H, K, dtype=dts["qg"]),
-                         "aqk": torch.zeros(B, T, H, C), "gamma": torch.zeros(nc, H, K)}
-                do = torch.zeros(B, T, H, V, dtype=torch.bfloat16)
-                h0, dht = torch.zeros(B, H, K, V), torch.zeros(B, H, K, V)
-                common = {"chunk": C, "cu_seqlens": None, "chunk_offsets": None, "num_seqs": B}
-
-                def step(cfg=cfg, inter=inter, do=do, h0=h0, dht=dht, common=common) -> None:
-                    cb.entering_states(inter, initial_state=h0, cfg=cfg, **common)
-                    cb.state_bwd(inter, do, dht, initial_grad=True, cfg=cfg, **common)
-
-                for fn, spec in record(step):
+                for fn, spec in record(pass_step(cfg, shape, C)):
                     row = compile_one(fn, spec)
                     which = "reverse pass" if "state_bwd" in row["kernel"] else "entering states"
                     tile = cfg.reverse_pass() if which == "reverse pass" else cfg
