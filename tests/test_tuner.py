@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import os
+import random
 import shutil
 import signal
 import socket
