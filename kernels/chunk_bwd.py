@@ -221,10 +221,11 @@ class BwdConfig:
     # transitions and the carry (kernels/state.py) keep one tile either way.
     k_parts: int = 1
     # The reverse pass's own tile: V tile, warps, row parts and pipelining depth, 0 for the entering states' (BV,
-    # num_warps, k_parts, num_stages; fit_bwd writes them out, as do tables). The two passes hold the same [K, BV] state but read different operands
-    # (Y, U, K_tail against Q_γ, K_tail, Y, dO, A_qk) and do two dots per chunk against four, so their best tiles
-    # differ: on an H200 (session 9, anchor, benchmarks/exp_bwd_parts.py) the entering states took 0.66 ms at
-    # k_parts 2 on 4 warps and the reverse 1.46 at one part on 8 warps, where either shared tile lost ~0.45 ms.
+    # num_warps, k_parts, num_stages; fit_bwd writes them out, as do tables). The two passes hold the same [K, BV]
+    # state but read different operands (Y, U, K_tail against Q_γ, K_tail, Y, dO, A_qk) and do two dots per chunk
+    # against four, so their best tiles differ: on an H200 (session 9, anchor, benchmarks/exp_bwd_parts.py) the
+    # entering states took 0.66 ms at k_parts 2 on 4 warps and the reverse 1.46 at one part on 8 warps, where either
+    # shared tile lost ~0.45 ms.
     # Their shared-memory budgets differ too (the reverse pass stages three [C, K] operands, the entering states
     # two), so each pass fits its own stages. The precision and the sequence split stay shared (the split's
     # transitions and carries run at the entering states' tile).
@@ -494,7 +495,8 @@ def _pass_infeasibility(which: str, cfg: BwdConfig, shape: Shape, chunk: int, op
     size = {name: min(operand_bytes, shape.torch_dtype.itemsize) if name in narrow else operand_bytes
             for name in ("y", "u", "qg", "kt")}
     if which == "reverse pass":  # A_qk is recomputed in fp32 whatever the other operands' dtype
-        per_stage = chunk * kp * (size["qg"] + size["kt"] + size["y"]) + chunk * cfg.BV * operand_bytes + 4 * chunk * chunk
+        per_stage = (chunk * kp * (size["qg"] + size["kt"] + size["y"]) + chunk * cfg.BV * operand_bytes
+                     + 4 * chunk * chunk)
     else:
         per_stage = chunk * kp * (size["y"] + size["kt"]) + chunk * cfg.BV * size["u"]
     need = int(PASS_SHARED_MEMORY_MARGIN * max(1, cfg.num_stages) * per_stage)
@@ -574,8 +576,8 @@ def pass_operand_bytes(shape: Shape, chunk: int, shared_memory: int = SHARED_MEM
     """The bytes per element of the recomputed operands the passes' budgets are checked at: 4 (fp32) when the
     reverse pass can stage fp32 operands at the forward's chunk length at its smallest footprint (a V tile of 16,
     one stage, its K rows in as few padded rows as they fit), else the input dtype's (which fits wherever the
-    forward does). Read from the shape alone, so that no tunable's value changes another's budget: a store of
-    fewer bytes (``recompute_store``) only leaves a budget unspent."""
+    forward does). Read from the shape alone: the width of the operands ``recompute_store`` does not narrow
+    (:func:`_pass_infeasibility` counts the narrowed ones at the input dtype's)."""
     parts = 2 if state_parts_infeasibility(2, shape.K) is None else 1
     smallest = dataclasses.replace(DEFAULT_BWD_CONFIG, num_stages=1, BV=16, k_parts=parts)
     if _pass_infeasibility("reverse pass", smallest, shape, chunk, 4, shared_memory) is None:

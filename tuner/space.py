@@ -115,7 +115,7 @@ class SearchSpace:
         No constraint reads two groups' parameters (it may read the coupling one), so at a fixed coupling value a
         point is feasible exactly when each of its parts is. Each part is tested against one feasible part of
         every other group, found first by :meth:`_anchor`. The checks grow with the sum of the groups' sizes, not
-        their product: the backward's four groups hold 4 + 18144 + 72 + 34992 parts.
+        their product: the backward's five groups hold 4 + 2592 + 72 + 27 + 1296 parts per store.
         """
         coupling, groups = self._factors()
         every = [_parts(g) for g in groups]
@@ -203,7 +203,7 @@ class SearchSpace:
 
     def feasible(self, shape: Shape) -> FeasibleSet:
         """The feasible points at ``shape`` in the factored form of :meth:`stage_parts`. Computed once per process,
-        space and shape (~2.5 s at a suite shape on this repo's CPU), and the same for a space and its
+        space and shape (0.4-2 s at a suite shape on this repo's CPU), and the same for a space and its
         :meth:`for_shape`, which drops only values no feasible point takes."""
         return _feasible(self, shape)
 
