@@ -124,6 +124,10 @@ def candidates(K: int) -> dict[str, DecodeConfig]:
             "masked": rep(base, static_dims=False),
             "w4": rep(base, num_warps=4),
             "stream": rep(base, stream_state=True),
+            # session 11: the two best of session 10's run together, and 256-byte rows
+            "fla-grid-masked": rep(base, BV=32, num_warps=4, static_dims=False),
+            "wide": rep(base, BV=64, num_warps=4),
+            "wide-masked": rep(base, BV=64, num_warps=4, static_dims=False),
         }
     return {
         "pipe": rep(base, num_stages=2),
@@ -131,6 +135,10 @@ def candidates(K: int) -> dict[str, DecodeConfig]:
         "w8": rep(base, num_warps=8),
         "narrow": rep(base, BV=16, num_warps=2),
         "stream": rep(base, stream_state=True),
+        # session 11: masked with more warps, and the B = 32 entry's 256-byte rows
+        "masked-w8": rep(base, num_warps=8, static_dims=False),
+        "wide": rep(base, BV=64, num_warps=8),
+        "wide-masked": rep(base, BV=64, num_warps=8, static_dims=False),
     }
 
 
