@@ -81,6 +81,13 @@ DRAIN_S = 15.0
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
 # Study user attribute prefix: infeasible draws a FeasibleSampler rejected, one attribute per process and run.
 REJECTED_ATTR = "rejected_draws/"
+# Crossovers (SearchSpace.crossovers): once half the trials are evaluated or half the study's time is spent, the
+# best point so far with one group taken from each completed warm start (the incumbent, the built-in config, the
+# other entries), then from the next best trials, at most 1/CROSSOVER_SHARE of the trials, enqueued once per
+# process (tuner.study.enqueue_crossovers). Compiles are shared with the donors, so these trials cost little.
+CROSSOVER_AT = 0.5
+CROSSOVER_DONORS = 3
+CROSSOVER_SHARE = 3
 GRID_MAX_POINTS = 20000
 RDB_INIT_ATTEMPTS = 5  # beyond this an exhaustive study does not fit any budget: narrow it with --param
 
@@ -128,6 +135,7 @@ class TrialEvent:
     evaluated: int  # evaluated trials of the study so far, over every process
     target: int
     best_ms: float | None
+    origin: str = ""  # "warm start", "crossover of #N" (the best trial it was built from), "" for the sampler's
 
     @staticmethod
     def of(key: str, trial: FrozenTrial, counts: Counts, target: int) -> TrialEvent:
@@ -138,13 +146,18 @@ class TrialEvent:
         except (KeyError, TypeError, ValueError):
             label = str(dict(trial.params))
         reason = trial.user_attrs.get("reason")
+        attrs = trial.user_attrs
+        origin = ("warm start" if attrs.get("warm_start")
+                  else f"crossover of #{attrs.get('crossover_of')}" if attrs.get("crossover") else "")
         return TrialEvent(key, trial.number, status, trial.value if trial.state == TrialState.COMPLETE else None,
-                          label, None if reason is None else str(reason), counts.evaluated, target, counts.best_ms)
+                          label, None if reason is None else str(reason), counts.evaluated, target, counts.best_ms,
+                          origin)
 
     def line(self) -> str:
         what = f"{self.value_ms:.4f} ms" if self.value_ms is not None else self.status.value
         best = "-" if self.best_ms is None else f"{self.best_ms:.4f}"
         why = f" ({self.reason})" if self.reason and self.status != Status.OK else ""
+        why += f" <{self.origin}>" if self.origin else ""
         return (f"{self.key} #{self.number}: {what}  {self.config}{why}  "
                 f"[{self.evaluated}/{self.target} evaluated, best {best} ms]")
 
@@ -549,6 +562,21 @@ def enqueue_warm_start(study: optuna.Study, spec: StudySpec) -> int:
     return enqueue_points(study, [p for p in spec.warm_start if space.contains(p)], {"warm_start": True})
 
 
+def enqueue_crossovers(study: optuna.Study, spec: StudySpec) -> int:
+    """Enqueue the crossovers of the study's best completed point (see :data:`CROSSOVER_AT`), marked
+    ``crossover``. Returns how many were enqueued (none before two trials are complete)."""
+    done = sorted((t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.params),
+                  key=lambda t: t.value)
+    if len(done) < 2:
+        return 0
+    best, rest = done[0], done[1:]
+    warm = [t for t in rest if t.user_attrs.get("warm_start")]
+    top = [t for t in rest if not t.user_attrs.get("warm_start")][:CROSSOVER_DONORS]
+    points = spec.space.crossovers(best.params, [t.params for t in (*warm, *top)], spec.shape)
+    return enqueue_points(study, points[: max(1, spec.trials // CROSSOVER_SHARE)],
+                          {"crossover": True, "crossover_of": best.number})
+
+
 def run_study(
     study: optuna.Study,
     spec: StudySpec,
@@ -584,6 +612,8 @@ def run_study(
     asks = 0
     duplicate_streak = 0  # proposals in a row that were duplicates: past MAX_DUPLICATE_STREAK, no more asking
     last_beat = time.time()
+    crossed = False  # this process enqueued its crossovers
+
     def refresh() -> Counts:
         c = count(study.get_trials(deepcopy=False))
         progress.done, progress.pruned, progress.failed, progress.best_ms = c.evaluated, c.pruned, c.failed, c.best_ms
@@ -652,6 +682,10 @@ def run_study(
     while True:
         now = time.monotonic()
         past_deadline = deadline is not None and now >= deadline
+        if not crossed and (c.evaluated >= CROSSOVER_AT * spec.trials or (
+                deadline is not None and now >= t_start + CROSSOVER_AT * (deadline - t_start))):
+            crossed = True
+            enqueue_crossovers(study, spec)
         # Ask ahead: keep every gate worker busy, but no more than that queued for timing, so that the sampler
         # hears back about points before proposing many more; and no more than this process's share.
         while (
