@@ -15,7 +15,7 @@ timings against the baseline, and a sweep of the DecodeConfig space per batch si
     imports. The floor is the fp32 state read + written once at the device-to-device copy bandwidth measured here.
 (c) sweep: every admissible DecodeConfig at T=1 per (K, B) (num_stages only matters with several tokens, so it is
     swept at T=4 on one batch size), printing the best per batch size.
-(d) serving: the default config against the baseline at (b)'s points in two modes, timed in alternating rounds
+(d) serving: the config the public op serves (the dispatcher's, from the tables) against the baseline at (b)'s points in two modes, timed in alternating rounds
     (every callable once per round, the order rotated; medians over rounds):
     - "cold", (b)'s measurement: one call per graph replay, L2 flushed before each. It isolates the kernel with
       its state in DRAM, but each replay also pays the launch of a graph and two timing events, ~4.6 µs for an
@@ -59,7 +59,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gdn2_tune.kernels.buffers import poisoned
 from gdn2_tune.kernels.decode import fused_recurrent_gdn2
-from gdn2_tune.kernels.decode_config import DecodeConfig, DecodeShape, decode_space, default_decode_config
+from gdn2_tune.kernels.decode_config import (
+    DecodeConfig,
+    DecodeShape,
+    decode_space,
+    default_decode_config,
+    served_by_tables,
+    table_shape,
+)
 from gdn2_tune.kernels.decode_reference import recurrence
 from gdn2_tune.kernels.reference import rel_err
 
@@ -307,6 +314,15 @@ class Problem:
         )
 
 
+def served_config(shape: DecodeShape) -> DecodeConfig:
+    """What ``gdn2_tune.fused_recurrent_gdn2`` runs at ``shape`` without a config: the dispatcher's choice from the
+    tables (this GPU's, its family's, ``GDN2_PROFILE``), else the built-in default."""
+    from gdn2_tune.kernels.decode_spec import DECODE_OP
+    from gdn2_tune.profiles.dispatch import select_config
+
+    return select_config(table_shape(shape), DECODE_OP) if served_by_tables(shape) else default_decode_config(shape)
+
+
 def load_baseline() -> tuple[Callable | None, str]:
     try:
         from fla.ops.gdn2.fused_recurrent import fused_recurrent_gdn2_fwd
@@ -472,7 +488,7 @@ def step_check(p: Problem, calls: dict[str, Callable[[], object]]) -> dict:
 
 def serving(bw: float, baseline: Callable | None, rounds: int, reps: int, serving_reps: int, steps: int,
             head_dims: tuple[int, ...] = HEAD_DIMS, batches: tuple[int, ...] = BATCHES) -> list[dict]:
-    """(d): the default config and the baseline, cold (one call per replay, L2 flushed) and serving (S steps per
+    """(d): the served config (:func:`served_config`) and the baseline, cold (one call per replay, L2 flushed) and serving (S steps per
     graph over a pool larger than L2), in alternating rounds; one JSON line per timing and a summary per point."""
     l2 = l2_bytes()
     rows = []
@@ -482,9 +498,10 @@ def serving(bw: float, baseline: Callable | None, rounds: int, reps: int, servin
             sets, S = serving_plan(step_bytes, steps, l2)
             p = Problem(N, K, ranges=sets)
             shape = DecodeShape(N, 1, HEADS, K, K, "bf16", "fp32")
-            cfg = default_decode_config(shape)
+            cfg = served_config(shape)
             point = {"K": K, "B": N, "steps_per_graph": S, "slot_sets": sets,
-                     "pool_bytes": sets * step_bytes, "l2_bytes": l2}
+                     "pool_bytes": sets * step_bytes, "l2_bytes": l2,
+                     "default_config": default_decode_config(shape).label()}
             makers: dict[str, Callable[[torch.Tensor], Callable[[], object]]] = {
                 "ours": lambda idx, p=p, cfg=cfg: p.ours(cfg, idx)}
             labels = {"ours": cfg.label()}
@@ -541,7 +558,7 @@ def serving(bw: float, baseline: Callable | None, rounds: int, reps: int, servin
 
 
 def print_serving(rows: list[dict], bw: float) -> None:
-    print(f"\n(d) T=1, H={HEADS}, fp32 state in place, default config vs fla; µs per step (median of rounds' p50), "
+    print(f"\n(d) T=1, H={HEADS}, fp32 state in place, served config vs fla; µs per step (median of rounds' p50), "
           f"×floor at {bw / 1e12:.2f} TB/s in brackets. cold: one call per graph replay, L2 flushed. serving: S "
           f"steps per graph over a pool of ≥ 4×L2, per step")
     print(f"  {'K=V':>4} {'B':>4} {'S':>4} {'floor':>7} {'ours cold':>16} {'fla cold':>16} {'ours serving':>16} "

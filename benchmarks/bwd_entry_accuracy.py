@@ -1,6 +1,6 @@
 """Issue 11: the gradients' error of every shipped bwd table entry against float64, next to the baseline's (GPU only).
 
-    python benchmarks/bwd_entry_accuracy.py [--table profiles/h200.json]
+    python benchmarks/bwd_entry_accuracy.py [--table profiles/h200.json] [--keys K256 ...]
 
 A tuned entry passed the tuner's gate (8e-3 for bf16, every gradient at once); the issue's bar is the baseline's
 error per gradient. For each ``bwd/...`` entry of the table: inputs with its K, V and dtype at a size float64
@@ -55,6 +55,8 @@ def ours_with(bwd_config):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", type=Path, default=Path(__file__).resolve().parents[1] / "profiles" / "h200.json")
+    parser.add_argument("--keys", nargs="+", default=None,
+                        help="only the entries whose key contains one of these (e.g. K256); default: every bwd entry")
     args = parser.parse_args()
     profile, problems = table.load_profile(args.table)
     assert profile is not None, problems
@@ -63,7 +65,7 @@ def main() -> int:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
     for entry in profile.entries:
-        if entry.stage != "bwd":
+        if entry.stage != "bwd" or (args.keys and not any(k in entry.key for k in args.keys)):
             continue
         shape = small_shape(entry.shape)
         for strong in (False, True):
