@@ -126,18 +126,55 @@ def compile_one(fn, spec: str) -> dict:
             "shared_bytes": kernel.metadata.shared}
 
 
+def relaunch(kernels) -> tuple[float, int]:
+    """Build again, one after another as the first launches would (``launcher_cls(src, metadata)``), the launcher of
+    every kernel the JIT functions ``kernels`` hold compiled: (seconds, builds that raised). Without a GPU the
+    stand-in libcuda links but cannot load a launcher, so each raises after its build (or cache lookup)."""
+    launcher = triton.runtime.driver.active.launcher_cls
+    compiled = []
+    for fn in kernels:
+        for cache in getattr(fn, "device_caches", {}).values():
+            for kernel in cache[0].values():
+                kernel = kernel.result(True) if hasattr(kernel, "result") else kernel
+                if kernel is not None:
+                    compiled.append(kernel)
+    raised = 0
+    t0 = time.perf_counter()
+    for kernel in compiled:
+        try:
+            launcher(kernel.src, kernel.metadata)
+        except Exception:  # noqa: BLE001 (counted: see the docstring)
+            raised += 1
+    return time.perf_counter() - t0, raised
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="time the compile-ahead dry run in N threads instead")
+    parser.add_argument("--launchers", action="store_true",
+                        help="with --threads: the dry run also builds the kernels' launchers (Triton's CUDA launcher "
+                             "class; needs libcuda to link against, TRITON_LIBCUDA_PATH without a GPU), then times "
+                             "building them again, as the first launches would, from the cache")
     args = parser.parse_args()
-    triton.runtime.driver.set_active(StandInDriver())
+    driver = StandInDriver()
+    if args.launchers:
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        driver.launcher_cls = CudaLauncher  # type: ignore[attr-defined]
+    triton.runtime.driver.set_active(driver)
     step = anchor_step()
     if args.threads:
         from gdn2_tune.kernels import compile_ahead
 
+        cache = Path(os.environ["TRITON_CACHE_DIR"])
         t0 = time.perf_counter()
         compile_ahead.compile_in_threads(step, compile_ahead.package_kernels(), workers=args.threads)
-        print(json.dumps({"compile_ahead_threads": args.threads, "wall_s": round(time.perf_counter() - t0, 2)}))
+        row = {"compile_ahead_threads": args.threads, "wall_s": round(time.perf_counter() - t0, 2)}
+        if args.launchers:
+            row["launchers_in_cache"] = len(list(cache.rglob("__triton_launcher*.so")))
+            seconds, raised = relaunch(compile_ahead.package_kernels())
+            row["first_launches_s"], row["first_launches_raised"] = round(seconds, 2), raised
+        print(json.dumps(row))
         return 0
     total = 0.0
     for fn, spec in record(step):

@@ -10,7 +10,9 @@ not. With enough cores the step's compile time falls to about that of its slowes
 How: :func:`prepare`, called by ``kernels.chunk.checked_forward`` before it launches, runs the forward (and, when
 an input requires grad, the backward) once as a *dry run*: every launch of this package's kernels becomes
 ``warmup=True`` (compile, never launch) while Triton's ``AsyncCompileMode`` hands each compile to a thread pool,
-and the dry run waits for all of them. The real call then finds every kernel in Triton's in-memory cache. The dry
+and the dry run waits for all of them; then the pool builds the kernels' launchers (:func:`build_launchers`: the
+small C extension Triton otherwise builds with gcc at each kernel's first launch, one after another). The real call
+then finds every kernel in Triton's in-memory cache and every launcher in its file cache. The dry
 run does the calls' torch work on uninitialised buffers (no kernel writes them) and allocates what one forward +
 backward allocates; its results are dropped. The packed-index kernel of a packed batch (kernels/varlen.py) runs
 for real, so that the dry run's torch gathers see a well-formed index.
@@ -32,7 +34,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -110,15 +112,49 @@ def deferred_launches(kernels: Sequence[Any]) -> Iterator[None]:
 
 
 def compile_in_threads(dry_run: Callable[[], object], kernels: Sequence[Any], workers: int | None = None) -> None:
-    """Run ``dry_run`` with the launches of ``kernels`` deferred, their compiles spread over a thread pool, and
-    return once every compile has finished (failures are left for the real launch to raise)."""
-    with (
-        ThreadPoolExecutor(workers or _workers(), thread_name_prefix="gdn2-compile") as pool,
-        triton.AsyncCompileMode(pool, ignore_errors=True),
-        deferred_launches(kernels),
-        torch.no_grad(),
-    ):
-        dry_run()
+    """Run ``dry_run`` with the launches of ``kernels`` deferred, their compiles spread over a thread pool, then
+    build the compiled kernels' launchers in the same pool (:func:`build_launchers`); return once all are done
+    (failures are left for the real launch to raise)."""
+    with ThreadPoolExecutor(workers or _workers(), thread_name_prefix="gdn2-compile") as pool:
+        mode = triton.AsyncCompileMode(pool, ignore_errors=True)
+        with mode, deferred_launches(kernels), torch.no_grad():
+            dry_run()
+        # Leaving the mode finalized every compile; a failed one is None here.
+        compiled = [k for k in (f.result(True) for f in getattr(mode, "future_kernels", {}).values()) if k is not None]
+        launcher = _launcher_cls() if compiled else None
+        if launcher is not None:
+            build_launchers(pool, launcher, compiled)
+
+
+def _launcher_cls() -> Callable[[Any, Any], object] | None:
+    """The active driver's launcher class (``launcher(src, metadata)``), or None where this Triton has none."""
+    try:
+        return getattr(triton.runtime.driver.active, "launcher_cls", None)
+    except Exception:  # noqa: BLE001 (no driver: nothing to build)
+        return None
+
+
+def build_launchers(pool: Executor, launcher: Callable[[Any, Any], object], compiled: Sequence[Any]) -> int:
+    """Build the host-side launcher of each compiled kernel not yet loaded, one per distinct signature, in ``pool``
+    and wait for them; returns how many were built.
+
+    Triton builds a kernel's launcher, a small C extension, with the host's C compiler at the kernel's first launch
+    (``CompiledKernel._init_handles``, ``launcher(src, metadata)``) unless its cache holds one for the same source,
+    which depends only on the signature: 0.3-0.6 s each on this repo's CPU (triton 3.6, gcc). A first training step's
+    kernels would build theirs one after another as each first launches; here they are built at once, and the first
+    launches find them in the cache. Only the launcher is built (a shared object in TRITON_CACHE_DIR; no CUDA
+    context is needed): loading the kernel's binary stays with its first launch, on the caller's device. A build
+    that fails is dropped: the first launch builds it again and raises what it raises."""
+    jobs = {}
+    for kernel in compiled:
+        src = getattr(kernel, "src", None)
+        if src is None or getattr(kernel, "module", None) is not None:
+            continue  # failed to compile, or already loaded (its launcher exists)
+        key = (repr(getattr(src, "signature", None)), repr(getattr(src, "constants", None)))
+        jobs.setdefault(key, (src, kernel.metadata))
+    futures = [pool.submit(launcher, src, metadata) for src, metadata in jobs.values()]
+    wait(futures)
+    return len(futures)
 
 
 def prepare_once(key: Hashable, dry_run: Callable[[], object], kernels: Sequence[Any] | None = None) -> bool:

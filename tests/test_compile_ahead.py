@@ -80,6 +80,39 @@ def test_once_per_key_and_failures_warn() -> None:
         assert compile_ahead.prepare_once(("test_broken", os.getpid()), broken, [a])
 
 
+class Compiled:
+    """A compiled kernel as build_launchers reads it: its source's signature and constants, its metadata, and
+    ``module`` (None until Triton loads it at the first launch)."""
+
+    def __init__(self, signature: dict, constants: dict, loaded: bool = False) -> None:
+        self.src = type("Src", (), {"signature": signature, "constants": constants})()
+        self.metadata = object()
+        self.module = object() if loaded else None
+
+
+def test_launchers_are_built_once_per_signature_of_the_kernels_not_yet_loaded() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    built: list[Any] = []
+    lock = threading.Lock()
+
+    def launcher(src: Any, metadata: Any) -> None:
+        with lock:
+            built.append(src)
+        if src.constants.get("BROKEN"):
+            raise RuntimeError("gcc: not today")  # dropped: the first launch builds it again and raises
+
+    two = ({0: "*bf16", 1: "i32"}, {"C": 32})
+    kernels = [Compiled(*two), Compiled(*two), Compiled({0: "*fp32", 1: "i32"}, {"C": 32}),
+               Compiled({0: "*fp32"}, {"C": 64}, loaded=True), Compiled({0: "*fp32"}, {"BROKEN": 1})]
+    with ThreadPoolExecutor(4) as pool:
+        assert compile_ahead.build_launchers(pool, launcher, kernels) == 3
+    assert len(built) == 3
+    assert {(repr(s.signature), repr(s.constants)) for s in built} == {
+        (repr(two[0]), repr(two[1])), (repr({0: "*fp32", 1: "i32"}), repr({"C": 32})),
+        (repr({0: "*fp32"}), repr({"BROKEN": 1}))}
+
+
 def test_off_under_the_interpreter_and_off_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not compile_ahead.enabled(torch.device("cpu"))
     monkeypatch.setenv(compile_ahead.ENV, "0")
