@@ -10,7 +10,9 @@ The sampler proposes only feasible points no trial has yet (:class:`FeasibleSamp
 timed trials: the infeasible draws it rejects are counted (``FeasibleSampler.rejected``) but never stored. A point
 that reaches the loop infeasible anyway (a sampler that is not wrapped) is pruned at once with the constraint's
 reason, and one measured already (two processes asking at the same instant) is stored as a FAIL with status
-``duplicate``: never as a COMPLETE trial, so the trial counts stay honest.
+``duplicate``: never as a COMPLETE trial, so the trial counts stay honest. Besides the sampler's points the study
+measures its warm starts first (:func:`enqueue_warm_start`) and, halfway, crossovers of its best point so far with
+them and the next best trials, one group of parameters at a time (:func:`enqueue_crossovers`).
 
 Budget: ``trials`` counts evaluated trials (those that reached a worker), summed over every process working on
 the study, so a resumed or shared study stops at the same total. Infeasible and duplicate points cost nothing and
