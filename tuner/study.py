@@ -564,9 +564,11 @@ def enqueue_warm_start(study: optuna.Study, spec: StudySpec) -> int:
     return enqueue_points(study, [p for p in spec.warm_start if space.contains(p)], {"warm_start": True})
 
 
-def enqueue_crossovers(study: optuna.Study, spec: StudySpec) -> int:
+def enqueue_crossovers(study: optuna.Study, spec: StudySpec, room: int) -> int:
     """Enqueue the crossovers of the study's best completed point (see :data:`CROSSOVER_AT`), marked
-    ``crossover``. Returns how many were enqueued (none before two trials are complete)."""
+    ``crossover``, no more than ``room`` (the trials the budget has left, over every process: an enqueued point
+    the budget cannot run would wait in the study). Returns how many were enqueued (none before two trials are
+    complete)."""
     done = sorted((t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.params),
                   key=lambda t: t.value)
     if len(done) < 2:
@@ -575,8 +577,8 @@ def enqueue_crossovers(study: optuna.Study, spec: StudySpec) -> int:
     warm = [t for t in rest if t.user_attrs.get("warm_start")]
     top = [t for t in rest if not t.user_attrs.get("warm_start")][:CROSSOVER_DONORS]
     points = spec.space.crossovers(best.params, [t.params for t in (*warm, *top)], spec.shape)
-    return enqueue_points(study, points[: max(1, spec.trials // CROSSOVER_SHARE)],
-                          {"crossover": True, "crossover_of": best.number})
+    cap = min(max(1, spec.trials // CROSSOVER_SHARE), room)
+    return enqueue_points(study, points[:cap], {"crossover": True, "crossover_of": best.number})
 
 
 def run_study(
@@ -684,10 +686,11 @@ def run_study(
     while True:
         now = time.monotonic()
         past_deadline = deadline is not None and now >= deadline
-        if not crossed and (c.evaluated >= CROSSOVER_AT * spec.trials or (
+        room = spec.trials - c.evaluated - c.running
+        if not crossed and room > 0 and (c.evaluated >= CROSSOVER_AT * spec.trials or (
                 deadline is not None and now >= t_start + CROSSOVER_AT * (deadline - t_start))):
             crossed = True
-            enqueue_crossovers(study, spec)
+            enqueue_crossovers(study, spec, room)
         # Ask ahead: keep every gate worker busy, but no more than that queued for timing, so that the sampler
         # hears back about points before proposing many more; and no more than this process's share.
         while (
