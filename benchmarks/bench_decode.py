@@ -15,8 +15,9 @@ timings against the baseline, and a sweep of the DecodeConfig space per batch si
     imports. The floor is the fp32 state read + written once at the device-to-device copy bandwidth measured here.
 (c) sweep: every admissible DecodeConfig at T=1 per (K, B) (num_stages only matters with several tokens, so it is
     swept at T=4 on one batch size), printing the best per batch size.
-(d) serving: the config the public op serves (the dispatcher's, from the tables) against the baseline at (b)'s points in two modes, timed in alternating rounds
-    (every callable once per round, the order rotated; medians over rounds):
+(d) serving: the config the public op serves (the dispatcher's, from the tables) against the baseline at (b)'s
+    points in two modes, timed in alternating rounds (every callable once per round, the order rotated; medians
+    over rounds):
     - "cold", (b)'s measurement: one call per graph replay, L2 flushed before each. It isolates the kernel with
       its state in DRAM, but each replay also pays the launch of a graph and two timing events, ~4.6 µs for an
       empty kernel on an H200 (benchmarks/results/decode-variants-h200-2026-11-30-s7.json), more than the state
@@ -488,8 +489,9 @@ def step_check(p: Problem, calls: dict[str, Callable[[], object]]) -> dict:
 
 def serving(bw: float, baseline: Callable | None, rounds: int, reps: int, serving_reps: int, steps: int,
             head_dims: tuple[int, ...] = HEAD_DIMS, batches: tuple[int, ...] = BATCHES) -> list[dict]:
-    """(d): the served config (:func:`served_config`) and the baseline, cold (one call per replay, L2 flushed) and serving (S steps per
-    graph over a pool larger than L2), in alternating rounds; one JSON line per timing and a summary per point."""
+    """(d): the served config (:func:`served_config`) and the baseline, cold (one call per replay, L2 flushed) and
+    serving (S steps per graph over a pool larger than L2), in alternating rounds; one JSON line per timing and a
+    summary per point."""
     l2 = l2_bytes()
     rows = []
     for K in head_dims:

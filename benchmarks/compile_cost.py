@@ -128,8 +128,9 @@ def compile_one(fn, spec: str) -> dict:
 
 def relaunch(kernels) -> tuple[float, int]:
     """Build again, one after another as the first launches would (``launcher_cls(src, metadata)``), the launcher of
-    every kernel the JIT functions ``kernels`` hold compiled: (seconds, builds that raised). Without a GPU the
-    stand-in libcuda links but cannot load a launcher, so each raises after its build (or cache lookup)."""
+    every kernel the JIT functions ``kernels`` hold compiled: (seconds, builds that raised). Without a GPU a
+    stand-in libcuda must be on LD_LIBRARY_PATH for a launcher to load; one that cannot load raises after being
+    built again, as Triton rebuilds a cached launcher it cannot load."""
     launcher = triton.runtime.driver.active.launcher_cls
     compiled = []
     for fn in kernels:
@@ -153,7 +154,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="time the compile-ahead dry run in N threads instead")
     parser.add_argument("--launchers", action="store_true",
                         help="with --threads: the dry run also builds the kernels' launchers (Triton's CUDA launcher "
-                             "class; needs libcuda to link against, TRITON_LIBCUDA_PATH without a GPU), then times "
+                             "class; needs libcuda: without a GPU a stand-in one on TRITON_LIBCUDA_PATH and LD_LIBRARY_PATH), then times "
                              "building them again, as the first launches would, from the cache")
     args = parser.parse_args()
     driver = StandInDriver()
