@@ -1,6 +1,7 @@
 """Decode at B = 8: the table config against config-only candidates and the baseline (an experiment, not a test).
 
     python benchmarks/exp_decode_b8.py [--out DIR] [--rounds 7] [--guard-rounds 3] [--guard-candidates]
+                                       [--candidates s12|s11]
     python benchmarks/exp_decode_b8.py --check-configs     # no GPU: each candidate's admissibility, then exit
 
 Why: issue 13's bar "never slower than the baseline" failed only at B = 8 in session 10's run
@@ -34,6 +35,12 @@ validity, after which come the inputs. The candidates (all existing DecodeConfig
 - ``w8`` (K=256): [256, 32] on 8 warps (64 registers, 4 programs per SM).
 - ``narrow`` (K=256): [256, 16] on 2 warps (120 registers, 8 programs per SM, 2048 programs).
 - ``stream``: the table config with evict_first on the state (serving mode: the inputs stay in L2).
+
+Those were session 10's and 11's (``--candidates s11``; their figures are benchmarks/results/decode-b8-h200-*-s11*).
+Session 12's (the default) split each program's tile into two halves (``halves``, a kernel change: both halves'
+state loads issued first, each half's arithmetic and stores while the other is in flight; see
+kernels/decode_config.py), on the table's tile (K=128: also on 4 warps with static dims, and BV=64), on ``masked``,
+on [256, 64] with 8 warps and on [256, 16] with 2, with ``masked`` again as session 11's near tie.
 
 Timed as benchmarks/bench_decode.py's (d) times them, with its functions: "cold", one call per CUDA-graph replay with
 L2 flushed (graph_times), and "serving", S steps per graph over a pool of at least 4x L2 (serving_times), in
@@ -107,15 +114,35 @@ MODES = ("cold", "serving")
 # built-in default there): the candidates are built from them, so that each differs from the table in what its name
 # says. The run reports the config the dispatcher actually serves; a candidate equal to it is left out.
 TABLE_B8 = {
-    128: DecodeConfig(BV=16, num_warps=2, one_pass=True, static_dims=True, batch_inputs=True),
+    128: DecodeConfig(BV=32, num_warps=2, one_pass=True, batch_inputs=True),  # session 11's re-tune
     256: DecodeConfig(BV=32, num_warps=4, one_pass=True, static_dims=True, batch_inputs=True),
 }
+# Session 10's and 11's table config at K = 128, from which their candidates were built.
+TABLE_B8_S11 = {**TABLE_B8, 128: DecodeConfig(BV=16, num_warps=2, one_pass=True, static_dims=True, batch_inputs=True)}
+CANDIDATE_SETS = ("s12", "s11")
 
 
-def candidates(K: int) -> dict[str, DecodeConfig]:
-    """The config-only candidates at K = V = ``K`` (see the module docstring for why each)."""
-    base = TABLE_B8[K]
+def candidates(K: int, which: str = "s12") -> dict[str, DecodeConfig]:
+    """The candidates at K = V = ``K`` (see the module docstring for why each): session 12's split tiles
+    (``halves``, a kernel change: registers read off ptxas for sm_90, triton 3.6, static dims unless named
+    masked), or session 10's and 11's config-only set."""
     rep = dataclasses.replace
+    if which == "s12":
+        base = TABLE_B8[256 if K == 256 else 128]
+        if K == 128:
+            return {
+                "halves-masked": rep(base, halves=True),  # 148 registers (the table config: 128)
+                "halves": rep(base, num_warps=4, static_dims=True, halves=True),  # 72
+                "halves-wide": rep(base, BV=64, num_warps=4, static_dims=True, halves=True),  # 117
+            }
+        return {
+            "masked": rep(base, static_dims=False),  # session 11's near tie with the baseline, 139
+            "halves": rep(base, halves=True),  # 117 (the table config: 123; both 4 programs per SM)
+            "halves-masked": rep(base, static_dims=False, halves=True),  # 143
+            "halves-wide": rep(base, BV=64, num_warps=8, halves=True),  # 119, 2 programs of 8 warps per SM
+            "halves-narrow": rep(base, BV=16, num_warps=2, halves=True),
+        }
+    base = TABLE_B8_S11[K]
     if K == 128:
         return {
             "fla-grid": rep(base, BV=32, num_warps=4),
@@ -166,11 +193,11 @@ def table_config(N: int, K: int) -> tuple[DecodeConfig, str]:
     return choice.config, f"{choice.source}:{choice.key}" if choice.key else choice.source
 
 
-def check_configs() -> list[dict]:
+def check_configs(which: str) -> list[dict]:
     """Each candidate's admissibility at B = 8 and at the guards (no GPU)."""
     rows = []
     for K in HEAD_DIMS:
-        for name, cfg in {"table": TABLE_B8[K], **candidates(K)}.items():
+        for name, cfg in {"table": TABLE_B8[K], **candidates(K, which)}.items():
             row = {"kind": "admissible", "K": K, "impl": name, "config": cfg.label()}
             for N in (TARGET_B, *GUARD_BATCHES):
                 row[f"B{N}"] = decode_infeasibility(cfg, shape_of(N, K)) or "ok"
@@ -307,13 +334,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma-separated subset of 128,256")
     ap.add_argument("--serving-steps", type=int, default=SERVING_STEPS, help="decode steps per graph (at least)")
     ap.add_argument("--check-configs", action="store_true", help="print each candidate's admissibility and exit")
+    ap.add_argument("--candidates", choices=CANDIDATE_SETS, default=CANDIDATE_SETS[0],
+                    help="session 12's split tiles (default) or session 10's and 11's config-only set")
     args = ap.parse_args(argv)
     global _jsonl
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         _jsonl = args.out / "exp_decode_b8.jsonl"
     if args.check_configs:
-        check_configs()
+        check_configs(args.candidates)
         return
     head_dims = tuple(int(x) for x in args.head_dims.split(",") if x)
     if not head_dims or set(head_dims) - set(HEAD_DIMS):
@@ -334,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
                   "expected": TABLE_B8[K].label(), "why": "the dispatcher serves another config than this script's "
                   "table config; the candidates are built from the expected one and 'table' times the served one"})
         cands = {}
-        for name, cfg in candidates(K).items():
+        for name, cfg in candidates(K, args.candidates).items():
             reason = decode_infeasibility(cfg, shape_of(TARGET_B, K))
             if cfg == served or reason is not None:
                 emit({"kind": "skip", "K": K, "B": TARGET_B, "impl": name, "config": cfg.label(),
