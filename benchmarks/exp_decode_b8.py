@@ -37,10 +37,11 @@ validity, after which come the inputs. The candidates (all existing DecodeConfig
 - ``stream``: the table config with evict_first on the state (serving mode: the inputs stay in L2).
 
 Those were session 10's and 11's (``--candidates s11``; their figures are benchmarks/results/decode-b8-h200-*-s11*).
-Session 12's (the default) split each program's tile into two halves (``halves``, a kernel change: both halves'
-state loads issued first, each half's arithmetic and stores while the other is in flight; see
-kernels/decode_config.py), on the table's tile (K=128: also on 4 warps with static dims, and BV=64), on ``masked``,
-on [256, 64] with 8 warps and on [256, 16] with 2, with ``masked`` again as session 11's near tie.
+Session 12 first split each program's tile into two halves, both loaded up front (``halves``, a kernel change
+in commit 543d464, reverted after this run: benchmarks/results/decode-halves-h200-2026-12-01-s12.jsonl): slower than
+the table config at every point. Its config-only set (the default) caps the registers of ``masked`` (139 registers,
+3 programs per SM at K=256) at 128 (4 per SM, no spills), also with the baseline's two-deep token pipeline and with
+evict_first on the state, and the table config's at 96 (5 per SM, 24 bytes spilled).
 
 Timed as benchmarks/bench_decode.py's (d) times them, with its functions: "cold", one call per CUDA-graph replay with
 L2 flushed (graph_times), and "serving", S steps per graph over a pool of at least 4x L2 (serving_times), in
@@ -123,24 +124,21 @@ CANDIDATE_SETS = ("s12", "s11")
 
 
 def candidates(K: int, which: str = "s12") -> dict[str, DecodeConfig]:
-    """The candidates at K = V = ``K`` (see the module docstring for why each): session 12's split tiles
-    (``halves``, a kernel change: registers read off ptxas for sm_90, triton 3.6, static dims unless named
-    masked), or session 10's and 11's config-only set."""
+    """The candidates at K = V = ``K`` (see the module docstring for why each): session 12's register caps at
+    K = 256 (registers read off ptxas for sm_90, triton 3.6; none at K = 128, whose table config beat the baseline
+    in session 11), or session 10's and 11's set."""
     rep = dataclasses.replace
     if which == "s12":
-        base = TABLE_B8[256 if K == 256 else 128]
+        base = TABLE_B8[K]
         if K == 128:
-            return {
-                "halves-masked": rep(base, halves=True),  # 148 registers (the table config: 128)
-                "halves": rep(base, num_warps=4, static_dims=True, halves=True),  # 72
-                "halves-wide": rep(base, BV=64, num_warps=4, static_dims=True, halves=True),  # 117
-            }
+            return {}
+        masked = rep(base, static_dims=False)
         return {
-            "masked": rep(base, static_dims=False),  # session 11's near tie with the baseline, 139
-            "halves": rep(base, halves=True),  # 117 (the table config: 123; both 4 programs per SM)
-            "halves-masked": rep(base, static_dims=False, halves=True),  # 143
-            "halves-wide": rep(base, BV=64, num_warps=8, halves=True),  # 119, 2 programs of 8 warps per SM
-            "halves-narrow": rep(base, BV=16, num_warps=2, halves=True),
+            "masked": masked,  # session 11's near tie with the baseline; 139 registers, 3 programs per SM
+            "masked-r128": rep(masked, max_registers=128),  # 128, no spills: 4 per SM
+            "masked-pipe-r128": rep(masked, num_stages=2, max_registers=128),  # the baseline's structure, 4 per SM
+            "masked-stream-r128": rep(masked, stream_state=True, max_registers=128),  # 127
+            "static-r96": rep(base, max_registers=96),  # 24 bytes of spills: 5 per SM
         }
     base = TABLE_B8_S11[K]
     if K == 128:

@@ -14,10 +14,7 @@ matters: at H=16, K=V=128 an fp32 state is 1 MiB per sequence each way, against 
 
 A config may instead launch a persistent grid (``programs_per_sm`` programs per SM), each program looping over the
 work items pid, pid + G, ... and fetching the next item's state tile ahead of this item's work, through registers
-(``prefetch``) or through Triton's pipelined item loop (``item_stages``): see kernels/decode_config.py. With one
-program per item, a config may split the program's tile into two halves of BV/2 columns (``halves``): both halves'
-loads are issued first, then each half's tokens run in turn, so that the first half's arithmetic and stores overlap
-the second half's arrival.
+(``prefetch``) or through Triton's pipelined item loop (``item_stages``): see kernels/decode_config.py.
 
 State storage and indexing (the arguments of flash-linear-attention's ``fused_recurrent_gdn2_fwd``):
 
@@ -295,7 +292,7 @@ def _decode_kernel(
     USE_L2NORM: tl.constexpr, STATE_EVICT: tl.constexpr, ONE_PASS: tl.constexpr,
     STATIC_DIMS: tl.constexpr, H_C: tl.constexpr, K_C: tl.constexpr, V_C: tl.constexpr,
     NUM_STAGES: tl.constexpr, BATCH_INPUTS: tl.constexpr, PERSISTENT: tl.constexpr, PREFETCH: tl.constexpr,
-    ITEM_STAGES: tl.constexpr, HALVES: tl.constexpr, HALF_BV: tl.constexpr,
+    ITEM_STAGES: tl.constexpr,
 ):
     if STATIC_DIMS:
         # The head count and head dims as compile-time constants: the rows of the state tile are a constant stride
@@ -354,29 +351,11 @@ def _decode_kernel(
         i_v, i_n, i_h = _item_coords(pid, H, NV)
         slot, ok, pad = _start_slot(indices, accepted, i_n, pid < N_ITEMS, P, NI, stride_in, stride_it,
                                     HAS_INDICES, HAS_ACCEPTED)
-        if HALVES:
-            # The V tile as two [KP, BV/2] halves (columns 2·i_v and 2·i_v + 1 in units of BV/2), both loads issued
-            # before either is used: the first half's reductions and stores run while the second half is still
-            # arriving, where a whole tile's arithmetic would wait for its last byte, with no state load in flight.
-            b_s0 = _load_state(h0, slot, ok, stride_h0, i_h, 2 * i_v, K, V, KP, HALF_BV, USE_INITIAL_STATE,
-                               STATIC_DIMS, STATE_EVICT)
-            b_s1 = _load_state(h0, slot, ok, stride_h0, i_h, 2 * i_v + 1, K, V, KP, HALF_BV, USE_INITIAL_STATE,
-                               STATIC_DIMS, STATE_EVICT)
-            _run_item(q, k, v, g, b, w, o, ht, cu_seqlens, indices, scale, b_s0, 2 * i_v, i_n, i_h, slot, ok, pad,
-                      T, T_loop, P, NI, stride_ht, stride_in, stride_it, H, K, V, KP, HALF_BV, IS_VARLEN,
-                      PER_TOKEN_SLOTS, FINAL_AT, USE_L2NORM, STATE_EVICT, ONE_PASS, STATIC_DIMS, NUM_STAGES,
-                      BATCH_INPUTS)
-            _run_item(q, k, v, g, b, w, o, ht, cu_seqlens, indices, scale, b_s1, 2 * i_v + 1, i_n, i_h, slot, ok,
-                      pad, T, T_loop, P, NI, stride_ht, stride_in, stride_it, H, K, V, KP, HALF_BV, IS_VARLEN,
-                      PER_TOKEN_SLOTS, FINAL_AT, USE_L2NORM, STATE_EVICT, ONE_PASS, STATIC_DIMS, NUM_STAGES,
-                      BATCH_INPUTS)
-        else:
-            b_s = _load_state(h0, slot, ok, stride_h0, i_h, i_v, K, V, KP, BV, USE_INITIAL_STATE, STATIC_DIMS,
-                              STATE_EVICT)
-            _run_item(q, k, v, g, b, w, o, ht, cu_seqlens, indices, scale, b_s, i_v, i_n, i_h, slot, ok, pad,
-                      T, T_loop, P, NI, stride_ht, stride_in, stride_it, H, K, V, KP, BV, IS_VARLEN,
-                      PER_TOKEN_SLOTS, FINAL_AT, USE_L2NORM, STATE_EVICT, ONE_PASS, STATIC_DIMS, NUM_STAGES,
-                      BATCH_INPUTS)
+        b_s = _load_state(h0, slot, ok, stride_h0, i_h, i_v, K, V, KP, BV, USE_INITIAL_STATE, STATIC_DIMS,
+                          STATE_EVICT)
+        _run_item(q, k, v, g, b, w, o, ht, cu_seqlens, indices, scale, b_s, i_v, i_n, i_h, slot, ok, pad,
+                  T, T_loop, P, NI, stride_ht, stride_in, stride_it, H, K, V, KP, BV, IS_VARLEN, PER_TOKEN_SLOTS,
+                  FINAL_AT, USE_L2NORM, STATE_EVICT, ONE_PASS, STATIC_DIMS, NUM_STAGES, BATCH_INPUTS)
 
 
 def decode_fwd(
@@ -436,7 +415,6 @@ def decode_fwd(
         STATIC_DIMS=cfg.static_dims, H_C=H if cfg.static_dims else 0, K_C=K if cfg.static_dims else 0,
         V_C=V if cfg.static_dims else 0, NUM_STAGES=cfg.num_stages, BATCH_INPUTS=cfg.batch_inputs,
         PERSISTENT=cfg.programs_per_sm > 0, PREFETCH=cfg.prefetch, ITEM_STAGES=cfg.item_stages,
-        HALVES=cfg.halves, HALF_BV=cfg.BV // 2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": register_limit(cfg)} if register_limit(cfg) else {}),
     )

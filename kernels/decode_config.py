@@ -52,13 +52,6 @@ fp32 registers while it loops over the sequence's tokens. What can be tuned:
   shared at depth 2 / 3). Only an innermost loop is pipelined: at T = 1 the token loop is folded away, with several
   tokens the item loop stays plain.
 
-- ``halves``: with one program per item, its [K, BV] tile as two [K, BV/2] halves: both halves' state loads are
-  issued first, then each half runs its tokens and stores in turn. A program otherwise starts its reductions only
-  when its whole tile has arrived, so while the programs of a wave do their arithmetic no state load is in flight
-  (at K=V=256, B=8 the memory-only skeleton probe took 22.6 µs cold and the kernel 24.4, session 8's
-  decode-persist run); with halves the first half's arithmetic and stores overlap the second half's arrival. The
-  same registers as the whole tile; one more cross-warp reduction per token.
-
 K is never split across programs: the read r_t = S̄ᵀ(b ⊙ k) sums over all of K before any row can be updated, so a
 K split would need a cross-program reduction every token.
 
@@ -159,8 +152,6 @@ class DecodeConfig:
     # With a persistent grid: Triton's pipelining of the item loop this deep (cp.async of the state into shared
     # memory item_stages - 1 items ahead; 1: none).
     item_stages: int = 1
-    # With one program per item: the tile as two halves of BV/2 columns, both loaded up front, worked in turn.
-    halves: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,8 +161,6 @@ class DecodeConfig:
         if not isinstance(data, dict):
             raise TypeError(f"config: expected a dict, received {type(data).__name__}")
         expected = _CONFIG_FIELDS
-        # A table written before a field existed lacks its key; the field's default is what that table's kernel ran.
-        data = {**_ADDED_FIELDS, **data}
         if set(data) != expected:
             raise ValueError(f"config: expected keys {sorted(expected)}, received {sorted(data)}")
         return DecodeConfig(**data)
@@ -190,14 +179,12 @@ class DecodeConfig:
                 f"{f'-r{self.max_registers}' if self.max_registers else ''}{'-batch' if self.batch_inputs else ''}"
                 f"{f'-persist{self.programs_per_sm}' if self.programs_per_sm else ''}"
                 f"{'-prefetch' if self.prefetch else ''}"
-                f"{f'-items{self.item_stages}' if self.item_stages > 1 else ''}{'-halves' if self.halves else ''}")
+                f"{f'-items{self.item_stages}' if self.item_stages > 1 else ''}")
 
 
 # The tuner checks every point of the space through from_dict: asking dataclasses for the fields each time was a
 # third of it.
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(DecodeConfig))
-# Fields added after tables were first written (session 12, 2026-12-01: halves), with the value older tables ran.
-_ADDED_FIELDS = {"halves": False}
 
 
 @dataclass(frozen=True)
@@ -255,7 +242,6 @@ DECODE_SPACE: tuple[Param, ...] = (
     Param("programs_per_sm", (0, 1, 2, 4, 6), "a persistent grid of this many programs per SM (0: per item)"),
     Param("prefetch", (False, True), "persistent: the next item's state load issued before this item's work"),
     Param("item_stages", (1, 2, 3), "persistent: Triton's pipelining depth of the item loop (cp.async of the state)"),
-    Param("halves", (False, True), "one program per item: its tile as two halves, both loaded first, worked in turn"),
 )
 
 
@@ -396,19 +382,6 @@ def decode_persistent_programs_fit_an_sm(
     return None
 
 
-def decode_halves_of_a_program_tile(
-    cfg: DecodeConfig, shape: Shape | DecodeShape, device: DeviceLimits = DEFAULT_DEVICE
-) -> str | None:
-    # The halves are the tile of a program that runs one item; a persistent program's next item is fetched ahead
-    # by its own knobs. (The space's narrowest tile, BV=8, halves into 4 columns: one 16-byte vector per row.)
-    if not cfg.halves:
-        return None
-    if cfg.programs_per_sm:
-        return (f"halves=True splits the tile of a program per item; programs_per_sm={cfg.programs_per_sm} is a "
-                f"persistent grid (use programs_per_sm=0)")
-    return None
-
-
 DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, Shape | DecodeShape, DeviceLimits], str | None], ...] = (
     decode_legal_values,
     decode_tile_within_v,
@@ -416,7 +389,6 @@ DECODE_CONSTRAINTS: tuple[Callable[[DecodeConfig, Shape | DecodeShape, DeviceLim
     decode_register_budget,
     decode_register_cap_holds_the_tile,
     decode_persistent_programs_fit_an_sm,
-    decode_halves_of_a_program_tile,
 )
 
 
@@ -435,15 +407,13 @@ def decode_infeasibility(
 def decode_space(shape: DecodeShape) -> list[DecodeConfig]:
     """Every admissible point of :data:`DECODE_SPACE` at ``shape``, in grid order."""
     names = [p.name for p in DECODE_SPACE]
-    persist, prefetch, stages, halves = (names.index(n) for n in ("programs_per_sm", "prefetch", "item_stages",
-                                                                   "halves"))
-    # The fetch-ahead knobs without a persistent grid, or both at once, and halves with one, are refused at every
-    # shape (decode_persistent_programs_fit_an_sm, decode_halves_of_a_program_tile): skipped before a config is
-    # built, most of the product.
+    persist, prefetch, stages = (names.index(n) for n in ("programs_per_sm", "prefetch", "item_stages"))
+    # The fetch-ahead knobs without a persistent grid, or both at once, are refused at every shape
+    # (decode_persistent_programs_fit_an_sm): skipped before a config is built, most of the product.
     points = (DecodeConfig(**dict(zip(names, values, strict=True)))
               for values in itertools.product(*(p.values for p in DECODE_SPACE))
               if (values[persist] or not (values[prefetch] or values[stages] > 1))
-              and not (values[prefetch] and values[stages] > 1) and not (values[persist] and values[halves]))
+              and not (values[prefetch] and values[stages] > 1))
     return [cfg for cfg in points if decode_infeasibility(cfg, shape) is None]
 
 

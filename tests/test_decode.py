@@ -83,8 +83,7 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
 # persistent grid (kernels/decode.py sizes it for one SM in the interpreter: 2 or 6 programs, each looping over
 # one or several work items, ragged in the packed and 2-D cases) with runtime dims and the item loop pipelined (a
 # plain loop in the interpreter; the state's load masked rather than branched on), and with the next item's state
-# prefetched (masked, up to two items past a program's last) with compiled-in dims; one program per item with its
-# tile as two halves (each half its own pass over the tokens), with runtime and compiled-in dims.
+# prefetched (masked, up to two items past a program's last) with compiled-in dims.
 PATHS = [
     pytest.param(None, id="default"),
     pytest.param(DecodeConfig(BV=8, num_warps=1, num_stages=2, static_dims=True, max_registers=80), id="static-dims"),
@@ -92,9 +91,6 @@ PATHS = [
     pytest.param(DecodeConfig(BV=8, num_warps=1, programs_per_sm=2, item_stages=2), id="persistent"),
     pytest.param(DecodeConfig(BV=8, num_warps=1, static_dims=True, one_pass=True, batch_inputs=True,
                               programs_per_sm=6, prefetch=True), id="persistent-prefetch"),
-    pytest.param(DecodeConfig(BV=8, num_warps=1, halves=True), id="halves"),
-    pytest.param(DecodeConfig(BV=8, num_warps=1, static_dims=True, one_pass=True, batch_inputs=True, halves=True),
-                 id="halves-static-dims"),
 ]
 
 
@@ -198,9 +194,6 @@ def test_prefill_with_chunk_gdn2_then_decode_matches_the_reference() -> None:
         pytest.param(3, 3, 2, 24, 40, "fp32", DecodeConfig(BV=16, num_warps=2, num_stages=2, programs_per_sm=4,
                                                            prefetch=True),
                      id="N3-T3-H2-K24-V40-persistent-prefetch-pipelined-tokens"),
-        pytest.param(2, 3, 2, 24, 40, "bf16", DecodeConfig(BV=16, num_warps=2, static_dims=True, one_pass=True,
-                                                           batch_inputs=True, halves=True),
-                     id="N2-T3-H2-K24-V40-halves-last-half-past-V"),
     ],
 )
 def test_tokens_in_one_call_match_float64(N, T, H, K, V, dtype, cfg) -> None:
@@ -448,7 +441,7 @@ def test_config_round_trips_and_rejects_bad_points() -> None:
     assert "is not one of" in decode_infeasibility(DecodeConfig(BV=48), shape)
     assert [p.name for p in DECODE_SPACE] == ["BV", "num_warps", "num_stages", "stream_state", "one_pass",
                                               "static_dims", "max_registers", "batch_inputs", "programs_per_sm",
-                                              "prefetch", "item_stages", "halves"]
+                                              "prefetch", "item_stages"]
     assert "max_registers=80 is below" in decode_infeasibility(DecodeConfig(BV=32, max_registers=80), shape)
     assert decode_infeasibility(DecodeConfig(BV=32, static_dims=True, max_registers=128), shape) is None
 
@@ -479,13 +472,10 @@ def test_a_persistent_grid_fits_its_programs_on_an_sm() -> None:
     assert decode_infeasibility(DecodeConfig(BV=32, programs_per_sm=4, item_stages=3), k128) is None
     assert "more than an SM has" in decode_infeasibility(
         DecodeConfig(BV=64, num_warps=8, programs_per_sm=4, item_stages=3), k256)
-    # halves split the tile of a program per item, not a persistent program's
-    assert decode_infeasibility(DecodeConfig(BV=32, halves=True), k256) is None
-    assert "persistent grid" in decode_infeasibility(DecodeConfig(BV=32, programs_per_sm=4, halves=True), k256)
 
 
 SAMPLE_SHAPE = DecodeShape(2, 3, 1, 16, 32)
-SAMPLED = decode_space(SAMPLE_SHAPE)[::1901]  # ~20 points
+SAMPLED = decode_space(SAMPLE_SHAPE)[::1900]  # ~20 points
 
 
 def test_the_sampled_points_take_every_value_of_the_space() -> None:
