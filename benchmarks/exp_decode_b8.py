@@ -38,7 +38,7 @@ validity, after which come the inputs. The candidates (all existing DecodeConfig
 
 Those were session 10's and 11's (``--candidates s11``; their figures are benchmarks/results/decode-b8-h200-*-s11*).
 Session 12 first split each program's tile into two halves, both loaded up front (``halves``, a kernel change
-in commit 543d464, reverted after this run: benchmarks/results/decode-halves-h200-2026-12-01-s12.jsonl): slower than
+in commit cd47bf8, reverted after this run: benchmarks/results/decode-halves-h200-2026-12-01-s12.jsonl): slower than
 the table config at every point. Its config-only set (the default) caps the registers of ``masked`` (139 registers,
 3 programs per SM at K=256) at 128 (4 per SM, no spills), also with the baseline's two-deep token pipeline and with
 evict_first on the state, and the table config's at 96 (5 per SM, 24 bytes spilled).
