@@ -41,7 +41,8 @@ Session 12 first split each program's tile into two halves, both loaded up front
 in commit cd47bf8, reverted after this run: benchmarks/results/decode-halves-h200-2026-12-01-s12.jsonl): slower than
 the table config at every point. Its config-only set (the default) caps the registers of ``masked`` (139 registers,
 3 programs per SM at K=256) at 128 (4 per SM, no spills), also with the baseline's two-deep token pipeline and with
-evict_first on the state, and the table config's at 96 (5 per SM, 24 bytes spilled).
+evict_first on the state, and the table config's at 96 (5 per SM, 24 bytes spilled); and, for the B = 1 guard,
+``masked`` on the B = 1 table's [256, 16] tile (also with evict_first, and on 2 warps).
 
 Timed as benchmarks/bench_decode.py's (d) times them, with its functions: "cold", one call per CUDA-graph replay with
 L2 flushed (graph_times), and "serving", S steps per graph over a pool of at least 4x L2 (serving_times), in
@@ -139,6 +140,10 @@ def candidates(K: int, which: str = "s12") -> dict[str, DecodeConfig]:
             "masked-pipe-r128": rep(masked, num_stages=2, max_registers=128),  # the baseline's structure, 4 per SM
             "masked-stream-r128": rep(masked, stream_state=True, max_registers=128),  # 127
             "static-r96": rep(base, max_registers=96),  # 24 bytes of spills: 5 per SM
+            # for the B = 1 guard, whose table config is [256, 16] on 4 warps with static dims (72 registers)
+            "narrow-masked": rep(masked, BV=16),  # 80
+            "narrow-masked-stream": rep(masked, BV=16, stream_state=True),
+            "narrow-masked-w2": rep(masked, BV=16, num_warps=2),
         }
     base = TABLE_B8_S11[K]
     if K == 128:
