@@ -829,8 +829,16 @@ def load_profile(path: Path | str) -> tuple[Profile | None, list[str]]:
     return profile, warnings
 
 
+def _retimed_next_to(entry: Entry, earlier: Entry) -> bool:
+    """Whether ``entry``'s run re-timed ``earlier`` (the same config, served from the same key) as its incumbent."""
+    inc = entry.incumbent
+    return inc is not None and inc.config == earlier.config and inc.key == earlier.key
+
+
 def merge_profiles(profiles: Sequence[Profile], names: Sequence[str] | None = None) -> tuple[Profile, list[str]]:
-    """Combine tables of one device, keeping the faster entry (lower ``timing.p50_ms``) per key.
+    """Combine tables of one device, keeping per key the later table's entry where its run re-timed the earlier
+    entry's config as its incumbent (the choice made in that same-run comparison stands), else the faster entry
+    (lower ``timing.p50_ms``).
 
     Returns the merged profile and notes saying, for each key more than one table has, which one was kept and
     why. ``names`` (e.g. the file names) label the tables in the notes; by default "#1", "#2", ...
@@ -886,6 +894,17 @@ def merge_profiles(profiles: Sequence[Profile], names: Sequence[str] | None = No
                 kept[entry.key] = (entry, label)
                 continue
             best, best_label = kept[entry.key]
+            if _retimed_next_to(entry, best):
+                # This run timed the earlier entry's config next to its own candidates (the incumbent) and chose in
+                # that same-run comparison; the earlier median is from another run, on another day.
+                kept[entry.key] = (entry, label)
+                what = "kept it" if entry.kept_incumbent else f"chose {entry.config.label()} over it"
+                notes.append(
+                    f"{entry.key}: kept {label} ({entry.timing.p50_ms:.4g} ms) over {best_label} "
+                    f"({best.timing.p50_ms:.4g} ms): {label} re-timed {best_label}'s config "
+                    f"({entry.incumbent.timing.p50_ms:.4g} ms) next to its candidates and {what}"
+                )
+                continue
             # Strictly faster wins, so that on a tie the earlier table (the caller's order) stays.
             if entry.timing.p50_ms < best.timing.p50_ms:
                 kept[entry.key] = (entry, label)

@@ -413,6 +413,25 @@ def test_merge_keeps_the_earlier_table_on_a_tie() -> None:
     assert "kept #1" in notes[0] and "same median" in notes[0]
 
 
+@pytest.mark.parametrize("kept", [pytest.param(True, id="kept-the-incumbent"), pytest.param(False, id="beat-it")])
+def test_merge_keeps_a_run_that_re_timed_the_earlier_entry_as_its_incumbent(kept: bool) -> None:
+    # The earlier table's median (1.0) is lower than the later run's (1.03), but the later run timed that very
+    # config next to its own (1.05 there) and chose: a same-run comparison, not one across runs.
+    earlier = make_entry(DENSE, p50=1.0)
+    other = make_config(**{"state.num_warps": 8})
+    inc = table.Incumbent(earlier.config, Timing(0.95, 1.05, 1.15, 0.01), table.ServedFrom.OWN, "h200.json",
+                          earlier.key)
+    later = dataclasses.replace(make_entry(DENSE, earlier.config if kept else other, p50=1.03), incumbent=inc)
+    merged, notes = merge_profiles([make_profile((earlier,)), make_profile((later,))], names=["old.json", "run"])
+    assert merged.entries[0] == later
+    assert "kept run" in notes[0] and "re-timed old.json's config" in notes[0]
+    assert ("kept it" if kept else f"chose {other.label()} over it") in notes[0]
+    # A run whose incumbent was another config (another key's bucket) is compared by median as before.
+    stranger = dataclasses.replace(later, incumbent=dataclasses.replace(inc, key="fwd/elsewhere"))
+    merged, notes = merge_profiles([make_profile((earlier,)), make_profile((stranger,))], names=["old.json", "run"])
+    assert merged.entries[0] == earlier and "faster median" in notes[0]
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

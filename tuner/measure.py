@@ -243,8 +243,9 @@ def time_config(bench: Bench, cfg: Any) -> Outcome:
 
 def retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> Outcome:
     """Round robin over ``cfgs``: in each round every config gets a block of repetitions, so drifts in clocks or
-    temperature hit all of them alike. Returns per config p20/p50/p80 over all samples and the spread
-    (max - min) / median of its per-round medians."""
+    temperature hit all of them alike. Returns per config p20/p50/p80 over all samples, the spread
+    (max - min) / median of its per-round medians, and those medians in round order (``round_p50_ms``: config i's
+    and config j's r-th were timed in the same round, a pair)."""
     try:
         return _retime(bench, cfgs, rounds)
     finally:
@@ -265,7 +266,8 @@ def _retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> Outcome:
     for s, m in zip(samples, medians):
         q = quantiles(s)
         mid = statistics.median(m)
-        out.append({**q.to_dict(), "spread": (max(m) - min(m)) / mid if mid > 0 else 0.0, "reps": len(s)})
+        out.append({**q.to_dict(), "spread": (max(m) - min(m)) / mid if mid > 0 else 0.0, "reps": len(s),
+                    "round_p50_ms": m})
     return ok(timings=out, launch=list(launches))
 
 

@@ -3,7 +3,7 @@
     detect device ─► what the dispatcher serves now at each shape (the incumbents) and every known table
         ─► per shape: study (tuner.study), warm-started from those (tuner.known) ─► finalize: re-time the best few,
         the default and the incumbent interleaved; keep the incumbent unless a candidate beats it by more than the
-        spread; time each stage's launch ─► Entry ─► profiles.table.save_profile (merged with the existing file)
+        spread or in every round; time each stage's launch ─► Entry ─► profiles.table.save_profile (merged with the existing file)
 
 The study process never launches a kernel: gate workers (one per spare CPU core) compile and gate candidates in
 parallel, one timing worker per GPU measures them one at a time (tuner.worker). With ``gpus=(0, 1, ...)`` one child
@@ -509,7 +509,8 @@ def finalize_entry(
 ) -> table.Entry | None:
     """Re-time the best ``top_k`` points, the default config and the incumbent (``served``: what the dispatcher
     served before tuning) interleaved; the entry gets the fastest unless it does not beat the incumbent by more
-    than the spread (tuner.known.decide), in which case the incumbent stays. Then time the stages of the choice."""
+    than the spread or in every interleaved round (tuner.known.decide), in which case the incumbent stays. Then
+    time the stages of the choice."""
     options = evaluator.options
     trials = study.get_trials(deepcopy=False)
     complete = sorted(
@@ -568,7 +569,7 @@ def finalize_entry(
     timings = [table.Timing(**{k: t[k] for k in ("p20_ms", "p50_ms", "p80_ms", "spread")}) for t in out["timings"]]
     i_def = candidates.index(dflat)
     i_inc = None if served is None else candidates.index(served.config.flat())
-    decision = known.decide(timings, i_inc, eligible)
+    decision = known.decide(timings, i_inc, eligible, rounds=[t.get("round_p50_ms") for t in out["timings"]])
     chosen = decision.chosen
     stages = evaluator.call_timer({"op": "stages", "shape": shape_d, "configs": [candidates[chosen], dflat]},
                                   options.time_timeout_s * 3)
@@ -588,8 +589,10 @@ def finalize_entry(
                        f"{1 - best.p50_ms / inc.p50_ms:.1%} faster, within the spread")
             notes.append(f"{spec.key}: kept the incumbent {served.config.label()} from {served.describe()}: {why}")
         else:
+            how = (f", faster in each of the {len(out['timings'][i_inc]['round_p50_ms'])} interleaved rounds"
+                   if decision.paired else "")
             notes.append(f"{spec.key}: new config beats the incumbent from {served.describe()} by "
-                         f"{1 - best.p50_ms / inc.p50_ms:.1%} ({inc.p50_ms:.4f} -> {best.p50_ms:.4f} ms)")
+                         f"{1 - best.p50_ms / inc.p50_ms:.1%} ({inc.p50_ms:.4f} -> {best.p50_ms:.4f} ms{how})")
     return table.Entry(
         key=spec.key, stage=spec.stage, shape=spec.shape, config=op.from_flat(candidates[chosen]),
         timing=timings[chosen], default_timing=timings[i_def],
