@@ -12,6 +12,9 @@ timed (both: flush L2 by zeroing a 256 MB buffer, then one CUDA-graph replay bet
 - exp_decode_b8 (bench_decode's ``Problem``): a pool of B · sets slots, the step's slots B of them at random
   (int64), and its own inputs.
 
+The first run (benchmarks/results/decode-protocol-h200-2026-12-01-s12.json) showed the pool mattering; the second
+adds each protocol's pool with the other's index dtype (``-i64``, ``-i32``).
+
 This times four configs under four protocols in the same rounds (the order rotated every round): the tuner's
 Bench as it is ("tuner-pool=B"), the tuner's Bench with a pool of 8·B slots and B of them at random
 ("tuner-pool=8B"), bench_decode's cold replay on its serving pool ("bench-pool=8B", what exp_decode_b8 times) and on
@@ -51,15 +54,22 @@ CONFIGS = {
 }
 
 
-def tuner_bench(pool_factor: int) -> Bench:
+def tuner_bench(pool_factor: int, index_dtype: torch.dtype = torch.int32) -> Bench:
     bench = Bench(Shape(N, 1, 16, K, K, "bf16"), "cuda", op="decode")
+    run = bench.run
     if pool_factor > 1:
-        run = bench.run
         gen = torch.Generator().manual_seed(7)
         run.pool0 = torch.randn(pool_factor * N, 16, K, K, generator=gen).cuda()
         run.pool = run.pool0.clone()
-        run.indices = torch.randperm(pool_factor * N, generator=gen)[:N].to(torch.int32).cuda()
+        run.indices = torch.randperm(pool_factor * N, generator=gen)[:N].cuda()
+    run.indices = run.indices.to(index_dtype)
     return bench
+
+
+def bench_problem(pool_factor: int, index_dtype: torch.dtype = torch.int64) -> Problem:
+    p = Problem(N, K, ranges=pool_factor)
+    p.idx = p.idx.to(index_dtype)
+    return p
 
 
 def main() -> None:
@@ -67,8 +77,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    benches = {"tuner-pool=B": tuner_bench(1), "tuner-pool=8B": tuner_bench(POOL_FACTOR)}
-    problems = {"bench-pool=8B": Problem(N, K, ranges=POOL_FACTOR), "bench-pool=B": Problem(N, K, ranges=1)}
+    benches = {"tuner-pool=B": tuner_bench(1), "tuner-pool=8B": tuner_bench(POOL_FACTOR),
+               "tuner-pool=8B-i64": tuner_bench(POOL_FACTOR, torch.int64)}
+    problems = {"bench-pool=8B": bench_problem(POOL_FACTOR), "bench-pool=B": bench_problem(1),
+                "bench-pool=8B-i32": bench_problem(POOL_FACTOR, torch.int32)}
     calls = {}
     for proto, bench in benches.items():
         for name, cfg in CONFIGS.items():
