@@ -57,9 +57,10 @@ fresh random inputs: a pool with a padding row, an output buffer filled with NaN
 within bench_decode's budgets, the padding row's outputs zero and the slots no index names bitwise unchanged. A
 candidate that fails the check, is inadmissible or does not compile is reported and not timed.
 
-One JSON line per check and measurement as it goes (appended to DIR/exp_decode_b8.jsonl), a summary per point, a
+One JSON line per check and measurement as it goes (appended to DIR/exp_decode_b8-INDEX.jsonl, INDEX the
+--index-dtype), a summary per point, a
 verdict per K (the candidates no slower than the baseline in both modes, fastest cold first), a table last, and
-DIR/exp_decode_b8.json (DIR: --out, else $OUT when set). About 2 minutes on an H200 with the defaults.
+DIR/exp_decode_b8-INDEX.json (DIR: --out, else $OUT when set). About 2 minutes on an H200 with the defaults.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def candidates(K: int, which: str = "s12") -> dict[str, DecodeConfig]:
         return {
             "masked": masked,  # session 11's near tie with the baseline; 139 registers, 3 programs per SM
             "masked-r128": rep(masked, max_registers=128),  # 128, no spills: 4 per SM
+            "static-r128": rep(base, max_registers=128),  # the tuner's choice with int32 indices (123 registers)
             "masked-pipe-r128": rep(masked, num_stages=2, max_registers=128),  # the baseline's structure, 4 per SM
             "masked-stream-r128": rep(masked, stream_state=True, max_registers=128),  # 127
             "static-r96": rep(base, max_registers=96),  # 24 bytes of spills: 5 per SM
@@ -173,6 +175,12 @@ def candidates(K: int, which: str = "s12") -> dict[str, DecodeConfig]:
 
 
 _jsonl: Path | None = None
+# The dtype of the slot indices passed to every callable (--index-dtype). Serving passes int32 (vLLM's state
+# indices; the tuner's DecodeRun), torch's default is int64 (every run before session 12's used it). At K=V=256,
+# B=8 the configs with static dims ran ~3% slower with int64 indices and the masked ones did not
+# (benchmarks/exp_decode_protocol.py).
+INDEX_DTYPES = {"int64": torch.int64, "int32": torch.int32}
+_index_dtype = "int64"
 
 
 def emit(row: dict) -> None:
@@ -220,7 +228,7 @@ def reference_check(K: int, name: str, cfg: DecodeConfig, seed: int) -> dict:
     pool_size = 2 * N + 3
     pool = 0.1 * torch.randn(pool_size, H, K, V, generator=gen, device="cuda")
     slots = torch.randperm(pool_size, generator=gen, device="cuda")[:N]
-    idx = torch.cat([slots, torch.tensor([-1], device="cuda")])
+    idx = torch.cat([slots, torch.tensor([-1], device="cuda")]).to(INDEX_DTYPES[_index_dtype])
     before = pool.clone()
     out = torch.full_like(args[2], float("nan"))
     row: dict = {"kind": "check", "K": K, "B": N, "impl": name, "config": cfg.label()}
@@ -249,6 +257,8 @@ def time_point(K: int, N: int, impls: dict[str, DecodeConfig], baseline: Callabl
     step_bytes = N * HEADS * K * K * 4
     sets, S = serving_plan(step_bytes, serving_steps, l2_bytes())
     p = Problem(N, K, ranges=sets)
+    p.sets = p.sets.to(INDEX_DTYPES[_index_dtype])  # the baseline is passed the same index tensors
+    p.idx = p.sets[0]
     point = {"K": K, "B": N, "steps_per_graph": S, "slot_sets": sets}
     makers: dict[str, Callable[[torch.Tensor], Callable[[], object]]] = {
         name: (lambda idx, cfg=cfg, p=p: p.ours(cfg, idx)) for name, cfg in impls.items()}
@@ -330,20 +340,23 @@ def print_table(summaries: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
-                    help="directory for exp_decode_b8.json and .jsonl (default: $OUT; none: print only)")
+                    help="directory for exp_decode_b8-INDEX.json and .jsonl (default: $OUT; none: print only)")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="alternating rounds at B = 8")
     ap.add_argument("--guard-rounds", type=int, default=GUARD_ROUNDS, help="alternating rounds at B = 1 and 32")
     ap.add_argument("--guard-candidates", action="store_true", help="time the candidates at the guards too")
     ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma-separated subset of 128,256")
     ap.add_argument("--serving-steps", type=int, default=SERVING_STEPS, help="decode steps per graph (at least)")
     ap.add_argument("--check-configs", action="store_true", help="print each candidate's admissibility and exit")
+    ap.add_argument("--index-dtype", choices=tuple(INDEX_DTYPES), default="int64",
+                    help="dtype of the slot indices every callable is passed (int32: as serving passes them)")
     ap.add_argument("--candidates", choices=CANDIDATE_SETS, default=CANDIDATE_SETS[0],
                     help="session 12's split tiles (default) or session 10's and 11's config-only set")
     args = ap.parse_args(argv)
-    global _jsonl
+    global _jsonl, _index_dtype
+    _index_dtype = args.index_dtype
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        _jsonl = args.out / "exp_decode_b8.jsonl"
+        _jsonl = args.out / f"exp_decode_b8-{args.index_dtype}.jsonl"
     if args.check_configs:
         check_configs(args.candidates)
         return
@@ -352,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--head-dims: expected a comma-separated subset of {list(HEAD_DIMS)}, received {args.head_dims!r}")
     t_start = time.time()
     env = environment()
-    emit({"kind": "env", **env})
+    emit({"kind": "env", **env, "index_dtype": _index_dtype})
     baseline, signature = load_baseline()
     emit({"kind": "baseline", "signature": signature})
     bw = copy_bandwidth()
@@ -399,8 +412,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nK=V={v['K']}, B={v['B']}: table config no slower than fla in both modes: {v['table_ok']}; "
               f"no slower in both: {best}")
     if args.out is not None:
-        (args.out / "exp_decode_b8.json").write_text(json.dumps(result, indent=1))
-        print(f"\n{args.out / 'exp_decode_b8.json'} written in {result['seconds']:.0f} s")
+        path = args.out / f"exp_decode_b8-{args.index_dtype}.json"
+        path.write_text(json.dumps(result, indent=1))
+        print(f"\n{path} written in {result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
