@@ -47,7 +47,15 @@ from gdn2_tune.kernels.spec import DeviceLimits, KernelSpec, register
 DECODE_OP = "decode"
 ALGORITHM_OP = "algorithm"
 _HERE = Path(__file__).resolve().parent
-INDEX_BYTES = 4  # the pool's slot indices and the accepted counts are int32, as serving passes them
+# The slot-index dtypes a timed step is launched with, one launch each on a pool of its own, in this order: serving
+# stacks pass int32 indices (vLLM's state indices), torch's default is int64 (torch.arange, randperm), and the kernel
+# is compiled per dtype. Their best configs differ: at K=V=256, B=8 on an H200 (2026-12-01,
+# benchmarks/exp_decode_protocol.py) the configs with static dims ran ~3% slower with int64 indices and the masked
+# ones did not, so the entry the tuner chose with int32 alone (BV32-w4-static-r128) was 0.7% slower than the
+# baseline with int64 indices, while BV32-w4-r128 was faster with both (benchmarks/exp_decode_b8.py --index-dtype).
+# An entry is the best config for the two launches together; its timing is theirs (decode_cost counts both).
+TIMED_INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+ACCEPTED_BYTES = 4  # the accepted-draft counts of a speculative step are int32, as serving passes them
 STATE_BYTES = STATE_DTYPES[TABLE_STATE_DTYPE].itemsize  # what is tuned: the default fp32 state pool
 
 # T = 1 at every batch of issue 13's speed targets, for both head dims, and one speculative step (T = 4 draft
@@ -84,11 +92,14 @@ def decode_gate_shape(shape: Shape) -> Shape:
 
 
 class DecodeRun:
-    """A decode step at one shape, as serving runs it: ``out`` given, the pool updated in place (kernels.spec.OpRun).
+    """A decode step at one shape, as serving runs it: ``out`` given, the pool updated in place (kernels.spec.OpRun),
+    launched once per :data:`TIMED_INDEX_DTYPES` entry with indices of that dtype on a pool of its own (the timed
+    "step" is those launches together).
 
     T = 1: 1-D slot indices, one slot per sequence. T > 1: a speculative step, 2-D indices ``[B, T]`` (the state
     after token t goes to slot ``[n, t]``) and ``num_accepted_tokens`` = 1 (each sequence starts from slot
     ``[n, 0]``). The slots are a permutation of the pool, so every slot is written and the reads are scattered.
+    Both pools start equal and see the same inputs, so both launches write the same ``out``; ``pool`` is the first's.
 
     Timing lets the pool evolve call after call as serving does: what the kernel does does not depend on the
     values, and with decay ≤ 1 and erase gates in [0, 1] the state stays bounded. Inside
@@ -106,27 +117,32 @@ class DecodeRun:
         gen = torch.Generator().manual_seed(seed + 1)
         slots = pool_slots(shape)
         self.pool0 = torch.randn(slots, H, K, V, generator=gen).to(device)
-        self.pool = self.pool0.clone()
-        order = torch.randperm(slots, generator=gen).to(torch.int32)
-        self.indices = (order if T == 1 else order.view(B, T)).to(device)
+        order = torch.randperm(slots, generator=gen)
+        order = (order if T == 1 else order.view(B, T)).to(device)
+        # (indices, pool) of each launch; the first's are the ones the reference checks
+        self.launches = [(order.to(dt), self.pool0.clone()) for dt in TIMED_INDEX_DTYPES]
+        self.indices, self.pool = self.launches[0]
         self.accepted = None if T == 1 else torch.ones(B, dtype=torch.int32, device=device)
         self.out = torch.empty(B, T, H, V, dtype=shape.torch_dtype, device=device)
         self.scale = K**-0.5
 
     def step(self, cfg: DecodeConfig) -> None:
-        """The one launch of a serving step (kernels.decode.decode_fwd), on the prepared pool and buffers."""
+        """The launch of a serving step (kernels.decode.decode_fwd) with each index dtype, on the prepared pools and
+        buffers."""
         x = self.inputs
-        decode_fwd(
-            *x.args(), self.out,
-            scale=self.scale, initial_state=self.pool, final_state=self.pool,
-            final_at=FINAL_AT_SLOT if self.accepted is None else FINAL_NONE, per_token_slots=self.accepted is not None,
-            cu_seqlens=None, ssm_state_indices=self.indices, num_accepted_tokens=self.accepted,
-            use_qk_l2norm=False, num_seqs=self.shape.B, cfg=cfg,
-        )
+        for indices, pool in self.launches:
+            decode_fwd(
+                *x.args(), self.out,
+                scale=self.scale, initial_state=pool, final_state=pool,
+                final_at=FINAL_AT_SLOT if self.accepted is None else FINAL_NONE,
+                per_token_slots=self.accepted is not None, cu_seqlens=None, ssm_state_indices=indices,
+                num_accepted_tokens=self.accepted, use_qk_l2norm=False, num_seqs=self.shape.B, cfg=cfg,
+            )
 
     def forward(self, cfg: DecodeConfig) -> tuple[torch.Tensor, ...]:
         if is_poisoned():
-            self.pool.copy_(self.pool0)
+            for _, pool in self.launches:
+                pool.copy_(self.pool0)
             self.out.fill_(float("nan"))
         self.step(cfg)
         return self.out, self.pool
@@ -159,16 +175,16 @@ def state_stores(shape: Shape) -> int:
     return max(1, shape.T)
 
 
-def step_cost(shape: Shape, BV: int, stores: int) -> Cost:
+def step_cost(shape: Shape, BV: int, stores: int, index_bytes: int) -> Cost:
     """FLOPs and bytes of one launch over B sequences of T tokens that reads each sequence's state once and stores
-    it ``stores`` times.
+    it ``stores`` times, its slot indices ``index_bytes`` each.
 
     Per token and head the kernel runs three K×V multiply-add passes on the CUDA cores, each 2·K·V FLOP: the read
     r = S̄ᵀ(b ⊙ k), the update S̄ + k uᵀ and the output Sᵀq. They are the work an ``ieee`` dot would do, so they are
     counted in ``flops_tc`` under the "fp32" unit (the CUDA-core FMA roof); the decay S ⊙ exp(g) (K·V multiplies)
     and the K exponentials are ``flops_cuda``. ``bytes_min``: every input read once, the output written once (both
-    in the input dtype, g in fp32), the fp32 state read once and stored ``stores`` times, the int32 slot indices
-    (and accepted counts of a speculative step) read once. ``bytes_moved`` adds the K-wide inputs that every V
+    in the input dtype, g in fp32), the fp32 state read once and stored ``stores`` times, the slot indices (and
+    the int32 accepted counts of a speculative step) read once. ``bytes_moved`` adds the K-wide inputs that every V
     tile's program reads again.
     """
     es = element_size(shape.dtype)
@@ -178,20 +194,26 @@ def step_cost(shape: Shape, BV: int, stores: int) -> Cost:
     k_wide = rows * shape.K * (3 * es + G_BYTES)  # q, k, b and g
     v_wide = rows * shape.V * 3 * es  # v and w read, o written
     state = shape.B * shape.H * shape.K * shape.V * STATE_BYTES * (1 + stores)
-    indices = shape.B * INDEX_BYTES * (stores + (1 if stores > 1 else 0))
+    indices = shape.B * (index_bytes * stores + (ACCEPTED_BYTES if stores > 1 else 0))
     bytes_min = float(k_wide + v_wide + state + indices)
     rereads = k_wide * (cdiv(shape.V, BV) - 1)
     return Cost(float(fma), float(elementwise), bytes_min, bytes_min + rereads, (("fp32", float(fma)),))
 
 
+def timed_step_cost(shape: Shape, BV: int) -> Cost:
+    """A timed step: one launch per :data:`TIMED_INDEX_DTYPES` entry."""
+    costs = [step_cost(shape, BV, state_stores(shape), dt.itemsize) for dt in TIMED_INDEX_DTYPES]
+    return sum(costs[1:], costs[0])
+
+
 def decode_minimum_bytes(shape: Shape) -> float:
-    """The state-traffic floor of a timed step (:func:`step_cost`'s ``bytes_min``; no tile re-reads)."""
-    return step_cost(shape, shape.V, state_stores(shape)).bytes_min
+    """The state-traffic floor of a timed step (:func:`timed_step_cost`'s ``bytes_min``; no tile re-reads)."""
+    return timed_step_cost(shape, shape.V).bytes_min
 
 
 def decode_cost(shape: Shape, cfg: DecodeConfig) -> dict[str, Cost]:
-    """The step as timed: one launch, so the step is the total."""
-    step = step_cost(shape, cfg.BV, state_stores(shape))
+    """The step as timed (its launches, one per index dtype), which is the total."""
+    step = timed_step_cost(shape, cfg.BV)
     return {"step": step, "total": step}
 
 
@@ -364,7 +386,7 @@ def algorithm_cost(shape: Shape, cfg: AlgorithmConfig) -> dict[str, Cost]:
     else:
         n = shape.num_seqs or shape.B
         padded = Shape(n, max(1, round(tokens_per_sequence(shape))), shape.H, shape.K, shape.V, shape.dtype)
-        total = step_cost(padded, default_decode_config(decode_shape(shape)).BV, 1)
+        total = step_cost(padded, default_decode_config(decode_shape(shape)).BV, 1, 0)  # no slot indices
     return {"call": total, "total": total}
 
 

@@ -22,9 +22,11 @@ from gdn2_tune.kernels.decode_spec import (
     ALGORITHM_OP,
     DECODE_OP,
     DEFAULT_CROSSOVER_T,
+    TIMED_INDEX_DTYPES,
     AlgorithmConfig,
     choose_algorithm,
     crossover_t,
+    step_cost,
 )
 from gdn2_tune.kernels.inputs import make_inputs
 from gdn2_tune.kernels.spec import get_spec, registered
@@ -95,14 +97,42 @@ def test_the_table_shape_is_the_batch_and_the_tokens_per_sequence() -> None:
 
 
 def test_the_cost_counts_the_state_traffic_once_each_way_at_t1_and_per_token_when_speculating() -> None:
+    # A timed step is one launch per index dtype (int32, int64): twice one launch's traffic and FLOPs.
     spec = get_spec(DECODE_OP)
+    launches = len(TIMED_INDEX_DTYPES)
     state = 128 * 16 * 128 * 128 * 4
     one = spec.cost(Shape(128, 1, 16, 128, 128), DecodeConfig())["total"]
-    assert 2 * state < one.bytes_min < 2.04 * state  # inputs and output: 1.5%
+    assert launches * 2 * state < one.bytes_min < launches * 2.04 * state  # inputs and output: 1.5%
     four = spec.cost(Shape(128, 4, 16, 128, 128), DecodeConfig())["total"]
-    assert 5 * state < four.bytes_min < 5.2 * state
-    assert one.flops_tc == 128 * 16 * 6 * 128 * 128 and one.dot_mix == (("fp32", one.flops_tc),)
+    assert launches * 5 * state < four.bytes_min < launches * 5.2 * state
+    assert one.flops_tc == launches * 128 * 16 * 6 * 128 * 128 and one.dot_mix == (("fp32", one.flops_tc),)
     assert spec.minimum_bytes(Shape(128, 1, 16, 128, 128)) == one.bytes_min
+    # the slot indices: 4 bytes per sequence in int32, 8 in int64
+    assert step_cost(Shape(128, 1, 16, 128, 128), 32, 1, 8).bytes_min - \
+        step_cost(Shape(128, 1, 16, 128, 128), 32, 1, 4).bytes_min == 128 * 4
+
+
+def test_a_timed_step_launches_once_per_index_dtype_on_pools_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gdn2_tune.kernels import decode_spec
+
+    seen = []
+    real = decode_spec.decode_fwd
+
+    def spy(*args, **kw):
+        seen.append((kw["ssm_state_indices"].dtype, kw["initial_state"].data_ptr()))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(decode_spec, "decode_fwd", spy)
+    spec = get_spec(DECODE_OP)
+    shape = Shape(2, 1, 2, 16, 16, "fp32")
+    run = spec.prepare(shape, "cpu", seed=0)
+    ref = run.reference()
+    with poisoned():
+        o, pool = run.forward(spec.default_config(shape))
+    assert [dt for dt, _ in seen] == list(TIMED_INDEX_DTYPES) and len({ptr for _, ptr in seen}) == len(seen)
+    assert relative(o, ref[0]) <= spec.gate_tolerance["fp32"] and relative(pool, ref[1]) <= spec.gate_tolerance["fp32"]
+    for indices, other in run.launches[1:]:  # the same slots, the same result
+        assert torch.equal(indices.long(), run.indices.long()) and torch.equal(other, pool)
 
 
 def test_num_stages_is_at_most_one_more_than_the_tokens() -> None:
