@@ -72,9 +72,26 @@ DECODE_INTERPRET_SHAPE = Shape(2, 1, 2, 16, 16, "fp32")
 DECODE_GATE_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 2e-3}
 
 
-def pool_slots(shape: Shape) -> int:
-    """Slots of the timed pool: one per sequence at T = 1, one per token of a speculative step (T > 1)."""
+# A serving pool holds more slots than one step touches (a server sizes it for its largest batch), so a step's
+# slots are scattered over a larger pool: the timed pool has up to POOL_FACTOR times the slots a step touches, as
+# many as fit in POOL_BYTES (each index dtype's pool). With exactly the touched slots the tuner ranked the K=V=256,
+# B=8 configs differently from a pool of 8 times that (benchmarks/exp_decode_protocol.py, H200, 2026-12-01: with
+# int64 indices the static-dims config was 0.3% ahead of its register-capped masked rival on the small pool, 2.9%
+# behind on the large one), and the baseline comparisons (benchmarks/exp_decode_b8.py) use a large pool.
+POOL_FACTOR = 8
+POOL_BYTES = 2 << 30
+
+
+def touched_slots(shape: Shape) -> int:
+    """Slots a timed step touches: one per sequence at T = 1, one per token of a speculative step (T > 1)."""
     return shape.B * max(1, shape.T)
+
+
+def pool_slots(shape: Shape) -> int:
+    """Slots of the timed pool: :func:`touched_slots` times up to POOL_FACTOR, within POOL_BYTES."""
+    touched = touched_slots(shape)
+    step_bytes = touched * shape.H * shape.K * shape.V * STATE_BYTES
+    return touched * max(1, min(POOL_FACTOR, POOL_BYTES // step_bytes))
 
 
 def _specialization(n: int) -> tuple[bool, ...]:
@@ -98,8 +115,8 @@ class DecodeRun:
 
     T = 1: 1-D slot indices, one slot per sequence. T > 1: a speculative step, 2-D indices ``[B, T]`` (the state
     after token t goes to slot ``[n, t]``) and ``num_accepted_tokens`` = 1 (each sequence starts from slot
-    ``[n, 0]``). The slots are a permutation of the pool, so every slot is written and the reads are scattered.
-    Both pools start equal and see the same inputs, so both launches write the same ``out``; ``pool`` is the first's.
+    ``[n, 0]``). The step's slots are a random subset of a larger pool (:func:`pool_slots`), so the reads and
+    writes are scattered, as in a serving pool. Both pools start equal and see the same inputs, so both launches write the same ``out``; ``pool`` is the first's.
 
     Timing lets the pool evolve call after call as serving does: what the kernel does does not depend on the
     values, and with decay ≤ 1 and erase gates in [0, 1] the state stays bounded. Inside
@@ -115,9 +132,8 @@ class DecodeRun:
         self.inputs = make_inputs(shape, device, seed, strong_decay=strong_decay, initial_state=False)
         B, T, H, K, V = shape.B, shape.T, shape.H, shape.K, shape.V
         gen = torch.Generator().manual_seed(seed + 1)
-        slots = pool_slots(shape)
-        self.pool0 = torch.randn(slots, H, K, V, generator=gen).to(device)
-        order = torch.randperm(slots, generator=gen)
+        self.pool0 = torch.randn(pool_slots(shape), H, K, V, generator=gen).to(device)
+        order = torch.randperm(pool_slots(shape), generator=gen)[: touched_slots(shape)]
         order = (order if T == 1 else order.view(B, T)).to(device)
         # (indices, pool) of each launch; the first's are the ones the reference checks
         self.launches = [(order.to(dt), self.pool0.clone()) for dt in TIMED_INDEX_DTYPES]

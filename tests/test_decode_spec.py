@@ -112,6 +112,17 @@ def test_the_cost_counts_the_state_traffic_once_each_way_at_t1_and_per_token_whe
         step_cost(Shape(128, 1, 16, 128, 128), 32, 1, 4).bytes_min == 128 * 4
 
 
+def test_the_timed_pool_is_larger_than_the_step_within_its_byte_budget() -> None:
+    from gdn2_tune.kernels.decode_spec import POOL_BYTES, POOL_FACTOR, pool_slots, touched_slots
+
+    small, large = Shape(8, 1, 16, 256, 256), Shape(512, 1, 16, 256, 256)  # 32 MiB and 2 GiB of state a step
+    assert pool_slots(small) == POOL_FACTOR * touched_slots(small) == 64
+    assert pool_slots(large) == touched_slots(large) == 512 and 512 * 16 * 256 * 256 * 4 == POOL_BYTES
+    assert pool_slots(Shape(4, 4, 2, 16, 16)) == POOL_FACTOR * 16  # a speculative step: a slot per token
+    run = get_spec(DECODE_OP).prepare(Shape(3, 1, 2, 16, 16, "fp32"), "cpu", seed=0)
+    assert run.pool.shape[0] == 3 * POOL_FACTOR and len(set(run.indices.tolist())) == 3
+
+
 def test_a_timed_step_launches_once_per_index_dtype_on_pools_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     from gdn2_tune.kernels import decode_spec
 
