@@ -142,18 +142,26 @@ class DecodeRun:
         self.out = torch.empty(B, T, H, V, dtype=shape.torch_dtype, device=device)
         self.scale = K**-0.5
 
+    def launch(self, cfg: DecodeConfig, i: int) -> None:
+        """Launch ``i`` of a serving step (kernels.decode.decode_fwd): the index dtype and pool of ``launches[i]``."""
+        indices, pool = self.launches[i]
+        decode_fwd(
+            *self.inputs.args(), self.out,
+            scale=self.scale, initial_state=pool, final_state=pool,
+            final_at=FINAL_AT_SLOT if self.accepted is None else FINAL_NONE,
+            per_token_slots=self.accepted is not None, cu_seqlens=None, ssm_state_indices=indices,
+            num_accepted_tokens=self.accepted, use_qk_l2norm=False, num_seqs=self.shape.B, cfg=cfg,
+        )
+
     def step(self, cfg: DecodeConfig) -> None:
-        """The launch of a serving step (kernels.decode.decode_fwd) with each index dtype, on the prepared pools and
-        buffers."""
-        x = self.inputs
-        for indices, pool in self.launches:
-            decode_fwd(
-                *x.args(), self.out,
-                scale=self.scale, initial_state=pool, final_state=pool,
-                final_at=FINAL_AT_SLOT if self.accepted is None else FINAL_NONE,
-                per_token_slots=self.accepted is not None, cu_seqlens=None, ssm_state_indices=indices,
-                num_accepted_tokens=self.accepted, use_qk_l2norm=False, num_seqs=self.shape.B, cfg=cfg,
-            )
+        """A serving step with each index dtype, on the prepared pools and buffers."""
+        for i in range(len(self.launches)):
+            self.launch(cfg, i)
+
+    def timed_parts(self, cfg: DecodeConfig) -> list[Callable[[], object]]:
+        """The tuner times each launch alone, L2 flushed before each (tuner.measure.Bench.sample), and sums them:
+        launched back to back, the second would find L2 holding the first's state stores instead of cold."""
+        return [lambda i=i: self.launch(cfg, i) for i in range(len(self.launches))]
 
     def forward(self, cfg: DecodeConfig) -> tuple[torch.Tensor, ...]:
         if is_poisoned():

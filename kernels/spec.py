@@ -109,7 +109,9 @@ class OpRun(Protocol):
 
     ``forward`` is the whole op as the public op launches it (the tuner times it); ``stage_fns`` each stage's
     launch alone (for the per-stage times a report draws); ``reference`` the float64 results ``forward``'s
-    outputs are compared with, in the same order.
+    outputs are compared with, in the same order. A run may also define ``timed_parts(cfg)``, callables that
+    together do what ``forward`` does, for the tuner to time each alone with L2 flushed before each and sum
+    (tuner.measure.Bench.timed_parts; decode's launch per index dtype).
     """
 
     def forward(self, cfg: Any) -> tuple[torch.Tensor, ...]: ...

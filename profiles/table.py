@@ -477,7 +477,8 @@ class Incumbent:
     """What the dispatcher served at an entry's shape before the run that wrote the entry, timed in that run's
     final interleaved re-time next to the candidates: the "before tuning" of `show` and `report`.
 
-    The run writes a new config only when it beats this one by more than the measured spread; otherwise the entry
+    The run writes a new config only when it beats this one by more than the measured spread, or in every round
+    of the interleaved re-time (tuner.known.decide); otherwise the entry
     holds this config (``Entry.kept_incumbent``), so tuning never makes a shape slower than it was served before.
     """
 
@@ -558,7 +559,8 @@ class Entry:
 
     @property
     def kept_incumbent(self) -> bool:
-        """The run found nothing faster than what was served before (beyond the spread) and kept it."""
+        """The run found nothing faster than what was served before (beyond the spread, or in every round) and
+        kept it."""
         return self.incumbent is not None and self.incumbent.config == self.config
 
     @property

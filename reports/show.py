@@ -81,7 +81,7 @@ def entry_block(e: Entry) -> RenderableType:
                         f"spread {e.timing.spread:.1%})")
     grid.add_row("default", f"{e.default_timing.p50_ms:.4f} ms: tuned is {e.speedup:.2f}× faster")
     if e.incumbent is not None and e.vs_before is not None:
-        verdict = ("kept: nothing beat it beyond the spread" if e.kept_incumbent
+        verdict = ("kept: nothing beat it beyond the spread or in every round" if e.kept_incumbent
                    else f"tuned is {e.vs_before:.2f}× as fast")
         grid.add_row("before", Text(plain(f"{e.incumbent.timing.p50_ms:.4f} ms served before tuning "
                                           f"({e.incumbent.describe()}); {verdict}")))

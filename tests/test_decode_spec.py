@@ -144,6 +144,15 @@ def test_a_timed_step_launches_once_per_index_dtype_on_pools_of_their_own(monkey
     assert relative(o, ref[0]) <= spec.gate_tolerance["fp32"] and relative(pool, ref[1]) <= spec.gate_tolerance["fp32"]
     for indices, other in run.launches[1:]:  # the same slots, the same result
         assert torch.equal(indices.long(), run.indices.long()) and torch.equal(other, pool)
+    # The tuner times each launch alone (L2 flushed before each) and sums them.
+    from gdn2_tune.tuner.measure import Bench
+
+    bench = Bench(shape, "cpu", op=DECODE_OP)
+    seen.clear()
+    parts, launch = bench.replayable_parts(spec.default_config(shape))
+    assert len(parts) == len(TIMED_INDEX_DTYPES) and launch == "eager"
+    samples = bench.sample(parts, 2)
+    assert len(samples) == 2 and [dt for dt, _ in seen] == list(TIMED_INDEX_DTYPES) * 2
 
 
 def test_num_stages_is_at_most_one_more_than_the_tokens() -> None:

@@ -128,24 +128,41 @@ class Bench:
             self._flush_buffer = torch.empty(max(FLUSH_MIN_BYTES, 2 * l2) // 4, dtype=torch.int32, device=self.device)
         self._flush_buffer.zero_()
 
-    def sample(self, fn: Callable[[], object], reps: int) -> list[float]:
-        """``reps`` times (flush L2, run ``fn``), each timed alone; milliseconds."""
+    def timed_parts(self, cfg: Any) -> list[Callable[[], object]]:
+        """What one timed sample at ``cfg`` runs: the op's forward, or, where the op's run splits it
+        (``OpRun.timed_parts``: decode's launch per index dtype), each part, L2 flushed before each."""
+        parts = getattr(self.run, "timed_parts", None)
+        return list(parts(cfg)) if parts is not None else [lambda: self.forward(cfg)]
+
+    def replayable_parts(self, cfg: Any) -> tuple[tuple[Callable[[], object], ...], str]:
+        """:meth:`timed_parts` each made :meth:`replayable`; how the first one is launched."""
+        replayed = [self.replayable(part) for part in self.timed_parts(cfg)]
+        return tuple(fn for fn, _ in replayed), replayed[0][1]
+
+    def sample(self, fn: Callable[[], object] | Sequence[Callable[[], object]], reps: int) -> list[float]:
+        """``reps`` times (flush L2, run ``fn``), each timed alone; milliseconds. With several parts, each rep flushes
+        and times each part alone and sums their times."""
+        parts = tuple(fn) if isinstance(fn, Sequence) else (fn,)
         out: list[float] = []
         if self.cuda:
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-            for start, end in zip(starts, ends):
-                self._flush()
-                start.record()
-                fn()
-                end.record()
+            events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in parts]
+                      for _ in range(reps)]
+            for rep in events:
+                for part, (start, end) in zip(parts, rep):
+                    self._flush()
+                    start.record()
+                    part()
+                    end.record()
             torch.cuda.synchronize()
-            out = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+            out = [sum(s.elapsed_time(e) for s, e in rep) for rep in events]
         else:
             for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1e3)
+                total = 0.0
+                for part in parts:
+                    t0 = time.perf_counter()
+                    part()
+                    total += time.perf_counter() - t0
+                out.append(total * 1e3)
         return out
 
     def replayable(self, fn: Callable[[], object]) -> tuple[Callable[[], object], str]:
@@ -185,11 +202,13 @@ class Bench:
             self._graphs.clear()
             torch.cuda.empty_cache()
 
-    def reps_for(self, fn: Callable[[], object], target_ms: float = TARGET_MS_PER_TRIAL) -> int:
+    def reps_for(self, fn: Callable[[], object] | Sequence[Callable[[], object]],
+                 target_ms: float = TARGET_MS_PER_TRIAL) -> int:
         """Repetitions that fill ``target_ms``, from a short estimate (after one untimed call that compiles)."""
         if not self.cuda:
             return INTERPRET_REPS
-        fn()
+        for part in fn if isinstance(fn, Sequence) else (fn,):
+            part()
         torch.cuda.synchronize()
         est = statistics.median(self.sample(fn, 3))
         return max(MIN_REPS, min(MAX_REPS, int(target_ms / max(est, 1e-3))))
@@ -233,7 +252,7 @@ def warm(bench: Bench, cfg: Any) -> Outcome:
 
 def time_config(bench: Bench, cfg: Any) -> Outcome:
     try:
-        fn, launch = bench.replayable(lambda: bench.forward(cfg))
+        fn, launch = bench.replayable_parts(cfg)
         reps = bench.reps_for(fn)
         q = quantiles(bench.sample(fn, reps))
     finally:
@@ -253,7 +272,7 @@ def retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> Outcome:
 
 
 def _retime(bench: Bench, cfgs: Sequence[Any], rounds: int) -> Outcome:
-    fns, launches = zip(*(bench.replayable(lambda c=c: bench.forward(c)) for c in cfgs))
+    fns, launches = zip(*(bench.replayable_parts(c) for c in cfgs))
     reps = [max(1, bench.reps_for(fn) // max(1, rounds // 2)) for fn in fns]
     samples: list[list[float]] = [[] for _ in cfgs]
     medians: list[list[float]] = [[] for _ in cfgs]
