@@ -51,7 +51,7 @@ _HERE = Path(__file__).resolve().parent
 # stacks pass int32 indices (vLLM's state indices), torch's default is int64 (torch.arange, randperm), and the kernel
 # is compiled per dtype. Their best configs differ: at K=V=256, B=8 on an H200 (2026-12-01,
 # benchmarks/exp_decode_protocol.py) the configs with static dims ran ~3% slower with int64 indices and the masked
-# ones did not, so the entry the tuner chose with int32 alone (BV32-w4-static-r128) was 0.7% slower than the
+# ones did not, so the entry the tuner chose with int32 alone (BV32-w4-static-r128) was 0.7-1.4% slower than the
 # baseline with int64 indices, while BV32-w4-r128 was faster with both (benchmarks/exp_decode_b8.py --index-dtype).
 # An entry is the best config for the two launches together; its timing is theirs (decode_cost counts both).
 TIMED_INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
@@ -76,8 +76,8 @@ DECODE_GATE_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 2e-3}
 # slots are scattered over a larger pool: the timed pool has up to POOL_FACTOR times the slots a step touches, as
 # many as fit in POOL_BYTES (each index dtype's pool). With exactly the touched slots the tuner ranked the K=V=256,
 # B=8 configs differently from a pool of 8 times that (benchmarks/exp_decode_protocol.py, H200, 2026-12-01: with
-# int64 indices the static-dims config was 0.3% ahead of its register-capped masked rival on the small pool, 2.9%
-# behind on the large one), and the baseline comparisons (benchmarks/exp_decode_b8.py) use a large pool.
+# int32 indices BV32-w4-static-r128 was 0.9% ahead of BV32-w4-r128 without static dims on the small pool, level
+# with it, 0.2%, on the large one), and the baseline comparisons (benchmarks/exp_decode_b8.py) use a large pool.
 POOL_FACTOR = 8
 POOL_BYTES = 2 << 30
 
@@ -116,7 +116,8 @@ class DecodeRun:
     T = 1: 1-D slot indices, one slot per sequence. T > 1: a speculative step, 2-D indices ``[B, T]`` (the state
     after token t goes to slot ``[n, t]``) and ``num_accepted_tokens`` = 1 (each sequence starts from slot
     ``[n, 0]``). The step's slots are a random subset of a larger pool (:func:`pool_slots`), so the reads and
-    writes are scattered, as in a serving pool. Both pools start equal and see the same inputs, so both launches write the same ``out``; ``pool`` is the first's.
+    writes are scattered, as in a serving pool. Both pools start equal and see the same inputs, so both launches
+    write the same ``out``; ``pool`` is the first's.
 
     Timing lets the pool evolve call after call as serving does: what the kernel does does not depend on the
     values, and with decay ≤ 1 and erase gates in [0, 1] the state stays bounded. Inside

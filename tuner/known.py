@@ -174,7 +174,7 @@ class Verdict(enum.StrEnum):
     """How the final re-time chose the entry."""
 
     NEW = "new"  # a candidate beat the incumbent by more than the spread, or in every interleaved round
-    KEPT = "kept"  # the incumbent was fastest, or nothing beat it by more than the spread
+    KEPT = "kept"  # the incumbent was fastest, or nothing beat it beyond the spread or in every round
     UNCHECKED = "unchecked"  # the incumbent could not be timed (it failed its gate here): the best candidate won
 
 
@@ -190,8 +190,9 @@ class Decision:
 # many interleaved rounds (by chance, for two equally fast configs, 1 in 2^5 = 32) and by at least this fraction in
 # the median round. Why: a gain smaller than the sample-to-sample noise never passes :func:`beats_beyond_spread`,
 # however consistent. At K=V=256, B=8 decode (H200, 2026-12-01) BV32-w4-r128 without static dims was faster than
-# the table's config in 22 of 22 paired rounds of benchmarks/exp_decode_b8.py, by 2.5%, while their single
-# timings' p20-p80 ranges overlapped (the tuner kept the incumbent: "1.4% faster, within the spread").
+# the baseline in 22 of 22 paired rounds of benchmarks/exp_decode_b8.py and 2.6-3.0% faster than the table's config
+# in their medians, while the tuner's single timings' p20-p80 ranges overlapped (it kept the incumbent: "1.4%
+# faster, within the spread").
 MIN_PAIRED_ROUNDS = 5
 MIN_PAIRED_GAIN = 0.005
 
@@ -214,21 +215,13 @@ def beats_in_every_round(candidate_rounds: Sequence[float], incumbent_rounds: Se
     return statistics.median(1 - c / i for c, i in pairs) >= MIN_PAIRED_GAIN
 
 
-def beats(
-    candidate: table.Timing, incumbent: table.Timing,
-    rounds: tuple[Sequence[float], Sequence[float]] | None = None,
-) -> bool:
-    """Whether ``candidate`` replaces ``incumbent``: :func:`beats_beyond_spread`, or with ``rounds`` (their
-    per-round medians from one interleaved re-time) :func:`beats_in_every_round`."""
-    return beats_beyond_spread(candidate, incumbent) or (rounds is not None and beats_in_every_round(*rounds))
-
-
 def decide(
     timings: Sequence[table.Timing], incumbent: int | None, eligible: Sequence[int] | None = None,
     rounds: Sequence[Sequence[float] | None] | None = None,
 ) -> Decision:
-    """The entry's config among re-timed candidates: the fastest median, unless that does not :func:`beats` the
-    incumbent, which then stays. ``eligible``: the indices that may be chosen (default: all); the others were
+    """The entry's config among re-timed candidates: the fastest median, unless it beats the incumbent neither
+    beyond the spread (:func:`beats_beyond_spread`) nor in every round (:func:`beats_in_every_round`); then the
+    incumbent stays. ``eligible``: the indices that may be chosen (default: all); the others were
     timed only to compare with (a built-in default the op's search rules refuse). ``rounds``: each candidate's
     per-round medians from the same interleaved re-time (measure.retime's ``round_p50_ms``), for the paired test."""
     pool = range(len(timings)) if eligible is None else eligible

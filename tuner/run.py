@@ -3,7 +3,8 @@
     detect device ─► what the dispatcher serves now at each shape (the incumbents) and every known table
         ─► per shape: study (tuner.study), warm-started from those (tuner.known) ─► finalize: re-time the best few,
         the default and the incumbent interleaved; keep the incumbent unless a candidate beats it by more than the
-        spread or in every round; time each stage's launch ─► Entry ─► profiles.table.save_profile (merged with the existing file)
+        spread or in every round; time each stage's launch ─► Entry ─► profiles.table.save_profile (merged with
+        the existing file)
 
 The study process never launches a kernel: gate workers (one per spare CPU core) compile and gate candidates in
 parallel, one timing worker per GPU measures them one at a time (tuner.worker). With ``gpus=(0, 1, ...)`` one child
@@ -586,7 +587,7 @@ def finalize_entry(
                 why = "it was the fastest"
             else:
                 why = (f"the fastest candidate, {op.from_flat(candidates[decision.best]).label()}, was only "
-                       f"{1 - best.p50_ms / inc.p50_ms:.1%} faster, within the spread")
+                       f"{1 - best.p50_ms / inc.p50_ms:.1%} faster, within the spread and not in every round")
             notes.append(f"{spec.key}: kept the incumbent {served.config.label()} from {served.describe()}: {why}")
         else:
             how = (f", faster in each of the {len(out['timings'][i_inc]['round_p50_ms'])} interleaved rounds"
